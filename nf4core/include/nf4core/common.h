@@ -1,0 +1,62 @@
+/*
+ * nf4core — status codes, element types and error reporting shared by every
+ * part of the public C API.
+ *
+ * Conventions for the whole API:
+ *   - every function that can fail returns an nf4_status; NF4_OK is 0;
+ *   - on failure, nf4_last_error() returns a message for the calling thread,
+ *     valid until that thread's next nf4core call;
+ *   - sizes and indices are int64_t; no function aborts, prints or throws;
+ *   - callers allocate every output; size-query functions say how big.
+ */
+#ifndef NF4CORE_COMMON_H
+#define NF4CORE_COMMON_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32) && defined(NF4CORE_BUILDING_SHARED)
+#define NF4_API __declspec(dllexport)
+#elif defined(_WIN32) && defined(NF4CORE_USING_SHARED)
+#define NF4_API __declspec(dllimport)
+#elif defined(__GNUC__)
+#define NF4_API __attribute__((visibility("default")))
+#else
+#define NF4_API
+#endif
+
+typedef enum nf4_status {
+    NF4_OK = 0,
+    NF4_ERROR_INVALID_ARGUMENT = 1, /* bad size, blocksize, pointer or codebook */
+    NF4_ERROR_NON_FINITE = 2,       /* NaN or +-Inf in an input that must be finite */
+    NF4_ERROR_OUT_OF_MEMORY = 3,    /* an internal allocation failed */
+    NF4_ERROR_INTERNAL = 4          /* a bug in nf4core: please report it */
+} nf4_status;
+
+/* Element types of dense inputs and outputs. */
+typedef enum nf4_dtype {
+    NF4_FLOAT32 = 0,
+    NF4_FLOAT16 = 1,  /* IEEE 754 binary16 */
+    NF4_BFLOAT16 = 2  /* the upper 16 bits of a binary32 */
+} nf4_dtype;
+
+/* Message describing the last failure on this thread ("" if none). */
+NF4_API const char *nf4_last_error(void);
+
+/* Static name of a status code, e.g. "NF4_ERROR_NON_FINITE". */
+NF4_API const char *nf4_status_string(nf4_status status);
+
+/* Library version, e.g. "0.1.0". */
+NF4_API const char *nf4_version(void);
+
+/* Size in bytes of one element of `dtype`, or 0 for an unknown dtype. */
+NF4_API int64_t nf4_dtype_size(nf4_dtype dtype);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* NF4CORE_COMMON_H */

@@ -1,0 +1,13 @@
+/*
+ * nf4core — the numerical core of pyqlora: NF4/FP4/NFk codebooks, blockwise
+ * 4-bit and 8-bit quantization and double quantization, bit-compatible with
+ * bitsandbytes. Plain C API; link with `pkg-config --cflags --libs nf4core`.
+ */
+#ifndef NF4CORE_NF4CORE_H
+#define NF4CORE_NF4CORE_H
+
+#include "nf4core/common.h"
+#include "nf4core/codebook.h"
+#include "nf4core/quantize.h"
+
+#endif /* NF4CORE_NF4CORE_H */

@@ -1,0 +1,87 @@
+// Scalar reference kernels for blockwise k-bit quantization (k = 4 or 8).
+//
+// These are the readable definition of the format; optimized kernels must give
+// byte-identical results and are tested against them. One template serves both
+// bit widths and all element types, so the rules live in exactly one place.
+#ifndef NF4CORE_SRC_KERNELS_REF_HPP
+#define NF4CORE_SRC_KERNELS_REF_HPP
+
+#include <cstdint>
+#include <string>
+
+#include "error.hpp"
+#include "numeric.hpp"
+
+namespace nf4core {
+
+// Formats a non-finite input error; `index` is the flat element index.
+[[noreturn]] void fail_non_finite(int64_t index, float value);
+
+namespace ref {
+
+// Scale (absmax) of elements [begin, end); reports the first non-finite element.
+template <typename T>
+inline float block_absmax(const T *x, int64_t begin, int64_t end) {
+    float amax = 0.0f;
+    for (int64_t i = begin; i < end; ++i) {
+        const float v = to_float(x[i]);
+        if (!is_finite(v)) fail_non_finite(i, v);
+        const float a = v < 0.0f ? -v : v;
+        if (a > amax) amax = a;
+    }
+    return amax;
+}
+
+// Quantizes blocks [block_begin, block_end). BITS = 4 packs two codes per byte
+// (even element in the high nibble); BITS = 8 writes one code per byte.
+template <int BITS, typename T>
+void quantize_blocks(const T *x, int64_t n, int64_t blocksize, const CodeLookup<(1 << BITS)> &lut,
+                     uint8_t *out, float *absmax, int64_t block_begin, int64_t block_end) {
+    for (int64_t b = block_begin; b < block_end; ++b) {
+        const int64_t begin = b * blocksize;
+        const int64_t end = begin + blocksize < n ? begin + blocksize : n;
+        const float amax = block_absmax(x, begin, end);
+        absmax[b] = amax;
+        const float scale = amax > kMinScale ? amax : kMinScale;
+        const float recip = 1.0f / scale;
+        const bool tail = end - begin < blocksize;
+        for (int64_t i = begin; i < end; ++i) {
+            const uint8_t code = lut.nearest(scale_value(to_float(x[i]), scale, recip, tail));
+            if (BITS == 8) {
+                out[i] = code;
+            } else if ((i & 1) == 0) {
+                out[i >> 1] = uint8_t(code << 4);
+            } else {
+                out[i >> 1] = uint8_t(out[i >> 1] | code);
+            }
+        }
+    }
+    // An odd length pads the last low nibble with the code of 0.0, as
+    // bitsandbytes pads the scaled values with one zero before packing.
+    if (BITS == 4 && (n & 1) && block_end * blocksize >= n) {
+        out[n >> 1] = uint8_t(out[n >> 1] | lut.nearest(0.0f));
+    }
+}
+
+template <int BITS, typename T>
+void dequantize_blocks(const uint8_t *in, const float *absmax, int64_t n, int64_t blocksize,
+                       const float *codebook, T *out, int64_t block_begin, int64_t block_end) {
+    for (int64_t b = block_begin; b < block_end; ++b) {
+        const int64_t begin = b * blocksize;
+        const int64_t end = begin + blocksize < n ? begin + blocksize : n;
+        const float scale = absmax[b];
+        for (int64_t i = begin; i < end; ++i) {
+            unsigned code;
+            if (BITS == 8)
+                code = in[i];
+            else
+                code = (i & 1) ? (in[i >> 1] & 0x0Fu) : (in[i >> 1] >> 4);
+            out[i] = from_float<T>(codebook[code] * scale);
+        }
+    }
+}
+
+}  // namespace ref
+}  // namespace nf4core
+
+#endif  // NF4CORE_SRC_KERNELS_REF_HPP
