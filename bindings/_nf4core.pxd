@@ -1,0 +1,57 @@
+# Declarations mirroring nf4core/include/nf4core/*.h (keep in sync).
+from libc.stdint cimport int32_t, int64_t, uint8_t
+
+cdef extern from "nf4core/nf4core.h" nogil:
+    ctypedef enum nf4_status:
+        NF4_OK
+        NF4_ERROR_INVALID_ARGUMENT
+        NF4_ERROR_NON_FINITE
+        NF4_ERROR_OUT_OF_MEMORY
+        NF4_ERROR_INTERNAL
+
+    ctypedef enum nf4_dtype:
+        NF4_FLOAT32
+        NF4_FLOAT16
+        NF4_BFLOAT16
+
+    const char *nf4_last_error()
+    const char *nf4_status_string(nf4_status status)
+    const char *nf4_version()
+    int64_t nf4_dtype_size(nf4_dtype dtype)
+
+    # codebook.h
+    nf4_status nf4_codebook_normal(int32_t bits, float *out)
+    double nf4_normal_offset(int32_t bits)
+    nf4_status nf4_codebook_fp4(float *out)
+    nf4_status nf4_codebook_int4(float *out)
+    nf4_status nf4_codebook_dynamic(int32_t is_signed, float *out)
+    nf4_status nf4_codebook_by_name(const char *name, float *out, int64_t capacity, int64_t *n)
+    double nf4_norm_ppf(double p)
+
+    # quantize.h
+    int NF4_MIN_BLOCKSIZE
+    int NF4_MAX_BLOCKSIZE
+    int NF4_DQ_BLOCKSIZE
+    int64_t nf4_num_blocks(int64_t n, int64_t blocksize)
+    int64_t nf4_packed_size_4bit(int64_t n)
+    int32_t nf4_blocksize_is_valid(int64_t blocksize)
+    nf4_status nf4_quantize_4bit(const void *x, nf4_dtype dtype, int64_t n, int64_t blocksize,
+                                 const float *codebook, uint8_t *packed, float *absmax)
+    nf4_status nf4_dequantize_4bit(const uint8_t *packed, const float *absmax, int64_t n,
+                                   int64_t blocksize, const float *codebook, void *out, nf4_dtype out_dtype)
+    nf4_status nf4_quantize_8bit(const void *x, nf4_dtype dtype, int64_t n, int64_t blocksize,
+                                 const float *codebook, uint8_t *codes, float *absmax)
+    nf4_status nf4_dequantize_8bit(const uint8_t *codes, const float *absmax, int64_t n,
+                                   int64_t blocksize, const float *codebook, void *out, nf4_dtype out_dtype)
+    nf4_status nf4_double_quantize(const float *absmax, int64_t nblocks, const float *dyn_code,
+                                   uint8_t *qabsmax, float *nested_absmax, float *offset)
+    nf4_status nf4_double_dequantize(const uint8_t *qabsmax, const float *nested_absmax, float offset,
+                                     int64_t nblocks, const float *dyn_code, float *absmax)
+    nf4_status nf4_quantize_4bit_ref(const void *x, nf4_dtype dtype, int64_t n, int64_t blocksize,
+                                     const float *codebook, uint8_t *packed, float *absmax)
+    nf4_status nf4_dequantize_4bit_ref(const uint8_t *packed, const float *absmax, int64_t n,
+                                       int64_t blocksize, const float *codebook, void *out, nf4_dtype out_dtype)
+    nf4_status nf4_quantize_8bit_ref(const void *x, nf4_dtype dtype, int64_t n, int64_t blocksize,
+                                     const float *codebook, uint8_t *codes, float *absmax)
+    nf4_status nf4_dequantize_8bit_ref(const uint8_t *codes, const float *absmax, int64_t n,
+                                       int64_t blocksize, const float *codebook, void *out, nf4_dtype out_dtype)

@@ -1,0 +1,33 @@
+"""pyqlora: QLoRA's memory-saving machinery for NumPy and PyTorch.
+
+The array API (this module) quantizes float arrays to blockwise 4-bit codes
+(NF4, FP4, INT4, NF2/NF3) with optional double quantization, and to blockwise
+8-bit codes, bit-compatible with bitsandbytes. The numerical work is done by
+the C++ library nf4core. Torch is never imported here.
+
+>>> import numpy as np, pyqlora as pq
+>>> q = pq.quantize(np.ones((64, 64), np.float32))
+>>> q.shape, q.codebook, q.blocksize, q.double_quant
+((64, 64), 'nf4', 64, True)
+"""
+from ._array import QuantizedArray
+from ._codebooks import CODEBOOKS_4BIT, codebook, dynamic_codebook
+from ._config import show_config
+from ._errors import NonFiniteError
+from ._quantize import BLOCKSIZES, dequantize, dequantize_blockwise, quantize, quantize_blockwise
+from ._version import __version__
+
+__all__ = [
+    "BLOCKSIZES",
+    "CODEBOOKS_4BIT",
+    "NonFiniteError",
+    "QuantizedArray",
+    "__version__",
+    "codebook",
+    "dequantize",
+    "dequantize_blockwise",
+    "dynamic_codebook",
+    "quantize",
+    "quantize_blockwise",
+    "show_config",
+]

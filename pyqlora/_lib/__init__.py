@@ -1,0 +1,1 @@
+"""Compiled bindings to nf4core (built from bindings/*.pyx). Internal."""

@@ -1,0 +1,345 @@
+"""The array API: quantize / dequantize (4-bit) and blockwise 8-bit.
+
+Python validates and normalizes (dtype, contiguity, shape, arguments) and
+allocates outputs; the Cython layer (``pyqlora._quantize``) calls nf4core
+with the GIL released.
+"""
+import numbers
+
+import numpy as np
+
+from . import _dtypes
+from ._lib import quantize as _ext  # bindings/quantize.pyx
+from ._array import QuantizedArray
+from ._codebooks import CODEBOOKS_4BIT, lookup_table
+from ._errors import NonFiniteError
+
+__all__ = ["quantize", "dequantize", "quantize_blockwise", "dequantize_blockwise", "BLOCKSIZES"]
+
+#: Valid blocksizes for 4-bit and 8-bit blockwise quantization.
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def _check_blocksize(blocksize):
+    if isinstance(blocksize, bool) or not isinstance(blocksize, numbers.Integral):
+        raise TypeError(f"blocksize must be an integer, got {type(blocksize).__name__}")
+    if int(blocksize) not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {', '.join(map(str, BLOCKSIZES))}; got {blocksize}")
+    return int(blocksize)
+
+
+def _as_input(x, what="x"):
+    """C-contiguous native-endian array of a kernel dtype, plus the caller's dtype.
+
+    float64 input is converted to float32 (the kernels compute in float32).
+    Read-only and non-contiguous arrays are accepted (the latter are copied).
+    """
+    if hasattr(x, "detach") and hasattr(x, "numpy"):  # a torch tensor
+        x = _torch_to_numpy(x)
+    arr = np.asarray(x)
+    if arr.dtype.kind != "f" and arr.dtype != _dtypes.bfloat16:
+        raise TypeError(
+            f"{what} must be a floating-point array (float32, float16, bfloat16 or float64); got dtype {arr.dtype}"
+        )
+    orig = _dtypes.normalize_dtype(arr.dtype, what=f"{what} dtype")
+    if arr.size == 0:
+        raise ValueError(f"{what} is empty (shape {arr.shape}); there is nothing to quantize")
+    work = np.float32 if orig == _dtypes.float64 else orig
+    arr = np.ascontiguousarray(arr, dtype=work)
+    return arr, orig
+
+
+def _torch_to_numpy(t):
+    t = t.detach()
+    if t.device.type != "cpu":
+        raise TypeError(f"expected a CPU tensor, got one on {t.device}; GPU arrays are not supported yet")
+    if str(t.dtype) == "torch.bfloat16":
+        import torch
+
+        return t.contiguous().view(torch.int16).numpy().view(_dtypes.bfloat16)
+    return t.numpy()
+
+
+def _raw(arr):
+    """1-D uint8 view of a contiguous array's bytes."""
+    return arr.reshape(-1).view(np.uint8)
+
+
+def _call_checked(fn, arr, what, *args):
+    try:
+        fn(*args)
+    except NonFiniteError:
+        flat = arr.reshape(-1).astype(np.float32)
+        bad = int(np.flatnonzero(~np.isfinite(flat))[0])
+        index = tuple(int(i) for i in np.unravel_index(bad, arr.shape))
+        value = float(flat[bad])
+        raise NonFiniteError(
+            f"{what} contains {value} at index {index}: quantization needs finite values; "
+            f"replace or mask NaN/Inf before quantizing",
+            index=index,
+            value=value,
+        ) from None
+
+
+def quantize(x, codebook="nf4", blocksize=64, double_quant=True):
+    """Quantize a float array to blockwise 4-bit codes.
+
+    The array is read flat in C order and cut into blocks of `blocksize`
+    elements (the last block may be shorter). Each block keeps its absmax as
+    scale and each element the code of the codebook value nearest to
+    ``x / absmax`` (ties go to the lower value), exactly as bitsandbytes does.
+
+    Parameters
+    ----------
+    x : array_like
+        float32, float16, bfloat16 (``ml_dtypes``) or float64 values, any shape.
+        float64 is rounded to float32 first (all arithmetic is float32).
+        All values must be finite.
+    codebook : {"nf4", "fp4", "int4", "nf2", "nf3"}
+        The 4-bit value table (see :func:`pyqlora.codebook`).
+    blocksize : {32, 64, 128, 256, 512, 1024, 2048, 4096}
+        Elements per block; QLoRA uses 64.
+    double_quant : bool
+        Quantize the float32 block scales to 8 bits (QLoRA's double
+        quantization): about 4.127 instead of 4.5 bits per parameter at
+        blocksize 64. The default follows the QLoRA recipe (bitsandbytes'
+        functional API defaults to False, its ``Linear4bit`` to True).
+
+    Returns
+    -------
+    QuantizedArray
+
+    Raises
+    ------
+    TypeError
+        For a non-float input or a non-integer blocksize.
+    ValueError
+        For an empty input, a bad blocksize or an unknown codebook.
+    NonFiniteError
+        For a NaN or Inf in the input (the message gives its index).
+
+    Examples
+    --------
+    >>> import numpy as np, pyqlora as pq
+    >>> w = np.random.default_rng(0).standard_normal((256, 512)).astype(np.float32)
+    >>> q = pq.quantize(w)                      # NF4, blocksize 64, double quantization
+    >>> q
+    QuantizedArray(shape=(256, 512), dtype=float32, codebook='nf4', blocksize=64, double_quant, bits_per_param=4.127)
+    >>> err = np.linalg.norm(pq.dequantize(q) - w) / np.linalg.norm(w)
+    >>> bool(0.05 < err < 0.15)
+    True
+    """
+    if not isinstance(codebook, str):
+        raise TypeError(f"codebook must be a name, got {type(codebook).__name__}")
+    name = codebook.lower()
+    if name not in CODEBOOKS_4BIT:
+        lookup_table(name, 16) if name in ("nf5", "nf6", "nf7", "nf8") else None  # raises: too many values
+        raise ValueError(f"unknown 4-bit codebook {codebook!r}; expected one of {', '.join(CODEBOOKS_4BIT)}")
+    blocksize = _check_blocksize(blocksize)
+    if not isinstance(double_quant, (bool, np.bool_)):
+        raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
+    arr, orig = _as_input(x)
+    n = arr.size
+    nblocks = -(-n // blocksize)
+    table = lookup_table(name, 16)
+    packed = np.empty((n + 1) // 2, dtype=np.uint8)
+    absmax = np.empty(nblocks, dtype=np.float32)
+    _call_checked(
+        _ext.quantize_4bit, arr, "x", _raw(arr), _dtypes.KERNEL_DTYPES[arr.dtype], n, blocksize, table, packed, absmax
+    )
+    nested_absmax = offset = None
+    if double_quant:
+        absmax, nested_absmax, offset = _double_quantize(absmax)
+    return QuantizedArray(
+        shape=arr.shape,
+        dtype=orig,
+        codebook=name,
+        blocksize=blocksize,
+        packed=packed,
+        absmax=absmax,
+        nested_absmax=nested_absmax,
+        nested_offset=offset,
+    )
+
+
+def _double_quantize(absmax):
+    nblocks = absmax.size
+    qabsmax = np.empty(nblocks, dtype=np.uint8)
+    nested = np.empty(-(-nblocks // _ext.DQ_BLOCKSIZE), dtype=np.float32)
+    offset = _ext.double_quantize(absmax, lookup_table("dynamic", 256), qabsmax, nested)
+    return qabsmax, nested, offset
+
+
+def _block_scales(q):
+    if not q.double_quant:
+        return q.absmax.copy()
+    out = np.empty(q.absmax.size, dtype=np.float32)
+    _ext.double_dequantize(q.absmax, q.nested_absmax, q.nested_offset, lookup_table("dynamic", 256), out)
+    return out
+
+
+def _check_out(out, shape, dtype):
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy array, got {type(out).__name__}")
+    if out.shape != tuple(shape):
+        raise ValueError(f"out has shape {out.shape}, expected {tuple(shape)}")
+    if out.dtype != dtype:
+        raise ValueError(f"out has dtype {out.dtype}, expected {dtype}")
+    if not out.flags.c_contiguous:
+        raise ValueError("out must be C-contiguous")
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+
+
+def _resolve_out_dtype(dtype, out, default):
+    if dtype is None:
+        return out.dtype if isinstance(out, np.ndarray) else default
+    return _dtypes.normalize_dtype(dtype)
+
+
+def _dequantize_into(kernel, codes, scales, n, blocksize, table, shape, dtype, out):
+    """Run a dequantize kernel into `out` (allocated if None), handling float64."""
+    if out is None:
+        out = np.empty(shape, dtype=dtype)
+    else:
+        _check_out(out, shape, dtype)
+    target = out if dtype != _dtypes.float64 else np.empty(shape, dtype=np.float32)
+    kernel(codes, scales, n, blocksize, table, _raw(target), _dtypes.KERNEL_DTYPES[target.dtype])
+    if target is not out:
+        out[...] = target
+    return out
+
+
+def dequantize(q, dtype=None, out=None):
+    """Turn a :class:`QuantizedArray` back into floats.
+
+    Each element becomes ``codebook[code] * absmax[block]`` computed in
+    float32, then rounded to `dtype` (round to nearest even).
+
+    Parameters
+    ----------
+    q : QuantizedArray
+    dtype : dtype, optional
+        float32, float16, bfloat16 or float64; defaults to ``q.dtype`` (the
+        dtype that was quantized), or to ``out.dtype`` when `out` is given.
+    out : numpy.ndarray, optional
+        C-contiguous writable array of shape ``q.shape`` to write into.
+
+    Returns
+    -------
+    numpy.ndarray
+
+    Examples
+    --------
+    >>> import numpy as np, pyqlora as pq
+    >>> q = pq.quantize(np.array([-1.0, 1.0, 0.0, 0.5], np.float32), double_quant=False)
+    >>> q.packed.tobytes().hex()
+    '0f7c'
+    >>> pq.dequantize(q)
+    array([-1.       ,  1.       ,  0.       ,  0.5626170], dtype=float32)
+    >>> pq.dequantize(q, dtype="bfloat16").dtype
+    dtype(bfloat16)
+    """
+    if not isinstance(q, QuantizedArray):
+        raise TypeError(f"dequantize expects a QuantizedArray, got {type(q).__name__}")
+    dtype = _resolve_out_dtype(dtype, out, q.dtype)
+    scales = _block_scales(q)
+    return _dequantize_into(
+        _ext.dequantize_4bit, q.packed, scales, q.size, q.blocksize, lookup_table(q.codebook, 16), q.shape, dtype, out
+    )
+
+
+def _table_8bit(codebook):
+    if isinstance(codebook, str):
+        name = codebook.lower()
+        if name not in ("dynamic", "dynamic_unsigned", "nf8"):
+            raise ValueError(f"unknown 8-bit codebook {codebook!r}; expected 'dynamic', 'dynamic_unsigned' or 'nf8'")
+        return lookup_table(name, 256)
+    table = np.ascontiguousarray(codebook, dtype=np.float32)
+    if table.shape != (256,):
+        raise ValueError(f"an 8-bit codebook needs 256 values, got shape {table.shape}")
+    if not np.all(np.isfinite(table)):
+        raise ValueError("codebook values must be finite")
+    return table
+
+
+def quantize_blockwise(x, blocksize=256, codebook="dynamic"):
+    """Blockwise 8-bit quantization (bitsandbytes' ``quantize_blockwise``).
+
+    Parameters
+    ----------
+    x : array_like
+        Finite float32, float16, bfloat16 or float64 values.
+    blocksize : {32, 64, ..., 4096}
+        Elements per block; bitsandbytes uses 256 for optimizer states and DQ.
+    codebook : {"dynamic", "dynamic_unsigned", "nf8"} or array_like of 256 floats
+        The value table; the default is the signed dynamic map.
+
+    Returns
+    -------
+    codes : numpy.ndarray
+        uint8, same shape as `x`.
+    absmax : numpy.ndarray
+        float32 scale of each block.
+
+    Examples
+    --------
+    >>> import numpy as np, pyqlora as pq
+    >>> x = np.linspace(-2, 2, 1000, dtype=np.float32)
+    >>> codes, absmax = pq.quantize_blockwise(x)
+    >>> codes.dtype, absmax.shape
+    (dtype('uint8'), (4,))
+    >>> bool(np.abs(pq.dequantize_blockwise(codes, absmax) - x).max() < 0.02)
+    True
+    """
+    blocksize = _check_blocksize(blocksize)
+    table = _table_8bit(codebook)
+    arr, _ = _as_input(x)
+    codes = np.empty(arr.shape, dtype=np.uint8)
+    absmax = np.empty(-(-arr.size // blocksize), dtype=np.float32)
+    _call_checked(
+        _ext.quantize_8bit,
+        arr,
+        "x",
+        _raw(arr),
+        _dtypes.KERNEL_DTYPES[arr.dtype],
+        arr.size,
+        blocksize,
+        table,
+        codes.reshape(-1),
+        absmax,
+    )
+    return codes, absmax
+
+
+def dequantize_blockwise(codes, absmax, blocksize=256, codebook="dynamic", dtype=None, out=None):
+    """Inverse of :func:`quantize_blockwise`: ``codebook[code] * absmax[block]``.
+
+    Parameters
+    ----------
+    codes : array_like of uint8
+    absmax : array_like of float32
+        One scale per block of `blocksize` codes.
+    blocksize, codebook
+        As given to :func:`quantize_blockwise`.
+    dtype : dtype, optional
+        Output dtype, float32 by default (or ``out.dtype``).
+    out : numpy.ndarray, optional
+        C-contiguous writable array shaped like `codes`.
+    """
+    blocksize = _check_blocksize(blocksize)
+    table = _table_8bit(codebook)
+    codes = np.asarray(codes)
+    if codes.dtype != np.uint8:
+        raise TypeError(f"codes must be uint8, got {codes.dtype}")
+    if codes.size == 0:
+        raise ValueError("codes is empty")
+    codes = np.ascontiguousarray(codes)
+    absmax = np.ascontiguousarray(absmax, dtype=np.float32).reshape(-1)
+    need = -(-codes.size // blocksize)
+    if absmax.size != need:
+        raise ValueError(f"absmax has {absmax.size} scales; {codes.size} codes in blocks of {blocksize} need {need}")
+    dtype = _resolve_out_dtype(dtype, out, _dtypes.float32)
+    return _dequantize_into(
+        _ext.dequantize_8bit, codes.reshape(-1), absmax, codes.size, blocksize, table, codes.shape, dtype, out
+    )
