@@ -174,7 +174,9 @@ class QuantizedArray:
             raise TypeError("prefix must be a string")
         # insertion order matches bitsandbytes' state dict
         d = {prefix: self.packed.reshape(-1, 1).copy(), f"{prefix}.absmax": self.absmax.copy()}
-        d[f"{prefix}.quant_map"] = self.code
+        # bitsandbytes' quant_map has +0.0 where FP4's code 8 decodes to -0.0
+        # (its Python table is built from the int -0); adding +0.0 maps -0 to +0
+        d[f"{prefix}.quant_map"] = self.code + np.float32(0.0)
         meta = {
             "quant_type": self.codebook,
             "blocksize": self.blocksize,

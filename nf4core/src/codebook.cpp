@@ -17,9 +17,11 @@ namespace {
 // Standard normal CDF via erfc, accurate in both tails.
 double norm_cdf(double x) { return 0.5 * std::erfc(-x / std::sqrt(2.0)); }
 
-// Inverse normal CDF. Start from Abramowitz & Stegun 26.2.23 (|error| < 4.5e-4)
-// and polish with Halley steps on norm_cdf, which converge cubically to full
-// double precision (the same accuracy as SciPy's ndtri).
+// Inverse normal CDF. Work in the lower tail q = min(p, 1 - p) (1 - p is exact
+// for p > 0.5), start from Abramowitz & Stegun 26.2.23 (|error| < 4.5e-4) and
+// polish with Halley steps on norm_cdf, which is accurate in relative terms in
+// the lower tail; they converge cubically to full double precision (SciPy's
+// ndtri accuracy).
 double norm_ppf(double p) {
     if (!(p > 0.0 && p < 1.0)) {
         if (p == 0.0) return -HUGE_VAL;
@@ -27,20 +29,20 @@ double norm_ppf(double p) {
         return std::nan("");
     }
     if (p == 0.5) return 0.0;
-    const double q = p < 0.5 ? p : 1.0 - p;  // tail probability
+    const bool upper = p > 0.5;
+    const double q = upper ? 1.0 - p : p;
     const double t = std::sqrt(-2.0 * std::log(q));
-    double x = t - (2.515517 + 0.802853 * t + 0.010328 * t * t) /
-                       (1.0 + 1.432788 * t + 0.189269 * t * t + 0.001308 * t * t * t);
-    if (p < 0.5) x = -x;
+    double x = -(t - (2.515517 + 0.802853 * t + 0.010328 * t * t) /
+                         (1.0 + 1.432788 * t + 0.189269 * t * t + 0.001308 * t * t * t));
     const double sqrt_2pi = 2.5066282746310002;
     for (int iter = 0; iter < 8; ++iter) {
-        const double e = norm_cdf(x) - p;
+        const double e = norm_cdf(x) - q;
         const double u = e * sqrt_2pi * std::exp(0.5 * x * x);
         const double step = u / (1.0 + 0.5 * x * u);
         x -= step;
         if (std::fabs(step) <= 1e-17 * std::fabs(x)) break;
     }
-    return x;
+    return upper ? -x : x;
 }
 
 // torch.linspace(start, end, steps) in float32, reproduced bit for bit: the step
@@ -97,6 +99,8 @@ std::vector<float> normal_map(int bits) {
 std::vector<float> fp4_map() {
     // bitsandbytes' get_4bit_type("fp4"): bit 3 sign, bits 2..1 exponent, bit 0
     // mantissa, listed in bit-pattern order and divided by the largest value, 12.
+    // Code 8 is -0.0: bitsandbytes' CPU and CUDA kernels decode it as
+    // lut[code & 7] * -1 (its Python table holds +0 there, see format.md).
     const float raw[16] = {0.0f,  0.0625f,  8.0f,  12.0f,  4.0f,  6.0f,  2.0f,  3.0f,
                            -0.0f, -0.0625f, -8.0f, -12.0f, -4.0f, -6.0f, -2.0f, -3.0f};
     std::vector<float> v(raw, raw + 16);
@@ -105,7 +109,8 @@ std::vector<float> fp4_map() {
 }
 
 std::vector<float> int4_map() {
-    // bitsandbytes' get_4bit_type("int4"): sign-magnitude, divided by 7.
+    // bitsandbytes' get_4bit_type("int4"): sign-magnitude, divided by 7; code
+    // 8 is -0.0 as in FP4.
     const float raw[16] = {7, 6, 5, 4, 3, 2, 1, 0, -0.0f, -1, -2, -3, -4, -5, -6, -7};
     std::vector<float> v(raw, raw + 16);
     for (float &x : v) x = x / 7.0f;

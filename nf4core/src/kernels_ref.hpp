@@ -41,10 +41,12 @@ void quantize_blocks(const T *x, int64_t n, int64_t blocksize, const CodeLookup<
         const int64_t begin = b * blocksize;
         const int64_t end = begin + blocksize < n ? begin + blocksize : n;
         const float amax = block_absmax(x, begin, end);
-        absmax[b] = amax;
         const float scale = amax > kMinScale ? amax : kMinScale;
         const float recip = 1.0f / scale;
         const bool tail = end - begin < blocksize;
+        // bitsandbytes stores the raw absmax of full blocks but the clamped one
+        // (>= 1e-38) of the short tail block; both decode zeros to zeros.
+        absmax[b] = tail ? scale : amax;
         for (int64_t i = begin; i < end; ++i) {
             const uint8_t code = lut.nearest(scale_value(to_float(x[i]), scale, recip, tail));
             if (BITS == 8) {

@@ -57,7 +57,7 @@ TEST_CASE(fp4_and_int4_tables) {
     float t[16];
     CHECK(nf4_codebook_fp4(t) == NF4_OK);
     for (int i = 0; i < 16; ++i) CHECK(t[i] == fp4[i]);
-    CHECK(std::signbit(t[8]));
+    CHECK(t[8] == 0.0f && std::signbit(t[8]));  // sign-magnitude: code 8 is -0
     CHECK(nf4_codebook_int4(t) == NF4_OK);
     for (int i = 0; i < 8; ++i) CHECK(t[i] == float(7 - i) / 7.0f);
     for (int i = 8; i < 16; ++i) CHECK(t[i] == -float(i - 8) / 7.0f);

@@ -27,7 +27,8 @@ NF4_API nf4_status nf4_codebook_normal(int32_t bits, float *out);
 /* The outermost quantile used for NF-k: the paper's 0.9677083 for k = 4. */
 NF4_API double nf4_normal_offset(int32_t bits);
 
-/* FP4 (E2M1) in bitsandbytes' bit-pattern order: bit 3 is the sign. out: 16 floats. */
+/* FP4 (E2M1) in bitsandbytes' bit-pattern order: bit 3 is the sign (code 8 is -0.0,
+ * as bitsandbytes' kernels decode it). out: 16 floats. */
 NF4_API nf4_status nf4_codebook_fp4(float *out);
 
 /* Symmetric INT4, bitsandbytes' get_4bit_type("int4"): sign-magnitude order,
