@@ -10,6 +10,17 @@ the C++ library nf4core. Torch is never imported here.
 >>> q.shape, q.codebook, q.blocksize, q.double_quant
 ((64, 64), 'nf4', 64, True)
 """
+try:
+    from ._lib import codebook as _codebook_ext  # noqa: F401  (compiled nf4core bindings)
+except ImportError as _exc:  # pragma: no cover - only in a source checkout
+    import os as _os
+
+    raise ImportError(
+        "pyqlora's compiled extension modules were not found: this looks like the source tree at "
+        f"{_os.path.dirname(_os.path.dirname(__file__))}. Install the package (pip install .) and run from "
+        "another directory, or run tests with `pytest` (not `python -m pytest`, which puts the source first)."
+    ) from _exc
+
 from ._array import QuantizedArray
 from ._codebooks import CODEBOOKS_4BIT, codebook, dynamic_codebook
 from ._config import show_config

@@ -163,8 +163,8 @@ class QuantizedArray:
         >>> sorted(q.to_bnb_dict("w"))  # doctest: +NORMALIZE_WHITESPACE
         ['w', 'w.absmax', 'w.nested_absmax', 'w.nested_quant_map', 'w.quant_map',
          'w.quant_state.bitsandbytes__nf4']
-        >>> bytes(q.to_bnb_dict("w")["w.quant_state.bitsandbytes__nf4"])[:50]
-        b'{"quant_type": "nf4", "blocksize": 64, "dtype": "fl'
+        >>> bytes(q.to_bnb_dict("w")["w.quant_state.bitsandbytes__nf4"])[:57]
+        b'{"quant_type": "nf4", "blocksize": 64, "dtype": "float32"'
         """
         if self.codebook not in _BNB_QUANT_TYPES:
             raise ValueError(

@@ -45,7 +45,7 @@ def _as_input(x, what="x"):
     if arr.size == 0:
         raise ValueError(f"{what} is empty (shape {arr.shape}); there is nothing to quantize")
     work = np.float32 if orig == _dtypes.float64 else orig
-    arr = np.ascontiguousarray(arr, dtype=work)
+    arr = np.asarray(arr, dtype=work, order="C")  # keeps 0-d shapes, copies only if needed
     return arr, orig
 
 
@@ -235,8 +235,8 @@ def dequantize(q, dtype=None, out=None):
     >>> q = pq.quantize(np.array([-1.0, 1.0, 0.0, 0.5], np.float32), double_quant=False)
     >>> q.packed.tobytes().hex()
     '0f7c'
-    >>> pq.dequantize(q)
-    array([-1.       ,  1.       ,  0.       ,  0.5626170], dtype=float32)
+    >>> pq.dequantize(q)                        # 0.5 lies below the midpoint 0.5017 of 0.4407 and 0.5626
+    array([-1.        ,  1.        ,  0.        ,  0.44070983], dtype=float32)
     >>> pq.dequantize(q, dtype="bfloat16").dtype
     dtype(bfloat16)
     """
