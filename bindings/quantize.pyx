@@ -18,67 +18,56 @@ cdef inline int _need(Py_ssize_t have, int64_t want, str what) except -1:
     return 0
 
 
-def quantize_4bit(const uint8_t[::1] x, int dtype, int64_t n, int64_t blocksize,
-                  const float[::1] codebook, uint8_t[::1] packed, float[::1] absmax, bint ref=False):
-    # IN: x, codebook   OUT: packed, absmax
+ctypedef nf4_status (*quantize_fn)(const void *, nf4_dtype, int64_t, int64_t, const float *, uint8_t *,
+                                   float *) noexcept nogil
+ctypedef nf4_status (*dequantize_fn)(const uint8_t *, const float *, int64_t, int64_t, const float *, void *,
+                                     nf4_dtype) noexcept nogil
+
+
+def quantize(int bits, const uint8_t[::1] x, int dtype, int64_t n, int64_t blocksize,
+             const float[::1] codebook, uint8_t[::1] codes, float[::1] absmax, bint ref=False):
+    """Blockwise `bits`-bit quantization (4: packed nibbles, 8: one byte per element).
+
+    # IN: x (raw bytes of n elements of dtype), codebook (2**bits values)
+    # OUT: codes, absmax
+    """
+    cdef quantize_fn fn
+    if bits == 4:
+        fn = nf4_quantize_4bit_ref if ref else nf4_quantize_4bit
+    elif bits == 8:
+        fn = nf4_quantize_8bit_ref if ref else nf4_quantize_8bit
+    else:
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
     _need(x.shape[0], n * nf4_dtype_size(<nf4_dtype>dtype), "x")
-    _need(codebook.shape[0], 16, "codebook")
-    _need(packed.shape[0], nf4_packed_size_4bit(n), "packed")
+    _need(codebook.shape[0], 1 << bits, "codebook")
+    _need(codes.shape[0], nf4_packed_size_4bit(n) if bits == 4 else n, "codes")
     _need(absmax.shape[0], nf4_num_blocks(n, blocksize), "absmax")
     cdef nf4_status st
     with nogil:
-        if ref:
-            st = nf4_quantize_4bit_ref(&x[0], <nf4_dtype>dtype, n, blocksize, &codebook[0], &packed[0], &absmax[0])
-        else:
-            st = nf4_quantize_4bit(&x[0], <nf4_dtype>dtype, n, blocksize, &codebook[0], &packed[0], &absmax[0])
+        st = fn(&x[0], <nf4_dtype>dtype, n, blocksize, &codebook[0], &codes[0], &absmax[0])
     check(st)
 
 
-def dequantize_4bit(const uint8_t[::1] packed, const float[::1] absmax, int64_t n, int64_t blocksize,
-                    const float[::1] codebook, uint8_t[::1] out, int dtype, bint ref=False):
-    # IN: packed, absmax, codebook   OUT: out (raw bytes of n elements of dtype)
-    _need(packed.shape[0], nf4_packed_size_4bit(n), "packed")
+def dequantize(int bits, const uint8_t[::1] codes, const float[::1] absmax, int64_t n, int64_t blocksize,
+               const float[::1] codebook, uint8_t[::1] out, int dtype, bint ref=False):
+    """Inverse of quantize.
+
+    # IN: codes, absmax, codebook   OUT: out (raw bytes of n elements of dtype)
+    """
+    cdef dequantize_fn fn
+    if bits == 4:
+        fn = nf4_dequantize_4bit_ref if ref else nf4_dequantize_4bit
+    elif bits == 8:
+        fn = nf4_dequantize_8bit_ref if ref else nf4_dequantize_8bit
+    else:
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    _need(codes.shape[0], nf4_packed_size_4bit(n) if bits == 4 else n, "codes")
     _need(absmax.shape[0], nf4_num_blocks(n, blocksize), "absmax")
-    _need(codebook.shape[0], 16, "codebook")
+    _need(codebook.shape[0], 1 << bits, "codebook")
     _need(out.shape[0], n * nf4_dtype_size(<nf4_dtype>dtype), "out")
     cdef nf4_status st
     with nogil:
-        if ref:
-            st = nf4_dequantize_4bit_ref(&packed[0], &absmax[0], n, blocksize, &codebook[0], &out[0], <nf4_dtype>dtype)
-        else:
-            st = nf4_dequantize_4bit(&packed[0], &absmax[0], n, blocksize, &codebook[0], &out[0], <nf4_dtype>dtype)
-    check(st)
-
-
-def quantize_8bit(const uint8_t[::1] x, int dtype, int64_t n, int64_t blocksize,
-                  const float[::1] codebook, uint8_t[::1] codes, float[::1] absmax, bint ref=False):
-    # IN: x, codebook   OUT: codes, absmax
-    _need(x.shape[0], n * nf4_dtype_size(<nf4_dtype>dtype), "x")
-    _need(codebook.shape[0], 256, "codebook")
-    _need(codes.shape[0], n, "codes")
-    _need(absmax.shape[0], nf4_num_blocks(n, blocksize), "absmax")
-    cdef nf4_status st
-    with nogil:
-        if ref:
-            st = nf4_quantize_8bit_ref(&x[0], <nf4_dtype>dtype, n, blocksize, &codebook[0], &codes[0], &absmax[0])
-        else:
-            st = nf4_quantize_8bit(&x[0], <nf4_dtype>dtype, n, blocksize, &codebook[0], &codes[0], &absmax[0])
-    check(st)
-
-
-def dequantize_8bit(const uint8_t[::1] codes, const float[::1] absmax, int64_t n, int64_t blocksize,
-                    const float[::1] codebook, uint8_t[::1] out, int dtype, bint ref=False):
-    # IN: codes, absmax, codebook   OUT: out
-    _need(codes.shape[0], n, "codes")
-    _need(absmax.shape[0], nf4_num_blocks(n, blocksize), "absmax")
-    _need(codebook.shape[0], 256, "codebook")
-    _need(out.shape[0], n * nf4_dtype_size(<nf4_dtype>dtype), "out")
-    cdef nf4_status st
-    with nogil:
-        if ref:
-            st = nf4_dequantize_8bit_ref(&codes[0], &absmax[0], n, blocksize, &codebook[0], &out[0], <nf4_dtype>dtype)
-        else:
-            st = nf4_dequantize_8bit(&codes[0], &absmax[0], n, blocksize, &codebook[0], &out[0], <nf4_dtype>dtype)
+        st = fn(&codes[0], &absmax[0], n, blocksize, &codebook[0], &out[0], <nf4_dtype>dtype)
     check(st)
 
 

@@ -145,7 +145,7 @@ def quantize(x, codebook="nf4", blocksize=64, double_quant=True):
     packed = np.empty((n + 1) // 2, dtype=np.uint8)
     absmax = np.empty(nblocks, dtype=np.float32)
     _call_checked(
-        _ext.quantize_4bit, arr, "x", _raw(arr), _dtypes.KERNEL_DTYPES[arr.dtype], n, blocksize, table, packed, absmax
+        _ext.quantize, arr, "x", 4, _raw(arr), _dtypes.KERNEL_DTYPES[arr.dtype], n, blocksize, table, packed, absmax
     )
     nested_absmax = offset = None
     if double_quant:
@@ -197,14 +197,14 @@ def _resolve_out_dtype(dtype, out, default):
     return _dtypes.normalize_dtype(dtype)
 
 
-def _dequantize_into(kernel, codes, scales, n, blocksize, table, shape, dtype, out):
-    """Run a dequantize kernel into `out` (allocated if None), handling float64."""
+def _dequantize_into(bits, codes, scales, n, blocksize, table, shape, dtype, out):
+    """Run the `bits`-bit dequantize kernel into `out` (allocated if None), handling float64."""
     if out is None:
         out = np.empty(shape, dtype=dtype)
     else:
         _check_out(out, shape, dtype)
     target = out if dtype != _dtypes.float64 else np.empty(shape, dtype=np.float32)
-    kernel(codes, scales, n, blocksize, table, _raw(target), _dtypes.KERNEL_DTYPES[target.dtype])
+    _ext.dequantize(bits, codes, scales, n, blocksize, table, _raw(target), _dtypes.KERNEL_DTYPES[target.dtype])
     if target is not out:
         out[...] = target
     return out
@@ -245,7 +245,7 @@ def dequantize(q, dtype=None, out=None):
     dtype = _resolve_out_dtype(dtype, out, q.dtype)
     scales = _block_scales(q)
     return _dequantize_into(
-        _ext.dequantize_4bit, q.packed, scales, q.size, q.blocksize, lookup_table(q.codebook, 16), q.shape, dtype, out
+        4, q.packed, scales, q.size, q.blocksize, lookup_table(q.codebook, 16), q.shape, dtype, out
     )
 
 
@@ -298,9 +298,10 @@ def quantize_blockwise(x, blocksize=256, codebook="dynamic"):
     codes = np.empty(arr.shape, dtype=np.uint8)
     absmax = np.empty(-(-arr.size // blocksize), dtype=np.float32)
     _call_checked(
-        _ext.quantize_8bit,
+        _ext.quantize,
         arr,
         "x",
+        8,
         _raw(arr),
         _dtypes.KERNEL_DTYPES[arr.dtype],
         arr.size,
@@ -341,5 +342,5 @@ def dequantize_blockwise(codes, absmax, blocksize=256, codebook="dynamic", dtype
         raise ValueError(f"absmax has {absmax.size} scales; {codes.size} codes in blocks of {blocksize} need {need}")
     dtype = _resolve_out_dtype(dtype, out, _dtypes.float32)
     return _dequantize_into(
-        _ext.dequantize_8bit, codes.reshape(-1), absmax, codes.size, blocksize, table, codes.shape, dtype, out
+        8, codes.reshape(-1), absmax, codes.size, blocksize, table, codes.shape, dtype, out
     )

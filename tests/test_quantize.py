@@ -97,8 +97,8 @@ def test_reference_and_dispatched_kernels_agree(rng):
         for ref in (False, True):
             packed = np.empty(5004, np.uint8)
             absmax = np.empty(157, np.float32)
-            _ext.quantize_4bit(xd.view(np.uint8), _dtypes.KERNEL_DTYPES[np.dtype(dt)], x.size, 64, table, packed,
-                               absmax, ref)
+            _ext.quantize(4, xd.view(np.uint8), _dtypes.KERNEL_DTYPES[np.dtype(dt)], x.size, 64, table, packed,
+                          absmax, ref)
             outs.append((packed.tobytes(), absmax.tobytes()))
         assert outs[0] == outs[1]
 
@@ -263,9 +263,9 @@ def test_bad_dequantize_arguments(rng):
 
 def test_binding_rejects_short_buffers():
     # the thin Cython layer still refuses buffers that are too small
-    with pytest.raises(ValueError, match="packed"):
-        _ext.quantize_4bit(np.zeros(400, np.uint8), 0, 100, 64, pq.codebook("nf4"), np.zeros(10, np.uint8),
-                           np.zeros(2, np.float32))
+    with pytest.raises(ValueError, match="codes"):
+        _ext.quantize(4, np.zeros(400, np.uint8), 0, 100, 64, pq.codebook("nf4"), np.zeros(10, np.uint8),
+                      np.zeros(2, np.float32))
 
 
 # -------------------------------------------------- corrupted checkpoints
