@@ -1,6 +1,6 @@
 # Turns an nf4core status into a Python exception (call with the GIL held,
 # right after the C call, on the same thread: the message is per thread).
-from _nf4core cimport (nf4_status, nf4_last_error, NF4_OK, NF4_ERROR_INVALID_ARGUMENT,
+from cnf4core cimport (nf4_status, nf4_last_error, NF4_OK, NF4_ERROR_INVALID_ARGUMENT,
                        NF4_ERROR_NON_FINITE, NF4_ERROR_OUT_OF_MEMORY)
 
 

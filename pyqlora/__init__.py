@@ -11,7 +11,7 @@ the C++ library nf4core. Torch is never imported here.
 ((64, 64), 'nf4', 64, True)
 """
 try:
-    from ._lib import codebook as _codebook_ext  # noqa: F401  (compiled nf4core bindings)
+    from . import _nf4core  # noqa: F401  (the compiled nf4core bindings)
 except ImportError as _exc:  # pragma: no cover - only in a source checkout
     import os as _os
 
@@ -26,6 +26,7 @@ from ._codebooks import CODEBOOKS_4BIT, codebook, dynamic_codebook
 from ._config import show_config
 from ._errors import NonFiniteError
 from ._quantize import BLOCKSIZES, dequantize, dequantize_blockwise, quantize, quantize_blockwise
+from ._runtime import available_isas, get_isa, get_num_threads, num_threads, set_isa, set_num_threads
 from ._version import __version__
 
 __all__ = [
@@ -34,11 +35,17 @@ __all__ = [
     "NonFiniteError",
     "QuantizedArray",
     "__version__",
+    "available_isas",
     "codebook",
     "dequantize",
     "dequantize_blockwise",
     "dynamic_codebook",
+    "get_isa",
+    "get_num_threads",
+    "num_threads",
     "quantize",
     "quantize_blockwise",
+    "set_isa",
+    "set_num_threads",
     "show_config",
 ]

@@ -3,7 +3,7 @@ import functools
 
 import numpy as np
 
-from ._lib import codebook as _codebook
+from . import _nf4core as _codebook
 
 __all__ = ["codebook", "dynamic_codebook", "CODEBOOKS_4BIT"]
 

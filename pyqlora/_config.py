@@ -23,7 +23,8 @@ def show_config(file=None):
     """
     import numpy
 
-    from ._lib import codebook as _codebook
+    from . import _nf4core
+    from ._runtime import available_isas, get_isa, get_num_threads
     from ._version import __version__
 
     try:
@@ -34,14 +35,15 @@ def show_config(file=None):
         mld = "missing (bfloat16 unavailable)"
     cfg = {
         "pyqlora": __version__,
-        "nf4core": _codebook.core_version(),
+        "nf4core": _nf4core.core_version(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "machine": platform.machine(),
         "numpy": numpy.__version__,
         "ml_dtypes": mld,
-        "cpu_kernels": "scalar reference",
-        "threads": 1,
+        "cpu_kernels": get_isa(),
+        "cpu_kernels_available": ", ".join(available_isas()),
+        "threads": get_num_threads(),
         "cuda": "not built",
     }
     width = max(map(len, cfg))

@@ -9,10 +9,11 @@ import numbers
 import numpy as np
 
 from . import _dtypes
-from ._lib import quantize as _ext  # bindings/quantize.pyx
+from . import _nf4core as _ext  # bindings/quantize.pxi
 from ._array import QuantizedArray
 from ._codebooks import CODEBOOKS_4BIT, lookup_table
 from ._errors import NonFiniteError
+from ._runtime import sync_threads
 
 __all__ = ["quantize", "dequantize", "quantize_blockwise", "dequantize_blockwise", "BLOCKSIZES"]
 
@@ -66,6 +67,7 @@ def _raw(arr):
 
 
 def _call_checked(fn, arr, what, *args):
+    sync_threads()
     try:
         fn(*args)
     except NonFiniteError:
@@ -204,6 +206,7 @@ def _dequantize_into(bits, codes, scales, n, blocksize, table, shape, dtype, out
     else:
         _check_out(out, shape, dtype)
     target = out if dtype != _dtypes.float64 else np.empty(shape, dtype=np.float32)
+    sync_threads()
     _ext.dequantize(bits, codes, scales, n, blocksize, table, _raw(target), _dtypes.KERNEL_DTYPES[target.dtype])
     if target is not out:
         out[...] = target

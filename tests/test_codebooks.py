@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import bitsandbytes.functional as bnbF
 import pyqlora as pq
-from pyqlora._lib import codebook as _cb
+from pyqlora import _nf4core as _cb
 
 
 def test_nf4_is_bitsandbytes_table_exactly():

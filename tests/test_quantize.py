@@ -10,7 +10,7 @@ from hypothesis.extra import numpy as hnp
 
 import pyqlora as pq
 from pyqlora import _dtypes
-from pyqlora._lib import quantize as _ext
+from pyqlora import _nf4core as _ext
 
 from oracle import nearest_codes, pack_nibbles, scaled_blocks, unpack_nibbles
 

@@ -17,6 +17,7 @@ namespace nf4core {
 // Formats a non-finite input error; `index` is the flat element index.
 [[noreturn]] void fail_non_finite(int64_t index, float value);
 
+namespace {  // internal linkage, see numeric.hpp
 namespace ref {
 
 // Scale (absmax) of elements [begin, end); reports the first non-finite element.
@@ -35,8 +36,8 @@ inline float block_absmax(const T *x, int64_t begin, int64_t end) {
 // Quantizes blocks [block_begin, block_end). BITS = 4 packs two codes per byte
 // (even element in the high nibble); BITS = 8 writes one code per byte.
 template <int BITS, typename T>
-void quantize_blocks(const T *x, int64_t n, int64_t blocksize, const CodeLookup<(1 << BITS)> &lut,
-                     uint8_t *out, float *absmax, int64_t block_begin, int64_t block_end) {
+void quantize_blocks(const T *x, int64_t n, int64_t blocksize, const SearchTable &lut, uint8_t *out,
+                     float *absmax, int64_t block_begin, int64_t block_end) {
     for (int64_t b = block_begin; b < block_end; ++b) {
         const int64_t begin = b * blocksize;
         const int64_t end = begin + blocksize < n ? begin + blocksize : n;
@@ -48,7 +49,7 @@ void quantize_blocks(const T *x, int64_t n, int64_t blocksize, const CodeLookup<
         // (>= 1e-38) of the short tail block; both decode zeros to zeros.
         absmax[b] = tail ? scale : amax;
         for (int64_t i = begin; i < end; ++i) {
-            const uint8_t code = lut.nearest(scale_value(to_float(x[i]), scale, recip, tail));
+            const uint8_t code = nearest_code<(1 << BITS)>(lut, scale_value(to_float(x[i]), scale, recip, tail));
             if (BITS == 8) {
                 out[i] = code;
             } else if ((i & 1) == 0) {
@@ -61,7 +62,7 @@ void quantize_blocks(const T *x, int64_t n, int64_t blocksize, const CodeLookup<
     // An odd length pads the last low nibble with the code of 0.0, as
     // bitsandbytes pads the scaled values with one zero before packing.
     if (BITS == 4 && (n & 1) && block_end * blocksize >= n) {
-        out[n >> 1] = uint8_t(out[n >> 1] | lut.nearest(0.0f));
+        out[n >> 1] = uint8_t(out[n >> 1] | nearest_code<16>(lut, 0.0f));
     }
 }
 
@@ -84,6 +85,7 @@ void dequantize_blocks(const uint8_t *in, const float *absmax, int64_t n, int64_
 }
 
 }  // namespace ref
+}  // namespace
 }  // namespace nf4core
 
 #endif  // NF4CORE_SRC_KERNELS_REF_HPP

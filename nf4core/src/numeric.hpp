@@ -18,6 +18,28 @@
 
 namespace nf4core {
 
+// Nearest-code search data for a codebook of `size` (16 or 256) entries in any
+// order. The values are sorted ascending by a stable sort (equal values, such
+// as FP4's +0 and -0, keep code order) and the midpoints between neighbours are
+// computed in float32 as (a + b) / 2. The sorted position of x is the number of
+// midpoints strictly below x (torch.bucketize with right=False), so a value
+// exactly on a midpoint goes to the lower value; order[position] is the code.
+// This is bitsandbytes' rule (CUDA `x > mid` trees; CPU bucketize over sorted
+// midpoints, remapped by argsort). Plain data, shared by every kernel path.
+struct SearchTable {
+    alignas(64) float mid[256];      // size - 1 midpoints, then +inf
+    alignas(64) int32_t order[256];  // sorted position -> code
+    alignas(64) float coarse[16];    // size 256: coarse[k] = mid[16k + 15]
+    int32_t size;
+    bool identity_order;             // order[i] == i (sorted tables)
+};
+
+// Internal linkage: this header is compiled into translation units built for
+// different instruction sets (AVX2, AVX-512), and an inline function with
+// external linkage could be merged across them by the linker, putting AVX-512
+// code into the generic path.
+namespace {
+
 struct half_t {
     uint16_t bits;
 };
@@ -115,39 +137,29 @@ NF4_HOST_DEVICE inline float scale_value(float x, float scale, float recip, bool
     return s;
 }
 
-// Nearest-code lookup for a codebook of N entries in any order.
-//
-// The values are sorted ascending by a stable sort (equal values, such as
-// FP4's +0 and -0, keep code order), and the midpoints between neighbours are
-// computed in float32 as (a + b) / 2. The sorted position of x is the number of
-// midpoints strictly below x (torch.bucketize with right=False), so a value
-// exactly on a midpoint goes to the lower value. This is bitsandbytes' rule
-// (CUDA `x > mid` trees; CPU bucketize over sorted midpoints, remapped by argsort).
+// Nearest code for a scaled value, given the SearchTable of the codebook
+// (see kernels.hpp for the rule). N is 16 or 256.
 template <int N>
-struct CodeLookup {
-    float mid[N - 1];
-    uint8_t order[N];  // order[sorted position] = code
-
-    NF4_HOST_DEVICE inline uint8_t nearest(float x) const {
-        int pos;
-        if (N <= 16) {
-            pos = 0;
-            for (int i = 0; i < N - 1; ++i) pos += (x > mid[i]) ? 1 : 0;
-        } else {
-            int lo = 0, hi = N - 1;  // first midpoint >= x, in [0, N-1]
-            while (lo < hi) {
-                const int m = (lo + hi) >> 1;
-                if (mid[m] < x)
-                    lo = m + 1;
-                else
-                    hi = m;
-            }
-            pos = lo;
+NF4_HOST_DEVICE inline uint8_t nearest_code(const SearchTable &t, float x) {
+    int pos;
+    if (N <= 16) {
+        pos = 0;
+        for (int i = 0; i < N - 1; ++i) pos += (x > t.mid[i]) ? 1 : 0;
+    } else {
+        int lo = 0, hi = N - 1;  // number of midpoints below x, in [0, N-1]
+        while (lo < hi) {
+            const int m = (lo + hi) >> 1;
+            if (t.mid[m] < x)
+                lo = m + 1;
+            else
+                hi = m;
         }
-        return order[pos];
+        pos = lo;
     }
-};
+    return uint8_t(t.order[pos]);
+}
 
+}  // namespace
 }  // namespace nf4core
 
 #endif  // NF4CORE_SRC_NUMERIC_HPP

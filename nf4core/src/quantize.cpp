@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "error.hpp"
+#include "kernels.hpp"
 #include "kernels_ref.hpp"
 #include "nf4core/quantize.h"
 
@@ -40,64 +41,101 @@ void check_dtype(nf4_dtype dtype) {
             "unknown dtype code " + std::to_string(int(dtype)));
 }
 
-template <int N>
-CodeLookup<N> make_lookup(const float *codebook) {
+SearchTable make_search_table(const float *codebook, int size) {
     require(codebook != nullptr, "codebook pointer is NULL");
-    CodeLookup<N> lut;
-    int idx[N];
-    for (int i = 0; i < N; ++i) {
+    SearchTable t;
+    int idx[256];
+    for (int i = 0; i < size; ++i) {
         require(is_finite(codebook[i]), "codebook entry " + std::to_string(i) + " is not finite");
         idx[i] = i;
     }
-    std::stable_sort(idx, idx + N, [&](int a, int b) { return codebook[a] < codebook[b]; });
-    for (int i = 0; i < N; ++i) lut.order[i] = uint8_t(idx[i]);
-    for (int i = 0; i + 1 < N; ++i) lut.mid[i] = (codebook[idx[i]] + codebook[idx[i + 1]]) / 2.0f;
-    return lut;
+    std::stable_sort(idx, idx + size, [&](int a, int b) { return codebook[a] < codebook[b]; });
+    t.size = size;
+    t.identity_order = true;
+    for (int i = 0; i < 256; ++i) {
+        t.order[i] = i < size ? idx[i] : idx[size - 1];
+        t.identity_order = t.identity_order && (i >= size || idx[i] == i);
+        t.mid[i] = i + 1 < size ? (codebook[idx[i]] + codebook[idx[i + 1]]) / 2.0f : HUGE_VALF;
+    }
+    for (int k = 0; k < 16; ++k) t.coarse[k] = t.mid[16 * k + 15];
+    return t;
 }
 
-template <class F>
-void dispatch_dtype(nf4_dtype dtype, F &&f) {
-    switch (dtype) {
-        case NF4_FLOAT32: f(static_cast<float *>(nullptr)); return;
-        case NF4_FLOAT16: f(static_cast<half_t *>(nullptr)); return;
-        case NF4_BFLOAT16: f(static_cast<bfloat16_t *>(nullptr)); return;
-    }
-    fail(NF4_ERROR_INVALID_ARGUMENT, "unknown dtype code " + std::to_string(int(dtype)));
+// The scalar reference as a kernel set (the "scalar" ISA).
+template <int BITS, typename T>
+void quantize_scalar(const QuantizeArgs &a, int64_t b0, int64_t b1) {
+    ref::quantize_blocks<BITS, T>(static_cast<const T *>(a.x), a.n, a.blocksize, *a.table, a.out, a.absmax, b0, b1);
+}
+
+template <int BITS, typename T>
+void dequantize_scalar(const DequantizeArgs &a, int64_t b0, int64_t b1) {
+    ref::dequantize_blocks<BITS, T>(a.in, a.absmax, a.n, a.blocksize, a.codebook, static_cast<T *>(a.out), b0, b1);
+}
+
+// Work per thread below which splitting does not pay (waking a thread costs a
+// few microseconds; 64 Ki elements take tens).
+constexpr int64_t kMinElementsPerTask = 1 << 16;
+
+int dtype_index(nf4_dtype dtype) {
+    check_dtype(dtype);
+    return int(dtype);
 }
 
 template <int BITS>
 nf4_status quantize_impl(const void *x, nf4_dtype dtype, int64_t n, int64_t blocksize, const float *codebook,
-                         uint8_t *out, float *absmax) {
+                         uint8_t *out, float *absmax, bool reference) {
     return guarded([&] {
         check_sizes(n, blocksize);
-        check_dtype(dtype);
+        const int d = dtype_index(dtype);
         require(x != nullptr && out != nullptr && absmax != nullptr, "input or output pointer is NULL");
-        const CodeLookup<(1 << BITS)> lut = make_lookup<(1 << BITS)>(codebook);
+        const SearchTable table = make_search_table(codebook, 1 << BITS);
+        const QuantizeArgs args{x, n, blocksize, &table, out, absmax};
         const int64_t nblocks = (n + blocksize - 1) / blocksize;
-        dispatch_dtype(dtype, [&](auto *tag) {
-            using T = std::remove_pointer_t<decltype(tag)>;
-            ref::quantize_blocks<BITS, T>(static_cast<const T *>(x), n, blocksize, lut, out, absmax, 0, nblocks);
-        });
+        const KernelSet &k = reference ? scalar_kernels() : active_kernels();
+        const QuantizeKernel kernel = (BITS == 4 ? k.quantize4 : k.quantize8)[d];
+        if (reference) {
+            kernel(args, 0, nblocks);
+            return;
+        }
+        parallel_for(nblocks, std::max<int64_t>(1, kMinElementsPerTask / blocksize),
+                     [&](int64_t b0, int64_t b1) { kernel(args, b0, b1); });
     });
 }
 
 template <int BITS>
 nf4_status dequantize_impl(const uint8_t *in, const float *absmax, int64_t n, int64_t blocksize,
-                           const float *codebook, void *out, nf4_dtype dtype) {
+                           const float *codebook, void *out, nf4_dtype dtype, bool reference) {
     return guarded([&] {
         check_sizes(n, blocksize);
-        check_dtype(dtype);
+        const int d = dtype_index(dtype);
         require(in != nullptr && absmax != nullptr && codebook != nullptr && out != nullptr,
                 "input or output pointer is NULL");
+        const DequantizeArgs args{in, absmax, n, blocksize, codebook, out};
         const int64_t nblocks = (n + blocksize - 1) / blocksize;
-        dispatch_dtype(dtype, [&](auto *tag) {
-            using T = std::remove_pointer_t<decltype(tag)>;
-            ref::dequantize_blocks<BITS, T>(in, absmax, n, blocksize, codebook, static_cast<T *>(out), 0, nblocks);
-        });
+        const KernelSet &k = reference ? scalar_kernels() : active_kernels();
+        const DequantizeKernel kernel = (BITS == 4 ? k.dequantize4 : k.dequantize8)[d];
+        if (reference) {
+            kernel(args, 0, nblocks);
+            return;
+        }
+        parallel_for(nblocks, std::max<int64_t>(1, kMinElementsPerTask / blocksize),
+                     [&](int64_t b0, int64_t b1) { kernel(args, b0, b1); });
     });
 }
 
 }  // namespace
+
+const KernelSet &scalar_kernels() {
+    static const KernelSet k{
+        "scalar",
+        {quantize_scalar<4, float>, quantize_scalar<4, half_t>, quantize_scalar<4, bfloat16_t>},
+        {dequantize_scalar<4, float>, dequantize_scalar<4, half_t>, dequantize_scalar<4, bfloat16_t>},
+        {quantize_scalar<8, float>, quantize_scalar<8, half_t>, quantize_scalar<8, bfloat16_t>},
+        {dequantize_scalar<8, float>, dequantize_scalar<8, half_t>, dequantize_scalar<8, bfloat16_t>},
+    };
+    return k;
+}
+
 }  // namespace nf4core
 
 using namespace nf4core;
@@ -113,46 +151,46 @@ int64_t nf4_packed_size_4bit(int64_t n) { return n < 0 ? -1 : n / 2 + (n & 1); }
 
 int32_t nf4_blocksize_is_valid(int64_t blocksize) { return valid_blocksize(blocksize) ? 1 : 0; }
 
-// The optimized kernels slot in behind these four entry points (next issue);
-// today they run the reference kernels.
+// The dispatched entry points run the active ISA path on the thread pool; the
+// _ref ones run the scalar reference on the calling thread.
 nf4_status nf4_quantize_4bit(const void *x, nf4_dtype dtype, int64_t n, int64_t blocksize, const float *codebook,
                              uint8_t *packed, float *absmax) {
-    return quantize_impl<4>(x, dtype, n, blocksize, codebook, packed, absmax);
+    return quantize_impl<4>(x, dtype, n, blocksize, codebook, packed, absmax, false);
 }
 
 nf4_status nf4_dequantize_4bit(const uint8_t *packed, const float *absmax, int64_t n, int64_t blocksize,
                                const float *codebook, void *out, nf4_dtype out_dtype) {
-    return dequantize_impl<4>(packed, absmax, n, blocksize, codebook, out, out_dtype);
+    return dequantize_impl<4>(packed, absmax, n, blocksize, codebook, out, out_dtype, false);
 }
 
 nf4_status nf4_quantize_8bit(const void *x, nf4_dtype dtype, int64_t n, int64_t blocksize, const float *codebook,
                              uint8_t *codes, float *absmax) {
-    return quantize_impl<8>(x, dtype, n, blocksize, codebook, codes, absmax);
+    return quantize_impl<8>(x, dtype, n, blocksize, codebook, codes, absmax, false);
 }
 
 nf4_status nf4_dequantize_8bit(const uint8_t *codes, const float *absmax, int64_t n, int64_t blocksize,
                                const float *codebook, void *out, nf4_dtype out_dtype) {
-    return dequantize_impl<8>(codes, absmax, n, blocksize, codebook, out, out_dtype);
+    return dequantize_impl<8>(codes, absmax, n, blocksize, codebook, out, out_dtype, false);
 }
 
 nf4_status nf4_quantize_4bit_ref(const void *x, nf4_dtype dtype, int64_t n, int64_t blocksize,
                                  const float *codebook, uint8_t *packed, float *absmax) {
-    return quantize_impl<4>(x, dtype, n, blocksize, codebook, packed, absmax);
+    return quantize_impl<4>(x, dtype, n, blocksize, codebook, packed, absmax, true);
 }
 
 nf4_status nf4_dequantize_4bit_ref(const uint8_t *packed, const float *absmax, int64_t n, int64_t blocksize,
                                    const float *codebook, void *out, nf4_dtype out_dtype) {
-    return dequantize_impl<4>(packed, absmax, n, blocksize, codebook, out, out_dtype);
+    return dequantize_impl<4>(packed, absmax, n, blocksize, codebook, out, out_dtype, true);
 }
 
 nf4_status nf4_quantize_8bit_ref(const void *x, nf4_dtype dtype, int64_t n, int64_t blocksize,
                                  const float *codebook, uint8_t *codes, float *absmax) {
-    return quantize_impl<8>(x, dtype, n, blocksize, codebook, codes, absmax);
+    return quantize_impl<8>(x, dtype, n, blocksize, codebook, codes, absmax, true);
 }
 
 nf4_status nf4_dequantize_8bit_ref(const uint8_t *codes, const float *absmax, int64_t n, int64_t blocksize,
                                    const float *codebook, void *out, nf4_dtype out_dtype) {
-    return dequantize_impl<8>(codes, absmax, n, blocksize, codebook, out, out_dtype);
+    return dequantize_impl<8>(codes, absmax, n, blocksize, codebook, out, out_dtype, true);
 }
 
 nf4_status nf4_double_quantize(const float *absmax, int64_t nblocks, const float *dyn_code, uint8_t *qabsmax,

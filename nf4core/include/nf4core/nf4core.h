@@ -9,5 +9,6 @@
 #include "nf4core/common.h"
 #include "nf4core/codebook.h"
 #include "nf4core/quantize.h"
+#include "nf4core/runtime.h"
 
 #endif /* NF4CORE_NF4CORE_H */

@@ -1,10 +1,9 @@
-"""Codebook tables from nf4core (thin bindings; see pyqlora._codebooks)."""
+# Codebook tables from nf4core (thin bindings; see pyqlora._codebooks).
 from libc.stdint cimport int64_t
 
 import numpy as np
 
-from _nf4core cimport nf4_codebook_by_name, nf4_norm_ppf, nf4_normal_offset, nf4_version
-from _status cimport check
+from cnf4core cimport nf4_codebook_by_name, nf4_norm_ppf, nf4_normal_offset, nf4_version
 
 
 def codebook_by_name(str name):

@@ -1,15 +1,13 @@
-"""Blockwise quantization kernels from nf4core.
-
-Thin layer: pyqlora._quantize validates and normalizes every argument (dtype,
-contiguity, sizes) before calling these; here we only re-check buffer lengths,
-so that a wrong call raises instead of corrupting memory, and release the GIL
-around each C call. Inputs of any element type arrive as raw bytes (`x`) plus
-an nf4_dtype code.
-"""
+# Blockwise quantization kernels from nf4core.
+#
+# Thin layer: pyqlora._quantize validates and normalizes every argument (dtype,
+# contiguity, sizes) before calling these; here we only re-check buffer lengths,
+# so that a wrong call raises instead of corrupting memory, and release the GIL
+# around each C call. Inputs of any element type arrive as raw bytes (`x`) plus
+# an nf4_dtype code.
 from libc.stdint cimport int64_t, uint8_t
 
-from _nf4core cimport *
-from _status cimport check
+from cnf4core cimport *
 
 
 cdef inline int _need(Py_ssize_t have, int64_t want, str what) except -1:

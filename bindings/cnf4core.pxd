@@ -1,4 +1,4 @@
-# Declarations mirroring nf4core/include/nf4core/*.h (keep in sync).
+# Declarations mirroring nf4core/include/nf4core/*.h (keep in sync): the C API as Cython sees it.
 from libc.stdint cimport int32_t, int64_t, uint8_t
 
 cdef extern from "nf4core/nf4core.h" nogil:
@@ -55,3 +55,10 @@ cdef extern from "nf4core/nf4core.h" nogil:
                                      const float *codebook, uint8_t *codes, float *absmax)
     nf4_status nf4_dequantize_8bit_ref(const uint8_t *codes, const float *absmax, int64_t n,
                                        int64_t blocksize, const float *codebook, void *out, nf4_dtype out_dtype)
+
+    # runtime.h
+    nf4_status nf4_set_num_threads(int32_t n)
+    int32_t nf4_get_num_threads()
+    nf4_status nf4_set_isa(const char *name)
+    const char *nf4_get_isa()
+    int32_t nf4_isa_available(const char *name)

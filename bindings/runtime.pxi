@@ -1,0 +1,25 @@
+# Run-time settings of nf4core: threads and instruction-set path (thin bindings).
+from cnf4core cimport (nf4_get_isa, nf4_get_num_threads, nf4_isa_available, nf4_set_isa,
+                       nf4_set_num_threads)
+
+
+def set_num_threads(int n):
+    check(nf4_set_num_threads(n))
+
+
+def get_num_threads():
+    return nf4_get_num_threads()
+
+
+def set_isa(str name):
+    cdef bytes b = name.encode("ascii")
+    check(nf4_set_isa(b))
+
+
+def get_isa():
+    return nf4_get_isa().decode("ascii")
+
+
+def isa_available(str name):
+    cdef bytes b = name.encode("ascii")
+    return bool(nf4_isa_available(b))

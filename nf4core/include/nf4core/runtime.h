@@ -1,0 +1,43 @@
+/*
+ * nf4core — run-time settings: threads and the instruction-set path.
+ *
+ * Threads: kernels split their blocks over a pool of nf4core's own threads
+ * (no OpenMP). The default is the number of CPUs this process may run on, or
+ * the NF4CORE_NUM_THREADS environment variable. Inputs below about 64 Ki
+ * elements per thread stay on the calling thread. Results are identical for
+ * every thread count.
+ *
+ * Instruction sets: "avx512" (AVX-512 F/BW/VL/DQ), "avx2" (AVX2 + FMA + F16C),
+ * "neon" (aarch64) or "scalar" (the reference kernels). The default ("auto")
+ * is the best one the CPU supports, detected at run time; the environment
+ * variable NF4CORE_ISA or nf4_set_isa() forces one. Every path gives
+ * byte-identical results.
+ */
+#ifndef NF4CORE_RUNTIME_H
+#define NF4CORE_RUNTIME_H
+
+#include "nf4core/common.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* n >= 1 threads, or 0 for the default. */
+NF4_API nf4_status nf4_set_num_threads(int32_t n);
+NF4_API int32_t nf4_get_num_threads(void);
+
+/* "auto", "avx512", "avx2", "neon" or "scalar"; fails for a path this build or
+ * this CPU lacks. */
+NF4_API nf4_status nf4_set_isa(const char *name);
+
+/* The path in use ("avx512", "avx2", "neon" or "scalar"). */
+NF4_API const char *nf4_get_isa(void);
+
+/* 1 if `name` is compiled in and supported by this CPU, else 0. */
+NF4_API int32_t nf4_isa_available(const char *name);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* NF4CORE_RUNTIME_H */

@@ -1,0 +1,67 @@
+// The kernel table: every optimized path (AVX2, AVX-512, NEON) provides the
+// same four block-range kernels per element type as the scalar reference, and
+// must produce byte-identical results. The entry points in quantize.cpp pick a
+// table at run time (dispatch.cpp) and split the blocks over threads
+// (parallel.cpp).
+#ifndef NF4CORE_SRC_KERNELS_HPP
+#define NF4CORE_SRC_KERNELS_HPP
+
+#include <cstdint>
+
+#include "nf4core/common.h"
+#include "numeric.hpp"
+
+namespace nf4core {
+
+struct QuantizeArgs {
+    const void *x;            // n elements of the kernel's element type
+    int64_t n;
+    int64_t blocksize;
+    const SearchTable *table;
+    uint8_t *out;             // packed nibbles (4-bit) or one code per element (8-bit)
+    float *absmax;
+};
+
+struct DequantizeArgs {
+    const uint8_t *in;
+    const float *absmax;
+    int64_t n;
+    int64_t blocksize;
+    const float *codebook;    // 16 or 256 values
+    void *out;
+};
+
+// Each kernel processes blocks [b0, b1); blocks never share an output byte
+// (blocksizes are even), so ranges can run on different threads.
+using QuantizeKernel = void (*)(const QuantizeArgs &, int64_t b0, int64_t b1);
+using DequantizeKernel = void (*)(const DequantizeArgs &, int64_t b0, int64_t b1);
+
+struct KernelSet {
+    const char *name;
+    QuantizeKernel quantize4[3];  // indexed by nf4_dtype: float32, float16, bfloat16
+    DequantizeKernel dequantize4[3];
+    QuantizeKernel quantize8[3];
+    DequantizeKernel dequantize8[3];
+};
+
+const KernelSet &scalar_kernels();
+// nullptr when the path is not compiled into this build
+const KernelSet *avx2_kernels();
+const KernelSet *avx512_kernels();
+const KernelSet *neon_kernels();
+
+// The kernel set in use (see nf4_set_isa).
+const KernelSet &active_kernels();
+
+// Runs fn(b0, b1) over [0, n_items) split into ranges of at least `min_items`
+// on the library's threads (the caller's thread takes part). Small inputs and
+// nested calls run inline. If ranges fail, the exception of the lowest range
+// is rethrown, so errors name the same element whatever the thread count.
+template <class F>
+void parallel_for(int64_t n_items, int64_t min_items, F &&fn);
+
+}  // namespace nf4core
+
+#include "parallel.hpp"
+
+#endif  // NF4CORE_SRC_KERNELS_HPP

@@ -1,0 +1,189 @@
+// Every instruction-set path and thread count gives the same bytes as the
+// scalar reference, for every dtype, codebook, blocksize and awkward length.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "check.hpp"
+#include "nf4core/nf4core.h"
+#include "numeric.hpp"
+
+namespace {
+
+std::vector<float> table(const char *name) {
+    int64_t n = 0;
+    nf4_codebook_by_name(name, nullptr, 0, &n);
+    std::vector<float> t(static_cast<size_t>(n));
+    nf4_codebook_by_name(name, t.data(), n, &n);
+    return t;
+}
+
+// raw bytes of n elements of dtype, from normal values with some zeros, ties and big values
+std::vector<uint8_t> make_input(nf4_dtype dt, int64_t n, std::mt19937_64 &rng, const std::vector<float> &cb) {
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::uniform_int_distribution<int> pick(0, 9);
+    std::vector<float> x(static_cast<size_t>(n));
+    for (float &v : x) {
+        const int k = pick(rng);
+        v = k == 0 ? 0.0f : k == 1 ? cb[size_t(pick(rng)) % cb.size()] : normal(rng) * (k == 2 ? 1e4f : 1.0f);
+    }
+    std::vector<uint8_t> raw(static_cast<size_t>(n * nf4_dtype_size(dt)));
+    for (int64_t i = 0; i < n; ++i) {
+        if (dt == NF4_FLOAT32) std::memcpy(&raw[size_t(4 * i)], &x[size_t(i)], 4);
+        if (dt == NF4_FLOAT16) {
+            const uint16_t h = nf4core::to_half(x[size_t(i)]).bits;
+            std::memcpy(&raw[size_t(2 * i)], &h, 2);
+        }
+        if (dt == NF4_BFLOAT16) {
+            const uint16_t h = nf4core::to_bfloat16(x[size_t(i)]).bits;
+            std::memcpy(&raw[size_t(2 * i)], &h, 2);
+        }
+    }
+    return raw;
+}
+
+const char *kIsas[] = {"scalar", "avx2", "avx512", "neon"};
+
+}  // namespace
+
+TEST_CASE(every_isa_and_thread_count_matches_reference) {
+    std::mt19937_64 rng(11);
+    int paths = 0;
+    for (const char *isa : kIsas) {
+        if (!nf4_isa_available(isa)) {
+            std::printf("  (%s not available on this machine/build)\n", isa);
+            continue;
+        }
+        ++paths;
+        CHECK(nf4_set_isa(isa) == NF4_OK);
+        CHECK(std::string(nf4_get_isa()) == isa);
+        for (int threads : {1, 2, 3}) {
+            CHECK(nf4_set_num_threads(threads) == NF4_OK);
+            for (int bits : {4, 8}) {
+                for (const char *cbname : bits == 4 ? std::vector<const char *>{"nf4", "fp4", "int4"}
+                                                     : std::vector<const char *>{"dynamic", "nf8"}) {
+                    const std::vector<float> cb = table(cbname);
+                    for (int64_t bs : {32, 64, 256, 4096}) {
+                        for (int64_t n : {int64_t(1), int64_t(15), int64_t(bs + 7), int64_t(3 * bs),
+                                          int64_t(70000 + bs + 13), int64_t(400000 + bs + 13)}) {
+                            if (n > 100000 && std::strcmp(cbname, "nf4") != 0 && std::strcmp(cbname, "dynamic") != 0)
+                                continue;  // the big sizes exercise threading; one codebook each is enough
+                            for (nf4_dtype dt : {NF4_FLOAT32, NF4_FLOAT16, NF4_BFLOAT16}) {
+                                const std::vector<uint8_t> x = make_input(dt, n, rng, cb);
+                                const int64_t nb = nf4_num_blocks(n, bs);
+                                const size_t nout = size_t(bits == 4 ? nf4_packed_size_4bit(n) : n);
+                                std::vector<uint8_t> q(nout, 0xAA), qr(nout, 0x55);
+                                std::vector<float> am(static_cast<size_t>(nb)), amr(static_cast<size_t>(nb));
+                                nf4_status s1, s2;
+                                if (bits == 4) {
+                                    s1 = nf4_quantize_4bit(x.data(), dt, n, bs, cb.data(), q.data(), am.data());
+                                    s2 = nf4_quantize_4bit_ref(x.data(), dt, n, bs, cb.data(), qr.data(), amr.data());
+                                } else {
+                                    s1 = nf4_quantize_8bit(x.data(), dt, n, bs, cb.data(), q.data(), am.data());
+                                    s2 = nf4_quantize_8bit_ref(x.data(), dt, n, bs, cb.data(), qr.data(), amr.data());
+                                }
+                                CHECK(s1 == NF4_OK && s2 == NF4_OK);
+                                CHECK_MSG(q == qr && std::memcmp(am.data(), amr.data(), am.size() * 4) == 0,
+                                          "%s threads=%d %s bs=%lld n=%lld dtype=%d: quantize differs", isa, threads,
+                                          cbname, (long long)bs, (long long)n, int(dt));
+                                const size_t osz = size_t(n * nf4_dtype_size(dt));
+                                std::vector<uint8_t> y(osz, 0xAA), yr(osz, 0x55);
+                                if (bits == 4) {
+                                    s1 = nf4_dequantize_4bit(q.data(), am.data(), n, bs, cb.data(), y.data(), dt);
+                                    s2 = nf4_dequantize_4bit_ref(q.data(), am.data(), n, bs, cb.data(), yr.data(), dt);
+                                } else {
+                                    s1 = nf4_dequantize_8bit(q.data(), am.data(), n, bs, cb.data(), y.data(), dt);
+                                    s2 = nf4_dequantize_8bit_ref(q.data(), am.data(), n, bs, cb.data(), yr.data(), dt);
+                                }
+                                CHECK(s1 == NF4_OK && s2 == NF4_OK);
+                                CHECK_MSG(y == yr, "%s threads=%d %s bs=%lld n=%lld dtype=%d: dequantize differs",
+                                          isa, threads, cbname, (long long)bs, (long long)n, int(dt));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    CHECK(paths >= 1);
+    nf4_set_isa("auto");
+    nf4_set_num_threads(0);
+}
+
+TEST_CASE(large_outputs_stream_correctly_at_any_alignment) {
+    // outputs of 32 MiB and more are written with non-temporal stores, realigned
+    // to 64 bytes whatever the output's own alignment: check every element
+    std::mt19937_64 rng(5);
+    const int64_t n = (int64_t(36) << 20) / 2 + 77;  // > 32 MiB even as 16-bit values; odd length
+    for (int bits : {4, 8}) {
+        const std::vector<float> cb = table(bits == 4 ? "nf4" : "dynamic");
+        const std::vector<uint8_t> x = make_input(NF4_BFLOAT16, n, rng, cb);
+        const int64_t bs = 64, nb = nf4_num_blocks(n, bs);
+        std::vector<uint8_t> q(static_cast<size_t>(bits == 4 ? nf4_packed_size_4bit(n) : n));
+        std::vector<float> am(static_cast<size_t>(nb));
+        CHECK((bits == 4 ? nf4_quantize_4bit : nf4_quantize_8bit)(x.data(), NF4_BFLOAT16, n, bs, cb.data(), q.data(),
+                                                                  am.data()) == NF4_OK);
+        for (nf4_dtype dt : {NF4_FLOAT32, NF4_BFLOAT16, NF4_FLOAT16}) {
+            const int64_t esz = nf4_dtype_size(dt);
+            std::vector<uint8_t> ref(static_cast<size_t>(n * esz));
+            CHECK((bits == 4 ? nf4_dequantize_4bit_ref : nf4_dequantize_8bit_ref)(q.data(), am.data(), n, bs, cb.data(),
+                                                                                  ref.data(), dt) == NF4_OK);
+            std::vector<uint8_t> buf(static_cast<size_t>(n * esz + 128));
+            const uintptr_t base = reinterpret_cast<uintptr_t>(buf.data());
+            const size_t align0 = size_t((64 - base % 64) % 64);  // offset of the first 64-byte boundary
+            for (int threads : {1, 2}) {
+                nf4_set_num_threads(threads);
+                for (int64_t shift : {int64_t(0), int64_t(1), int64_t(5), int64_t(15)}) {
+                    uint8_t *out = buf.data() + align0 + size_t(shift * esz);
+                    std::memset(out, 0xA5, size_t(n * esz));
+                    CHECK((bits == 4 ? nf4_dequantize_4bit : nf4_dequantize_8bit)(q.data(), am.data(), n, bs,
+                                                                                  cb.data(), out, dt) == NF4_OK);
+                    CHECK_MSG(std::memcmp(out, ref.data(), size_t(n * esz)) == 0,
+                              "%d-bit dtype=%d threads=%d shift=%lld: streamed output differs", bits, int(dt),
+                              threads, (long long)shift);
+                }
+            }
+        }
+    }
+    nf4_set_num_threads(0);
+}
+
+TEST_CASE(non_finite_reported_at_first_index_on_every_path) {
+    const std::vector<float> cb = table("nf4");
+    const int64_t n = 300000;
+    std::vector<float> x(static_cast<size_t>(n), 0.5f);
+    x[200001] = INFINITY;
+    x[123457] = NAN;  // the first one
+    std::vector<uint8_t> q(static_cast<size_t>(n));
+    std::vector<float> am(static_cast<size_t>(nf4_num_blocks(n, 64)));
+    for (const char *isa : kIsas) {
+        if (!nf4_isa_available(isa)) continue;
+        nf4_set_isa(isa);
+        for (int threads : {1, 2, 4}) {
+            nf4_set_num_threads(threads);
+            CHECK(nf4_quantize_4bit(x.data(), NF4_FLOAT32, n, 64, cb.data(), q.data(), am.data()) ==
+                  NF4_ERROR_NON_FINITE);
+            CHECK_MSG(std::strstr(nf4_last_error(), "flat index 123457") != nullptr, "%s/%d: %s", isa, threads,
+                      nf4_last_error());
+        }
+    }
+    nf4_set_isa("auto");
+    nf4_set_num_threads(0);
+}
+
+TEST_CASE(runtime_settings) {
+    CHECK(nf4_set_isa("sse9") == NF4_ERROR_INVALID_ARGUMENT);
+    CHECK(std::strstr(nf4_last_error(), "unknown ISA") != nullptr);
+    CHECK(nf4_set_isa("scalar") == NF4_OK && std::string(nf4_get_isa()) == "scalar");
+    CHECK(nf4_set_isa("auto") == NF4_OK);
+    CHECK(nf4_set_num_threads(-1) == NF4_ERROR_INVALID_ARGUMENT);
+    CHECK(nf4_set_num_threads(3) == NF4_OK && nf4_get_num_threads() == 3);
+    CHECK(nf4_set_num_threads(0) == NF4_OK && nf4_get_num_threads() >= 1);
+    CHECK(nf4_isa_available("scalar") == 1 && nf4_isa_available("bogus") == 0);
+    std::printf("  auto path: %s, default threads: %d\n", nf4_get_isa(), nf4_get_num_threads());
+}
+
+int main() { return check::run_all(); }

@@ -1,1 +1,0 @@
-"""Compiled bindings to nf4core (built from bindings/*.pyx). Internal."""

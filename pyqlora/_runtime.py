@@ -1,0 +1,120 @@
+"""Threads and instruction-set path of the nf4core kernels."""
+import contextlib
+import os
+import sys
+
+from . import _nf4core as _rt  # bindings/runtime.pxi
+
+__all__ = ["set_num_threads", "get_num_threads", "num_threads", "set_isa", "get_isa", "ISAS"]
+
+#: Kernel paths, best first; "auto" picks the best one this CPU supports.
+ISAS = ("avx512", "avx2", "neon", "scalar")
+
+_state = {"user": None}  # threads chosen by the user (set_num_threads / PYQLORA_NUM_THREADS), else None
+_default = _rt.get_num_threads()  # CPUs this process may use, or NF4CORE_NUM_THREADS
+
+
+def _env_threads():
+    v = os.environ.get("PYQLORA_NUM_THREADS")
+    if v is None:
+        return None
+    try:
+        n = int(v)
+    except ValueError:
+        raise ValueError(f"PYQLORA_NUM_THREADS must be a positive integer, got {v!r}") from None
+    if n < 1:
+        raise ValueError(f"PYQLORA_NUM_THREADS must be a positive integer, got {v!r}")
+    return n
+
+
+def set_num_threads(n):
+    """Set the number of threads the kernels use (``None`` or 0: automatic).
+
+    Automatic means: the CPUs this process may run on (or the
+    ``NF4CORE_NUM_THREADS`` environment variable), but never more than torch's
+    own thread count when torch is imported, so that pyqlora and torch do not
+    oversubscribe the cores (inside a DataLoader worker torch uses 1 thread,
+    and so does pyqlora). ``PYQLORA_NUM_THREADS`` sets it at import. Results
+    are identical for every thread count; inputs below about 64 Ki elements
+    per thread run on the calling thread.
+
+    Examples
+    --------
+    >>> import pyqlora as pq
+    >>> pq.set_num_threads(1); pq.get_num_threads()
+    1
+    >>> pq.set_num_threads(None)
+    """
+    if n is None or n == 0:
+        _state["user"] = None
+        _rt.set_num_threads(_default)
+        return
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"number of threads must be a positive integer or None, got {n!r}")
+    _rt.set_num_threads(n)
+    _state["user"] = n
+
+
+def _automatic():
+    n = _default
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "get_num_threads"):
+        n = max(1, min(n, torch.get_num_threads()))
+    return n
+
+
+def sync_threads():
+    """Apply the automatic thread count before a kernel call (internal, cheap)."""
+    if _state["user"] is None:
+        n = _automatic()
+        if n != _rt.get_num_threads():
+            _rt.set_num_threads(n)
+
+
+def get_num_threads():
+    """Number of threads the next kernel call will use."""
+    sync_threads()
+    return _rt.get_num_threads()
+
+
+@contextlib.contextmanager
+def num_threads(n):
+    """Context manager: use `n` threads inside the ``with`` block.
+
+    Examples
+    --------
+    >>> import numpy as np, pyqlora as pq
+    >>> with pq.num_threads(1):
+    ...     q = pq.quantize(np.ones(1 << 20, np.float32))
+    """
+    previous = _state["user"]
+    set_num_threads(n)
+    try:
+        yield
+    finally:
+        set_num_threads(previous)
+
+
+def set_isa(name="auto"):
+    """Force a kernel path: "auto", "avx512", "avx2", "neon" or "scalar".
+
+    Every path gives byte-identical results; forcing one is for testing and
+    benchmarking. The environment variable ``NF4CORE_ISA`` does the same at
+    start-up. Raises ValueError for a path this build or CPU lacks.
+    """
+    _rt.set_isa(name)
+
+
+def get_isa():
+    """The kernel path in use, e.g. "avx512"."""
+    return _rt.get_isa()
+
+
+def available_isas():
+    """Kernel paths usable on this machine, best first."""
+    return [name for name in ISAS if _rt.isa_available(name)]
+
+
+_env = _env_threads()
+if _env is not None:
+    set_num_threads(_env)
