@@ -73,8 +73,11 @@ inline __mmask16 lanes_mask(int64_t remaining) {
 // ---- nearest code: the sorted position is the number of midpoints below s --
 // 16-entry tables: 4 steps over mid[0..15] (mid[15] = +inf is never compared).
 inline __m512i search16(__m512 s, __m512 mid) {
-    __m512i pos = _mm512_setzero_si512();
-    for (int step = 8; step >= 1; step >>= 1) {
+    // step 8 needs no permute: every lane compares with mid[7]
+    const __mmask16 a8 = _mm512_cmp_ps_mask(s, _mm512_permutexvar_ps(_mm512_set1_epi32(7), mid), _CMP_GT_OQ);
+    __m512i pos = _mm512_maskz_mov_epi32(a8, _mm512_set1_epi32(8));
+#pragma GCC unroll 3
+    for (int step = 4; step >= 1; step >>= 1) {
         const __m512i probe = _mm512_add_epi32(pos, _mm512_set1_epi32(step - 1));
         const __mmask16 above = _mm512_cmp_ps_mask(s, _mm512_permutexvar_ps(probe, mid), _CMP_GT_OQ);
         pos = _mm512_mask_add_epi32(pos, above, pos, _mm512_set1_epi32(step));
