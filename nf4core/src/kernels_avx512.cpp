@@ -31,7 +31,11 @@ struct Lanes<float> {
     static void store(float *p, W w) { _mm512_storeu_ps(p, w); }
     static void store(float *p, W w, __mmask16 m) { _mm512_mask_storeu_ps(p, m, w); }
     static void stream(float *p, W w) { _mm512_stream_ps(p, w); }
-    static W join(W prev, __m512i idx, W cur) { return _mm512_permutex2var_ps(prev, idx, cur); }
+    static W join(W prev, int offset, W cur) {  // lanes [16 - offset, 16) of prev, then [0, 16 - offset) of cur
+        const __m512i idx = _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                             _mm512_set1_epi32(16 - offset));
+        return _mm512_permutex2var_ps(prev, idx, cur);
+    }
 };
 
 template <typename T>
@@ -40,8 +44,16 @@ struct Lanes16 {  // float16 and bfloat16: 16 lanes of 16 bits
     static void store(T *p, W w) { _mm256_storeu_si256(reinterpret_cast<__m256i *>(p), w); }
     static void store(T *p, W w, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, w); }
     static void stream(T *p, W w) { _mm256_stream_si256(reinterpret_cast<__m256i *>(p), w); }
-    static W join(W prev, __m512i idx, W cur) {
-        return _mm256_permutex2var_epi16(prev, _mm512_cvtepi32_epi16(idx), cur);
+    // offset in elements; an even offset joins whole 32-bit pairs (vpermt2d is
+    // one cheap instruction, vpermt2w is not), which covers any 4-byte-aligned output
+    static W join(W prev, int offset, W cur) {
+        if ((offset & 1) == 0) {
+            const __m256i idx = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(8 - offset / 2));
+            return _mm256_permutex2var_epi32(prev, idx, cur);
+        }
+        const __m256i idx = _mm256_add_epi16(
+            _mm256_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm256_set1_epi16(short(16 - offset)));
+        return _mm256_permutex2var_epi16(prev, idx, cur);
     }
 };
 
@@ -130,9 +142,6 @@ public:
     Writer(T *out, int64_t first, bool stream) : out_(out), stream_(stream) {
         constexpr uintptr_t align = 16 * sizeof(T);
         offset_ = int((reinterpret_cast<uintptr_t>(out + first) % align) / sizeof(T));
-        // lanes [16 - offset, 16) of prev, then [0, 16 - offset) of cur
-        idx_ = _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                _mm512_set1_epi32(16 - offset_));
     }
 
     void put(int64_t i, __m512 v) {  // elements [i, i + 16), consecutive calls
@@ -143,7 +152,7 @@ public:
             L::stream(out_ + i, w);
         } else {
             if (have_prev_)
-                L::stream(out_ + i - offset_, L::join(prev_, idx_, w));
+                L::stream(out_ + i - offset_, L::join(prev_, offset_, w));
             else
                 L::store(out_ + i, w, __mmask16((1u << (16 - offset_)) - 1u));
             prev_ = w;
@@ -171,7 +180,6 @@ private:
     T *out_;
     bool stream_;
     int offset_ = 0;
-    __m512i idx_;
     W prev_{};
     int64_t prev_i_ = 0;
     bool have_prev_ = false;
