@@ -44,6 +44,16 @@ struct KernelSet {
     DequantizeKernel dequantize8[3];
 };
 
+// The table of a path whose kernels are templates quantize<BITS, T>,
+// dequantize4<T> and dequantize8<T>.
+#define NF4_KERNEL_SET(NAME, QUANTIZE, DEQUANTIZE4, DEQUANTIZE8)                                          \
+    KernelSet {                                                                                        \
+        NAME, {QUANTIZE<4, float>, QUANTIZE<4, half_t>, QUANTIZE<4, bfloat16_t>},                       \
+            {DEQUANTIZE4<float>, DEQUANTIZE4<half_t>, DEQUANTIZE4<bfloat16_t>},                         \
+            {QUANTIZE<8, float>, QUANTIZE<8, half_t>, QUANTIZE<8, bfloat16_t>},                         \
+            {DEQUANTIZE8<float>, DEQUANTIZE8<half_t>, DEQUANTIZE8<bfloat16_t>},                         \
+    }
+
 const KernelSet &scalar_kernels();
 // nullptr when the path is not compiled into this build
 const KernelSet *avx2_kernels();

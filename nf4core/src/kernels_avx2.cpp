@@ -140,16 +140,8 @@ void quantize(const QuantizeArgs &a, int64_t b0, int64_t b1) {
             }
         }
         // the last partial vector of a tail block, with the reference's scalar steps
-        for (int64_t i = vend; i < end; ++i) {
-            const uint8_t code = nearest_code<(1 << BITS)>(tab, scale_value(to_float(x[i]), scale, recip, tail));
-            if (BITS == 8)
-                a.out[i] = code;
-            else if ((i & 1) == 0)
-                a.out[i >> 1] = uint8_t(code << 4);
-            else
-                a.out[i >> 1] = uint8_t(a.out[i >> 1] | code);
-        }
-        if (BITS == 4 && (end & 1) && end == a.n) a.out[end >> 1] |= nearest_code<16>(tab, 0.0f);
+        ref::encode_range<BITS, T>(x, vend, end, scale, recip, tail, tab, a.out);
+        if (BITS == 4 && end == a.n) ref::pad_odd_end(a.n, tab, a.out);
     }
 }
 
@@ -172,10 +164,7 @@ void dequantize4(const DequantizeArgs &a, int64_t b0, int64_t b1) {
             const __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4), _mm_and_si128(bytes, low4));
             L::store(out + i, _mm256_mul_ps(lookup16(tab_lo, tab_hi, _mm256_cvtepu8_epi32(codes)), vscale));
         }
-        for (int64_t i = vend; i < end; ++i) {
-            const unsigned code = (i & 1) ? (a.in[i >> 1] & 0x0Fu) : (a.in[i >> 1] >> 4);
-            out[i] = from_float<T>(a.codebook[code] * scale);
-        }
+        ref::decode_range<4, T>(a.in, a.codebook, scale, out, vend, end);
     }
 }
 
@@ -193,20 +182,14 @@ void dequantize8(const DequantizeArgs &a, int64_t b0, int64_t b1) {
             const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(a.in + i)));
             L::store(out + i, _mm256_mul_ps(_mm256_i32gather_ps(a.codebook, idx, 4), vscale));
         }
-        for (int64_t i = vend; i < end; ++i) out[i] = from_float<T>(a.codebook[a.in[i]] * scale);
+        ref::decode_range<8, T>(a.in, a.codebook, scale, out, vend, end);
     }
 }
 
 }  // namespace
 
 const KernelSet *avx2_kernels() {
-    static const KernelSet k{
-        "avx2",
-        {quantize<4, float>, quantize<4, half_t>, quantize<4, bfloat16_t>},
-        {dequantize4<float>, dequantize4<half_t>, dequantize4<bfloat16_t>},
-        {quantize<8, float>, quantize<8, half_t>, quantize<8, bfloat16_t>},
-        {dequantize8<float>, dequantize8<half_t>, dequantize8<bfloat16_t>},
-    };
+    static const KernelSet k = NF4_KERNEL_SET("avx2", quantize, dequantize4, dequantize8);
     return &k;
 }
 

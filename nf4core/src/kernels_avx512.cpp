@@ -294,13 +294,7 @@ void dequantize8(const DequantizeArgs &a, int64_t b0, int64_t b1) {
 }  // namespace
 
 const KernelSet *avx512_kernels() {
-    static const KernelSet k{
-        "avx512",
-        {quantize<4, float>, quantize<4, half_t>, quantize<4, bfloat16_t>},
-        {dequantize4<float>, dequantize4<half_t>, dequantize4<bfloat16_t>},
-        {quantize<8, float>, quantize<8, half_t>, quantize<8, bfloat16_t>},
-        {dequantize8<float>, dequantize8<half_t>, dequantize8<bfloat16_t>},
-    };
+    static const KernelSet k = NF4_KERNEL_SET("avx512", quantize, dequantize4, dequantize8);
     return &k;
 }
 

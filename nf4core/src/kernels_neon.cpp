@@ -120,16 +120,9 @@ void quantize(const QuantizeArgs &a, int64_t b0, int64_t b1) {
                 for (int j = 0; j < 16; ++j) a.out[i + j] = nearest_code<256>(tab, s_lanes[j]);
             }
         }
-        for (int64_t i = vend; i < end; ++i) {  // the rest of a tail block
-            const uint8_t code = nearest_code<(1 << BITS)>(tab, scale_value(to_float(x[i]), scale, recip, tail));
-            if (BITS == 8)
-                a.out[i] = code;
-            else if ((i & 1) == 0)
-                a.out[i >> 1] = uint8_t(code << 4);
-            else
-                a.out[i >> 1] = uint8_t(a.out[i >> 1] | code);
-        }
-        if (BITS == 4 && (end & 1) && end == a.n) a.out[end >> 1] |= nearest_code<16>(tab, 0.0f);
+        // the last partial vector of a tail block, with the reference's scalar steps
+        ref::encode_range<BITS, T>(x, vend, end, scale, recip, tail, tab, a.out);
+        if (BITS == 4 && end == a.n) ref::pad_odd_end(a.n, tab, a.out);
     }
 }
 
@@ -159,10 +152,7 @@ void dequantize4(const DequantizeArgs &a, int64_t b0, int64_t b1) {
                 L::store(out + i + 4 * j, vmulq_f32(v, vscale));
             }
         }
-        for (int64_t i = vend; i < end; ++i) {
-            const unsigned code = (i & 1) ? (a.in[i >> 1] & 0x0Fu) : (a.in[i >> 1] >> 4);
-            out[i] = from_float<T>(a.codebook[code] * scale);
-        }
+        ref::decode_range<4, T>(a.in, a.codebook, scale, out, vend, end);
     }
 }
 
@@ -181,20 +171,14 @@ void dequantize8(const DequantizeArgs &a, int64_t b0, int64_t b1) {
                                 a.codebook[a.in[i + 3]]};
             L::store(out + i, vmulq_f32(vld1q_f32(v), vscale));
         }
-        for (int64_t i = vend; i < end; ++i) out[i] = from_float<T>(a.codebook[a.in[i]] * scale);
+        ref::decode_range<8, T>(a.in, a.codebook, scale, out, vend, end);
     }
 }
 
 }  // namespace
 
 const KernelSet *neon_kernels() {
-    static const KernelSet k{
-        "neon",
-        {quantize<4, float>, quantize<4, half_t>, quantize<4, bfloat16_t>},
-        {dequantize4<float>, dequantize4<half_t>, dequantize4<bfloat16_t>},
-        {quantize<8, float>, quantize<8, half_t>, quantize<8, bfloat16_t>},
-        {dequantize8<float>, dequantize8<half_t>, dequantize8<bfloat16_t>},
-    };
+    static const KernelSet k = NF4_KERNEL_SET("neon", quantize, dequantize4, dequantize8);
     return &k;
 }
 

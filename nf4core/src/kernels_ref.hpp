@@ -33,8 +33,46 @@ inline float block_absmax(const T *x, int64_t begin, int64_t end) {
     return amax;
 }
 
-// Quantizes blocks [block_begin, block_end). BITS = 4 packs two codes per byte
-// (even element in the high nibble); BITS = 8 writes one code per byte.
+// Encodes elements [i0, i1) of one block, already scaled by (scale, recip,
+// tail): BITS = 4 packs two codes per byte (even element in the high nibble),
+// BITS = 8 writes one code per byte. i0 is even for 4-bit.
+template <int BITS, typename T>
+inline void encode_range(const T *x, int64_t i0, int64_t i1, float scale, float recip, bool tail,
+                         const SearchTable &lut, uint8_t *out) {
+    for (int64_t i = i0; i < i1; ++i) {
+        const uint8_t code = nearest_code<(1 << BITS)>(lut, scale_value(to_float(x[i]), scale, recip, tail));
+        if (BITS == 8) {
+            out[i] = code;
+        } else if ((i & 1) == 0) {
+            out[i >> 1] = uint8_t(code << 4);
+        } else {
+            out[i >> 1] = uint8_t(out[i >> 1] | code);
+        }
+    }
+}
+
+// An odd length pads the last low nibble with the code of 0.0, as
+// bitsandbytes pads the scaled values with one zero before packing. Call after
+// the block holding element n - 1 is encoded.
+inline void pad_odd_end(int64_t n, const SearchTable &lut, uint8_t *out) {
+    if (n & 1) out[n >> 1] = uint8_t(out[n >> 1] | nearest_code<16>(lut, 0.0f));
+}
+
+// Decodes elements [i0, i1) of one block: codebook[code] * scale in float32,
+// rounded once to T.
+template <int BITS, typename T>
+inline void decode_range(const uint8_t *in, const float *codebook, float scale, T *out, int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+        unsigned code;
+        if (BITS == 8)
+            code = in[i];
+        else
+            code = (i & 1) ? (in[i >> 1] & 0x0Fu) : (in[i >> 1] >> 4);
+        out[i] = from_float<T>(codebook[code] * scale);
+    }
+}
+
+// Quantizes blocks [block_begin, block_end).
 template <int BITS, typename T>
 void quantize_blocks(const T *x, int64_t n, int64_t blocksize, const SearchTable &lut, uint8_t *out,
                      float *absmax, int64_t block_begin, int64_t block_end) {
@@ -43,26 +81,12 @@ void quantize_blocks(const T *x, int64_t n, int64_t blocksize, const SearchTable
         const int64_t end = begin + blocksize < n ? begin + blocksize : n;
         const float amax = block_absmax(x, begin, end);
         const float scale = amax > kMinScale ? amax : kMinScale;
-        const float recip = 1.0f / scale;
         const bool tail = end - begin < blocksize;
         // bitsandbytes stores the raw absmax of full blocks but the clamped one
         // (>= 1e-38) of the short tail block; both decode zeros to zeros.
         absmax[b] = tail ? scale : amax;
-        for (int64_t i = begin; i < end; ++i) {
-            const uint8_t code = nearest_code<(1 << BITS)>(lut, scale_value(to_float(x[i]), scale, recip, tail));
-            if (BITS == 8) {
-                out[i] = code;
-            } else if ((i & 1) == 0) {
-                out[i >> 1] = uint8_t(code << 4);
-            } else {
-                out[i >> 1] = uint8_t(out[i >> 1] | code);
-            }
-        }
-    }
-    // An odd length pads the last low nibble with the code of 0.0, as
-    // bitsandbytes pads the scaled values with one zero before packing.
-    if (BITS == 4 && (n & 1) && block_end * blocksize >= n) {
-        out[n >> 1] = uint8_t(out[n >> 1] | nearest_code<16>(lut, 0.0f));
+        encode_range<BITS, T>(x, begin, end, scale, 1.0f / scale, tail, lut, out);
+        if (BITS == 4 && end == n) pad_odd_end(n, lut, out);
     }
 }
 
@@ -71,16 +95,7 @@ void dequantize_blocks(const uint8_t *in, const float *absmax, int64_t n, int64_
                        const float *codebook, T *out, int64_t block_begin, int64_t block_end) {
     for (int64_t b = block_begin; b < block_end; ++b) {
         const int64_t begin = b * blocksize;
-        const int64_t end = begin + blocksize < n ? begin + blocksize : n;
-        const float scale = absmax[b];
-        for (int64_t i = begin; i < end; ++i) {
-            unsigned code;
-            if (BITS == 8)
-                code = in[i];
-            else
-                code = (i & 1) ? (in[i >> 1] & 0x0Fu) : (in[i >> 1] >> 4);
-            out[i] = from_float<T>(codebook[code] * scale);
-        }
+        decode_range<BITS, T>(in, codebook, absmax[b], out, begin, begin + blocksize < n ? begin + blocksize : n);
     }
 }
 
