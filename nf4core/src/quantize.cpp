@@ -203,12 +203,20 @@ nf4_status nf4_double_quantize(const float *absmax, int64_t nblocks, const float
         // bitsandbytes: offset = absmax.mean() in float32. We sum in double and
         // round once, which is the correctly rounded mean; torch's float32
         // cascade sum can differ from it in the last bit (documented in format.md).
-        double sum = 0.0;
+        // Eight interleaved accumulators in a fixed order: as deterministic as one
+        // (the thread count plays no part) but not one long dependency chain.
+        double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        bool ok = true;
         for (int64_t i = 0; i < nblocks; ++i) {
-            if (!is_finite(absmax[i]) || absmax[i] < 0.0f)
-                fail(NF4_ERROR_INVALID_ARGUMENT, "block scale " + std::to_string(i) + " is negative or not finite");
-            sum += double(absmax[i]);
+            ok = ok && is_finite(absmax[i]) && absmax[i] >= 0.0f;
+            acc[i & 7] += double(absmax[i]);
         }
+        if (!ok) {
+            for (int64_t i = 0; i < nblocks; ++i)
+                if (!is_finite(absmax[i]) || absmax[i] < 0.0f)
+                    fail(NF4_ERROR_INVALID_ARGUMENT, "block scale " + std::to_string(i) + " is negative or not finite");
+        }
+        const double sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
         const float mean = float(sum / double(nblocks));
         centered.resize(size_t(nblocks));
         for (int64_t i = 0; i < nblocks; ++i) centered[size_t(i)] = absmax[i] - mean;
