@@ -849,8 +849,20 @@ def write_markdown(path, report, rows, plot_path):
                   "CPUs): expect noise, and compare libraries within this run only."]
     lines += [f"- {r['library']}, {r['operation']}, {r['dtype']}, {r['shape']}: {r['note']}"
               for r in rows if r.get("note")]
+    # keep the hand-written part of an existing report (analysis of the results)
+    kept = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        if HAND_WRITTEN in old:
+            kept = old[old.index(HAND_WRITTEN):]
     with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("\n".join(lines) + "\n" + ("\n" + kept if kept else ""))
+
+
+# Everything from this line on in the Markdown report is written by hand and
+# survives regeneration.
+HAND_WRITTEN = "<!-- hand-written below: kept when the report is regenerated -->"
 
 
 # ------------------------------------------------------------------ main
