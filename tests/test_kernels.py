@@ -101,14 +101,8 @@ def test_nonfinite_index_does_not_depend_on_threads():
             assert info.value.index == (123_456,)
 
 
-def test_gil_is_released_during_kernels():
-    x = np.random.default_rng(0).standard_normal(2**24).astype(np.float32)
-    q = pq.quantize(x, double_quant=False)
-    out = np.empty_like(x)
-    pq.set_num_threads(1)
-    t0 = time.perf_counter()
-    pq.dequantize(q, out=out)
-    one_call = time.perf_counter() - t0
+def _longest_stall_while_kernels_run(q, out):
+    """Longest pause of this thread while another thread runs six dequantize calls."""
     done = threading.Event()
 
     def work():
@@ -129,8 +123,25 @@ def test_gil_is_released_during_kernels():
         worker.join()
     finally:
         sys.setswitchinterval(old)
-    # with the GIL held, this thread would stall for a whole kernel call
-    assert worst < max(0.5 * one_call, 0.005), (worst, one_call)
+    return worst
+
+
+def test_gil_is_released_during_kernels():
+    x = np.random.default_rng(0).standard_normal(2**25).astype(np.float32)
+    q = pq.quantize(x, double_quant=False)
+    out = np.empty_like(x)
+    pq.set_num_threads(1)
+    t0 = time.perf_counter()
+    pq.dequantize(q, out=out)
+    one_call = time.perf_counter() - t0
+    # With the GIL held, this thread would stall for a whole kernel call every
+    # time; the VM can also pause it now and then, so one of three tries must pass.
+    stalls = []
+    for _ in range(3):
+        stalls.append(_longest_stall_while_kernels_run(q, out))
+        if stalls[-1] < max(0.5 * one_call, 0.005):
+            return
+    pytest.fail(f"this thread stalled {min(stalls) * 1e3:.1f} ms while a kernel call takes {one_call * 1e3:.1f} ms")
 
 
 def test_thread_settings_and_torch_cap():
