@@ -1,0 +1,293 @@
+"""Turn a torch model into a QLoRA model, and move adapters to and from PEFT.
+
+``prepare_model`` replaces the target ``nn.Linear`` layers by
+:class:`pyqlora.nn.LoraLinear4bit` (a frozen 4-bit base plus LoRA adapters),
+quantizing one layer at a time, and freezes everything else.
+``save_adapter`` / ``load_adapter`` use PEFT's files (``adapter_config.json`` and
+``adapter_model.safetensors`` with PEFT's key names), so an adapter trained here
+loads in ``peft.PeftModel`` and the other way round. ``merge_adapters`` gives a
+dense model with the adapters folded into the dequantized weights.
+
+Names and defaults follow PEFT (``r``, ``lora_alpha``, ``lora_dropout``,
+``target_modules="all-linear"``, ``use_rslora``).
+
+Example
+-------
+>>> import torch
+>>> from pyqlora.lora import LoraConfig, prepare_model
+>>> model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64))
+>>> report = prepare_model(model, LoraConfig(r=4, lora_alpha=8))
+>>> report.trainable_params, report.replaced
+(1536, ['0', '2'])
+"""
+import dataclasses
+import json
+import os
+import re
+from typing import List, Optional, Union
+
+import torch
+from torch import nn
+
+from .nn import Linear4bit, LoraLinear4bit, dequantize_weight
+
+__all__ = ["LoraConfig", "PrepareReport", "prepare_model", "save_adapter", "load_adapter", "merge_adapters",
+           "lora_layers"]
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    """LoRA and quantization settings (PEFT's names and defaults where PEFT has them).
+
+    target_modules : "all-linear" (every ``nn.Linear`` except the output head), a list
+        of module names (a name matches a module whose full name is that name or ends
+        with ``"." + name``, as in PEFT), or a regular expression matched against full names.
+    """
+
+    r: int = 8
+    lora_alpha: int = 8
+    lora_dropout: float = 0.0
+    target_modules: Union[str, List[str]] = "all-linear"
+    use_rslora: bool = False
+    codebook: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+    gradient_checkpointing: bool = False
+    adapter_name: str = "default"
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"r must be a positive integer, got {self.r!r}")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+
+    def to_peft_dict(self, target_modules):
+        """The adapter_config.json PEFT writes for this adapter (fields PEFT reads)."""
+        return {
+            "peft_type": "LORA",
+            "r": self.r,
+            "lora_alpha": self.lora_alpha,
+            "lora_dropout": self.lora_dropout,
+            "target_modules": sorted(target_modules),
+            "use_rslora": self.use_rslora,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "init_lora_weights": True,
+            "inference_mode": True,
+            "modules_to_save": None,
+            "task_type": None,
+            "base_model_name_or_path": None,
+            "use_dora": False,
+            "lora_bias": False,
+        }
+
+
+@dataclasses.dataclass
+class PrepareReport:
+    replaced: List[str]
+    trainable_params: int
+    total_params: int
+    dense_weight_bytes: int   # the replaced weights as they were
+    quantized_weight_bytes: int  # the same weights in 4 bits (codes + scales)
+
+    def __str__(self):
+        return (f"{len(self.replaced)} linear layers quantized and adapted; trainable parameters "
+                f"{self.trainable_params:,} of {self.total_params:,} "
+                f"({100 * self.trainable_params / max(1, self.total_params):.2f}%); replaced weights "
+                f"{self.dense_weight_bytes / 2**20:.1f} MiB dense -> {self.quantized_weight_bytes / 2**20:.1f} MiB")
+
+
+def _output_head(model):
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if isinstance(head, nn.Linear) else None
+
+
+def _select(model, target_modules):
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and name]
+    if target_modules == "all-linear":
+        head = _output_head(model)
+        return [(n, m) for n, m in linears if m is not head]
+    if isinstance(target_modules, str):
+        pattern = re.compile(target_modules)
+        return [(n, m) for n, m in linears if pattern.fullmatch(n)]
+    targets = list(target_modules)
+    picked = [(n, m) for n, m in linears if any(n == t or n.endswith("." + t) for t in targets)]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n, _ in picked)]
+    if unmatched:
+        raise ValueError(f"target_modules {unmatched} match no nn.Linear in the model")
+    return picked
+
+
+def _set_submodule(model, name, module):
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def lora_layers(model):
+    """(name, LoraLinear4bit) pairs of a prepared model."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear4bit)]
+
+
+def prepare_model(model, config=None):
+    """Quantize the target linear layers of `model` in place and add LoRA adapters.
+
+    Layers are quantized one at a time and their dense weights released at once,
+    so peak memory stays near the dense model plus one layer. Every other
+    parameter is frozen; the adapters are trainable (float32). With
+    ``config.gradient_checkpointing`` a Hugging Face model gets
+    ``gradient_checkpointing_enable()`` and input gradients enabled.
+
+    Returns
+    -------
+    PrepareReport
+    """
+    config = config or LoraConfig()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    chosen = _select(model, config.target_modules)
+    if not chosen:
+        raise ValueError(f"target_modules={config.target_modules!r} selects no nn.Linear layer")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    dense_bytes = quant_bytes = 0
+    for name, linear in chosen:
+        try:
+            base = Linear4bit.from_linear(linear, codebook=config.codebook, blocksize=config.blocksize,
+                                          double_quant=config.double_quant)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"cannot quantize module {name!r}: {exc}") from None
+        dense_bytes += linear.weight.numel() * linear.weight.element_size()
+        quant_bytes += base.quantized.nbytes
+        lora = LoraLinear4bit(base, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                              use_rslora=config.use_rslora, adapter_name=config.adapter_name)
+        _set_submodule(model, name, lora)
+        del linear  # the dense weight is released with the old module
+    if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    model._pyqlora_config = config
+    model._pyqlora_targets = sorted({n.rpartition(".")[2] for n, _ in chosen})
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters()) + sum(m.base_layer.quantized.size for _, m in lora_layers(model))
+    return PrepareReport([n for n, _ in chosen], trainable, total, dense_bytes, quant_bytes)
+
+
+def save_adapter(model, directory, adapter_name="default"):
+    """Write the adapter in PEFT's format: adapter_config.json + adapter_model.safetensors."""
+    from safetensors.torch import save_file
+
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers: call prepare_model first")
+    config = getattr(model, "_pyqlora_config", None) or LoraConfig()
+    tensors = {}
+    for name, layer in layers:
+        if adapter_name not in layer.lora_A:
+            raise ValueError(f"module {name!r} has no adapter {adapter_name!r}")
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight.detach().contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight.detach().contiguous()
+    r = {layer.r[adapter_name] for _, layer in layers}
+    alpha = {layer.lora_alpha[adapter_name] for _, layer in layers}
+    cfg = dataclasses.replace(config, r=r.pop() if len(r) == 1 else config.r,
+                              lora_alpha=alpha.pop() if len(alpha) == 1 else config.lora_alpha)
+    os.makedirs(directory, exist_ok=True)
+    targets = getattr(model, "_pyqlora_targets", None) or sorted({n.rpartition(".")[2] for n, _ in layers})
+    with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
+        json.dump(cfg.to_peft_dict(targets), f, indent=2, sort_keys=True)
+    save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
+def load_adapter(model, directory, adapter_name="default"):
+    """Load a PEFT LoRA adapter (ours or PEFT's) into a model prepared by prepare_model.
+
+    The adapter's r, lora_alpha and use_rslora come from its adapter_config.json;
+    every tensor must match a LoRA layer of the model by name and shape.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    cfg_path, w_path = os.path.join(directory, ADAPTER_CONFIG), os.path.join(directory, ADAPTER_WEIGHTS)
+    for path in (cfg_path, w_path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"adapter file not found: {path}")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{cfg_path} is not valid JSON: {exc}") from None
+    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora"):
+        raise ValueError(f"{cfg_path}: only plain LoRA adapters are supported (peft_type {cfg.get('peft_type')!r})")
+    try:
+        tensors = load_file(w_path)
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{w_path} is not a readable safetensors file: {exc}") from None
+    layers = dict(lora_layers(model))
+    if not layers:
+        raise ValueError("the model has no LoRA layers: call prepare_model first")
+    r, alpha, rslora = int(cfg.get("r", 8)), cfg.get("lora_alpha", 8), bool(cfg.get("use_rslora", False))
+    seen = set()
+    for key, value in tensors.items():
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_[AB])(?:\.[^.]+)?\.weight", key)
+        if not m:
+            raise ValueError(f"{w_path}: unexpected tensor {key!r} (only lora_A / lora_B weights are supported)")
+        name, which = m.group(1), m.group(2)
+        if name not in layers:
+            raise ValueError(f"{w_path}: tensor {key!r} names module {name!r}, which is not a LoRA layer of the model")
+        layer = layers[name]
+        if adapter_name not in layer.lora_A:
+            layer.add_adapter(adapter_name, r=r, lora_alpha=alpha, use_rslora=rslora,
+                              lora_dropout=float(cfg.get("lora_dropout", 0.0)))
+        target = getattr(layer, which)[adapter_name].weight
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(f"{w_path}: {key!r} has shape {tuple(value.shape)}, module {name!r} expects "
+                             f"{tuple(target.shape)} (r={r})")
+        with torch.no_grad():
+            target.copy_(value.to(target.dtype))
+        layer.r[adapter_name], layer.lora_alpha[adapter_name] = r, alpha
+        layer.scaling[adapter_name] = alpha / (r ** 0.5 if rslora else r)
+        seen.add((name, which))
+    missing = [f"{n}.{w}" for n in layers for w in ("lora_A", "lora_B") if (n, w) not in seen]
+    if missing:
+        raise ValueError(f"{w_path}: no weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return model
+
+
+def merge_adapters(model, dtype=torch.float32, requantize=False):
+    """Fold the active adapters into the dequantized base weights, in place.
+
+    Each LoraLinear4bit becomes an ``nn.Linear`` with ``W = dequant(W4) + B A scaling``
+    in `dtype` (or, with ``requantize=True``, a new Linear4bit of that sum). Returns
+    ``(model, report)``; ``report[name]`` gives, with ``requantize``, the relative
+    error the re-quantization added to the merged weight (PEFT warns about it; here
+    it is measured).
+    """
+    report = {}
+    for name, layer in lora_layers(model):
+        with torch.no_grad():
+            w = dequantize_weight(layer.base_layer.quantized, torch.float32)
+            for adapter in layer.active_adapters:
+                w += layer.delta_weight(adapter).float()
+            bias = layer.base_layer.bias
+            dense = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, dtype=dtype)
+            dense.weight.copy_(w.to(dtype))
+            if bias is not None:
+                dense.bias.copy_(bias.to(dtype))
+        entry = {"shape": (layer.out_features, layer.in_features)}
+        if requantize:
+            base = layer.base_layer
+            new = Linear4bit.from_linear(dense, codebook=base.codebook, blocksize=base.blocksize,
+                                         double_quant=base.double_quant)
+            back = dequantize_weight(new.quantized, torch.float32)
+            entry["requantize_rel_error"] = float(torch.linalg.norm(back - w) / torch.linalg.norm(w).clamp_min(1e-30))
+            dense = new
+        dense.requires_grad_(False)
+        _set_submodule(model, name, dense)
+        report[name] = entry
+    return model, report

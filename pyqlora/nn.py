@@ -1,0 +1,267 @@
+"""QLoRA layers for PyTorch: a frozen 4-bit linear layer and LoRA adapters on it.
+
+The base weight is a :class:`pyqlora.QuantizedArray` (NF4 + double quantization
+by default); the forward and backward passes dequantize it with nf4core into a
+temporary tensor and drop it, so no dense copy of the weight outlives a call and
+autograd saves nothing but the input of the adapters. State dicts use the
+bitsandbytes/transformers 4-bit keys.
+
+Requires ``pip install "pyqlora[torch]"``.
+"""
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from . import _dtypes
+from ._array import QuantizedArray, _to_numpy
+from ._quantize import dequantize, quantize
+
+__all__ = ["Linear4bit", "LoraLinear4bit", "dequantize_weight"]
+
+_TORCH_TO_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
+
+
+def _np_view(t):
+    """numpy view of a contiguous CPU tensor (bfloat16 through ml_dtypes), sharing memory."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(_dtypes.bfloat16)
+    return t.numpy()
+
+
+def _torch_dtype(np_dtype):
+    if np_dtype == _dtypes.bfloat16:
+        return torch.bfloat16
+    return {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16,
+            np.dtype(np.float64): torch.float64}[np.dtype(np_dtype)]
+
+
+def dequantize_weight(q, dtype=torch.float32):
+    """A new dense torch tensor holding the dequantized weight (shape ``q.shape``)."""
+    out = torch.empty(q.shape, dtype=dtype)
+    dequantize(q, out=_np_view(out))
+    return out
+
+
+class _Linear4bitFunction(torch.autograd.Function):
+    """y = x W^T + b with W 4-bit. Saves no tensor: backward dequantizes W again."""
+
+    @staticmethod
+    def forward(ctx, x, q, bias):
+        ctx.q = q
+        ctx.bias_requires_grad = bias is not None and bias.requires_grad
+        w = dequantize_weight(q, x.dtype)
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ dequantize_weight(ctx.q, grad_out.dtype)  # grad_input = grad_output . W
+        if ctx.bias_requires_grad:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, None, grad_bias
+
+
+class Linear4bit(nn.Module):
+    """A frozen linear layer whose weight is stored in 4 bits.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+    bias : bool
+    codebook : {"nf4", "fp4", "int4", "nf2", "nf3"}
+    blocksize : int
+    double_quant : bool
+        NF4 + double quantization + blocksize 64 is QLoRA's recipe and the default.
+    compute_dtype : torch.dtype, optional
+        The dtype of the matmul; by default the input's (or the CPU autocast dtype).
+
+    Build one from an existing layer with :meth:`from_linear`; a layer built
+    with the constructor holds a zero weight until a state dict is loaded.
+
+    Examples
+    --------
+    >>> import torch, pyqlora.nn as qnn
+    >>> dense = torch.nn.Linear(128, 64)
+    >>> layer = qnn.Linear4bit.from_linear(dense)
+    >>> layer(torch.randn(2, 128)).shape
+    torch.Size([2, 64])
+    >>> sorted(layer.state_dict())[:3]
+    ['bias', 'weight', 'weight.absmax']
+    """
+
+    def __init__(self, in_features, out_features, bias=True, codebook="nf4", blocksize=64, double_quant=True,
+                 compute_dtype=None, dtype=torch.float32):
+        super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.codebook, self.blocksize, self.double_quant = codebook, blocksize, double_quant
+        self.compute_dtype = compute_dtype
+        # an all-zero weight, built in its quantized form (no dense allocation)
+        n, nb = self.out_features * self.in_features, -(-self.out_features * self.in_features // blocksize)
+        self.quantized = QuantizedArray(
+            shape=(self.out_features, self.in_features), dtype="bfloat16" if dtype == torch.bfloat16 else
+            np.dtype(_TORCH_TO_NP[dtype]), codebook=codebook, blocksize=blocksize,
+            packed=np.zeros((n + 1) // 2, np.uint8),
+            absmax=np.zeros(nb, np.uint8 if double_quant else np.float32),
+            nested_absmax=np.zeros(-(-nb // 256), np.float32) if double_quant else None,
+            nested_offset=0.0 if double_quant else None)
+        self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear, codebook="nf4", blocksize=64, double_quant=True, compute_dtype=None):
+        """Quantize an ``nn.Linear`` (its weight is read in place; no dense copy is kept)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"expected torch.nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach()
+        if w.device.type != "cpu":
+            raise TypeError(f"the weight is on {w.device}; only CPU tensors are supported yet")
+        if w.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise TypeError(f"cannot quantize a {w.dtype} weight")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.codebook, layer.blocksize, layer.double_quant = codebook, blocksize, double_quant
+        layer.compute_dtype = compute_dtype
+        layer.quantized = quantize(_np_view(w.contiguous()), codebook=codebook, blocksize=blocksize,
+                                   double_quant=double_quant)
+        layer.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return layer
+
+    @property
+    def weight_dtype(self):
+        """The dtype the weight had before quantization (what dequantize_weight() gives by default)."""
+        return _torch_dtype(self.quantized.dtype)
+
+    def dequantized_weight(self, dtype=None):
+        return dequantize_weight(self.quantized, dtype or self.weight_dtype)
+
+    def forward(self, x):
+        dtype = self.compute_dtype
+        if dtype is None and torch.is_autocast_enabled("cpu"):
+            dtype = torch.get_autocast_dtype("cpu")
+        if dtype is not None and x.dtype != dtype:
+            x = x.to(dtype)
+        if x.device.type != "cpu":
+            raise TypeError(f"Linear4bit runs on CPU tensors only for now; got one on {x.device}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}")
+        return _Linear4bitFunction.apply(x, self.quantized, self.bias)
+
+    def extra_repr(self):
+        dq = ", double_quant" if self.double_quant else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"codebook={self.codebook!r}, blocksize={self.blocksize}{dq}")
+
+    # -- bitsandbytes / transformers state-dict keys -----------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        for k, v in self.quantized.to_bnb_dict(prefix + "weight").items():
+            destination[k] = torch.from_numpy(v)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        wkey = prefix + "weight"
+        ours = {k: v for k, v in state_dict.items() if k == wkey or k.startswith(wkey + ".")}
+        if wkey not in state_dict:
+            missing_keys.append(wkey)
+        else:
+            try:
+                q = QuantizedArray.from_bnb_dict(ours, prefix=wkey)
+            except ValueError as exc:
+                error_msgs.append(f"{wkey}: {exc}")
+                q = None
+            if q is not None:
+                if q.shape != (self.out_features, self.in_features):
+                    error_msgs.append(f"{wkey}: shape {q.shape} does not match ({self.out_features}, "
+                                      f"{self.in_features})")
+                else:
+                    self.quantized = q
+                    self.codebook, self.blocksize, self.double_quant = q.codebook, q.blocksize, q.double_quant
+        bkey = prefix + "bias"
+        if self.bias is not None:
+            if bkey in state_dict and tuple(state_dict[bkey].shape) != tuple(self.bias.shape):
+                error_msgs.append(f"{bkey}: shape {tuple(state_dict[bkey].shape)} does not match "
+                                  f"{tuple(self.bias.shape)}")
+            elif bkey in state_dict:
+                with torch.no_grad():
+                    self.bias.copy_(state_dict[bkey])
+            else:
+                missing_keys.append(bkey)
+        elif bkey in state_dict:
+            unexpected_keys.append(bkey)
+        for k in state_dict:
+            if k.startswith(prefix) and k not in ours and k != bkey and "." not in k[len(prefix):]:
+                unexpected_keys.append(k)
+
+
+class LoraLinear4bit(nn.Module):
+    """A :class:`Linear4bit` base plus LoRA adapters, laid out like PEFT's LoRA layer.
+
+    ``y = base(x) + sum over active adapters of B(A(dropout(x))) * scaling`` with
+    ``scaling = lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with ``use_rslora``);
+    A is Kaiming-uniform and B zero at creation, as in PEFT, so a new adapter
+    leaves the output unchanged. Attribute names (``base_layer``, ``lora_A``,
+    ``lora_B``, ``lora_dropout``) match PEFT so adapter keys map one to one.
+    """
+
+    def __init__(self, base_layer, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, adapter_name="default",
+                 lora_dtype=torch.float32):
+        super().__init__()
+        if not isinstance(base_layer, Linear4bit):
+            raise TypeError(f"base_layer must be a Linear4bit, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.lora_A, self.lora_B, self.lora_dropout = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
+        self.scaling, self.r, self.lora_alpha = {}, {}, {}
+        self.active_adapters = []
+        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, lora_dtype)
+
+    @property
+    def in_features(self):
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self):
+        return self.base_layer.out_features
+
+    def add_adapter(self, name, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, lora_dtype=torch.float32):
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"r must be a positive integer, got {r!r}")
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} exists already")
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, dtype=lora_dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, dtype=lora_dtype)
+        self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        # PEFT's init: A ~ kaiming_uniform(a=sqrt(5)), B = 0
+        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[name].weight)
+        self.r[name], self.lora_alpha[name] = r, lora_alpha
+        self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.active_adapters.append(name)
+
+    def set_adapter(self, names):
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = [n for n in names if n not in self.lora_A]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; this layer has {list(self.lora_A)}")
+        self.active_adapters = names
+
+    def forward(self, x):
+        result = self.base_layer(x)
+        for name in self.active_adapters:
+            a, b = self.lora_A[name], self.lora_B[name]
+            h = self.lora_dropout[name](x.to(a.weight.dtype))
+            result = result + (b(a(h)) * self.scaling[name]).to(result.dtype)
+        return result
+
+    def delta_weight(self, name="default"):
+        """B A * scaling, the adapter's contribution to the weight (out, in)."""
+        return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
+
+    def extra_repr(self):
+        return f"adapters={list(self.lora_A)}, active={self.active_adapters}"

@@ -1,0 +1,338 @@
+"""Torch glue: Linear4bit / LoraLinear4bit autograd, state dicts (bitsandbytes keys),
+prepare_model, PEFT adapter files (proven with the real peft package), merging."""
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import pyqlora as pq  # noqa: E402
+from pyqlora.lora import LoraConfig, load_adapter, lora_layers, merge_adapters, prepare_model, save_adapter  # noqa: E402
+from pyqlora.nn import Linear4bit, LoraLinear4bit, dequantize_weight  # noqa: E402
+
+
+def make_lora(in_f=40, out_f=24, r=4, alpha=8, bias=True, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    dense = nn.Linear(in_f, out_f, bias=bias)
+    layer = LoraLinear4bit(Linear4bit.from_linear(dense), r=r, lora_alpha=alpha, lora_dtype=dtype)
+    with torch.no_grad():  # a trained-looking adapter (B is zero at init)
+        layer.lora_B["default"].weight.normal_(0, 0.1)
+    return dense, layer
+
+
+def test_linear4bit_matches_dense_dequantized_reference():
+    dense, layer = make_lora()
+    base = layer.base_layer
+    w = dequantize_weight(base.quantized)
+    x = torch.randn(5, 7, 40, requires_grad=True)
+    y = base(x)
+    ref = x.detach() @ w.T + dense.bias.detach()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, g @ w, rtol=1e-5, atol=1e-6)
+    assert base.bias.grad is None  # frozen base
+    # the quantization really happened: close to, but not equal to, the dense layer
+    err = (w - dense.weight.detach()).norm() / dense.weight.norm()
+    assert 0.01 < err < 0.2
+
+
+def test_lora_outputs_and_gradients_match_dense_lora():
+    dense, layer = make_lora()
+    w = dequantize_weight(layer.base_layer.quantized)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    s = layer.scaling["default"]
+    assert s == 8 / 4
+    x = torch.randn(6, 40, requires_grad=True)
+    y = layer(x)
+    x2 = x.detach().clone().requires_grad_(True)
+    a2, b2 = a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+    y2 = x2 @ w.T + dense.bias.detach() + (x2 @ a2.T @ b2.T) * s
+    torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y2.backward(g)
+    for got, want in ((x.grad, x2.grad), (a.grad, a2.grad), (b.grad, b2.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_gradcheck_in_float64():
+    _, layer = make_lora(in_f=33, out_f=9, r=3, dtype=torch.float64)
+    x = torch.randn(4, 33, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: layer(t), (x,))
+    a = layer.lora_A["default"].weight
+    assert torch.autograd.gradcheck(lambda w: nn.functional.linear(x.detach(), w) @ layer.lora_B["default"].weight.T,
+                                    (a,))
+
+
+def test_no_dense_weight_is_saved_for_backward():
+    _, layer = make_lora(in_f=256, out_f=128)
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    x = torch.randn(2, 256, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    assert 256 * 128 not in sizes, sizes  # only activations and the small adapters
+    y.sum().backward()
+
+
+def test_rslora_scaling_and_multiple_adapters():
+    _, layer = make_lora(r=4, alpha=8)
+    layer.add_adapter("second", r=16, lora_alpha=8, use_rslora=True)
+    assert layer.scaling["second"] == pytest.approx(8 / 4.0)
+    with torch.no_grad():
+        layer.lora_B["second"].weight.normal_()
+    x = torch.randn(3, 40)
+    both = layer(x)
+    layer.set_adapter("default")
+    one = layer(x)
+    assert not torch.allclose(both, one)
+    with pytest.raises(ValueError, match="unknown adapter"):
+        layer.set_adapter("nope")
+
+
+def test_autocast_bf16_and_checkpoint():
+    _, layer = make_lora()
+    x = torch.randn(8, 40)
+    ref = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05)
+    xr = x.clone().requires_grad_(True)
+    from torch.utils.checkpoint import checkpoint
+
+    checkpoint(layer, xr, use_reentrant=False).sum().backward()
+    ga = layer.lora_A["default"].weight.grad.clone()
+    layer.zero_grad()
+    x2 = x.clone().requires_grad_(True)
+    layer(x2).sum().backward()
+    torch.testing.assert_close(ga, layer.lora_A["default"].weight.grad)
+    torch.testing.assert_close(xr.grad, x2.grad)
+
+
+def test_bad_input_shapes():
+    _, layer = make_lora()
+    with pytest.raises(ValueError, match="last dimension 40"):
+        layer(torch.randn(3, 41))
+    with pytest.raises(TypeError, match="nn.Linear"):
+        Linear4bit.from_linear(nn.Conv1d(3, 3, 1))
+    with pytest.raises(TypeError, match="Linear4bit"):
+        LoraLinear4bit(nn.Linear(3, 3))
+
+
+# ------------------------------------------------------------ state dicts
+def test_state_dict_round_trip_and_bitsandbytes_keys():
+    bnb = pytest.importorskip("bitsandbytes")
+    dense, layer = make_lora()
+    base = layer.base_layer
+    sd = base.state_dict()
+    fresh = Linear4bit(40, 24)
+    fresh.load_state_dict(sd)
+    x = torch.randn(3, 40)
+    torch.testing.assert_close(fresh(x), base(x), rtol=0, atol=0)
+    # the same keys, dtypes and shapes as a bitsandbytes Linear4bit (NF4 + DQ)
+    theirs = bnb.nn.Linear4bit(40, 24, quant_type="nf4", compress_statistics=True)
+    theirs.load_state_dict(dense.state_dict())
+    theirs = theirs.to("cpu")
+    tsd = theirs.state_dict()
+    assert sorted(tsd) == sorted(sd)
+    for k in tsd:
+        assert tsd[k].dtype == sd[k].dtype and tsd[k].shape == sd[k].shape, k
+    assert torch.equal(tsd["weight"], sd["weight"])  # same packed codes
+    # their checkpoint loads in ours and computes with their dequantized weight
+    ours = Linear4bit(40, 24)
+    ours.load_state_dict(tsd)
+    w_theirs = bnb.functional.dequantize_4bit(theirs.weight.data, theirs.weight.quant_state)
+    torch.testing.assert_close(ours(x), x @ w_theirs.T + dense.bias.detach(), rtol=1e-5, atol=1e-6)
+    # ours loads in bitsandbytes the way transformers loads a 4-bit checkpoint
+    qs = {k[len("weight."):]: v for k, v in sd.items() if k.startswith("weight.")}
+    p = bnb.nn.Params4bit.from_prequantized(data=sd["weight"], quantized_stats=qs, device="cpu")
+    torch.testing.assert_close(bnb.functional.dequantize_4bit(p.data, p.quant_state),
+                               dequantize_weight(base.quantized), rtol=0, atol=0)
+
+
+def test_load_state_dict_errors_name_the_key():
+    _, layer = make_lora()
+    sd = layer.base_layer.state_dict()
+    wrong = Linear4bit(24, 40)
+    with pytest.raises(RuntimeError, match="weight: shape"):
+        wrong.load_state_dict(sd)
+    bad = dict(sd)
+    bad["weight"] = bad["weight"][:10]
+    with pytest.raises(RuntimeError, match="truncated"):
+        Linear4bit(40, 24).load_state_dict(bad)
+
+
+# ------------------------------------------------------- prepare_model
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 32)
+        self.block = nn.ModuleDict({"q_proj": nn.Linear(32, 32), "v_proj": nn.Linear(32, 32, bias=False),
+                                    "mlp": nn.Linear(32, 64)})
+        self.norm = nn.LayerNorm(64)
+        self.lm_head = nn.Linear(64, 50, bias=False)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = self.block["q_proj"](h) + self.block["v_proj"](h)
+        return self.lm_head(self.norm(self.block["mlp"](h)))
+
+
+def test_prepare_model_all_linear_excludes_head_and_freezes():
+    torch.manual_seed(0)
+    model = Tiny()
+    report = prepare_model(model, LoraConfig(r=2, lora_alpha=4))
+    assert report.replaced == ["block.q_proj", "block.v_proj", "block.mlp"]
+    assert isinstance(model.lm_head, nn.Linear)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert report.trainable_params == sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
+    assert report.quantized_weight_bytes < 0.3 * report.dense_weight_bytes
+    ids = torch.randint(0, 50, (2, 5))
+    model(ids).sum().backward()
+    assert "trainable parameters" in str(report)
+
+
+@pytest.mark.parametrize("targets, expected", [(["q_proj", "v_proj"], ["block.q_proj", "block.v_proj"]),
+                                               (r"block\.(q|v)_proj", ["block.q_proj", "block.v_proj"])])
+def test_prepare_model_target_lists_and_regex(targets, expected):
+    model = Tiny()
+    assert prepare_model(model, LoraConfig(target_modules=targets)).replaced == expected
+
+
+def test_prepare_model_errors():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 0))
+    with pytest.raises(ValueError, match="cannot quantize module '1'.*empty"):
+        prepare_model(model)
+    with pytest.raises(ValueError, match="match no nn.Linear"):
+        prepare_model(Tiny(), LoraConfig(target_modules=["k_proj"]))
+    with pytest.raises(ValueError, match="r must be"):
+        LoraConfig(r=0)
+
+
+def test_prepare_hugging_face_llama():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    report = prepare_model(model, LoraConfig(r=4, lora_alpha=8, gradient_checkpointing=True))
+    assert len(report.replaced) == 2 * 7 and not any("lm_head" in n for n in report.replaced)
+    model.train()
+    ids = torch.randint(0, 64, (2, 9))
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+
+
+# ----------------------------------------------------------- PEFT files
+def _dense_twin(model):
+    """A dense copy of a prepared model whose linear weights are the dequantized 4-bit ones."""
+    twin = Tiny()
+    sd = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear4bit):
+            sd[name + ".weight"] = dequantize_weight(module.base_layer.quantized)
+            if module.base_layer.bias is not None:
+                sd[name + ".bias"] = module.base_layer.bias.detach()
+    for name, p in model.named_parameters():
+        if ".lora_" not in name and ".base_layer." not in name:
+            sd[name] = p.detach()
+    twin.load_state_dict(sd)
+    return twin
+
+
+def test_adapter_saved_here_loads_in_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(1)
+    model = Tiny()
+    prepare_model(model, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "mlp"]))
+    for _, layer in lora_layers(model):
+        with torch.no_grad():
+            layer.lora_B["default"].weight.normal_(0, 0.2)
+    save_adapter(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 16
+    twin = _dense_twin(model)
+    peft_model = peft.PeftModel.from_pretrained(twin, str(tmp_path))
+    ids = torch.randint(0, 50, (3, 6))
+    torch.testing.assert_close(peft_model(ids), model(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_saved_by_peft_loads_here(tmp_path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(2)
+    model = Tiny()
+    prepare_model(model, LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj", "mlp"]))
+    twin = _dense_twin(model)
+    pm = peft.get_peft_model(twin, peft.LoraConfig(r=8, lora_alpha=32, use_rslora=True,
+                                                   target_modules=["q_proj", "v_proj", "mlp"]))
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            with torch.no_grad():
+                p.normal_(0, 0.2)
+    pm.save_pretrained(str(tmp_path))
+    load_adapter(model, tmp_path, adapter_name="peft")
+    for _, layer in lora_layers(model):
+        layer.set_adapter("peft")
+        assert layer.r["peft"] == 8 and layer.scaling["peft"] == pytest.approx(32 / 8 ** 0.5)
+    ids = torch.randint(0, 50, (3, 6))
+    torch.testing.assert_close(model(ids), pm(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_file_errors(tmp_path):
+    model = Tiny()
+    prepare_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_adapter(model, tmp_path)
+    save_adapter(model, tmp_path)
+    other = Tiny()
+    prepare_model(other, LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="block.v_proj"):
+        load_adapter(other, tmp_path)  # names a module that is not adapted there
+    small = Tiny()
+    prepare_model(small, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["r"] = 2
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="block.q_proj.*shape"):
+        load_adapter(small, tmp_path, adapter_name="x")
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        load_adapter(small, tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{broken")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_adapter(small, tmp_path)
+
+
+# -------------------------------------------------------------- merging
+def test_merge_adapters_dense_and_requantized():
+    torch.manual_seed(3)
+    model = Tiny()
+    prepare_model(model, LoraConfig(r=4, lora_alpha=8))
+    for _, layer in lora_layers(model):
+        with torch.no_grad():
+            layer.lora_B["default"].weight.normal_(0, 0.05)
+    ids = torch.randint(0, 50, (2, 7))
+    expected = model(ids).detach()
+    merged, report = merge_adapters(copy.deepcopy(model), dtype=torch.float32)
+    assert not lora_layers(merged) and isinstance(merged.block["q_proj"], nn.Linear)
+    torch.testing.assert_close(merged(ids), expected, rtol=1e-4, atol=1e-4)
+    requant, report = merge_adapters(copy.deepcopy(model), requantize=True)
+    assert isinstance(requant.block["q_proj"], Linear4bit)
+    errors = [r["requantize_rel_error"] for r in report.values()]
+    assert all(0.0 < e < 0.2 for e in errors)
