@@ -134,8 +134,9 @@ def quantize(x, codebook="nf4", blocksize=64, double_quant=True):
     if not isinstance(codebook, str):
         raise TypeError(f"codebook must be a name, got {type(codebook).__name__}")
     name = codebook.lower()
+    if name in ("nf5", "nf6", "nf7", "nf8"):
+        lookup_table(name, 16)  # raises: the table has more values than 4 bits can code
     if name not in CODEBOOKS_4BIT:
-        lookup_table(name, 16) if name in ("nf5", "nf6", "nf7", "nf8") else None  # raises: too many values
         raise ValueError(f"unknown 4-bit codebook {codebook!r}; expected one of {', '.join(CODEBOOKS_4BIT)}")
     blocksize = _check_blocksize(blocksize)
     if not isinstance(double_quant, (bool, np.bool_)):
