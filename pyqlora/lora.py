@@ -46,6 +46,11 @@ class LoraConfig:
     target_modules : "all-linear" (every ``nn.Linear`` except the output head), a list
         of module names (a name matches a module whose full name is that name or ends
         with ``"." + name``, as in PEFT), or a regular expression matched against full names.
+    norms_in_fp32 : keep the parameters of normalization layers (LayerNorm, RMSNorm and
+        the like) in float32 and nothing else; each norm's output is cast back to its
+        input's dtype, so the activations of a bfloat16 model stay bfloat16. PEFT's
+        ``prepare_model_for_kbit_training`` upcasts *every* non-quantized parameter,
+        embeddings included, a common cause of running out of memory.
     """
 
     r: int = 8
@@ -57,6 +62,7 @@ class LoraConfig:
     blocksize: int = 64
     double_quant: bool = True
     gradient_checkpointing: bool = False
+    norms_in_fp32: bool = True
     adapter_name: str = "default"
 
     def __post_init__(self):
@@ -123,6 +129,17 @@ def _select(model, target_modules):
     return picked
 
 
+def _is_norm(module):
+    name = type(module).__name__
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or name.endswith("Norm") or "RMSNorm" in name
+
+
+def _output_in_input_dtype(module, inputs, output):
+    if inputs and torch.is_tensor(inputs[0]) and torch.is_tensor(output) and output.dtype != inputs[0].dtype:
+        return output.to(inputs[0].dtype)
+    return output
+
+
 def _set_submodule(model, name, module):
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -168,6 +185,13 @@ def prepare_model(model, config=None):
                               use_rslora=config.use_rslora, adapter_name=config.adapter_name)
         _set_submodule(model, name, lora)
         del linear  # the dense weight is released with the old module
+    if config.norms_in_fp32:
+        for module in model.modules():
+            params = [p for p in module.parameters(recurse=False) if p.is_floating_point()]
+            if _is_norm(module) and any(p.dtype != torch.float32 for p in params):
+                for p in params:
+                    p.data = p.data.float()
+                module.register_forward_hook(_output_in_input_dtype)
     if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):

@@ -336,3 +336,28 @@ def test_merge_adapters_dense_and_requantized():
     assert isinstance(requant.block["q_proj"], Linear4bit)
     errors = [r["requantize_rel_error"] for r in report.values()]
     assert all(0.0 < e < 0.2 for e in errors)
+
+
+def test_bf16_model_keeps_only_norms_in_fp32_and_trains():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    prepare_model(model, LoraConfig(r=4, lora_alpha=8))
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if "norm" in n)
+    assert dtypes["model.embed_tokens.weight"] == torch.bfloat16  # no blanket upcast
+    assert all(d == torch.float32 for n, d in dtypes.items() if ".lora_" in n)
+    ids = torch.randint(0, 64, (2, 9))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    assert model(input_ids=ids).logits.dtype == torch.bfloat16  # activations stay bf16 without autocast
+    losses = []
+    for _ in range(5):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
