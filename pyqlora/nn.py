@@ -81,6 +81,8 @@ class Linear4bit(nn.Module):
 
     Build one from an existing layer with :meth:`from_linear`; a layer built
     with the constructor holds a zero weight until a state dict is loaded.
+    State dicts use bitsandbytes' keys, which exist for NF4 and FP4 only:
+    ``state_dict()`` of an INT4 or NF2/NF3 layer raises ValueError.
 
     Examples
     --------

@@ -41,6 +41,25 @@ def test_linear4bit_matches_dense_dequantized_reference():
     assert 0.01 < err < 0.2
 
 
+@pytest.mark.parametrize("codebook, blocksize, dq", [("nf4", 64, True), ("fp4", 128, False), ("int4", 32, False),
+                                                   ("nf3", 256, True), ("nf4", 4096, False)])
+def test_linear4bit_options(codebook, blocksize, dq):
+    torch.manual_seed(0)
+    dense = nn.Linear(72, 40)
+    layer = Linear4bit.from_linear(dense, codebook=codebook, blocksize=blocksize, double_quant=dq)
+    q = layer.quantized
+    assert (q.codebook, q.blocksize, q.double_quant) == (codebook, blocksize, dq)
+    x = torch.randn(3, 72)
+    torch.testing.assert_close(layer(x), x @ dequantize_weight(q).T + dense.bias.detach(), rtol=1e-5, atol=1e-6)
+    fresh = Linear4bit(72, 40, codebook=codebook, blocksize=blocksize, double_quant=dq)
+    if codebook in ("nf4", "fp4"):  # the formats bitsandbytes checkpoints can hold
+        fresh.load_state_dict(layer.state_dict())
+        torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
+    else:
+        with pytest.raises(ValueError, match="only nf4 and fp4"):
+            layer.state_dict()
+
+
 def test_lora_outputs_and_gradients_match_dense_lora():
     dense, layer = make_lora()
     w = dequantize_weight(layer.base_layer.quantized)
