@@ -11,3 +11,4 @@ from _status cimport check
 include "codebook.pxi"
 include "quantize.pxi"
 include "runtime.pxi"
+include "matmul.pxi"

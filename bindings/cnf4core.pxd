@@ -62,3 +62,11 @@ cdef extern from "nf4core/nf4core.h" nogil:
     nf4_status nf4_set_isa(const char *name)
     const char *nf4_get_isa()
     int32_t nf4_isa_available(const char *name)
+
+    # matmul.h
+    nf4_status nf4_matmul_4bit(const void *x, nf4_dtype dtype, int64_t M, int64_t N, int64_t K,
+                               const uint8_t *packed, const float *scales, int64_t blocksize,
+                               const float *codebook, int32_t transpose_w, void *y)
+    nf4_status nf4_matmul_4bit_ref(const void *x, nf4_dtype dtype, int64_t M, int64_t N, int64_t K,
+                                   const uint8_t *packed, const float *scales, int64_t blocksize,
+                                   const float *codebook, int32_t transpose_w, void *y)

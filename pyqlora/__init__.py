@@ -25,6 +25,7 @@ from ._array import QuantizedArray
 from ._codebooks import CODEBOOKS_4BIT, codebook, dynamic_codebook
 from ._config import show_config
 from ._errors import NonFiniteError
+from ._matmul import matmul_4bit
 from ._quantize import BLOCKSIZES, dequantize, dequantize_blockwise, quantize, quantize_blockwise
 from ._runtime import available_isas, get_isa, get_num_threads, num_threads, set_isa, set_num_threads
 from ._version import __version__
@@ -42,6 +43,7 @@ __all__ = [
     "dynamic_codebook",
     "get_isa",
     "get_num_threads",
+    "matmul_4bit",
     "num_threads",
     "quantize",
     "quantize_blockwise",

@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from . import _dtypes
 from ._array import QuantizedArray, _to_numpy
+from ._matmul import matmul_4bit
 from ._quantize import dequantize, quantize
 
 __all__ = ["Linear4bit", "LoraLinear4bit", "dequantize_weight"]
@@ -45,21 +46,48 @@ def dequantize_weight(q, dtype=torch.float32):
     return out
 
 
+# Up to this many rows the fused 4-bit product (pq.matmul_4bit), which streams the
+# packed weight once, beats dequantizing the whole weight for a dense matmul
+# (benchmarks/bench_matmul.py: at 8 rows the dense route is already as fast).
+FUSED_MAX_ROWS = 2
+
+
+def _fused_product(x, q, transpose):
+    """x @ W.T (transpose) or x @ W with nf4core's fused kernel, as a torch tensor."""
+    x = x.contiguous()
+    lead = x.shape[:-1]
+    out = torch.empty(*lead, q.shape[0] if transpose else q.shape[1], dtype=x.dtype)
+    matmul_4bit(_np_view(x.detach()), q, transpose=transpose, out=_np_view(out))
+    return out
+
+
+def _use_fused(t, q):
+    rows = t.numel() // max(1, t.shape[-1])
+    return rows <= FUSED_MAX_ROWS and t.dtype in (torch.float32, torch.bfloat16) and q.codebook in ("nf4", "fp4")
+
+
 class _Linear4bitFunction(torch.autograd.Function):
-    """y = x W^T + b with W 4-bit. Saves no tensor: backward dequantizes W again."""
+    """y = x W^T + b with W 4-bit. Saves no tensor: backward reads the 4-bit weight
+    again (fused product for a few rows, else a temporary dequantized copy)."""
 
     @staticmethod
     def forward(ctx, x, q, bias):
         ctx.q = q
         ctx.bias_requires_grad = bias is not None and bias.requires_grad
+        if _use_fused(x, q):
+            y = _fused_product(x, q, transpose=True)
+            return y if bias is None else y + bias.to(x.dtype)
         w = dequantize_weight(q, x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ dequantize_weight(ctx.q, grad_out.dtype)  # grad_input = grad_output . W
+        if ctx.needs_input_grad[0]:  # grad_input = grad_output . W
+            if _use_fused(grad_out, ctx.q):
+                grad_x = _fused_product(grad_out, ctx.q, transpose=False)
+            else:
+                grad_x = grad_out @ dequantize_weight(ctx.q, grad_out.dtype)
         if ctx.bias_requires_grad:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, None, grad_bias

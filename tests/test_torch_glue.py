@@ -60,6 +60,26 @@ def test_linear4bit_options(codebook, blocksize, dq):
             layer.state_dict()
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 35])  # fused 4-bit product for <= 2 rows, else dense
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_and_dense_routes_agree(rows, dtype):
+    import pyqlora.nn as qnn
+
+    dense, layer = make_lora(in_f=64, out_f=48)
+    base = layer.base_layer
+    w = dequantize_weight(base.quantized, torch.float64)
+    x = torch.randn(rows, 64, dtype=dtype, requires_grad=True)
+    assert qnn._use_fused(x, base.quantized) == (rows <= qnn.FUSED_MAX_ROWS)
+    y = base(x)
+    assert y.dtype == dtype
+    ref = x.detach().double() @ w.T + dense.bias.detach().double()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.testing.assert_close(x.grad.double(), g.double() @ w, rtol=tol, atol=tol)
+
+
 def test_lora_outputs_and_gradients_match_dense_lora():
     dense, layer = make_lora()
     w = dequantize_weight(layer.base_layer.quantized)

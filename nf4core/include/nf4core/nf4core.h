@@ -10,5 +10,6 @@
 #include "nf4core/codebook.h"
 #include "nf4core/quantize.h"
 #include "nf4core/runtime.h"
+#include "nf4core/matmul.h"
 
 #endif /* NF4CORE_NF4CORE_H */

@@ -1,0 +1,39 @@
+/*
+ * nf4core — products with a 4-bit quantized matrix, without materializing it.
+ *
+ * W is an N x K matrix (N = out_features, K = in_features, row-major, as
+ * quantized by nf4_quantize_4bit) given by its packed codes, its float32 block
+ * scales (decode double-quantized scales first with nf4_double_dequantize) and
+ * its 16-entry codebook.
+ *
+ *   transpose_w = 1:  y (M x N) = x (M x K) . W^T     (torch.nn.functional.linear)
+ *   transpose_w = 0:  y (M x K) = x (M x N) . W       (grad_input = grad_output . W)
+ *
+ * x and y are row-major, both float32 or both bfloat16; products and sums are
+ * float32. The weight is decoded block by block into registers and streamed
+ * once per group of 8 rows of x, so small M (generation) is bound by reading the
+ * 4-bit weight. Threads split the output columns.
+ */
+#ifndef NF4CORE_MATMUL_H
+#define NF4CORE_MATMUL_H
+
+#include "nf4core/common.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+NF4_API nf4_status nf4_matmul_4bit(const void *x, nf4_dtype dtype, int64_t M, int64_t N, int64_t K,
+                                   const uint8_t *packed, const float *scales, int64_t blocksize,
+                                   const float *codebook, int32_t transpose_w, void *y);
+
+/* The scalar reference of the same product, for tests. */
+NF4_API nf4_status nf4_matmul_4bit_ref(const void *x, nf4_dtype dtype, int64_t M, int64_t N, int64_t K,
+                                       const uint8_t *packed, const float *scales, int64_t blocksize,
+                                       const float *codebook, int32_t transpose_w, void *y);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* NF4CORE_MATMUL_H */

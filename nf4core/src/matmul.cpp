@@ -1,0 +1,94 @@
+// Products with a 4-bit matrix: argument checks, the scalar reference and
+// dispatch to the optimized kernel of the active ISA.
+#include <algorithm>
+#include <string>
+
+#include "error.hpp"
+#include "kernels.hpp"
+#include "matmul.hpp"
+#include "nf4core/matmul.h"
+#include "nf4core/quantize.h"
+
+namespace nf4core {
+namespace {
+
+template <typename T>
+inline float weight(const MatmulArgs &a, int64_t n, int64_t k) {
+    const int64_t i = n * a.K + k;
+    const unsigned code = (i & 1) ? (a.packed[i >> 1] & 0x0Fu) : (a.packed[i >> 1] >> 4);
+    return a.codebook[code] * a.scales[i / a.blocksize];
+}
+
+// The readable definition: float32 products summed in index order.
+template <typename T>
+void matmul_ref(const MatmulArgs &a, int64_t c0, int64_t c1) {
+    const T *x = static_cast<const T *>(a.x);
+    T *y = static_cast<T *>(a.y);
+    for (int64_t m = 0; m < a.M; ++m) {
+        for (int64_t c = c0; c < c1; ++c) {
+            float acc = 0.0f;
+            if (a.transpose) {  // y[m, n] = sum_k x[m, k] W[n, k]
+                for (int64_t k = 0; k < a.K; ++k) acc += to_float(x[m * a.K + k]) * weight<T>(a, c, k);
+                y[m * a.N + c] = from_float<T>(acc);
+            } else {  // y[m, k] = sum_n x[m, n] W[n, k]
+                for (int64_t n = 0; n < a.N; ++n) acc += to_float(x[m * a.N + n]) * weight<T>(a, n, c);
+                y[m * a.K + c] = from_float<T>(acc);
+            }
+        }
+    }
+}
+
+nf4_status matmul_impl(const void *x, nf4_dtype dtype, int64_t M, int64_t N, int64_t K, const uint8_t *packed,
+                       const float *scales, int64_t blocksize, const float *codebook, int32_t transpose_w, void *y,
+                       bool reference) {
+    return guarded([&] {
+        require(M >= 1 && N >= 1 && K >= 1, "matrix sizes must be positive, got M=" + std::to_string(M) +
+                                                 " N=" + std::to_string(N) + " K=" + std::to_string(K));
+        require(nf4_blocksize_is_valid(blocksize), "invalid blocksize " + std::to_string(blocksize));
+        require(dtype == NF4_FLOAT32 || dtype == NF4_BFLOAT16, "x must be float32 or bfloat16");
+        require(x && packed && scales && codebook && y, "input or output pointer is NULL");
+        for (int i = 0; i < 16; ++i) require(is_finite(codebook[i]), "codebook entry is not finite");
+        const MatmulArgs args{x, M, N, K, packed, scales, blocksize, codebook, transpose_w != 0, y};
+        const int64_t cols = args.transpose ? N : K;
+        MatmulKernel kernel = dtype == NF4_FLOAT32 ? matmul_ref<float> : matmul_ref<bfloat16_t>;
+        const MatmulKernels *fast = avx512_matmul_kernels();
+        const bool whole_blocks = K % 16 == 0 && K % blocksize == 0;
+        if (!reference && fast && whole_blocks && std::string(active_kernels().name) == "avx512")
+            kernel = dtype == NF4_FLOAT32 ? fast->f32 : fast->bf16;
+        if (reference) {
+            kernel(args, 0, cols);
+            return;
+        }
+        // columns in multiples of 16 per task; about 64 Ki weights per task at least
+        const int64_t per_col = args.transpose ? K : N;
+        const int64_t min_cols = std::max<int64_t>(16, ((1 << 16) / std::max<int64_t>(1, per_col) + 15) / 16 * 16);
+        const int64_t groups = (cols + 15) / 16;
+        parallel_for(groups, std::max<int64_t>(1, min_cols / 16), [&](int64_t g0, int64_t g1) {
+            kernel(args, g0 * 16, std::min(cols, g1 * 16));
+        });
+    });
+}
+
+}  // namespace
+
+#if !defined(NF4CORE_HAVE_AVX512)
+const MatmulKernels *avx512_matmul_kernels() { return nullptr; }
+#endif
+
+}  // namespace nf4core
+
+extern "C" {
+
+nf4_status nf4_matmul_4bit(const void *x, nf4_dtype dtype, int64_t M, int64_t N, int64_t K, const uint8_t *packed,
+                           const float *scales, int64_t blocksize, const float *codebook, int32_t transpose_w,
+                           void *y) {
+    return nf4core::matmul_impl(x, dtype, M, N, K, packed, scales, blocksize, codebook, transpose_w, y, false);
+}
+
+nf4_status nf4_matmul_4bit_ref(const void *x, nf4_dtype dtype, int64_t M, int64_t N, int64_t K,
+                               const uint8_t *packed, const float *scales, int64_t blocksize, const float *codebook,
+                               int32_t transpose_w, void *y) {
+    return nf4core::matmul_impl(x, dtype, M, N, K, packed, scales, blocksize, codebook, transpose_w, y, true);
+}
+
+}  // extern "C"

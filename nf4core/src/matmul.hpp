@@ -1,0 +1,36 @@
+// Products with a 4-bit matrix: arguments shared by the reference and the
+// optimized kernels (matmul.cpp, matmul_avx512.cpp).
+#ifndef NF4CORE_SRC_MATMUL_HPP
+#define NF4CORE_SRC_MATMUL_HPP
+
+#include <cstdint>
+
+#include "numeric.hpp"
+
+namespace nf4core {
+
+struct MatmulArgs {
+    const void *x;
+    int64_t M, N, K;  // W is N x K
+    const uint8_t *packed;
+    const float *scales;
+    int64_t blocksize;
+    const float *codebook;
+    bool transpose;   // y = x W^T (M x N), else y = x W (M x K)
+    void *y;
+};
+
+// Computes output columns [c0, c1) (of N when transposed, of K otherwise).
+using MatmulKernel = void (*)(const MatmulArgs &, int64_t c0, int64_t c1);
+
+struct MatmulKernels {
+    MatmulKernel f32;   // x and y float32
+    MatmulKernel bf16;  // x and y bfloat16
+    // the optimized kernels need K % 16 == 0 and K % blocksize == 0 (rows made of whole blocks)
+};
+
+const MatmulKernels *avx512_matmul_kernels();  // nullptr when not compiled in
+
+}  // namespace nf4core
+
+#endif  // NF4CORE_SRC_MATMUL_HPP
