@@ -4,7 +4,7 @@ import pickle
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -51,6 +51,11 @@ def test_round_trip_error_bounded_by_half_the_largest_gap(x, codebook, blocksize
 
 @given(x=arrays, codebook=st.sampled_from(["nf4", "fp4", "int4"]), blocksize=st.sampled_from([32, 64]))
 def test_quantize_dequantize_is_idempotent(x, codebook, blocksize):
+    # The format scales a block by max(absmax, 1e-38) (bitsandbytes' clamp), so a
+    # block whose absmax is a float32 subnormal below that does not map its
+    # largest element to +-1, and the projection property does not hold there.
+    _, absmax = scaled_blocks(x, blocksize)
+    assume(np.all((absmax == 0) | (absmax >= np.float32(1e-38))))
     q = pq.quantize(x, codebook=codebook, blocksize=blocksize, double_quant=False)
     y = pq.dequantize(q)
     q2 = pq.quantize(y, codebook=codebook, blocksize=blocksize, double_quant=False)
