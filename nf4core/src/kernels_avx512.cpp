@@ -219,11 +219,11 @@ void quantize(const QuantizeArgs &a, int64_t b0, int64_t b1) {
             ref::quantize_blocks<BITS, T>(x, a.n, a.blocksize, tab, a.out, a.absmax, b, b + 1);
             continue;
         }
-        const float amax = bits_float(uint32_t(_mm512_reduce_max_epi32(vmax)));
-        const float scale = amax > kMinScale ? amax : kMinScale;
-        const bool tail = end - begin < a.blocksize;
-        a.absmax[b] = tail ? scale : amax;
-        const __m512 vscale = _mm512_set1_ps(scale), vrecip = _mm512_set1_ps(1.0f / scale);
+        const ref::BlockScale bs =
+            ref::block_scale(bits_float(uint32_t(_mm512_reduce_max_epi32(vmax))), end - begin, a.blocksize);
+        const bool tail = bs.tail;
+        a.absmax[b] = bs.stored;
+        const __m512 vscale = _mm512_set1_ps(bs.scale), vrecip = _mm512_set1_ps(bs.recip);
 
         // pass 2: codes
         for (int64_t i = begin; i < end; i += 16) {

@@ -81,20 +81,15 @@ void quantize(const QuantizeArgs &a, int64_t b0, int64_t b1) {
         }
         uint32_t amax_bits = vmaxvq_u32(vmax);
         bool nonfinite = vmaxvq_u32(bad) != 0;
-        for (int64_t i = vend; i < end; ++i) {
-            const uint32_t u = float_bits(to_float(x[i])) & 0x7FFFFFFFu;
-            nonfinite = nonfinite || u > 0x7F7FFFFFu;
-            amax_bits = amax_bits > u ? amax_bits : u;
-        }
+        ref::fold_absmax(x, vend, end, amax_bits, nonfinite);
         if (nonfinite) {  // the reference kernel names the first non-finite element
             ref::quantize_blocks<BITS, T>(x, a.n, a.blocksize, tab, a.out, a.absmax, b, b + 1);
             continue;
         }
-        const float amax = bits_float(amax_bits);
-        const float scale = amax > kMinScale ? amax : kMinScale;
-        const float recip = 1.0f / scale;
-        const bool tail = end - begin < a.blocksize;
-        a.absmax[b] = tail ? scale : amax;
+        const ref::BlockScale bs = ref::block_scale(bits_float(amax_bits), end - begin, a.blocksize);
+        const float scale = bs.scale, recip = bs.recip;
+        const bool tail = bs.tail;
+        a.absmax[b] = bs.stored;
         const float32x4_t vscale = vdupq_n_f32(scale), vrecip = vdupq_n_f32(recip);
 
         for (int64_t i = begin; i < vend; i += 16) {

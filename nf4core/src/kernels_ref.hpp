@@ -33,6 +33,36 @@ inline float block_absmax(const T *x, int64_t begin, int64_t end) {
     return amax;
 }
 
+// The scale of a block as every path derives it from the block's absmax.
+struct BlockScale {
+    float scale;   // max(absmax, 1e-38)
+    float recip;   // its float32 reciprocal (full blocks multiply by it)
+    bool tail;     // the short last block divides by scale instead
+    float stored;  // what absmax[b] holds: the raw absmax, or the clamped scale for the tail
+};
+
+inline BlockScale block_scale(float amax, int64_t len, int64_t blocksize) {
+    BlockScale s;
+    s.scale = amax > kMinScale ? amax : kMinScale;
+    s.recip = 1.0f / s.scale;
+    s.tail = len < blocksize;
+    // bitsandbytes stores the raw absmax of full blocks but the clamped one
+    // (>= 1e-38) of the short tail block; both decode zeros to zeros.
+    s.stored = s.tail ? s.scale : amax;
+    return s;
+}
+
+// Folds elements [i0, i1) into a running max of |x| (as float bits, which order
+// like the values) and a flag for NaN/Inf; the scalar end of a vector loop.
+template <typename T>
+inline void fold_absmax(const T *x, int64_t i0, int64_t i1, uint32_t &amax_bits, bool &nonfinite) {
+    for (int64_t i = i0; i < i1; ++i) {
+        const uint32_t u = float_bits(to_float(x[i])) & 0x7FFFFFFFu;
+        nonfinite = nonfinite || u > 0x7F7FFFFFu;
+        amax_bits = amax_bits > u ? amax_bits : u;
+    }
+}
+
 // Encodes elements [i0, i1) of one block, already scaled by (scale, recip,
 // tail): BITS = 4 packs two codes per byte (even element in the high nibble),
 // BITS = 8 writes one code per byte. i0 is even for 4-bit.
@@ -79,13 +109,9 @@ void quantize_blocks(const T *x, int64_t n, int64_t blocksize, const SearchTable
     for (int64_t b = block_begin; b < block_end; ++b) {
         const int64_t begin = b * blocksize;
         const int64_t end = begin + blocksize < n ? begin + blocksize : n;
-        const float amax = block_absmax(x, begin, end);
-        const float scale = amax > kMinScale ? amax : kMinScale;
-        const bool tail = end - begin < blocksize;
-        // bitsandbytes stores the raw absmax of full blocks but the clamped one
-        // (>= 1e-38) of the short tail block; both decode zeros to zeros.
-        absmax[b] = tail ? scale : amax;
-        encode_range<BITS, T>(x, begin, end, scale, 1.0f / scale, tail, lut, out);
+        const BlockScale s = block_scale(block_absmax(x, begin, end), end - begin, blocksize);
+        absmax[b] = s.stored;
+        encode_range<BITS, T>(x, begin, end, s.scale, s.recip, s.tail, lut, out);
         if (BITS == 4 && end == n) pad_odd_end(n, lut, out);
     }
 }
