@@ -24,7 +24,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import List, Optional, Union
+from typing import List, Union
 
 import torch
 from torch import nn

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import _dtypes
-from ._array import QuantizedArray, _to_numpy
+from ._array import QuantizedArray
 from ._matmul import matmul_4bit
 from ._quantize import dequantize, quantize
 

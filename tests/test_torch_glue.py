@@ -2,7 +2,6 @@
 prepare_model, PEFT adapter files (proven with the real peft package), merging."""
 import copy
 import json
-import os
 
 import numpy as np
 import pytest
@@ -10,7 +9,6 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-import pyqlora as pq  # noqa: E402
 from pyqlora.lora import LoraConfig, load_adapter, lora_layers, merge_adapters, prepare_model, save_adapter  # noqa: E402
 from pyqlora.nn import Linear4bit, LoraLinear4bit, dequantize_weight  # noqa: E402
 
