@@ -58,7 +58,8 @@ class QuantizedArray:
         Mean of the block scales, subtracted before DQ (``double_quant`` only).
     """
 
-    __slots__ = ("shape", "dtype", "codebook", "blocksize", "packed", "absmax", "nested_absmax", "nested_offset")
+    __slots__ = ("shape", "dtype", "codebook", "blocksize", "packed", "absmax", "nested_absmax", "nested_offset",
+                 "_scales")
 
     def __init__(self, *, shape, dtype, codebook, blocksize, packed, absmax, nested_absmax=None, nested_offset=None):
         self.shape = tuple(int(s) for s in shape)
@@ -69,6 +70,7 @@ class QuantizedArray:
         self.absmax = absmax
         self.nested_absmax = nested_absmax
         self.nested_offset = None if nested_offset is None else float(np.float32(nested_offset))
+        self._scales = None  # decoded block scales, cached (the arrays are not meant to change)
         self._check()
 
     # ------------------------------------------------------------------ basics
@@ -114,7 +116,15 @@ class QuantizedArray:
         """Float32 scale (absmax) of every block, undoing double quantization if used."""
         from ._quantize import _block_scales
 
-        return _block_scales(self)
+        return _block_scales(self).copy()
+
+    def __getstate__(self):
+        return {k: getattr(self, k) for k in self.__slots__ if k != "_scales"}
+
+    def __setstate__(self, state):
+        for k, v in state.items():
+            setattr(self, k, v)
+        self._scales = None
 
     def __repr__(self):
         dq = ", double_quant" if self.double_quant else ""

@@ -174,11 +174,15 @@ def _double_quantize(absmax):
 
 
 def _block_scales(q):
+    """The float32 block scales of q (read-only, cached on q when double-quantized)."""
     if not q.double_quant:
-        return q.absmax.copy()
-    out = np.empty(q.absmax.size, dtype=np.float32)
-    _ext.double_dequantize(q.absmax, q.nested_absmax, q.nested_offset, lookup_table("dynamic", 256), out)
-    return out
+        return q.absmax
+    if q._scales is None:
+        out = np.empty(q.absmax.size, dtype=np.float32)
+        _ext.double_dequantize(q.absmax, q.nested_absmax, q.nested_offset, lookup_table("dynamic", 256), out)
+        out.flags.writeable = False
+        q._scales = out
+    return q._scales
 
 
 def _check_out(out, shape, dtype):

@@ -8,6 +8,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstring>
+#include <vector>
 
 #include "matmul.hpp"
 
@@ -38,30 +40,53 @@ inline __m512 decode16(const MatmulArgs &a, __m512 table, int shift, int64_t i) 
                          _mm512_set1_ps(a.scales[i >> shift]));
 }
 
-// y[m0 + r, n] for r < R, n in [c0, c1): one pass over each weight row. With
-// few rows, U independent accumulators per row keep the FMA pipes busy.
+// y[m0 + r, n] for r < R, n in [c0, c1): one pass over each weight row.
+//
+// Decoding is one vpermps per 16 weights: the 8 packed bytes are broadcast to
+// every 64-bit lane and shifted per 32-bit lane, so lane 2t holds element t and
+// lane 2t+1 element 8+t in its low 4 bits (vpermps reads only those); x is
+// permuted the same way once per call (xp, float32). The block scale multiplies
+// the sum of a block's products once. With few rows, U independent
+// accumulators per row keep the FMA pipes busy.
 template <int R, typename T>
 void rows_transposed(const MatmulArgs &a, __m512 table, int shift, int64_t m0, int64_t c0, int64_t c1) {
     constexpr int U = R == 1 ? 4 : R == 2 ? 2 : 1;
     const T *x = static_cast<const T *>(a.x);
     T *y = static_cast<T *>(a.y);
+    const __m512i lane_from = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+    const __m512i shifts = _mm512_setr_epi32(4, 4, 0, 0, 12, 12, 8, 8, 20, 20, 16, 16, 28, 28, 24, 24);
+    thread_local std::vector<float> xp_buf;
+    xp_buf.resize(size_t(R * a.K));
+    float *xp = xp_buf.data();
+    for (int r = 0; r < R; ++r)
+        for (int64_t k = 0; k < a.K; k += 16)
+            _mm512_storeu_ps(xp + r * a.K + k, _mm512_permutexvar_ps(lane_from, load16(x + (m0 + r) * a.K + k)));
+    const int64_t chunks_per_block = a.blocksize / 16;
     for (int64_t n = c0; n < c1; ++n) {
         __m512 acc[R][U];
         for (int r = 0; r < R; ++r)
             for (int u = 0; u < U; ++u) acc[r][u] = _mm512_setzero_ps();
         const int64_t row = n * a.K;
-        int64_t k = 0;
-        for (; k + 16 * U <= a.K; k += 16 * U) {
-            _mm_prefetch(reinterpret_cast<const char *>(a.packed + (row + k) / 2) + 1024, _MM_HINT_T0);
-            for (int u = 0; u < U; ++u) {
-                const __m512 w = decode16(a, table, shift, row + k + 16 * u);
-                for (int r = 0; r < R; ++r)
-                    acc[r][u] = _mm512_fmadd_ps(load16(x + (m0 + r) * a.K + k + 16 * u), w, acc[r][u]);
+        const uint8_t *wrow = a.packed + row / 2;
+        const float *srow = a.scales + (row >> shift);
+        for (int64_t k0 = 0; k0 < a.K; k0 += a.blocksize) {
+            __m512 part[R][U];
+            for (int r = 0; r < R; ++r)
+                for (int u = 0; u < U; ++u) part[r][u] = _mm512_setzero_ps();
+            for (int64_t c = 0; c < chunks_per_block; c += U) {
+                for (int u = 0; u < U; ++u) {  // u is a compile-time index: the accumulators stay in registers
+                    if (c + u >= chunks_per_block) break;
+                    const int64_t k = k0 + 16 * (c + u);
+                    long long packed8;
+                    std::memcpy(&packed8, wrow + k / 2, 8);
+                    const __m512 w = _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi64(packed8), shifts), table);
+                    for (int r = 0; r < R; ++r)
+                        part[r][u] = _mm512_fmadd_ps(_mm512_loadu_ps(xp + r * a.K + k), w, part[r][u]);
+                }
             }
-        }
-        for (; k < a.K; k += 16) {
-            const __m512 w = decode16(a, table, shift, row + k);
-            for (int r = 0; r < R; ++r) acc[r][0] = _mm512_fmadd_ps(load16(x + (m0 + r) * a.K + k), w, acc[r][0]);
+            const __m512 scale = _mm512_set1_ps(srow[k0 >> shift]);
+            for (int r = 0; r < R; ++r)
+                for (int u = 0; u < U; ++u) acc[r][u] = _mm512_fmadd_ps(part[r][u], scale, acc[r][u]);
         }
         for (int r = 0; r < R; ++r) {
             __m512 sum = acc[r][0];
