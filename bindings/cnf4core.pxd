@@ -70,3 +70,16 @@ cdef extern from "nf4core/nf4core.h" nogil:
     nf4_status nf4_matmul_4bit_ref(const void *x, nf4_dtype dtype, int64_t M, int64_t N, int64_t K,
                                    const uint8_t *packed, const float *scales, int64_t blocksize,
                                    const float *codebook, int32_t transpose_w, void *y)
+
+    # optim.h
+    ctypedef struct nf4_adam_hparams:
+        double lr
+        double beta1
+        double beta2
+        double eps
+        double weight_decay
+        int64_t step
+    nf4_status nf4_adam8bit_update(void *param, const void *grad, nf4_dtype dtype, int64_t n,
+                                   uint8_t *state1, uint8_t *state2, float *absmax1, float *absmax2,
+                                   const float *qmap1, const float *qmap2, int64_t blocksize,
+                                   const nf4_adam_hparams *hp, int64_t *skipped)

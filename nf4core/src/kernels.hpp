@@ -54,6 +54,9 @@ struct KernelSet {
             {DEQUANTIZE8<float>, DEQUANTIZE8<half_t>, DEQUANTIZE8<bfloat16_t>},                         \
     }
 
+// Nearest-code search data for a 16- or 256-entry codebook (quantize.cpp).
+SearchTable make_search_table(const float *codebook, int size);
+
 const KernelSet &scalar_kernels();
 // nullptr when the path is not compiled into this build
 const KernelSet *avx2_kernels();

@@ -1,0 +1,372 @@
+"""Paged AdamW optimizers: optimizer state in paged memory, 32-bit or blockwise 8-bit.
+
+QLoRA's third idea (Dettmers et al., 2023, Sec. 3): the optimizer state lives in
+memory that a pager moves between a fast tier and a slow tier, so that a memory
+spike does not end the run. Here the state of every parameter is allocated from
+a :class:`pyqlora.Pager`; before a parameter is updated its state is prefetched
+into RAM, and when the pager's budget would be exceeded the least recently used
+pages are written to the spill file and their memory is returned to the OS.
+bitsandbytes pages only on CUDA and silently uses plain tensors on CPU; these
+optimizers page on every machine.
+
+- :class:`PagedAdamW` keeps float32 moments (in the parameter's dtype, as
+  ``torch.optim.AdamW`` does) and performs exactly the operations of
+  ``torch.optim.AdamW`` (single-tensor path), so with the same hyperparameters
+  the parameters are bit-identical to ``torch.optim.AdamW``'s.
+- :class:`PagedAdamW8bit` keeps both moments as blockwise 8-bit codes (signed
+  dynamic map for the first moment, unsigned for the second, blocks of 256 and a
+  float32 absmax per block, as bitsandbytes does): about 2 bytes of state per
+  parameter instead of 8. The update is fused in nf4core (decode a block,
+  update in float32, requantize), so no float32 copy of the state ever exists.
+  Parameters with fewer than ``min_8bit_size`` elements keep 32-bit state.
+
+Both have ``state_dict()`` / ``load_state_dict()`` that resume a run exactly
+(the state is copied back into paged memory), work with gradient clipping
+(``torch.nn.utils.clip_grad_norm_`` before ``step()``) and with the LoRA
+parameters of :func:`pyqlora.lora.prepare_model`.
+
+Non-finite gradients: :class:`PagedAdamW` behaves like ``torch.optim.AdamW``
+(a NaN or Inf gradient propagates into the moments and the parameter).
+:class:`PagedAdamW8bit` skips the elements whose gradient is NaN or Inf (their
+parameter is unchanged and both moments are reset to zero, like bitsandbytes'
+CUDA kernel) instead of turning a whole quantization block into NaN; the number
+of skipped elements is counted in :attr:`PagedAdamW8bit.skipped_elements`.
+To skip whole steps instead, check the gradient norm that
+``clip_grad_norm_`` returns and do not call ``step()``.
+
+Needs torch (``pip install "pyqlora[torch]"``). CPU tensors only for now.
+"""
+import math
+
+import numpy as np
+import torch
+
+import pyqlora as pq
+
+from . import _nf4core
+
+__all__ = ["PagedAdamW", "PagedAdamW8bit"]
+
+_ALIGN = 64  # bytes: each state slot starts on a cache line
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _round_up(n, a):
+    return (n + a - 1) // a * a
+
+
+class _Arena:
+    """One paged allocation cut into aligned slots (one per parameter)."""
+
+    def __init__(self, pager, nbytes):
+        self.array = pager.zeros((max(nbytes, _ALIGN),), dtype=np.uint8)
+        self.tensor = torch.from_numpy(self.array)
+
+    def view(self, offset, numel, dtype):
+        size = numel * torch.empty((), dtype=dtype).element_size()
+        return self.tensor[offset:offset + size].view(dtype)
+
+
+class _PagedOptimizer(torch.optim.Optimizer):
+    """Shared machinery: a pager, per-group arenas of state, prefetch before use."""
+
+    def __init__(self, params, defaults, pager, budget_bytes, spill_dir):
+        lr, (beta1, beta2), eps, wd = defaults["lr"], defaults["betas"], defaults["eps"], defaults["weight_decay"]
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0.0):
+            raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+        for name, b in (("betas[0]", beta1), ("betas[1]", beta2)):
+            if not (isinstance(b, (int, float)) and 0.0 <= b < 1.0):
+                raise ValueError(f"{name} must be in [0, 1), got {b!r}")
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0.0):
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        if not (isinstance(wd, (int, float)) and math.isfinite(wd) and wd >= 0.0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {wd!r}")
+        if pager is not None and (budget_bytes is not None or spill_dir is not None):
+            raise ValueError("give either pager= or budget_bytes=/spill_dir=, not both")
+        super().__init__(params, defaults)
+        self.pager = pager if pager is not None else pq.Pager(budget_bytes=budget_bytes, spill_dir=spill_dir)
+        self._slots = {}  # param -> dict of paged state tensors (allocated with its group)
+
+    # -- layout ----------------------------------------------------------------------------
+    def _slot_layout(self, p):
+        """[(key, numel, dtype)] of the paged state of parameter p."""
+        raise NotImplementedError
+
+    def _allocate_group(self, group):
+        """Allocate one arena for the state of every trainable parameter of a group."""
+        plan, total = [], 0
+        for p in group["params"]:
+            if p in self._slots or not p.requires_grad:
+                continue
+            if p.device.type != "cpu":
+                raise NotImplementedError(
+                    f"{type(self).__name__}: parameters on {p.device} are not supported yet (CPU only)")
+            entries = []
+            for key, numel, dtype in self._slot_layout(p):
+                entries.append((key, total, numel, dtype))
+                total = _round_up(total + numel * torch.empty((), dtype=dtype).element_size(), _ALIGN)
+            plan.append((p, entries))
+        if not plan:
+            return
+        arena = _Arena(self.pager, total)
+        for p, entries in plan:
+            slot = {key: arena.view(off, numel, dtype) for key, off, numel, dtype in entries}
+            first, last = entries[0], entries[-1]
+            end = last[1] + last[2] * torch.empty((), dtype=last[3]).element_size()
+            slot["_range"] = arena.array[first[1]:end]  # what to prefetch before the update
+            self._init_slot(slot)
+            self._slots[p] = slot
+
+    def _init_slot(self, slot):
+        """Values of a fresh state (zeros for every key by default)."""
+
+    def _slot(self, p, group):
+        if p not in self._slots:
+            self._allocate_group(group)
+        return self._slots[p]
+
+    # -- public helpers -------------------------------------------------------------------
+    def state_bytes(self):
+        """Bytes of optimizer state held in paged memory (allocated, whether resident or spilled)."""
+        n = 0
+        for slot in self._slots.values():
+            n += sum(t.numel() * t.element_size() for k, t in slot.items() if not k.startswith("_"))
+        return n
+
+    def stats(self):
+        """The pager's statistics (see :meth:`pyqlora.Pager.stats`)."""
+        return self.pager.stats()
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def load_state_dict(self, state_dict):
+        """Load a state dict saved by this class (or ``torch.optim.AdamW`` for :class:`PagedAdamW`).
+
+        The saved tensors are copied into paged memory with their saved dtypes.
+        """
+        saved = {k: dict(v) for k, v in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for g in self.param_groups:
+            self._allocate_group(g)
+        self.state.clear()
+        for idx, values in saved.items():
+            p = params[idx]
+            if p not in self._slots:
+                raise ValueError(f"state for parameter {idx} given, but that parameter does not require grad")
+            self._load_param_state(p, values)
+
+    def _load_param_state(self, p, values):
+        slot = self._slots[p]
+        state = self.state[p]
+        for key, value in values.items():
+            if key == "step":
+                state["step"] = torch.as_tensor(value, dtype=torch.float32).clone()
+                continue
+            if key not in slot:
+                raise ValueError(f"unexpected optimizer state {key!r} for a parameter of shape {tuple(p.shape)}")
+            target = slot[key]
+            value = torch.as_tensor(value)
+            if value.numel() != target.numel():
+                raise ValueError(f"optimizer state {key!r} has {value.numel()} elements, expected {target.numel()} "
+                                 f"for a parameter of shape {tuple(p.shape)}")
+            target.copy_(value.reshape(target.shape).to(target.dtype))
+            state[key] = target
+        missing = [k for k in slot if not k.startswith("_") and k not in state]
+        if missing:
+            raise ValueError(f"optimizer state for a parameter of shape {tuple(p.shape)} lacks {missing}")
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_slots", {})
+
+
+class PagedAdamW(_PagedOptimizer):
+    """AdamW whose moments live in paged memory; numerically ``torch.optim.AdamW``.
+
+    Parameters
+    ----------
+    params : iterable
+        Parameters or parameter groups, as for any torch optimizer.
+    lr, betas, eps, weight_decay
+        As ``torch.optim.AdamW`` (defaults 1e-3, (0.9, 0.999), 1e-8, 1e-2).
+    pager : pyqlora.Pager, optional
+        Pager to allocate the state from (shared between optimizers if you like).
+    budget_bytes : int, optional
+        RAM budget of the pager created when ``pager`` is not given; None = no
+        limit (the state stays resident, and pages only when evicted by hand).
+    spill_dir : str, optional
+        Directory of that pager's spill file (a temporary directory by default).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from pyqlora.optim import PagedAdamW
+    >>> model = torch.nn.Linear(64, 64)
+    >>> opt = PagedAdamW(model.parameters(), lr=1e-3, budget_bytes=1 << 20)
+    >>> model(torch.randn(4, 64)).square().mean().backward()
+    >>> opt.step()
+    >>> opt.state_bytes()     # two float32 moments per parameter
+    33280
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, pager=None,
+                 budget_bytes=None, spill_dir=None):
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        super().__init__(params, defaults, pager, budget_bytes, spill_dir)
+
+    def _slot_layout(self, p):
+        return [("exp_avg", p.numel(), p.dtype), ("exp_avg_sq", p.numel(), p.dtype)]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AdamW update of every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("PagedAdamW does not support sparse gradients")
+                slot = self._slot(p, group)
+                self.pager.prefetch(slot["_range"])
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = slot["exp_avg"].view_as(p)
+                    state["exp_avg_sq"] = slot["exp_avg_sq"].view_as(p)
+                grad, exp_avg, exp_avg_sq = p.grad, state["exp_avg"].view_as(p), state["exp_avg_sq"].view_as(p)
+                # torch.optim.adam._single_tensor_adam with decoupled weight decay, operation for operation
+                state["step"] += 1
+                if wd != 0:
+                    p.mul_(1 - lr * wd)
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                step = state["step"].item()
+                bias_correction1 = 1 - beta1**step
+                bias_correction2 = 1 - beta2**step
+                step_size = lr / bias_correction1
+                bias_correction2_sqrt = bias_correction2**0.5
+                denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+                p.addcdiv_(exp_avg, denom, value=-step_size)
+        return loss
+
+
+class PagedAdamW8bit(_PagedOptimizer):
+    """AdamW with blockwise 8-bit moments in paged memory, the update fused in nf4core.
+
+    Parameters
+    ----------
+    params, lr, betas, eps, weight_decay, pager, budget_bytes, spill_dir
+        As :class:`PagedAdamW`.
+    min_8bit_size : int
+        Parameters with fewer elements keep 32-bit state (bitsandbytes: 4096).
+    blocksize : int
+        Elements per quantization block of the state (bitsandbytes: 256).
+
+    Notes
+    -----
+    The per-parameter state is ``state1``/``state2`` (uint8 codes of the first
+    and second moment) and ``absmax1``/``absmax2`` (float32 per block), as in
+    bitsandbytes; small parameters have ``exp_avg``/``exp_avg_sq`` instead.
+    The update follows bitsandbytes' CPU 8-bit blockwise Adam operation by
+    operation (see ``nf4core/optim.h``); results can differ from bitsandbytes in
+    the last bit where torch's vectorized ``sqrt`` is not correctly rounded.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from pyqlora.optim import PagedAdamW8bit
+    >>> model = torch.nn.Linear(256, 256, bias=False)
+    >>> opt = PagedAdamW8bit(model.parameters(), lr=1e-3)
+    >>> model(torch.randn(4, 256)).square().mean().backward()
+    >>> opt.step()
+    >>> opt.state_bytes() / model.weight.numel()   # 2 bytes + 2 absmax floats per 256
+    2.03125
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, pager=None,
+                 budget_bytes=None, spill_dir=None, min_8bit_size=4096, blocksize=256):
+        if not (isinstance(blocksize, int) and 32 <= blocksize <= 4096 and blocksize & (blocksize - 1) == 0):
+            raise ValueError(f"blocksize must be a power of two between 32 and 4096, got {blocksize!r}")
+        if not (isinstance(min_8bit_size, int) and min_8bit_size >= 0):
+            raise ValueError(f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        super().__init__(params, defaults, pager, budget_bytes, spill_dir)
+        self.min_8bit_size = min_8bit_size
+        self.blocksize = blocksize
+        self._qmap1 = pq.dynamic_codebook(signed=True)
+        self._qmap2 = pq.dynamic_codebook(signed=False)
+        self._zero1 = int(np.flatnonzero(self._qmap1 == 0.0)[0])  # code of 0 in the signed map
+        self._zero2 = int(np.flatnonzero(self._qmap2 == 0.0)[0])
+        self.skipped_elements = 0
+
+    def _is_8bit(self, p):
+        return p.numel() >= self.min_8bit_size
+
+    def _slot_layout(self, p):
+        n = p.numel()
+        if not self._is_8bit(p):
+            return [("exp_avg", n, p.dtype), ("exp_avg_sq", n, p.dtype)]
+        nb = -(-n // self.blocksize)
+        return [("state1", n, torch.uint8), ("state2", n, torch.uint8),
+                ("absmax1", nb, torch.float32), ("absmax2", nb, torch.float32)]
+
+    def _init_slot(self, slot):
+        if "state1" in slot:
+            slot["state1"].fill_(self._zero1)
+            slot["state2"].fill_(self._zero2)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One 8-bit AdamW update of every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("PagedAdamW8bit does not support sparse gradients")
+                slot = self._slot(p, group)
+                self.pager.prefetch(slot["_range"])
+                state = self.state[p]
+                eight = "state1" in slot
+                if not state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    for key in (("state1", "state2", "absmax1", "absmax2") if eight else ("exp_avg", "exp_avg_sq")):
+                        state[key] = slot[key]
+                state["step"] += 1
+                step = int(state["step"].item())
+                if not eight:
+                    self._step_32bit(p, state, lr, beta1, beta2, eps, wd, step)
+                    continue
+                if p.dtype not in _DTYPE_CODES:
+                    raise TypeError(f"PagedAdamW8bit: parameter dtype {p.dtype} is not supported "
+                                    "(float32, float16, bfloat16)")
+                target = p if p.is_contiguous() else p.contiguous()
+                grad = p.grad.to(p.dtype).contiguous()
+                self.skipped_elements += _nf4core.adam8bit_update(
+                    target.view(-1).view(torch.uint8).numpy(), grad.view(-1).view(torch.uint8).numpy(),
+                    _DTYPE_CODES[p.dtype], p.numel(), state["state1"].numpy(), state["state2"].numpy(),
+                    state["absmax1"].numpy(), state["absmax2"].numpy(), self._qmap1, self._qmap2, self.blocksize,
+                    float(lr), float(beta1), float(beta2), float(eps), float(wd), step)
+                if target is not p:
+                    p.copy_(target)
+        return loss
+
+    @staticmethod
+    def _step_32bit(p, state, lr, beta1, beta2, eps, wd, step):
+        exp_avg, exp_avg_sq, grad = state["exp_avg"].view_as(p), state["exp_avg_sq"].view_as(p), p.grad
+        if wd != 0:
+            p.mul_(1 - lr * wd)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+        p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
