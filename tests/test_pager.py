@@ -3,8 +3,11 @@ import doctest
 import errno
 import gc
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 
@@ -273,18 +276,40 @@ def test_spill_dir_missing_or_not_a_directory(tmp_path):
     assert info.value.errno == errno.ENOTDIR
 
 
-def test_spill_dir_not_writable(tmp_path):
-    ro = tmp_path / "ro"
+def test_spill_dir_not_writable():
+    base = pathlib.Path(tempfile.mkdtemp())  # not tmp_path: its parent is private (0700) to the owner
+    base.chmod(0o755)
+    ro = base / "ro"
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        if os.access(ro, os.W_OK):
-            pytest.skip("running as root: permission bits do not stop us (missing/non-directory dirs are tested)")
-        with pytest.raises(PermissionError, match=str(ro)) as info:
-            pq.Pager(spill_dir=ro)
-        assert info.value.errno == errno.EACCES
+        if not os.access(ro, os.W_OK):
+            with pytest.raises(PermissionError, match=str(ro)) as info:
+                pq.Pager(spill_dir=ro)
+            assert info.value.errno == errno.EACCES
+        elif hasattr(os, "fork") and os.geteuid() == 0:
+            # root ignores permission bits: try as nobody, in a forked child
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - child
+                code = 1
+                try:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                    if not ro.is_dir() or os.access(ro, os.W_OK):
+                        os._exit(4)  # the fault must be the missing write permission, nothing else
+                    pq.Pager(spill_dir=ro)
+                except PermissionError as e:
+                    code = 0 if e.errno == errno.EACCES and str(ro) in str(e) else 2
+                except Exception:  # noqa: BLE001 - any other outcome fails the test
+                    code = 3
+                os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+        else:
+            pytest.skip("permission bits do not stop this user")
     finally:
         ro.chmod(0o755)
+        shutil.rmtree(base)
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")

@@ -317,11 +317,30 @@ TEST_CASE(unusable_spill_directories_fail_clearly) {
     CHECK(nf4_pager_create(-1, file.c_str(), 0, &p) == NF4_ERROR_INVALID_ARGUMENT);
     CHECK(nf4_pager_last_os_error() == ENOTDIR);
 
+    chmod(dir.c_str(), 0755);  // traversable by anyone: only the write bit below is missing
     const std::string ro = dir + "/read-only";
     mkdir(ro.c_str(), 0555);
     chmod(ro.c_str(), 0555);
-    if (access(ro.c_str(), W_OK) == 0) {
-        std::printf("  running as root: permission bits do not stop us, read-only case skipped\n");
+    if (access(ro.c_str(), W_OK) == 0 && geteuid() == 0) {
+        // root ignores permission bits: check the same fault as an unprivileged
+        // user (nobody), in a child so that this process keeps its rights
+        const pid_t pid = fork();
+        if (pid == 0) {
+            if (setgid(65534) != 0 || setuid(65534) != 0) _exit(10);
+            struct stat st;
+            if (stat(ro.c_str(), &st) != 0 || access(ro.c_str(), W_OK) == 0) _exit(11);
+            nf4_pager *q = nullptr;
+            if (nf4_pager_create(-1, ro.c_str(), 0, &q) != NF4_ERROR_INVALID_ARGUMENT || q != nullptr) _exit(12);
+            if (nf4_pager_last_os_error() != EACCES) _exit(13);
+            if (std::strstr(nf4_last_error(), ro.c_str()) == nullptr) _exit(14);
+            _exit(0);
+        }
+        int status = 0;
+        waitpid(pid, &status, 0);
+        CHECK_MSG(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child as nobody: exit %d",
+                  WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+    } else if (access(ro.c_str(), W_OK) == 0) {
+        std::printf("  permission bits do not stop this user: read-only case skipped\n");
     } else {
         CHECK(nf4_pager_create(-1, ro.c_str(), 0, &p) == NF4_ERROR_INVALID_ARGUMENT);
         CHECK(std::strstr(nf4_last_error(), ro.c_str()) != nullptr);
