@@ -83,3 +83,34 @@ cdef extern from "nf4core/nf4core.h" nogil:
                                    uint8_t *state1, uint8_t *state2, float *absmax1, float *absmax2,
                                    const float *qmap1, const float *qmap2, int64_t blocksize,
                                    const nf4_adam_hparams *hp, int64_t *skipped)
+    # pager.h
+    ctypedef struct nf4_pager:
+        pass
+
+    ctypedef enum nf4_pager_backend:
+        NF4_PAGER_HOST
+        NF4_PAGER_CUDA
+
+    ctypedef struct nf4_pager_stats:
+        int64_t budget_bytes
+        int64_t page_bytes
+        int64_t allocated_bytes
+        int64_t resident_bytes
+        int64_t spilled_bytes
+        int64_t page_ins
+        int64_t page_outs
+        int64_t num_allocations
+
+    nf4_status nf4_pager_create(int64_t budget_bytes, const char *spill_dir, int64_t page_bytes, nf4_pager **out)
+    void nf4_pager_destroy(nf4_pager *pager)
+    nf4_status nf4_pager_alloc(nf4_pager *pager, int64_t nbytes, void **out)
+    nf4_status nf4_pager_free(nf4_pager *pager, void *ptr)
+    nf4_status nf4_pager_prefetch(nf4_pager *pager, const void *ptr, int64_t nbytes)
+    nf4_status nf4_pager_evict(nf4_pager *pager, const void *ptr, int64_t nbytes)
+    nf4_status nf4_pager_evict_all(nf4_pager *pager)
+    nf4_status nf4_pager_stats_get(nf4_pager *pager, nf4_pager_stats *out)
+    nf4_pager_backend nf4_pager_get_backend(const nf4_pager *pager)
+    const char *nf4_pager_spill_dir(const nf4_pager *pager)
+    int32_t nf4_pager_spill_is_tmpfs(const nf4_pager *pager)
+    int32_t nf4_pager_last_os_error()
+    int64_t nf4_pager_os_page_size()

@@ -26,6 +26,7 @@ from ._codebooks import CODEBOOKS_4BIT, codebook, dynamic_codebook
 from ._config import show_config
 from ._errors import NonFiniteError
 from ._matmul import matmul_4bit
+from ._pager import Pager
 from ._quantize import BLOCKSIZES, dequantize, dequantize_blockwise, quantize, quantize_blockwise
 from ._runtime import available_isas, get_isa, get_num_threads, num_threads, set_isa, set_num_threads
 from ._version import __version__
@@ -34,6 +35,7 @@ __all__ = [
     "BLOCKSIZES",
     "CODEBOOKS_4BIT",
     "NonFiniteError",
+    "Pager",
     "QuantizedArray",
     "__version__",
     "available_isas",

@@ -12,5 +12,6 @@
 #include "nf4core/runtime.h"
 #include "nf4core/matmul.h"
 #include "nf4core/optim.h"
+#include "nf4core/pager.h"
 
 #endif /* NF4CORE_NF4CORE_H */

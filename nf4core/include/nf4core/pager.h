@@ -1,0 +1,119 @@
+/*
+ * nf4core — the pager: memory that moves between a fast tier and a slow tier
+ * under a budget, for optimizer state that must survive memory spikes (the
+ * third idea of QLoRA, Dettmers et al. 2023, "paged optimizers").
+ *
+ * Host backend (every POSIX machine): the fast tier is RAM, the slow tier a
+ * spill file. Each allocation is a page-aligned region of that file mapped
+ * shared, so callers see ordinary memory; touching a spilled page brings it
+ * back transparently (the OS faults it in). The file is unlinked as soon as it
+ * is created, so nothing is left behind if the process dies.
+ *
+ *   - Disk for an allocation is reserved when it is made: a full disk or a
+ *     file-size limit is an error from nf4_pager_alloc (NF4_ERROR_OUT_OF_MEMORY,
+ *     the slow tier is out of space), never a crash later; existing
+ *     allocations stay intact.
+ *   - Residency is tracked in pages of `page_bytes` (default 2 MiB; the last
+ *     page of an allocation may be shorter), least recently used first.
+ *     nf4_pager_prefetch makes a range resident and most recently used, then
+ *     evicts least recently used pages of other ranges until the resident
+ *     bytes fit the budget (a single range larger than the budget stays
+ *     resident: the caller asked for it).
+ *   - Eviction writes dirty pages back to the spill file and returns the RAM to
+ *     the OS (msync, then madvise/posix_fadvise DONTNEED). Where the spill
+ *     directory is a tmpfs, the "file" is RAM itself and eviction cannot free
+ *     memory: nf4_pager_spill_is_tmpfs() says so. The default spill directory
+ *     avoids tmpfs when it can: $TMPDIR, then /var/tmp, then /tmp, the first
+ *     writable one that is not a tmpfs (else the first writable one).
+ *   - Every function is thread-safe. Freeing memory that another thread still
+ *     uses is, as with free(), the caller's bug.
+ *
+ * Errors specific to the pager: a spill directory that cannot hold the spill
+ * file gives NF4_ERROR_INVALID_ARGUMENT naming the directory and the OS error;
+ * a slow tier that cannot store the bytes (disk full, file-size limit, I/O
+ * error while writing back) gives NF4_ERROR_OUT_OF_MEMORY. In both cases
+ * nf4_pager_last_os_error() gives the errno of the failing system call.
+ *
+ * Platforms: Linux and macOS. Elsewhere nf4_pager_create fails with
+ * NF4_ERROR_INVALID_ARGUMENT ("not supported on this platform"). A CUDA
+ * managed-memory backend is planned behind the same functions.
+ */
+#ifndef NF4CORE_PAGER_H
+#define NF4CORE_PAGER_H
+
+#include "nf4core/common.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct nf4_pager nf4_pager;
+
+/* Where a pager keeps its fast tier. Only NF4_PAGER_HOST exists so far. */
+typedef enum nf4_pager_backend {
+    NF4_PAGER_HOST = 0, /* RAM + spill file */
+    NF4_PAGER_CUDA = 1  /* reserved: CUDA managed memory (not implemented yet) */
+} nf4_pager_backend;
+
+typedef struct nf4_pager_stats {
+    int64_t budget_bytes;    /* fast-tier budget, -1 = unlimited */
+    int64_t page_bytes;      /* size of a paging unit */
+    int64_t allocated_bytes; /* sum of live allocations, rounded up to OS pages */
+    int64_t resident_bytes;  /* bytes of live allocations in the fast tier now (mincore) */
+    int64_t spilled_bytes;   /* allocated_bytes - resident_bytes */
+    int64_t page_ins;        /* pages brought back by nf4_pager_prefetch */
+    int64_t page_outs;       /* resident pages written back and released */
+    int64_t num_allocations; /* live allocations */
+} nf4_pager_stats;
+
+/* Default paging unit: 2 MiB, a huge page on x86-64 and the granularity at
+ * which bitsandbytes' paged optimizers prefetch. */
+#define NF4_PAGER_DEFAULT_PAGE_BYTES (2 * 1024 * 1024)
+
+/* budget_bytes < 0: unlimited (nothing is evicted except on request).
+ * spill_dir NULL or "": the default directory (see above).
+ * page_bytes 0: NF4_PAGER_DEFAULT_PAGE_BYTES; else a positive multiple of the
+ * OS page size. */
+NF4_API nf4_status nf4_pager_create(int64_t budget_bytes, const char *spill_dir, int64_t page_bytes,
+                                    nf4_pager **out);
+
+/* Unmaps every allocation and closes the spill file. NULL is ignored. */
+NF4_API void nf4_pager_destroy(nf4_pager *pager);
+
+/* nbytes >= 1. The memory is zero-filled, aligned to the OS page size and
+ * counts as spilled until it is touched or prefetched. */
+NF4_API nf4_status nf4_pager_alloc(nf4_pager *pager, int64_t nbytes, void **out);
+
+/* ptr must be a pointer returned by nf4_pager_alloc on this pager. */
+NF4_API nf4_status nf4_pager_free(nf4_pager *pager, void *ptr);
+
+/* [ptr, ptr + nbytes) must lie inside one allocation; nbytes 0 is a no-op.
+ * Makes the pages covering it resident and most recently used, then evicts
+ * least recently used pages outside it while resident bytes exceed the budget. */
+NF4_API nf4_status nf4_pager_prefetch(nf4_pager *pager, const void *ptr, int64_t nbytes);
+
+/* Writes the pages covering [ptr, ptr + nbytes) back to the spill file and
+ * returns their RAM to the OS; the data stays readable (it faults back in). */
+NF4_API nf4_status nf4_pager_evict(nf4_pager *pager, const void *ptr, int64_t nbytes);
+NF4_API nf4_status nf4_pager_evict_all(nf4_pager *pager);
+
+NF4_API nf4_status nf4_pager_stats_get(nf4_pager *pager, nf4_pager_stats *out);
+
+/* The backend, spill directory (valid while the pager lives) and whether that
+ * directory is a tmpfs (1: eviction cannot return memory to the OS). */
+NF4_API nf4_pager_backend nf4_pager_get_backend(const nf4_pager *pager);
+NF4_API const char *nf4_pager_spill_dir(const nf4_pager *pager);
+NF4_API int32_t nf4_pager_spill_is_tmpfs(const nf4_pager *pager);
+
+/* errno of the system call behind this thread's last pager failure, 0 if that
+ * failure was not an OS error (or there was none). */
+NF4_API int32_t nf4_pager_last_os_error(void);
+
+/* The OS page size (alignment of allocations; page_bytes must be a multiple). */
+NF4_API int64_t nf4_pager_os_page_size(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* NF4CORE_PAGER_H */

@@ -1,0 +1,53 @@
+// The pager's internal seam: nf4_pager (the C handle) owns one PagerBackend.
+// The host backend (RAM + spill file, pager_host.cpp) is the only one so far;
+// a CUDA managed-memory backend implements the same interface and gets its own
+// factory, so the C functions and the Python layer do not change.
+#ifndef NF4CORE_SRC_PAGER_HPP
+#define NF4CORE_SRC_PAGER_HPP
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "error.hpp"
+#include "nf4core/pager.h"
+
+namespace nf4core {
+
+// A failure of a system call: the status plus the errno behind it, which
+// nf4_pager_last_os_error() reports (Python turns it into OSError).
+class OsError : public Error {
+public:
+    OsError(nf4_status status, int err, std::string message) : Error(status, std::move(message)), err_(err) {}
+    int err() const noexcept { return err_; }
+
+private:
+    int err_;
+};
+
+// "<what>: <strerror(err)>" as an OsError.
+[[noreturn]] void fail_os(nf4_status status, int err, const std::string &what);
+
+class PagerBackend {
+public:
+    virtual ~PagerBackend() = default;
+    virtual nf4_pager_backend kind() const = 0;
+    virtual void *alloc(int64_t nbytes) = 0;
+    virtual void free(void *ptr) = 0;
+    virtual void prefetch(const void *ptr, int64_t nbytes) = 0;
+    virtual void evict(const void *ptr, int64_t nbytes) = 0;
+    virtual void evict_all() = 0;
+    virtual nf4_pager_stats stats() = 0;
+    virtual const std::string &spill_dir() const = 0;
+    virtual bool spill_is_tmpfs() const = 0;
+};
+
+int64_t os_page_size();
+
+// Throws Error/OsError when the spill file cannot be created; on platforms
+// without mmap it throws "not supported on this platform".
+std::unique_ptr<PagerBackend> make_host_pager(int64_t budget_bytes, const char *spill_dir, int64_t page_bytes);
+
+}  // namespace nf4core
+
+#endif  // NF4CORE_SRC_PAGER_HPP

@@ -1,0 +1,476 @@
+// Host backend of the pager: RAM is the fast tier, an unlinked spill file the
+// slow one. Every allocation is a region of that file mapped MAP_SHARED, so
+// the kernel moves the bytes (faults pages in, writes them back) and callers
+// see plain memory; this file decides *when*: an LRU over fixed-size pages,
+// eviction with msync + madvise/posix_fadvise(DONTNEED) so that RAM really goes
+// back to the OS, and disk reserved up front (posix_fallocate) so a full disk
+// is an error at allocation time instead of a SIGBUS on first touch.
+#include "pager.hpp"
+
+#if defined(__linux__) || defined(__APPLE__)
+#define NF4_PAGER_POSIX 1
+#endif
+
+#ifdef NF4_PAGER_POSIX
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE 1  // O_TMPFILE, fallocate
+#endif
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <iterator>
+#include <list>
+#include <map>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+#ifdef __linux__
+#include <linux/falloc.h>
+#include <sys/vfs.h>
+#else
+#include <sys/mount.h>
+#include <sys/param.h>
+#endif
+
+namespace nf4core {
+
+namespace {
+
+constexpr const char *kFilePrefix = "nf4pager-";
+
+bool dir_is_tmpfs(int fd) {
+#ifdef __linux__
+    struct statfs s;
+    if (fstatfs(fd, &s) != 0) return false;
+    // tmpfs and ramfs keep file pages in RAM: there is nothing to evict to.
+    return s.f_type == 0x01021994 /* TMPFS_MAGIC */ || s.f_type == 0x858458f6 /* RAMFS_MAGIC */;
+#else
+    struct statfs s;
+    if (fstatfs(fd, &s) != 0) return false;
+    return std::strcmp(s.f_fstypename, "tmpfs") == 0;
+#endif
+}
+
+// An unnamed file in `dir` (O_TMPFILE), or a named one unlinked at once:
+// either way nothing is left behind when the process dies.
+int create_spill_file(const std::string &dir) {
+    struct stat st;
+    if (::stat(dir.c_str(), &st) != 0)
+        fail_os(NF4_ERROR_INVALID_ARGUMENT, errno, "spill directory '" + dir + "' is not usable");
+    if (!S_ISDIR(st.st_mode))
+        fail_os(NF4_ERROR_INVALID_ARGUMENT, ENOTDIR, "spill directory '" + dir + "' is not usable");
+    int fd = -1;
+#if defined(O_TMPFILE)
+    fd = ::open(dir.c_str(), O_TMPFILE | O_RDWR | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0 && errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL && errno != ENOENT)
+        fail_os(NF4_ERROR_INVALID_ARGUMENT, errno, "cannot create the spill file in '" + dir + "'");
+#endif
+    if (fd < 0) {
+        std::string name = dir + "/" + kFilePrefix + "XXXXXX";
+        std::vector<char> buf(name.begin(), name.end());
+        buf.push_back('\0');
+        fd = ::mkstemp(buf.data());
+        if (fd < 0) fail_os(NF4_ERROR_INVALID_ARGUMENT, errno, "cannot create the spill file in '" + dir + "'");
+        ::unlink(buf.data());
+        ::fcntl(fd, F_SETFD, FD_CLOEXEC);
+    }
+    return fd;
+}
+
+// Reserves [off, off + len) of the file on disk (and extends the file).
+// Returns 0 or an errno value (EFBIG for a file-size limit, ENOSPC for a full disk).
+int reserve(int fd, int64_t off, int64_t len) {
+#ifdef __APPLE__
+    fstore_t store = {F_ALLOCATEALL, F_PEOFPOSMODE, 0, off_t(off + len), 0};
+    struct stat st;
+    if (::fstat(fd, &st) != 0) return errno;
+    if (off + len > st.st_size) {
+        store.fst_length = off_t(off + len - st.st_size);
+        if (::fcntl(fd, F_PREALLOCATE, &store) == -1) return errno;
+        if (::ftruncate(fd, off_t(off + len)) != 0) return errno;
+    }
+    return 0;
+#else
+    return ::posix_fallocate(fd, off_t(off), off_t(len));  // returns the error, does not set errno
+#endif
+}
+
+struct Allocation;
+
+struct ChunkRef {
+    Allocation *alloc;
+    int64_t index;
+};
+
+using Lru = std::list<ChunkRef>;  // front = least recently used; holds resident chunks only
+
+struct Chunk {
+    bool resident = false;
+    Lru::iterator pos;
+};
+
+struct Allocation {
+    char *base = nullptr;
+    int64_t mapped = 0;    // bytes mapped, a multiple of the OS page size
+    int64_t file_off = 0;  // where the region starts in the spill file
+    std::vector<Chunk> chunks;
+};
+
+class HostPager final : public PagerBackend {
+public:
+    HostPager(int64_t budget, const char *spill_dir, int64_t page_bytes)
+        : budget_(budget), page_bytes_(page_bytes), os_page_(os_page_size()) {
+        if (spill_dir != nullptr && spill_dir[0] != '\0') {
+            dir_ = spill_dir;
+            fd_ = create_spill_file(dir_);
+            tmpfs_ = dir_is_tmpfs(fd_);
+        } else {
+            open_default_dir();
+        }
+    }
+
+    ~HostPager() override {
+        for (auto &kv : allocs_) ::munmap(kv.second->base, size_t(kv.second->mapped));
+        if (fd_ >= 0) ::close(fd_);
+    }
+
+    nf4_pager_backend kind() const override { return NF4_PAGER_HOST; }
+    const std::string &spill_dir() const override { return dir_; }
+    bool spill_is_tmpfs() const override { return tmpfs_; }
+
+    void *alloc(int64_t nbytes) override {
+        require(nbytes <= INT64_MAX - os_page_, "nbytes too large: " + std::to_string(nbytes));
+        const int64_t len = (nbytes + os_page_ - 1) / os_page_ * os_page_;
+        std::lock_guard<std::mutex> lock(mu_);
+        const int64_t off = take_region(len);
+        if (int err = reserve(fd_, off, len)) {
+            give_back_region(off, len);
+            fail_os(NF4_ERROR_OUT_OF_MEMORY, err,
+                    "cannot reserve " + std::to_string(len) + " bytes in the spill file in '" + dir_ + "'");
+        }
+        void *p = ::mmap(nullptr, size_t(len), PROT_READ | PROT_WRITE, MAP_SHARED, fd_, off_t(off));
+        if (p == MAP_FAILED) {
+            const int err = errno;
+            give_back_region(off, len);
+            fail_os(NF4_ERROR_OUT_OF_MEMORY, err, "cannot map " + std::to_string(len) + " bytes of the spill file");
+        }
+        auto a = std::make_unique<Allocation>();
+        a->base = static_cast<char *>(p);
+        a->mapped = len;
+        a->file_off = off;
+        a->chunks.resize(size_t((len + page_bytes_ - 1) / page_bytes_));
+        allocated_ += len;
+        allocs_.emplace(reinterpret_cast<uintptr_t>(p), std::move(a));
+        return p;
+    }
+
+    void free(void *ptr) override {
+        std::lock_guard<std::mutex> lock(mu_);
+        auto it = allocs_.find(reinterpret_cast<uintptr_t>(ptr));
+        require(ptr != nullptr && it != allocs_.end(), "pointer was not allocated by this pager");
+        Allocation &a = *it->second;
+        for (Chunk &c : a.chunks)
+            if (c.resident) lru_remove(a, c);
+        const bool punched = punch_hole(a.file_off, a.mapped);
+        if (!punched) {
+            // No hole punching (macOS, some file systems): zero the region so the
+            // next allocation that reuses it reads zeros, then drop it from RAM.
+            std::memset(a.base, 0, size_t(a.mapped));
+            ::msync(a.base, size_t(a.mapped), MS_SYNC);
+        }
+        ::munmap(a.base, size_t(a.mapped));
+        drop_cache(a.file_off, a.mapped);
+        allocated_ -= a.mapped;
+        give_back_region(a.file_off, a.mapped);
+        allocs_.erase(it);
+    }
+
+    void prefetch(const void *ptr, int64_t nbytes) override {
+        std::lock_guard<std::mutex> lock(mu_);
+        Allocation &a = find(ptr, nbytes);
+        if (nbytes == 0) return;
+        if (budget_ >= 0 && prefetched_since_refresh_ >= allocated_) refresh_all();
+        const int64_t start = static_cast<const char *>(ptr) - a.base;
+        const int64_t c0 = start / page_bytes_, c1 = (start + nbytes - 1) / page_bytes_;
+        for (int64_t i = c0; i <= c1; ++i) {
+            const int64_t off = i * page_bytes_, len = chunk_len(a, i);
+            if (resident_pages(a.base + off, len) < len / os_page_) {
+                make_resident(a, off, len);
+                ++page_ins_;
+            }
+            Chunk &c = a.chunks[size_t(i)];
+            if (c.resident) lru_remove(a, c);
+            c.resident = true;
+            c.pos = lru_.insert(lru_.end(), ChunkRef{&a, i});
+            tracked_ += len;
+        }
+        prefetched_since_refresh_ += (c1 - c0 + 1) * page_bytes_;
+        if (budget_ < 0) return;
+        // Evict least recently used chunks, never the ones just prefetched
+        // (they are the most recent, so the loop stops when it reaches them).
+        while (tracked_ > budget_ && !lru_.empty()) {
+            const ChunkRef victim = lru_.front();
+            if (victim.alloc == &a && victim.index >= c0 && victim.index <= c1) break;
+            evict_chunk(*victim.alloc, victim.index);
+        }
+    }
+
+    void evict(const void *ptr, int64_t nbytes) override {
+        std::lock_guard<std::mutex> lock(mu_);
+        Allocation &a = find(ptr, nbytes);
+        if (nbytes == 0) return;
+        const int64_t start = static_cast<const char *>(ptr) - a.base;
+        for (int64_t i = start / page_bytes_; i <= (start + nbytes - 1) / page_bytes_; ++i) evict_chunk(a, i);
+    }
+
+    void evict_all() override {
+        std::lock_guard<std::mutex> lock(mu_);
+        for (auto &kv : allocs_)
+            for (int64_t i = 0; i < int64_t(kv.second->chunks.size()); ++i) evict_chunk(*kv.second, i);
+    }
+
+    nf4_pager_stats stats() override {
+        std::lock_guard<std::mutex> lock(mu_);
+        const int64_t resident = refresh_all();
+        nf4_pager_stats s;
+        s.budget_bytes = budget_;
+        s.page_bytes = page_bytes_;
+        s.allocated_bytes = allocated_;
+        s.resident_bytes = resident;
+        s.spilled_bytes = allocated_ - resident;
+        s.page_ins = page_ins_;
+        s.page_outs = page_outs_;
+        s.num_allocations = int64_t(allocs_.size());
+        return s;
+    }
+
+private:
+    void open_default_dir() {
+        std::vector<std::string> candidates;
+        if (const char *t = std::getenv("TMPDIR"); t != nullptr && t[0] != '\0') candidates.emplace_back(t);
+        candidates.emplace_back("/var/tmp");
+        candidates.emplace_back("/tmp");
+        std::string tried;
+        for (const std::string &dir : candidates) {
+            int fd = -1;
+            try {
+                fd = create_spill_file(dir);
+            } catch (const Error &e) {
+                tried += std::string(tried.empty() ? "" : "; ") + e.what();
+                continue;
+            }
+            const bool tmpfs = dir_is_tmpfs(fd);
+            if (fd_ < 0 || (tmpfs_ && !tmpfs)) {  // keep the first usable, prefer one on disk
+                if (fd_ >= 0) ::close(fd_);
+                fd_ = fd;
+                dir_ = dir;
+                tmpfs_ = tmpfs;
+            } else {
+                ::close(fd);
+            }
+            if (!tmpfs_) break;
+        }
+        if (fd_ < 0) fail(NF4_ERROR_INVALID_ARGUMENT, "no usable spill directory (" + tried + "); pass spill_dir");
+    }
+
+    // First fit in the free list, else the end of the file.
+    int64_t take_region(int64_t len) {
+        for (auto it = free_.begin(); it != free_.end(); ++it) {
+            if (it->second < len) continue;
+            const int64_t off = it->first, rest = it->second - len;
+            free_.erase(it);
+            if (rest > 0) free_.emplace(off + len, rest);
+            return off;
+        }
+        const int64_t off = file_end_;
+        file_end_ += len;
+        return off;
+    }
+
+    // Back to the free list, merged with its neighbours; a free tail shrinks the file.
+    void give_back_region(int64_t off, int64_t len) {
+        auto next = free_.lower_bound(off);
+        if (next != free_.end() && off + len == next->first) {
+            len += next->second;
+            next = free_.erase(next);
+        }
+        if (next != free_.begin()) {
+            auto prev = std::prev(next);
+            if (prev->first + prev->second == off) {
+                off = prev->first;
+                len += prev->second;
+                free_.erase(prev);
+            }
+        }
+        if (off + len == file_end_) {
+            file_end_ = off;
+            (void)!::ftruncate(fd_, off_t(file_end_));
+        } else {
+            free_.emplace(off, len);
+        }
+    }
+
+    bool punch_hole(int64_t off, int64_t len) {
+#if defined(__linux__) && defined(FALLOC_FL_PUNCH_HOLE)
+        return ::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off_t(off), off_t(len)) == 0;
+#else
+        (void)off;
+        (void)len;
+        return false;
+#endif
+    }
+
+    void drop_cache(int64_t off, int64_t len) {
+#ifdef __linux__
+        ::posix_fadvise(fd_, off_t(off), off_t(len), POSIX_FADV_DONTNEED);
+#else
+        (void)off;
+        (void)len;
+#endif
+    }
+
+    Allocation &find(const void *ptr, int64_t nbytes) {
+        const auto p = reinterpret_cast<uintptr_t>(ptr);
+        auto it = allocs_.upper_bound(p);
+        if (ptr != nullptr && it != allocs_.begin()) {
+            Allocation &a = *std::prev(it)->second;
+            const auto base = reinterpret_cast<uintptr_t>(a.base);
+            if (p < base + uintptr_t(a.mapped) && nbytes <= int64_t(base + uintptr_t(a.mapped) - p)) return a;
+            require(p >= base + uintptr_t(a.mapped),
+                    "range of " + std::to_string(nbytes) + " bytes runs past the end of its pager allocation");
+        }
+        fail(NF4_ERROR_INVALID_ARGUMENT, "pointer does not lie in memory allocated by this pager");
+    }
+
+    int64_t chunk_len(const Allocation &a, int64_t i) const {
+        return std::min(page_bytes_, a.mapped - i * page_bytes_);
+    }
+
+    // Number of OS pages of [p, p + len) in RAM (page cache included).
+    int64_t resident_pages(char *p, int64_t len) {
+        const size_t n = size_t(len / os_page_);
+        vec_.resize(n);
+        if (::mincore(p, size_t(len), vec_.data()) != 0) return 0;
+        int64_t count = 0;
+        for (size_t i = 0; i < n; ++i) count += vec_[i] & 1;
+        return count;
+    }
+
+    void make_resident(const Allocation &a, int64_t off, int64_t len) {
+        char *p = a.base + off;
+        ::madvise(p, size_t(len), MADV_WILLNEED);
+#ifdef __linux__
+        // Reads exactly this range into the page cache, so the faults below hit
+        // it and do not read around it (other pages, past the budget).
+        ::posix_fadvise(fd_, off_t(a.file_off + off), off_t(len), POSIX_FADV_WILLNEED);
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22  // Linux 5.14
+#endif
+        // Success is not proof: emulators (qemu-user) accept and ignore madvise.
+        if (::madvise(p, size_t(len), MADV_POPULATE_READ) == 0 && resident_pages(p, len) == len / os_page_) return;
+#endif
+        volatile char sink = 0;
+        for (int64_t off = 0; off < len; off += os_page_) sink = sink + p[off];
+        (void)sink;
+    }
+
+    void lru_remove(Allocation &, Chunk &c) {
+        const int64_t i = c.pos->index;
+        tracked_ -= chunk_len(*c.pos->alloc, i);
+        lru_.erase(c.pos);
+        c.resident = false;
+    }
+
+    // Writes the chunk back and returns its RAM; a chunk with no page in RAM
+    // costs one mincore call. On a write-back failure the chunk stays resident.
+    void evict_chunk(Allocation &a, int64_t i) {
+        Chunk &c = a.chunks[size_t(i)];
+        char *p = a.base + i * page_bytes_;
+        const int64_t len = chunk_len(a, i);
+        if (!c.resident && resident_pages(p, len) == 0) return;
+        if (::msync(p, size_t(len), MS_SYNC) != 0)
+            fail_os(NF4_ERROR_OUT_OF_MEMORY, errno, "cannot write pager memory back to the spill file in '" + dir_ + "'");
+#ifdef __APPLE__
+        ::msync(p, size_t(len), MS_INVALIDATE);
+#endif
+        ::madvise(p, size_t(len), MADV_DONTNEED);
+        drop_cache(a.file_off + i * page_bytes_, len);
+        if (c.resident) lru_remove(a, c);
+        ++page_outs_;
+    }
+
+    // Brings the LRU in line with what is really in RAM (pages touched without
+    // prefetch, pages the kernel reclaimed) and returns the exact resident bytes.
+    int64_t refresh_all() {
+        int64_t resident = 0;
+        for (auto &kv : allocs_) {
+            Allocation &a = *kv.second;
+            for (int64_t i = 0; i < int64_t(a.chunks.size()); ++i) {
+                Chunk &c = a.chunks[size_t(i)];
+                const int64_t len = chunk_len(a, i);
+                const int64_t pages = resident_pages(a.base + i * page_bytes_, len);
+                resident += pages * os_page_;
+                if (pages > 0 && !c.resident) {
+                    // faulted in outside prefetch: nobody asked for it, so evict it first
+                    c.resident = true;
+                    c.pos = lru_.insert(lru_.begin(), ChunkRef{&a, i});
+                    tracked_ += len;
+                } else if (pages == 0 && c.resident) {
+                    lru_remove(a, c);
+                }
+            }
+        }
+        prefetched_since_refresh_ = 0;
+        return resident;
+    }
+
+    const int64_t budget_, page_bytes_, os_page_;
+    std::string dir_;
+    int fd_ = -1;
+    bool tmpfs_ = false;
+
+    std::mutex mu_;
+    std::map<uintptr_t, std::unique_ptr<Allocation>> allocs_;
+    std::map<int64_t, int64_t> free_;  // offset -> length of free file regions
+    int64_t file_end_ = 0;
+    Lru lru_;
+    int64_t tracked_ = 0;  // bytes of the chunks in lru_
+    int64_t allocated_ = 0;
+    int64_t page_ins_ = 0, page_outs_ = 0;
+    // A full mincore pass costs ~1 ms per GiB: done once per sweep over the
+    // allocated bytes, not on every prefetch.
+    int64_t prefetched_since_refresh_ = 0;
+#ifdef __APPLE__
+    std::vector<char> vec_;
+#else
+    std::vector<unsigned char> vec_;
+#endif
+};
+
+}  // namespace
+
+std::unique_ptr<PagerBackend> make_host_pager(int64_t budget_bytes, const char *spill_dir, int64_t page_bytes) {
+    return std::make_unique<HostPager>(budget_bytes, spill_dir, page_bytes);
+}
+
+}  // namespace nf4core
+
+#else  // no POSIX mmap
+
+namespace nf4core {
+std::unique_ptr<PagerBackend> make_host_pager(int64_t, const char *, int64_t) {
+    fail(NF4_ERROR_INVALID_ARGUMENT, "the pager's host backend is not supported on this platform (needs POSIX mmap)");
+}
+}  // namespace nf4core
+
+#endif

@@ -1,0 +1,319 @@
+"""Paged host memory: numpy arrays whose bytes move between RAM and a spill file.
+
+The pager itself is nf4core's (``nf4core/include/nf4core/pager.h``); this
+module validates arguments and ties the lifetime of each allocation to the
+arrays that view it. See ``docs/pager.md`` for the design.
+"""
+import operator
+import os
+import warnings
+
+import numpy as np
+
+from . import _nf4core as _c  # bindings/pager.pxi
+from ._dtypes import bfloat16
+
+__all__ = ["Pager"]
+
+
+class _Allocation:
+    """One pager allocation; the ``base`` of every array on it.
+
+    numpy keeps it alive through ``ndarray.base``, so the region is freed when
+    the last array viewing it is garbage collected. It holds the C pager
+    handle, so the pager outlives its arrays even after ``Pager.close()``.
+    """
+
+    __slots__ = ("__weakref__", "_handle", "_nbytes", "_ptr")
+
+    def __init__(self, handle, nbytes):
+        self._handle = handle
+        self._ptr = 0
+        self._ptr = handle.alloc(max(nbytes, 1))
+        self._nbytes = nbytes
+
+    @property
+    def __array_interface__(self):
+        return {"data": (self._ptr, False), "shape": (self._nbytes,), "typestr": "|u1", "version": 3}
+
+    def __del__(self):
+        if self._ptr:
+            ptr, self._ptr = self._ptr, 0
+            self._handle.free(ptr)
+
+
+def _check_size(value, name, allow_none=True):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer or None, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer or None, got {type(value).__name__}") from None
+
+
+def _normalize_shape(shape):
+    if isinstance(shape, bool):
+        raise TypeError(f"shape must be an int or a tuple of ints, got {shape!r}")
+    try:
+        dims = (operator.index(shape),)
+    except TypeError:
+        try:
+            dims = tuple(shape)
+        except TypeError:
+            raise TypeError(f"shape must be an int or a tuple of ints, got {type(shape).__name__}") from None
+        for d in dims:
+            if isinstance(d, bool):
+                raise TypeError(f"shape must be an int or a tuple of ints, got {shape!r}")
+            try:
+                operator.index(d)
+            except TypeError:
+                raise TypeError(f"shape must be an int or a tuple of ints, got {shape!r}") from None
+        dims = tuple(operator.index(d) for d in dims)
+    if any(d < 0 for d in dims):
+        raise ValueError(f"shape must not have negative dimensions, got {dims}")
+    return dims
+
+
+def _normalize_dtype(dtype):
+    if isinstance(dtype, str) and dtype == "bfloat16" and bfloat16 is not None:
+        return bfloat16
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise TypeError(f"dtype: {dtype!r} is not a numpy dtype") from exc
+    if dt.hasobject:
+        raise TypeError(f"dtype {dt} holds Python objects, which cannot live in pager memory")
+    if dt.itemsize == 0:
+        raise TypeError(f"dtype {dt} has no fixed size; give its length (e.g. 'S8')")
+    return dt
+
+
+def _byte_range(a):
+    """(address, nbytes) of the memory spanned by an array or a CPU tensor, without copying."""
+    if isinstance(a, np.ndarray) or hasattr(a, "__array_interface__"):
+        arr = np.asarray(a)
+        ptr = arr.__array_interface__["data"][0]
+        shape, strides, itemsize = arr.shape, arr.strides, arr.itemsize
+    elif callable(getattr(a, "data_ptr", None)) and callable(getattr(a, "stride", None)):
+        device = getattr(a, "device", None)
+        if device is not None and getattr(device, "type", "cpu") != "cpu":
+            raise ValueError(f"a: a tensor on {device} cannot be in host pager memory")
+        ptr, itemsize = a.data_ptr(), a.element_size()
+        shape = tuple(a.shape)
+        strides = tuple(s * itemsize for s in a.stride())
+    else:
+        raise TypeError(f"a must be a numpy array or a torch tensor on pager memory, got {type(a).__name__}")
+    if 0 in shape:
+        return ptr, 0
+    lo = ptr + sum((n - 1) * s for n, s in zip(shape, strides) if s < 0)
+    hi = ptr + sum((n - 1) * s for n, s in zip(shape, strides) if s > 0) + itemsize
+    return lo, hi - lo
+
+
+class Pager:
+    """Host memory with a RAM budget: arrays spill to a file and come back on use.
+
+    Arrays from :meth:`zeros` and :meth:`empty` are ordinary numpy arrays (and
+    ``torch.from_numpy`` shares them without a copy) whose memory nf4core pages
+    in units of ``page_bytes``: :meth:`prefetch` makes an array resident and
+    most recently used, then writes the least recently used pages of other
+    arrays back to the spill file until the resident bytes fit
+    ``budget_bytes``; :meth:`evict` does so on demand. Touching a spilled
+    array without prefetching it is still correct (the OS faults it in).
+
+    Parameters
+    ----------
+    budget_bytes : int or None
+        Bytes of RAM the pager's arrays may hold after a prefetch; ``None``
+        means unlimited (pages leave RAM only through :meth:`evict`). One
+        prefetched range larger than the budget stays resident whole.
+    spill_dir : str or os.PathLike or None
+        Directory of the spill file (created unlinked: nothing is left behind).
+        ``None``: ``$TMPDIR``, ``/var/tmp`` or ``/tmp``, preferring one that is
+        not a tmpfs. On a tmpfs eviction cannot free RAM; a warning says so.
+    page_bytes : int or None
+        Paging unit, a positive multiple of the OS page size; ``None`` means
+        2 MiB.
+
+    Notes
+    -----
+    Each allocation is freed when the last array viewing it is garbage
+    collected. :meth:`close` makes the pager unusable at once but defers
+    unmapping until its arrays are gone, so no array ever dangles. Methods are
+    thread-safe and release the GIL. Errors of the spill file (directory not
+    usable, disk full, file-size limit) raise ``OSError`` with the errno;
+    existing arrays stay intact.
+
+    Examples
+    --------
+    >>> import numpy as np, pyqlora as pq
+    >>> with pq.Pager(budget_bytes=4 << 20) as pager:
+    ...     m = pager.zeros((1024, 1024), dtype=np.float32)    # 4 MiB, all spilled
+    ...     v = pager.zeros((1024, 1024), dtype=np.float32)
+    ...     pager.prefetch(m); m += 1.0
+    ...     pager.prefetch(v)                               # m goes back to the file
+    ...     s = pager.stats()
+    >>> s["resident_bytes"] <= 4 << 20, float(m.sum())
+    (True, 1048576.0)
+    """
+
+    def __init__(self, budget_bytes=None, spill_dir=None, page_bytes=None):
+        budget = _check_size(budget_bytes, "budget_bytes")
+        if budget is not None and budget < 0:
+            raise ValueError(f"budget_bytes must be >= 0 or None (unlimited), got {budget}")
+        page = _check_size(page_bytes, "page_bytes")
+        os_page = _c.pager_os_page_size()
+        if page is not None and (page <= 0 or page % os_page):
+            raise ValueError(f"page_bytes must be a positive multiple of the OS page size ({os_page}), got {page}")
+        if spill_dir is not None and not isinstance(spill_dir, (str, bytes, os.PathLike)):
+            raise TypeError(f"spill_dir must be a path or None, got {type(spill_dir).__name__}")
+        cdir = None if spill_dir is None else os.fsencode(spill_dir)
+        self._handle = _c.PagerHandle(-1 if budget is None else budget, cdir, 0 if page is None else page)
+        self._budget = budget
+        if self._handle.spill_is_tmpfs:
+            warnings.warn(
+                f"pager spill directory {self._handle.spill_dir!r} is a tmpfs: eviction cannot return memory "
+                "to the OS there; pass spill_dir= on a disk",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    # -- state -------------------------------------------------------------------------------
+    def _h(self):
+        h = self._handle
+        if h is None:
+            raise ValueError("the pager is closed")
+        return h
+
+    @property
+    def closed(self):
+        """True after :meth:`close`."""
+        return self._handle is None
+
+    @property
+    def spill_dir(self):
+        """Directory of the spill file."""
+        return self._h().spill_dir
+
+    @property
+    def spill_is_tmpfs(self):
+        """True if the spill file is on a tmpfs, where eviction cannot free RAM."""
+        return self._h().spill_is_tmpfs
+
+    @property
+    def budget_bytes(self):
+        """The RAM budget, or None for unlimited."""
+        return self._budget
+
+    @property
+    def page_bytes(self):
+        """The paging unit in bytes."""
+        return self._h().stats()["page_bytes"]
+
+    # -- allocation --------------------------------------------------------------------------
+    def empty(self, shape, dtype=np.float32):
+        """A new C-contiguous array on pager memory (its contents happen to be zeros).
+
+        Parameters
+        ----------
+        shape : int or tuple of int
+        dtype : data-type, default float32
+            Any fixed-size numpy dtype (``"bfloat16"`` too), not ``object``.
+
+        Returns
+        -------
+        numpy.ndarray
+            Writable; its ``base`` owns the allocation.
+        """
+        shape = _normalize_shape(shape)
+        dt = _normalize_dtype(dtype)
+        count = 1
+        for d in shape:
+            count *= d
+        nbytes = count * dt.itemsize
+        if nbytes >= 1 << 62:
+            raise ValueError(f"shape {shape} of {dt} needs {nbytes} bytes, more than the pager can map")
+        owner = _Allocation(self._h(), nbytes)
+        return np.asarray(owner).view(dt).reshape(shape)
+
+    def zeros(self, shape, dtype=np.float32):
+        """A new zero-filled C-contiguous array on pager memory (see :meth:`empty`)."""
+        return self.empty(shape, dtype)  # pager memory is always zero-filled when allocated
+
+    # -- paging ------------------------------------------------------------------------------
+    def prefetch(self, a):
+        """Make `a` resident and most recently used, then evict to fit the budget.
+
+        Parameters
+        ----------
+        a : numpy.ndarray or torch.Tensor
+            An array from this pager, a view into one, or a CPU tensor sharing
+            its memory (``torch.from_numpy``).
+
+        Raises
+        ------
+        ValueError
+            If `a` does not lie in memory of this pager.
+        """
+        h = self._h()
+        ptr, nbytes = _byte_range(a)
+        h.prefetch(ptr, nbytes)
+
+    def evict(self, a=None):
+        """Write pages back to the spill file and return their RAM to the OS.
+
+        Parameters
+        ----------
+        a : numpy.ndarray or torch.Tensor or None
+            What to evict (whole pages covering it); ``None`` evicts everything.
+            The data stays readable: it is faulted back in on use.
+        """
+        h = self._h()
+        if a is None:
+            h.evict_all()
+        else:
+            ptr, nbytes = _byte_range(a)
+            h.evict(ptr, nbytes)
+
+    def stats(self):
+        """Counters of the pager.
+
+        Returns
+        -------
+        dict
+            ``budget_bytes`` (-1 = unlimited), ``page_bytes``, ``allocated_bytes``,
+            ``resident_bytes`` (measured with ``mincore``), ``spilled_bytes``,
+            ``page_ins``, ``page_outs`` and ``num_allocations``.
+        """
+        return self._h().stats()
+
+    # -- lifetime ----------------------------------------------------------------------------
+    def close(self):
+        """Stop using the pager; memory is released once no array views it.
+
+        Every later method call raises ``ValueError``; arrays already made stay
+        valid (the spill file and mappings live until the last one is
+        collected). Closing twice is allowed.
+        """
+        self._handle = None
+
+    def __enter__(self):
+        self._h()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        h = self._handle
+        if h is None:
+            return "Pager(closed)"
+        s = h.stats()
+        budget = "None" if s["budget_bytes"] < 0 else str(s["budget_bytes"])
+        return (
+            f"Pager(budget_bytes={budget}, page_bytes={s['page_bytes']}, spill_dir={h.spill_dir!r}, "
+            f"allocated_bytes={s['allocated_bytes']}, resident_bytes={s['resident_bytes']}, "
+            f"num_allocations={s['num_allocations']})"
+        )

@@ -1,0 +1,429 @@
+"""pq.Pager: paged host memory, checked against shadow copies, the kernel's RSS and real faults."""
+import doctest
+import errno
+import gc
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+import pyqlora as pq
+from pyqlora import _pager
+
+MiB = 1 << 20
+STATS_KEYS = {"budget_bytes", "page_bytes", "allocated_bytes", "resident_bytes", "spilled_bytes", "page_ins",
+              "page_outs", "num_allocations"}
+
+linux_only = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc/self/status (Linux)")
+
+
+def proc_status_bytes(key):
+    """A memory figure of this process from /proc/self/status (VmRSS, RssFile, ...) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def spill_fds(spill_dir):
+    """File descriptors of this process that point into spill_dir (the unlinked spill files)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(spill_dir) + "/"):
+            found.append(target)
+    return found
+
+
+def test_data_intact_over_evict_prefetch_cycles_under_quarter_budget(rng):
+    shapes = [(300, 1024), (1000,), (512, 512, 3), (7, 5), (2048, 256), (65536 + 3,)]
+    total = sum(int(np.prod(s)) * 4 for s in shapes)
+    budget = total // 4
+    with pq.Pager(budget_bytes=budget, page_bytes=256 * 1024) as p:
+        arrays = [p.zeros(s, dtype=np.float32) for s in shapes]
+        shadows = []
+        for a in arrays:
+            assert not a.any()
+            p.prefetch(a)
+            a[...] = rng.standard_normal(a.shape, dtype=np.float32)
+            shadows.append(a.copy())
+        largest = max(a.nbytes for a in arrays)
+        max_resident = 0
+        for cycle in range(30):
+            for k in rng.permutation(len(arrays)):
+                a, s = arrays[k], shadows[k]
+                p.prefetch(a)
+                np.testing.assert_array_equal(a, s)
+                noise = rng.standard_normal(a.shape, dtype=np.float32)
+                for x in (a, s):  # the same float ops on both: bit-identical results expected
+                    x *= np.float32(0.9)
+                    x += noise
+                st = p.stats()
+                max_resident = max(max_resident, st["resident_bytes"])
+                # after a prefetch: the budget, or more only for the one range just asked for
+                assert st["resident_bytes"] <= max(budget, a.nbytes + p.page_bytes) + p.page_bytes
+            if cycle % 7 == 6:
+                p.evict()
+        for a, s in zip(arrays, shadows):
+            np.testing.assert_array_equal(a, s)
+        st = p.stats()
+        assert st["page_ins"] > 0 and st["page_outs"] > 0
+        assert st["spilled_bytes"] == st["allocated_bytes"] - st["resident_bytes"]
+        assert max_resident <= largest + 2 * p.page_bytes < total
+
+
+@linux_only
+def test_evict_returns_memory_to_the_os(rng):
+    p = pq.Pager()
+    if p.spill_is_tmpfs:
+        pytest.skip(f"spill dir {p.spill_dir} is a tmpfs: eviction cannot free memory there")
+    a = p.zeros(64 * MiB, dtype=np.uint8)
+    rss0 = proc_status_bytes("VmRSS")
+    a[...] = rng.integers(0, 256, a.shape, dtype=np.uint8)
+    ref = a.copy()  # also 64 MiB, but anonymous memory: RssFile does not count it
+    rss_filled, file_filled = proc_status_bytes("VmRSS"), proc_status_bytes("RssFile")
+    p.evict(a)
+    rss_evicted, file_evicted = proc_status_bytes("VmRSS"), proc_status_bytes("RssFile")
+    print(f"VmRSS {rss0 / MiB:.0f} -> filled {rss_filled / MiB:.0f} -> evicted {rss_evicted / MiB:.0f} MiB")
+    assert rss_filled - rss0 >= 2 * 60 * MiB  # the pager array and its copy
+    assert rss_filled - rss_evicted >= 60 * MiB
+    assert file_filled - file_evicted >= 60 * MiB
+    assert p.stats()["resident_bytes"] == 0  # the page cache is dropped too (mincore)
+    np.testing.assert_array_equal(a, ref)  # faults back in, byte-exact
+
+
+def test_stats_count_allocations_pages_and_frees():
+    p = pq.Pager(page_bytes=MiB)
+    st = p.stats()
+    assert set(st) == STATS_KEYS
+    assert st["budget_bytes"] == -1 and st["page_bytes"] == MiB and st["num_allocations"] == 0
+    a = p.zeros((4 * MiB,), dtype=np.uint8)
+    b = p.empty((3, 5), dtype=np.float64)
+    st = p.stats()
+    assert st["num_allocations"] == 2
+    assert st["allocated_bytes"] == 4 * MiB + os.sysconf("SC_PAGESIZE")
+    assert st["resident_bytes"] == 0 and st["page_ins"] == 0
+    p.prefetch(a[MiB:2 * MiB])
+    assert p.stats()["page_ins"] == 1
+    p.prefetch(a[MiB + 5:MiB + 9])  # same page, already resident
+    assert p.stats()["page_ins"] == 1
+    a[...] = 1  # touched without prefetch: resident all the same, and reported
+    assert p.stats()["resident_bytes"] >= 4 * MiB
+    p.evict(a[:2 * MiB])
+    st = p.stats()
+    assert st["page_outs"] == 2 and st["resident_bytes"] >= 2 * MiB
+    p.evict()
+    assert p.stats()["resident_bytes"] == 0 and p.stats()["page_outs"] == 4 + 1  # b's page was zero-filled
+    del a, b
+    gc.collect()
+    st = p.stats()
+    assert st["num_allocations"] == 0 and st["allocated_bytes"] == 0
+
+
+def test_allocation_lives_while_any_view_does():
+    p = pq.Pager()
+    a = p.zeros((100, 100), dtype=np.float32)
+    a[10:20] = 5.0
+    v = a[10:20, ::3]
+    t = a.T
+    del a
+    gc.collect()
+    assert p.stats()["num_allocations"] == 1
+    assert (v == 5.0).all() and t.shape == (100, 100)
+    p.prefetch(v)  # a strided view into pager memory
+    p.evict(t)
+    del v
+    gc.collect()
+    assert p.stats()["num_allocations"] == 1
+    del t
+    gc.collect()
+    assert p.stats()["num_allocations"] == 0
+
+
+@linux_only
+def test_close_with_live_arrays_defers_unmapping(tmp_path):
+    with pq.Pager(budget_bytes=MiB, spill_dir=tmp_path) as p:
+        a = p.zeros((1000, 1000), dtype=np.float32)
+        a[...] = 3.0
+        assert p.spill_dir == str(tmp_path)
+        assert len(spill_fds(tmp_path)) == 1
+    assert p.closed and repr(p) == "Pager(closed)"
+    for method, args in ((p.stats, ()), (p.evict, ()), (p.prefetch, (a,)), (p.zeros, (3,))):
+        with pytest.raises(ValueError, match="closed"):
+            method(*args)
+    p.close()  # twice is fine
+    assert (a == 3.0).all()  # still mapped: no dangling memory
+    assert len(spill_fds(tmp_path)) == 1
+    del a
+    gc.collect()
+    assert spill_fds(tmp_path) == []  # last array gone: pager destroyed, spill file closed
+    assert os.listdir(tmp_path) == []  # and nothing left on disk
+
+
+def test_dtypes_and_shapes():
+    p = pq.Pager()
+    for dt in [np.float32, np.float16, np.int8, np.complex128, "bfloat16", np.dtype([("x", "<f4"), ("y", "u1")])]:
+        a = p.zeros((3, 4), dtype=dt)
+        assert a.shape == (3, 4) and a.flags.c_contiguous and a.flags.writeable
+        assert a.dtype == (_pager.bfloat16 if dt == "bfloat16" else np.dtype(dt))
+        assert not a.view(np.uint8).any()
+    assert p.zeros(7).shape == (7,) and p.zeros(()).shape == ()
+    e = p.zeros((0, 5))
+    assert e.size == 0
+    p.prefetch(e)
+    p.evict(e)
+
+
+def test_zero_copy_with_numpy():
+    p = pq.Pager()
+    a = p.zeros((8, 8), dtype=np.float32)
+    b = np.asarray(a)
+    assert b is a or np.shares_memory(a, b)
+    addr = a.__array_interface__["data"][0]
+    assert addr % os.sysconf("SC_PAGESIZE") == 0
+    assert a.base.base.__array_interface__["data"][0] == addr  # the owner of the allocation
+
+
+def test_zero_copy_with_torch():
+    torch = pytest.importorskip("torch")
+    p = pq.Pager(budget_bytes=0)
+    a = p.zeros((64, 1024), dtype=np.float32)
+    t = torch.from_numpy(a)
+    assert t.data_ptr() == a.__array_interface__["data"][0]
+    t[1, 2] = 7.0
+    assert a[1, 2] == 7.0
+    p.prefetch(t)
+    p.evict(t)
+    p.prefetch(t[:, 3])  # a strided tensor view
+    t.mul_(2)
+    assert a[1, 2] == 14.0
+    p.evict(t[5:])
+    p.prefetch(t.T)
+    assert float(t.sum()) == 14.0
+    with pytest.raises(ValueError, match="not lie in memory allocated by this pager"):
+        p.prefetch(torch.zeros(3))
+
+
+def test_prefetch_rejects_memory_from_elsewhere():
+    p, q = pq.Pager(), pq.Pager()
+    a = q.zeros(1000)
+    for foreign in (np.zeros(1000, np.float32), a):
+        with pytest.raises(ValueError, match="not lie in memory allocated by this pager"):
+            p.prefetch(foreign)
+        with pytest.raises(ValueError, match="not lie in memory allocated by this pager"):
+            p.evict(foreign)
+    with pytest.raises(TypeError, match="numpy array or a torch tensor"):
+        p.prefetch([1.0, 2.0])
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"budget_bytes": -1}, ValueError, "budget_bytes"),
+        ({"budget_bytes": "1G"}, TypeError, "budget_bytes"),
+        ({"budget_bytes": True}, TypeError, "budget_bytes"),
+        ({"budget_bytes": 1.5}, TypeError, "budget_bytes"),
+        ({"page_bytes": 1000}, ValueError, "page_bytes"),
+        ({"page_bytes": 0}, ValueError, "page_bytes"),
+        ({"page_bytes": -4096}, ValueError, "page_bytes"),
+        ({"spill_dir": 3}, TypeError, "spill_dir"),
+    ],
+)
+def test_constructor_validation(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        pq.Pager(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, exc, match",
+    [
+        ((-1, 3), np.float32, ValueError, "shape"),
+        ("ab", np.float32, TypeError, "shape"),
+        ((2.5,), np.float32, TypeError, "shape"),
+        (True, np.float32, TypeError, "shape"),
+        ((3,), object, TypeError, "dtype"),
+        ((3,), "U", TypeError, "dtype"),
+        ((3,), "not-a-dtype", TypeError, "dtype"),
+        ((1 << 40, 1 << 30), np.float32, ValueError, "shape"),
+    ],
+)
+def test_allocation_validation(shape, dtype, exc, match):
+    p = pq.Pager()
+    with pytest.raises(exc, match=match):
+        p.zeros(shape, dtype=dtype)
+
+
+def test_spill_dir_missing_or_not_a_directory(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match=str(missing)) as info:
+        pq.Pager(spill_dir=missing)
+    assert info.value.errno == errno.ENOENT
+    regular = tmp_path / "file"
+    regular.write_bytes(b"x")
+    with pytest.raises(NotADirectoryError, match=str(regular)) as info:
+        pq.Pager(spill_dir=regular)
+    assert info.value.errno == errno.ENOTDIR
+
+
+def test_spill_dir_not_writable():
+    base = pathlib.Path(tempfile.mkdtemp())  # not tmp_path: its parent is private (0700) to the owner
+    base.chmod(0o755)
+    ro = base / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if not os.access(ro, os.W_OK):
+            with pytest.raises(PermissionError, match=str(ro)) as info:
+                pq.Pager(spill_dir=ro)
+            assert info.value.errno == errno.EACCES
+        elif hasattr(os, "fork") and os.geteuid() == 0:
+            # root ignores permission bits: try as nobody, in a forked child
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - child
+                code = 1
+                try:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                    if not ro.is_dir() or os.access(ro, os.W_OK):
+                        os._exit(4)  # the fault must be the missing write permission, nothing else
+                    pq.Pager(spill_dir=ro)
+                except PermissionError as e:
+                    code = 0 if e.errno == errno.EACCES and str(ro) in str(e) else 2
+                except Exception:  # noqa: BLE001 - any other outcome fails the test
+                    code = 3
+                os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+        else:
+            pytest.skip("permission bits do not stop this user")
+    finally:
+        ro.chmod(0o755)
+        shutil.rmtree(base)
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")
+def test_tmpfs_spill_dir_warns():
+    if os.statvfs("/dev/shm").f_bsize == 0:  # pragma: no cover
+        pytest.skip("odd /dev/shm")
+    with open("/proc/mounts") if os.path.exists("/proc/mounts") else open(os.devnull) as f:
+        tmpfs = any(line.split()[1] == "/dev/shm" and line.split()[2] == "tmpfs" for line in f)
+    if not tmpfs:
+        pytest.skip("/dev/shm is not a tmpfs here")
+    with pytest.warns(RuntimeWarning, match="tmpfs"):
+        p = pq.Pager(spill_dir="/dev/shm")
+    assert p.spill_is_tmpfs
+    a = p.zeros(1000)
+    a[:] = 2
+    p.evict(a)  # cannot free RAM, but must keep the data
+    assert (a == 2).all()
+
+
+FSIZE_CHILD = textwrap.dedent(
+    """
+    import errno, resource, signal, sys
+    import numpy as np
+    import pyqlora as pq
+    MiB = 1 << 20
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8 * MiB, 8 * MiB))
+    p = pq.Pager(budget_bytes=MiB, spill_dir=sys.argv[1], page_bytes=MiB)
+    a = p.zeros(5 * MiB, dtype=np.uint8)
+    a[...] = np.random.default_rng(0).integers(0, 256, a.shape, dtype=np.uint8)
+    ref = a.copy()
+    try:
+        p.zeros(4 * MiB, dtype=np.uint8)
+    except OSError as e:
+        assert e.errno == errno.EFBIG, e
+        assert sys.argv[1] in str(e), e
+        print("alloc failed:", e)
+    else:
+        raise SystemExit("allocation beyond RLIMIT_FSIZE succeeded")
+    p.evict()
+    p.prefetch(a)
+    assert np.array_equal(a, ref), "data changed after the failed allocation"
+    b = p.zeros(3 * MiB, dtype=np.uint8)  # 5 + 3 MiB still fits the limit
+    b[...] = 1
+    p.evict()
+    assert np.array_equal(a, ref) and (b == 1).all()
+    assert p.stats()["num_allocations"] == 2
+    print("OK")
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX rlimits")
+def test_file_size_limit_is_an_error_at_allocation_and_data_survives(tmp_path):
+    r = subprocess.run([sys.executable, "-c", FSIZE_CHILD, str(tmp_path)], check=False,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "alloc failed:" in r.stdout and "File too large" in r.stdout
+    assert r.stdout.strip().endswith("OK")
+
+
+def test_threads_prefetch_evict_concurrently(rng):
+    p = pq.Pager(budget_bytes=2 * MiB, page_bytes=256 * 1024)
+    n_threads, n = 4, 300_000
+    arrays = [p.zeros(n, dtype=np.float32) for _ in range(n_threads)]
+    errors = []
+    seeds = rng.integers(0, 2**31, n_threads)
+
+    def work(k):
+        try:
+            r = np.random.default_rng(seeds[k])
+            a, shadow = arrays[k], np.zeros(n, np.float32)
+            for it in range(40):
+                lo = int(r.integers(0, n - 1))
+                hi = int(r.integers(lo + 1, n + 1))
+                op = r.integers(0, 4)
+                if op == 0:
+                    p.evict(a[lo:hi])
+                elif op == 1 and k == 0:
+                    p.evict()
+                else:
+                    p.prefetch(a[lo:hi])
+                if not np.array_equal(a[lo:hi], shadow[lo:hi]):
+                    errors.append(f"thread {k} iteration {it}: data changed")
+                v = r.standard_normal(hi - lo, dtype=np.float32)
+                a[lo:hi] = v
+                shadow[lo:hi] = v
+                p.stats()
+            if not np.array_equal(a, shadow):
+                errors.append(f"thread {k}: final data changed")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_repr_and_properties():
+    p = pq.Pager(budget_bytes=3 * MiB, page_bytes=MiB)
+    r = repr(p)
+    assert r.startswith("Pager(budget_bytes=3145728, page_bytes=1048576, spill_dir=")
+    assert p.budget_bytes == 3 * MiB and p.page_bytes == MiB and isinstance(p.spill_dir, str)
+    assert "budget_bytes=None" in repr(pq.Pager())
+
+
+def test_docstring_examples():
+    finder = doctest.DocTestFinder(exclude_empty=True)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    tests = [t for t in finder.find(_pager, _pager.__name__) if t.examples]
+    for t in tests:
+        runner.run(t)
+    result = runner.summarize(verbose=False)
+    assert result.attempted > 0 and result.failed == 0
