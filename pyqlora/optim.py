@@ -138,6 +138,18 @@ class _PagedOptimizer(torch.optim.Optimizer):
         return self.pager.stats()
 
     # -- checkpoints ---------------------------------------------------------------------
+    def state_dict(self):
+        """The state as ordinary tensors (copies out of paged memory), ready for ``torch.save``.
+
+        The paged tensors are views into one shared allocation; copying them
+        keeps a checkpoint to the state itself (``torch.save`` would otherwise
+        write the whole allocation) and lets it load anywhere.
+        """
+        sd = super().state_dict()
+        sd["state"] = {idx: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+                       for idx, st in sd["state"].items()}
+        return sd
+
     def load_state_dict(self, state_dict):
         """Load a state dict saved by this class (or ``torch.optim.AdamW`` for :class:`PagedAdamW`).
 
