@@ -119,6 +119,25 @@ def _byte_param(a, width):
 _STORAGE = ("weight", "weight_absmax", "weight_nested_absmax")
 
 
+class _BytesOf:
+    """Exposes a CPU tensor's bytes to numpy through ``__array_interface__``, keeping the tensor alive.
+
+    ``Tensor.numpy()`` would mark the storage non-resizable, and FSDP2 frees the
+    gathered parameters by resizing their storage to 0."""
+
+    def __init__(self, t):
+        self.tensor = t
+        self.__array_interface__ = {"data": (t.data_ptr(), False), "shape": (t.numel() * t.element_size(),),
+                                    "typestr": "|u1", "version": 3}
+
+
+def _byte_view(t):
+    t = t.detach()
+    if not t.is_contiguous():
+        raise ValueError("4-bit storage must be contiguous")
+    return np.asarray(_BytesOf(t))
+
+
 def _aligned(a):
     """`a` if its data is 4-byte aligned (for a float32 view), else an aligned copy."""
     return a if a.ctypes.data % 4 == 0 else a.copy()
@@ -214,14 +233,14 @@ class Linear4bit(nn.Module):
         if any(t.device.type != "cpu" for t in tensors if t is not None):
             raise TypeError(f"the 4-bit weight is on {self.weight.device}; only CPU storage is supported yet")
         meta = self._q_meta
-        absmax = self.weight_absmax.detach().numpy().reshape(-1)
+        absmax = _byte_view(self.weight_absmax)
         nested = None
         if meta["double_quant"]:
-            nested = _aligned(self.weight_nested_absmax.detach().numpy().reshape(-1)).view(np.float32)
+            nested = _aligned(_byte_view(self.weight_nested_absmax)).view(np.float32)
         else:
             absmax = _aligned(absmax).view(np.float32)
         q = QuantizedArray(shape=meta["shape"], dtype=meta["dtype"], codebook=meta["codebook"],
-                           blocksize=meta["blocksize"], packed=self.weight.detach().numpy().reshape(-1),
+                           blocksize=meta["blocksize"], packed=_byte_view(self.weight),
                            absmax=absmax, nested_absmax=nested, nested_offset=meta["nested_offset"])
         self._q_cache = (key, q)
         return q
@@ -234,8 +253,8 @@ class Linear4bit(nn.Module):
         self.weight = _byte_param(q.packed, 1)
         self.weight_absmax = _byte_param(q.absmax, q.absmax.itemsize)
         self.weight_nested_absmax = _byte_param(q.nested_absmax, 4) if q.double_quant else None
-        self._q_meta = dict(shape=q.shape, dtype=q.dtype, codebook=q.codebook, blocksize=q.blocksize,
-                            double_quant=q.double_quant, nested_offset=q.nested_offset)
+        self._q_meta = {"shape": q.shape, "dtype": q.dtype, "codebook": q.codebook, "blocksize": q.blocksize,
+                        "double_quant": q.double_quant, "nested_offset": q.nested_offset}
         self._q_cache = None
 
     def quant_parameters(self):
