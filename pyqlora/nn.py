@@ -257,6 +257,11 @@ class Linear4bit(nn.Module):
                         "double_quant": q.double_quant, "nested_offset": q.nested_offset}
         self._q_cache = None
 
+    def __getstate__(self):  # pickle / deepcopy: the cached view would duplicate the bytes
+        state = self.__dict__.copy()
+        state["_q_cache"] = None
+        return state
+
     def quant_parameters(self):
         """The frozen uint8 parameters holding the 4-bit weight (codes, scales, nested scales)."""
         return [t for t in (self.weight, self.weight_absmax, self.weight_nested_absmax) if t is not None]
