@@ -199,7 +199,10 @@ def prepare_model(model, config=None):
     model._pyqlora_config = config
     model._pyqlora_targets = sorted({n.rpartition(".")[2] for n, _ in chosen})
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters()) + sum(m.base_layer.quantized.size for _, m in lora_layers(model))
+    # the 4-bit weights are uint8 parameters (codes + scales); count their elements, not their bytes
+    storage = {id(p) for _, m in lora_layers(model) for p in m.base_layer.quant_parameters()}
+    total = (sum(p.numel() for p in model.parameters() if id(p) not in storage)
+             + sum(m.base_layer.quantized.size for _, m in lora_layers(model)))
     return PrepareReport([n for n, _ in chosen], trainable, total, dense_bytes, quant_bytes)
 
 

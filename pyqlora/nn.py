@@ -6,6 +6,13 @@ temporary tensor and drop it, so no dense copy of the weight outlives a call and
 autograd saves nothing but the input of the adapters. State dicts use the
 bitsandbytes/transformers 4-bit keys.
 
+The packed codes and block scales are frozen ``uint8`` parameters of the
+layer (``weight``, ``weight_absmax``, ``weight_nested_absmax``; float32 scales
+are stored as their bytes) and the format's metadata lives on the module, so
+``torch.distributed.fsdp.fully_shard`` can shard and all-gather them as bytes:
+FSDP2 never casts a non-floating parameter under a ``MixedPrecisionPolicy``
+(see ``docs/distributed.md``).
+
 Requires ``pip install "pyqlora[torch]"``.
 """
 import math
@@ -68,11 +75,16 @@ def _use_fused(t, q):
 
 class _Linear4bitFunction(torch.autograd.Function):
     """y = x W^T + b with W 4-bit. Saves no tensor: backward reads the 4-bit weight
-    again (fused product for a few rows, else a temporary dequantized copy)."""
+    again (fused product for a few rows, else a temporary dequantized copy).
+
+    The layer, not its QuantizedArray, is kept for backward: under FSDP2 the
+    gathered weight is freed after forward and gathered again (maybe at another
+    address) before backward, so backward must look the storage up anew."""
 
     @staticmethod
-    def forward(ctx, x, q, bias):
-        ctx.q = q
+    def forward(ctx, x, layer, bias):
+        q = layer.quantized
+        ctx.layer = layer
         ctx.bias_requires_grad = bias is not None and bias.requires_grad
         if _use_fused(x, q):
             y = _fused_product(x, q, transpose=True)
@@ -84,13 +96,51 @@ class _Linear4bitFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:  # grad_input = grad_output . W
-            if _use_fused(grad_out, ctx.q):
-                grad_x = _fused_product(grad_out, ctx.q, transpose=False)
+            q = ctx.layer.quantized
+            if _use_fused(grad_out, q):
+                grad_x = _fused_product(grad_out, q, transpose=False)
             else:
-                grad_x = grad_out @ dequantize_weight(ctx.q, grad_out.dtype)
+                grad_x = grad_out @ dequantize_weight(q, grad_out.dtype)
         if ctx.bias_requires_grad:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, None, grad_bias
+
+
+def _is_dtensor(t):
+    return t is not None and type(t).__name__ == "DTensor"
+
+
+def _byte_param(a, width):
+    """A frozen uint8 parameter of shape (len(a), width) over the bytes of numpy array `a` (no copy)."""
+    t = torch.from_numpy(np.ascontiguousarray(a).reshape(-1).view(np.uint8)).view(-1, width)
+    return nn.Parameter(t, requires_grad=False)
+
+
+_STORAGE = ("weight", "weight_absmax", "weight_nested_absmax")
+
+
+class _BytesOf:
+    """Exposes a CPU tensor's bytes to numpy through ``__array_interface__``, keeping the tensor alive.
+
+    ``Tensor.numpy()`` would mark the storage non-resizable, and FSDP2 frees the
+    gathered parameters by resizing their storage to 0."""
+
+    def __init__(self, t):
+        self.tensor = t
+        self.__array_interface__ = {"data": (t.data_ptr(), False), "shape": (t.numel() * t.element_size(),),
+                                    "typestr": "|u1", "version": 3}
+
+
+def _byte_view(t):
+    t = t.detach()
+    if not t.is_contiguous():
+        raise ValueError("4-bit storage must be contiguous")
+    return np.asarray(_BytesOf(t))
+
+
+def _aligned(a):
+    """`a` if its data is 4-byte aligned (for a float32 view), else an aligned copy."""
+    return a if a.ctypes.data % 4 == 0 else a.copy()
 
 
 class Linear4bit(nn.Module):
@@ -133,6 +183,7 @@ class Linear4bit(nn.Module):
         self.compute_dtype = compute_dtype
         # an all-zero weight, built in its quantized form (no dense allocation)
         n, nb = self.out_features * self.in_features, -(-self.out_features * self.in_features // blocksize)
+        self._q_cache = None
         self.quantized = QuantizedArray(
             shape=(self.out_features, self.in_features), dtype="bfloat16" if dtype == torch.bfloat16 else
             np.dtype(_TORCH_TO_NP[dtype]), codebook=codebook, blocksize=blocksize,
@@ -157,10 +208,63 @@ class Linear4bit(nn.Module):
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
         layer.codebook, layer.blocksize, layer.double_quant = codebook, blocksize, double_quant
         layer.compute_dtype = compute_dtype
+        layer._q_cache = None
         layer.quantized = quantize(_np_view(w.contiguous()), codebook=codebook, blocksize=blocksize,
                                    double_quant=double_quant)
         layer.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return layer
+
+    # -- storage: uint8 parameters + metadata, viewed as a QuantizedArray -------
+    @property
+    def quantized(self):
+        """The weight as a :class:`pyqlora.QuantizedArray` viewing this layer's parameters (no copy).
+
+        Raises RuntimeError while FSDP2 holds the parameters sharded (outside
+        forward/backward); gather them first (``model.unshard()``).
+        """
+        tensors = (self.weight, self.weight_absmax, self.weight_nested_absmax)
+        key = tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in tensors)
+        cache = self._q_cache
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        if any(_is_dtensor(t) for t in tensors):
+            raise RuntimeError("the 4-bit weight of this Linear4bit is sharded by FSDP; it can be read only "
+                               "inside forward/backward or after model.unshard()")
+        if any(t.device.type != "cpu" for t in tensors if t is not None):
+            raise TypeError(f"the 4-bit weight is on {self.weight.device}; only CPU storage is supported yet")
+        meta = self._q_meta
+        absmax = _byte_view(self.weight_absmax)
+        nested = None
+        if meta["double_quant"]:
+            nested = _aligned(_byte_view(self.weight_nested_absmax)).view(np.float32)
+        else:
+            absmax = _aligned(absmax).view(np.float32)
+        q = QuantizedArray(shape=meta["shape"], dtype=meta["dtype"], codebook=meta["codebook"],
+                           blocksize=meta["blocksize"], packed=_byte_view(self.weight),
+                           absmax=absmax, nested_absmax=nested, nested_offset=meta["nested_offset"])
+        self._q_cache = (key, q)
+        return q
+
+    @quantized.setter
+    def quantized(self, q):
+        if not isinstance(q, QuantizedArray):
+            raise TypeError(f"quantized must be a QuantizedArray, got {type(q).__name__}")
+        # bitsandbytes' Params4bit shape for the codes: (ceil(n / 2), 1) bytes
+        self.weight = _byte_param(q.packed, 1)
+        self.weight_absmax = _byte_param(q.absmax, q.absmax.itemsize)
+        self.weight_nested_absmax = _byte_param(q.nested_absmax, 4) if q.double_quant else None
+        self._q_meta = {"shape": q.shape, "dtype": q.dtype, "codebook": q.codebook, "blocksize": q.blocksize,
+                        "double_quant": q.double_quant, "nested_offset": q.nested_offset}
+        self._q_cache = None
+
+    def __getstate__(self):  # pickle / deepcopy: the cached view would duplicate the bytes
+        state = self.__dict__.copy()
+        state["_q_cache"] = None
+        return state
+
+    def quant_parameters(self):
+        """The frozen uint8 parameters holding the 4-bit weight (codes, scales, nested scales)."""
+        return [t for t in (self.weight, self.weight_absmax, self.weight_nested_absmax) if t is not None]
 
     @property
     def weight_dtype(self):
@@ -180,7 +284,7 @@ class Linear4bit(nn.Module):
             raise TypeError(f"Linear4bit runs on CPU tensors only for now; got one on {x.device}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}")
-        return _Linear4bitFunction.apply(x, self.quantized, self.bias)
+        return _Linear4bitFunction.apply(x, self, self.bias)
 
     def extra_repr(self):
         dq = ", double_quant" if self.double_quant else ""
@@ -191,14 +295,29 @@ class Linear4bit(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        if any(_is_dtensor(t) for t in self.quant_parameters()):
+            # Sharded by FSDP2: give the byte shards under their own names, as DTensors, so that
+            # torch.distributed.checkpoint can gather or reshard them; _load_from_state_dict reads both.
+            for name in _STORAGE:
+                t = getattr(self, name)
+                if t is not None:
+                    destination[prefix + name] = t if keep_vars else t.detach()
+            return
         for k, v in self.quantized.to_bnb_dict(prefix + "weight").items():
             destination[k] = torch.from_numpy(v)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         wkey = prefix + "weight"
-        ours = {k: v for k, v in state_dict.items() if k == wkey or k.startswith(wkey + ".")}
-        if wkey not in state_dict:
+        native = prefix + "weight_absmax" in state_dict  # the byte layout written while sharded
+        if native:
+            ours = {prefix + n: state_dict[prefix + n] for n in _STORAGE if prefix + n in state_dict}
+            self._load_storage(ours, prefix, missing_keys, error_msgs)
+        else:
+            ours = {k: v for k, v in state_dict.items() if k == wkey or k.startswith(wkey + ".")}
+        if native:
+            pass
+        elif wkey not in state_dict:
             missing_keys.append(wkey)
         else:
             try:
@@ -228,6 +347,22 @@ class Linear4bit(nn.Module):
         for k in state_dict:
             if k.startswith(prefix) and k not in ours and k != bkey and "." not in k[len(prefix):]:
                 unexpected_keys.append(k)
+
+    def _load_storage(self, entries, prefix, missing_keys, error_msgs):
+        """Copy the byte layout written while sharded (weight, weight_absmax, ...) into the parameters."""
+        for name in _STORAGE:
+            t, key = getattr(self, name), prefix + name
+            if t is None:
+                continue
+            if key not in entries:
+                missing_keys.append(key)
+            elif tuple(entries[key].shape) != tuple(t.shape) or entries[key].dtype != t.dtype:
+                error_msgs.append(f"{key}: {entries[key].dtype} {tuple(entries[key].shape)} does not match the "
+                                  f"layer's {t.dtype} {tuple(t.shape)} (same codebook/blocksize/double_quant needed)")
+            else:
+                with torch.no_grad():
+                    t.copy_(entries[key])
+        self._q_cache = None
 
 
 class LoraLinear4bit(nn.Module):

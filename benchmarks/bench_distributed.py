@@ -1,0 +1,80 @@
+"""Per-rank memory and step time of QLoRA under DDP and FSDP2 (gloo on CPU, or NCCL).
+
+Run with torchrun, once per kind, and compare the JSON lines rank 0 prints::
+
+    torchrun --nproc-per-node 2 benchmarks/bench_distributed.py --kind ddp
+    torchrun --nproc-per-node 2 benchmarks/bench_distributed.py --kind fsdp
+
+The model is a Hugging Face Llama built from a config (random weights, nothing
+downloaded), prepared by ``prepare_model`` on every rank. Reported per rank:
+bytes of parameters + buffers held (local shards under FSDP), resident memory
+now and at its peak (the peak includes building the dense model before
+quantization, the same for both kinds), and the mean time of a training step
+after the first.
+"""
+import argparse
+import json
+import resource
+import time
+
+import torch
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kind", choices=("ddp", "fsdp"), required=True)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=4, help="global batch (split across ranks)")
+    ap.add_argument("--steps", type=int, default=4)
+    args = ap.parse_args()
+
+    import transformers
+
+    from pyqlora import distributed as qdist
+    from pyqlora.lora import LoraConfig, prepare_model
+
+    torch.set_num_threads(1)
+    ctx = qdist.setup(args.kind)
+    cfg = transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                                   intermediate_size=int(args.hidden * 2.75) // 64 * 64,
+                                   num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+                                   num_key_value_heads=args.hidden // 64, max_position_embeddings=args.seq)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    prepare_model(model, LoraConfig(r=16, lora_alpha=16))
+    model = qdist.wrap_model(model, ctx)
+    held = qdist.parameter_bytes(model)
+    opt = torch.optim.AdamW(qdist.trainable_parameters(model), lr=1e-4)
+    lo, hi = qdist.local_batch(args.batch, ctx)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))[lo:hi]
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t)
+        loss = qdist.all_reduce_mean(loss)
+    row = {"kind": args.kind, "world_size": ctx.world_size, "hidden": args.hidden, "layers": args.layers,
+           "vocab": args.vocab, "param_buffer_bytes": held, "rss_now": rss_bytes(),
+           "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+           "step_s": sum(times[1:]) / max(1, len(times) - 1), "last_loss": loss}
+    rows = [None] * ctx.world_size
+    torch.distributed.all_gather_object(rows, row)
+    if ctx.is_main:
+        for r in rows:
+            print(json.dumps(r))
+    qdist.cleanup(ctx)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,317 @@
+"""QLoRA under torch.distributed: DDP and FSDP2 with two gloo processes on CPU.
+
+One ``torch.multiprocessing.spawn`` per optimizer runs every scenario in the
+same process group (starting processes is the slow part on a 2-core runner);
+each rank saves what it saw and the tests below compare it with a
+single-process run of the same model on the same global batch (the oracle).
+"""
+import dataclasses
+import os
+import socket
+
+import pytest
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available():
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+from pyqlora import distributed as qdist
+from pyqlora.lora import LoraConfig, load_adapter, lora_layers, prepare_model
+from pyqlora.nn import Linear4bit
+
+WORLD, STEPS, GLOBAL_BATCH = 2, 4, 8
+# Optimizers every scenario runs with; each entry builds one from the trainable parameters.
+# (pyqlora.optim.PagedAdamW / PagedAdamW8bit join this table.)
+OPTIMIZERS = {
+    "adamw": lambda params: torch.optim.AdamW(params, lr=1e-2),
+}
+
+
+# ----------------------------------------------------------------------------- models and data
+def _mlp():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 64), torch.nn.GELU(),
+                            torch.nn.Linear(64, 8))
+    prepare_model(m, LoraConfig(r=4, lora_alpha=8))
+    with torch.no_grad():  # non-zero B so that every adapter weight gets a gradient from step 1
+        for _, layer in lora_layers(m):
+            layer.lora_B["default"].weight.normal_(0, 0.1)
+    return m
+
+
+def _mlp_data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(GLOBAL_BATCH, 32, generator=g), torch.randn(GLOBAL_BATCH, 8, generator=g)
+
+
+def _mlp_loss(model, batch):
+    x, y = batch
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def _llama():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(cfg)
+    prepare_model(m, LoraConfig(r=4, lora_alpha=8))
+    with torch.no_grad():
+        for _, layer in lora_layers(m):
+            layer.lora_B["default"].weight.normal_(0, 0.1)
+    return m
+
+
+def _llama_data():
+    g = torch.Generator().manual_seed(2)
+    return (torch.randint(0, 64, (GLOBAL_BATCH, 12), generator=g),)
+
+
+def _llama_loss(model, batch):
+    (ids,) = batch
+    return model(input_ids=ids, labels=ids).loss
+
+
+def _slice(batch, lo, hi):
+    return tuple(t[lo:hi] for t in batch)
+
+
+def _train(model, batch, loss_fn, opt, steps=STEPS, reduce=False):
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(qdist.all_reduce_mean(loss) if reduce else float(loss.detach()))
+    return losses
+
+
+def _storage(model):
+    """{name: bytes} of every 4-bit storage tensor of an unsharded model."""
+    return {f"{n}.{i}": t.detach().clone() for n, m in model.named_modules() if isinstance(m, Linear4bit)
+            for i, t in enumerate(m.quant_parameters())}
+
+
+def _fsdp_codes_intact(model, reference):
+    """Gather every FSDP group with FSDP's own all-gather and compare the 4-bit bytes with `reference`."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for u in units:
+        u.unshard()
+    try:
+        got = _storage(model)
+        dtypes = {t.dtype for t in got.values()}
+        same = got.keys() == reference.keys() and all(torch.equal(got[k], reference[k]) for k in got)
+    finally:
+        for u in units:
+            u.reshard()
+    return same, dtypes
+
+
+# ----------------------------------------------------------------------------- the two ranks
+def _worker(rank, port, outdir, opt_name):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    make_opt = OPTIMIZERS[opt_name]
+    ctx = qdist.setup("ddp")
+    fsdp = dataclasses.replace(ctx, kind="fsdp")
+    lo, hi = qdist.local_batch(GLOBAL_BATCH, ctx)
+    mine = _slice(_mlp_data(), lo, hi)
+    out = {}
+
+    def perturb_adapters(m):  # rank 1 starts from other adapters: wrap_model must take rank 0's
+        if rank == 1:
+            with torch.no_grad():
+                for p in qdist.trainable_parameters(m):
+                    p.add_(1.0)
+
+    # DDP: only the LoRA gradients are all-reduced
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    m = _mlp()
+    perturb_adapters(m)
+    ddp = qdist.wrap_model(m, ctx)
+    reduced = []
+
+    def counting_hook(state, bucket):
+        reduced.append(bucket.buffer().numel())
+        return allreduce_hook(state, bucket)
+
+    ddp.register_comm_hook(None, counting_hook)
+    out["ddp_losses"] = _train(ddp, mine, _mlp_loss, make_opt(qdist.trainable_parameters(ddp)), reduce=True)
+    out["ddp_reduced_per_step"] = sum(reduced) / STEPS
+    out["ddp_ignored"] = sorted(ddp.parameters_to_ignore)
+    out["ddp_frozen_grads"] = [n for n, p in m.named_parameters() if not p.requires_grad and p.grad is not None]
+    out["ddp_bytes"] = qdist.parameter_bytes(ddp)
+
+    # DDP and FSDP refuse ranks whose frozen weights differ
+    for kind in (ctx, fsdp):
+        m = _mlp()
+        if rank == 1:
+            with torch.no_grad():
+                m[2].base_layer.bias[0] += 1.0
+        try:
+            qdist.wrap_model(m, kind)
+            out[f"{kind.kind}_mismatch_error"] = None
+        except RuntimeError as exc:
+            out[f"{kind.kind}_mismatch_error"] = str(exc)
+
+    # FSDP2, float32
+    m = _mlp()
+    reference = _storage(m)
+    perturb_adapters(m)
+    out["unsharded_bytes"] = qdist.parameter_bytes(m)
+    qdist.wrap_model(m, fsdp)
+    out["fsdp_bytes"] = qdist.parameter_bytes(m)
+    out["fsdp_losses"] = _train(m, mine, _mlp_loss, make_opt(qdist.trainable_parameters(m)), reduce=True)
+    out["fsdp_codes_intact"], out["fsdp_storage_dtypes"] = _fsdp_codes_intact(m, reference)
+    out["fsdp_lora_is_dtensor"] = all(type(p).__name__ == "DTensor" for p in qdist.trainable_parameters(m))
+
+    # FSDP2 with bfloat16 mixed precision: the uint8 codes are not cast
+    m = _mlp()
+    qdist.wrap_model(m, fsdp, mixed_precision=torch.bfloat16)
+    out["mp_losses"] = _train(m, mine, _mlp_loss, make_opt(qdist.trainable_parameters(m)), reduce=True)
+    out["mp_codes_intact"], out["mp_storage_dtypes"] = _fsdp_codes_intact(m, reference)
+
+    # FSDP2 checkpoint: save after 2 steps, resume in a fresh model, same next losses
+    ckpt = os.path.join(outdir, "ckpt")
+    m = _mlp()
+    qdist.wrap_model(m, fsdp)
+    opt = make_opt(qdist.trainable_parameters(m))
+    first = _train(m, mine, _mlp_loss, opt, steps=2, reduce=True)
+    qdist.save_adapter_distributed(m, ckpt, optimizer=opt, extra={"step": 2})
+    saved_lora = {n: p.full_tensor().clone() for n, p in m.named_parameters() if p.requires_grad}
+    out["ckpt_uninterrupted"] = first + _train(m, mine, _mlp_loss, opt, steps=2, reduce=True)
+    m2 = _mlp()
+    with torch.no_grad():  # other adapters than the checkpoint's, so that loading must change them
+        for p in qdist.trainable_parameters(m2):
+            p.normal_(0, 0.3)
+    qdist.wrap_model(m2, fsdp)
+    opt2 = make_opt(qdist.trainable_parameters(m2))
+    out["ckpt_extra"] = qdist.load_adapter_distributed(m2, ckpt, optimizer=opt2)
+    out["ckpt_resumed"] = _train(m2, mine, _mlp_loss, opt2, steps=2, reduce=True)
+    if rank == 0:  # the files are a plain PEFT adapter: they load in one process
+        single = _mlp()
+        load_adapter(single, ckpt)
+        got = dict(single.named_parameters())
+        out["ckpt_adapter_file_matches"] = all(torch.equal(got[n], t) for n, t in saved_lora.items())
+
+    # FSDP2 on a (tiny) Hugging Face Llama: one FSDP group per decoder layer
+    m = _llama()
+    lmine = _slice(_llama_data(), lo, hi)
+    qdist.wrap_model(m, fsdp)
+    out["llama_groups"] = sorted({type(x).__name__ for x in m.modules() if type(x).__name__.startswith("FSDP")})
+    out["llama_fsdp_losses"] = _train(m, lmine, _llama_loss, make_opt(qdist.trainable_parameters(m)), reduce=True)
+
+    torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
+    qdist.cleanup(ctx)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", params=sorted(OPTIMIZERS))
+def run(request, tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    outdir = str(tmp_path_factory.mktemp(f"dist-{request.param}"))
+    mp.spawn(_worker, args=(_free_port(), outdir, request.param), nprocs=WORLD, join=True)
+    ranks = [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    make_opt = OPTIMIZERS[request.param]
+    single = {}
+    m = _mlp()
+    single["mlp"] = _train(m, _mlp_data(), _mlp_loss, make_opt(qdist.trainable_parameters(m)))
+    single["mlp_trainable"] = sum(p.numel() for p in qdist.trainable_parameters(m))
+    single["mlp_frozen_names"] = sorted(n for n, p in m.named_parameters() if not p.requires_grad)
+    m = _llama()
+    single["llama"] = _train(m, _llama_data(), _llama_loss, make_opt(qdist.trainable_parameters(m)))
+    return ranks, single
+
+
+def _close(a, b, rtol=1e-5):
+    torch.testing.assert_close(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64),
+                               rtol=rtol, atol=1e-6)
+
+
+def test_ddp_matches_single_process_and_reduces_only_lora(run):
+    ranks, single = run
+    for r in ranks:
+        _close(r["ddp_losses"], single["mlp"])
+        assert r["ddp_reduced_per_step"] == single["mlp_trainable"]  # no frozen parameter in the all-reduce
+        assert r["ddp_ignored"] == single["mlp_frozen_names"]  # nor in DDP's start-up broadcast
+        assert r["ddp_frozen_grads"] == []
+
+
+def test_wrap_refuses_ranks_with_different_frozen_weights(run):
+    ranks, _ = run
+    for r in ranks:
+        for kind in ("ddp", "fsdp"):
+            assert r[f"{kind}_mismatch_error"] and "differ between ranks" in r[f"{kind}_mismatch_error"]
+
+
+def test_fsdp_matches_single_process_and_shards_the_4bit_weights(run):
+    ranks, single = run
+    for r in ranks:
+        _close(r["fsdp_losses"], single["mlp"])
+        assert r["fsdp_codes_intact"] and r["fsdp_storage_dtypes"] == {torch.uint8}
+        assert r["fsdp_lora_is_dtensor"]
+        # every parameter is split in two (up to one padding row per tensor): less than DDP's copy
+        assert r["fsdp_bytes"]["frozen"] < 0.6 * r["ddp_bytes"]["frozen"]
+        assert r["fsdp_bytes"]["trainable"] <= 0.6 * r["ddp_bytes"]["trainable"]
+        assert r["fsdp_bytes"]["total"] < 0.6 * r["ddp_bytes"]["total"]
+        assert r["unsharded_bytes"] == r["ddp_bytes"]
+    frozen = sum(r["fsdp_bytes"]["frozen"] for r in ranks)
+    assert frozen >= ranks[0]["ddp_bytes"]["frozen"]  # the shards cover the whole
+
+
+def test_fsdp_bfloat16_mixed_precision_keeps_the_codes(run):
+    ranks, single = run
+    for r in ranks:
+        assert r["mp_codes_intact"] and r["mp_storage_dtypes"] == {torch.uint8}
+        _close(r["mp_losses"], single["mlp"], rtol=3e-2)  # bf16 compute, same trajectory
+
+
+def test_fsdp_checkpoint_resume_gives_the_same_next_losses(run):
+    ranks, _ = run
+    for r in ranks:
+        assert r["ckpt_extra"] == {"step": 2}
+        _close(r["ckpt_resumed"], r["ckpt_uninterrupted"][2:], rtol=1e-6)
+    assert ranks[0]["ckpt_adapter_file_matches"]
+
+
+def test_fsdp_hugging_face_llama_matches_single_process(run):
+    ranks, single = run
+    for r in ranks:
+        assert r["llama_groups"]  # fully_shard turned the decoder layers into FSDP modules
+        _close(r["llama_fsdp_losses"], single["llama"])
+
+
+# ----------------------------------------------------------------------------- without a process group
+def test_single_process_api():
+    ctx = qdist.setup("none")
+    assert (ctx.rank, ctx.world_size, ctx.is_main) == (0, 1, True)
+    m = _mlp()
+    assert qdist.wrap_model(m, ctx) is m
+    assert qdist.all_reduce_mean(torch.tensor(2.5)) == 2.5
+    assert qdist.local_batch(8) == (0, 8)
+
+
+def test_setup_errors_name_the_problem(monkeypatch):
+    with pytest.raises(ValueError, match="distributed kind"):
+        qdist.setup("zero")
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    if not dist.is_initialized():
+        with pytest.raises(RuntimeError, match="torchrun"):
+            qdist.setup("ddp")
+        with pytest.raises(RuntimeError, match="setup first"):
+            qdist.wrap_model(_mlp(), "fsdp")
+    with pytest.raises(ValueError, match="not divisible"):
+        qdist.local_batch(7, qdist.DistContext("ddp", rank=0, world_size=2))
