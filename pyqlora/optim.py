@@ -55,6 +55,29 @@ def _round_up(n, a):
     return (n + a - 1) // a * a
 
 
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5
+        try:
+            from torch.distributed._tensor import DTensor
+        except ImportError:
+            return None
+    return DTensor
+
+
+_DTensor = _dtensor_type()
+
+
+def _is_dtensor(t):
+    return _DTensor is not None and isinstance(t, _DTensor)
+
+
+def _local(t):
+    """This rank's shard of an FSDP2 (DTensor) parameter or gradient; t itself otherwise."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
 class _Arena:
     """One paged allocation cut into aligned slots (one per parameter)."""
 
@@ -102,7 +125,7 @@ class _PagedOptimizer(torch.optim.Optimizer):
                 raise NotImplementedError(
                     f"{type(self).__name__}: parameters on {p.device} are not supported yet (CPU only)")
             entries = []
-            for key, numel, dtype in self._slot_layout(p):
+            for key, numel, dtype in self._slot_layout(_local(p)):
                 entries.append((key, total, numel, dtype))
                 total = _round_up(total + numel * torch.empty((), dtype=dtype).element_size(), _ALIGN)
             plan.append((p, entries))
@@ -146,9 +169,24 @@ class _PagedOptimizer(torch.optim.Optimizer):
         write the whole allocation) and lets it load anywhere.
         """
         sd = super().state_dict()
-        sd["state"] = {idx: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
-                       for idx, st in sd["state"].items()}
+        params = [p for g in self.param_groups for p in g["params"]]  # torch numbers them in this order
+        sd["state"] = {idx: self._export_param_state(params[idx], st) for idx, st in sd["state"].items()}
         return sd
+
+    def _export_param_state(self, p, st):
+        out = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+        if _is_dtensor(p):
+            # FSDP2: the state of a sharded parameter is sharded like it, so that
+            # torch.distributed.checkpoint can gather and re-shard it
+            if any(k in out for k in ("absmax1", "absmax2")):
+                raise NotImplementedError(
+                    f"{type(self).__name__}: checkpoints of 8-bit state of FSDP-sharded parameters are not "
+                    "supported yet (the blocks of the state follow each rank's shard); use PagedAdamW under FSDP")
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in out:
+                    out[k] = _DTensor.from_local(out[k].view_as(p.to_local()), p.device_mesh, p.placements,
+                                                 shape=p.shape, stride=p.stride())
+        return out
 
     def load_state_dict(self, state_dict):
         """Load a state dict saved by this class (or ``torch.optim.AdamW`` for :class:`PagedAdamW`).
@@ -156,13 +194,18 @@ class _PagedOptimizer(torch.optim.Optimizer):
         The saved tensors are copied into paged memory with their saved dtypes.
         """
         saved = {k: dict(v) for k, v in state_dict["state"].items()}
+        # the keys of the saved state are what its param_groups list (indices, or
+        # parameter names from torch.distributed.checkpoint), in the order of ours
+        key_to_param = {key: p for saved_group, group in zip(state_dict["param_groups"], self.param_groups)
+                        for key, p in zip(saved_group["params"], group["params"])}
         super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
         for g in self.param_groups:
             self._allocate_group(g)
         self.state.clear()
         for idx, values in saved.items():
-            p = params[idx]
+            if idx not in key_to_param:
+                raise ValueError(f"state for parameter {idx!r} given, but no parameter group lists it")
+            p = key_to_param[idx]
             if p not in self._slots:
                 raise ValueError(f"state for parameter {idx} given, but that parameter does not require grad")
             self._load_param_state(p, values)
@@ -177,7 +220,7 @@ class _PagedOptimizer(torch.optim.Optimizer):
             if key not in slot:
                 raise ValueError(f"unexpected optimizer state {key!r} for a parameter of shape {tuple(p.shape)}")
             target = slot[key]
-            value = torch.as_tensor(value)
+            value = torch.as_tensor(_local(value))
             if value.numel() != target.numel():
                 raise ValueError(f"optimizer state {key!r} has {value.numel()} elements, expected {target.numel()} "
                                  f"for a parameter of shape {tuple(p.shape)}")
@@ -246,11 +289,12 @@ class PagedAdamW(_PagedOptimizer):
                 slot = self._slot(p, group)
                 self.pager.prefetch(slot["_range"])
                 state = self.state[p]
+                grad, p = _local(p.grad), _local(p)  # (the state dict key stays the parameter)
                 if not state:
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     state["exp_avg"] = slot["exp_avg"].view_as(p)
                     state["exp_avg_sq"] = slot["exp_avg_sq"].view_as(p)
-                grad, exp_avg, exp_avg_sq = p.grad, state["exp_avg"].view_as(p), state["exp_avg_sq"].view_as(p)
+                exp_avg, exp_avg_sq = state["exp_avg"].view_as(p), state["exp_avg_sq"].view_as(p)
                 # torch.optim.adam._single_tensor_adam with decoupled weight decay, operation for operation
                 state["step"] += 1
                 if wd != 0:
@@ -349,6 +393,7 @@ class PagedAdamW8bit(_PagedOptimizer):
                 slot = self._slot(p, group)
                 self.pager.prefetch(slot["_range"])
                 state = self.state[p]
+                grad, p = _local(p.grad), _local(p)
                 eight = "state1" in slot
                 if not state:
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -357,13 +402,13 @@ class PagedAdamW8bit(_PagedOptimizer):
                 state["step"] += 1
                 step = int(state["step"].item())
                 if not eight:
-                    self._step_32bit(p, state, lr, beta1, beta2, eps, wd, step)
+                    self._step_32bit(p, grad, state, lr, beta1, beta2, eps, wd, step)
                     continue
                 if p.dtype not in _DTYPE_CODES:
                     raise TypeError(f"PagedAdamW8bit: parameter dtype {p.dtype} is not supported "
                                     "(float32, float16, bfloat16)")
                 target = p if p.is_contiguous() else p.contiguous()
-                grad = p.grad.to(p.dtype).contiguous()
+                grad = grad.to(p.dtype).contiguous()
                 self.skipped_elements += _nf4core.adam8bit_update(
                     target.view(-1).view(torch.uint8).numpy(), grad.view(-1).view(torch.uint8).numpy(),
                     _DTYPE_CODES[p.dtype], p.numel(), state["state1"].numpy(), state["state2"].numpy(),
@@ -374,8 +419,8 @@ class PagedAdamW8bit(_PagedOptimizer):
         return loss
 
     @staticmethod
-    def _step_32bit(p, state, lr, beta1, beta2, eps, wd, step):
-        exp_avg, exp_avg_sq, grad = state["exp_avg"].view_as(p), state["exp_avg_sq"].view_as(p), p.grad
+    def _step_32bit(p, grad, state, lr, beta1, beta2, eps, wd, step):
+        exp_avg, exp_avg_sq = state["exp_avg"].view_as(p), state["exp_avg_sq"].view_as(p)
         if wd != 0:
             p.mul_(1 - lr * wd)
         exp_avg.lerp_(grad, 1 - beta1)
