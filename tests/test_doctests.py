@@ -5,7 +5,7 @@ import importlib
 import pytest
 
 MODULES = ["pyqlora", "pyqlora._codebooks", "pyqlora._quantize", "pyqlora._array", "pyqlora._config",
-           "pyqlora._runtime", "pyqlora._matmul", "pyqlora.nn", "pyqlora.lora"]
+           "pyqlora._runtime", "pyqlora._matmul", "pyqlora._pager", "pyqlora.nn", "pyqlora.lora", "pyqlora.optim"]
 
 
 @pytest.mark.parametrize("name", MODULES)
