@@ -54,6 +54,10 @@ struct KernelSet {
             {DEQUANTIZE8<float>, DEQUANTIZE8<half_t>, DEQUANTIZE8<bfloat16_t>},                         \
     }
 
+// The nearest-code search table of a codebook of `size` (16 or 256) finite
+// values; throws (invalid argument) for a NULL or non-finite codebook.
+SearchTable make_search_table(const float *codebook, int size);
+
 const KernelSet &scalar_kernels();
 // nullptr when the path is not compiled into this build
 const KernelSet *avx2_kernels();

@@ -22,25 +22,7 @@ void fail_non_finite(int64_t index, float value) {
     fail(NF4_ERROR_NON_FINITE, buf);
 }
 
-namespace {
-
-bool valid_blocksize(int64_t bs) {
-    return bs >= NF4_MIN_BLOCKSIZE && bs <= NF4_MAX_BLOCKSIZE && (bs & (bs - 1)) == 0;
-}
-
-void check_sizes(int64_t n, int64_t blocksize) {
-    require(n >= 1, "number of elements must be at least 1, got " + std::to_string(n));
-    require(valid_blocksize(blocksize), "blocksize must be a power of two between " +
-                                            std::to_string(NF4_MIN_BLOCKSIZE) + " and " +
-                                            std::to_string(NF4_MAX_BLOCKSIZE) + ", got " +
-                                            std::to_string(blocksize));
-}
-
-void check_dtype(nf4_dtype dtype) {
-    require(dtype == NF4_FLOAT32 || dtype == NF4_FLOAT16 || dtype == NF4_BFLOAT16,
-            "unknown dtype code " + std::to_string(int(dtype)));
-}
-
+// Shared with the CUDA launchers (src/cuda/), which send the table to the device.
 SearchTable make_search_table(const float *codebook, int size) {
     require(codebook != nullptr, "codebook pointer is NULL");
     SearchTable t;
@@ -59,6 +41,25 @@ SearchTable make_search_table(const float *codebook, int size) {
     }
     for (int k = 0; k < 16; ++k) t.coarse[k] = t.mid[16 * k + 15];
     return t;
+}
+
+namespace {
+
+bool valid_blocksize(int64_t bs) {
+    return bs >= NF4_MIN_BLOCKSIZE && bs <= NF4_MAX_BLOCKSIZE && (bs & (bs - 1)) == 0;
+}
+
+void check_sizes(int64_t n, int64_t blocksize) {
+    require(n >= 1, "number of elements must be at least 1, got " + std::to_string(n));
+    require(valid_blocksize(blocksize), "blocksize must be a power of two between " +
+                                            std::to_string(NF4_MIN_BLOCKSIZE) + " and " +
+                                            std::to_string(NF4_MAX_BLOCKSIZE) + ", got " +
+                                            std::to_string(blocksize));
+}
+
+void check_dtype(nf4_dtype dtype) {
+    require(dtype == NF4_FLOAT32 || dtype == NF4_FLOAT16 || dtype == NF4_BFLOAT16,
+            "unknown dtype code " + std::to_string(int(dtype)));
 }
 
 // The scalar reference as a kernel set (the "scalar" ISA).
@@ -235,8 +236,8 @@ nf4_status nf4_double_dequantize(const uint8_t *qabsmax, const float *nested_abs
                 "input or output pointer is NULL");
         require(is_finite(offset), "double-quantization offset is not finite");
         for (int64_t i = 0; i < nblocks; ++i) {
-            const float scaled = dyn_code[qabsmax[i]] * nested_absmax[i / NF4_DQ_BLOCKSIZE];
-            absmax[i] = scaled + offset;  // two roundings, never fused (-ffp-contract=off)
+            // two roundings, never fused (numeric.hpp, shared with the CUDA kernels)
+            absmax[i] = dq_scale(dyn_code[qabsmax[i]], nested_absmax[i / NF4_DQ_BLOCKSIZE], offset);
         }
     });
 }

@@ -11,5 +11,6 @@
 #include "nf4core/quantize.h"
 #include "nf4core/runtime.h"
 #include "nf4core/matmul.h"
+#include "nf4core/cuda.h"
 
 #endif /* NF4CORE_NF4CORE_H */
