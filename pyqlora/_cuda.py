@@ -164,8 +164,11 @@ def dequantize(q, dtype=None, out=None):
     torch = _torch()
     if dtype is None:
         dtype = out.dtype if out is not None else q.dtype
-    elif isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    elif not isinstance(dtype, torch.dtype):  # "bfloat16", np.float32, ...
+        name = "bfloat16" if str(dtype) == "bfloat16" else str(np.dtype(dtype))
+        if name not in _KERNEL:
+            raise TypeError(f"dtype must be float32, float16 or bfloat16 for a GPU result, got {dtype}")
+        dtype = getattr(torch, name)
     kdt = _kernel_dtype(dtype)
     dev = q.device
     if out is None:

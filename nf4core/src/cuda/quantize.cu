@@ -193,7 +193,11 @@ class Scratch {
 public:
     explicit Scratch(cudaStream_t s) : stream_(s) {
         check(cudaMallocAsync(reinterpret_cast<void **>(&ptr_), sizeof(Flags), s), "cudaMallocAsync");
-        check(cudaMemsetAsync(ptr_, 0xFF, 2 * sizeof(unsigned long long), s), "cudaMemsetAsync");
+        const cudaError_t err = cudaMemsetAsync(ptr_, 0xFF, 2 * sizeof(unsigned long long), s);
+        if (err != cudaSuccess) {
+            (void)cudaFreeAsync(ptr_, s);  // the destructor does not run when the constructor throws
+            check(err, "cudaMemsetAsync");
+        }
     }
     ~Scratch() { (void)cudaFreeAsync(ptr_, stream_); }
     Scratch(const Scratch &) = delete;
