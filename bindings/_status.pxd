@@ -1,7 +1,7 @@
 # Turns an nf4core status into a Python exception (call with the GIL held,
 # right after the C call, on the same thread: the message is per thread).
 from cnf4core cimport (nf4_status, nf4_last_error, NF4_OK, NF4_ERROR_INVALID_ARGUMENT,
-                       NF4_ERROR_NON_FINITE, NF4_ERROR_OUT_OF_MEMORY)
+                       NF4_ERROR_NON_FINITE, NF4_ERROR_OUT_OF_MEMORY, NF4_ERROR_CUDA)
 
 
 cdef inline int check(nf4_status status) except -1:
@@ -15,4 +15,6 @@ cdef inline int check(nf4_status status) except -1:
         raise ValueError(message)
     if status == NF4_ERROR_OUT_OF_MEMORY:
         raise MemoryError(message)
+    if status == NF4_ERROR_CUDA:
+        raise RuntimeError(message)  # names the CUDA call, or says CUDA was not built
     raise RuntimeError("nf4core internal error: " + message)

@@ -8,6 +8,7 @@ cdef extern from "nf4core/nf4core.h" nogil:
         NF4_ERROR_NON_FINITE
         NF4_ERROR_OUT_OF_MEMORY
         NF4_ERROR_INTERNAL
+        NF4_ERROR_CUDA
 
     ctypedef enum nf4_dtype:
         NF4_FLOAT32
@@ -114,3 +115,30 @@ cdef extern from "nf4core/nf4core.h" nogil:
     int32_t nf4_pager_spill_is_tmpfs(const nf4_pager *pager)
     int32_t nf4_pager_last_os_error()
     int64_t nf4_pager_os_page_size()
+cdef extern from "nf4core/nf4core.h" nogil:
+    # cuda.h (data pointers are device pointers; codebook/dyn_code host; stream = cudaStream_t)
+    nf4_status nf4_cuda_available(int32_t *built, int32_t *device_count)
+    int32_t nf4_cuda_runtime_version()
+    nf4_status nf4_cuda_quantize_4bit(const void *x, nf4_dtype dtype, int64_t n, int64_t blocksize,
+                                      const float *codebook, uint8_t *packed, float *absmax, void *stream)
+    nf4_status nf4_cuda_dequantize_4bit(const uint8_t *packed, const float *absmax, int64_t n, int64_t blocksize,
+                                        const float *codebook, void *out, nf4_dtype out_dtype, void *stream)
+    nf4_status nf4_cuda_dequantize_4bit_dq(const uint8_t *packed, const uint8_t *qabsmax,
+                                           const float *nested_absmax, float offset, int64_t n, int64_t blocksize,
+                                           const float *codebook, const float *dyn_code, void *out,
+                                           nf4_dtype out_dtype, void *stream)
+    nf4_status nf4_cuda_quantize_8bit(const void *x, nf4_dtype dtype, int64_t n, int64_t blocksize,
+                                      const float *codebook, uint8_t *codes, float *absmax, void *stream)
+    nf4_status nf4_cuda_dequantize_8bit(const uint8_t *codes, const float *absmax, int64_t n, int64_t blocksize,
+                                        const float *codebook, void *out, nf4_dtype out_dtype, void *stream)
+    nf4_status nf4_cuda_double_quantize(const float *absmax, int64_t nblocks, const float *dyn_code,
+                                        uint8_t *qabsmax, float *nested_absmax, float *offset, void *stream)
+    nf4_status nf4_cuda_double_dequantize(const uint8_t *qabsmax, const float *nested_absmax, float offset,
+                                          int64_t nblocks, const float *dyn_code, float *absmax, void *stream)
+    nf4_status nf4_cuda_gemv_4bit(const void *x, nf4_dtype dtype, int64_t M, int64_t N, int64_t K,
+                                  const uint8_t *packed, const float *scales, int64_t blocksize,
+                                  const float *codebook, void *y, void *stream)
+    nf4_status nf4_cuda_gemv_4bit_dq(const void *x, nf4_dtype dtype, int64_t M, int64_t N, int64_t K,
+                                     const uint8_t *packed, const uint8_t *qabsmax, const float *nested_absmax,
+                                     float offset, int64_t blocksize, const float *codebook,
+                                     const float *dyn_code, void *y, void *stream)

@@ -12,7 +12,8 @@ def show_config(file=None):
     -------
     dict
         Versions of pyqlora, nf4core and the array dependencies, the kernel
-        paths compiled in, and GPU support.
+        paths compiled in, and GPU support: ``cuda`` ("built (CUDA runtime
+        X.Y)" or "not built") and ``cuda_devices`` (devices visible now).
 
     Examples
     --------
@@ -44,9 +45,23 @@ def show_config(file=None):
         "cpu_kernels": get_isa(),
         "cpu_kernels_available": ", ".join(available_isas()),
         "threads": get_num_threads(),
-        "cuda": "not built",
     }
+    cfg.update(_cuda_config(_nf4core))
     width = max(map(len, cfg))
     for k, v in cfg.items():
         print(f"{k:<{width}}  {v}", file=file if file is not None else sys.stdout)
     return cfg
+
+
+def _cuda_config(ext):
+    """CUDA entries of show_config: built or not, and the devices seen now.
+
+    ``cuda`` is ``"built (CUDA runtime X.Y)"`` or ``"not built"``;
+    ``cuda_devices`` the number of devices the driver reports (0 without a
+    driver or GPU; asking never fails).
+    """
+    built, count = ext.cuda_available()
+    if not built:
+        return {"cuda": "not built", "cuda_devices": 0}
+    ver = ext.cuda_runtime_version()
+    return {"cuda": f"built (CUDA runtime {ver // 1000}.{ver % 1000 // 10})", "cuda_devices": count}

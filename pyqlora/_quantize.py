@@ -8,7 +8,7 @@ import numbers
 
 import numpy as np
 
-from . import _dtypes
+from . import _cuda, _dtypes
 from . import _nf4core as _ext  # bindings/quantize.pxi
 from ._array import QuantizedArray
 from ._codebooks import CODEBOOKS_4BIT, lookup_table
@@ -141,6 +141,8 @@ def quantize(x, codebook="nf4", blocksize=64, double_quant=True):
     blocksize = _check_blocksize(blocksize)
     if not isinstance(double_quant, (bool, np.bool_)):
         raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
+    if _cuda.is_cuda_array(x):  # GPU arrays stay on the device (pyqlora/_cuda.py, not yet verified on a GPU)
+        return _cuda.quantize(x, name, blocksize, bool(double_quant))
     arr, orig = _as_input(x)
     n = arr.size
     nblocks = -(-n // blocksize)
@@ -248,6 +250,8 @@ def dequantize(q, dtype=None, out=None):
     >>> pq.dequantize(q, dtype="bfloat16").dtype
     dtype(bfloat16)
     """
+    if isinstance(q, _cuda.CudaQuantizedArray):  # stays on the device
+        return _cuda.dequantize(q, dtype, out)
     if not isinstance(q, QuantizedArray):
         raise TypeError(f"dequantize expects a QuantizedArray, got {type(q).__name__}")
     dtype = _resolve_out_dtype(dtype, out, q.dtype)

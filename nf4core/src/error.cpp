@@ -33,6 +33,7 @@ const char *nf4_status_string(nf4_status status) {
         case NF4_ERROR_NON_FINITE: return "NF4_ERROR_NON_FINITE";
         case NF4_ERROR_OUT_OF_MEMORY: return "NF4_ERROR_OUT_OF_MEMORY";
         case NF4_ERROR_INTERNAL: return "NF4_ERROR_INTERNAL";
+        case NF4_ERROR_CUDA: return "NF4_ERROR_CUDA";
     }
     return "NF4_UNKNOWN_STATUS";
 }

@@ -54,7 +54,8 @@ struct KernelSet {
             {DEQUANTIZE8<float>, DEQUANTIZE8<half_t>, DEQUANTIZE8<bfloat16_t>},                         \
     }
 
-// Nearest-code search data for a 16- or 256-entry codebook (quantize.cpp).
+// The nearest-code search table of a codebook of `size` (16 or 256) finite
+// values; throws (invalid argument) for a NULL or non-finite codebook.
 SearchTable make_search_table(const float *codebook, int size);
 
 const KernelSet &scalar_kernels();

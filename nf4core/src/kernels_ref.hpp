@@ -33,24 +33,10 @@ inline float block_absmax(const T *x, int64_t begin, int64_t end) {
     return amax;
 }
 
-// The scale of a block as every path derives it from the block's absmax.
-struct BlockScale {
-    float scale;   // max(absmax, 1e-38)
-    float recip;   // its float32 reciprocal (full blocks multiply by it)
-    bool tail;     // the short last block divides by scale instead
-    float stored;  // what absmax[b] holds: the raw absmax, or the clamped scale for the tail
-};
-
-inline BlockScale block_scale(float amax, int64_t len, int64_t blocksize) {
-    BlockScale s;
-    s.scale = amax > kMinScale ? amax : kMinScale;
-    s.recip = 1.0f / s.scale;
-    s.tail = len < blocksize;
-    // bitsandbytes stores the raw absmax of full blocks but the clamped one
-    // (>= 1e-38) of the short tail block; both decode zeros to zeros.
-    s.stored = s.tail ? s.scale : amax;
-    return s;
-}
+// The block-scale rule lives in numeric.hpp (shared with the CUDA kernels);
+// the optimized CPU paths name it through ref::.
+using ::nf4core::BlockScale;
+using ::nf4core::block_scale;
 
 // Folds elements [i0, i1) into a running max of |x| (as float bits, which order
 // like the values) and a flag for NaN/Inf; the scalar end of a vector loop.
@@ -89,16 +75,12 @@ inline void pad_odd_end(int64_t n, const SearchTable &lut, uint8_t *out) {
 }
 
 // Decodes elements [i0, i1) of one block: codebook[code] * scale in float32,
-// rounded once to T.
+// rounded once to T (numeric.hpp: nibble_at, decode_value).
 template <int BITS, typename T>
 inline void decode_range(const uint8_t *in, const float *codebook, float scale, T *out, int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-        unsigned code;
-        if (BITS == 8)
-            code = in[i];
-        else
-            code = (i & 1) ? (in[i >> 1] & 0x0Fu) : (in[i >> 1] >> 4);
-        out[i] = from_float<T>(codebook[code] * scale);
+        const unsigned code = BITS == 8 ? unsigned(in[i]) : nibble_at(in, i);
+        out[i] = from_float<T>(decode_value(codebook[code], scale));
     }
 }
 

@@ -15,8 +15,7 @@ namespace {
 template <typename T>
 inline float weight(const MatmulArgs &a, int64_t n, int64_t k) {
     const int64_t i = n * a.K + k;
-    const unsigned code = (i & 1) ? (a.packed[i >> 1] & 0x0Fu) : (a.packed[i >> 1] >> 4);
-    return a.codebook[code] * a.scales[i / a.blocksize];
+    return decode_value(a.codebook[nibble_at(a.packed, i)], a.scales[i / a.blocksize]);
 }
 
 // The readable definition: float32 products summed in index order.

@@ -1,9 +1,14 @@
-// Scalar math shared by every kernel (and, later, by CUDA device code):
-// float16/bfloat16 conversions and the nearest-code lookup.
+// The scalar math of the format, shared by every CPU kernel and by the CUDA
+// kernels (src/cuda/): float16/bfloat16 conversions, the block-scale rule,
+// scaling, the nearest-code lookup, nibble packing, decoding and the
+// double-quantization formula. Every function is NF4_HOST_DEVICE, so the CPU
+// tests exercise the code the GPU runs.
 //
 // Everything here must give bit-identical results on every path, so it uses
 // plain IEEE float32 operations only; nf4core is compiled with
-// -ffp-contract=off so that a*b+c is never fused where bitsandbytes rounds twice.
+// -ffp-contract=off (host) and --fmad=false (nvcc), and the two-rounding
+// formulas below spell out their roundings with __fmul_rn/__fadd_rn on the
+// device, so that a*b+c is never fused where bitsandbytes rounds twice.
 #ifndef NF4CORE_SRC_NUMERIC_HPP
 #define NF4CORE_SRC_NUMERIC_HPP
 
@@ -50,15 +55,40 @@ static_assert(sizeof(half_t) == 2, "half_t must be 2 bytes");
 static_assert(sizeof(bfloat16_t) == 2, "bfloat16_t must be 2 bytes");
 
 NF4_HOST_DEVICE inline uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+    return __float_as_uint(f);
+#else
     uint32_t u;
     std::memcpy(&u, &f, sizeof u);
     return u;
+#endif
 }
 
 NF4_HOST_DEVICE inline float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+    return __uint_as_float(u);
+#else
     float f;
     std::memcpy(&f, &u, sizeof f);
     return f;
+#endif
+}
+
+// a * b and a + b, each rounded once to float32 (never contracted to an FMA).
+NF4_HOST_DEVICE inline float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+    return __fmul_rn(a, b);
+#else
+    return a * b;
+#endif
+}
+
+NF4_HOST_DEVICE inline float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+    return __fadd_rn(a, b);
+#else
+    return a + b;
+#endif
 }
 
 NF4_HOST_DEVICE inline float to_float(float x) { return x; }
@@ -157,6 +187,52 @@ NF4_HOST_DEVICE inline uint8_t nearest_code(const SearchTable &t, float x) {
         pos = lo;
     }
     return uint8_t(t.order[pos]);
+}
+
+// The scale of a block as every path derives it from the block's absmax.
+struct BlockScale {
+    float scale;   // max(absmax, 1e-38)
+    float recip;   // its float32 reciprocal (full blocks multiply by it)
+    bool tail;     // the short last block divides by scale instead
+    float stored;  // what absmax[b] holds: the raw absmax, or the clamped scale for the tail
+};
+
+NF4_HOST_DEVICE inline BlockScale block_scale(float amax, int64_t len, int64_t blocksize) {
+    BlockScale s;
+    s.scale = amax > kMinScale ? amax : kMinScale;
+    s.recip = 1.0f / s.scale;
+    s.tail = len < blocksize;
+    // bitsandbytes stores the raw absmax of full blocks but the clamped one
+    // (>= 1e-38) of the short tail block; both decode zeros to zeros.
+    s.stored = s.tail ? s.scale : amax;
+    return s;
+}
+
+// The code of one element of a block with scale s (scale, clamp, look up).
+template <int N>
+NF4_HOST_DEVICE inline uint8_t encode_value(const SearchTable &t, float x, const BlockScale &s) {
+    return nearest_code<N>(t, scale_value(x, s.scale, s.recip, s.tail));
+}
+
+// The 4-bit code of element i of a packed array: the even element sits in the
+// high nibble (bitsandbytes' order).
+NF4_HOST_DEVICE inline unsigned nibble_at(const uint8_t *packed, int64_t i) {
+    const unsigned byte = packed[i >> 1];
+    return (i & 1) ? (byte & 0x0Fu) : (byte >> 4);
+}
+
+// Two 4-bit codes as one packed byte (first element high).
+NF4_HOST_DEVICE inline uint8_t pack_pair(unsigned hi, unsigned lo) { return uint8_t((hi << 4) | lo); }
+
+// Decoded value before rounding to the output type: codebook[code] * scale,
+// one float32 rounding.
+NF4_HOST_DEVICE inline float decode_value(float code_value, float scale) { return mul_rn(code_value, scale); }
+
+// Double quantization (QLoRA Sec. 3, bitsandbytes compress_statistics): the
+// float32 block scale from its 8-bit code, the scale of its group of 256 and
+// the mean offset, as dyn_code[q] * nested + offset with two roundings.
+NF4_HOST_DEVICE inline float dq_scale(float dyn_value, float nested_absmax, float offset) {
+    return add_rn(mul_rn(dyn_value, nested_absmax), offset);
 }
 
 }  // namespace

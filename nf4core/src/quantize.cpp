@@ -22,6 +22,7 @@ void fail_non_finite(int64_t index, float value) {
     fail(NF4_ERROR_NON_FINITE, buf);
 }
 
+// Shared with the CUDA launchers (src/cuda/), which send the table to the device.
 SearchTable make_search_table(const float *codebook, int size) {
     require(codebook != nullptr, "codebook pointer is NULL");
     SearchTable t;
@@ -60,7 +61,6 @@ void check_dtype(nf4_dtype dtype) {
     require(dtype == NF4_FLOAT32 || dtype == NF4_FLOAT16 || dtype == NF4_BFLOAT16,
             "unknown dtype code " + std::to_string(int(dtype)));
 }
-
 
 // The scalar reference as a kernel set (the "scalar" ISA).
 template <int BITS, typename T>
@@ -236,8 +236,8 @@ nf4_status nf4_double_dequantize(const uint8_t *qabsmax, const float *nested_abs
                 "input or output pointer is NULL");
         require(is_finite(offset), "double-quantization offset is not finite");
         for (int64_t i = 0; i < nblocks; ++i) {
-            const float scaled = dyn_code[qabsmax[i]] * nested_absmax[i / NF4_DQ_BLOCKSIZE];
-            absmax[i] = scaled + offset;  // two roundings, never fused (-ffp-contract=off)
+            // two roundings, never fused (numeric.hpp, shared with the CUDA kernels)
+            absmax[i] = dq_scale(dyn_code[qabsmax[i]], nested_absmax[i / NF4_DQ_BLOCKSIZE], offset);
         }
     });
 }

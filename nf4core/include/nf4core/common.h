@@ -33,7 +33,8 @@ typedef enum nf4_status {
     NF4_ERROR_INVALID_ARGUMENT = 1, /* bad size, blocksize, pointer or codebook */
     NF4_ERROR_NON_FINITE = 2,       /* NaN or +-Inf in an input that must be finite */
     NF4_ERROR_OUT_OF_MEMORY = 3,    /* an internal allocation failed */
-    NF4_ERROR_INTERNAL = 4          /* a bug in nf4core: please report it */
+    NF4_ERROR_INTERNAL = 4,         /* a bug in nf4core: please report it */
+    NF4_ERROR_CUDA = 5              /* a CUDA call failed, no device, or built without CUDA */
 } nf4_status;
 
 /* Element types of dense inputs and outputs. */

@@ -13,5 +13,6 @@
 #include "nf4core/matmul.h"
 #include "nf4core/optim.h"
 #include "nf4core/pager.h"
+#include "nf4core/cuda.h"
 
 #endif /* NF4CORE_NF4CORE_H */

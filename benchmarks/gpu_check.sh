@@ -1,0 +1,238 @@
+#!/usr/bin/env bash
+# The prepared GPU check of nf4core's CUDA path (issue 8). On a machine with an
+# NVIDIA GPU, nvcc and a CUDA build of torch, in about 3-5 minutes:
+#   1. builds nf4core for this GPU's architecture and runs its C++ tests
+#      (test_cuda: every CUDA kernel byte-identical to the CPU path);
+#   2. installs pyqlora into a scratch venv and runs tests/test_cuda.py
+#      (marker gpu: pq.quantize/dequantize of CUDA tensors == CPU bytes);
+#   3. measures NF4+DQ dequantize -> bf16 in GB/s against the device's peak
+#      (nominal, and a measured device-to-device copy), and the GEMV
+#      1x8192 . (8192x8192)^T against torch bf16/fp16 dense (bitsandbytes too
+#      when it is installed with CUDA);
+#   4. prints one summary table (also written to $OUT/gpu_check.json).
+#
+# Usage: bash benchmarks/gpu_check.sh        (OUT=/tmp/gpu_check, PYTHON=python3)
+# Needs: python3 with numpy, ml_dtypes, torch (CUDA), pytest, meson, meson-python,
+# Cython, ninja; nvcc on PATH. Written without GPU access: not yet run on hardware.
+set -uo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=${PYTHON:-python3}
+OUT=${OUT:-/tmp/gpu_check}
+JOBS=${JOBS:-$(nproc 2>/dev/null || echo 4)}
+mkdir -p "$OUT"
+T0=$(date +%s)
+declare -a SUMMARY=()
+FAILED=0
+
+note() { printf '[gpu_check %3ds] %s\n' "$(( $(date +%s) - T0 ))" "$*"; }
+record() { SUMMARY+=("$1|$2"); }  # step|result
+
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+    echo "gpu_check: no NVIDIA GPU visible (nvidia-smi failed); nothing to check" >&2
+    exit 2
+fi
+if ! command -v nvcc >/dev/null 2>&1; then
+    for d in /usr/local/cuda/bin /usr/local/cuda-*/bin; do [ -x "$d/nvcc" ] && PATH="$d:$PATH" && break; done
+fi
+command -v nvcc >/dev/null 2>&1 || { echo "gpu_check: nvcc not found" >&2; exit 2; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader | tee "$OUT/gpu.txt"
+# Build only for the GPU in front of us (the library's default list is for wheels).
+CC_ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n1 | tr -d ' .')
+ARCH="${CC_ARCH}+PTX"
+note "nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), building for sm_${CC_ARCH}"
+
+# 1. standalone nf4core + its C++ tests (cuda: byte-identical to the CPU path)
+BUILD="$OUT/build-nf4core"
+rm -rf "$BUILD"
+if timeout 240 meson setup "$BUILD" "$REPO/nf4core" -Dcuda=enabled "-Dnvcc_arch=$ARCH" >"$OUT/meson-setup.log" 2>&1 &&
+   timeout 240 meson compile -C "$BUILD" -j "$JOBS" >"$OUT/meson-compile.log" 2>&1; then
+    if timeout 200 meson test -C "$BUILD" cuda cuda_api shared_math quantize numeric matmul c_api \
+        --print-errorlogs >"$OUT/meson-test.log" 2>&1; then
+        record "C++ tests (test_cuda: CUDA == CPU bytes)" "PASS"
+    else
+        record "C++ tests (test_cuda: CUDA == CPU bytes)" "FAIL (see $OUT/meson-test.log)"; FAILED=1
+    fi
+else
+    record "nf4core build with CUDA" "FAIL (see $OUT/meson-*.log)"; FAILED=1
+fi
+note "C++ done"
+
+# 2. the Python package in a scratch venv (sees the system's torch), GPU tests
+VENV="$OUT/venv"
+if [ ! -x "$VENV/bin/python" ]; then "$PY" -m venv --system-site-packages "$VENV"; fi
+if timeout 300 "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps \
+        "-Csetup-args=-Dnf4core:nvcc_arch=$ARCH" "$REPO" >"$OUT/pip.log" 2>&1; then
+    # run from $OUT so that the source tree's pyqlora/ does not shadow the installed one
+    if (cd "$OUT" && PYQLORA_EXPECT_CUDA=1 timeout 240 "$VENV/bin/python" -m pytest "$REPO/tests/test_cuda.py" \
+            -q -rs -p no:cacheprovider --rootdir "$REPO" >"$OUT/pytest.log" 2>&1); then
+        record "pytest tests/test_cuda.py (incl. gpu)" "PASS: $(tail -n1 "$OUT/pytest.log")"
+    else
+        record "pytest tests/test_cuda.py (incl. gpu)" "FAIL: $(tail -n1 "$OUT/pytest.log")"; FAILED=1
+    fi
+else
+    record "pip install (CUDA build)" "FAIL (see $OUT/pip.log)"; FAILED=1
+fi
+note "pytest done"
+
+# 3. measurements
+cd "$OUT" || exit 2
+timeout 180 "$VENV/bin/python" - "$OUT/gpu_check.json" >"$OUT/bench.txt" 2>"$OUT/bench.err" <<'PYEOF'
+import json
+import sys
+
+import torch
+
+import pyqlora as pq
+from pyqlora import _cuda
+from pyqlora import _nf4core as ext
+
+out_json = sys.argv[1]
+dev = torch.device("cuda")
+props = torch.cuda.get_device_properties(dev)
+name = props.name
+# Nominal HBM bandwidth (vendor data sheets), GB/s; measured copy bandwidth too.
+NOMINAL = {"H200": 4800, "H100 SXM": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H100": 3350,
+           "A100-SXM4-80GB": 2039, "A100 80GB PCIe": 1935, "A100-SXM4-40GB": 1555, "A100": 1555,
+           "L40S": 864, "L4": 300, "RTX 4090": 1008, "A10": 600, "GH200": 4000}
+nominal = next((v for k, v in NOMINAL.items() if k in name), None)
+
+
+def timed(fn, reps=50, warmup=5, inner=1):
+    """Median seconds per call; `inner` back-to-back calls per timing, so that
+    microsecond kernels are timed on the GPU's queue, not the host's launch rate."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(inner):
+            fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e-3 / inner)
+    times.sort()
+    return times[len(times) // 2]
+
+
+res = {"device": name, "nominal_GBps": nominal, "built": list(_cuda.cuda_available())}
+
+# measured peak: device-to-device copy of 2 GiB (read + write)
+src = torch.empty(2**29, dtype=torch.float32, device=dev)
+dst = torch.empty_like(src)
+t = timed(lambda: dst.copy_(src), reps=20)
+res["copy_GBps"] = 2 * src.numel() * 4 / t / 1e9
+del src, dst
+
+# dequantize NF4 + DQ -> bf16, 2^28 weights (as one large layer group)
+n = 2**28
+w = torch.randn(n, device=dev, dtype=torch.bfloat16)
+q = pq.quantize(w, blocksize=64, double_quant=True)
+out = torch.empty(n, dtype=torch.bfloat16, device=dev)
+t = timed(lambda: pq.dequantize(q, out=out.view(q.shape)), reps=30)
+moved = n // 2 + (n // 64) + (n // 64 // 256) * 4 + 2 * n  # codes + DQ codes + nested + bf16 out
+res["dequant_s"] = t
+res["dequant_GBps"] = moved / t / 1e9
+res["dequant_frac_copy"] = res["dequant_GBps"] / res["copy_GBps"]
+res["dequant_frac_nominal"] = res["dequant_GBps"] / nominal if nominal else None
+del w, out
+
+# bitsandbytes peer, same tensor size (optional)
+try:
+    import bitsandbytes.functional as bnbf
+
+    wb = torch.randn(n, device=dev, dtype=torch.bfloat16)
+    qb, st = bnbf.quantize_4bit(wb, blocksize=64, compress_statistics=True, quant_type="nf4")
+    t = timed(lambda: bnbf.dequantize_4bit(qb, st), reps=30)
+    res["bnb_dequant_GBps"] = moved / t / 1e9
+    del wb, qb
+except Exception as exc:  # noqa: BLE001 - a missing or CPU-only peer is reported, not fatal
+    res["bnb_dequant_GBps"] = None
+    res["bnb_note"] = f"{type(exc).__name__}: {exc}"[:120]
+
+# GEMV 1x8192 . (8192x8192)^T: NF4 + DQ vs dense bf16 / fp16
+N = K = 8192
+W = torch.randn(N, K, device=dev, dtype=torch.float32)
+qw = pq.quantize(W, blocksize=64, double_quant=True)
+for dt_name, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+    x = torch.randn(1, K, device=dev, dtype=dt)
+    Wd = W.to(dt)
+    y = torch.empty(1, N, device=dev, dtype=dt)
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    kdt = _cuda._kernel_dtype(dt)
+    nf4, dyn = pq._codebooks.lookup_table("nf4", 16), pq._codebooks.lookup_table("dynamic", 256)
+
+    def nf4_gemv():  # the binding itself: pq-level validation would dominate a ~10 us kernel
+        ext.cuda_gemv_dq(x.data_ptr(), kdt, 1, N, K, qw.packed.data_ptr(), qw.absmax.data_ptr(),
+                         qw.nested_absmax.data_ptr(), qw.nested_offset, 64, nf4, dyn, y.data_ptr(), stream)
+
+    t_dense = timed(lambda: torch.nn.functional.linear(x, Wd), reps=20, inner=100)
+    t_nf4 = timed(nf4_gemv, reps=20, inner=100)
+    res[f"gemv_{dt_name}_pq_call_us"] = timed(lambda: _cuda.gemv(x, qw), reps=20, inner=100) * 1e6
+    ref = torch.nn.functional.linear(x.float(), pq.dequantize(qw, dtype="float32"))
+    err = (_cuda.gemv(x, qw).float() - ref).abs().max().item() / ref.abs().max().item()
+    res[f"gemv_{dt_name}_dense_us"] = t_dense * 1e6
+    res[f"gemv_{dt_name}_nf4_us"] = t_nf4 * 1e6
+    res[f"gemv_{dt_name}_speedup"] = t_dense / t_nf4
+    res[f"gemv_{dt_name}_relerr"] = err
+    res[f"gemv_{dt_name}_weight_GBps"] = (N * K // 2 + N * K // 64) / t_nf4 / 1e9
+try:
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    x = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
+    qb, st = bnbf.quantize_4bit(W.to(torch.bfloat16), blocksize=64, compress_statistics=True, quant_type="nf4")
+    res["gemv_bnb_us"] = timed(lambda: bnb.matmul_4bit(x, qb.t(), quant_state=st), reps=20, inner=100) * 1e6
+except Exception as exc:  # noqa: BLE001
+    res["gemv_bnb_us"] = None
+
+with open(out_json, "w") as f:
+    json.dump(res, f, indent=1)
+for k, v in res.items():
+    print(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+PYEOF
+BENCH_RC=$?
+if [ $BENCH_RC -ne 0 ]; then
+    record "benchmarks" "FAIL rc=$BENCH_RC: $(tail -n2 "$OUT/bench.err" | tr '\n' ' ')"; FAILED=1
+fi
+
+# 4. the summary table
+"$VENV/bin/python" - "$OUT/gpu_check.json" "$(( $(date +%s) - T0 ))" "${SUMMARY[@]}" <<'PYEOF'
+import json
+import os
+import sys
+
+path, secs, rows = sys.argv[1], sys.argv[2], [r.split("|", 1) for r in sys.argv[3:]]
+res = json.load(open(path)) if os.path.exists(path) else {}
+
+
+def f(key, fmt="{:.1f}"):
+    v = res.get(key)
+    return "n/a" if v is None else fmt.format(v)
+
+
+print()
+print("=" * 78)
+print(f"nf4core CUDA check on {res.get('device', '?')}  ({secs} s)")
+print("-" * 78)
+for step, result in rows:
+    print(f"{step:<44} {result}")
+if res:
+    print("-" * 78)
+    print(f"{'device copy bandwidth (measured)':<44} {f('copy_GBps')} GB/s   nominal {res.get('nominal_GBps')} GB/s")
+    print(f"{'dequantize NF4+DQ -> bf16, 2^28 weights':<44} {f('dequant_GBps')} GB/s = "
+          f"{f('dequant_frac_nominal', '{:.0%}')} of nominal, {f('dequant_frac_copy', '{:.0%}')} of copy "
+          "(target >= 80%)")
+    print(f"{'  bitsandbytes dequantize_4bit (same size)':<44} {f('bnb_dequant_GBps')} GB/s")
+    for dt in ("bf16", "fp16"):
+        print(f"{'GEMV 1x8192.(8192x8192)^T NF4+DQ, ' + dt:<44} {f('gemv_' + dt + '_nf4_us')} us vs dense "
+              f"{f('gemv_' + dt + '_dense_us')} us: {f('gemv_' + dt + '_speedup', '{:.2f}')}x (target >= 3x), "
+              f"rel.err {f('gemv_' + dt + '_relerr', '{:.1e}')}")
+    print(f"{'  same through pq (_cuda.gemv), bf16':<44} {f('gemv_bf16_pq_call_us')} us per call (host overhead incl.)")
+    print(f"{'  bitsandbytes matmul_4bit (bf16)':<44} {f('gemv_bnb_us')} us")
+print("=" * 78)
+PYEOF
+exit $FAILED

@@ -1,0 +1,131 @@
+// Host-side plumbing shared by the CUDA launchers: CUDA errors as nf4core
+// errors, argument checks, launch geometry, and the device-side helpers
+// (warp reductions, tables in shared memory). The arithmetic itself is the
+// shared scalar math in ../numeric.hpp.
+#ifndef NF4CORE_SRC_CUDA_COMMON_CUH
+#define NF4CORE_SRC_CUDA_COMMON_CUH
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "../error.hpp"
+#include "../numeric.hpp"
+#include "nf4core/common.h"
+#include "nf4core/quantize.h"
+
+namespace nf4core {
+namespace cuda {
+
+// Throws an nf4core::Error for a failed CUDA call; `what` names the call.
+inline void check(cudaError_t err, const char *what) {
+    if (err == cudaSuccess) return;
+    (void)cudaGetLastError();  // clear a non-sticky error so later calls start clean
+    const nf4_status st = err == cudaErrorMemoryAllocation ? NF4_ERROR_OUT_OF_MEMORY : NF4_ERROR_CUDA;
+    fail(st, std::string("CUDA error in ") + what + ": " + cudaGetErrorName(err) + " (" +
+                 cudaGetErrorString(err) + ")");
+}
+
+// Every launcher starts here: fails cleanly (no device, no driver) before any
+// kernel is enqueued, and clears errors left by earlier foreign calls.
+inline void require_device() {
+    int dev = 0;
+    check(cudaGetDevice(&dev), "cudaGetDevice (is a CUDA device and driver present?)");
+}
+
+inline cudaStream_t as_stream(void *s) { return static_cast<cudaStream_t>(s); }
+
+inline void check_launch(const char *kernel) { check(cudaGetLastError(), kernel); }
+
+inline void check_sizes(int64_t n, int64_t blocksize) {
+    require(n >= 1, "number of elements must be at least 1, got " + std::to_string(n));
+    require(nf4_blocksize_is_valid(blocksize) != 0,
+            "blocksize must be a power of two between " + std::to_string(NF4_MIN_BLOCKSIZE) + " and " +
+                std::to_string(NF4_MAX_BLOCKSIZE) + ", got " + std::to_string(blocksize));
+}
+
+inline void check_dtype(nf4_dtype dtype) {
+    require(dtype == NF4_FLOAT32 || dtype == NF4_FLOAT16 || dtype == NF4_BFLOAT16,
+            "unknown dtype code " + std::to_string(int(dtype)));
+}
+
+inline void check_table(const float *table, int size, const char *what) {
+    require(table != nullptr, std::string(what) + " pointer is NULL");
+    for (int i = 0; i < size; ++i)
+        require(is_finite(table[i]), std::string(what) + " entry " + std::to_string(i) + " is not finite");
+}
+
+// Grids never exceed this many blocks; kernels stride over the rest (64-bit
+// loop counters), so 2^31 elements and more need no special case.
+constexpr int64_t kMaxGrid = int64_t(1) << 20;
+
+inline unsigned grid_for(int64_t items, int64_t per_block) {
+    int64_t g = (items + per_block - 1) / per_block;
+    if (g < 1) g = 1;
+    if (g > kMaxGrid) g = kMaxGrid;
+    return unsigned(g);
+}
+
+// Calls f(T{}) with T the element type of `dtype` (float, half_t, bfloat16_t).
+template <class F>
+void dispatch_dtype(nf4_dtype dtype, F &&f) {
+    switch (dtype) {
+        case NF4_FLOAT32: f(float{}); return;
+        case NF4_FLOAT16: f(half_t{}); return;
+        case NF4_BFLOAT16: f(bfloat16_t{}); return;
+    }
+    fail(NF4_ERROR_INVALID_ARGUMENT, "unknown dtype code " + std::to_string(int(dtype)));
+}
+
+// Plain tables passed by value as kernel arguments (they live in the
+// constant bank; kernels copy them to shared memory for indexed access).
+struct Table16 {
+    float v[16];
+};
+struct Table256 {
+    float v[256];
+};
+
+// Where a kernel gets the float32 scale of block b: a float32 array, or the
+// double-quantization triple (decoded with the shared dq_scale formula, the
+// 256-entry dynamic map in shared memory).
+struct Scales {
+    const float *absmax;   // nullptr when double-quantized
+    const uint8_t *qabsmax;
+    const float *nested;
+    float offset;
+};
+
+#if defined(__CUDACC__)
+__device__ __forceinline__ float block_scale_at(const Scales &s, const float *dyn_smem, int64_t b) {
+    if (s.absmax != nullptr) return s.absmax[b];
+    return dq_scale(dyn_smem[s.qabsmax[b]], s.nested[b / NF4_DQ_BLOCKSIZE], s.offset);
+}
+
+__device__ __forceinline__ uint32_t warp_max(uint32_t v) {
+    for (int o = 16; o > 0; o >>= 1) {
+        const uint32_t w = __shfl_xor_sync(0xFFFFFFFFu, v, o);
+        v = w > v ? w : v;
+    }
+    return v;
+}
+
+__device__ __forceinline__ unsigned long long warp_min(unsigned long long v) {
+    for (int o = 16; o > 0; o >>= 1) {
+        const unsigned long long w = __shfl_xor_sync(0xFFFFFFFFu, v, o);
+        v = w < v ? w : v;
+    }
+    return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+    return v;
+}
+#endif
+
+}  // namespace cuda
+}  // namespace nf4core
+
+#endif  // NF4CORE_SRC_CUDA_COMMON_CUH

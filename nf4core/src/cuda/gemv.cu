@@ -1,0 +1,209 @@
+// The 4-bit GEMV on CUDA: y (M x N) = x (M x K) . W^T for M = 1..8
+// (token-by-token generation), W given by its packed NF4/FP4 codes and block
+// scales (float32, or double-quantized and decoded on the fly).
+//
+// Each warp owns kRows rows of W and reads them once, 16 bytes (32 weights,
+// one scale) per lane per step; the slice of x is loaded once per step and
+// used for every row of the warp; the codebook sits in shared memory. Within
+// a 32-weight chunk the products codebook[code] * x are summed first and the
+// block scale applied once (the CPU AVX-512 kernel does the same), then the
+// lanes' partial sums are combined by a warp reduction. The summation order
+// differs from nf4_matmul_4bit_ref, so results agree with the CPU to float32
+// rounding, not bit for bit.
+//
+// Not tuned on hardware yet (no GPU was available when it was written): kRows
+// and the launch shape are first guesses; benchmarks/gpu_check.sh measures.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "../error.hpp"
+#include "../numeric.hpp"
+#include "common.cuh"
+#include "nf4core/cuda.h"
+
+namespace nf4core {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;  // 8 warps
+constexpr int kRows = 2;       // rows of W per warp
+constexpr int kMaxM = 8;
+
+// 8 consecutive elements of x as float (one 16-byte load; two for float32).
+template <typename T>
+__device__ __forceinline__ void load8(const T *p, float (&v)[8]) {
+    const uint4 a = __ldg(reinterpret_cast<const uint4 *>(p));
+    const uint32_t w[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        T lo, hi;  // little-endian: the first element in the low half
+        lo.bits = uint16_t(w[j] & 0xFFFFu);
+        hi.bits = uint16_t(w[j] >> 16);
+        v[2 * j] = to_float(lo);
+        v[2 * j + 1] = to_float(hi);
+    }
+}
+
+template <>
+__device__ __forceinline__ void load8<float>(const float *p, float (&v)[8]) {
+    const float4 a = __ldg(reinterpret_cast<const float4 *>(p));
+    const float4 b = __ldg(reinterpret_cast<const float4 *>(p) + 1);
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+
+// VEC: K % 32 == 0 and 16-byte aligned packed and x, so each lane reads whole
+// 32-weight chunks that lie in one block. Otherwise one weight per lane step.
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(kThreads)
+    gemv_kernel(const T *__restrict__ x, int M, int64_t N, int64_t K, const uint8_t *__restrict__ packed,
+                const Scales sc, int64_t blocksize, const __grid_constant__ Table16 cb_arg,
+                const __grid_constant__ Table256 dyn_arg, T *__restrict__ y) {
+    __shared__ float cb[16];
+    __shared__ float dyn[256];
+    for (int i = threadIdx.x; i < 16; i += blockDim.x) cb[i] = cb_arg.v[i];
+    if (sc.absmax == nullptr)
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) dyn[i] = dyn_arg.v[i];
+    __syncthreads();
+    const int lane = int(threadIdx.x & 31u);
+    const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+    for (int64_t n0 = ((int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5) * kRows; n0 < N;
+         n0 += nwarps * kRows) {
+        float acc[kRows][kMaxM];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r)
+#pragma unroll
+            for (int m = 0; m < kMaxM; ++m) acc[r][m] = 0.0f;
+        if (VEC) {
+            const int64_t chunks = K >> 5;
+            for (int64_t j = lane; j < chunks; j += 32) {
+                uint32_t w[kRows][4];
+                float s[kRows];
+#pragma unroll
+                for (int r = 0; r < kRows; ++r) {
+                    if (n0 + r < N) {
+                        const int64_t e0 = (n0 + r) * K + 32 * j;
+                        const uint4 q = __ldg(reinterpret_cast<const uint4 *>(packed + (e0 >> 1)));
+                        w[r][0] = q.x, w[r][1] = q.y, w[r][2] = q.z, w[r][3] = q.w;
+                        s[r] = block_scale_at(sc, dyn, e0 / blocksize);
+                    } else {
+                        w[r][0] = w[r][1] = w[r][2] = w[r][3] = 0u;
+                        s[r] = 0.0f;
+                    }
+                }
+#pragma unroll
+                for (int m = 0; m < kMaxM; ++m) {
+                    if (m >= M) break;
+                    const T *xm = x + int64_t(m) * K + 32 * j;
+                    float part[kRows];
+#pragma unroll
+                    for (int r = 0; r < kRows; ++r) part[r] = 0.0f;
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) {
+                        float xv[8];
+                        load8<T>(xm + 8 * q, xv);
+#pragma unroll
+                        for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+                            for (int e = 0; e < 8; ++e) {
+                                // byte e/2 of the word; the even element in its high nibble
+                                const unsigned code = (w[r][q] >> (8 * (e >> 1) + ((e & 1) ? 0 : 4))) & 0x0Fu;
+                                part[r] = fmaf(cb[code], xv[e], part[r]);
+                            }
+                        }
+                    }
+#pragma unroll
+                    for (int r = 0; r < kRows; ++r) acc[r][m] = fmaf(part[r], s[r], acc[r][m]);
+                }
+            }
+        } else {
+            for (int64_t k = lane; k < K; k += 32) {
+#pragma unroll
+                for (int r = 0; r < kRows; ++r) {
+                    if (n0 + r >= N) break;
+                    const int64_t i = (n0 + r) * K + k;
+                    const float wv = decode_value(cb[nibble_at(packed, i)], block_scale_at(sc, dyn, i / blocksize));
+#pragma unroll
+                    for (int m = 0; m < kMaxM; ++m) {
+                        if (m >= M) break;
+                        acc[r][m] = fmaf(to_float(x[int64_t(m) * K + k]), wv, acc[r][m]);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+            for (int m = 0; m < kMaxM; ++m) {
+                if (m >= M) break;
+                const float v = warp_sum(acc[r][m]);
+                if (lane == 0 && n0 + r < N) y[int64_t(m) * N + n0 + r] = from_float<T>(v);
+            }
+        }
+    }
+}
+
+bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+nf4_status gemv(const void *x, nf4_dtype dtype, int64_t M, int64_t N, int64_t K, const uint8_t *packed,
+                const Scales &sc, int64_t blocksize, const float *codebook, const float *dyn_code, void *y,
+                void *stream) {
+    return guarded([&] {
+        require(M >= 1 && M <= kMaxM, "the CUDA GEMV takes 1 to 8 rows of x (M), got " + std::to_string(M));
+        require(N >= 1 && K >= 1,
+                "matrix sizes must be positive, got N=" + std::to_string(N) + " K=" + std::to_string(K));
+        require(nf4_blocksize_is_valid(blocksize) != 0, "invalid blocksize " + std::to_string(blocksize));
+        check_dtype(dtype);
+        require(x && packed && y, "input or output pointer is NULL");
+        require(sc.absmax != nullptr || (sc.qabsmax != nullptr && sc.nested != nullptr),
+                "block scale pointer is NULL");
+        check_table(codebook, 16, "codebook");
+        Table16 cb;
+        Table256 dyn{};
+        for (int i = 0; i < 16; ++i) cb.v[i] = codebook[i];
+        if (sc.absmax == nullptr) {
+            check_table(dyn_code, 256, "dyn_code");
+            require(is_finite(sc.offset), "double-quantization offset is not finite");
+            for (int i = 0; i < 256; ++i) dyn.v[i] = dyn_code[i];
+        }
+        require_device();
+        const cudaStream_t s = as_stream(stream);
+        const bool vec = K % 32 == 0 && aligned16(packed) && aligned16(x);
+        const unsigned grid = grid_for(N, int64_t(kThreads / 32) * kRows);
+        dispatch_dtype(dtype, [&](auto tag) {
+            using T = decltype(tag);
+            const T *xt = static_cast<const T *>(x);
+            T *yt = static_cast<T *>(y);
+            if (vec)
+                gemv_kernel<T, true><<<grid, kThreads, 0, s>>>(xt, int(M), N, K, packed, sc, blocksize, cb, dyn, yt);
+            else
+                gemv_kernel<T, false><<<grid, kThreads, 0, s>>>(xt, int(M), N, K, packed, sc, blocksize, cb, dyn, yt);
+        });
+        check_launch("gemv kernel launch");
+    });
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace nf4core
+
+extern "C" {
+
+nf4_status nf4_cuda_gemv_4bit(const void *x, nf4_dtype dtype, int64_t M, int64_t N, int64_t K, const uint8_t *packed,
+                              const float *scales, int64_t blocksize, const float *codebook, void *y, void *stream) {
+    const nf4core::cuda::Scales sc{scales, nullptr, nullptr, 0.0f};
+    if (scales == nullptr)
+        return nf4core::guarded([] { nf4core::fail(NF4_ERROR_INVALID_ARGUMENT, "scales pointer is NULL"); });
+    return nf4core::cuda::gemv(x, dtype, M, N, K, packed, sc, blocksize, codebook, nullptr, y, stream);
+}
+
+nf4_status nf4_cuda_gemv_4bit_dq(const void *x, nf4_dtype dtype, int64_t M, int64_t N, int64_t K,
+                                 const uint8_t *packed, const uint8_t *qabsmax, const float *nested_absmax,
+                                 float offset, int64_t blocksize, const float *codebook, const float *dyn_code,
+                                 void *y, void *stream) {
+    const nf4core::cuda::Scales sc{nullptr, qabsmax, nested_absmax, offset};
+    return nf4core::cuda::gemv(x, dtype, M, N, K, packed, sc, blocksize, codebook, dyn_code, y, stream);
+}
+
+}  // extern "C"

@@ -1,0 +1,387 @@
+// CUDA kernels for blockwise 4-bit and 8-bit quantization and double
+// quantization (the GPU twin of quantize.cpp / kernels_ref.hpp).
+//
+// Every value is computed by the shared scalar math of numeric.hpp
+// (block_scale, encode_value, nearest_code, decode_value, dq_scale), so the
+// bytes equal the CPU path's for the same input; only the work split differs.
+// Indices are int64_t and grids stride, so 2^31 elements and more work.
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+#include <string>
+
+#include "../error.hpp"
+#include "../kernels.hpp"
+#include "../numeric.hpp"
+#include "common.cuh"
+#include "nf4core/cuda.h"
+
+namespace nf4core {
+
+[[noreturn]] void fail_non_finite(int64_t index, float value);  // quantize.cpp
+
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr unsigned long long kNone = ULLONG_MAX;
+
+// Written by the kernels of the [sync] entry points, read back once.
+struct Flags {
+    unsigned long long bad_input;  // lowest flat index of a NaN/Inf input
+    unsigned long long bad_scale;  // lowest index of a negative or non-finite scale (DQ)
+    float mean;                    // DQ offset
+};
+
+template <typename T>
+__device__ __forceinline__ float load_value(const T *x, int64_t i, const float *sub, float m) {
+    const float v = to_float(x[i]);
+    return sub != nullptr ? v - m : v;  // DQ centres the scales: absmax - mean, one rounding
+}
+
+__device__ __forceinline__ void copy_words(void *dst, const void *src, int bytes) {
+    const int32_t *s = static_cast<const int32_t *>(src);
+    int32_t *d = static_cast<int32_t *>(dst);
+    for (int i = threadIdx.x; i < bytes / 4; i += blockDim.x) d[i] = s[i];
+}
+
+// One warp per quantization block: the absmax by a warp reduction (max is
+// exact, so the order does not matter), then every lane encodes its elements
+// (4-bit: pairs, so each lane writes whole bytes).
+template <int BITS, typename T>
+__global__ void __launch_bounds__(kThreads)
+    quantize_kernel(const T *__restrict__ x, int64_t n, int64_t blocksize, const __grid_constant__ SearchTable table_arg,
+                    uint8_t *__restrict__ out, float *__restrict__ absmax, const float *sub, Flags *flags) {
+    __shared__ SearchTable table;
+    copy_words(&table, &table_arg, int(sizeof(SearchTable)));
+    __syncthreads();
+    const float m = sub != nullptr ? *sub : 0.0f;
+    const int lane = int(threadIdx.x & 31u);
+    const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+    const int64_t nblocks = (n + blocksize - 1) / blocksize;
+    for (int64_t b = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; b < nblocks; b += nwarps) {
+        const int64_t begin = b * blocksize;
+        const int64_t end = begin + blocksize < n ? begin + blocksize : n;
+        uint32_t amax_bits = 0;
+        unsigned long long first_bad = kNone;
+        for (int64_t i = begin + lane; i < end; i += 32) {
+            const uint32_t u = float_bits(load_value(x, i, sub, m)) & 0x7FFFFFFFu;
+            if (u > 0x7F7FFFFFu && first_bad == kNone) first_bad = (unsigned long long)i;
+            amax_bits = u > amax_bits ? u : amax_bits;  // float bits of |x| order like the values
+        }
+        amax_bits = warp_max(amax_bits);
+        first_bad = warp_min(first_bad);
+        if (first_bad != kNone) {
+            if (lane == 0) atomicMin(&flags->bad_input, first_bad);
+            continue;
+        }
+        const BlockScale s = block_scale(bits_float(amax_bits), end - begin, blocksize);
+        if (lane == 0) absmax[b] = s.stored;
+        if (BITS == 8) {
+            for (int64_t i = begin + lane; i < end; i += 32)
+                out[i] = encode_value<256>(table, load_value(x, i, sub, m), s);
+        } else {
+            // begin is even (blocksizes are); an odd n pads the last low nibble
+            // with the code of 0.0, as kernels_ref.hpp's pad_odd_end does
+            for (int64_t p = (begin >> 1) + lane; 2 * p < end; p += 32) {
+                const int64_t i = 2 * p;
+                const unsigned hi = encode_value<16>(table, load_value(x, i, sub, m), s);
+                const unsigned lo = i + 1 < end ? encode_value<16>(table, load_value(x, i + 1, sub, m), s)
+                                                : nearest_code<16>(table, 0.0f);
+                out[p] = pack_pair(hi, lo);
+            }
+        }
+    }
+}
+
+// Element vectors for the dequantize stores (16 elements per thread).
+template <typename T>
+struct alignas(16) Vec16 {
+    T v[16];
+};
+
+// Each thread decodes chunks of 16 elements (blocksizes are multiples of 32,
+// so a chunk has one scale). VEC: whole chunks with 8/16-byte loads and
+// 16-byte stores (the launcher checks the alignment); the rest element-wise.
+template <int BITS, typename T, bool VEC>
+__global__ void __launch_bounds__(kThreads)
+    dequantize_kernel(const uint8_t *__restrict__ in, const Scales sc, int64_t n, int64_t blocksize,
+                      const __grid_constant__ Table256 cb_arg, const __grid_constant__ Table256 dyn_arg,
+                      T *__restrict__ out) {
+    constexpr int kCodes = 1 << BITS;
+    __shared__ float cb[kCodes];
+    __shared__ float dyn[256];
+    copy_words(cb, cb_arg.v, kCodes * 4);
+    if (sc.absmax == nullptr) copy_words(dyn, dyn_arg.v, 256 * 4);
+    __syncthreads();
+    constexpr int E = 16;
+    const int64_t nchunks = (n + E - 1) / E;
+    const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+    for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < nchunks; c += stride) {
+        const int64_t i0 = c * E;
+        const float scale = block_scale_at(sc, dyn, i0 / blocksize);
+        if (VEC && i0 + E <= n) {
+            uint8_t codes[E];
+            if (BITS == 4) {
+                const uint2 w = *reinterpret_cast<const uint2 *>(in + (i0 >> 1));
+                const uint32_t words[2] = {w.x, w.y};
+#pragma unroll
+                for (int e = 0; e < E; ++e) {
+                    const uint32_t byte = (words[e >> 3] >> (8 * ((e >> 1) & 3))) & 0xFFu;
+                    codes[e] = uint8_t((e & 1) ? (byte & 0x0Fu) : (byte >> 4));
+                }
+            } else {
+                const uint4 w = *reinterpret_cast<const uint4 *>(in + i0);
+                const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+                for (int e = 0; e < E; ++e) codes[e] = uint8_t((words[e >> 2] >> (8 * (e & 3))) & 0xFFu);
+            }
+            Vec16<T> r;
+#pragma unroll
+            for (int e = 0; e < E; ++e) r.v[e] = from_float<T>(decode_value(cb[codes[e]], scale));
+            *reinterpret_cast<Vec16<T> *>(out + i0) = r;
+        } else {
+            const int64_t i1 = i0 + E < n ? i0 + E : n;
+            for (int64_t i = i0; i < i1; ++i) {
+                const unsigned code = BITS == 8 ? unsigned(in[i]) : nibble_at(in, i);
+                out[i] = from_float<T>(decode_value(cb[code], scale));
+            }
+        }
+    }
+}
+
+// The DQ offset exactly as nf4_double_quantize computes it: eight double
+// accumulators over i mod 8 in index order, combined pairwise, divided in
+// double, rounded once to float32. Lanes 0..7 each own one accumulator, so the
+// sums are the CPU's bit for bit (a serial pass; DQ runs once per weight).
+__global__ void dq_mean_kernel(const float *__restrict__ absmax, int64_t nblocks, Flags *flags) {
+    const int lane = int(threadIdx.x);
+    double acc = 0.0;
+    unsigned long long bad = kNone;
+    if (lane < 8) {
+        for (int64_t i = lane; i < nblocks; i += 8) {
+            const float a = absmax[i];
+            if (bad == kNone && !(is_finite(a) && a >= 0.0f)) bad = (unsigned long long)i;
+            acc += double(a);
+        }
+    }
+    bad = warp_min(bad);
+    double a[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) a[j] = __shfl_sync(0xFFFFFFFFu, acc, j);
+    if (lane == 0) {
+        const double sum = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+        flags->mean = float(sum / double(nblocks));
+        flags->bad_scale = bad;
+    }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    double_dequantize_kernel(const uint8_t *__restrict__ q, const float *__restrict__ nested, float offset,
+                             int64_t nblocks, const __grid_constant__ Table256 dyn_arg, float *__restrict__ absmax) {
+    __shared__ float dyn[256];
+    copy_words(dyn, dyn_arg.v, 256 * 4);
+    __syncthreads();
+    const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < nblocks; i += stride)
+        absmax[i] = dq_scale(dyn[q[i]], nested[i / NF4_DQ_BLOCKSIZE], offset);
+}
+
+// A device scratch for Flags, freed on every exit path.
+class Scratch {
+public:
+    explicit Scratch(cudaStream_t s) : stream_(s) {
+        check(cudaMallocAsync(reinterpret_cast<void **>(&ptr_), sizeof(Flags), s), "cudaMallocAsync");
+        const cudaError_t err = cudaMemsetAsync(ptr_, 0xFF, 2 * sizeof(unsigned long long), s);
+        if (err != cudaSuccess) {
+            (void)cudaFreeAsync(ptr_, s);  // the destructor does not run when the constructor throws
+            check(err, "cudaMemsetAsync");
+        }
+    }
+    ~Scratch() { (void)cudaFreeAsync(ptr_, stream_); }
+    Scratch(const Scratch &) = delete;
+    Scratch &operator=(const Scratch &) = delete;
+    Flags *get() const { return ptr_; }
+    Flags read() const {  // waits for the stream
+        Flags f;
+        check(cudaMemcpyAsync(&f, ptr_, sizeof f, cudaMemcpyDeviceToHost, stream_), "cudaMemcpyAsync");
+        check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+        return f;
+    }
+
+private:
+    cudaStream_t stream_;
+    Flags *ptr_ = nullptr;
+};
+
+// Raises the CPU's error for a NaN/Inf input at flat index `index` (reads that
+// one element back to name it).
+void fail_bad_input(const void *x, nf4_dtype dtype, unsigned long long index, cudaStream_t s) {
+    const int64_t size = nf4_dtype_size(dtype);
+    uint8_t raw[4] = {0, 0, 0, 0};
+    check(cudaMemcpyAsync(raw, static_cast<const uint8_t *>(x) + int64_t(index) * size, size_t(size),
+                          cudaMemcpyDeviceToHost, s),
+          "cudaMemcpyAsync");
+    check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+    float v;
+    if (dtype == NF4_FLOAT32) {
+        uint32_t u = uint32_t(raw[0]) | uint32_t(raw[1]) << 8 | uint32_t(raw[2]) << 16 | uint32_t(raw[3]) << 24;
+        v = bits_float(u);
+    } else {
+        const uint16_t h = uint16_t(raw[0] | raw[1] << 8);
+        v = dtype == NF4_FLOAT16 ? to_float(half_t{h}) : to_float(bfloat16_t{h});
+    }
+    fail_non_finite(int64_t(index), v);
+}
+
+template <int BITS>
+void launch_quantize(const void *x, nf4_dtype dtype, int64_t n, int64_t blocksize, const SearchTable &table,
+                     uint8_t *out, float *absmax, const float *sub, Flags *flags, cudaStream_t s) {
+    const int64_t nblocks = (n + blocksize - 1) / blocksize;
+    dispatch_dtype(dtype, [&](auto tag) {
+        using T = decltype(tag);
+        quantize_kernel<BITS, T><<<grid_for(nblocks, kThreads / 32), kThreads, 0, s>>>(
+            static_cast<const T *>(x), n, blocksize, table, out, absmax, sub, flags);
+    });
+    check_launch("quantize kernel launch");
+}
+
+template <int BITS>
+nf4_status quantize(const void *x, nf4_dtype dtype, int64_t n, int64_t blocksize, const float *codebook,
+                    uint8_t *out, float *absmax, void *stream) {
+    return guarded([&] {
+        check_sizes(n, blocksize);
+        check_dtype(dtype);
+        require(x != nullptr && out != nullptr && absmax != nullptr, "input or output pointer is NULL");
+        const SearchTable table = make_search_table(codebook, 1 << BITS);
+        require_device();
+        const cudaStream_t s = as_stream(stream);
+        Scratch scratch(s);
+        launch_quantize<BITS>(x, dtype, n, blocksize, table, out, absmax, nullptr, scratch.get(), s);
+        const Flags f = scratch.read();
+        if (f.bad_input != kNone) fail_bad_input(x, dtype, f.bad_input, s);
+    });
+}
+
+bool aligned(const void *p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) & (a - 1)) == 0; }
+
+template <int BITS>
+nf4_status dequantize(const uint8_t *in, const Scales &sc, int64_t n, int64_t blocksize, const float *codebook,
+                      const float *dyn_code, void *out, nf4_dtype dtype, void *stream) {
+    return guarded([&] {
+        check_sizes(n, blocksize);
+        check_dtype(dtype);
+        require(in != nullptr && out != nullptr, "input or output pointer is NULL");
+        require(sc.absmax != nullptr || (sc.qabsmax != nullptr && sc.nested != nullptr),
+                "block scale pointer is NULL");
+        require(codebook != nullptr, "codebook pointer is NULL");
+        Table256 cb{}, dyn{};
+        for (int i = 0; i < (1 << BITS); ++i) cb.v[i] = codebook[i];
+        if (sc.absmax == nullptr) {
+            require(dyn_code != nullptr, "dyn_code pointer is NULL");
+            require(is_finite(sc.offset), "double-quantization offset is not finite");
+            for (int i = 0; i < 256; ++i) dyn.v[i] = dyn_code[i];
+        }
+        require_device();
+        const cudaStream_t s = as_stream(stream);
+        const bool vec = aligned(in, BITS == 4 ? 8 : 16) && aligned(out, 16);
+        const unsigned grid = grid_for((n + 15) / 16, kThreads);
+        dispatch_dtype(dtype, [&](auto tag) {
+            using T = decltype(tag);
+            T *o = static_cast<T *>(out);
+            if (vec)
+                dequantize_kernel<BITS, T, true><<<grid, kThreads, 0, s>>>(in, sc, n, blocksize, cb, dyn, o);
+            else
+                dequantize_kernel<BITS, T, false><<<grid, kThreads, 0, s>>>(in, sc, n, blocksize, cb, dyn, o);
+        });
+        check_launch("dequantize kernel launch");
+    });
+}
+
+Scales plain_scales(const float *absmax) { return Scales{absmax, nullptr, nullptr, 0.0f}; }
+
+}  // namespace
+}  // namespace cuda
+}  // namespace nf4core
+
+using namespace nf4core;
+using namespace nf4core::cuda;
+
+extern "C" {
+
+nf4_status nf4_cuda_quantize_4bit(const void *x, nf4_dtype dtype, int64_t n, int64_t blocksize,
+                                  const float *codebook, uint8_t *packed, float *absmax, void *stream) {
+    return cuda::quantize<4>(x, dtype, n, blocksize, codebook, packed, absmax, stream);
+}
+
+nf4_status nf4_cuda_quantize_8bit(const void *x, nf4_dtype dtype, int64_t n, int64_t blocksize,
+                                  const float *codebook, uint8_t *codes, float *absmax, void *stream) {
+    return cuda::quantize<8>(x, dtype, n, blocksize, codebook, codes, absmax, stream);
+}
+
+nf4_status nf4_cuda_dequantize_4bit(const uint8_t *packed, const float *absmax, int64_t n, int64_t blocksize,
+                                    const float *codebook, void *out, nf4_dtype out_dtype, void *stream) {
+    if (absmax == nullptr) {
+        return guarded([] { fail(NF4_ERROR_INVALID_ARGUMENT, "absmax pointer is NULL"); });
+    }
+    return cuda::dequantize<4>(packed, plain_scales(absmax), n, blocksize, codebook, nullptr, out, out_dtype, stream);
+}
+
+nf4_status nf4_cuda_dequantize_4bit_dq(const uint8_t *packed, const uint8_t *qabsmax, const float *nested_absmax,
+                                       float offset, int64_t n, int64_t blocksize, const float *codebook,
+                                       const float *dyn_code, void *out, nf4_dtype out_dtype, void *stream) {
+    const Scales sc{nullptr, qabsmax, nested_absmax, offset};
+    return cuda::dequantize<4>(packed, sc, n, blocksize, codebook, dyn_code, out, out_dtype, stream);
+}
+
+nf4_status nf4_cuda_dequantize_8bit(const uint8_t *codes, const float *absmax, int64_t n, int64_t blocksize,
+                                    const float *codebook, void *out, nf4_dtype out_dtype, void *stream) {
+    if (absmax == nullptr) {
+        return guarded([] { fail(NF4_ERROR_INVALID_ARGUMENT, "absmax pointer is NULL"); });
+    }
+    return cuda::dequantize<8>(codes, plain_scales(absmax), n, blocksize, codebook, nullptr, out, out_dtype, stream);
+}
+
+nf4_status nf4_cuda_double_quantize(const float *absmax, int64_t nblocks, const float *dyn_code, uint8_t *qabsmax,
+                                    float *nested_absmax, float *offset, void *stream) {
+    return guarded([&] {
+        require(nblocks >= 1, "number of block scales must be at least 1, got " + std::to_string(nblocks));
+        require(absmax != nullptr && qabsmax != nullptr && nested_absmax != nullptr && offset != nullptr,
+                "input or output pointer is NULL");
+        const SearchTable table = make_search_table(dyn_code, 256);
+        require_device();
+        const cudaStream_t s = as_stream(stream);
+        Scratch scratch(s);
+        dq_mean_kernel<<<1, 32, 0, s>>>(absmax, nblocks, scratch.get());
+        check_launch("double-quantization mean kernel launch");
+        launch_quantize<8>(absmax, NF4_FLOAT32, nblocks, NF4_DQ_BLOCKSIZE, table, qabsmax, nested_absmax,
+                           &scratch.get()->mean, scratch.get(), s);
+        const Flags f = scratch.read();
+        if (f.bad_scale != kNone)
+            fail(NF4_ERROR_INVALID_ARGUMENT,
+                 "block scale " + std::to_string(f.bad_scale) + " is negative or not finite");
+        require(f.bad_input == kNone, "centred block scale is not finite");
+        *offset = f.mean;
+    });
+}
+
+nf4_status nf4_cuda_double_dequantize(const uint8_t *qabsmax, const float *nested_absmax, float offset,
+                                      int64_t nblocks, const float *dyn_code, float *absmax, void *stream) {
+    return guarded([&] {
+        require(nblocks >= 1, "number of block scales must be at least 1, got " + std::to_string(nblocks));
+        require(qabsmax != nullptr && nested_absmax != nullptr && absmax != nullptr,
+                "input or output pointer is NULL");
+        require(dyn_code != nullptr, "dyn_code pointer is NULL");
+        require(is_finite(offset), "double-quantization offset is not finite");
+        Table256 dyn;
+        for (int i = 0; i < 256; ++i) dyn.v[i] = dyn_code[i];
+        require_device();
+        const cudaStream_t s = as_stream(stream);
+        double_dequantize_kernel<<<grid_for(nblocks, kThreads), kThreads, 0, s>>>(qabsmax, nested_absmax, offset,
+                                                                                  nblocks, dyn, absmax);
+        check_launch("double-dequantization kernel launch");
+    });
+}
+
+}  // extern "C"

@@ -1,0 +1,180 @@
+"""The CUDA path.
+
+Every machine: the build reports CUDA as Meson configured it, show_config
+says so, and without a device every CUDA call fails with a clear error
+instead of crashing. With a GPU (marker ``gpu``; skipped with the reason
+otherwise): pq.quantize / pq.dequantize of CUDA tensors give the same bytes
+as the CPU path for the same input, the GEMV agrees with the CPU reference to
+float32 rounding, and tensors of 2^31+ elements work.
+
+The GPU tests were written without GPU access: they have not been run yet
+(benchmarks/gpu_check.sh runs them on a GPU machine).
+"""
+import json
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+import pyqlora as pq
+from pyqlora import _cuda
+from pyqlora import _nf4core as ext
+
+BUILT, DEVICES = ext.cuda_available()
+
+
+def _meson_has_cuda():
+    """Whether the Meson build this module came from compiled CUDA (editable
+    installs keep meson-info beside the module); None when unknown."""
+    for parent in pathlib.Path(ext.__file__).resolve().parents:
+        info = parent / "meson-info" / "intro-compilers.json"
+        if info.exists():
+            return "cuda" in json.loads(info.read_text())["host"]
+    return None
+
+
+def test_build_reports_cuda_as_configured():
+    expected = _meson_has_cuda()
+    if expected is None:
+        env = os.environ.get("PYQLORA_EXPECT_CUDA")
+        if env is None:
+            pytest.skip("not an editable build and PYQLORA_EXPECT_CUDA (0/1) is not set")
+        expected = env == "1"
+    assert BUILT == expected
+    assert (ext.cuda_runtime_version() > 0) == BUILT
+    assert DEVICES >= 0 and (BUILT or DEVICES == 0)
+
+
+def test_show_config_reports_cuda():
+    import io
+
+    cfg = pq.show_config(file=io.StringIO())
+    assert cfg["cuda"].startswith("built (CUDA runtime ") == BUILT
+    assert cfg["cuda"] == "not built" or BUILT
+    assert cfg["cuda_devices"] == DEVICES
+
+
+@pytest.mark.skipif(DEVICES > 0, reason="a CUDA device is present")
+def test_cuda_calls_fail_cleanly_without_a_device():
+    table = pq.codebook("nf4")
+    fake = 4096  # never dereferenced: the device check comes first
+    with pytest.raises(RuntimeError, match="CUDA error in cudaGetDevice" if BUILT else "built without CUDA"):
+        ext.cuda_dequantize(4, fake, fake, 64, 64, table, fake, 0, 0)
+    with pytest.raises(RuntimeError, match="CUDA" if BUILT else "built without CUDA"):
+        ext.cuda_quantize(4, fake, 0, 64, 64, table, fake, fake, 0)
+    if BUILT:  # argument errors come first, naming the argument
+        with pytest.raises(ValueError, match="blocksize"):
+            ext.cuda_dequantize(4, fake, fake, 64, 48, table, fake, 0, 0)
+
+
+def test_is_cuda_array_recognises_the_interface():
+    class Fake:
+        @property
+        def __cuda_array_interface__(self):
+            return {"shape": (4,), "typestr": "<f4", "data": (0, False), "version": 3}
+
+    assert _cuda.is_cuda_array(Fake())
+    assert not _cuda.is_cuda_array(np.zeros(4, np.float32))
+
+
+# ---------------------------------------------------------------- GPU tests
+
+
+@pytest.fixture(scope="module")
+def torch_cuda():
+    if not BUILT:
+        pytest.skip("nf4core was built without CUDA")
+    if DEVICES == 0:
+        pytest.skip("no CUDA device (nf4_cuda_available reports 0)")
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA support here")
+    return torch
+
+
+def _torch_dtype(torch, name):
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def _numpy_of(torch, t):
+    t = t.cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(pq._dtypes.bfloat16)
+    return t.numpy()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("codebook", ["nf4", "fp4", "int4", "nf3"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_quantize_is_byte_identical_to_cpu(torch_cuda, codebook, dtype):
+    torch = torch_cuda
+    gen = torch.Generator().manual_seed(hash((codebook, dtype)) % 2**31)
+    for blocksize in pq.BLOCKSIZES:
+        for n in (1, 7, 3 * blocksize + 5, 4 * blocksize):
+            x = torch.randn(n, generator=gen).to(_torch_dtype(torch, dtype))
+            x[: min(n, 32)] = 0  # an all-zero block
+            for dq in (False, True):
+                q_cpu = pq.quantize(_numpy_of(torch, x), codebook=codebook, blocksize=blocksize, double_quant=dq)
+                q_gpu = pq.quantize(x.cuda(), codebook=codebook, blocksize=blocksize, double_quant=dq)
+                assert isinstance(q_gpu, _cuda.CudaQuantizedArray)
+                back = q_gpu.cpu()
+                assert back.packed.tobytes() == q_cpu.packed.tobytes()
+                assert back.absmax.tobytes() == q_cpu.absmax.tobytes()
+                if dq:
+                    assert back.nested_absmax.tobytes() == q_cpu.nested_absmax.tobytes()
+                    assert np.float32(q_gpu.nested_offset).tobytes() == np.float32(q_cpu.nested_offset).tobytes()
+                for out in ("float32", "float16", "bfloat16"):
+                    y_cpu = pq.dequantize(q_cpu, dtype=out)
+                    y_gpu = pq.dequantize(q_gpu, dtype=out)
+                    assert y_gpu.is_cuda
+                    assert _numpy_of(torch, y_gpu).tobytes() == y_cpu.tobytes()
+
+
+@pytest.mark.gpu
+def test_nan_is_rejected_with_its_index(torch_cuda):
+    torch = torch_cuda
+    x = torch.ones(1000, device="cuda")
+    x[700] = float("nan")
+    x[900] = float("inf")
+    with pytest.raises(pq.NonFiniteError, match="700"):
+        pq.quantize(x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 3, 8])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gemv_matches_cpu_reference(torch_cuda, M, dtype):
+    torch = torch_cuda
+    gen = torch.Generator().manual_seed(M)
+    N, K = 96, 1024
+    w = torch.randn(N, K, generator=gen)
+    x = torch.randn(M, K, generator=gen).to(_torch_dtype(torch, dtype))
+    for dq in (False, True):
+        q = pq.quantize(w.numpy(), double_quant=dq)
+        want = pq.matmul_4bit(_numpy_of(torch, x).astype(np.float32), q).astype(np.float64)
+        qg = pq.quantize(w.cuda(), double_quant=dq)
+        got = _cuda.gemv(x.cuda(), qg).float().cpu().numpy().astype(np.float64)
+        wd = pq.dequantize(q).astype(np.float64)
+        mag = np.abs(_numpy_of(torch, x).astype(np.float64)) @ np.abs(wd).T
+        tol = (1e-5 if dtype == "float32" else 8e-3) * mag + 1e-6  # bf16 output rounds to 2^-8
+        assert np.all(np.abs(got - want) <= tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_more_than_2_to_the_31_elements(torch_cuda):
+    # 64-bit indexing: the last blocks of a 2^31 + 133 element bf16 tensor
+    torch = torch_cuda
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
+        pytest.skip("needs a GPU with 24 GiB or more")
+    n = 2**31 + 133
+    x = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_()
+    q = pq.quantize(x, blocksize=64, double_quant=False)
+    start = (n // 64 - 3) * 64  # block-aligned: blocks are independent
+    tail = _numpy_of(torch, x[start:])
+    q_cpu = pq.quantize(tail, blocksize=64, double_quant=False)
+    assert q.packed[start // 2 :].cpu().numpy().tobytes() == q_cpu.packed.tobytes()
+    assert q.absmax[start // 64 :].cpu().numpy().tobytes() == q_cpu.absmax.tobytes()
+    y = pq.dequantize(q)
+    assert _numpy_of(torch, y[start:]).tobytes() == pq.dequantize(q_cpu).tobytes()
