@@ -18,7 +18,7 @@ optimizers page on every machine.
   float32 absmax per block, as bitsandbytes does): about 2 bytes of state per
   parameter instead of 8. The update is fused in nf4core (decode a block,
   update in float32, requantize), so no float32 copy of the state ever exists.
-  Parameters with fewer than ``min_8bit_size`` elements keep 32-bit state.
+  Parameters with fewer than ``min_8bit_size`` (1024) elements keep 32-bit state.
 
 Both have ``state_dict()`` / ``load_state_dict()`` that resume a run exactly
 (the state is copied back into paged memory), work with gradient clipping
@@ -319,7 +319,10 @@ class PagedAdamW8bit(_PagedOptimizer):
     params, lr, betas, eps, weight_decay, pager, budget_bytes, spill_dir
         As :class:`PagedAdamW`.
     min_8bit_size : int
-        Parameters with fewer elements keep 32-bit state (bitsandbytes: 4096).
+        Parameters with fewer elements keep 32-bit state. bitsandbytes uses 4096,
+        which leaves small LoRA matrices (e.g. r=16 times 192 key/value features)
+        in 32 bits; 1024 puts every LoRA matrix of a real model in 8 bits and only
+        keeps biases and tiny tensors in 32.
     blocksize : int
         Elements per quantization block of the state (bitsandbytes: 256).
 
@@ -345,7 +348,7 @@ class PagedAdamW8bit(_PagedOptimizer):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, pager=None,
-                 budget_bytes=None, spill_dir=None, min_8bit_size=4096, blocksize=256):
+                 budget_bytes=None, spill_dir=None, min_8bit_size=1024, blocksize=256):
         if not (isinstance(blocksize, int) and 32 <= blocksize <= 4096 and blocksize & (blocksize - 1) == 0):
             raise ValueError(f"blocksize must be a power of two between 32 and 4096, got {blocksize!r}")
         if not (isinstance(min_8bit_size, int) and min_8bit_size >= 0):
