@@ -31,8 +31,8 @@ from torch import nn
 
 from .nn import Linear4bit, LoraLinear4bit, dequantize_weight
 
-__all__ = ["LoraConfig", "PrepareReport", "prepare_model", "save_adapter", "load_adapter", "merge_adapters",
-           "lora_layers"]
+__all__ = ["LoraConfig", "PrepareReport", "empty_weights", "load_adapter", "lora_layers", "merge_adapters",
+           "prepare_model", "save_adapter"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -151,7 +151,63 @@ def lora_layers(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear4bit)]
 
 
-def prepare_model(model, config=None):
+class empty_weights:  # a context manager, named like torch.no_grad
+    """Build a model whose parameters are on the meta device (no memory), buffers real.
+
+    For :func:`prepare_model` with ``weights=``: the parameters are then read one
+    at a time and the target linear layers quantized as they arrive, so the dense
+    model never exists. Buffers computed at construction (rotary frequencies)
+    stay ordinary tensors.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from pyqlora.lora import empty_weights
+    >>> with empty_weights():
+    ...     layer = torch.nn.Linear(4096, 4096)
+    >>> layer.weight.device
+    device(type='meta')
+    """
+
+    def __enter__(self):
+        self._saved = nn.Module.register_parameter
+
+        def register_parameter(module, name, param):
+            self._saved(module, name, param)
+            if param is not None and param.device.type != "meta":
+                p = module._parameters[name]
+                module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+        nn.Module.register_parameter = register_parameter
+        return self
+
+    def __exit__(self, *exc):
+        nn.Module.register_parameter = self._saved
+        return False
+
+
+def _materialize(module_name, module, weights, cast=True, strict=False):
+    """Fill the meta-device parameters of one module (not its children) from `weights`.
+
+    cast=False keeps the source dtype (a weight about to be quantized is read at
+    its full precision, whatever dtype the model was built in)."""
+    for pname, p in list(module._parameters.items()):
+        if p is None or p.device.type != "meta":
+            continue
+        key = f"{module_name}.{pname}" if module_name else pname
+        if key not in weights:
+            if strict:
+                raise ValueError(f"weights has no entry for {key!r} (module {module_name!r})")
+            continue  # tied or missing: checked once everything is loaded
+        value = weights[key]
+        value = torch.from_numpy(value) if not torch.is_tensor(value) else value
+        if tuple(value.shape) != tuple(p.shape):
+            raise ValueError(f"weights[{key!r}] has shape {tuple(value.shape)}, module {module_name!r} expects "
+                             f"{tuple(p.shape)}")
+        module._parameters[pname] = nn.Parameter(value.to(p.dtype) if cast else value, requires_grad=False)
+
+
+def prepare_model(model, config=None, weights=None):
     """Quantize the target linear layers of `model` in place and add LoRA adapters.
 
     Layers are quantized one at a time and their dense weights released at once,
@@ -159,6 +215,19 @@ def prepare_model(model, config=None):
     parameter is frozen; the adapters are trainable (float32). With
     ``config.gradient_checkpointing`` a Hugging Face model gets
     ``gradient_checkpointing_enable()`` and input gradients enabled.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    config : LoraConfig, optional
+    weights : mapping, optional
+        For a model built under :class:`empty_weights` (parameters on the meta
+        device): parameter name -> tensor or array, read one entry at a time
+        (a lazy mapping, such as a safetensors file or
+        :func:`pyqlora.models.gguf_weights`, never holds the dense model). Each
+        target layer is quantized as soon as its weight is read, so peak memory
+        stays near the 4-bit model plus one dense layer. Tied parameters are
+        re-tied with ``model.tie_weights()``.
 
     Returns
     -------
@@ -170,10 +239,18 @@ def prepare_model(model, config=None):
     chosen = _select(model, config.target_modules)
     if not chosen:
         raise ValueError(f"target_modules={config.target_modules!r} selects no nn.Linear layer")
+    if weights is None:
+        meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+        if meta:
+            raise ValueError(f"parameters {meta[:3]} are on the meta device: pass weights= to load them")
     for p in model.parameters():
         p.requires_grad_(False)
     dense_bytes = quant_bytes = 0
-    for name, linear in chosen:
+    chosen = [name for name, _ in chosen]  # hold names only: each old layer dies when it is replaced
+    for name in chosen:
+        linear = model.get_submodule(name)
+        if weights is not None:
+            _materialize(name, linear, weights, cast=False, strict=True)
         try:
             base = Linear4bit.from_linear(linear, codebook=config.codebook, blocksize=config.blocksize,
                                           double_quant=config.double_quant)
@@ -184,7 +261,15 @@ def prepare_model(model, config=None):
         lora = LoraLinear4bit(base, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                               use_rslora=config.use_rslora, adapter_name=config.adapter_name)
         _set_submodule(model, name, lora)
-        del linear  # the dense weight is released with the old module
+        del linear, base, lora  # the dense weight is released with the old module
+    if weights is not None:
+        for mname, module in model.named_modules():
+            _materialize(mname, module, weights)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+        missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+        if missing:
+            raise ValueError(f"weights has no entry for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     if config.norms_in_fp32:
         for module in model.modules():
             params = [p for p in module.parameters(recurse=False) if p.is_floating_point()]
@@ -197,13 +282,13 @@ def prepare_model(model, config=None):
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     model._pyqlora_config = config
-    model._pyqlora_targets = sorted({n.rpartition(".")[2] for n, _ in chosen})
+    model._pyqlora_targets = sorted({n.rpartition(".")[2] for n in chosen})
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # the 4-bit weights are uint8 parameters (codes + scales); count their elements, not their bytes
     storage = {id(p) for _, m in lora_layers(model) for p in m.base_layer.quant_parameters()}
     total = (sum(p.numel() for p in model.parameters() if id(p) not in storage)
              + sum(m.base_layer.quantized.size for _, m in lora_layers(model)))
-    return PrepareReport([n for n, _ in chosen], trainable, total, dense_bytes, quant_bytes)
+    return PrepareReport(list(chosen), trainable, total, dense_bytes, quant_bytes)
 
 
 def save_adapter(model, directory, adapter_name="default"):

