@@ -58,8 +58,11 @@ def dequantize_weight(q, dtype=torch.float32):
 # packed weight once, beats decoding tiles for torch's matmul; above it, tiles of
 # the weight are decoded into a reused buffer and handed to torch (its bf16 GEMM
 # uses AMX/AVX512-BF16), so no dense copy of the whole weight exists
-# (benchmarks/bench_matmul.py measures both).
-FUSED_MAX_ROWS = 8
+# (benchmarks/bench_matmul.py measures both). bfloat16 inputs cross over earlier:
+# torch's bf16 matmul is much faster than its fp32 one, the fused kernel computes
+# in float32 either way.
+FUSED_MAX_ROWS = 4
+FUSED_MAX_ROWS_FP32 = 8
 
 
 def _fused_product(x, q, transpose):
@@ -76,7 +79,8 @@ def _path(t, q):
     if t.dtype not in (torch.float32, torch.bfloat16) or q.codebook not in ("nf4", "fp4"):
         return "dense"
     rows = t.numel() // max(1, t.shape[-1])
-    return "fused" if rows <= FUSED_MAX_ROWS else "tiled"
+    limit = FUSED_MAX_ROWS_FP32 if t.dtype == torch.float32 else FUSED_MAX_ROWS
+    return "fused" if rows <= limit else "tiled"
 
 
 def _use_fused(t, q):
