@@ -1,42 +1,36 @@
 """Fused 4-bit products: pq.matmul_4bit against torch on the dense weight and bitsandbytes.
 
-    python benchmarks/bench_matmul.py [--n 4096] [--k 4096] [--threads 2] [--repeat 20]
+    python benchmarks/bench_matmul.py [--n 4096] [--k 4096] [--threads 2] [--repeat 20] [--train]
 
-For M = 1 and 8 rows (generation): y = x W^T with W NF4 + DQ (blocksize 64),
-against torch fp32 / bf16 `x @ W.T` on the dense weight and bitsandbytes'
-Linear4bit on CPU, all in the same run with the same thread count; plus the
-backward product x W (grad_input). Best of --repeat calls after a warm-up.
+Generation (M = 1, 2, 4, 8 rows): y = x W^T with W NF4 + DQ (blocksize 64), and
+the backward product g W (grad_input), against torch fp32 / bf16 on the dense
+weight and bitsandbytes' Linear4bit on CPU, all in the same run with the same
+thread count. ``--train`` adds the training shapes (M = 1024, W 4096x4096 and
+4096x11008, bf16): forward + grad_input of pyqlora.nn's tiled path (tiles of W
+decoded into a reused buffer for torch's matmul) against the same two products
+on a dense bf16 weight, and against dequantizing the whole weight first.
+Contenders run interleaved, best of --repeat rounds, so a slow spell of the
+machine hits all of them alike.
 """
 import argparse
 import os
 import time
 
 
-def best_ms(fn, repeat):
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
+def race(fns, repeat):
+    """Best time (ms) of each function, calling them in turn `repeat` times after a warm-up."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * min(times)
+    best = [float("inf")] * len(fns)
+    for _ in range(repeat):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return [1e3 * b for b in best]
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=4096, help="out_features")
-    ap.add_argument("--k", type=int, default=4096, help="in_features")
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--repeat", type=int, default=20)
-    args = ap.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    import numpy as np
-    import torch
-
-    import pyqlora as pq
-
-    torch.set_num_threads(args.threads)
-    pq.set_num_threads(args.threads)
+def generation(args, np, torch, pq):
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((args.n, args.k)) * 0.02).astype(np.float32)
     q = pq.quantize(w)
@@ -56,25 +50,92 @@ def main():
     print(f"W {args.n}x{args.k} NF4+DQ; {args.threads} threads; best of {args.repeat}")
     print(f"{'M':>3} {'product':<10} {'pyqlora':>9} {'torch f32':>10} {'torch bf16':>11} {'bnb 4bit':>9} "
           f"{'x f32':>6} {'x bf16':>7} {'x bnb':>6}")
-    for m in (1, 8):
-        x = rng.standard_normal((m, args.k)).astype(np.float32)
-        out = np.empty((m, args.n), np.float32)
-        X = torch.from_numpy(x)
-        ours = best_ms(lambda: pq.matmul_4bit(x, q, out=out), args.repeat)
-        t32 = best_ms(lambda: X @ W.T, args.repeat)
-        tbf = best_ms(lambda: X.bfloat16() @ Wb.T, args.repeat)
+    for m in (1, 2, 4, 8):
+        generation_row(args, np, torch, pq, rng, q, W, Wb, l4, m)
+
+
+def generation_row(args, np, torch, pq, rng, q, W, Wb, l4, m):
+    x = rng.standard_normal((m, args.k)).astype(np.float32)
+    out = np.empty((m, args.n), np.float32)
+    X = torch.from_numpy(x)
+    Xb = X.bfloat16()
+    ours, t32, tbf = race([lambda: pq.matmul_4bit(x, q, out=out), lambda: X @ W.T, lambda: Xb @ Wb.T], args.repeat)
+    tb = float("nan")
+    if l4 is not None and m in (1, 8):
         with torch.no_grad():
-            tb = best_ms(lambda: l4(X), max(3, args.repeat // 4)) if l4 is not None else float("nan")
-        print(f"{m:>3} {'x W^T':<10} {ours:8.3f}ms {t32:9.3f}ms {tbf:10.3f}ms {tb:8.2f}ms "
-              f"{t32 / ours:5.2f}x {tbf / ours:6.2f}x {tb / ours:5.1f}x")
-        g = rng.standard_normal((m, args.n)).astype(np.float32)
-        gout = np.empty((m, args.k), np.float32)
-        G = torch.from_numpy(g)
-        ours_b = best_ms(lambda: pq.matmul_4bit(g, q, transpose=False, out=gout), args.repeat)
-        t32_b = best_ms(lambda: G @ W, args.repeat)
-        tbf_b = best_ms(lambda: G.bfloat16() @ Wb, args.repeat)
-        print(f"{m:>3} {'g W':<10} {ours_b:8.3f}ms {t32_b:9.3f}ms {tbf_b:10.3f}ms {'':>9} "
-              f"{t32_b / ours_b:5.2f}x {tbf_b / ours_b:6.2f}x")
+            tb = race([lambda: l4(X)], max(3, args.repeat // 4))[0]
+    print(f"{m:>3} {'x W^T':<10} {ours:8.3f}ms {t32:9.3f}ms {tbf:10.3f}ms {tb:8.2f}ms "
+          f"{t32 / ours:5.2f}x {tbf / ours:6.2f}x {tb / ours:5.1f}x")
+    g = rng.standard_normal((m, args.n)).astype(np.float32)
+    gout = np.empty((m, args.k), np.float32)
+    G = torch.from_numpy(g)
+    Gb = G.bfloat16()
+    ours_b, t32_b, tbf_b = race([lambda: pq.matmul_4bit(g, q, transpose=False, out=gout), lambda: G @ W,
+                                 lambda: Gb @ Wb], args.repeat)
+    print(f"{m:>3} {'g W':<10} {ours_b:8.3f}ms {t32_b:9.3f}ms {tbf_b:10.3f}ms {'':>9} "
+          f"{t32_b / ours_b:5.2f}x {tbf_b / ours_b:6.2f}x")
+
+
+def training(args, np, torch, pq):
+    rng = np.random.default_rng(1)
+    m = 1024
+    print(f"\ntraining shapes: M={m} bf16, forward x W^T + grad_input g W; {args.threads} threads; "
+          f"best of {args.train_repeat}")
+    print(f"{'W (N x K)':<12} {'dense bf16':>11} {'pyqlora tiled':>14} {'ratio':>6} {'whole dequant':>14} {'ratio':>6}")
+    for n, k in ((4096, 4096), (11008, 4096), (4096, 11008)):
+        training_shape(args, np, torch, pq, rng, m, n, k)
+
+
+def training_shape(args, np, torch, pq, rng, m, n, k):
+    from pyqlora._matmul import tiled_product_torch
+    from pyqlora.nn import dequantize_weight
+
+    w = (rng.standard_normal((n, k)) * 0.02).astype(np.float32)
+    q = pq.quantize(w)
+    Wb = torch.from_numpy(w).bfloat16()
+    del w
+    x = torch.randn(m, k).bfloat16()
+    g = torch.randn(m, n).bfloat16()
+
+    def dense():
+        x @ Wb.T
+        g @ Wb
+
+    def tiled():
+        tiled_product_torch(x, q, True)
+        tiled_product_torch(g, q, False)
+
+    def whole():
+        wd = dequantize_weight(q, torch.bfloat16)
+        x @ wd.T
+        g @ wd
+
+    td, tt, tw = race([dense, tiled, whole], args.train_repeat)
+    print(f"{f'{n}x{k}':<12} {td:9.1f}ms {tt:12.1f}ms {tt / td:5.3f}x {tw:12.1f}ms {tw / td:5.3f}x")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=4096, help="out_features")
+    ap.add_argument("--k", type=int, default=4096, help="in_features")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--train", action="store_true", help="also the training shapes (M = 1024)")
+    ap.add_argument("--train-repeat", type=int, default=5)
+    ap.add_argument("--no-generation", action="store_true")
+    args = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import numpy as np
+    import torch
+
+    import pyqlora as pq
+
+    torch.set_num_threads(args.threads)
+    pq.set_num_threads(args.threads)
+    if not args.no_generation:
+        generation(args, np, torch, pq)
+    if args.train:
+        training(args, np, torch, pq)
 
 
 if __name__ == "__main__":

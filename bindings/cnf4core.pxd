@@ -71,6 +71,9 @@ cdef extern from "nf4core/nf4core.h" nogil:
     nf4_status nf4_matmul_4bit_ref(const void *x, nf4_dtype dtype, int64_t M, int64_t N, int64_t K,
                                    const uint8_t *packed, const float *scales, int64_t blocksize,
                                    const float *codebook, int32_t transpose_w, void *y)
+    nf4_status nf4_matmul_4bit_decode_tile(const uint8_t *packed, const float *scales, int64_t blocksize,
+                                           const float *codebook, int64_t N, int64_t K, int64_t n0,
+                                           int64_t n1, int64_t k0, int64_t k1, nf4_dtype dtype, void *out)
 
     # optim.h
     ctypedef struct nf4_adam_hparams:

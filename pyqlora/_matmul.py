@@ -1,4 +1,6 @@
 """Products with a 4-bit quantized matrix, without materializing it."""
+import threading
+
 import numpy as np
 
 from . import _dtypes
@@ -63,3 +65,82 @@ def matmul_4bit(x, q, transpose=True, out=None):
                      _block_scales(q), q.blocksize, lookup_table(q.codebook, 16), bool(transpose),
                      out.reshape(-1).view(np.uint8))
     return out
+
+
+def decode_tile(q, rows, cols, out):
+    """Dequantize the tile ``W[rows, cols]`` of the 2-D QuantizedArray `q` into `out`.
+
+    `rows` and `cols` are slices with step 1; `out` is a C-contiguous float32 or
+    bfloat16 array of the tile's shape. Values are those of
+    :func:`pyqlora.dequantize` (``codebook[code] * scale`` rounded to `out`'s
+    dtype). The building block of tiled products: only a tile is ever dense.
+    """
+    if not isinstance(q, QuantizedArray) or q.ndim != 2:
+        raise ValueError("q must be a 2-D QuantizedArray")
+    n, k = q.shape
+    n0, n1, _ = rows.indices(n)
+    k0, k1, _ = cols.indices(k)
+    dtype = _dtypes.normalize_dtype(out.dtype, what="out dtype")
+    if dtype not in (_dtypes.float32, _dtypes.bfloat16):
+        raise TypeError(f"out must be float32 or bfloat16, got {out.dtype}")
+    if out.shape != (n1 - n0, k1 - k0) or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"out must be a writable C-contiguous array of shape {(n1 - n0, k1 - k0)}, got {out.shape}")
+    sync_threads()
+    _ext.matmul_4bit_decode_tile(q.packed, _block_scales(q), q.blocksize, lookup_table(q.codebook, 16), n, k, n0, n1,
+                                 k0, k1, _dtypes.KERNEL_DTYPES[dtype], out.reshape(-1).view(np.uint8))
+    return out
+
+
+# Bytes of the dense tile that tiled products decode at a time (per thread that calls them),
+# and the least tile width along the output: narrower tiles make torch's GEMM inefficient
+# and multiply its per-call threading overhead (benchmarks/bench_matmul.py --train).
+TILE_BYTES = 16 << 20
+TILE_MIN_COLS = 512
+_workspace = threading.local()
+
+
+def _tile_buffer(torch, dtype, numel):
+    """A reused flat tensor of at least `numel` elements (fresh pages would cost more than decoding)."""
+    bufs = getattr(_workspace, "bufs", None)
+    if bufs is None:
+        bufs = _workspace.bufs = {}
+    buf = bufs.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = bufs[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
+def tiled_product_torch(x, q, transpose=True):
+    """``x @ W.T`` or ``x @ W`` for a torch tensor x, by tiles of W handed to torch's matmul.
+
+    Only a tile of W is dense at any time, in a reused buffer: at most
+    :data:`TILE_BYTES`, or :data:`TILE_MIN_COLS` output columns when the inner
+    dimension is so large that fewer would fit. ``x @ W.T`` decodes row tiles ``W[n0:n1, :]`` and writes
+    ``y[:, n0:n1]``; ``x @ W`` decodes column tiles ``W[:, k0:k1]`` and writes
+    ``y[:, k0:k1]``, so every output element is one matmul over the whole inner
+    dimension (no accumulation across tiles in x's precision). x is a CPU
+    float32 or bfloat16 tensor; the tile has its dtype, as with
+    dequantize-then-matmul. Used by ``pyqlora.nn`` for many rows (training),
+    where torch's GEMM (AMX/AVX-512 BF16 through oneDNN) beats the fused kernel.
+    """
+    import torch
+
+    from .nn import _np_view
+
+    n_out, k_in = q.shape
+    inner, outer = (k_in, n_out) if transpose else (n_out, k_in)
+    x2 = x.reshape(-1, inner)
+    y = torch.empty(x2.shape[0], outer, dtype=x.dtype)
+    per = max(TILE_MIN_COLS, TILE_BYTES // x.element_size() // inner // 32 * 32)  # tile width along the output
+    buf = _tile_buffer(torch, x.dtype, min(per, outer) * inner)
+    for c0 in range(0, outer, per):
+        c1 = min(outer, c0 + per)
+        if transpose:
+            tile = buf[:(c1 - c0) * inner].view(c1 - c0, inner)
+            decode_tile(q, slice(c0, c1), slice(0, k_in), _np_view(tile))
+            torch.mm(x2, tile.t(), out=y[:, c0:c1])
+        else:
+            tile = buf[:(c1 - c0) * inner].view(inner, c1 - c0)
+            decode_tile(q, slice(0, n_out), slice(c0, c1), _np_view(tile))
+            torch.mm(x2, tile, out=y[:, c0:c1])
+    return y.view(*x.shape[:-1], outer)

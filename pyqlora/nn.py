@@ -1,9 +1,10 @@
 """QLoRA layers for PyTorch: a frozen 4-bit linear layer and LoRA adapters on it.
 
 The base weight is a :class:`pyqlora.QuantizedArray` (NF4 + double quantization
-by default); the forward and backward passes dequantize it with nf4core into a
-temporary tensor and drop it, so no dense copy of the weight outlives a call and
-autograd saves nothing but the input of the adapters. State dicts use the
+by default); the forward and backward passes read it with nf4core (a fused 4-bit
+product for a few rows, tiles decoded for torch's matmul otherwise), so no dense
+copy of the whole weight exists and autograd saves nothing but the input of the
+adapters. State dicts use the
 bitsandbytes/transformers 4-bit keys.
 
 The packed codes and block scales are frozen ``uint8`` parameters of the
@@ -24,7 +25,7 @@ from torch.nn import functional as F
 
 from . import _dtypes
 from ._array import QuantizedArray
-from ._matmul import matmul_4bit
+from ._matmul import matmul_4bit, tiled_product_torch
 from ._quantize import dequantize, quantize
 
 __all__ = ["Linear4bit", "LoraLinear4bit", "dequantize_weight"]
@@ -54,9 +55,14 @@ def dequantize_weight(q, dtype=torch.float32):
 
 
 # Up to this many rows the fused 4-bit product (pq.matmul_4bit), which streams the
-# packed weight once, beats dequantizing the whole weight for a dense matmul
-# (benchmarks/bench_matmul.py: at 8 rows the dense route is already as fast).
-FUSED_MAX_ROWS = 2
+# packed weight once, beats decoding tiles for torch's matmul; above it, tiles of
+# the weight are decoded into a reused buffer and handed to torch (its bf16 GEMM
+# uses AMX/AVX512-BF16), so no dense copy of the whole weight exists
+# (benchmarks/bench_matmul.py measures both). bfloat16 inputs cross over earlier:
+# torch's bf16 matmul is much faster than its fp32 one, the fused kernel computes
+# in float32 either way.
+FUSED_MAX_ROWS = 4
+FUSED_MAX_ROWS_FP32 = 8
 
 
 def _fused_product(x, q, transpose):
@@ -68,14 +74,22 @@ def _fused_product(x, q, transpose):
     return out
 
 
-def _use_fused(t, q):
+def _path(t, q):
+    """'fused' (few rows), 'tiled' (many rows) or 'dense' (other dtypes: whole temporary weight)."""
+    if t.dtype not in (torch.float32, torch.bfloat16) or q.codebook not in ("nf4", "fp4"):
+        return "dense"
     rows = t.numel() // max(1, t.shape[-1])
-    return rows <= FUSED_MAX_ROWS and t.dtype in (torch.float32, torch.bfloat16) and q.codebook in ("nf4", "fp4")
+    limit = FUSED_MAX_ROWS_FP32 if t.dtype == torch.float32 else FUSED_MAX_ROWS
+    return "fused" if rows <= limit else "tiled"
+
+
+def _use_fused(t, q):
+    return _path(t, q) == "fused"
 
 
 class _Linear4bitFunction(torch.autograd.Function):
     """y = x W^T + b with W 4-bit. Saves no tensor: backward reads the 4-bit weight
-    again (fused product for a few rows, else a temporary dequantized copy).
+    again (fused product for a few rows, else tiles decoded for torch's matmul).
 
     The layer, not its QuantizedArray, is kept for backward: under FSDP2 the
     gathered weight is freed after forward and gathered again (maybe at another
@@ -86,8 +100,10 @@ class _Linear4bitFunction(torch.autograd.Function):
         q = layer.quantized
         ctx.layer = layer
         ctx.bias_requires_grad = bias is not None and bias.requires_grad
-        if _use_fused(x, q):
-            y = _fused_product(x, q, transpose=True)
+        path = _path(x, q)
+        if path != "dense":
+            x = x.detach().contiguous()
+            y = _fused_product(x, q, transpose=True) if path == "fused" else tiled_product_torch(x, q, True)
             return y if bias is None else y + bias.to(x.dtype)
         w = dequantize_weight(q, x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
@@ -97,8 +113,11 @@ class _Linear4bitFunction(torch.autograd.Function):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:  # grad_input = grad_output . W
             q = ctx.layer.quantized
-            if _use_fused(grad_out, q):
+            path = _path(grad_out, q)
+            if path == "fused":
                 grad_x = _fused_product(grad_out, q, transpose=False)
+            elif path == "tiled":
+                grad_x = tiled_product_torch(grad_out.contiguous(), q, False)
             else:
                 grad_x = grad_out @ dequantize_weight(q, grad_out.dtype)
         if ctx.bias_requires_grad:

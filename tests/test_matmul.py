@@ -19,7 +19,7 @@ def rel_err(got, want):
 
 
 @pytest.mark.parametrize("n, k, blocksize", SHAPES)
-@pytest.mark.parametrize("m", [1, 2, 3, 8, 9, 37])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 37])
 @pytest.mark.parametrize("dtype", [np.float32, _dtypes.bfloat16])
 @pytest.mark.parametrize("transpose", [True, False])
 def test_matches_float64_reference(rng, n, k, blocksize, m, dtype, transpose):
@@ -31,6 +31,29 @@ def test_matches_float64_reference(rng, n, k, blocksize, m, dtype, transpose):
     # float32 sums of `inner` products; bfloat16 output adds one rounding of 2^-9
     tol = 2e-6 * np.sqrt(k if transpose else n) + (8e-3 if dtype != np.float32 else 0)
     assert rel_err(y, reference(x, q, transpose)) < tol
+
+
+@pytest.mark.parametrize("isa", [i for i in ("avx512", "avx2", "scalar") if i in pq.available_isas()])
+def test_every_isa_both_orientations(rng, isa):
+    # odd N (tails of the 8/4/2-row groups of W), M over the 1..8 row blocks
+    q = pq.quantize(rng.standard_normal((75, 320)).astype(np.float32), blocksize=32, double_quant=True)
+    with _forced_isa(isa):
+        for m in (1, 4, 7, 8, 13):
+            for transpose in (True, False):
+                x = rng.standard_normal((m, 320 if transpose else 75)).astype(np.float32)
+                assert rel_err(pq.matmul_4bit(x, q, transpose=transpose), reference(x, q, transpose)) < 5e-5
+
+
+class _forced_isa:
+    def __init__(self, name):
+        self.name = name
+
+    def __enter__(self):
+        self.old = pq.get_isa()
+        pq.set_isa(self.name)
+
+    def __exit__(self, *exc):
+        pq.set_isa(self.old)
 
 
 def test_large_m_leading_dims_threads_and_out(rng):
@@ -69,3 +92,58 @@ def test_bad_arguments(rng):
         pq.matmul_4bit(np.ones((2, 32), np.float32), q, out=np.empty((2, 9), np.float32))
     with pytest.raises(TypeError, match="QuantizedArray"):
         pq.matmul_4bit(np.ones((2, 32), np.float32), np.ones((8, 32)))
+
+
+TILE_SHAPES = [(48, 4096, 64), (75, 200, 32), (130, 96, 64), (33, 1000, 128)]  # (N, K, blocksize)
+
+
+@pytest.mark.parametrize("n, k, blocksize", TILE_SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, _dtypes.bfloat16])
+def test_decode_tile_equals_dequantize(rng, n, k, blocksize, dtype):
+    from pyqlora._matmul import decode_tile
+
+    q = pq.quantize(rng.standard_normal((n, k)).astype(np.float32), blocksize=blocksize,
+                    codebook=rng.choice(["nf4", "fp4"]), double_quant=bool(rng.integers(2)))
+    full = pq.dequantize(q, dtype=dtype)
+    for _ in range(6):  # random tiles, unaligned starts and widths included
+        n0, k0 = int(rng.integers(n)), int(rng.integers(k))
+        n1, k1 = int(rng.integers(n0 + 1, n + 1)), int(rng.integers(k0 + 1, k + 1))
+        out = np.empty((n1 - n0, k1 - k0), dtype)
+        decode_tile(q, slice(n0, n1), slice(k0, k1), out)
+        np.testing.assert_array_equal(out.view(np.uint16 if dtype != np.float32 else np.uint32),
+                                      np.ascontiguousarray(full[n0:n1, k0:k1]).view(out.view(
+                                          np.uint16 if dtype != np.float32 else np.uint32).dtype))
+    with pytest.raises(ValueError, match="out must be"):
+        decode_tile(q, slice(0, 2), slice(0, 3), np.empty((2, 4), dtype))
+    with pytest.raises(ValueError, match="outside|empty"):
+        decode_tile(q, slice(2, 2), slice(0, 3), np.empty((0, 3), dtype))
+
+
+@pytest.mark.parametrize("m", [9, 64, 1024])
+@pytest.mark.parametrize("transpose", [True, False])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tiled_product_torch(rng, m, transpose, dtype, monkeypatch):
+    torch = pytest.importorskip("torch")
+    import pyqlora._matmul as PM
+
+    monkeypatch.setattr(PM, "TILE_BYTES", 4096)  # several tiles, with a narrower last one
+    monkeypatch.setattr(PM, "TILE_MIN_COLS", 32)
+    n, k = 200, 96
+    q = pq.quantize(rng.standard_normal((n, k)).astype(np.float32), blocksize=32, double_quant=True)
+    tdtype = getattr(torch, dtype)
+    x = torch.from_numpy(rng.standard_normal((m, k if transpose else n)).astype(np.float32)).to(tdtype)
+    y = PM.tiled_product_torch(x.view(m, 1, -1), q, transpose)
+    assert y.shape == (m, 1, n if transpose else k) and y.dtype == tdtype
+    # the oracle: the dequantized weight in x's dtype (what the tiles hold), products in float64
+    w = torch.from_numpy(pq.dequantize(q)).to(tdtype).double()
+    want = x.double() @ (w.T if transpose else w)
+    tol = 1e-5 if dtype == "float32" else 1e-2
+    assert rel_err(y.reshape(m, -1).double().numpy(), want.numpy()) < tol
+
+
+def test_fused_large_m_matches(rng):
+    # the fused kernel itself at training sizes (pyqlora.nn uses tiles there, the array API does not)
+    q = pq.quantize(rng.standard_normal((40, 128)).astype(np.float32), blocksize=64)
+    for transpose in (True, False):
+        x = rng.standard_normal((1024, 128 if transpose else 40)).astype(_dtypes.bfloat16)
+        assert rel_err(pq.matmul_4bit(x, q, transpose=transpose), reference(x, q, transpose)) < 8e-3

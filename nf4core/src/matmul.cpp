@@ -68,6 +68,41 @@ nf4_status matmul_impl(const void *x, nf4_dtype dtype, int64_t M, int64_t N, int
     });
 }
 
+template <typename T>
+void decode_tile_ref(const TileArgs &t, int64_t r0, int64_t r1) {
+    T *out = static_cast<T *>(t.out);
+    const int64_t width = t.k1 - t.k0;
+    for (int64_t n = r0; n < r1; ++n)
+        for (int64_t k = t.k0; k < t.k1; ++k) {
+            const int64_t i = n * t.K + k;
+            out[(n - t.n0) * width + (k - t.k0)] =
+                from_float<T>(decode_value(t.codebook[nibble_at(t.packed, i)], t.scales[i / t.blocksize]));
+        }
+}
+
+nf4_status decode_tile_impl(const uint8_t *packed, const float *scales, int64_t blocksize, const float *codebook,
+                            int64_t N, int64_t K, int64_t n0, int64_t n1, int64_t k0, int64_t k1, nf4_dtype dtype,
+                            void *out) {
+    return guarded([&] {
+        require(N >= 1 && K >= 1, "matrix sizes must be positive, got N=" + std::to_string(N) +
+                                      " K=" + std::to_string(K));
+        require(0 <= n0 && n0 < n1 && n1 <= N && 0 <= k0 && k0 < k1 && k1 <= K,
+                "tile [" + std::to_string(n0) + ":" + std::to_string(n1) + ", " + std::to_string(k0) + ":" +
+                    std::to_string(k1) + "] is empty or outside the " + std::to_string(N) + " x " +
+                    std::to_string(K) + " matrix");
+        require(nf4_blocksize_is_valid(blocksize), "invalid blocksize " + std::to_string(blocksize));
+        require(dtype == NF4_FLOAT32 || dtype == NF4_BFLOAT16, "the tile must be float32 or bfloat16");
+        require(packed && scales && codebook && out, "input or output pointer is NULL");
+        const TileArgs args{K, packed, scales, blocksize, codebook, n0, n1, k0, k1, out};
+        TileKernel kernel = dtype == NF4_FLOAT32 ? decode_tile_ref<float> : decode_tile_ref<bfloat16_t>;
+        const MatmulKernels *fast = avx512_matmul_kernels();
+        if (fast && std::string(active_kernels().name) == "avx512")
+            kernel = dtype == NF4_FLOAT32 ? fast->tile_f32 : fast->tile_bf16;
+        const int64_t min_rows = std::max<int64_t>(1, (1 << 15) / (k1 - k0));
+        parallel_for(n1 - n0, min_rows, [&](int64_t r0, int64_t r1) { kernel(args, n0 + r0, n0 + r1); });
+    });
+}
+
 }  // namespace
 
 #if !defined(NF4CORE_HAVE_AVX512)
@@ -88,6 +123,12 @@ nf4_status nf4_matmul_4bit_ref(const void *x, nf4_dtype dtype, int64_t M, int64_
                                const uint8_t *packed, const float *scales, int64_t blocksize, const float *codebook,
                                int32_t transpose_w, void *y) {
     return nf4core::matmul_impl(x, dtype, M, N, K, packed, scales, blocksize, codebook, transpose_w, y, true);
+}
+
+nf4_status nf4_matmul_4bit_decode_tile(const uint8_t *packed, const float *scales, int64_t blocksize,
+                                       const float *codebook, int64_t N, int64_t K, int64_t n0, int64_t n1,
+                                       int64_t k0, int64_t k1, nf4_dtype dtype, void *out) {
+    return nf4core::decode_tile_impl(packed, scales, blocksize, codebook, N, K, n0, n1, k0, k1, dtype, out);
 }
 
 }  // extern "C"

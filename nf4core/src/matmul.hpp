@@ -23,10 +23,27 @@ struct MatmulArgs {
 // Computes output columns [c0, c1) (of N when transposed, of K otherwise).
 using MatmulKernel = void (*)(const MatmulArgs &, int64_t c0, int64_t c1);
 
+// A tile W[n0:n1, k0:k1] of the N x K matrix, decoded into a dense row-major
+// buffer (row length k1 - k0) of float32 or bfloat16.
+struct TileArgs {
+    int64_t K;
+    const uint8_t *packed;
+    const float *scales;
+    int64_t blocksize;
+    const float *codebook;
+    int64_t n0, n1, k0, k1;
+    void *out;
+};
+
+// Decodes rows [r0, r1) of the tile (n0 <= r0 <= r1 <= n1).
+using TileKernel = void (*)(const TileArgs &, int64_t r0, int64_t r1);
+
 struct MatmulKernels {
     MatmulKernel f32;   // x and y float32
     MatmulKernel bf16;  // x and y bfloat16
-    // the optimized kernels need K % 16 == 0 and K % blocksize == 0 (rows made of whole blocks)
+    // the matmul kernels need K % 16 == 0 and K % blocksize == 0 (rows made of whole blocks)
+    TileKernel tile_f32;   // any tile
+    TileKernel tile_bf16;
 };
 
 const MatmulKernels *avx512_matmul_kernels();  // nullptr when not compiled in

@@ -1,9 +1,14 @@
 // AVX-512 products with a 4-bit matrix (see nf4core/matmul.h).
 //
-// The weight is decoded 16 values at a time (one vpermps on the codebook, one
-// multiply by the block scale) and used for up to 8 rows of x at once, so it is
-// read from memory once per 8 rows: at generation sizes (M <= 8) the product
-// streams the packed weight exactly once. Needs K % 16 == 0 and K % blocksize
+// Decoding: the 8 packed bytes of 16 weights are broadcast to every 64-bit lane
+// and shifted per 32-bit lane, so lane 2t holds element t and lane 2t+1 element
+// 8+t in its low 4 bits; one vpermps on the codebook then yields 16 weights (it
+// reads only those 4 bits). The codebook is multiplied by the block scale once
+// per block and weight row, so the permute yields scaled weights directly.
+//
+// With M <= 8 rows of x, P rows of W are decoded together and each decoded
+// vector is used for all M rows, so the weight is streamed once and each x
+// vector loaded from L1 serves P rows of W. Needs K % 16 == 0 and K % blocksize
 // == 0 (matmul.cpp falls back to the reference otherwise).
 #include <immintrin.h>
 
@@ -30,87 +35,137 @@ inline void store16(bfloat16_t *p, __m512 v) {  // round to nearest even, as to_
     _mm256_storeu_si256(reinterpret_cast<__m256i *>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
 }
 
-// 16 weights starting at flat index i (i % 16 == 0 inside one block); the
-// blocksize is a power of two, 2^shift
-inline __m512 decode16(const MatmulArgs &a, __m512 table, int shift, int64_t i) {
-    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i *>(a.packed + i / 2));
-    const __m128i low4 = _mm_set1_epi8(0x0F);
-    const __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4), _mm_and_si128(bytes, low4));
-    return _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(codes), table),
-                         _mm512_set1_ps(a.scales[i >> shift]));
+// Element order after decode: lane j holds element lane_from[j] of the 16.
+inline __m512i lane_from() { return _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15); }
+// Element t of 16 lies in the high nibble of byte t/2 for even t, else the low one (bitsandbytes' order).
+inline __m512i lane_shifts() { return _mm512_setr_epi32(4, 4, 0, 0, 12, 12, 8, 8, 20, 20, 16, 16, 28, 28, 24, 24); }
+
+// 16 weights (permuted lane order) from their 8 packed bytes, with a scaled codebook
+inline __m512 decode_perm(const uint8_t *p8, __m512i shifts, __m512 scaled_table) {
+    long long packed8;
+    std::memcpy(&packed8, p8, 8);
+    return _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi64(packed8), shifts), scaled_table);
 }
 
-// y[m0 + r, n] for r < R, n in [c0, c1): one pass over each weight row.
-//
-// Decoding is one vpermps per 16 weights: the 8 packed bytes are broadcast to
-// every 64-bit lane and shifted per 32-bit lane, so lane 2t holds element t and
-// lane 2t+1 element 8+t in its low 4 bits (vpermps reads only those); x is
-// permuted the same way once per call (xp, float32). The block scale multiplies
-// the sum of a block's products once. With few rows, U independent
-// accumulators per row keep the FMA pipes busy.
+// 16 weights in natural order starting at flat index i (i % 16 == 0)
+inline __m512 decode16(const MatmulArgs &a, __m512 table, int shift, int64_t i) {
+    const __m512 w = decode_perm(a.packed + i / 2, lane_shifts(), table);
+    // lane j holds element lane_from[j]; invert: element e sits at lane to_lane[e]
+    const __m512i to_lane = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    return _mm512_mul_ps(_mm512_permutexvar_ps(to_lane, w), _mm512_set1_ps(a.scales[i >> shift]));
+}
+
+// x rows m0 .. m0+R-1 as float32 in decode lane order, into a per-thread buffer
+template <int R, typename T>
+const float *permuted_rows(const T *x, int64_t m0, int64_t K) {
+    thread_local std::vector<float> buf;
+    if (buf.size() < size_t(R * K)) buf.resize(size_t(R * K));
+    float *xp = buf.data();
+    const __m512i from = lane_from();
+    for (int r = 0; r < R; ++r)
+        for (int64_t k = 0; k < K; k += 16)
+            _mm512_storeu_ps(xp + r * K + k, _mm512_permutexvar_ps(from, load16(x + (m0 + r) * K + k)));
+    return xp;
+}
+
+// y[m0 + r, n .. n+P-1] for r < R: P rows of W in one pass, each decoded chunk
+// used for all R rows of x (xp, permuted as the decode).
+template <int R, int P, typename T>
+inline void block_transposed(const MatmulArgs &a, const float *xp, __m512 table, int shift, int64_t m0, int64_t n) {
+    const __m512i shifts = lane_shifts();
+    __m512 acc[R][P];
+    for (int r = 0; r < R; ++r)
+        for (int p = 0; p < P; ++p) acc[r][p] = _mm512_setzero_ps();
+    const uint8_t *wrow[P];
+    const float *srow[P];
+    for (int p = 0; p < P; ++p) {
+        wrow[p] = a.packed + (n + p) * a.K / 2;
+        srow[p] = a.scales + (((n + p) * a.K) >> shift);
+    }
+    const int64_t nblocks = a.K >> shift;
+    for (int64_t b = 0; b < nblocks; ++b) {
+        __m512 tab[P];
+        for (int p = 0; p < P; ++p) tab[p] = _mm512_mul_ps(table, _mm512_set1_ps(srow[p][b]));
+        const int64_t k0 = b << shift, k1 = k0 + a.blocksize;
+        for (int64_t k = k0; k < k1; k += 16) {
+            __m512 w[P];
+            for (int p = 0; p < P; ++p) w[p] = decode_perm(wrow[p] + k / 2, shifts, tab[p]);
+            for (int r = 0; r < R; ++r) {
+                const __m512 xv = _mm512_loadu_ps(xp + r * a.K + k);
+                for (int p = 0; p < P; ++p) acc[r][p] = _mm512_fmadd_ps(xv, w[p], acc[r][p]);
+            }
+        }
+    }
+    T *y = static_cast<T *>(a.y);
+    for (int r = 0; r < R; ++r)
+        for (int p = 0; p < P; ++p) y[(m0 + r) * a.N + n + p] = from_float<T>(_mm512_reduce_add_ps(acc[r][p]));
+}
+
+// Rows of W per pass: as many as the 32 vector registers allow with R x rows.
+template <int R>
+constexpr int rows_of_w() { return R == 1 ? 8 : R <= 4 ? 4 : 2; }
+
 template <int R, typename T>
 void rows_transposed(const MatmulArgs &a, __m512 table, int shift, int64_t m0, int64_t c0, int64_t c1) {
-    constexpr int U = R == 1 ? 4 : R == 2 ? 2 : 1;
+    constexpr int P = rows_of_w<R>();
+    const float *xp = permuted_rows<R>(static_cast<const T *>(a.x), m0, a.K);
+    int64_t n = c0;
+    for (; n + P <= c1; n += P) block_transposed<R, P, T>(a, xp, table, shift, m0, n);
+    for (; n < c1; ++n) block_transposed<R, 1, T>(a, xp, table, shift, m0, n);
+}
+
+// acc[r, k - c0] += sum_p x[m0 + r, n + p] W[n + p, k] for k in [c0, c1): P rows of W
+// streamed once, each decoded chunk used for all R rows.
+template <int R, int P, typename T>
+inline void block_plain(const MatmulArgs &a, float *acc, int64_t len, __m512 table, int shift, int64_t m0,
+                        int64_t n, int64_t c0, int64_t c1) {
     const T *x = static_cast<const T *>(a.x);
-    T *y = static_cast<T *>(a.y);
-    const __m512i lane_from = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
-    const __m512i shifts = _mm512_setr_epi32(4, 4, 0, 0, 12, 12, 8, 8, 20, 20, 16, 16, 28, 28, 24, 24);
-    thread_local std::vector<float> xp_buf;
-    xp_buf.resize(size_t(R * a.K));
-    float *xp = xp_buf.data();
+    const __m512i shifts = lane_shifts();
+    __m512 g[R][P];
     for (int r = 0; r < R; ++r)
-        for (int64_t k = 0; k < a.K; k += 16)
-            _mm512_storeu_ps(xp + r * a.K + k, _mm512_permutexvar_ps(lane_from, load16(x + (m0 + r) * a.K + k)));
-    const int64_t chunks_per_block = a.blocksize / 16;
-    for (int64_t n = c0; n < c1; ++n) {
-        __m512 acc[R][U];
-        for (int r = 0; r < R; ++r)
-            for (int u = 0; u < U; ++u) acc[r][u] = _mm512_setzero_ps();
-        const int64_t row = n * a.K;
-        const uint8_t *wrow = a.packed + row / 2;
-        const float *srow = a.scales + (row >> shift);
-        for (int64_t k0 = 0; k0 < a.K; k0 += a.blocksize) {
-            __m512 part[R][U];
-            for (int r = 0; r < R; ++r)
-                for (int u = 0; u < U; ++u) part[r][u] = _mm512_setzero_ps();
-            for (int64_t c = 0; c < chunks_per_block; c += U) {
-                for (int u = 0; u < U; ++u) {  // u is a compile-time index: the accumulators stay in registers
-                    if (c + u >= chunks_per_block) break;
-                    const int64_t k = k0 + 16 * (c + u);
-                    long long packed8;
-                    std::memcpy(&packed8, wrow + k / 2, 8);
-                    const __m512 w = _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi64(packed8), shifts), table);
-                    for (int r = 0; r < R; ++r)
-                        part[r][u] = _mm512_fmadd_ps(_mm512_loadu_ps(xp + r * a.K + k), w, part[r][u]);
-                }
+        for (int p = 0; p < P; ++p) g[r][p] = _mm512_set1_ps(to_float(x[(m0 + r) * a.N + n + p]));
+    const uint8_t *wrow[P];
+    const float *srow[P];
+    for (int p = 0; p < P; ++p) {
+        wrow[p] = a.packed + (n + p) * a.K / 2;
+        srow[p] = a.scales + (((n + p) * a.K) >> shift);
+    }
+    for (int64_t k0 = c0; k0 < c1;) {  // block by block (c0, c1 are multiples of 16 only)
+        const int64_t b = k0 >> shift, k1 = std::min(c1, (b + 1) << shift);
+        __m512 tab[P];
+        for (int p = 0; p < P; ++p) tab[p] = _mm512_mul_ps(table, _mm512_set1_ps(srow[p][b]));
+        for (int64_t k = k0; k < k1; k += 16) {
+            __m512 w[P];
+            for (int p = 0; p < P; ++p) w[p] = decode_perm(wrow[p] + k / 2, shifts, tab[p]);
+            for (int r = 0; r < R; ++r) {
+                float *dst = acc + r * len + (k - c0);
+                __m512 s = _mm512_loadu_ps(dst);
+                for (int p = 0; p < P; ++p) s = _mm512_fmadd_ps(g[r][p], w[p], s);
+                _mm512_storeu_ps(dst, s);
             }
-            const __m512 scale = _mm512_set1_ps(srow[k0 >> shift]);
-            for (int r = 0; r < R; ++r)
-                for (int u = 0; u < U; ++u) acc[r][u] = _mm512_fmadd_ps(part[r][u], scale, acc[r][u]);
         }
-        for (int r = 0; r < R; ++r) {
-            __m512 sum = acc[r][0];
-            for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[r][u]);
-            y[(m0 + r) * a.N + n] = from_float<T>(_mm512_reduce_add_ps(sum));
-        }
+        k0 = k1;
     }
 }
 
-// y[m0 + r, k : k + 16] for r < R, 16-column chunks in [c0, c1): a pass over W's rows
+// y[m0 + r, c0:c1] = x[m0 + r, :] W[:, c0:c1]: rows of W streamed, partial sums
+// in a per-thread float32 buffer (R x (c1 - c0), in decode lane order per chunk).
 template <int R, typename T>
 void rows_plain(const MatmulArgs &a, __m512 table, int shift, int64_t m0, int64_t c0, int64_t c1) {
-    const T *x = static_cast<const T *>(a.x);
+    constexpr int P = rows_of_w<R>();
+    const int64_t len = c1 - c0;
+    thread_local std::vector<float> buf;
+    if (buf.size() < size_t(R * len)) buf.resize(size_t(R * len));
+    float *acc = buf.data();
+    std::fill(acc, acc + R * len, 0.0f);
+    int64_t n = 0;
+    for (; n + P <= a.N; n += P) block_plain<R, P, T>(a, acc, len, table, shift, m0, n, c0, c1);
+    for (; n < a.N; ++n) block_plain<R, 1, T>(a, acc, len, table, shift, m0, n, c0, c1);
+    const __m512i to_lane = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
     T *y = static_cast<T *>(a.y);
-    for (int64_t k = c0; k < c1; k += 16) {
-        __m512 acc[R];
-        for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-        for (int64_t n = 0; n < a.N; ++n) {
-            const __m512 w = decode16(a, table, shift, n * a.K + k);
-            for (int r = 0; r < R; ++r)
-                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(to_float(x[(m0 + r) * a.N + n])), w, acc[r]);
-        }
-        for (int r = 0; r < R; ++r) store16(y + (m0 + r) * a.K + k, acc[r]);
-    }
+    for (int r = 0; r < R; ++r)
+        for (int64_t k = c0; k < c1; k += 16)
+            store16(y + (m0 + r) * a.K + k, _mm512_permutexvar_ps(to_lane, _mm512_loadu_ps(acc + r * len + k - c0)));
 }
 
 template <typename T>
@@ -119,12 +174,12 @@ void matmul(const MatmulArgs &a, int64_t c0, int64_t c1) {
     const int shift = __builtin_ctzll(uint64_t(a.blocksize));
     for (int64_t m0 = 0; m0 < a.M; m0 += 8) {
         const int64_t rows = std::min<int64_t>(8, a.M - m0);
-#define NF4_ROWS_CASE(R)                                      \
-    case R:                                                   \
-        if (a.transpose)                                      \
+#define NF4_ROWS_CASE(R)                                        \
+    case R:                                                     \
+        if (a.transpose)                                        \
             rows_transposed<R, T>(a, table, shift, m0, c0, c1); \
-        else                                                  \
-            rows_plain<R, T>(a, table, shift, m0, c0, c1);    \
+        else                                                    \
+            rows_plain<R, T>(a, table, shift, m0, c0, c1);      \
         break;
         switch (rows) {
             NF4_ROWS_CASE(1) NF4_ROWS_CASE(2) NF4_ROWS_CASE(3) NF4_ROWS_CASE(4)
@@ -134,10 +189,58 @@ void matmul(const MatmulArgs &a, int64_t c0, int64_t c1) {
     }
 }
 
+// W[n, k0:k1] for n in [r0, r1) into out (row-major, row length k1 - k0)
+template <typename T>
+void decode_tile(const TileArgs &t, int64_t r0, int64_t r1) {
+    const MatmulArgs a{nullptr, 0, 0, t.K, t.packed, t.scales, t.blocksize, t.codebook, false, nullptr};
+    const __m512 table = _mm512_loadu_ps(t.codebook);
+    const int shift = __builtin_ctzll(uint64_t(t.blocksize));
+    const int64_t width = t.k1 - t.k0;
+    T *out = static_cast<T *>(t.out);
+    // bfloat16: 32 weights per step. The 16 packed bytes are zero-extended to
+    // words, each word duplicated (vpermw), shifted by 4 or 0 (high nibble =
+    // even element), and looked up in the block's scaled codebook rounded to
+    // bfloat16 (vpermw reads 5 index bits: the table is stored twice).
+    const __m512i dup = _mm512_set_epi16(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8, 7, 7, 6, 6,
+                                         5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);  // word j <- word j / 2
+    const __m512i nib_shift = _mm512_set1_epi32(4);  // words: 4 (even element), 0 (odd)
+    auto scalar = [&](T *dst, int64_t i) {
+        *dst = from_float<T>(decode_value(t.codebook[nibble_at(t.packed, i)], t.scales[i >> shift]));
+    };
+    for (int64_t n = r0; n < r1; ++n) {
+        T *dst = out + (n - t.n0) * width - t.k0;
+        const int64_t row = n * t.K;
+        int64_t k = t.k0;
+        for (; k < t.k1 && (row + k) % 32 != 0; ++k) scalar(dst + k, row + k);
+        if constexpr (sizeof(T) == 2) {
+            int64_t block = -1;
+            __m512i tab16 = _mm512_setzero_si512();
+            for (; k + 32 <= t.k1; k += 32) {
+                const int64_t i = row + k;  // i % 32 == 0: the 32 weights lie in one block (blocksize >= 32)
+                if ((i >> shift) != block) {
+                    block = i >> shift;
+                    const __m512i u = _mm512_castps_si512(_mm512_mul_ps(table, _mm512_set1_ps(t.scales[block])));
+                    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+                    const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
+                    const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+                    tab16 = _mm512_inserti64x4(_mm512_castsi256_si512(h), h, 1);
+                }
+                const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i *>(t.packed + i / 2));
+                const __m512i words = _mm512_permutexvar_epi16(dup, _mm512_castsi256_si512(_mm256_cvtepu8_epi16(bytes)));
+                const __m512i codes = _mm512_srlv_epi16(words, nib_shift);
+                _mm512_storeu_si512(dst + k, _mm512_permutexvar_epi16(codes, tab16));
+            }
+        } else {
+            for (; k + 16 <= t.k1; k += 16) store16(dst + k, decode16(a, table, shift, row + k));
+        }
+        for (; k < t.k1; ++k) scalar(dst + k, row + k);
+    }
+}
+
 }  // namespace
 
 const MatmulKernels *avx512_matmul_kernels() {
-    static const MatmulKernels k{matmul<float>, matmul<bfloat16_t>};
+    static const MatmulKernels k{matmul<float>, matmul<bfloat16_t>, decode_tile<float>, decode_tile<bfloat16_t>};
     return &k;
 }
 

@@ -32,6 +32,15 @@ NF4_API nf4_status nf4_matmul_4bit_ref(const void *x, nf4_dtype dtype, int64_t M
                                        const uint8_t *packed, const float *scales, int64_t blocksize,
                                        const float *codebook, int32_t transpose_w, void *y);
 
+/* The tile W[n0:n1, k0:k1] of the N x K matrix, dequantized (codebook value
+ * times block scale, rounded to dtype as nf4_dequantize_4bit does) into `out`,
+ * dense row-major with rows of k1 - k0 values; dtype float32 or bfloat16. The
+ * building block of tiled products at large M: decode a cache-sized tile, hand
+ * it to a GEMM, never hold the whole dense matrix. */
+NF4_API nf4_status nf4_matmul_4bit_decode_tile(const uint8_t *packed, const float *scales, int64_t blocksize,
+                                               const float *codebook, int64_t N, int64_t K, int64_t n0,
+                                               int64_t n1, int64_t k0, int64_t k1, nf4_dtype dtype, void *out);
+
 #ifdef __cplusplus
 }
 #endif
