@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
-from pyqlora.lora import LoraConfig, empty_weights, prepare_model  # noqa: E402
+from pyqlora.lora import LoraConfig, empty_weights, prepare_model
 
 
 def _gguf_or_skip():
@@ -104,7 +104,7 @@ def test_loading_into_qlora_never_holds_the_dense_model():
     _gguf_or_skip()
     out = {}
     for mode in ("stream", "dense"):
-        r = subprocess.run([sys.executable, "-c", _PEAK, mode], capture_output=True, text=True, timeout=600,
+        r = subprocess.run([sys.executable, "-c", _PEAK, mode], capture_output=True, text=True, timeout=600, check=False,
                            env={**os.environ, "OMP_NUM_THREADS": "2"})
         assert r.returncode == 0, r.stderr[-2000:]
         out[mode] = json.loads(r.stdout.strip().splitlines()[-1])
