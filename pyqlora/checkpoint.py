@@ -27,12 +27,10 @@ import os
 import shutil
 import sys
 
-import torch
-
 from . import models
 from .data import cache_dir
 
-__all__ = ["bnb_quantization_config", "gguf_to_folder", "linear_module_names", "load_model", "quantize_checkpoint"]
+__all__ = ["bnb_quantization_config", "check_model_argument", "gguf_to_folder", "linear_module_names", "load_model", "quantize_checkpoint"]
 
 # files copied from a source folder into a quantized one, beside the weights
 _SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -58,7 +56,7 @@ def gguf_to_folder(path):
     if os.path.exists(os.path.join(folder, "config.json")):
         return folder
     print(f"pyqlora: converting {os.path.basename(path)} once into {folder}", file=sys.stderr)
-    model, tok = models.load_gguf_llama(path, dtype=torch.float32)
+    model, tok = models.load_gguf_llama(path)
     tmp = folder + f".tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -68,11 +66,15 @@ def gguf_to_folder(path):
     return folder
 
 
-def _resolve(spec):
-    """(folder, source description) for a model argument; clear errors for what cannot be read."""
+def _resolve(spec, convert=True):
+    """(folder, source description) for a model argument; clear errors for what cannot be read.
+
+    With ``convert=False`` only checks the argument (a GGUF file is not converted;
+    its folder is returned as None).
+    """
     if spec is None:
         gguf = models.smollm2_gguf_path()
-        return gguf_to_folder(gguf), gguf
+        return (gguf_to_folder(gguf) if convert else None), gguf
     spec = os.fspath(spec)
     if not os.path.exists(spec):
         raise FileNotFoundError(f"model not found: {spec}")
@@ -82,7 +84,7 @@ def _resolve(spec):
         if magic == b"GGUF":
             if not spec.endswith(".gguf"):
                 raise ValueError(f"{spec} is a GGUF file; give it the .gguf extension")
-            return gguf_to_folder(spec), spec
+            return (gguf_to_folder(spec) if convert else None), spec
         if spec.endswith(".safetensors") and os.path.exists(os.path.join(os.path.dirname(spec) or ".",
                                                                           "config.json")):
             return os.path.dirname(spec) or ".", spec
@@ -95,6 +97,11 @@ def _resolve(spec):
         raise ValueError(f"cannot read model {spec}: the folder has no *.safetensors weights (.bin pickles are "
                          "not loaded)")
     return spec, spec
+
+
+def check_model_argument(spec):
+    """Raise the error :func:`load_model` would raise for a missing or unreadable `spec`, cheaply."""
+    _resolve(spec, convert=False)
 
 
 def _read_config(folder):
@@ -119,6 +126,7 @@ def linear_module_names(config):
 
     The model is built on the meta device (no memory, no weights read).
     """
+    import torch
     import transformers
 
     with torch.device("meta"):
@@ -127,14 +135,14 @@ def linear_module_names(config):
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head and n]
 
 
-def load_model(spec=None, dtype=torch.float32, tokenizer=True):
+def load_model(spec=None, dtype=None, tokenizer=True):
     """(model, tokenizer, info) for a model argument of the command line (see the module docstring).
 
     Parameters
     ----------
     spec : str or None
         None for the default model, a ``.gguf`` file, or a Hugging Face folder.
-    dtype : torch.dtype
+    dtype : torch.dtype, default float32
         dtype of the dense parameters.
     tokenizer : bool
 
@@ -146,8 +154,10 @@ def load_model(spec=None, dtype=torch.float32, tokenizer=True):
         ``source`` (the file or folder given), ``folder`` (what was loaded) and
         ``quantized`` (whether it was a 4-bit checkpoint).
     """
+    import torch
     import transformers
 
+    dtype = dtype or torch.float32
     transformers.utils.logging.disable_progress_bar()  # a bar per load is noise here
     folder, source = _resolve(spec)
     cfg = _read_config(folder)
@@ -168,6 +178,7 @@ def load_model(spec=None, dtype=torch.float32, tokenizer=True):
 
 def _load_4bit(folder, cfg, dtype):
     """A transformers model whose 4-bit linear layers (bitsandbytes keys) become Linear4bit."""
+    import torch
     import transformers
     from safetensors.torch import load_file
 
@@ -229,6 +240,10 @@ def quantize_checkpoint(src, out, codebook="nf4", blocksize=64, double_quant=Tru
     Returns a dict with the number of quantized tensors and parameters and the
     bytes of the weights before and after.
     """
+    if codebook not in ("nf4", "fp4"):
+        raise ValueError(f"codebook {codebook!r} has no bitsandbytes checkpoint format (nf4 and fp4 do)")
+    folder, source = _resolve(src)
+    import torch
     import transformers
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -237,9 +252,6 @@ def quantize_checkpoint(src, out, codebook="nf4", blocksize=64, double_quant=Tru
 
     from .nn import _np_view
 
-    if codebook not in ("nf4", "fp4"):
-        raise ValueError(f"codebook {codebook!r} has no bitsandbytes checkpoint format (nf4 and fp4 do)")
-    folder, source = _resolve(src)
     cfg = _read_config(folder)
     if cfg.get("quantization_config"):
         raise ValueError(f"{folder} is quantized already (config.json has a quantization_config)")

