@@ -74,7 +74,7 @@ def _finetune(args):
         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
         heldout=args.heldout, warmup=args.warmup,
         eval_text=args.eval_text, eval_windows=args.eval_windows, sample_tokens=args.sample_tokens,
-        threads=args.threads, progress=not args.no_progress)
+        threads=args.threads, progress=not args.no_progress, distributed=args.distributed)
     run(cfg)
     return 0
 
@@ -243,6 +243,9 @@ def main(argv=None):
     ft.add_argument("--sample-tokens", type=int, default=64, help="tokens of the sample generation (0: none)")
     ft.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     ft.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ft.add_argument("--distributed", default="none", choices=["none", "ddp", "fsdp"],
+                    help="data-parallel training under torchrun: DDP (a copy per process) or FSDP2 (sharded); "
+                         "--batch-size is the global batch (see docs/distributed.md)")
     ft.set_defaults(func=_finetune)
 
     qz = sub.add_parser("quantize", help="write a dense checkpoint as a 4-bit bitsandbytes/transformers one",

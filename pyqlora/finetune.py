@@ -86,6 +86,7 @@ class FinetuneConfig:
     sample_tokens: int = 64
     threads: int | None = None
     progress: bool = True
+    distributed: str = "none"         # "none", "ddp" or "fsdp" (under torchrun; see docs/distributed.md)
 
     def validate(self):
         checks = [("steps", self.steps >= 1), ("lr", self.lr > 0 and math.isfinite(self.lr)), ("r", self.r >= 1),
@@ -104,6 +105,10 @@ class FinetuneConfig:
             raise ValueError(f"--dtype must be bf16 or fp32, got {self.dtype!r}")
         if self.base == "bf16" and self.dtype != "bf16":
             raise ValueError("--base bf16 computes in bfloat16: use --dtype bf16")
+        if self.distributed not in ("none", "ddp", "fsdp"):
+            raise ValueError(f"--distributed must be none, ddp or fsdp, got {self.distributed!r}")
+        if self.distributed != "none" and self.base != "4bit":
+            raise ValueError("--distributed works with the 4-bit base (--base 4bit) only")
         import pyqlora as pq
 
         if self.base == "4bit" and self.blocksize not in pq.BLOCKSIZES:
@@ -203,16 +208,17 @@ def _parts(model):
         return None, None
 
 
-def batch_loss(model, input_ids, labels, mask):
+def batch_loss(model, input_ids, labels, mask, whole=False):
     """(sum of token losses, number of label tokens) of one batch.
 
     Only the positions that have a label go through the output head (its
     49,152-way product is a fifth of a small model's work), which gives the same
-    values as the full logits.
+    values as the full logits. ``whole=True`` calls the model itself instead (a
+    DDP or FSDP2 model must be entered through its own forward).
     """
     target = labels[:, 1:]
     keep = target != IGNORE
-    decoder, head = _parts(model)
+    decoder, head = (None, None) if whole else _parts(model)
     if decoder is not None and head is not None:
         hidden = decoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
         logits = head(hidden[:, :-1][keep])
@@ -221,7 +227,7 @@ def batch_loss(model, input_ids, labels, mask):
     return F.cross_entropy(logits.float(), target[keep], reduction="sum"), int(keep.sum())
 
 
-def heldout_loss(model, examples, batch_size, pad_id, autocast):
+def heldout_loss(model, examples, batch_size, pad_id, autocast, whole=False):
     """Mean loss per label token over `examples` (no gradients)."""
     total, count = 0.0, 0
     was_training = model.training
@@ -229,7 +235,7 @@ def heldout_loss(model, examples, batch_size, pad_id, autocast):
     try:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             for i in range(0, len(examples), batch_size):
-                s, n = batch_loss(model, *_collate(examples[i:i + batch_size], pad_id))
+                s, n = batch_loss(model, *_collate(examples[i:i + batch_size], pad_id), whole=whole)
                 total += float(s)
                 count += n
     finally:
@@ -385,14 +391,28 @@ def _plot(path, losses, before, after, title):
 def run(cfg, out=sys.stdout):
     """Run a fine-tune as configured by `cfg` (:class:`FinetuneConfig`); returns the report dict."""
     cfg.validate()
+    from . import distributed as qdist
+
+    ctx = qdist.setup(cfg.distributed)  # "none": a no-op context for one process
+    try:
+        return _run(cfg, out, ctx, qdist)
+    finally:
+        qdist.cleanup(ctx)
+
+
+def _run(cfg, out, ctx, qdist):
     t_start, cpu_start = time.perf_counter(), time.process_time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     autocast = cfg.dtype == "bf16"
+    distributed = ctx.kind != "none"
+    if distributed:
+        lo, hi = qdist.local_batch(cfg.batch_size, ctx)  # this rank's rows of every global batch
 
     def say(*args):
-        print(*args, file=out, flush=True)
+        if ctx.is_main:
+            print(*args, file=out, flush=True)
 
     # -- data (cheap checks first, so that bad input fails before the model loads)
     records = qdata.load_records(cfg.data) if cfg.data else qdata.humaneval_pairs()
@@ -464,6 +484,13 @@ def run(cfg, out=sys.stdout):
     t_eval += time.perf_counter() - t0
 
     # -- training
+    if distributed:
+        # every rank prepared the same model (same checkpoint, same seeds); DDP keeps one
+        # full copy per rank and all-reduces the adapters' gradients, FSDP2 shards it
+        model = qdist.wrap_model(model, ctx)
+        trainable = qdist.trainable_parameters(model)
+        say(f"distributed: {ctx.kind} over {ctx.world_size} processes, {hi - lo} of every {cfg.batch_size} "
+            "examples per process")
     optimizer = make_optimizer(cfg.optimizer, trainable, cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     order, pos = [], 0
@@ -480,7 +507,7 @@ def run(cfg, out=sys.stdout):
     rss_before_train = _rss_bytes()
     model.train()
     bar = None
-    if cfg.progress:
+    if cfg.progress and ctx.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, desc="fine-tune", unit="step", file=sys.stderr, dynamic_ncols=True)
@@ -491,14 +518,20 @@ def run(cfg, out=sys.stdout):
         for g in optimizer.param_groups:
             g["lr"] = lr
         micro = [_collate(next_batch(), pad_id) for _ in range(cfg.grad_accum)]
-        n_labels = sum(int((lab[:, 1:] != IGNORE).sum()) for _, lab, _ in micro)
+        n_labels = sum(int((lab[:, 1:] != IGNORE).sum()) for _, lab, _ in micro)  # of the global batch
         total = 0.0
         for input_ids, labels, mask in micro:
+            if distributed:  # this rank's rows; DDP/FSDP average the ranks' gradients, hence * world size
+                input_ids, labels, mask = input_ids[lo:hi], labels[lo:hi], mask[lo:hi]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                s, _ = batch_loss(model, input_ids, labels, mask)
-            (s / max(n_labels, 1)).backward()
+                s, _ = batch_loss(model, input_ids, labels, mask, whole=distributed)
+            (s * ctx.world_size / max(n_labels, 1)).backward()
             total += float(s.detach())
+        if distributed:
+            total = qdist.all_reduce_mean(total) * ctx.world_size
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        if distributed and hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
@@ -519,9 +552,10 @@ def run(cfg, out=sys.stdout):
         bar.close()
     opt_bytes = optimizer_state_bytes(optimizer)
 
-    # -- after
+    # -- after (every rank evaluates: FSDP2's forward needs all of them)
+    model = qdist.unwrap(model)
     t0 = time.perf_counter()
-    held_after = heldout_loss(model, held_ex, cfg.batch_size, pad_id, autocast)
+    held_after = heldout_loss(model, held_ex, cfg.batch_size, pad_id, autocast, whole=distributed)
     if eval_text is not None:
         ppl["after"] = perplexity(model, tok, eval_text, windows=cfg.eval_windows,
                                   dtype=torch.bfloat16 if autocast else None)
@@ -531,7 +565,10 @@ def run(cfg, out=sys.stdout):
 
     # -- outputs
     os.makedirs(cfg.output, exist_ok=True)
-    _save_adapter(model, cfg, cfg.output)
+    if distributed:
+        qdist.save_adapter_distributed(model, cfg.output)  # every rank; rank 0 writes
+    else:
+        _save_adapter(model, cfg, cfg.output)
     n_lin, n_other = pinfo["linear_params"], pinfo["other_params"]
     steady = step_times[1:] or step_times
     memory = {
@@ -574,6 +611,9 @@ def run(cfg, out=sys.stdout):
         "torch_threads": torch.get_num_threads(),
         "versions": _versions(),
     }
+    report["distributed"] = {"kind": ctx.kind, "world_size": ctx.world_size}
+    if not ctx.is_main:
+        return report
     with open(os.path.join(cfg.output, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     _plot(os.path.join(cfg.output, "loss_curve.png"), losses, held_before, held_after,
