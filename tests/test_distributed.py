@@ -26,8 +26,9 @@ WORLD, STEPS, GLOBAL_BATCH = 2, 4, 8
 # Optimizers every scenario runs with; each entry builds one from the trainable parameters.
 # The paged ones run under a pager budget far below their state (4 KiB pages), so every
 # step pages state out and in; PagedAdamW8bit uses 8-bit state for every adapter weight.
+# (torch.optim.AdamW itself is not in the table: PagedAdamW performs exactly its operations, tested
+# bit for bit in tests/test_optim.py, and each entry costs a two-process run.)
 OPTIMIZERS = {
-    "adamw": lambda params: torch.optim.AdamW(params, lr=1e-2),
     "paged_adamw": lambda params: PagedAdamW(params, lr=1e-2, pager=pq.Pager(budget_bytes=8192, page_bytes=4096)),
     "paged_adamw8bit": lambda params: PagedAdamW8bit(params, lr=1e-2, min_8bit_size=64,
                                                      pager=pq.Pager(budget_bytes=8192, page_bytes=4096)),

