@@ -78,6 +78,22 @@ def _local(t):
     return t.to_local() if _is_dtensor(t) else t
 
 
+def _adamw_32bit(p, grad, exp_avg, exp_avg_sq, group, step):
+    """torch.optim.adam._single_tensor_adam with decoupled weight decay, operation for operation."""
+    lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    exp_avg, exp_avg_sq = exp_avg.view_as(p), exp_avg_sq.view_as(p)
+    if wd != 0:
+        p.mul_(1 - lr * wd)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    bias_correction2_sqrt = bias_correction2**0.5
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    p.addcdiv_(exp_avg, denom, value=-step_size)
+
+
 class _Arena:
     """One paged allocation cut into aligned slots (one per parameter)."""
 
@@ -147,6 +163,36 @@ class _PagedOptimizer(torch.optim.Optimizer):
         if p not in self._slots:
             self._allocate_group(group)
         return self._slots[p]
+
+    # -- the update loop ----------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every parameter that has a gradient (its state prefetched first)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                slot = self._slot(p, group)
+                self.pager.prefetch(slot["_range"])
+                state = self.state[p]  # keyed by the parameter; the update works on its local shard
+                local = _local(p)
+                if not state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    for key, t in slot.items():
+                        if not key.startswith("_"):
+                            state[key] = t.view_as(local) if key in ("exp_avg", "exp_avg_sq") else t
+                state["step"] += 1
+                self._update(local, _local(p.grad), state, group)
+        return loss
+
+    def _update(self, p, grad, state, group):
+        raise NotImplementedError
 
     # -- public helpers -------------------------------------------------------------------
     def state_bytes(self):
@@ -272,43 +318,8 @@ class PagedAdamW(_PagedOptimizer):
     def _slot_layout(self, p):
         return [("exp_avg", p.numel(), p.dtype), ("exp_avg_sq", p.numel(), p.dtype)]
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One AdamW update of every parameter that has a gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("PagedAdamW does not support sparse gradients")
-                slot = self._slot(p, group)
-                self.pager.prefetch(slot["_range"])
-                state = self.state[p]
-                grad, p = _local(p.grad), _local(p)  # (the state dict key stays the parameter)
-                if not state:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = slot["exp_avg"].view_as(p)
-                    state["exp_avg_sq"] = slot["exp_avg_sq"].view_as(p)
-                exp_avg, exp_avg_sq = state["exp_avg"].view_as(p), state["exp_avg_sq"].view_as(p)
-                # torch.optim.adam._single_tensor_adam with decoupled weight decay, operation for operation
-                state["step"] += 1
-                if wd != 0:
-                    p.mul_(1 - lr * wd)
-                exp_avg.lerp_(grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                step = state["step"].item()
-                bias_correction1 = 1 - beta1**step
-                bias_correction2 = 1 - beta2**step
-                step_size = lr / bias_correction1
-                bias_correction2_sqrt = bias_correction2**0.5
-                denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-                p.addcdiv_(exp_avg, denom, value=-step_size)
-        return loss
+    def _update(self, p, grad, state, group):
+        _adamw_32bit(p, grad, state["exp_avg"], state["exp_avg_sq"], group, state["step"].item())
 
 
 class PagedAdamW8bit(_PagedOptimizer):
@@ -379,54 +390,20 @@ class PagedAdamW8bit(_PagedOptimizer):
             slot["state1"].fill_(self._zero1)
             slot["state2"].fill_(self._zero2)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One 8-bit AdamW update of every parameter that has a gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("PagedAdamW8bit does not support sparse gradients")
-                slot = self._slot(p, group)
-                self.pager.prefetch(slot["_range"])
-                state = self.state[p]
-                grad, p = _local(p.grad), _local(p)
-                eight = "state1" in slot
-                if not state:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    for key in (("state1", "state2", "absmax1", "absmax2") if eight else ("exp_avg", "exp_avg_sq")):
-                        state[key] = slot[key]
-                state["step"] += 1
-                step = int(state["step"].item())
-                if not eight:
-                    self._step_32bit(p, grad, state, lr, beta1, beta2, eps, wd, step)
-                    continue
-                if p.dtype not in _DTYPE_CODES:
-                    raise TypeError(f"PagedAdamW8bit: parameter dtype {p.dtype} is not supported "
-                                    "(float32, float16, bfloat16)")
-                target = p if p.is_contiguous() else p.contiguous()
-                grad = grad.to(p.dtype).contiguous()
-                self.skipped_elements += _nf4core.adam8bit_update(
-                    target.view(-1).view(torch.uint8).numpy(), grad.view(-1).view(torch.uint8).numpy(),
-                    _DTYPE_CODES[p.dtype], p.numel(), state["state1"].numpy(), state["state2"].numpy(),
-                    state["absmax1"].numpy(), state["absmax2"].numpy(), self._qmap1, self._qmap2, self.blocksize,
-                    float(lr), float(beta1), float(beta2), float(eps), float(wd), step)
-                if target is not p:
-                    p.copy_(target)
-        return loss
-
-    @staticmethod
-    def _step_32bit(p, grad, state, lr, beta1, beta2, eps, wd, step):
-        exp_avg, exp_avg_sq = state["exp_avg"].view_as(p), state["exp_avg_sq"].view_as(p)
-        if wd != 0:
-            p.mul_(1 - lr * wd)
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
-        p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
+    def _update(self, p, grad, state, group):
+        step = state["step"].item()
+        if "state1" not in state:  # a small parameter: 32-bit state
+            _adamw_32bit(p, grad, state["exp_avg"], state["exp_avg_sq"], group, step)
+            return
+        if p.dtype not in _DTYPE_CODES:
+            raise TypeError(f"PagedAdamW8bit: parameter dtype {p.dtype} is not supported (float32, float16, bfloat16)")
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        target = p if p.is_contiguous() else p.contiguous()
+        grad = grad.to(p.dtype).contiguous()
+        self.skipped_elements += _nf4core.adam8bit_update(
+            target.view(-1).view(torch.uint8).numpy(), grad.view(-1).view(torch.uint8).numpy(),
+            _DTYPE_CODES[p.dtype], p.numel(), state["state1"].numpy(), state["state2"].numpy(),
+            state["absmax1"].numpy(), state["absmax2"].numpy(), self._qmap1, self._qmap2, self.blocksize,
+            float(lr), float(beta1), float(beta2), float(eps), float(wd), int(step))
+        if target is not p:
+            p.copy_(target)

@@ -1,5 +1,6 @@
 """The command line, run as a user would: a subprocess."""
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -65,7 +66,8 @@ def test_quantize_eval_bench_errors(tmp_path):
     assert proc.returncode == 2 and "--text file not found" in proc.stderr
     proc = run("bench", "--dir", str(tmp_path / "nowhere"))
     assert proc.returncode == 2 and "is not a folder" in proc.stderr
-    proc = run("bench", "--only", "bench_everything")
+    benchmarks = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    proc = run("bench", "--dir", benchmarks, "--only", "bench_everything")
     assert proc.returncode == 2 and "unknown benchmark" in proc.stderr
 
 

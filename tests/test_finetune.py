@@ -223,7 +223,10 @@ def test_optimizers_and_state_bytes(monkeypatch):
     assert finetune.optimizer_state_bytes(opt) == 2 * 4 * 37 + 4 * 2
     with pytest.raises(ValueError, match="--optimizer must be one of"):
         finetune.make_optimizer("sgd", params, lr=1e-3)
+    import pyqlora
+
     monkeypatch.setitem(sys.modules, "pyqlora.optim", None)  # as if pyqlora.optim were absent
+    monkeypatch.delattr(pyqlora, "optim", raising=False)  # (and not imported before)
     with pytest.raises(RuntimeError, match="needs pyqlora.optim"):
         finetune.make_optimizer("paged_adamw", params, lr=1e-3)
 

@@ -102,11 +102,12 @@ print(json.dumps({"peak_kib": hwm,
 
 
 @pytest.mark.slow
-def test_loading_into_qlora_never_holds_the_dense_model():
+def test_loading_into_qlora_never_holds_the_dense_model(tmp_path):
     _gguf_or_skip()
     out = {}
     for mode in ("stream", "dense"):
-        r = subprocess.run([sys.executable, "-c", _PEAK, mode], capture_output=True, text=True, timeout=600, check=False,
+        r = subprocess.run([sys.executable, "-c", _PEAK, mode], capture_output=True, text=True, timeout=600,
+                           check=False, cwd=tmp_path,
                            env={**os.environ, "OMP_NUM_THREADS": "2"})
         assert r.returncode == 0, r.stderr[-2000:]
         out[mode] = json.loads(r.stdout.strip().splitlines()[-1])

@@ -88,8 +88,8 @@ def test_evict_returns_memory_to_the_os(rng):
     p = pq.Pager()
     if p.spill_is_tmpfs:
         pytest.skip(f"spill dir {p.spill_dir} is a tmpfs: eviction cannot free memory there")
-    a = p.zeros(64 * MiB, dtype=np.uint8)
     rss0 = proc_status_bytes("VmRSS")
+    a = p.zeros(64 * MiB, dtype=np.uint8)
     a[...] = rng.integers(0, 256, a.shape, dtype=np.uint8)
     ref = a.copy()  # also 64 MiB, but anonymous memory: RssFile does not count it
     rss_filled, file_filled = proc_status_bytes("VmRSS"), proc_status_bytes("RssFile")
@@ -364,7 +364,8 @@ FSIZE_CHILD = textwrap.dedent(
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX rlimits")
 def test_file_size_limit_is_an_error_at_allocation_and_data_survives(tmp_path):
-    r = subprocess.run([sys.executable, "-c", FSIZE_CHILD, str(tmp_path)], check=False,
+    # cwd: not the repository root, whose source tree would shadow the installed package
+    r = subprocess.run([sys.executable, "-c", FSIZE_CHILD, str(tmp_path)], check=False, cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "alloc failed:" in r.stdout and "File too large" in r.stdout
