@@ -96,7 +96,8 @@ def test_evict_returns_memory_to_the_os(rng):
     p.evict(a)
     rss_evicted, file_evicted = proc_status_bytes("VmRSS"), proc_status_bytes("RssFile")
     print(f"VmRSS {rss0 / MiB:.0f} -> filled {rss_filled / MiB:.0f} -> evicted {rss_evicted / MiB:.0f} MiB")
-    assert rss_filled - rss0 >= 2 * 60 * MiB  # the pager array and its copy
+    # the pager array is resident now (its anonymous copy may reuse memory the allocator already held)
+    assert rss_filled - rss0 >= 60 * MiB
     assert rss_filled - rss_evicted >= 60 * MiB
     assert file_filled - file_evicted >= 60 * MiB
     assert p.stats()["resident_bytes"] == 0  # the page cache is dropped too (mincore)
