@@ -99,13 +99,7 @@ def _eval(args):
 
     from . import checkpoint, data
 
-    if args.text:
-        if not os.path.exists(args.text):
-            raise FileNotFoundError(f"--text file not found: {args.text}")
-        with open(args.text, encoding="utf-8") as f:
-            text, text_name = f.read(), args.text
-    else:
-        text, text_name = data.botchan_text(), "Botchan"
+    text, text_name = data.eval_text(args.text, "--text")
     checkpoint.check_model_argument(args.model)
     import torch
 

@@ -221,6 +221,19 @@ def botchan_path():
     return path
 
 
+def eval_text(path, option="--text"):
+    """(text, name) for perplexity: the file at `path`, or *Botchan* when `path` is empty or None.
+
+    A missing file raises FileNotFoundError naming the command-line `option`.
+    """
+    if not path:
+        return botchan_text(), "Botchan (sentencepiece 0.2.3 sdist)"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{option} file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        return f.read(), path
+
+
 def botchan_text(strip=False):
     """*Botchan* as a string (universal newlines), the whole file or, with ``strip``, the body only.
 

