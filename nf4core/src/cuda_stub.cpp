@@ -3,6 +3,7 @@
 // fails with NF4_ERROR_CUDA, so the C API is the same in every build.
 #include "error.hpp"
 #include "nf4core/cuda.h"
+#include "pager.hpp"
 
 namespace {
 
@@ -14,6 +15,14 @@ nf4_status not_built() {
 }
 
 }  // namespace
+
+namespace nf4core {
+std::unique_ptr<PagerBackend> make_cuda_pager(int64_t, int, int64_t, uint32_t) {
+    fail(NF4_ERROR_CUDA,
+         "the pager's CUDA backend is not available: nf4core was built without CUDA (Meson option "
+         "-Dcuda=disabled, or nvcc was not found)");
+}
+}  // namespace nf4core
 
 extern "C" {
 
@@ -67,6 +76,12 @@ nf4_status nf4_cuda_gemv_4bit(const void *, nf4_dtype, int64_t, int64_t, int64_t
 nf4_status nf4_cuda_gemv_4bit_dq(const void *, nf4_dtype, int64_t, int64_t, int64_t, const uint8_t *,
                                  const uint8_t *, const float *, float, int64_t, const float *, const float *, void *,
                                  void *) {
+    return not_built();
+}
+
+nf4_status nf4_cuda_adam8bit_update(void *, const void *, nf4_dtype, int64_t, uint8_t *, uint8_t *, float *, float *,
+                                    const float *, const float *, int64_t, const nf4_adam_hparams *, int64_t *,
+                                    void *) {
     return not_built();
 }
 

@@ -71,6 +71,24 @@ nf4_status nf4_pager_create(int64_t budget_bytes, const char *spill_dir, int64_t
     });
 }
 
+nf4_status nf4_pager_create_cuda(int64_t budget_bytes, int32_t device, int64_t page_bytes, uint32_t flags,
+                                  nf4_pager **out) {
+    using namespace nf4core;
+    return pager_guarded([&] {
+        require(out != nullptr, "out is NULL");
+        *out = nullptr;
+        require(device >= 0, "device must be a CUDA device ordinal >= 0, got " + std::to_string(device));
+        require((flags & ~NF4_PAGER_CUDA_NO_PREFETCH) == 0, "unknown flags " + std::to_string(flags));
+        if (page_bytes == 0) page_bytes = NF4_PAGER_DEFAULT_PAGE_BYTES;
+        require(page_bytes > 0 && page_bytes % os_page_size() == 0,
+                "page_bytes must be a positive multiple of the OS page size (" + std::to_string(os_page_size()) +
+                    "), got " + std::to_string(page_bytes));
+        auto pager = std::make_unique<nf4_pager>();
+        pager->backend = make_cuda_pager(budget_bytes < 0 ? -1 : budget_bytes, device, page_bytes, flags);
+        *out = pager.release();
+    });
+}
+
 void nf4_pager_destroy(nf4_pager *pager) { delete pager; }
 
 nf4_status nf4_pager_alloc(nf4_pager *pager, int64_t nbytes, void **out) {
@@ -122,6 +140,20 @@ nf4_pager_backend nf4_pager_get_backend(const nf4_pager *pager) {
 const char *nf4_pager_spill_dir(const nf4_pager *pager) { return pager ? pager->backend->spill_dir().c_str() : ""; }
 
 int32_t nf4_pager_spill_is_tmpfs(const nf4_pager *pager) { return pager && pager->backend->spill_is_tmpfs() ? 1 : 0; }
+
+int32_t nf4_pager_device(const nf4_pager *pager) { return pager ? int32_t(pager->backend->device()) : -1; }
+
+int32_t nf4_pager_cuda_concurrent_managed(const nf4_pager *pager) {
+    return pager && pager->backend->concurrent_managed() ? 1 : 0;
+}
+
+nf4_status nf4_pager_set_stream(nf4_pager *pager, void *stream) {
+    return nf4core::pager_guarded([&] { nf4core::backend_of(pager).set_stream(stream); });
+}
+
+nf4_status nf4_pager_synchronize(nf4_pager *pager) {
+    return nf4core::pager_guarded([&] { nf4core::backend_of(pager).synchronize(); });
+}
 
 int32_t nf4_pager_last_os_error(void) { return nf4core::last_os_error; }
 

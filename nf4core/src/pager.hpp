@@ -1,7 +1,7 @@
 // The pager's internal seam: nf4_pager (the C handle) owns one PagerBackend.
-// The host backend (RAM + spill file, pager_host.cpp) is the only one so far;
-// a CUDA managed-memory backend implements the same interface and gets its own
-// factory, so the C functions and the Python layer do not change.
+// Two backends implement it: the host one (RAM + spill file, pager_host.cpp)
+// and the CUDA one (managed memory, pager_cuda.cu; in builds without CUDA its
+// factory, in cuda_stub.cpp, fails).
 #ifndef NF4CORE_SRC_PAGER_HPP
 #define NF4CORE_SRC_PAGER_HPP
 
@@ -40,6 +40,13 @@ public:
     virtual nf4_pager_stats stats() = 0;
     virtual const std::string &spill_dir() const = 0;
     virtual bool spill_is_tmpfs() const = 0;
+    // CUDA only; the host backend keeps these defaults.
+    virtual int device() const { return -1; }
+    virtual bool concurrent_managed() const { return false; }
+    virtual void set_stream(void *stream) {
+        require(stream == nullptr, "the host pager has no stream: pass NULL");
+    }
+    virtual void synchronize() {}
 };
 
 int64_t os_page_size();
@@ -47,6 +54,10 @@ int64_t os_page_size();
 // Throws Error/OsError when the spill file cannot be created; on platforms
 // without mmap it throws "not supported on this platform".
 std::unique_ptr<PagerBackend> make_host_pager(int64_t budget_bytes, const char *spill_dir, int64_t page_bytes);
+
+// Throws Error (NF4_ERROR_CUDA naming the failed CUDA call, or "built
+// without CUDA" from cuda_stub.cpp) when the device cannot be used.
+std::unique_ptr<PagerBackend> make_cuda_pager(int64_t budget_bytes, int device, int64_t page_bytes, uint32_t flags);
 
 }  // namespace nf4core
 

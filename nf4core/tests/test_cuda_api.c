@@ -52,10 +52,25 @@ int main(void) {
         expect_cuda_error(nf4_cuda_gemv_4bit(x, NF4_FLOAT32, 1, 1, 64, packed, absmax, 64, cb, y, NULL), "gemv_4bit");
         expect_cuda_error(nf4_cuda_gemv_4bit_dq(x, NF4_FLOAT32, 1, 1, 64, packed, q, absmax, 0.0f, 64, cb, dyn, y, NULL),
                           "gemv_4bit_dq");
-        if (built && strstr(nf4_last_error(), "CUDA error") == NULL) failures++;
+        {
+            nf4_adam_hparams hp = {1e-3, 0.9, 0.999, 1e-8, 0.0, 1};
+            nf4_pager *pg = NULL;
+            float dyn2[256];
+            nf4_codebook_dynamic(0, dyn2);
+            expect_cuda_error(nf4_cuda_adam8bit_update(x, x, NF4_FLOAT32, 32, packed, packed, absmax, y, dyn, dyn2, 32,
+                                                       &hp, NULL, NULL),
+                              "adam8bit_update");
+            expect_cuda_error(nf4_pager_create_cuda(-1, 0, 0, 0, &pg), "pager_create_cuda");
+            if (pg != NULL) failures++;
+        }
+        if (built && strstr(nf4_last_error(), "CUDA") == NULL) failures++;
         if (!built && strstr(nf4_last_error(), "without CUDA") == NULL) failures++;
     }
-    /* argument errors come before any CUDA call in a CUDA build */
+    /* argument errors come before any CUDA call in every build */
+    {
+        nf4_pager *pg = NULL;
+        if (nf4_pager_create_cuda(-1, -1, 0, 0, &pg) != NF4_ERROR_INVALID_ARGUMENT || pg != NULL) failures++;
+    }
     if (built && nf4_cuda_dequantize_4bit(NULL, absmax, 64, 64, cb, x, NF4_FLOAT32, NULL) != NF4_ERROR_INVALID_ARGUMENT)
         failures++;
     printf("%d failures\n", failures);

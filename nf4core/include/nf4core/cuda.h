@@ -20,7 +20,8 @@
  *     NF4_ERROR_CUDA (NF4_ERROR_OUT_OF_MEMORY for a failed allocation) and
  *     nf4_last_error() names the call and CUDA's message. Errors of earlier
  *     asynchronous work on the stream may surface in a later call.
- *   - results are byte-identical to the CPU functions of quantize.h for the
+ *   - results are byte-identical to the CPU functions of quantize.h (and
+ *     optim.h for nf4_cuda_adam8bit_update) for the
  *     same input (the same scalar math, src/numeric.hpp, runs on both); the
  *     GEMV sums in a different order than nf4_matmul_4bit and agrees with it
  *     to float32 rounding only.
@@ -33,6 +34,7 @@
 #define NF4CORE_CUDA_H
 
 #include "nf4core/common.h"
+#include "nf4core/optim.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -106,6 +108,23 @@ NF4_API nf4_status nf4_cuda_gemv_4bit_dq(const void *x, nf4_dtype dtype, int64_t
                                          const uint8_t *packed, const uint8_t *qabsmax,
                                          const float *nested_absmax, float offset, int64_t blocksize,
                                          const float *codebook, const float *dyn_code, void *y, void *stream);
+
+/*
+ * [sync] The fused 8-bit AdamW update of nf4_adam8bit_update (optim.h) on the
+ * device: param, grad, state1, state2, absmax1, absmax2 are device (or
+ * managed) pointers; qmap1, qmap2 (256 floats each), hp and skipped are HOST
+ * pointers (skipped may be NULL). Same operation order, same NaN/Inf rule
+ * (a non-finite gradient element is skipped: parameter unchanged, both
+ * moments reset to 0, counted in *skipped), same per-block requantization, so
+ * param, states and absmax are byte-identical to the CPU's for the same input.
+ * Waits for the stream (it reads back the skip count and whether an updated
+ * moment overflowed, NF4_ERROR_NON_FINITE, as the CPU reports it).
+ * Status: compiled, not yet run on GPU hardware.
+ */
+NF4_API nf4_status nf4_cuda_adam8bit_update(void *param, const void *grad, nf4_dtype dtype, int64_t n,
+                                            uint8_t *state1, uint8_t *state2, float *absmax1, float *absmax2,
+                                            const float *qmap1, const float *qmap2, int64_t blocksize,
+                                            const nf4_adam_hparams *hp, int64_t *skipped, void *stream);
 
 #ifdef __cplusplus
 }

@@ -35,8 +35,37 @@
  * nf4_pager_last_os_error() gives the errno of the failing system call.
  *
  * Platforms: Linux and macOS. Elsewhere nf4_pager_create fails with
- * NF4_ERROR_INVALID_ARGUMENT ("not supported on this platform"). A CUDA
- * managed-memory backend is planned behind the same functions.
+ * NF4_ERROR_INVALID_ARGUMENT ("not supported on this platform").
+ *
+ * CUDA backend (nf4_pager_create_cuda, builds with CUDA): the fast tier is the
+ * memory of one GPU, the slow tier host RAM. Allocations are CUDA managed
+ * memory (cudaMallocManaged), so one pointer is valid on the device and on the
+ * host. The same functions apply, with these differences:
+ *   - nf4_pager_prefetch enqueues cudaMemPrefetchAsync to the device on the
+ *     pager's stream (nf4_pager_set_stream; NULL, the legacy default stream,
+ *     by default), then evicts least recently used pages of other ranges by
+ *     prefetching them to the host (cudaCpuDeviceId), the same LRU over pages
+ *     as the host backend. Moves are asynchronous and ordered on that stream;
+ *     nf4_pager_synchronize waits for them.
+ *   - resident_bytes counts the pages the pager has moved to the device and
+ *     not moved back (there is no mincore for device memory): pages a kernel
+ *     pulls over by page faults without a prefetch, or pages the driver itself
+ *     evicts under oversubscription, are not seen. page_ins / page_outs count
+ *     the pager's moves to and from the device.
+ *   - On a device without concurrent managed access
+ *     (cudaDevAttrConcurrentManagedAccess == 0: Windows, WSL, pre-Pascal GPUs,
+ *     some virtualised GPUs; or flag NF4_PAGER_CUDA_NO_PREFETCH) the driver
+ *     cannot migrate pages on demand and the host must not touch managed
+ *     memory while a kernel runs. There no prefetch is issued (the driver
+ *     moves the memory at kernel launch), the LRU and counters are kept (the
+ *     budget is bookkeeping only, not enforced), and nf4_pager_alloc,
+ *     nf4_pager_evict, nf4_pager_evict_all and nf4_pager_synchronize call
+ *     cudaDeviceSynchronize, so the host may touch the memory after them.
+ *     nf4_pager_cuda_concurrent_managed() tells which mode a pager is in.
+ *   - No spill file: nf4_pager_spill_dir() is "" and nf4_pager_spill_is_tmpfs() 0.
+ *   - A failed CUDA call gives NF4_ERROR_CUDA (NF4_ERROR_OUT_OF_MEMORY when an
+ *     allocation fails) and nf4_last_error() names the call.
+ *   - Status: compiled and linked, NOT yet run on GPU hardware.
  */
 #ifndef NF4CORE_PAGER_H
 #define NF4CORE_PAGER_H
@@ -49,11 +78,14 @@ extern "C" {
 
 typedef struct nf4_pager nf4_pager;
 
-/* Where a pager keeps its fast tier. Only NF4_PAGER_HOST exists so far. */
+/* Where a pager keeps its fast tier. */
 typedef enum nf4_pager_backend {
     NF4_PAGER_HOST = 0, /* RAM + spill file */
-    NF4_PAGER_CUDA = 1  /* reserved: CUDA managed memory (not implemented yet) */
+    NF4_PAGER_CUDA = 1  /* GPU memory + host RAM, CUDA managed memory (nf4_pager_create_cuda) */
 } nf4_pager_backend;
+
+/* Flags of nf4_pager_create_cuda. */
+#define NF4_PAGER_CUDA_NO_PREFETCH 1u /* behave as on a device without concurrent managed access */
 
 typedef struct nf4_pager_stats {
     int64_t budget_bytes;    /* fast-tier budget, -1 = unlimited */
@@ -77,7 +109,15 @@ typedef struct nf4_pager_stats {
 NF4_API nf4_status nf4_pager_create(int64_t budget_bytes, const char *spill_dir, int64_t page_bytes,
                                     nf4_pager **out);
 
-/* Unmaps every allocation and closes the spill file. NULL is ignored. */
+/* A pager on CUDA device `device` (an ordinal, >= 0) with a device-memory
+ * budget; budget_bytes and page_bytes as nf4_pager_create; flags 0 or
+ * NF4_PAGER_CUDA_NO_PREFETCH. In a build without CUDA, or without a device,
+ * it fails with NF4_ERROR_CUDA; a device without managed memory support gives
+ * NF4_ERROR_CUDA too; a device ordinal out of range NF4_ERROR_INVALID_ARGUMENT. */
+NF4_API nf4_status nf4_pager_create_cuda(int64_t budget_bytes, int32_t device, int64_t page_bytes, uint32_t flags,
+                                         nf4_pager **out);
+
+/* Unmaps (or cudaFree's) every allocation and closes the spill file. NULL is ignored. */
 NF4_API void nf4_pager_destroy(nf4_pager *pager);
 
 /* nbytes >= 1. The memory is zero-filled, aligned to the OS page size and
@@ -104,6 +144,23 @@ NF4_API nf4_status nf4_pager_stats_get(nf4_pager *pager, nf4_pager_stats *out);
 NF4_API nf4_pager_backend nf4_pager_get_backend(const nf4_pager *pager);
 NF4_API const char *nf4_pager_spill_dir(const nf4_pager *pager);
 NF4_API int32_t nf4_pager_spill_is_tmpfs(const nf4_pager *pager);
+
+/* CUDA backend: the device ordinal; host backend (or NULL): -1. */
+NF4_API int32_t nf4_pager_device(const nf4_pager *pager);
+
+/* CUDA backend: 1 if prefetch and eviction migrate pages (the device has
+ * concurrent managed access and NF4_PAGER_CUDA_NO_PREFETCH was not given), 0 in
+ * the fallback mode described above; host backend (or NULL): 0. */
+NF4_API int32_t nf4_pager_cuda_concurrent_managed(const nf4_pager *pager);
+
+/* CUDA backend: the cudaStream_t (as void*) on which prefetch and eviction
+ * are enqueued; NULL is the legacy default stream. The stream must stay valid
+ * while the pager uses it. Host backend: only NULL is accepted. */
+NF4_API nf4_status nf4_pager_set_stream(nf4_pager *pager, void *stream);
+
+/* CUDA backend: waits until every move enqueued so far has finished (and, in
+ * the fallback mode, for the whole device). Host backend: returns NF4_OK. */
+NF4_API nf4_status nf4_pager_synchronize(nf4_pager *pager);
 
 /* errno of the system call behind this thread's last pager failure, 0 if that
  * failure was not an OS error (or there was none). */
