@@ -2,13 +2,18 @@
 # The prepared GPU check of nf4core's CUDA path (issue 8). On a machine with an
 # NVIDIA GPU, nvcc and a CUDA build of torch, in about 3-5 minutes:
 #   1. builds nf4core for this GPU's architecture and runs its C++ tests
-#      (test_cuda: every CUDA kernel byte-identical to the CPU path);
+#      (test_cuda: every CUDA kernel byte-identical to the CPU path;
+#      test_cuda_adam: the 8-bit Adam kernel == the CPU's bytes; test_cuda_pager:
+#      the pager's CUDA backend under a device budget);
 #   2. installs pyqlora into a scratch venv and runs tests/test_cuda.py
 #      (marker gpu: pq.quantize/dequantize of CUDA tensors == CPU bytes);
 #   3. measures NF4+DQ dequantize -> bf16 in GB/s against the device's peak
 #      (nominal, and a measured device-to-device copy), and the GEMV
 #      1x8192 . (8192x8192)^T against torch bf16/fp16 dense (bitsandbytes too
-#      when it is installed with CUDA);
+#      when it is installed with CUDA); the pager's CUDA backend under a
+#      device budget (3 x 512 MiB through a 1 GiB budget: evictions, data
+#      intact, time against no budget); the 8-bit Adam kernel (bytes == CPU
+#      on 2^24 elements, GB/s on 2^26);
 #   4. prints one summary table (also written to $OUT/gpu_check.json).
 #
 # Usage: bash benchmarks/gpu_check.sh        (OUT=/tmp/gpu_check, PYTHON=python3)
@@ -48,7 +53,8 @@ BUILD="$OUT/build-nf4core"
 rm -rf "$BUILD"
 if timeout 240 meson setup "$BUILD" "$REPO/nf4core" -Dcuda=enabled "-Dnvcc_arch=$ARCH" >"$OUT/meson-setup.log" 2>&1 &&
    timeout 240 meson compile -C "$BUILD" -j "$JOBS" >"$OUT/meson-compile.log" 2>&1; then
-    if timeout 200 meson test -C "$BUILD" cuda cuda_api shared_math quantize numeric matmul c_api \
+    if timeout 200 meson test -C "$BUILD" cuda cuda_adam cuda_pager cuda_adam_math cuda_api shared_math quantize \
+        numeric matmul c_api \
         --print-errorlogs >"$OUT/meson-test.log" 2>&1; then
         record "C++ tests (test_cuda: CUDA == CPU bytes)" "PASS"
     else
@@ -189,6 +195,97 @@ try:
 except Exception as exc:  # noqa: BLE001
     res["gemv_bnb_us"] = None
 
+# the pager's CUDA backend under a device budget: 3 arrays of 512 MiB, 1 GiB budget
+import time
+
+import numpy as np
+
+MiB = 1 << 20
+
+
+def pager_rounds(budget):
+    pg = pq.Pager(budget_bytes=budget, device="cuda")
+    arrs = [pg.zeros(128 * MiB, dtype=np.float32) for _ in range(3)]
+    for k, a in enumerate(arrs):
+        a[::4096] = k  # host writes, one per 16 KiB
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(4):
+        for a in arrs:
+            pg.prefetch(a)
+            pg.as_tensor(a).add_(1)  # the device reads and writes every byte
+    torch.cuda.synchronize()
+    secs = time.perf_counter() - t0
+    s = pg.stats()
+    pg.evict()
+    pg.synchronize()
+    intact = all(bool(np.all(a[::4096] == k + 4)) and bool(np.all(a[1::4096] == 4)) for k, a in enumerate(arrs))
+    del arrs
+    pg.close()
+    return secs, s, intact
+
+
+try:
+    secs_b, st_b, ok_b = pager_rounds(1024 * MiB)
+    secs_u, st_u, ok_u = pager_rounds(None)
+    res["pager_budget_s"] = secs_b
+    res["pager_unlimited_s"] = secs_u
+    res["pager_budget_page_ins"] = st_b["page_ins"]
+    res["pager_budget_page_outs"] = st_b["page_outs"]
+    res["pager_budget_max_ok"] = st_b["resident_bytes"] <= 1024 * MiB
+    res["pager_intact"] = bool(ok_b and ok_u)
+    res["pager_moved_GBps"] = (st_b["page_ins"] + st_b["page_outs"]) * st_b["page_bytes"] / secs_b / 1e9
+except Exception as exc:  # noqa: BLE001 - reported in the table
+    res["pager_error"] = f"{type(exc).__name__}: {exc}"[:200]
+
+# 8-bit Adam on the device: bytes == CPU on 2^24 elements (fp32, NaN included), GB/s on 2^26
+try:
+    q1 = np.ascontiguousarray(pq.dynamic_codebook(signed=True), dtype=np.float32)
+    q2 = np.ascontiguousarray(pq.dynamic_codebook(signed=False), dtype=np.float32)
+    F32 = pq._dtypes.NF4_FLOAT32
+    hpar = (1e-3, 0.9, 0.999, 1e-8, 0.01)
+
+    def adam_state(n, device):
+        nb = -(-n // 256)
+        return (torch.full((n,), 127, dtype=torch.uint8, device=device), torch.zeros(n, dtype=torch.uint8, device=device),
+                torch.zeros(nb, device=device), torch.zeros(nb, device=device))
+
+    n = 2**24
+    gen = torch.Generator().manual_seed(0)
+    p_cpu = torch.randn(n, generator=gen)
+    p_gpu = p_cpu.cuda()
+    st_cpu, st_gpu = adam_state(n, "cpu"), adam_state(n, dev)
+    same = True
+    for step in (1, 2, 3):
+        g = torch.randn(n, generator=gen) * 0.1
+        g[12345] = float("nan")
+        sk_c = ext.adam8bit_update(p_cpu.view(torch.uint8).numpy(), g.view(torch.uint8).numpy(), F32, n,
+                                   *[t.numpy() for t in st_cpu], q1, q2, 256, *hpar, step)
+        gg = g.cuda()
+        sk_g = ext.cuda_adam8bit_update(p_gpu.data_ptr(), gg.data_ptr(), F32, n, *[t.data_ptr() for t in st_gpu], q1,
+                                        q2, 256, *hpar, step, torch.cuda.current_stream().cuda_stream)
+        same = same and sk_c == sk_g == 1 and torch.equal(p_gpu.cpu().view(torch.int32), p_cpu.view(torch.int32))
+        same = same and all(torch.equal(a.cpu().view(torch.uint8), b.view(torch.uint8))
+                            for a, b in zip(st_gpu, st_cpu))
+    res["adam8bit_bytes_equal_cpu"] = bool(same)
+    n = 2**26
+    p = torch.randn(n, device=dev)
+    g = torch.randn(n, device=dev) * 0.1
+    st = adam_state(n, dev)
+    stream = torch.cuda.current_stream().cuda_stream
+    step_box = [0]
+
+    def adam_call():
+        step_box[0] += 1
+        ext.cuda_adam8bit_update(p.data_ptr(), g.data_ptr(), F32, n, *[t.data_ptr() for t in st], q1, q2, 256, *hpar,
+                                 step_box[0], stream)
+
+    t = timed(adam_call, reps=20)
+    res["adam8bit_us"] = t * 1e6
+    res["adam8bit_GBps"] = n * 16 / t / 1e9  # nominal traffic: p r/w 8, g 4, two codes r/w 4 (absmax ~0)
+except Exception as exc:  # noqa: BLE001
+    res["adam8bit_error"] = f"{type(exc).__name__}: {exc}"[:200]
+
 with open(out_json, "w") as f:
     json.dump(res, f, indent=1)
 for k, v in res.items():
@@ -233,6 +330,18 @@ if res:
               f"rel.err {f('gemv_' + dt + '_relerr', '{:.1e}')}")
     print(f"{'  same through pq (_cuda.gemv), bf16':<44} {f('gemv_bf16_pq_call_us')} us per call (host overhead incl.)")
     print(f"{'  bitsandbytes matmul_4bit (bf16)':<44} {f('gemv_bnb_us')} us")
+    if "pager_error" in res:
+        print(f"{'CUDA pager, 3x512 MiB through a 1 GiB budget':<44} ERROR {res['pager_error']}")
+    else:
+        print(f"{'CUDA pager, 3x512 MiB through a 1 GiB budget':<44} {f('pager_budget_s', '{:.2f}')} s for 4 rounds "
+              f"vs {f('pager_unlimited_s', '{:.2f}')} s unlimited; page-ins {res.get('pager_budget_page_ins')}, "
+              f"page-outs {res.get('pager_budget_page_outs')}, resident<=budget {res.get('pager_budget_max_ok')}, "
+              f"data intact {res.get('pager_intact')}, {f('pager_moved_GBps')} GB/s moved")
+    if "adam8bit_error" in res:
+        print(f"{'8-bit Adam kernel':<44} ERROR {res['adam8bit_error']}")
+    else:
+        print(f"{'8-bit Adam kernel, 2^26 fp32 params':<44} {f('adam8bit_us')} us = {f('adam8bit_GBps')} GB/s "
+              f"(16 B/param); bytes == CPU (2^24, 3 steps): {res.get('adam8bit_bytes_equal_cpu')}")
 print("=" * 78)
 PYEOF
 exit $FAILED

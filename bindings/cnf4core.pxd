@@ -145,3 +145,18 @@ cdef extern from "nf4core/nf4core.h" nogil:
                                      const uint8_t *packed, const uint8_t *qabsmax, const float *nested_absmax,
                                      float offset, int64_t blocksize, const float *codebook,
                                      const float *dyn_code, void *y, void *stream)
+
+cdef extern from "nf4core/nf4core.h" nogil:
+    # pager.h, CUDA backend (fails cleanly in builds without CUDA)
+    unsigned int NF4_PAGER_CUDA_NO_PREFETCH
+    nf4_status nf4_pager_create_cuda(int64_t budget_bytes, int32_t device, int64_t page_bytes, unsigned int flags,
+                                     nf4_pager **out)
+    int32_t nf4_pager_device(const nf4_pager *pager)
+    int32_t nf4_pager_cuda_concurrent_managed(const nf4_pager *pager)
+    nf4_status nf4_pager_set_stream(nf4_pager *pager, void *stream)
+    nf4_status nf4_pager_synchronize(nf4_pager *pager)
+    # cuda.h: 8-bit AdamW on the device (qmap1, qmap2, hp, skipped are host pointers)
+    nf4_status nf4_cuda_adam8bit_update(void *param, const void *grad, nf4_dtype dtype, int64_t n,
+                                        uint8_t *state1, uint8_t *state2, float *absmax1, float *absmax2,
+                                        const float *qmap1, const float *qmap2, int64_t blocksize,
+                                        const nf4_adam_hparams *hp, int64_t *skipped, void *stream)

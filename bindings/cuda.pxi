@@ -120,3 +120,28 @@ def cuda_gemv_dq(uintptr_t x, int dtype, int64_t M, int64_t N, int64_t K, uintpt
                                    <const uint8_t *>qabsmax, <const float *>nested_absmax, offset, blocksize,
                                    &codebook[0], &dyn_code[0], <void *>y, <void *>stream)
     check(st)
+
+
+def cuda_adam8bit_update(uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t state1, uintptr_t state2,
+                         uintptr_t absmax1, uintptr_t absmax2, const float[::1] qmap1, const float[::1] qmap2,
+                         int64_t blocksize, double lr, double beta1, double beta2, double eps, double weight_decay,
+                         int64_t step, uintptr_t stream=0):
+    # IN/OUT: param, state1, state2, absmax1, absmax2 (device)   IN: grad (device), qmap1, qmap2 (host)
+    # Waits for the stream; returns the number of elements skipped for a non-finite gradient.
+    _need(qmap1.shape[0], 256, "qmap1")
+    _need(qmap2.shape[0], 256, "qmap2")
+    cdef nf4_adam_hparams hp
+    hp.lr = lr
+    hp.beta1 = beta1
+    hp.beta2 = beta2
+    hp.eps = eps
+    hp.weight_decay = weight_decay
+    hp.step = step
+    cdef int64_t skipped = 0
+    cdef nf4_status st
+    with nogil:
+        st = nf4_cuda_adam8bit_update(<void *>param, <const void *>grad, <nf4_dtype>dtype, n, <uint8_t *>state1,
+                                      <uint8_t *>state2, <float *>absmax1, <float *>absmax2, &qmap1[0], &qmap2[0],
+                                      blocksize, &hp, &skipped, <void *>stream)
+    check(st)
+    return skipped

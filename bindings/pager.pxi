@@ -1,10 +1,12 @@
 # The pager (thin bindings; policy and validation live in pyqlora._pager).
-from libc.stdint cimport int64_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uintptr_t
 
 from cnf4core cimport (nf4_pager, nf4_pager_alloc, nf4_pager_create, nf4_pager_destroy, nf4_pager_evict,
                        nf4_pager_evict_all, nf4_pager_free, nf4_pager_get_backend, nf4_pager_last_os_error,
                        nf4_pager_os_page_size, nf4_pager_prefetch, nf4_pager_spill_dir, nf4_pager_spill_is_tmpfs,
-                       nf4_pager_stats, nf4_pager_stats_get, nf4_status, NF4_OK, nf4_last_error, NF4_PAGER_HOST)
+                       nf4_pager_stats, nf4_pager_stats_get, nf4_status, NF4_OK, nf4_last_error, NF4_PAGER_HOST,
+                       nf4_pager_create_cuda, nf4_pager_device, nf4_pager_cuda_concurrent_managed,
+                       nf4_pager_set_stream, nf4_pager_synchronize, NF4_PAGER_CUDA_NO_PREFETCH)
 
 
 cdef int pager_check(nf4_status status) except -1:
@@ -22,15 +24,26 @@ def pager_os_page_size():
 
 
 cdef class PagerHandle:
-    """Owns one nf4_pager; destroyed (every mapping released) when the last reference goes."""
+    """Owns one nf4_pager; destroyed (every mapping released) when the last reference goes.
+
+    device < 0: the host backend (spill file in spill_dir); device >= 0: the
+    CUDA backend on that device (spill_dir ignored; no_prefetch forces the
+    fallback mode of devices without concurrent managed access).
+    """
     cdef nf4_pager *p
 
-    def __cinit__(self, int64_t budget_bytes, spill_dir, int64_t page_bytes):
+    def __cinit__(self, int64_t budget_bytes, spill_dir, int64_t page_bytes, int32_t device=-1,
+                  bint no_prefetch=False):
         cdef bytes bdir = b"" if spill_dir is None else spill_dir
         cdef const char *cdir = bdir
+        cdef unsigned int flags = NF4_PAGER_CUDA_NO_PREFETCH if no_prefetch else 0
         cdef nf4_status st
-        with nogil:
-            st = nf4_pager_create(budget_bytes, cdir, page_bytes, &self.p)
+        if device < 0:
+            with nogil:
+                st = nf4_pager_create(budget_bytes, cdir, page_bytes, &self.p)
+        else:
+            with nogil:
+                st = nf4_pager_create_cuda(budget_bytes, device, page_bytes, flags, &self.p)
         pager_check(st)
 
     def __dealloc__(self):
@@ -98,3 +111,20 @@ cdef class PagerHandle:
     @property
     def backend(self):
         return "host" if nf4_pager_get_backend(self.p) == NF4_PAGER_HOST else "cuda"
+
+    @property
+    def device(self):
+        return nf4_pager_device(self.p)
+
+    @property
+    def concurrent_managed(self):
+        return bool(nf4_pager_cuda_concurrent_managed(self.p))
+
+    def set_stream(self, uintptr_t stream):
+        pager_check(nf4_pager_set_stream(self.p, <void *>stream))
+
+    def synchronize(self):
+        cdef nf4_status st
+        with nogil:
+            st = nf4_pager_synchronize(self.p)
+        pager_check(st)

@@ -1,8 +1,11 @@
-"""Paged host memory: numpy arrays whose bytes move between RAM and a spill file.
+"""Paged memory: numpy arrays whose bytes move between a fast and a slow tier.
 
-The pager itself is nf4core's (``nf4core/include/nf4core/pager.h``); this
-module validates arguments and ties the lifetime of each allocation to the
-arrays that view it. See ``docs/pager.md`` for the design.
+Host backend: RAM and a spill file. CUDA backend (``device="cuda"``): one
+GPU's memory and host RAM, through CUDA managed memory (compiled, not yet run
+on GPU hardware). The pager itself is nf4core's
+(``nf4core/include/nf4core/pager.h``); this module validates arguments and
+ties the lifetime of each allocation to the arrays that view it. See
+``docs/pager.md`` for the design.
 """
 import operator
 import os
@@ -90,16 +93,74 @@ def _normalize_dtype(dtype):
     return dt
 
 
-def _byte_range(a):
-    """(address, nbytes) of the memory spanned by an array or a CPU tensor, without copying."""
-    if isinstance(a, np.ndarray) or hasattr(a, "__array_interface__"):
+def _parse_device(device):
+    """None/"cpu" -> -1 (host backend); "cuda", "cuda:N", N >= 0 or a torch.device -> N."""
+    if device is None:
+        return -1
+    if isinstance(device, bool):
+        raise TypeError(f"device must be None, 'cpu', 'cuda', 'cuda:N' or a device index, got {device!r}")
+    if isinstance(device, int):
+        if device < 0:
+            raise ValueError(f"device must be a CUDA device index >= 0, got {device}")
+        return device
+    kind = getattr(device, "type", None)  # torch.device
+    if kind is not None:
+        index = getattr(device, "index", None)
+        device = kind if index is None else f"{kind}:{index}"
+    if not isinstance(device, str):
+        raise TypeError(f"device must be None, 'cpu', 'cuda', 'cuda:N' or a device index, got {type(device).__name__}")
+    if device == "cpu":
+        return -1
+    if device == "cuda":
+        return 0
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return int(device[5:])
+    raise ValueError(f"device must be None, 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
+class _CudaView:
+    """``__cuda_array_interface__`` of a CUDA-pager array (keeps the array alive)."""
+
+    __slots__ = ("__cuda_array_interface__", "_array")
+
+    def __init__(self, array, typestr):
+        self._array = array
+        self.__cuda_array_interface__ = {
+            "shape": array.shape,
+            "typestr": typestr,
+            "data": (array.__array_interface__["data"][0], False),
+            "strides": array.strides,
+            "version": 3,
+        }
+
+
+def _byte_range(a, cuda=False):
+    """(address, nbytes) of the memory spanned by an array or a tensor, without copying.
+
+    With ``cuda`` (a CUDA pager), CUDA tensors and ``__cuda_array_interface__``
+    objects are accepted too: managed memory has one address on both sides.
+    """
+    if cuda and hasattr(a, "__cuda_array_interface__") and not hasattr(a, "data_ptr"):
+        iface = a.__cuda_array_interface__
+        ptr, shape = iface["data"][0], tuple(iface["shape"])
+        itemsize = np.dtype(iface["typestr"]).itemsize
+        strides = iface.get("strides")
+        if strides is None:
+            strides, step = [], itemsize
+            for d in reversed(shape):
+                strides.append(step)
+                step *= d
+            strides = tuple(reversed(strides))
+    elif isinstance(a, np.ndarray) or hasattr(a, "__array_interface__"):
         arr = np.asarray(a)
         ptr = arr.__array_interface__["data"][0]
         shape, strides, itemsize = arr.shape, arr.strides, arr.itemsize
     elif callable(getattr(a, "data_ptr", None)) and callable(getattr(a, "stride", None)):
         device = getattr(a, "device", None)
-        if device is not None and getattr(device, "type", "cpu") != "cpu":
-            raise ValueError(f"a: a tensor on {device} cannot be in host pager memory")
+        kind = getattr(device, "type", "cpu") if device is not None else "cpu"
+        if kind != "cpu" and not (cuda and kind == "cuda"):
+            where = "CUDA pager" if cuda else "host pager"
+            raise ValueError(f"a: a tensor on {device} cannot be in {where} memory")
         ptr, itemsize = a.data_ptr(), a.element_size()
         shape = tuple(a.shape)
         strides = tuple(s * itemsize for s in a.stride())
@@ -113,7 +174,7 @@ def _byte_range(a):
 
 
 class Pager:
-    """Host memory with a RAM budget: arrays spill to a file and come back on use.
+    """Memory with a fast-tier budget: host RAM over a spill file, or GPU memory over RAM.
 
     Arrays from :meth:`zeros` and :meth:`empty` are ordinary numpy arrays (and
     ``torch.from_numpy`` shares them without a copy) whose memory nf4core pages
@@ -136,6 +197,24 @@ class Pager:
     page_bytes : int or None
         Paging unit, a positive multiple of the OS page size; ``None`` means
         2 MiB.
+    device : None, "cpu", "cuda", "cuda:N", int or torch.device
+        ``None``/``"cpu"``: the host backend above. A CUDA device: the CUDA
+        backend, where ``budget_bytes`` limits *device* memory. Arrays are
+        CUDA managed memory (one address on the host and the device): the
+        numpy arrays from :meth:`zeros` read and write them on the host and
+        :meth:`as_tensor` gives a torch CUDA tensor on the same bytes;
+        :meth:`prefetch` moves pages to the device (``cudaMemPrefetchAsync``
+        on the pager's stream, :meth:`set_stream`), evicting least recently
+        used pages to host RAM; ``resident_bytes`` counts the pages the
+        pager moved to the device. ``spill_dir`` must be ``None``. On a device
+        without concurrent managed access (Windows, WSL, old GPUs) the pager
+        cannot move pages: it keeps its counters, moves nothing, and
+        :meth:`evict` / :meth:`synchronize` synchronize the device so that the
+        host may touch the arrays afterwards (a ``RuntimeWarning`` says so).
+        Status: compiled, not yet run on GPU hardware.
+    managed_prefetch : bool
+        CUDA backend only: ``False`` forces the mode of devices without
+        concurrent managed access (for tests and comparisons).
 
     Notes
     -----
@@ -159,7 +238,7 @@ class Pager:
     (True, 1048576.0)
     """
 
-    def __init__(self, budget_bytes=None, spill_dir=None, page_bytes=None):
+    def __init__(self, budget_bytes=None, spill_dir=None, page_bytes=None, device=None, managed_prefetch=True):
         budget = _check_size(budget_bytes, "budget_bytes")
         if budget is not None and budget < 0:
             raise ValueError(f"budget_bytes must be >= 0 or None (unlimited), got {budget}")
@@ -169,9 +248,22 @@ class Pager:
             raise ValueError(f"page_bytes must be a positive multiple of the OS page size ({os_page}), got {page}")
         if spill_dir is not None and not isinstance(spill_dir, (str, bytes, os.PathLike)):
             raise TypeError(f"spill_dir must be a path or None, got {type(spill_dir).__name__}")
+        dev = _parse_device(device)
+        if dev >= 0 and spill_dir is not None:
+            raise ValueError("spill_dir applies to the host pager only; a CUDA pager spills to host RAM")
+        if not isinstance(managed_prefetch, bool):
+            raise TypeError(f"managed_prefetch must be a bool, got {type(managed_prefetch).__name__}")
         cdir = None if spill_dir is None else os.fsencode(spill_dir)
-        self._handle = _c.PagerHandle(-1 if budget is None else budget, cdir, 0 if page is None else page)
+        self._handle = _c.PagerHandle(-1 if budget is None else budget, cdir, 0 if page is None else page, dev,
+                                      not managed_prefetch)
         self._budget = budget
+        if dev >= 0 and managed_prefetch and not self._handle.concurrent_managed:
+            warnings.warn(
+                f"CUDA device {dev} has no concurrent managed access: the pager cannot move pages (the budget is "
+                "bookkeeping only); call evict() or synchronize() before touching its arrays on the host",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if self._handle.spill_is_tmpfs:
             warnings.warn(
                 f"pager spill directory {self._handle.spill_dir!r} is a tmpfs: eviction cannot return memory "
@@ -204,8 +296,19 @@ class Pager:
 
     @property
     def budget_bytes(self):
-        """The RAM budget, or None for unlimited."""
+        """The fast-tier budget (RAM, or device memory for a CUDA pager), or None for unlimited."""
         return self._budget
+
+    @property
+    def device(self):
+        """``"cpu"`` for the host backend, ``"cuda:N"`` for the CUDA backend."""
+        d = self._h().device
+        return "cpu" if d < 0 else f"cuda:{d}"
+
+    @property
+    def concurrent_managed(self):
+        """CUDA pager: True if prefetch and eviction move pages (False in the fallback mode); host: False."""
+        return self._h().concurrent_managed
 
     @property
     def page_bytes(self):
@@ -258,7 +361,7 @@ class Pager:
             If `a` does not lie in memory of this pager.
         """
         h = self._h()
-        ptr, nbytes = _byte_range(a)
+        ptr, nbytes = _byte_range(a, cuda=h.device >= 0)
         h.prefetch(ptr, nbytes)
 
     def evict(self, a=None):
@@ -274,8 +377,62 @@ class Pager:
         if a is None:
             h.evict_all()
         else:
-            ptr, nbytes = _byte_range(a)
+            ptr, nbytes = _byte_range(a, cuda=h.device >= 0)
             h.evict(ptr, nbytes)
+
+    def synchronize(self):
+        """Wait until every page move enqueued so far has finished.
+
+        CUDA pager: waits for the pager's stream (in the fallback mode for the
+        whole device, after which the host may touch the arrays). Host pager:
+        nothing to wait for.
+        """
+        self._h().synchronize()
+
+    def set_stream(self, stream):
+        """CUDA pager: enqueue prefetches and evictions on `stream` from now on.
+
+        Parameters
+        ----------
+        stream : torch.cuda.Stream or int or None
+            A stream object with a ``cuda_stream`` handle, a raw
+            ``cudaStream_t`` as an int, or ``None``/0 for the legacy default
+            stream (the default). It must stay alive while the pager uses it.
+        """
+        h = self._h()
+        handle = 0 if stream is None else getattr(stream, "cuda_stream", stream)
+        if isinstance(handle, bool) or not isinstance(handle, int):
+            raise TypeError(f"stream must be a CUDA stream, an int handle or None, got {type(stream).__name__}")
+        if h.device < 0 and handle != 0:
+            raise ValueError("stream: the host pager has no stream (only None is accepted)")
+        h.set_stream(handle)
+
+    def as_tensor(self, a):
+        """A torch tensor on the same bytes as pager array `a` (no copy).
+
+        A CUDA pager gives a tensor on its device (through
+        ``__cuda_array_interface__``); a host pager gives ``torch.from_numpy(a)``.
+        The tensor keeps `a` alive.
+
+        Parameters
+        ----------
+        a : numpy.ndarray
+            An array from this pager (or a view into one).
+        """
+        import torch
+
+        h = self._h()
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"a must be a numpy array from this pager, got {type(a).__name__}")
+        ptr, nbytes = _byte_range(a)
+        if nbytes:
+            h.prefetch(ptr, 0)  # moves nothing; raises ValueError unless `a` lies in this pager's memory
+        if h.device < 0:
+            return torch.from_numpy(a)
+        is_bf16 = bfloat16 is not None and a.dtype == bfloat16
+        typestr = "<i2" if is_bf16 else a.dtype.str
+        t = torch.as_tensor(_CudaView(a, typestr), device=f"cuda:{h.device}")
+        return t.view(torch.bfloat16) if is_bf16 else t
 
     def stats(self):
         """Counters of the pager.
@@ -284,7 +441,8 @@ class Pager:
         -------
         dict
             ``budget_bytes`` (-1 = unlimited), ``page_bytes``, ``allocated_bytes``,
-            ``resident_bytes`` (measured with ``mincore``), ``spilled_bytes``,
+            ``resident_bytes`` (host: measured with ``mincore``; CUDA: the bytes
+            the pager moved to the device and not back), ``spilled_bytes``,
             ``page_ins``, ``page_outs`` and ``num_allocations``.
         """
         return self._h().stats()
@@ -312,8 +470,9 @@ class Pager:
             return "Pager(closed)"
         s = h.stats()
         budget = "None" if s["budget_bytes"] < 0 else str(s["budget_bytes"])
+        where = f"spill_dir={h.spill_dir!r}" if h.device < 0 else f"device='cuda:{h.device}'"
         return (
-            f"Pager(budget_bytes={budget}, page_bytes={s['page_bytes']}, spill_dir={h.spill_dir!r}, "
+            f"Pager(budget_bytes={budget}, page_bytes={s['page_bytes']}, {where}, "
             f"allocated_bytes={s['allocated_bytes']}, resident_bytes={s['resident_bytes']}, "
             f"num_allocations={s['num_allocations']})"
         )

@@ -5,7 +5,9 @@ says so, and without a device every CUDA call fails with a clear error
 instead of crashing. With a GPU (marker ``gpu``; skipped with the reason
 otherwise): pq.quantize / pq.dequantize of CUDA tensors give the same bytes
 as the CPU path for the same input, the GEMV agrees with the CPU reference to
-float32 rounding, and tensors of 2^31+ elements work.
+float32 rounding, tensors of 2^31+ elements work, the 8-bit Adam kernel gives
+the CPU kernel's bytes, and the pager's CUDA backend keeps device-resident
+bytes within its budget with the data intact.
 
 The GPU tests were written without GPU access: they have not been run yet
 (benchmarks/gpu_check.sh runs them on a GPU machine).
@@ -178,3 +180,116 @@ def test_more_than_2_to_the_31_elements(torch_cuda):
     assert q.absmax[start // 64 :].cpu().numpy().tobytes() == q_cpu.absmax.tobytes()
     y = pq.dequantize(q)
     assert _numpy_of(torch, y[start:]).tobytes() == pq.dequantize(q_cpu).tobytes()
+
+
+# ---------------------------------------------------------------- 8-bit Adam and the CUDA pager (issue 5/8)
+
+
+@pytest.mark.skipif(DEVICES > 0, reason="a CUDA device is present")
+def test_adam8bit_and_cuda_pager_fail_cleanly_without_a_device():
+    q = np.zeros(256, np.float32)
+    fake = 4096  # never dereferenced: the device check comes first
+    with pytest.raises(RuntimeError, match="CUDA error in cudaGetDevice" if BUILT else "built without CUDA"):
+        ext.cuda_adam8bit_update(fake, fake, 0, 64, fake, fake, fake, fake, q, q, 64, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
+    with pytest.raises(RuntimeError, match="CUDA" if BUILT else "built without CUDA"):
+        pq.Pager(device="cuda")
+    if BUILT:  # argument errors come first, naming the argument
+        with pytest.raises(ValueError, match="step"):
+            ext.cuda_adam8bit_update(fake, fake, 0, 64, fake, fake, fake, fake, q, q, 64, 1e-3, 0.9, 0.999, 1e-8, 0.0, 0)
+
+
+def _adam_state(torch, n, blocksize, device):
+    nb = -(-n // blocksize)
+    return [torch.full((n,), 127, dtype=torch.uint8, device=device), torch.zeros(n, dtype=torch.uint8, device=device),
+            torch.zeros(nb, device=device), torch.zeros(nb, device=device)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("blocksize", [64, 256, 2048])
+def test_adam8bit_is_byte_identical_to_cpu(torch_cuda, dtype, blocksize):
+    torch = torch_cuda
+    q1 = np.ascontiguousarray(pq.dynamic_codebook(signed=True), np.float32)
+    q2 = np.ascontiguousarray(pq.dynamic_codebook(signed=False), np.float32)
+    kdt = _cuda._kernel_dtype(_torch_dtype(torch, dtype))
+    n = 5 * blocksize + 77
+    gen = torch.Generator().manual_seed(blocksize)
+    p_cpu = torch.randn(n, generator=gen).to(_torch_dtype(torch, dtype))
+    p_gpu = p_cpu.cuda()
+    st_cpu, st_gpu = _adam_state(torch, n, blocksize, "cpu"), _adam_state(torch, n, blocksize, "cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    for step in (1, 2, 3, 4):
+        g = (torch.randn(n, generator=gen) * 0.1).to(p_cpu.dtype)
+        g[n // 3] = float("nan")
+        g[-1] = float("inf")
+        hp = (1e-3 * step, 0.9, 0.999, 1e-8, 0.01 if step % 2 else 0.0, step)
+        sk_cpu = ext.adam8bit_update(p_cpu.view(torch.uint8).numpy(), g.view(torch.uint8).numpy(), kdt, n,
+                                     *[t.numpy() for t in st_cpu], q1, q2, blocksize, *hp)
+        g_gpu = g.cuda()
+        sk_gpu = ext.cuda_adam8bit_update(p_gpu.data_ptr(), g_gpu.data_ptr(), kdt, n,
+                                          *[t.data_ptr() for t in st_gpu], q1, q2, blocksize, *hp, stream)
+        assert sk_cpu == sk_gpu == 2
+        assert p_gpu.cpu().view(torch.uint8).numpy().tobytes() == p_cpu.view(torch.uint8).numpy().tobytes()
+        for a, b in zip(st_gpu, st_cpu):
+            assert a.cpu().numpy().tobytes() == b.numpy().tobytes()
+    assert int((st_cpu[1] != 0).sum()) > n // 2  # the state really moved
+
+
+MiB = 1 << 20
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("managed_prefetch", [True, False])
+def test_cuda_pager_under_a_device_budget(torch_cuda, managed_prefetch):
+    torch = torch_cuda
+    budget = 4 * MiB
+    pager = pq.Pager(budget_bytes=budget, page_bytes=MiB, device="cuda", managed_prefetch=managed_prefetch)
+    assert pager.device == "cuda:0" and "device='cuda:0'" in repr(pager)
+    if not managed_prefetch:
+        assert pager.concurrent_managed is False
+    rng = np.random.default_rng(0)
+    arrays = [pager.zeros((3 * MiB // 4,), np.float32) for _ in range(3)]  # 3 x 3 MiB through 4 MiB
+    shadows = []
+    for a in arrays:
+        assert not a.any()
+        a[:] = rng.standard_normal(a.shape, dtype=np.float32)
+        shadows.append(a.copy())
+    for _ in range(2):
+        for a, shadow in zip(arrays, shadows):
+            pager.prefetch(a)
+            t = pager.as_tensor(a)
+            assert t.is_cuda and t.data_ptr() == a.__array_interface__["data"][0]
+            t.mul_(2.0)  # on the device, in place
+            shadow *= 2.0
+            pager.synchronize()
+            torch.cuda.synchronize()
+            s = pager.stats()
+            assert a.nbytes <= s["resident_bytes"] <= budget
+    s = pager.stats()
+    assert s["page_outs"] > 0 and s["page_ins"] >= 6 * 3
+    assert s["allocated_bytes"] == 9 * MiB and s["spilled_bytes"] == 9 * MiB - s["resident_bytes"]
+    pager.evict()
+    pager.synchronize()
+    assert pager.stats()["resident_bytes"] == 0
+    for a, shadow in zip(arrays, shadows):
+        np.testing.assert_array_equal(a, shadow)  # exact: x2 is exact in float32
+
+
+@pytest.mark.gpu
+def test_cuda_pager_accepts_cuda_tensors_and_checks_ranges(torch_cuda):
+    torch = torch_cuda
+    pager = pq.Pager(device="cuda")
+    a = pager.zeros(1000, "bfloat16")
+    t = pager.as_tensor(a)
+    assert t.dtype == torch.bfloat16 and t.is_cuda
+    pager.prefetch(t)
+    pager.prefetch(t[10:20])
+    pager.evict(t)
+    with pytest.raises(ValueError, match="this pager"):
+        pager.prefetch(torch.zeros(10, device="cuda"))
+    stream = torch.cuda.Stream()
+    pager.set_stream(stream)
+    pager.prefetch(a)
+    stream.synchronize()
+    pager.set_stream(None)
+

@@ -429,3 +429,82 @@ def test_docstring_examples():
         runner.run(t)
     result = runner.summarize(verbose=False)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ---------------------------------------------------------------- the device argument (CUDA backend)
+# The CUDA backend itself is tested on a GPU in tests/test_cuda.py (marker gpu).
+
+
+def test_host_pager_reports_its_backend_and_has_no_stream():
+    with pq.Pager(budget_bytes=MiB) as p:
+        assert p.device == "cpu" and p.concurrent_managed is False
+        assert p._h().backend == "host"
+        p.synchronize()  # nothing to wait for
+        p.set_stream(None)
+        with pytest.raises(ValueError, match="stream"):
+            p.set_stream(1234)
+        with pytest.raises(TypeError, match="stream"):
+            p.set_stream("fast")
+
+
+def test_host_pager_as_tensor_shares_memory():
+    pytest.importorskip("torch")
+    with pq.Pager(budget_bytes=MiB) as p:
+        a = p.zeros(10)
+        t = p.as_tensor(a)
+        t += 2  # the same bytes, no copy
+        assert a.sum() == 20
+        with pytest.raises(ValueError, match="this pager"):
+            p.as_tensor(np.zeros(3))
+        with pytest.raises(TypeError, match="numpy array"):
+            p.as_tensor([1.0])
+
+
+def _has_torch():
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "device, exc, match",
+    [
+        ("tpu", ValueError, "device must be"),
+        ("cuda:x", ValueError, "device must be"),
+        (-1, ValueError, "device must be"),
+        (True, TypeError, "device must be"),
+        (1.5, TypeError, "device must be"),
+    ],
+)
+def test_bad_device_argument_names_it(device, exc, match):
+    with pytest.raises(exc, match=match):
+        pq.Pager(device=device)
+
+
+def test_cuda_pager_refuses_a_spill_dir(tmp_path):
+    with pytest.raises(ValueError, match="spill_dir"):
+        pq.Pager(device="cuda", spill_dir=tmp_path)
+    with pytest.raises(TypeError, match="managed_prefetch"):
+        pq.Pager(device="cuda", managed_prefetch=1)
+
+
+def test_parse_device_accepts_the_usual_spellings():
+    assert _pager._parse_device(None) == -1
+    assert _pager._parse_device("cpu") == -1
+    assert _pager._parse_device("cuda") == 0
+    assert _pager._parse_device("cuda:3") == 3
+    assert _pager._parse_device(2) == 2
+    if _has_torch():
+        import torch
+
+        assert _pager._parse_device(torch.device("cuda", 1)) == 1
+        assert _pager._parse_device(torch.device("cpu")) == -1
+
+
+@pytest.mark.skipif(pq._nf4core.cuda_available()[1] > 0, reason="a CUDA device is present")
+def test_cuda_pager_without_a_device_fails_cleanly():
+    built = pq._nf4core.cuda_available()[0]
+    with pytest.raises(RuntimeError, match="CUDA error in cudaGetDeviceCount" if built else "built without CUDA"):
+        pq.Pager(budget_bytes=MiB, device="cuda")
