@@ -166,13 +166,13 @@ public:
         std::lock_guard<std::mutex> lock(mu_);
         auto it = allocs_.find(reinterpret_cast<uintptr_t>(ptr));
         require(ptr != nullptr && it != allocs_.end(), "pointer was not allocated by this pager");
+        DeviceGuard g(device_);
         Allocation &a = *it->second;
         for (Chunk &c : a.chunks)
             if (c.resident) lru_remove(c);
         allocated_ -= a.len;
         std::unique_ptr<Allocation> owned = std::move(it->second);
         allocs_.erase(it);
-        DeviceGuard g(device_);
         check(cudaFree(owned->base), "cudaFree");  // waits for the device; the bookkeeping is gone either way
     }
 
