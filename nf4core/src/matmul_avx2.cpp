@@ -110,7 +110,7 @@ inline void block_transposed(const MatmulArgs &a, const Table &table, int shift,
         const int64_t k0 = b << shift, k1 = k0 + a.blocksize;
         for (int64_t k = k0; k < k1; k += 8) {
             __m256 w[P];
-            for (int p = 0; p < P; ++p) w[p] = _mm256_mul_ps(lookup(table, codes8(wrow[p] + k / 2, shifts)), s[p]);
+            for (int p = 0; p < P; ++p) w[p] = _mm256_mul_ps(lookup(table, codes8(wrow[p] + (k >> 1), shifts)), s[p]);
             for (int r = 0; r < R; ++r) {
                 const __m256 xv = load8(x + r * a.K + k);
                 for (int p = 0; p < P; ++p) acc[r][p] = _mm256_fmadd_ps(xv, w[p], acc[r][p]);
@@ -152,7 +152,7 @@ inline void block_plain(const MatmulArgs &a, float *acc, int64_t len, const Tabl
         for (int p = 0; p < P; ++p) s[p] = _mm256_set1_ps(srow[p][b]);
         for (int64_t k = k0; k < k1; k += 8) {
             __m256 w[P];
-            for (int p = 0; p < P; ++p) w[p] = _mm256_mul_ps(lookup(table, codes8(wrow[p] + k / 2, shifts)), s[p]);
+            for (int p = 0; p < P; ++p) w[p] = _mm256_mul_ps(lookup(table, codes8(wrow[p] + (k >> 1), shifts)), s[p]);
             for (int r = 0; r < R; ++r) {
                 float *dst = acc + r * len + (k - c0);
                 __m256 sum = _mm256_loadu_ps(dst);
@@ -229,8 +229,8 @@ void decode_tile(const TileArgs &t, int64_t r0, int64_t r1) {
                 block = i >> shift;
                 tab = scaled(table, t.scales[block]);
             }
-            const __m256 w0 = lookup(tab, codes8(t.packed + i / 2, shifts));
-            const __m256 w1 = lookup(tab, codes8(t.packed + i / 2 + 4, shifts));
+            const __m256 w0 = lookup(tab, codes8(t.packed + (i >> 1), shifts));
+            const __m256 w1 = lookup(tab, codes8(t.packed + (i >> 1) + 4, shifts));
             if constexpr (sizeof(T) == 2) {
                 // packus interleaves 128-bit halves: [w0 0..3, w1 0..3, w0 4..7, w1 4..7] -> natural order
                 const __m256i h = _mm256_packus_epi32(bf16_bits(w0), bf16_bits(w1));

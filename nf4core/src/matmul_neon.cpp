@@ -94,7 +94,7 @@ inline void lookup16(const Planes &t, uint8x16_t codes, float32x4_t w[4]) {
 
 // 16 weights of one block row from flat index i (i % 16 == 0): codes looked up, times the scale
 inline void decode16(const Planes &table, const uint8_t *packed, int64_t i, float scale, float32x4_t w[4]) {
-    lookup16(table, codes16(packed + i / 2), w);
+    lookup16(table, codes16(packed + (i >> 1)), w);
     for (int j = 0; j < 4; ++j) w[j] = vmulq_n_f32(w[j], scale);
 }
 
@@ -230,7 +230,7 @@ void decode_tile(const TileArgs &t, int64_t r0, int64_t r1) {
                 tab = scaled_planes(t.codebook, t.scales[block]);
             }
             float32x4_t w[4];
-            lookup16(tab, codes16(t.packed + i / 2), w);
+            lookup16(tab, codes16(t.packed + (i >> 1)), w);
             for (int j = 0; j < 4; ++j) store4(dst + k + 4 * j, w[j]);
         }
         for (; k < t.k1; ++k) scalar(dst + k, row + k);
