@@ -205,7 +205,8 @@ void matmul(const MatmulArgs &a, int64_t c0, int64_t c1) {
 
 // W[n, k0:k1] for n in [r0, r1) into out (row-major, row length k1 - k0).
 // 16 weights per step from a flat index that is a multiple of 16, so they lie
-// in one block (blocksize >= 32); the block's scaled codebook is looked up.
+// in one block (blocksize >= 32); the block's scaled codebook (for bfloat16
+// already rounded) is looked up.
 template <typename T>
 void decode_tile(const TileArgs &t, int64_t r0, int64_t r1) {
     const Table table = load_table(t.codebook);
@@ -228,12 +229,14 @@ void decode_tile(const TileArgs &t, int64_t r0, int64_t r1) {
             if ((i >> shift) != block) {
                 block = i >> shift;
                 tab = scaled(table, t.scales[block]);
+                if constexpr (sizeof(T) == 2)  // the table rounded once per block: lanes hold bfloat16 bits
+                    tab = {_mm256_castsi256_ps(bf16_bits(tab.lo)), _mm256_castsi256_ps(bf16_bits(tab.hi))};
             }
             const __m256 w0 = lookup(tab, codes8(t.packed + (i >> 1), shifts));
             const __m256 w1 = lookup(tab, codes8(t.packed + (i >> 1) + 4, shifts));
             if constexpr (sizeof(T) == 2) {
                 // packus interleaves 128-bit halves: [w0 0..3, w1 0..3, w0 4..7, w1 4..7] -> natural order
-                const __m256i h = _mm256_packus_epi32(bf16_bits(w0), bf16_bits(w1));
+                const __m256i h = _mm256_packus_epi32(_mm256_castps_si256(w0), _mm256_castps_si256(w1));
                 _mm256_storeu_si256(reinterpret_cast<__m256i *>(dst + k), _mm256_permute4x64_epi64(h, 0xD8));
             } else {
                 store8(dst + k, w0);

@@ -73,6 +73,17 @@ inline Planes scaled_planes(const float *t, float s) {
                      vmulq_n_f32(vld1q_f32(t + 8), s), vmulq_n_f32(vld1q_f32(t + 12), s));
 }
 
+// The scaled table rounded to bfloat16 (as to_bfloat16), as two byte planes in
+// p[0] (low bytes) and p[1] (high bytes).
+inline Planes bf16_planes(const float *t, float s) {
+    const uint16x8_t e0 =
+        vcombine_u16(bf16_bits(vmulq_n_f32(vld1q_f32(t), s)), bf16_bits(vmulq_n_f32(vld1q_f32(t + 4), s)));
+    const uint16x8_t e1 =
+        vcombine_u16(bf16_bits(vmulq_n_f32(vld1q_f32(t + 8), s)), bf16_bits(vmulq_n_f32(vld1q_f32(t + 12), s)));
+    const uint8x16_t b0 = vreinterpretq_u8_u16(e0), b1 = vreinterpretq_u8_u16(e1);
+    return {{vuzp1q_u8(b0, b1), vuzp2q_u8(b0, b1), vdupq_n_u8(0), vdupq_n_u8(0)}};
+}
+
 // the 16 codes packed in p8[0..7], natural order (element 2j: high nibble of byte j)
 inline uint8x16_t codes16(const uint8_t *p8) {
     const uint8x8_t b = vld1_u8(p8);
@@ -207,7 +218,8 @@ void matmul(const MatmulArgs &a, int64_t c0, int64_t c1) {
 
 // W[n, k0:k1] for n in [r0, r1) into out (row-major, row length k1 - k0): 16
 // weights per step from a flat index that is a multiple of 16 (one block, as
-// blocksize >= 32), looked up in the block's scaled codebook.
+// blocksize >= 32), looked up in the block's scaled codebook (for bfloat16
+// already rounded).
 template <typename T>
 void decode_tile(const TileArgs &t, int64_t r0, int64_t r1) {
     const int shift = __builtin_ctzll(uint64_t(t.blocksize));
@@ -227,11 +239,21 @@ void decode_tile(const TileArgs &t, int64_t r0, int64_t r1) {
             const int64_t i = row + k;
             if ((i >> shift) != block) {
                 block = i >> shift;
-                tab = scaled_planes(t.codebook, t.scales[block]);
+                if constexpr (sizeof(T) == 2)
+                    tab = bf16_planes(t.codebook, t.scales[block]);
+                else
+                    tab = scaled_planes(t.codebook, t.scales[block]);
             }
-            float32x4_t w[4];
-            lookup16(tab, codes16(t.packed + (i >> 1)), w);
-            for (int j = 0; j < 4; ++j) store4(dst + k + 4 * j, w[j]);
+            const uint8x16_t codes = codes16(t.packed + (i >> 1));
+            if constexpr (sizeof(T) == 2) {  // two byte planes of the rounded table: 16 bfloat16 values
+                const uint8x16_t lo = vqtbl1q_u8(tab.p[0], codes), hi = vqtbl1q_u8(tab.p[1], codes);
+                vst1q_u8(reinterpret_cast<uint8_t *>(dst + k), vzip1q_u8(lo, hi));
+                vst1q_u8(reinterpret_cast<uint8_t *>(dst + k + 8), vzip2q_u8(lo, hi));
+            } else {
+                float32x4_t w[4];
+                lookup16(tab, codes, w);
+                for (int j = 0; j < 4; ++j) store4(dst + k + 4 * j, w[j]);
+            }
         }
         for (; k < t.k1; ++k) scalar(dst + k, row + k);
     }

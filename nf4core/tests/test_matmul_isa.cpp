@@ -74,8 +74,8 @@ TEST_CASE(every_isa_matmul_matches_double_reference) {
                         for (int64_t o = 0; o < outer; ++o) {
                             double acc = 0, mag = 0;
                             for (int64_t i = 0; i < inner; ++i) {
-                                const double p = double(xv[size_t(m * inner + i)]) *
-                                                 double(transpose ? q.w[size_t(o * s.K + i)] : q.w[size_t(i * s.K + o)]);
+                                const double wv = transpose ? q.w[size_t(o * s.K + i)] : q.w[size_t(i * s.K + o)];
+                                const double p = double(xv[size_t(m * inner + i)]) * wv;
                                 acc += p;
                                 mag += std::fabs(p);
                             }
@@ -152,7 +152,8 @@ TEST_CASE(every_isa_decode_tile_bit_identical) {
                                       NF4_BFLOAT16) == NF4_OK);
         for (int rep = 0; rep < 8; ++rep) {
             int64_t n0 = int64_t(rng() % uint64_t(s.N)), k0 = int64_t(rng() % uint64_t(s.K));
-            int64_t n1 = n0 + 1 + int64_t(rng() % uint64_t(s.N - n0)), k1 = k0 + 1 + int64_t(rng() % uint64_t(s.K - k0));
+            int64_t n1 = n0 + 1 + int64_t(rng() % uint64_t(s.N - n0));
+            int64_t k1 = k0 + 1 + int64_t(rng() % uint64_t(s.K - k0));
             if (rep == 0) n0 = 0, k0 = 0, n1 = s.N, k1 = s.K;  // the whole matrix
             const int64_t h = n1 - n0, wd = k1 - k0;
             for (const char *isa : kIsas) {
@@ -160,10 +161,10 @@ TEST_CASE(every_isa_decode_tile_bit_identical) {
                 CHECK(nf4_set_isa(isa) == NF4_OK);
                 std::vector<uint32_t> t32(size_t(h * wd), 0xDEADBEEFu);
                 std::vector<uint16_t> t16(size_t(h * wd), 0xDEADu);
-                CHECK(nf4_matmul_4bit_decode_tile(q.packed.data(), q.scales.data(), s.bs, cb, s.N, s.K, n0, n1, k0, k1,
-                                                  NF4_FLOAT32, t32.data()) == NF4_OK);
-                CHECK(nf4_matmul_4bit_decode_tile(q.packed.data(), q.scales.data(), s.bs, cb, s.N, s.K, n0, n1, k0, k1,
-                                                  NF4_BFLOAT16, t16.data()) == NF4_OK);
+                CHECK(nf4_matmul_4bit_decode_tile(q.packed.data(), q.scales.data(), s.bs, cb, s.N, s.K, n0, n1, k0,
+                                                  k1, NF4_FLOAT32, t32.data()) == NF4_OK);
+                CHECK(nf4_matmul_4bit_decode_tile(q.packed.data(), q.scales.data(), s.bs, cb, s.N, s.K, n0, n1, k0,
+                                                  k1, NF4_BFLOAT16, t16.data()) == NF4_OK);
                 int64_t bad32 = 0, bad16 = 0;
                 for (int64_t n = n0; n < n1; ++n)
                     for (int64_t k = k0; k < k1; ++k) {
@@ -173,9 +174,10 @@ TEST_CASE(every_isa_decode_tile_bit_identical) {
                         bad32 += t32[i] != ref32;
                         bad16 += t16[i] != full16[j];
                     }
-                CHECK_MSG(bad32 == 0 && bad16 == 0, "%s N=%lld K=%lld bs=%lld tile [%lld:%lld, %lld:%lld]: %lld float32 "
-                          "and %lld bfloat16 values differ", isa, (long long)s.N, (long long)s.K, (long long)s.bs,
-                          (long long)n0, (long long)n1, (long long)k0, (long long)k1, (long long)bad32, (long long)bad16);
+                CHECK_MSG(bad32 == 0 && bad16 == 0,
+                          "%s N=%lld K=%lld bs=%lld tile [%lld:%lld, %lld:%lld]: %lld float32 and %lld bfloat16 "
+                          "values differ", isa, (long long)s.N, (long long)s.K, (long long)s.bs, (long long)n0,
+                          (long long)n1, (long long)k0, (long long)k1, (long long)bad32, (long long)bad16);
             }
         }
     }
