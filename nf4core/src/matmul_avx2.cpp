@@ -5,10 +5,10 @@
 // and shifted per lane, so lane t holds element t in its low 4 bits (natural
 // order: no permutation of x or of the result is needed). The 16-entry
 // codebook is held in two 8-lane halves; two vpermps read the low 3 bits and a
-// blend on bit 3 picks the half. A decoded code value is multiplied by its
-// block scale exactly as decode_value does, so the weights are those of
-// pq.dequantize and only the order of the float32 sums differs from the
-// reference.
+// blend on bit 3 picks the half. The table is the codebook times the block
+// scale (rounded as decode_value does, once per block and row of W), so the
+// weights are those of pq.dequantize and only the order of the float32 sums
+// differs from the reference.
 //
 // With M <= 8 rows of x, P rows of W are decoded together and each decoded
 // vector is used for all M rows, so the weight is streamed once. Needs
@@ -78,6 +78,22 @@ inline __m256 lookup(const Table &t, __m256i idx) {
     return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
 }
 
+// The codebook times a block scale (as decode_value), stored for lookup_mem.
+inline void store_scaled(float *dst, const Table &t, float s) {
+    const Table v = scaled(t, s);
+    _mm256_store_ps(dst, v.lo);
+    _mm256_store_ps(dst + 8, v.hi);
+}
+
+// lookup() with the table in L1 (16 floats, 32-byte aligned; vpermps takes it
+// from memory). In the products this replaced a multiply per decoded vector by
+// the block scale: 5-9% faster GEMV, measured in one process against it.
+inline __m256 lookup_mem(const float *t, __m256i idx) {
+    const __m256 a = _mm256_permutevar8x32_ps(_mm256_load_ps(t), idx);
+    const __m256 b = _mm256_permutevar8x32_ps(_mm256_load_ps(t + 8), idx);
+    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
 inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -103,14 +119,14 @@ inline void block_transposed(const MatmulArgs &a, const Table &table, int shift,
         wrow[p] = a.packed + (n + p) * a.K / 2;
         srow[p] = a.scales + (((n + p) * a.K) >> shift);
     }
+    alignas(32) float tab[P][16];  // per row of W, the block's codebook times its scale
     const int64_t nblocks = a.K >> shift;
     for (int64_t b = 0; b < nblocks; ++b) {
-        __m256 s[P];
-        for (int p = 0; p < P; ++p) s[p] = _mm256_set1_ps(srow[p][b]);
+        for (int p = 0; p < P; ++p) store_scaled(tab[p], table, srow[p][b]);
         const int64_t k0 = b << shift, k1 = k0 + a.blocksize;
         for (int64_t k = k0; k < k1; k += 8) {
             __m256 w[P];
-            for (int p = 0; p < P; ++p) w[p] = _mm256_mul_ps(lookup(table, codes8(wrow[p] + (k >> 1), shifts)), s[p]);
+            for (int p = 0; p < P; ++p) w[p] = lookup_mem(tab[p], codes8(wrow[p] + (k >> 1), shifts));
             for (int r = 0; r < R; ++r) {
                 const __m256 xv = load8(x + r * a.K + k);
                 for (int p = 0; p < P; ++p) acc[r][p] = _mm256_fmadd_ps(xv, w[p], acc[r][p]);
@@ -146,13 +162,13 @@ inline void block_plain(const MatmulArgs &a, float *acc, int64_t len, const Tabl
         wrow[p] = a.packed + (n + p) * a.K / 2;
         srow[p] = a.scales + (((n + p) * a.K) >> shift);
     }
+    alignas(32) float tab[P][16];  // per row of W, the block's codebook times its scale
     for (int64_t k0 = c0; k0 < c1;) {  // block by block (c0, c1 are multiples of 16 only)
         const int64_t b = k0 >> shift, k1 = std::min(c1, (b + 1) << shift);
-        __m256 s[P];
-        for (int p = 0; p < P; ++p) s[p] = _mm256_set1_ps(srow[p][b]);
+        for (int p = 0; p < P; ++p) store_scaled(tab[p], table, srow[p][b]);
         for (int64_t k = k0; k < k1; k += 8) {
             __m256 w[P];
-            for (int p = 0; p < P; ++p) w[p] = _mm256_mul_ps(lookup(table, codes8(wrow[p] + (k >> 1), shifts)), s[p]);
+            for (int p = 0; p < P; ++p) w[p] = lookup_mem(tab[p], codes8(wrow[p] + (k >> 1), shifts));
             for (int r = 0; r < R; ++r) {
                 float *dst = acc + r * len + (k - c0);
                 __m256 sum = _mm256_loadu_ps(dst);
