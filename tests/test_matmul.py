@@ -147,3 +147,95 @@ def test_fused_large_m_matches(rng):
     for transpose in (True, False):
         x = rng.standard_normal((1024, 128 if transpose else 40)).astype(_dtypes.bfloat16)
         assert rel_err(pq.matmul_4bit(x, q, transpose=transpose), reference(x, q, transpose)) < 8e-3
+
+
+# ---------------------------------------------------------------------------
+# Every ISA path (issue 7, AVX2 and NEON kernels): the fused products and the
+# tile decode run the kernels of the active ISA (pq.set_isa), so each one
+# available on this machine is checked against the float64 oracle / the
+# reference dequantize. The NEON kernels are also checked by the C++ test
+# nf4core/tests/test_matmul_isa.cpp in the aarch64 cross build under qemu.
+
+ALL_ISAS = [i for i in ("avx512", "avx2", "neon", "scalar") if i in pq.available_isas()]
+ISA_SHAPES = [  # (N, K, blocksize): odd N; K a multiple of 16 and of the blocksize (fast kernels) or not
+    (37, 256, 64), (5, 96, 32), (19, 4096, 4096), (11, 384, 128), (9, 200, 64), (7, 48, 32), (3, 4100, 4096)]
+
+
+def _raw_product(x, q, transpose, reference):
+    """nf4_matmul_4bit (the active ISA) or nf4_matmul_4bit_ref (scalar, one thread) on float32 x."""
+    from pyqlora import _nf4core as E
+    from pyqlora._codebooks import lookup_table
+    from pyqlora._quantize import _block_scales
+    from pyqlora._runtime import sync_threads
+
+    n, k = q.shape
+    y = np.empty((x.shape[0], n if transpose else k), np.float32)
+    sync_threads()
+    E.matmul_4bit(x.view(np.uint8).reshape(-1), 0, x.shape[0], n, k, q.packed, _block_scales(q), q.blocksize,
+                  lookup_table(q.codebook, 16), transpose, y.view(np.uint8).reshape(-1), reference)
+    return y
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS)
+@pytest.mark.parametrize("n, k, blocksize", ISA_SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, _dtypes.bfloat16])
+def test_isa_products_match_float64(rng, isa, n, k, blocksize, dtype):
+    q = pq.quantize(rng.standard_normal((n, k)).astype(np.float32), blocksize=blocksize,
+                    codebook=rng.choice(["nf4", "fp4"]), double_quant=bool(rng.integers(2)))
+    with _forced_isa(isa):
+        for m in (1, 2, 3, 4, 5, 6, 7, 8, 9, 33):
+            for transpose in (True, False):
+                inner = k if transpose else n
+                x = rng.standard_normal((m, inner)).astype(dtype)
+                y = pq.matmul_4bit(x, q, transpose=transpose)
+                assert y.dtype == np.dtype(dtype) and y.shape == (m, n if transpose else k)
+                tol = 2e-6 * np.sqrt(inner) + (8e-3 if dtype != np.float32 else 0)
+                assert rel_err(y, reference(x, q, transpose)) < tol, (m, transpose)
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS)
+def test_isa_partial_blocks_fall_back_to_reference(rng, isa):
+    # K not a multiple of the blocksize (or of 16): rows of W are not made of
+    # whole blocks and every ISA must run the reference, bit for bit
+    for n, k, blocksize in [(9, 200, 64), (3, 4100, 4096), (6, 72, 32)]:
+        q = pq.quantize(rng.standard_normal((n, k)).astype(np.float32), blocksize=blocksize)
+        with _forced_isa(isa), pq.num_threads(2):
+            for m, transpose in [(1, True), (5, False), (12, True)]:
+                x = rng.standard_normal((m, k if transpose else n)).astype(np.float32)
+                np.testing.assert_array_equal(_raw_product(x, q, transpose, False),
+                                              _raw_product(x, q, transpose, True))
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS)
+@pytest.mark.parametrize("dtype", [np.float32, _dtypes.bfloat16])
+def test_isa_decode_tile_bit_identical(rng, isa, dtype):
+    from pyqlora._matmul import decode_tile
+
+    bits = np.uint16 if dtype != np.float32 else np.uint32
+    for n, k, blocksize in [(13, 4096, 64), (21, 200, 32), (9, 1000, 128), (3, 4100, 4096)]:
+        q = pq.quantize(rng.standard_normal((n, k)).astype(np.float32), blocksize=blocksize,
+                        codebook=rng.choice(["nf4", "fp4"]), double_quant=bool(rng.integers(2)))
+        full = np.ascontiguousarray(pq.dequantize(q, dtype=dtype))
+        with _forced_isa(isa):
+            tiles = [(0, n, 0, k)]  # the whole matrix, then random tiles (unaligned starts and widths)
+            for _ in range(5):
+                n0, k0 = int(rng.integers(n)), int(rng.integers(k))
+                tiles.append((n0, int(rng.integers(n0 + 1, n + 1)), k0, int(rng.integers(k0 + 1, k + 1))))
+            for n0, n1, k0, k1 in tiles:
+                out = np.empty((n1 - n0, k1 - k0), dtype)
+                decode_tile(q, slice(n0, n1), slice(k0, k1), out)
+                np.testing.assert_array_equal(out.view(bits), np.ascontiguousarray(full[n0:n1, k0:k1]).view(bits))
+
+
+def test_isa_avx2_is_available_where_the_cpu_has_it():
+    # a build that lost the AVX2 kernels would leave the AVX2 tests above running nothing
+    import pathlib
+    import platform
+
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    if platform.machine().lower() not in ("x86_64", "amd64") or not cpuinfo.exists():
+        pytest.skip("x86-64 Linux only")
+    flags = cpuinfo.read_text()
+    if not {"avx2", "fma", "f16c"} <= set(flags.split()):
+        pytest.skip("the CPU has no AVX2+FMA+F16C")
+    assert "avx2" in pq.available_isas()

@@ -50,9 +50,9 @@ nf4_status matmul_impl(const void *x, nf4_dtype dtype, int64_t M, int64_t N, int
         const MatmulArgs args{x, M, N, K, packed, scales, blocksize, codebook, transpose_w != 0, y};
         const int64_t cols = args.transpose ? N : K;
         MatmulKernel kernel = dtype == NF4_FLOAT32 ? matmul_ref<float> : matmul_ref<bfloat16_t>;
-        const MatmulKernels *fast = avx512_matmul_kernels();
+        const MatmulKernels *fast = active_matmul_kernels();
         const bool whole_blocks = K % 16 == 0 && K % blocksize == 0;
-        if (!reference && fast && whole_blocks && std::string(active_kernels().name) == "avx512")
+        if (!reference && fast && whole_blocks)
             kernel = dtype == NF4_FLOAT32 ? fast->f32 : fast->bf16;
         if (reference) {
             kernel(args, 0, cols);
@@ -95,8 +95,7 @@ nf4_status decode_tile_impl(const uint8_t *packed, const float *scales, int64_t 
         require(packed && scales && codebook && out, "input or output pointer is NULL");
         const TileArgs args{K, packed, scales, blocksize, codebook, n0, n1, k0, k1, out};
         TileKernel kernel = dtype == NF4_FLOAT32 ? decode_tile_ref<float> : decode_tile_ref<bfloat16_t>;
-        const MatmulKernels *fast = avx512_matmul_kernels();
-        if (fast && std::string(active_kernels().name) == "avx512")
+        if (const MatmulKernels *fast = active_matmul_kernels())
             kernel = dtype == NF4_FLOAT32 ? fast->tile_f32 : fast->tile_bf16;
         const int64_t min_rows = std::max<int64_t>(1, (1 << 15) / (k1 - k0));
         parallel_for(n1 - n0, min_rows, [&](int64_t r0, int64_t r1) { kernel(args, n0 + r0, n0 + r1); });
@@ -108,6 +107,22 @@ nf4_status decode_tile_impl(const uint8_t *packed, const float *scales, int64_t 
 #if !defined(NF4CORE_HAVE_AVX512)
 const MatmulKernels *avx512_matmul_kernels() { return nullptr; }
 #endif
+#if !defined(NF4CORE_HAVE_AVX2)
+const MatmulKernels *avx2_matmul_kernels() { return nullptr; }
+#endif
+#if !defined(NF4CORE_HAVE_NEON)
+const MatmulKernels *neon_matmul_kernels() { return nullptr; }
+#endif
+
+// The ISA was checked against the CPU when it was made active (dispatch.cpp),
+// so its matmul kernels can run.
+const MatmulKernels *active_matmul_kernels() {
+    const std::string isa = active_kernels().name;
+    if (isa == "avx512") return avx512_matmul_kernels();
+    if (isa == "avx2") return avx2_matmul_kernels();
+    if (isa == "neon") return neon_matmul_kernels();
+    return nullptr;
+}
 
 }  // namespace nf4core
 

@@ -1,5 +1,6 @@
 // Products with a 4-bit matrix: arguments shared by the reference and the
-// optimized kernels (matmul.cpp, matmul_avx512.cpp).
+// optimized kernels (matmul.cpp, matmul_avx512.cpp, matmul_avx2.cpp,
+// matmul_neon.cpp).
 #ifndef NF4CORE_SRC_MATMUL_HPP
 #define NF4CORE_SRC_MATMUL_HPP
 
@@ -46,7 +47,13 @@ struct MatmulKernels {
     TileKernel tile_bf16;
 };
 
-const MatmulKernels *avx512_matmul_kernels();  // nullptr when not compiled in
+// nullptr when not compiled in
+const MatmulKernels *avx512_matmul_kernels();
+const MatmulKernels *avx2_matmul_kernels();
+const MatmulKernels *neon_matmul_kernels();
+
+// The kernels of the active ISA (active_kernels().name), nullptr for scalar.
+const MatmulKernels *active_matmul_kernels();
 
 }  // namespace nf4core
 
