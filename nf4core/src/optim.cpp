@@ -6,6 +6,7 @@
 #include <cmath>
 #include <string>
 
+#include "cuda/adam_math.hpp"
 #include "error.hpp"
 #include "kernels.hpp"
 #include "kernels_ref.hpp"
@@ -15,37 +16,10 @@
 namespace nf4core {
 namespace {
 
-struct AdamScalars {
-    // Each is a Python-double expression rounded once to float32, as torch
-    // rounds a Python scalar for a float32 tensor op.
-    float beta1, one_minus_beta1, beta2, one_minus_beta2;
-    float correction2;      // sqrt(1 - beta2^step)
-    float neg_step_size;    // -lr / (1 - beta1^step)
-    float eps;
-    float decay;            // 1 - lr * weight_decay
-    bool apply_decay;
-};
-
-AdamScalars make_scalars(const nf4_adam_hparams &hp) {
-    AdamScalars s{};
-    s.beta1 = float(hp.beta1);
-    s.one_minus_beta1 = float(1.0 - hp.beta1);
-    s.beta2 = float(hp.beta2);
-    s.one_minus_beta2 = float(1.0 - hp.beta2);
-    const double c1 = 1.0 - std::pow(hp.beta1, double(hp.step));
-    const double c2 = std::sqrt(1.0 - std::pow(hp.beta2, double(hp.step)));
-    s.correction2 = float(c2);
-    s.neg_step_size = float(-hp.lr / c1);
-    s.eps = float(hp.eps);
-    s.decay = float(1.0 - hp.lr * hp.weight_decay);
-    s.apply_decay = hp.weight_decay > 0.0;
-    return s;
-}
-
 template <typename T>
 void adam8bit_blocks(T *param, const T *grad, int64_t n, uint8_t *state1, uint8_t *state2, float *absmax1,
                      float *absmax2, const float *qmap1, const float *qmap2, const SearchTable &t1,
-                     const SearchTable &t2, int64_t blocksize, const AdamScalars &s, int64_t b0, int64_t b1,
+                     const SearchTable &t2, int64_t blocksize, const AdamScalarsF32 &s, int64_t b0, int64_t b1,
                      std::atomic<int64_t> &skipped) {
     const KernelSet &k = active_kernels();
     const QuantizeKernel q8 = k.quantize8[int(NF4_FLOAT32)];
@@ -61,28 +35,12 @@ void adam8bit_blocks(T *param, const T *grad, int64_t n, uint8_t *state1, uint8_
         T *p = param + begin;
         const T *g = grad + begin;
         for (int64_t i = 0; i < len; ++i) {
-            const float gi = to_float(g[i]);
-            if (!is_finite(gi)) {
-                m[i] = 0.0f;
-                v[i] = 0.0f;
-                ++local_skipped;
-                continue;
-            }
-            // state1.mul_(beta1).add_(grad, alpha=1 - beta1): torch's CPU
-            // kernel fuses alpha * grad + state1 into one FMA
-            const float mi = std::fma(s.one_minus_beta1, gi, qmap1[c1[i]] * a1 * s.beta1);
-            // state2.mul_(beta2).addcmul_(grad, grad, value=1 - beta2): also
-            // (value * grad) * grad + state2 as one FMA
-            const float vi = std::fma(s.one_minus_beta2 * gi, gi, qmap2[c2[i]] * a2 * s.beta2);
-            m[i] = mi;
-            v[i] = vi;
-            // denom = (state2.sqrt() / correction2).add_(eps)
-            const float denom = std::sqrt(vi) / s.correction2 + s.eps;
+            // the element's arithmetic lives in cuda/adam_math.hpp, shared with the GPU kernel
             float pi = to_float(p[i]);
-            if (s.apply_decay) pi = pi * s.decay;
-            // p.addcdiv_(state1, denom, value=-lr / correction1): (value * m) / denom, then add
-            pi = pi + (s.neg_step_size * mi) / denom;
-            p[i] = from_float<T>(pi);
+            if (adam_element(to_float(g[i]), qmap1[c1[i]], a1, qmap2[c2[i]], a2, pi, s, m[i], v[i]))
+                p[i] = from_float<T>(pi);
+            else
+                ++local_skipped;
         }
         // Requantize both moments as one block each (a short last block is
         // the tensor's tail block, as in nf4_quantize_8bit).
@@ -120,7 +78,7 @@ extern "C" nf4_status nf4_adam8bit_update(void *param, const void *grad, nf4_dty
         require(std::isfinite(hp->weight_decay) && hp->weight_decay >= 0.0, "weight_decay must be finite and >= 0");
         const SearchTable t1 = make_search_table(qmap1, 256);
         const SearchTable t2 = make_search_table(qmap2, 256);
-        const AdamScalars s = make_scalars(*hp);
+        const AdamScalarsF32 s = make_adam_scalars(*hp);
         const int64_t nblocks = (n + blocksize - 1) / blocksize;
         std::atomic<int64_t> count{0};
         auto run = [&](auto *p, const auto *g) {

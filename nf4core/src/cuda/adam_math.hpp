@@ -8,8 +8,8 @@
 // nearest (on the device spelled with the _rn intrinsics, so neither
 // --fmad nor --use_fast_math can change it). The scalars are optim.cpp's
 // make_scalars: doubles combined in double, rounded once to float32.
-// NOTE: optim.cpp keeps its own copy of AdamScalars (it is not this helper's
-// file); the host test is what keeps the two in step.
+// The CPU kernel (optim.cpp) calls the same functions, so there is one copy;
+// tests/test_cuda_adam_math.cpp also replays the GPU kernel's two-pass order.
 #ifndef NF4CORE_SRC_CUDA_ADAM_MATH_HPP
 #define NF4CORE_SRC_CUDA_ADAM_MATH_HPP
 
