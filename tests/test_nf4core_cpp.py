@@ -43,4 +43,4 @@ def test_aarch64_neon_build_under_qemu(tmp_path):
     if shutil.which("aarch64-linux-gnu-g++") is None or shutil.which("qemu-aarch64") is None:
         pytest.skip("needs g++-aarch64-linux-gnu and qemu-user (Debian packages; .ci/run installs them)")
     out = _meson_build_and_test(tmp_path, "--cross-file", str(NF4CORE / "cross" / "aarch64-linux-gnu.ini"))
-    assert "paths" in out
+    assert "paths" in out and "matmul_isa" in out  # matmul_isa runs the NEON kernels
