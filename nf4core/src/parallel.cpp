@@ -101,14 +101,17 @@ public:
         if (in_worker_) return false;  // nested call from one of our workers
         std::unique_lock<std::mutex> busy(run_mutex_, std::try_to_lock);
         if (!busy.owns_lock()) return false;  // another caller owns the pool
-        if (ntasks >= (int64_t(1) << 31)) return false;
+        if (ntasks >= (int64_t(1) << 31)) return false;  // the counter's low 32 bits
         const int helpers = int(std::min<int64_t>(threads(), ntasks)) - 1;
         start_workers(helpers);
         const uint64_t job = ++jobs_;
+        // Close the counter before the job's fields change: a late helper of the
+        // previous job, which may read the new task count, then fails its claim.
+        claim_.store((job << 32) | kClosed);
         task_.store(&task);
         ntasks_.store(uint32_t(ntasks));
         wanted_.store(helpers);
-        claim_.store(job << 32);
+        claim_.store(job << 32);  // open
         bool wake;
         {
             std::lock_guard<std::mutex> lock(mutex_);  // a helper about to sleep sees the job or is woken
@@ -187,6 +190,7 @@ private:
     std::mutex mutex_;      // guards sleeping and waking
     std::condition_variable wake_, done_;
     std::vector<std::thread> workers_;
+    static constexpr uint64_t kClosed = 0xffffffffu;  // a task index no job reaches
     uint64_t jobs_ = 0;                  // under run_mutex_
     std::atomic<uint64_t> job_{0};       // the latest job's number (helpers wait for a change)
     std::atomic<uint64_t> claim_{0};     // job number << 32 | next task to claim
