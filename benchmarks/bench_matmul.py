@@ -1,6 +1,6 @@
 """Fused 4-bit products: pq.matmul_4bit against torch on the dense weight and bitsandbytes.
 
-    python benchmarks/bench_matmul.py [--n 4096] [--k 4096] [--threads 2] [--repeat 20] [--train]
+    python benchmarks/bench_matmul.py [--n 4096] [--k 4096] [--threads 2] [--repeat 20] [--train] [--coexist]
 
 Generation (M = 1, 2, 4, 8 rows): y = x W^T with W NF4 + DQ (blocksize 64), and
 the backward product g W (grad_input), against torch fp32 / bf16 on the dense
@@ -10,7 +10,10 @@ thread count. ``--train`` adds the training shapes (M = 1024, W 4096x4096 and
 decoded into a reused buffer for torch's matmul) against the same two products
 on a dense bf16 weight, and against dequantizing the whole weight first.
 Contenders run interleaved, best of --repeat rounds, so a slow spell of the
-machine hits all of them alike.
+machine hits all of them alike. ``--coexist`` times the M = 1 GEMV back to
+back, right after a torch op (whose OpenMP workers then spin-wait on the
+cores for a while: set OMP_WAIT_POLICY=PASSIVE in the environment to compare)
+and after the process idled, with process CPU time beside the wall time.
 """
 import argparse
 import os
@@ -76,6 +79,34 @@ def generation_row(args, np, torch, pq, rng, q, W, Wb, l4, m):
           f"{t32_b / ours_b:5.2f}x {tbf_b / ours_b:6.2f}x")
 
 
+def coexist(args, np, torch, pq):
+    """M = 1 GEMV right after itself, right after a torch op, after 20 ms idle: wall and CPU ms."""
+    rng = np.random.default_rng(2)
+    w = (rng.standard_normal((args.n, args.k)) * 0.02).astype(np.float32)
+    q = pq.quantize(w)
+    Wb = torch.from_numpy(w).bfloat16()
+    x = rng.standard_normal((1, args.k)).astype(np.float32)
+    Xb = torch.from_numpy(x).bfloat16()
+    out = np.empty((1, args.n), np.float32)
+    before = {"back to back": lambda: pq.matmul_4bit(x, q, out=out), "after torch bf16 x@W.T": lambda: Xb @ Wb.T,
+              "after 20 ms idle": lambda: time.sleep(0.02)}
+    wall = {k: [] for k in before}
+    cpu = {k: [] for k in before}
+    for _ in range(3 * args.repeat):
+        for name, pre in before.items():
+            pre()
+            c0, t0 = time.process_time(), time.perf_counter()
+            pq.matmul_4bit(x, q, out=out)
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    print(f"\nGEMV 1x{args.k} . ({args.n}x{args.k})^T, {args.threads} threads, OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}: best / median wall ms, median CPU ms (all threads)")
+    for name in before:
+        ws = sorted(wall[name])
+        print(f"  {name:<24} {1e3 * ws[0]:7.3f} / {1e3 * ws[len(ws) // 2]:7.3f}   "
+              f"{1e3 * sorted(cpu[name])[len(ws) // 2]:7.3f}")
+
+
 def training(args, np, torch, pq):
     rng = np.random.default_rng(1)
     m = 1024
@@ -123,6 +154,7 @@ def main():
     ap.add_argument("--train", action="store_true", help="also the training shapes (M = 1024)")
     ap.add_argument("--train-repeat", type=int, default=5)
     ap.add_argument("--no-generation", action="store_true")
+    ap.add_argument("--coexist", action="store_true", help="the M = 1 GEMV next to torch ops (see above)")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import numpy as np
@@ -134,6 +166,8 @@ def main():
     pq.set_num_threads(args.threads)
     if not args.no_generation:
         generation(args, np, torch, pq)
+    if args.coexist:
+        coexist(args, np, torch, pq)
     if args.train:
         training(args, np, torch, pq)
 

@@ -1,4 +1,5 @@
 """Products with a 4-bit quantized matrix, without materializing it."""
+import math
 import threading
 
 import numpy as np
@@ -50,7 +51,7 @@ def matmul_4bit(x, q, transpose=True, out=None):
         raise ValueError(f"x has shape {x.shape}; its last dimension must be {inner} "
                          f"({'in' if transpose else 'out'}_features of the {q.shape} matrix)")
     lead = x.shape[:-1]
-    m = int(np.prod(lead)) if lead else 1
+    m = math.prod(lead)  # not np.prod: a ufunc reduction costs a fifth of a small GEMV call
     x2 = np.ascontiguousarray(x).reshape(m, inner)
     shape = lead + (outer,)
     if out is None:

@@ -1,4 +1,6 @@
 """pq.matmul_4bit against dequantize-then-matmul in float64."""
+import os
+
 import numpy as np
 import pytest
 
@@ -239,3 +241,62 @@ def test_isa_avx2_is_available_where_the_cpu_has_it():
     if not {"avx2", "fma", "f16c"} <= set(flags.split()):
         pytest.skip("the CPU has no AVX2+FMA+F16C")
     assert "avx2" in pq.available_isas()
+def _pool_stress(q, xs, threads, callers):
+    """Products of every x in `xs` from `callers` Python threads at once, on `threads` kernel threads."""
+    import threading
+
+    results = [[None] * len(xs) for _ in range(callers)]
+    errors = []
+
+    def run(c):
+        try:
+            for _ in range(3):  # back-to-back jobs: helpers still spinning, sleeping or late
+                for i, x in enumerate(xs):
+                    results[c][i] = pq.matmul_4bit(x, q, transpose=i % 2 == 0).tobytes()
+        except (ValueError, RuntimeError, MemoryError) as exc:  # reported below
+            errors.append(exc)
+
+    with pq.num_threads(threads):
+        workers = [threading.Thread(target=run, args=(c,)) for c in range(callers)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    assert not errors
+    return results
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_thread_pool_jobs_back_to_back_and_concurrent(rng, threads):
+    # Every output column is one task's, so the bytes must not depend on how the
+    # pool's helpers claimed the tasks, nor on other callers (who then run inline).
+    q = pq.quantize(rng.standard_normal((1000, 512)).astype(np.float32), blocksize=64)
+    xs = [rng.standard_normal((m, 512 if i % 2 == 0 else 1000)).astype(np.float32)
+          for i, m in enumerate((1, 1, 3, 8, 1, 2))]
+    with pq.num_threads(1):
+        want = [pq.matmul_4bit(x, q, transpose=i % 2 == 0).tobytes() for i, x in enumerate(xs)]
+    for callers in (1, 3):
+        for got in _pool_stress(q, xs, threads, callers):
+            assert got == want
+
+
+def test_thread_pool_without_spinning(tmp_path):
+    # NF4CORE_SPIN_US=0: helpers sleep at once and the caller waits on the
+    # condition variable, the path a busy machine takes; results as with 1 thread.
+    import subprocess
+    import sys
+
+    script = tmp_path / "pool.py"
+    script.write_text(
+        "import numpy as np, pyqlora as pq\n"
+        "rng = np.random.default_rng(0)\n"
+        "q = pq.quantize(rng.standard_normal((700, 256)).astype(np.float32))\n"
+        "x = rng.standard_normal((2, 256)).astype(np.float32)\n"
+        "with pq.num_threads(1):\n"
+        "    want = pq.matmul_4bit(x, q).tobytes()\n"
+        "with pq.num_threads(3):\n"
+        "    assert all(pq.matmul_4bit(x, q).tobytes() == want for _ in range(200))\n"
+        "print('ok')\n")
+    env = dict(os.environ, NF4CORE_SPIN_US="0")
+    done = subprocess.run([sys.executable, str(script)], check=False, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

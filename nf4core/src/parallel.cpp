@@ -1,6 +1,8 @@
 #include "parallel.hpp"
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <mutex>
@@ -39,6 +41,48 @@ int default_threads() {
     return cpus_available();
 }
 
+// Microseconds a helper spins for the next job before it sleeps
+// (NF4CORE_SPIN_US, 0 to 10000; default 50; the caller waits up to four times
+// as long for the helpers' last tasks before it sleeps). Spinning saves the futex wake-up
+// of back-to-back calls, but a spinning helper takes a core from whatever runs
+// next (torch's own threads), so it is kept short.
+int spin_microseconds() {
+    if (const char *env = std::getenv("NF4CORE_SPIN_US")) {
+        char *end = nullptr;
+        const long v = std::strtol(env, &end, 10);
+        if (end != env && *end == '\0' && v >= 0 && v <= 10000) return int(v);
+    }
+    return 50;
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+}
+
+// Spins until done() or `us` microseconds have passed; returns done().
+template <class Done>
+bool spin_until(Done done, int us) {
+    if (done()) return true;
+    if (us <= 0) return false;
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(us);
+    for (;;) {
+        for (int i = 0; i < 64; ++i) {
+            cpu_relax();
+            if (done()) return true;
+        }
+        if (std::chrono::steady_clock::now() >= deadline) return done();
+    }
+}
+
+// Jobs are handed out as tasks claimed from one atomic counter tagged with the
+// job's number, and the caller waits only for helpers that are running a task
+// of its job: a helper that wakes late (its core busy with another process or
+// a spinning OpenMP worker of torch) finds nothing left to claim and costs the
+// caller nothing.
 class Pool {
 public:
     static Pool &instance() {
@@ -53,74 +97,108 @@ public:
         threads_.store(n);
     }
 
-    bool run(int64_t ntasks, const std::function<void(int64_t)> &task) {
+    bool run(int64_t ntasks, TaskRef task) {
         if (in_worker_) return false;  // nested call from one of our workers
         std::unique_lock<std::mutex> busy(run_mutex_, std::try_to_lock);
         if (!busy.owns_lock()) return false;  // another caller owns the pool
-        const int helpers = std::min<int64_t>(threads(), ntasks) - 1;
+        if (ntasks >= (int64_t(1) << 31)) return false;  // the counter's low 32 bits
+        const int helpers = int(std::min<int64_t>(threads(), ntasks)) - 1;
         start_workers(helpers);
+        const uint64_t job = ++jobs_;
+        // Close the counter before the job's fields change: a late helper of the
+        // previous job, which may read the new task count, then fails its claim.
+        claim_.store((job << 32) | kClosed);
+        task_.store(&task);
+        ntasks_.store(uint32_t(ntasks));
+        wanted_.store(helpers);
+        claim_.store(job << 32);  // open
+        bool wake;
         {
-            std::lock_guard<std::mutex> lock(mutex_);
-            task_ = &task;
-            ntasks_ = ntasks;
-            next_.store(0);
-            active_ = helpers;
-            wanted_ = helpers;
-            ++generation_;
+            std::lock_guard<std::mutex> lock(mutex_);  // a helper about to sleep sees the job or is woken
+            job_.store(job);
+            wake = sleepers_ > 0;
         }
-        wake_.notify_all();
-        work();  // the calling thread takes part
-        std::unique_lock<std::mutex> lock(mutex_);
-        done_.wait(lock, [&] { return active_ == 0; });
-        task_ = nullptr;
+        if (wake) wake_.notify_all();
+        for (;;) {  // the calling thread takes part
+            const uint64_t t = claim_.fetch_add(1) & 0xffffffffu;
+            if (t >= uint64_t(ntasks)) break;
+            task(int64_t(t));
+        }
+        // Every task is claimed; wait for the helpers still running one (spin
+        // first: they are at most one small task behind).
+        if (!spin_until([&] { return running_.load() == 0; }, 4 * spin_us_)) {
+            std::unique_lock<std::mutex> lock(mutex_);
+            done_.wait(lock, [&] { return running_.load() == 0; });
+        }
+        task_.store(nullptr);
         return true;
     }
 
 private:
-    Pool() : threads_(default_threads()) {}
+    Pool() : threads_(default_threads()), spin_us_(spin_microseconds()) {}
 
     void start_workers(int n) {
         while (int(workers_.size()) < n) {
             const int id = int(workers_.size());
-            workers_.emplace_back([this, id] { loop(id); });
+            const uint64_t seen = job_.load();  // the job about to start is new to it
+            workers_.emplace_back([this, id, seen] { loop(id, seen); });
             workers_.back().detach();
         }
     }
 
-    void work() {
+    // Claims and runs tasks of job `job` until none is left. running_ is
+    // raised before each claim, so a caller that has seen every task claimed
+    // and running_ == 0 knows no task of its job is still running or about to.
+    void help(uint64_t job) {
         for (;;) {
-            const int64_t t = next_.fetch_add(1);
-            if (t >= ntasks_) return;
-            (*task_)(t);
+            running_.fetch_add(1);
+            uint64_t v = claim_.load();
+            bool got = false;
+            while ((v >> 32) == (job & 0xffffffffu) && (v & 0xffffffffu) < ntasks_.load()) {
+                if (claim_.compare_exchange_weak(v, v + 1)) {
+                    got = true;
+                    break;
+                }
+            }
+            if (got) (*task_.load())(int64_t(v & 0xffffffffu));
+            if (running_.fetch_sub(1) == 1) {
+                std::lock_guard<std::mutex> lock(mutex_);  // the caller may be waiting on done_
+                done_.notify_all();
+            }
+            if (!got) return;
         }
     }
 
-    void loop(int id) {
+    void loop(int id, uint64_t seen) {
         in_worker_ = true;
-        uint64_t seen = 0;
         for (;;) {
-            {
+            auto fresh = [&] { return job_.load(std::memory_order_acquire) != seen; };
+            if (!spin_until(fresh, spin_us_)) {
                 std::unique_lock<std::mutex> lock(mutex_);
-                wake_.wait(lock, [&] { return generation_ != seen; });
-                seen = generation_;
-                if (id >= wanted_) continue;  // not needed for this job
+                ++sleepers_;
+                wake_.wait(lock, fresh);
+                --sleepers_;
             }
-            work();
-            std::lock_guard<std::mutex> lock(mutex_);
-            if (--active_ == 0) done_.notify_all();
+            seen = job_.load();
+            if (id < wanted_.load()) help(seen);
         }
     }
 
     std::atomic<int> threads_;
+    const int spin_us_;
     std::mutex run_mutex_;  // one job at a time
-    std::mutex mutex_;
+    std::mutex mutex_;      // guards sleeping and waking
     std::condition_variable wake_, done_;
     std::vector<std::thread> workers_;
-    const std::function<void(int64_t)> *task_ = nullptr;
-    int64_t ntasks_ = 0;
-    std::atomic<int64_t> next_{0};
-    int active_ = 0, wanted_ = 0;
-    uint64_t generation_ = 0;
+    static constexpr uint64_t kClosed = 0xffffffffu;  // a task index no job reaches
+    uint64_t jobs_ = 0;                  // under run_mutex_
+    std::atomic<uint64_t> job_{0};       // the latest job's number (helpers wait for a change)
+    std::atomic<uint64_t> claim_{0};     // job number << 32 | next task to claim
+    std::atomic<const TaskRef *> task_{nullptr};
+    std::atomic<uint32_t> ntasks_{0};
+    std::atomic<int> wanted_{0};         // helpers with id < wanted_ take part
+    std::atomic<int> running_{0};        // helpers between a claim attempt and the end of its task
+    int sleepers_ = 0;                   // under mutex_
     static thread_local bool in_worker_;
 };
 
@@ -130,7 +208,7 @@ thread_local bool Pool::in_worker_ = false;
 
 int num_threads() { return Pool::instance().threads(); }
 
-bool pool_run(int64_t ntasks, const std::function<void(int64_t)> &task) { return Pool::instance().run(ntasks, task); }
+bool pool_run(int64_t ntasks, TaskRef task) { return Pool::instance().run(ntasks, task); }
 
 }  // namespace nf4core
 

@@ -1,22 +1,46 @@
 // A small persistent thread pool: nf4core does not use OpenMP, so that it never
 // fights torch's OpenMP runtime for the same cores, and so that the thread
 // count is ours to set (nf4_set_num_threads, NF4CORE_NUM_THREADS).
+//
+// Work is split into more tasks than threads and handed out dynamically, with
+// the calling thread taking part: a helper that starts late or is preempted
+// (on a core shared with torch's OpenMP workers, which spin-wait for a while
+// after every torch op) delays the call by one small task, not by a fixed
+// share of the work. Helpers spin briefly after a job before they sleep, so
+// back-to-back calls do not pay a futex wake-up each (NF4CORE_SPIN_US).
 #ifndef NF4CORE_SRC_PARALLEL_HPP
 #define NF4CORE_SRC_PARALLEL_HPP
 
 #include <cstdint>
 #include <exception>
-#include <functional>
 #include <mutex>
+#include <type_traits>
+#include <utility>
 
 namespace nf4core {
 
 int num_threads();
 
+// A non-owning reference to a callable void(int64_t): no allocation per call.
+class TaskRef {
+public:
+    template <class F, class = std::enable_if_t<!std::is_same<std::decay_t<F>, TaskRef>::value>>
+    TaskRef(F &f) : obj_(static_cast<void *>(&f)), call_([](void *o, int64_t t) { (*static_cast<F *>(o))(t); }) {}
+    void operator()(int64_t t) const { call_(obj_, t); }
+
+private:
+    void *obj_;
+    void (*call_)(void *, int64_t);
+};
+
 // Runs task(i) for i in [0, ntasks) on up to num_threads() threads. Returns
 // false without running anything if the pool is busy (another caller, or a
 // nested call from a worker): the caller then runs the tasks itself.
-bool pool_run(int64_t ntasks, const std::function<void(int64_t)> &task);
+bool pool_run(int64_t ntasks, TaskRef task);
+
+// Tasks per thread at most: enough that a late helper costs little, few
+// enough that the per-task cost (an atomic increment) does not matter.
+constexpr int64_t kTasksPerThread = 16;
 
 template <class F>
 void parallel_for(int64_t n_items, int64_t min_items, F &&fn) {
@@ -24,22 +48,18 @@ void parallel_for(int64_t n_items, int64_t min_items, F &&fn) {
     if (min_items < 1) min_items = 1;
     const int threads = num_threads();
     int64_t ntasks = n_items / min_items;
-    if (ntasks > int64_t(threads) * 4) ntasks = int64_t(threads) * 4;  // some slack for uneven speed
+    if (ntasks > int64_t(threads) * kTasksPerThread) ntasks = int64_t(threads) * kTasksPerThread;
     if (threads <= 1 || ntasks <= 1) {
         fn(int64_t(0), n_items);
         return;
     }
     const int64_t per = n_items / ntasks, extra = n_items % ntasks;
-    auto range = [&](int64_t t, int64_t &b0, int64_t &b1) {
-        b0 = t * per + (t < extra ? t : extra);
-        b1 = b0 + per + (t < extra ? 1 : 0);
-    };
     std::exception_ptr first_error;
     int64_t first_task = ntasks;
     std::mutex error_mutex;
     auto task = [&](int64_t t) {
-        int64_t b0, b1;
-        range(t, b0, b1);
+        const int64_t b0 = t * per + (t < extra ? t : extra);
+        const int64_t b1 = b0 + per + (t < extra ? 1 : 0);
         try {
             fn(b0, b1);
         } catch (...) {
@@ -50,7 +70,7 @@ void parallel_for(int64_t n_items, int64_t min_items, F &&fn) {
             }
         }
     };
-    if (!pool_run(ntasks, task)) {
+    if (!pool_run(ntasks, TaskRef(task))) {
         for (int64_t t = 0; t < ntasks; ++t) task(t);
     }
     if (first_error) std::rethrow_exception(first_error);
