@@ -56,6 +56,7 @@ from .nn import Linear4bit, LoraLinear4bit, _byte_view
 
 __all__ = [
     "KINDS",
+    "OPTIMIZER_DCP",
     "OPTIMIZER_FILE",
     "DistContext",
     "all_reduce_mean",
@@ -78,6 +79,8 @@ __all__ = [
 KINDS = ("none", "ddp", "fsdp")
 #: File next to the adapter holding the optimizer state (and ``extra``) written by save_adapter_distributed.
 OPTIMIZER_FILE = "optimizer.pt"
+#: Folder of the sharded optimizer checkpoint (torch.distributed.checkpoint) with ``sharded_optimizer=True``.
+OPTIMIZER_DCP = "optimizer_dcp"
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -383,7 +386,8 @@ def _lora_keys(model, adapter_name):
     return keys
 
 
-def save_adapter_distributed(model, directory, optimizer=None, extra=None, adapter_name="default"):
+def save_adapter_distributed(model, directory, optimizer=None, extra=None, adapter_name="default",
+                             sharded_optimizer=False):
     """Write the adapter (PEFT files) and, optionally, the optimizer state; call on every rank.
 
     Under FSDP2 the LoRA shards and the optimizer state are gathered into full
@@ -401,8 +405,16 @@ def save_adapter_distributed(model, directory, optimizer=None, extra=None, adapt
     optimizer : torch.optim.Optimizer, optional
     extra : object, optional
         Anything picklable to restore with the optimizer (step, data position, RNG state).
+    adapter_name : str
+    sharded_optimizer : bool
+        FSDP only: write the optimizer state as a sharded ``torch.distributed.checkpoint``
+        (folder ``optimizer_dcp/``, each rank writes its own shard, nothing is
+        gathered) instead of one full ``optimizer.pt``; ``optimizer.pt`` then
+        holds only ``extra``. :func:`load_adapter_distributed` reads either.
     """
     inner = unwrap(model)
+    if sharded_optimizer and not _is_fsdp(inner):
+        raise ValueError("sharded_optimizer=True needs an FSDP2 model (under DDP every rank holds the whole state)")
     if _is_fsdp(inner):
         from safetensors.torch import save_file
         from torch.distributed.checkpoint.state_dict import (
@@ -423,7 +435,16 @@ def save_adapter_distributed(model, directory, optimizer=None, extra=None, adapt
             save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     elif is_main_process():
         save_adapter(inner, directory, adapter_name=adapter_name)
-    if optimizer is not None:
+    if optimizer is not None and sharded_optimizer:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        dcp.save({"optimizer": get_optimizer_state_dict(inner, optimizer)},
+                 checkpoint_id=os.path.join(directory, OPTIMIZER_DCP))
+        if is_main_process():
+            torch.save({"optimizer": None, "sharded": OPTIMIZER_DCP, "extra": extra},
+                       os.path.join(directory, OPTIMIZER_FILE))
+    elif optimizer is not None:
         state = _optimizer_state(inner, optimizer)
         if is_main_process():
             torch.save({"optimizer": state, "extra": extra}, os.path.join(directory, OPTIMIZER_FILE))
@@ -485,8 +506,19 @@ def load_adapter_distributed(model, directory, optimizer=None, adapter_name="def
         set_model_state_dict(inner, full, options=StateDictOptions(full_state_dict=True, strict=False))
         if optimizer is not None:
             saved = torch.load(opt_path, map_location="cpu", weights_only=False)
-            set_optimizer_state_dict(inner, optimizer, saved["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
+            if saved.get("sharded"):
+                import torch.distributed.checkpoint as dcp
+                from torch.distributed.checkpoint.state_dict import (
+                    get_optimizer_state_dict,
+                )
+
+                # the template gives each rank's shards; DCP reads into them (resharding if needed)
+                state = {"optimizer": get_optimizer_state_dict(inner, optimizer)}
+                dcp.load(state, checkpoint_id=os.path.join(directory, saved["sharded"]))
+                set_optimizer_state_dict(inner, optimizer, state["optimizer"])
+            else:
+                set_optimizer_state_dict(inner, optimizer, saved["optimizer"],
+                                         options=StateDictOptions(full_state_dict=True))
             extra = saved["extra"]
     else:
         load_adapter(inner, directory, adapter_name=adapter_name)
