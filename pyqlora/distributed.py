@@ -65,8 +65,11 @@ __all__ = [
     "is_main_process",
     "load_adapter_distributed",
     "local_batch",
+    "memory_status",
+    "optimizer_state_bytes",
     "parameter_bytes",
     "rank",
+    "reset_peak_memory",
     "save_adapter_distributed",
     "setup",
     "trainable_parameters",
@@ -243,6 +246,51 @@ def parameter_bytes(model):
     return out
 
 
+def optimizer_state_bytes(optimizer):
+    """Bytes of optimizer state this rank holds: the local shard of each state tensor.
+
+    Counts every tensor in ``optimizer.state`` (moments, 8-bit codes and scales,
+    step counters) by its local part under FSDP2, whole under DDP. For the paged
+    optimizers this is their state whether resident or spilled.
+    """
+    n = 0
+    for st in optimizer.state.values():
+        for v in st.values():
+            if torch.is_tensor(v):
+                n += _local(v).numel() * v.element_size()
+    return n
+
+
+def memory_status():
+    """This process's resident memory now and at its peak, from ``/proc/self/status`` (bytes; Linux).
+
+    Returns
+    -------
+    dict
+        ``{"rss": VmRSS, "peak_rss": VmHWM}``; values are None where the file is unavailable.
+    """
+    out = {"rss": None, "peak_rss": None}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    out["rss" if key == "VmRSS" else "peak_rss"] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def reset_peak_memory():
+    """Reset this process's peak resident memory (VmHWM) to its current RSS; False if Linux refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _check_prepared(model):
     if not lora_layers(model):
         raise ValueError("the model has no LoRA layers: call pyqlora.lora.prepare_model before wrap_model")
@@ -367,6 +415,12 @@ def wrap_model(model, ctx, *, mixed_precision=None, reshard_after_forward=True, 
     for unit in _shard_units(model, shard_classes):
         fully_shard(unit, **kwargs)
     fully_shard(model, **kwargs)
+    # fully_shard copied each rank's chunk into new storage; the cached QuantizedArray view of
+    # every Linear4bit still pointed at the whole unsharded bytes and kept them alive (the full
+    # 4-bit model on every rank). Dropping the views frees them.
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            m._q_cache = None
     return model
 
 

@@ -99,6 +99,11 @@ def _train(model, batch, loss_fn, opt, steps=STEPS, reduce=False):
     return losses
 
 
+def _state_bytes(opt):
+    """(optimizer_state_bytes, the optimizer's own count of its paged state + 4 bytes per step counter)."""
+    return qdist.optimizer_state_bytes(opt), opt.state_bytes() + 4 * len(opt.state)
+
+
 def _storage(model):
     """{name: bytes} of every 4-bit storage tensor of an unsharded model."""
     return {f"{n}.{i}": t.detach().clone() for n, m in model.named_modules() if isinstance(m, Linear4bit)
@@ -153,7 +158,9 @@ def _worker(rank, port, outdir, opt_name):
         return allreduce_hook(state, bucket)
 
     ddp.register_comm_hook(None, counting_hook)
-    out["ddp_losses"] = _train(ddp, mine, _mlp_loss, make_opt(qdist.trainable_parameters(ddp)), reduce=True)
+    opt = make_opt(qdist.trainable_parameters(ddp))
+    out["ddp_losses"] = _train(ddp, mine, _mlp_loss, opt, reduce=True)
+    out["ddp_state_bytes"] = _state_bytes(opt)
     out["ddp_reduced_per_step"] = sum(reduced) / STEPS
     out["ddp_ignored"] = sorted(ddp.parameters_to_ignore)
     out["ddp_frozen_grads"] = [n for n, p in m.named_parameters() if not p.requires_grad and p.grad is not None]
@@ -178,7 +185,11 @@ def _worker(rank, port, outdir, opt_name):
     out["unsharded_bytes"] = qdist.parameter_bytes(m)
     qdist.wrap_model(m, fsdp)
     out["fsdp_bytes"] = qdist.parameter_bytes(m)
-    out["fsdp_losses"] = _train(m, mine, _mlp_loss, make_opt(qdist.trainable_parameters(m)), reduce=True)
+    # no view of the unsharded 4-bit bytes survives fully_shard (it would keep the whole base alive)
+    out["fsdp_unsharded_views"] = [n for n, x in m.named_modules() if isinstance(x, Linear4bit) and x._q_cache]
+    opt = make_opt(qdist.trainable_parameters(m))
+    out["fsdp_losses"] = _train(m, mine, _mlp_loss, opt, reduce=True)
+    out["fsdp_state_bytes"] = _state_bytes(opt)
     out["fsdp_codes_intact"], out["fsdp_storage_dtypes"] = _fsdp_codes_intact(m, reference)
     out["fsdp_lora_is_dtensor"] = all(type(p).__name__ == "DTensor" for p in qdist.trainable_parameters(m))
 
@@ -312,6 +323,20 @@ def test_fsdp_matches_single_process_and_shards_the_4bit_weights(run):
         assert r["fsdp_bytes"]["trainable"] <= 0.6 * r["ddp_bytes"]["trainable"]
         assert r["fsdp_bytes"]["total"] < 0.6 * r["ddp_bytes"]["total"]
         assert r["unsharded_bytes"] == r["ddp_bytes"]
+        assert r["fsdp_unsharded_views"] == []
+
+
+def test_fsdp_holds_fewer_parameter_and_optimizer_bytes_per_rank_than_ddp(run):
+    """Issue 9: per-rank memory under FSDP lower than DDP's, counted exactly from local shards."""
+    ranks, _ = run
+    for r in ranks:
+        for kind in ("ddp", "fsdp"):
+            counted, own = r[f"{kind}_state_bytes"]
+            assert counted == own > 0  # the local count agrees with the paged optimizer's own
+        ddp = r["ddp_bytes"]["total"] + r["ddp_state_bytes"][0]
+        fsdp = r["fsdp_bytes"]["total"] + r["fsdp_state_bytes"][0]
+        assert r["fsdp_state_bytes"][0] < 0.6 * r["ddp_state_bytes"][0]
+        assert fsdp < 0.6 * ddp
     frozen = sum(r["fsdp_bytes"]["frozen"] for r in ranks)
     assert frozen >= ranks[0]["ddp_bytes"]["frozen"]  # the shards cover the whole
 
