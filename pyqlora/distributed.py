@@ -267,15 +267,18 @@ def memory_status():
     Returns
     -------
     dict
-        ``{"rss": VmRSS, "peak_rss": VmHWM}``; values are None where the file is unavailable.
+        ``{"rss": VmRSS, "peak_rss": VmHWM, "rss_anon": RssAnon, "rss_file": RssFile}``
+        (RssFile: pages of mapped files, e.g. a memory-mapped checkpoint, which the
+        kernel can drop under pressure); values are None where unavailable.
     """
-    out = {"rss": None, "peak_rss": None}
+    names = {"VmRSS": "rss", "VmHWM": "peak_rss", "RssAnon": "rss_anon", "RssFile": "rss_file"}
+    out = dict.fromkeys(names.values())
     try:
         with open("/proc/self/status") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
-                    out["rss" if key == "VmRSS" else "peak_rss"] = int(value.split()[0]) * 1024
+                if key in names:
+                    out[names[key]] = int(value.split()[0]) * 1024
     except OSError:
         pass
     return out
