@@ -667,7 +667,9 @@ def _run(cfg, out, ctx, qdist):
         "optimizer_state_bytes": opt_bytes,
         "rss_before_training_bytes": rss_before_train,
         "peak_rss_training_bytes": rss_train,
-        "peak_rss_process_bytes": _peak_rss_bytes(),
+        # with --distributed the peak was reset when training started: the larger of the two
+        "peak_rss_process_bytes": max(_peak_rss_bytes(), peak_before_training or 0) if distributed
+        else _peak_rss_bytes(),
     }
     report = {
         "config": dataclasses.asdict(cfg),
@@ -749,7 +751,7 @@ def _print_report(r, say):
             (f"optimizer state ({m['optimizer']})", m["optimizer_state_bytes"]),
             ("resident memory before training", m["rss_before_training_bytes"]),
             ("peak resident memory while training", m["peak_rss_training_bytes"]),
-            ("peak resident memory of the process (incl. loading fp32)", m["peak_rss_process_bytes"])]
+            ("peak resident memory of the process (incl. loading)", m["peak_rss_process_bytes"])]
     say("memory:")
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
