@@ -21,7 +21,10 @@ optimizers page on every machine.
   Parameters with fewer than ``min_8bit_size`` (1024) elements keep 32-bit state.
 
 Both have ``state_dict()`` / ``load_state_dict()`` that resume a run exactly
-(the state is copied back into paged memory), work with gradient clipping
+(the state is copied back into paged memory; under FSDP2 the 8-bit moments are
+exported decoded, as float32 ``DTensor`` shards that
+``torch.distributed.checkpoint`` can reshard, and requantized bit for bit on
+load: see ``docs/distributed.md``), work with gradient clipping
 (``torch.nn.utils.clip_grad_norm_`` before ``step()``) and with the LoRA
 parameters of :func:`pyqlora.lora.prepare_model`.
 
@@ -480,6 +483,9 @@ class PagedAdamW8bit(_PagedOptimizer):
         new = {k: v for k, v in out.items() if k not in ("state1", "state2", "absmax1", "absmax2")}
         for key, codes, absmax, qmap in (("exp_avg", "state1", "absmax1", self._qmap1),
                                          ("exp_avg_sq", "state2", "absmax2", self._qmap2)):
+            if out[codes].numel() == 0:  # an empty shard (min_8bit_size=0)
+                new[key] = torch.zeros(0, dtype=torch.float32)
+                continue
             decoded = pq.dequantize_blockwise(out[codes].numpy(), out[absmax].numpy(), blocksize=self.blocksize,
                                               codebook=qmap)
             new[key] = torch.from_numpy(decoded)
@@ -499,6 +505,9 @@ class PagedAdamW8bit(_PagedOptimizer):
             value = torch.as_tensor(_local(values[key])).detach().to(torch.float32)
             if not torch.isfinite(value).all():
                 raise ValueError(f"optimizer state {key!r} for a parameter of shape {tuple(p.shape)} is not finite")
+            if value.numel() == 0:
+                converted[codes], converted[absmax] = torch.zeros(0, dtype=torch.uint8), torch.zeros(0)
+                continue
             c, a, inexact = _requantize_exact(value.numpy(), qmap, self.blocksize)
             self.inexact_blocks_loaded += inexact
             converted[codes], converted[absmax] = torch.from_numpy(c), torch.from_numpy(a)
