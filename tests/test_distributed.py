@@ -269,6 +269,8 @@ def _free_port():
         return s.getsockname()[1]
 
 
+# The tests using this fixture are marked slow: per optimizer it spawns two processes twice
+# (about 80 s on a shared 2-core machine); CI still runs them (pyproject.toml: slow tests run in CI).
 @pytest.fixture(scope="module", params=sorted(OPTIMIZERS))
 def run(request, tmp_path_factory):
     import torch.multiprocessing as mp
@@ -296,6 +298,7 @@ def _close(a, b, rtol=1e-5):
                                rtol=rtol, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_ddp_matches_single_process_and_reduces_only_lora(run):
     ranks, single = run
     for r in ranks:
@@ -305,6 +308,7 @@ def test_ddp_matches_single_process_and_reduces_only_lora(run):
         assert r["ddp_frozen_grads"] == []
 
 
+@pytest.mark.slow
 def test_wrap_refuses_ranks_with_different_frozen_weights(run):
     ranks, _ = run
     for r in ranks:
@@ -312,6 +316,7 @@ def test_wrap_refuses_ranks_with_different_frozen_weights(run):
             assert r[f"{kind}_mismatch_error"] and "differ between ranks" in r[f"{kind}_mismatch_error"]
 
 
+@pytest.mark.slow
 def test_fsdp_matches_single_process_and_shards_the_4bit_weights(run):
     ranks, single = run
     for r in ranks:
@@ -326,6 +331,7 @@ def test_fsdp_matches_single_process_and_shards_the_4bit_weights(run):
         assert r["fsdp_unsharded_views"] == []
 
 
+@pytest.mark.slow
 def test_fsdp_holds_fewer_parameter_and_optimizer_bytes_per_rank_than_ddp(run):
     """Issue 9: per-rank memory under FSDP lower than DDP's, counted exactly from local shards."""
     ranks, _ = run
@@ -341,6 +347,7 @@ def test_fsdp_holds_fewer_parameter_and_optimizer_bytes_per_rank_than_ddp(run):
     assert frozen >= ranks[0]["ddp_bytes"]["frozen"]  # the shards cover the whole
 
 
+@pytest.mark.slow
 def test_fsdp_bfloat16_mixed_precision_keeps_the_codes(run):
     ranks, single = run
     for r in ranks:
@@ -348,6 +355,7 @@ def test_fsdp_bfloat16_mixed_precision_keeps_the_codes(run):
         _close(r["mp_losses"], single["mlp"], rtol=3e-2)  # bf16 compute, same trajectory
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_resume_is_bit_identical(run):
     """Save after 2 steps, resume (same processes from the full state dict; fresh processes from the
     sharded DCP checkpoint), train 2 more: parameters and losses equal the uninterrupted run's bit for
@@ -365,6 +373,7 @@ def test_fsdp_checkpoint_resume_is_bit_identical(run):
     assert ranks[0]["ckpt_adapter_file_matches"]
 
 
+@pytest.mark.slow
 def test_fsdp_hugging_face_llama_matches_single_process(run):
     ranks, single = run
     for r in ranks:
