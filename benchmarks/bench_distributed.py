@@ -7,10 +7,12 @@ Run with torchrun, once per kind, and compare the JSON lines rank 0 prints::
 
 The model is a Hugging Face Llama built from a config (random weights, nothing
 downloaded), prepared by ``prepare_model`` on every rank. Reported per rank:
-bytes of parameters + buffers held (local shards under FSDP), resident memory
-now and at its peak (the peak includes building the dense model before
-quantization, the same for both kinds), and the mean time of a training step
-after the first.
+bytes of parameters + buffers and of optimizer state held (local shards under
+FSDP), resident memory now and at its peak (VmHWM; the peak includes building
+the dense random model before quantization, the same for both kinds), and the
+mean time of a training step after the first. For the real SmolLM2-135M, loaded
+straight into 4 bits, use ``torchrun --nproc-per-node 2 -m pyqlora finetune
+--distributed ddp|fsdp`` (its report has the same figures per rank).
 """
 import argparse
 import json
@@ -64,9 +66,12 @@ def main():
         opt.zero_grad()
         times.append(time.perf_counter() - t)
         loss = qdist.all_reduce_mean(loss)
+    mem = qdist.memory_status()
     row = {"kind": args.kind, "world_size": ctx.world_size, "hidden": args.hidden, "layers": args.layers,
-           "vocab": args.vocab, "param_buffer_bytes": held, "rss_now": rss_bytes(),
-           "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+           "vocab": args.vocab, "param_buffer_bytes": held,
+           "optimizer_state_bytes": qdist.optimizer_state_bytes(opt), "rss_now": rss_bytes(),
+           "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "vmhwm": mem["peak_rss"],
+           "rss_anon": mem["rss_anon"],
            "step_s": sum(times[1:]) / max(1, len(times) - 1), "last_loss": loss}
     rows = [None] * ctx.world_size
     torch.distributed.all_gather_object(rows, row)

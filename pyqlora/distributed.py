@@ -56,6 +56,7 @@ from .nn import Linear4bit, LoraLinear4bit, _byte_view
 
 __all__ = [
     "KINDS",
+    "OPTIMIZER_DCP",
     "OPTIMIZER_FILE",
     "DistContext",
     "all_reduce_mean",
@@ -64,8 +65,11 @@ __all__ = [
     "is_main_process",
     "load_adapter_distributed",
     "local_batch",
+    "memory_status",
+    "optimizer_state_bytes",
     "parameter_bytes",
     "rank",
+    "reset_peak_memory",
     "save_adapter_distributed",
     "setup",
     "trainable_parameters",
@@ -78,6 +82,8 @@ __all__ = [
 KINDS = ("none", "ddp", "fsdp")
 #: File next to the adapter holding the optimizer state (and ``extra``) written by save_adapter_distributed.
 OPTIMIZER_FILE = "optimizer.pt"
+#: Folder of the sharded optimizer checkpoint (torch.distributed.checkpoint) with ``sharded_optimizer=True``.
+OPTIMIZER_DCP = "optimizer_dcp"
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -240,6 +246,54 @@ def parameter_bytes(model):
     return out
 
 
+def optimizer_state_bytes(optimizer):
+    """Bytes of optimizer state this rank holds: the local shard of each state tensor.
+
+    Counts every tensor in ``optimizer.state`` (moments, 8-bit codes and scales,
+    step counters) by its local part under FSDP2, whole under DDP. For the paged
+    optimizers this is their state whether resident or spilled.
+    """
+    n = 0
+    for st in optimizer.state.values():
+        for v in st.values():
+            if torch.is_tensor(v):
+                n += _local(v).numel() * v.element_size()
+    return n
+
+
+def memory_status():
+    """This process's resident memory now and at its peak, from ``/proc/self/status`` (bytes; Linux).
+
+    Returns
+    -------
+    dict
+        ``{"rss": VmRSS, "peak_rss": VmHWM, "rss_anon": RssAnon, "rss_file": RssFile}``
+        (RssFile: pages of mapped files, e.g. a memory-mapped checkpoint, which the
+        kernel can drop under pressure); values are None where unavailable.
+    """
+    names = {"VmRSS": "rss", "VmHWM": "peak_rss", "RssAnon": "rss_anon", "RssFile": "rss_file"}
+    out = dict.fromkeys(names.values())
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in names:
+                    out[names[key]] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def reset_peak_memory():
+    """Reset this process's peak resident memory (VmHWM) to its current RSS; False if Linux refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _check_prepared(model):
     if not lora_layers(model):
         raise ValueError("the model has no LoRA layers: call pyqlora.lora.prepare_model before wrap_model")
@@ -364,6 +418,12 @@ def wrap_model(model, ctx, *, mixed_precision=None, reshard_after_forward=True, 
     for unit in _shard_units(model, shard_classes):
         fully_shard(unit, **kwargs)
     fully_shard(model, **kwargs)
+    # fully_shard copied each rank's chunk into new storage; the cached QuantizedArray view of
+    # every Linear4bit still pointed at the whole unsharded bytes and kept them alive (the full
+    # 4-bit model on every rank). Dropping the views frees them.
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            m._q_cache = None
     return model
 
 
@@ -383,7 +443,8 @@ def _lora_keys(model, adapter_name):
     return keys
 
 
-def save_adapter_distributed(model, directory, optimizer=None, extra=None, adapter_name="default"):
+def save_adapter_distributed(model, directory, optimizer=None, extra=None, adapter_name="default",
+                             sharded_optimizer=False):
     """Write the adapter (PEFT files) and, optionally, the optimizer state; call on every rank.
 
     Under FSDP2 the LoRA shards and the optimizer state are gathered into full
@@ -401,8 +462,16 @@ def save_adapter_distributed(model, directory, optimizer=None, extra=None, adapt
     optimizer : torch.optim.Optimizer, optional
     extra : object, optional
         Anything picklable to restore with the optimizer (step, data position, RNG state).
+    adapter_name : str
+    sharded_optimizer : bool
+        FSDP only: write the optimizer state as a sharded ``torch.distributed.checkpoint``
+        (folder ``optimizer_dcp/``, each rank writes its own shard, nothing is
+        gathered) instead of one full ``optimizer.pt``; ``optimizer.pt`` then
+        holds only ``extra``. :func:`load_adapter_distributed` reads either.
     """
     inner = unwrap(model)
+    if sharded_optimizer and not _is_fsdp(inner):
+        raise ValueError("sharded_optimizer=True needs an FSDP2 model (under DDP every rank holds the whole state)")
     if _is_fsdp(inner):
         from safetensors.torch import save_file
         from torch.distributed.checkpoint.state_dict import (
@@ -423,7 +492,16 @@ def save_adapter_distributed(model, directory, optimizer=None, extra=None, adapt
             save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     elif is_main_process():
         save_adapter(inner, directory, adapter_name=adapter_name)
-    if optimizer is not None:
+    if optimizer is not None and sharded_optimizer:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        dcp.save({"optimizer": get_optimizer_state_dict(inner, optimizer)},
+                 checkpoint_id=os.path.join(directory, OPTIMIZER_DCP))
+        if is_main_process():
+            torch.save({"optimizer": None, "sharded": OPTIMIZER_DCP, "extra": extra},
+                       os.path.join(directory, OPTIMIZER_FILE))
+    elif optimizer is not None:
         state = _optimizer_state(inner, optimizer)
         if is_main_process():
             torch.save({"optimizer": state, "extra": extra}, os.path.join(directory, OPTIMIZER_FILE))
@@ -485,8 +563,19 @@ def load_adapter_distributed(model, directory, optimizer=None, adapter_name="def
         set_model_state_dict(inner, full, options=StateDictOptions(full_state_dict=True, strict=False))
         if optimizer is not None:
             saved = torch.load(opt_path, map_location="cpu", weights_only=False)
-            set_optimizer_state_dict(inner, optimizer, saved["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
+            if saved.get("sharded"):
+                import torch.distributed.checkpoint as dcp
+                from torch.distributed.checkpoint.state_dict import (
+                    get_optimizer_state_dict,
+                )
+
+                # the template gives each rank's shards; DCP reads into them (resharding if needed)
+                state = {"optimizer": get_optimizer_state_dict(inner, optimizer)}
+                dcp.load(state, checkpoint_id=os.path.join(directory, saved["sharded"]))
+                set_optimizer_state_dict(inner, optimizer, state["optimizer"])
+            else:
+                set_optimizer_state_dict(inner, optimizer, saved["optimizer"],
+                                         options=StateDictOptions(full_state_dict=True))
             extra = saved["extra"]
     else:
         load_adapter(inner, directory, adapter_name=adapter_name)

@@ -293,6 +293,67 @@ def _tensor_bytes(model):
     return total
 
 
+class _SafetensorsWeights:
+    """Lazy mapping: parameter name -> tensor of a folder's safetensors files, read one at a time.
+
+    safetensors maps the file and may return views of the mapping: a dense weight
+    then costs file-backed pages only while it lives (until prepare_model has
+    quantized it), and no heap allocation is left behind. (Reading into fresh
+    tensors instead left about 140 MiB of freed heap resident with glibc.)
+    """
+
+    def __init__(self, files):
+        from safetensors import safe_open
+
+        self._where = {}
+        for path in files:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    self._where[key] = path
+
+    def __contains__(self, key):
+        return key in self._where
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self):
+        return len(self._where)
+
+    def __getitem__(self, key):
+        from safetensors import safe_open
+
+        with safe_open(self._where[key], framework="pt") as f:
+            return f.get_tensor(key)
+
+
+def _load_streamed(spec):
+    """(model on the meta device, tokenizer, info, lazy weights) for --distributed, or None.
+
+    Every rank of a distributed run would otherwise build the whole dense float32
+    model before quantizing (and, under FSDP, sharding) it; with the weights read
+    lazily, prepare_model quantizes each layer as it arrives. None for a 4-bit
+    checkpoint, which load_model already reads without a dense copy.
+    """
+    import transformers
+
+    from . import checkpoint as ckpt
+    from .lora import empty_weights
+
+    folder, source = ckpt._resolve(spec)
+    if ckpt._read_config(folder).get("quantization_config"):
+        return None
+    config = transformers.AutoConfig.from_pretrained(folder)
+    with empty_weights():
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    model.to(torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    weights = _SafetensorsWeights(ckpt._safetensors_files(folder))
+    return model, tok, {"source": source, "folder": folder, "quantized": False, "streamed": True}, weights
+
+
 # ----------------------------------------------------------------------------- adapters
 def _lora_a_weights(model):
     """The lora_A weights of every adapted layer, in module order (ours and PEFT's have the same names)."""
@@ -312,20 +373,25 @@ def _seed_adapters(model, seed):
             w.copy_(torch.rand(w.shape, generator=gen, dtype=torch.float32) * (2 * bound) - bound)
 
 
-def _prepare(model, cfg):
-    """Quantize + adapt (4bit) or adapt the dense bf16 base with PEFT (bf16); returns (model, info)."""
+def _prepare(model, cfg, weights=None):
+    """Quantize + adapt (4bit) or adapt the dense bf16 base with PEFT (bf16); returns (model, info).
+
+    `weights`: a lazy mapping for a model built under ``empty_weights`` (4bit only; see prepare_model).
+    """
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     head = model.get_output_embeddings()
     sizes = [m.weight.numel() for _, m in linears if m is not head]
     n_total = sum(p.numel() for p in model.parameters())
     info = {"linear_params": sum(sizes), "other_params": n_total - sum(sizes), "linear_sizes": sizes}
+    del linears, head  # hold no layer: each dense weight must die as soon as prepare_model quantizes it
     if cfg.base == "4bit":
         from .lora import LoraConfig, prepare_model
 
         report = prepare_model(model, LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                                  codebook=cfg.codebook, blocksize=cfg.blocksize,
                                                  double_quant=cfg.double_quant,
-                                                 gradient_checkpointing=cfg.gradient_checkpointing))
+                                                 gradient_checkpointing=cfg.gradient_checkpointing),
+                               weights=weights)
         info.update(adapted_layers=len(report.replaced), quantized_linear_bytes=report.quantized_weight_bytes)
     else:
         try:
@@ -424,7 +490,11 @@ def _run(cfg, out, ctx, qdist):
 
     # -- model
     t0 = time.perf_counter()
-    model, tok, minfo = load_model(cfg.model, dtype=torch.float32)
+    streamed = _load_streamed(cfg.model) if distributed else None
+    if streamed is not None:  # no dense model: prepare_model quantizes each layer as it is read
+        model, tok, minfo, weights = streamed
+    else:
+        (model, tok, minfo), weights = load_model(cfg.model, dtype=torch.float32), None
     t_load = time.perf_counter() - t0
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     train_records, held_records = _split(records, cfg.heldout)
@@ -445,7 +515,7 @@ def _run(cfg, out, ctx, qdist):
 
     t_eval = 0.0
     ppl = {}
-    if eval_text is not None:
+    if eval_text is not None and weights is None:  # streamed: the dense original never exists
         t0 = time.perf_counter()
         ppl["original"] = perplexity(model, tok, eval_text, windows=cfg.eval_windows,
                                      dtype=torch.bfloat16 if autocast else None)
@@ -455,7 +525,7 @@ def _run(cfg, out, ctx, qdist):
     if autocast:
         model.to(torch.bfloat16)
     t0 = time.perf_counter()
-    model, pinfo = _prepare(model, cfg)
+    model, pinfo = _prepare(model, cfg, weights=weights)
     t_prepare = time.perf_counter() - t0
     base_bytes = _tensor_bytes(model) - sum(p.numel() * p.element_size() for p in model.parameters()
                                             if p.requires_grad)
@@ -492,6 +562,9 @@ def _run(cfg, out, ctx, qdist):
         say(f"distributed: {ctx.kind} over {ctx.world_size} processes, {hi - lo} of every {cfg.batch_size} "
             "examples per process")
     optimizer = make_optimizer(cfg.optimizer, trainable, cfg.lr)
+    if distributed:  # peak resident memory so far (loading, preparing, evaluating); then measure training alone
+        peak_before_training = qdist.memory_status()["peak_rss"]
+        peak_reset = qdist.reset_peak_memory()
     gen = torch.Generator().manual_seed(cfg.seed)
     order, pos = [], 0
 
@@ -551,6 +624,19 @@ def _run(cfg, out, ctx, qdist):
     if bar is not None:
         bar.close()
     opt_bytes = optimizer_state_bytes(optimizer)
+    per_rank = None
+    if distributed:
+        import gc
+
+        gc.collect()
+        mine = {"rank": ctx.rank, "parameter_bytes": qdist.parameter_bytes(model),
+                "optimizer_state_bytes": qdist.optimizer_state_bytes(optimizer),
+                "peak_rss_before_training": peak_before_training,
+                "peak_rss_training": qdist.memory_status()["peak_rss"] if peak_reset else None,
+                "rss_after_training": qdist.memory_status()["rss"],
+                "rss_anon_after_training": qdist.memory_status()["rss_anon"]}
+        per_rank = [None] * ctx.world_size
+        torch.distributed.all_gather_object(per_rank, mine)
 
     # -- after (every rank evaluates: FSDP2's forward needs all of them)
     model = qdist.unwrap(model)
@@ -581,7 +667,9 @@ def _run(cfg, out, ctx, qdist):
         "optimizer_state_bytes": opt_bytes,
         "rss_before_training_bytes": rss_before_train,
         "peak_rss_training_bytes": rss_train,
-        "peak_rss_process_bytes": _peak_rss_bytes(),
+        # with --distributed the peak was reset when training started: the larger of the two
+        "peak_rss_process_bytes": max(_peak_rss_bytes(), peak_before_training or 0) if distributed
+        else _peak_rss_bytes(),
     }
     report = {
         "config": dataclasses.asdict(cfg),
@@ -607,6 +695,8 @@ def _run(cfg, out, ctx, qdist):
         "versions": _versions(),
     }
     report["distributed"] = {"kind": ctx.kind, "world_size": ctx.world_size}
+    if per_rank is not None:  # what each rank holds and its resident memory (see docs/distributed.md)
+        memory["per_rank"] = per_rank
     if not ctx.is_main:
         return report
     with open(os.path.join(cfg.output, "report.json"), "w") as f:
@@ -644,8 +734,9 @@ def _print_report(r, say):
         f"tokens): {r['heldout_loss']['before']:.4f} -> {r['heldout_loss']['after']:.4f}")
     if r["perplexity"]:
         p = r["perplexity"]
+        original = f"{p['original']:.2f}" if "original" in p else "not computed (streamed 4-bit loading)"
         say(f"perplexity on {r['perplexity_text']} ({r['perplexity_tokens']:,} tokens): original "
-            f"{p['original']:.2f}, base for training {p['before']:.2f}, after fine-tuning {p['after']:.2f}")
+            f"{original}, base for training {p['before']:.2f}, after fine-tuning {p['after']:.2f}")
     if r["sample"]["before"] or r["sample"]["after"]:
         say(f"sample ({r['sample']['id']}, greedy):")
         for k in ("before", "after"):
@@ -660,11 +751,17 @@ def _print_report(r, say):
             (f"optimizer state ({m['optimizer']})", m["optimizer_state_bytes"]),
             ("resident memory before training", m["rss_before_training_bytes"]),
             ("peak resident memory while training", m["peak_rss_training_bytes"]),
-            ("peak resident memory of the process (incl. loading fp32)", m["peak_rss_process_bytes"])]
+            ("peak resident memory of the process (incl. loading)", m["peak_rss_process_bytes"])]
     say("memory:")
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         say(f"  {k:<{width}}  {_mib(v):>12}")
+    for rank in m.get("per_rank") or ():
+        held = rank["parameter_bytes"]["total"] + rank["optimizer_state_bytes"]
+        peaks = [rank["peak_rss_before_training"], rank["peak_rss_training"]]
+        say(f"  rank {rank['rank']} ({r['distributed']['kind']}): parameters + buffers + optimizer state held "
+            f"{_mib(held)}; peak resident before training {_mib(peaks[0] or 0)}, during training "
+            f"{_mib(peaks[1] or 0) if peaks[1] is not None else 'n/a'}")
     s = r["seconds"]
     say(f"time: {s['total']:.0f} s in all ({s['cpu_total']:.0f} CPU-seconds); training {s['train']:.0f} s "
         f"({t['seconds_per_step']:.2f} s/step, {t['cpu_seconds_per_step']:.2f} CPU-s/step, "

@@ -21,7 +21,10 @@ optimizers page on every machine.
   Parameters with fewer than ``min_8bit_size`` (1024) elements keep 32-bit state.
 
 Both have ``state_dict()`` / ``load_state_dict()`` that resume a run exactly
-(the state is copied back into paged memory), work with gradient clipping
+(the state is copied back into paged memory; under FSDP2 the 8-bit moments are
+exported decoded, as float32 ``DTensor`` shards that
+``torch.distributed.checkpoint`` can reshard, and requantized bit for bit on
+load: see ``docs/distributed.md``), work with gradient clipping
 (``torch.nn.utils.clip_grad_norm_`` before ``step()``) and with the LoRA
 parameters of :func:`pyqlora.lora.prepare_model`.
 
@@ -92,6 +95,73 @@ def _adamw_32bit(p, grad, exp_avg, exp_avg_sq, group, step):
     bias_correction2_sqrt = bias_correction2**0.5
     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
     p.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def _requantize_exact(values, qmap, blocksize):
+    """Blockwise 8-bit codes and absmax whose decoded values equal `values` wherever possible.
+
+    ``values`` are decoded 8-bit moments (``qmap[code] * absmax`` per block, as
+    exported for FSDP checkpoints). Plain requantization is exact for a block
+    whose largest magnitude is positive (its code is 1.0, so the block's absmax
+    comes back unchanged), but not for one whose largest magnitude is negative:
+    the signed dynamic map has 1.0 but no -1.0 (its lowest value is -0.99297),
+    so such a block decodes to a maximum of 0.99297 * absmax and requantizing
+    shrinks its absmax and moves codes. For those blocks the scale is recovered
+    from the codebook (a few float32 neighbours of ``max|v| / 0.99297`` are
+    tried) and accepted only if every element then decodes bit for bit to the
+    given value. A block with no such scale (values that were not decoded with
+    these blocks, e.g. after resharding to another number of ranks) keeps the
+    plain requantization: an ordinary 8-bit rounding of the state.
+
+    Returns
+    -------
+    codes : numpy.ndarray of uint8
+    absmax : numpy.ndarray of float32
+    inexact : int
+        Number of blocks whose decoded values differ from `values`.
+    """
+    v = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    n = v.size
+    codes, absmax = pq.quantize_blockwise(v, blocksize=blocksize, codebook=qmap)
+    nb = absmax.size
+    padded = np.zeros(nb * blocksize, dtype=np.float32)
+    padded[:n] = v
+    vb = padded.reshape(nb, blocksize)
+    cpad = np.zeros(nb * blocksize, dtype=np.uint8)
+    cpad[:n] = codes
+    zero = int(np.flatnonzero(qmap == 0.0)[0])
+    cpad[n:] = zero  # padding decodes to 0, like the padded values
+
+    ok = np.all(qmap[cpad.reshape(nb, blocksize)] * absmax[:, None] == vb, axis=1)
+    rows = np.flatnonzero(~ok)
+    if rows.size:
+        order = np.argsort(qmap, kind="stable")
+        table = qmap[order]
+        lowest = float(-table[0]) if table[0] < 0 else 1.0
+        blk = vb[rows].astype(np.float64)
+        guess = np.maximum(blk.max(axis=1).clip(min=0.0), (-blk).max(axis=1).clip(min=0.0) / lowest)
+        guess = guess.astype(np.float32)
+        done = np.zeros(rows.size, dtype=bool)
+        for k in (0, 1, -1, 2, -2, 3, -3):
+            a = guess.copy()
+            for _ in range(abs(k)):
+                a = np.nextafter(a, np.float32(np.inf if k > 0 else 0.0))
+            x = blk / np.where(a > 0, a, 1.0).astype(np.float64)[:, None]
+            i = np.clip(np.searchsorted(table, x), 1, table.size - 1)
+            lower = np.abs(x - table[i - 1]) <= np.abs(table[i] - x)
+            c = order[np.where(lower, i - 1, i)].astype(np.uint8)
+            good = ~done & np.all(qmap[c] * a[:, None] == vb[rows], axis=1)
+            for j in np.flatnonzero(good):
+                b = rows[j]
+                cpad[b * blocksize:(b + 1) * blocksize] = c[j]
+                absmax[b] = a[j]
+            done |= good
+            if done.all():
+                break
+        inexact = int((~done).sum())
+    else:
+        inexact = 0
+    return cpad[:n].copy(), absmax, inexact
 
 
 class _Arena:
@@ -224,14 +294,15 @@ class _PagedOptimizer(torch.optim.Optimizer):
         if _is_dtensor(p):
             # FSDP2: the state of a sharded parameter is sharded like it, so that
             # torch.distributed.checkpoint can gather and re-shard it
-            if any(k in out for k in ("absmax1", "absmax2")):
-                raise NotImplementedError(
-                    f"{type(self).__name__}: checkpoints of 8-bit state of FSDP-sharded parameters are not "
-                    "supported yet (the blocks of the state follow each rank's shard); use PagedAdamW under FSDP")
+            out = self._export_sharded(out)
             for k in ("exp_avg", "exp_avg_sq"):
                 if k in out:
                     out[k] = _DTensor.from_local(out[k].view_as(p.to_local()), p.device_mesh, p.placements,
                                                  shape=p.shape, stride=p.stride())
+        return out
+
+    def _export_sharded(self, out):
+        """The state of an FSDP-sharded parameter in a form DCP can reshard (as is by default)."""
         return out
 
     def load_state_dict(self, state_dict):
@@ -373,6 +444,9 @@ class PagedAdamW8bit(_PagedOptimizer):
         self._zero1 = int(np.flatnonzero(self._qmap1 == 0.0)[0])  # code of 0 in the signed map
         self._zero2 = int(np.flatnonzero(self._qmap2 == 0.0)[0])
         self.skipped_elements = 0
+        #: Blocks whose decoded moments could not be restored bit for bit by load_state_dict
+        #: (0 unless a checkpoint of decoded moments was resharded to other blocks).
+        self.inexact_blocks_loaded = 0
 
     def _is_8bit(self, p):
         return p.numel() >= self.min_8bit_size
@@ -389,6 +463,55 @@ class PagedAdamW8bit(_PagedOptimizer):
         if "state1" in slot:
             slot["state1"].fill_(self._zero1)
             slot["state2"].fill_(self._zero2)
+
+    # -- checkpoints of FSDP-sharded parameters ------------------------------------------
+    def _export_sharded(self, out):
+        """8-bit moments of an FSDP shard as float32 ``exp_avg`` / ``exp_avg_sq`` (decoded).
+
+        The 8-bit blocks follow each rank's local shard, so codes and absmax
+        mean nothing to ``torch.distributed.checkpoint``, which reshards by
+        element. The decoded moments are ordinary element-wise tensors: DCP can
+        gather, save and reshard them, every rank exports the same keys whether
+        its shard is in 8 or 32 bits (``min_8bit_size`` looks at the local
+        shard), and the file is also readable by :class:`PagedAdamW` or
+        ``torch.optim.AdamW``. Loading requantizes them; with the same sharding
+        that gives back the very same decoded values (see
+        :func:`_requantize_exact`), so a resumed run is bit-identical.
+        """
+        if "state1" not in out:
+            return out
+        new = {k: v for k, v in out.items() if k not in ("state1", "state2", "absmax1", "absmax2")}
+        for key, codes, absmax, qmap in (("exp_avg", "state1", "absmax1", self._qmap1),
+                                         ("exp_avg_sq", "state2", "absmax2", self._qmap2)):
+            if out[codes].numel() == 0:  # an empty shard (min_8bit_size=0)
+                new[key] = torch.zeros(0, dtype=torch.float32)
+                continue
+            decoded = pq.dequantize_blockwise(out[codes].numpy(), out[absmax].numpy(), blocksize=self.blocksize,
+                                              codebook=qmap)
+            new[key] = torch.from_numpy(decoded)
+        return new
+
+    def _load_param_state(self, p, values):
+        slot = self._slots[p]
+        if "state1" not in slot or "state1" in values:
+            return super()._load_param_state(p, values)
+        # decoded moments (an FSDP checkpoint, or 32-bit state): requantize into this rank's blocks
+        converted = {k: v for k, v in values.items() if k not in ("exp_avg", "exp_avg_sq")}
+        for key, codes, absmax, qmap in (("exp_avg", "state1", "absmax1", self._qmap1),
+                                         ("exp_avg_sq", "state2", "absmax2", self._qmap2)):
+            if key not in values:
+                raise ValueError(f"optimizer state for a parameter of shape {tuple(p.shape)} lacks {key!r} "
+                                 f"(or {codes!r}/{absmax!r})")
+            value = torch.as_tensor(_local(values[key])).detach().to(torch.float32)
+            if not torch.isfinite(value).all():
+                raise ValueError(f"optimizer state {key!r} for a parameter of shape {tuple(p.shape)} is not finite")
+            if value.numel() == 0:
+                converted[codes], converted[absmax] = torch.zeros(0, dtype=torch.uint8), torch.zeros(0)
+                continue
+            c, a, inexact = _requantize_exact(value.numpy(), qmap, self.blocksize)
+            self.inexact_blocks_loaded += inexact
+            converted[codes], converted[absmax] = torch.from_numpy(c), torch.from_numpy(a)
+        return super()._load_param_state(p, converted)
 
     def _update(self, p, grad, state, group):
         step = state["step"].item()

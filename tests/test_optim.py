@@ -412,3 +412,69 @@ def test_optimizer_argument_errors():
         opt.load_state_dict({"state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(5),
                                            "exp_avg_sq": torch.zeros(3)}},
                              "param_groups": opt.state_dict()["param_groups"]})
+
+
+# ----------------------------------------------------------------------------- decoded 8-bit state (FSDP checkpoints)
+@pytest.mark.parametrize("signed", [True, False])
+def test_requantizing_decoded_8bit_moments_restores_codes_and_scales(rng, signed):
+    """FSDP checkpoints hold the 8-bit moments decoded; loading must give back the very codes and
+    scales. Oracle: pq.quantize_blockwise / dequantize_blockwise (tested against bitsandbytes)."""
+    from pyqlora.optim import _requantize_exact
+
+    table = pq.dynamic_codebook(signed=signed)
+    n = 256 * 40 + 77  # a short tail block too
+    x = rng.standard_normal(n).astype(F32) * F32(3e-3)
+    if not signed:
+        x = x * x  # the second moment's shape: non-negative, wide range
+    x[256:512] = 0.0  # an all-zero block
+    codes, absmax = pq.quantize_blockwise(x, codebook=table)
+    decoded = pq.dequantize_blockwise(codes, absmax, codebook=table)
+    # plain requantization is not enough for the signed map: it has 1.0 but no -1.0, so a block
+    # whose largest magnitude is negative comes back with a smaller scale (the reason for the search)
+    c_plain, a_plain = pq.quantize_blockwise(decoded, codebook=table)
+    naive_exact = np.array_equal(pq.dequantize_blockwise(c_plain, a_plain, codebook=table).view(np.uint32),
+                                 decoded.view(np.uint32))
+    assert naive_exact is (not signed)
+    c, a, inexact = _requantize_exact(decoded, table, 256)
+    assert inexact == 0
+    np.testing.assert_array_equal(c, codes)
+    np.testing.assert_array_equal(a.view(np.uint32), absmax.view(np.uint32))
+    # other blocks (another sharding): an ordinary requantization, reported as inexact
+    c2, a2, inexact2 = _requantize_exact(decoded[100:], table, 256)
+    assert inexact2 > 0
+    np.testing.assert_allclose(pq.dequantize_blockwise(c2, a2, codebook=table), decoded[100:],
+                               atol=0.02 * float(np.abs(decoded).max()))
+
+
+def test_paged_adamw8bit_resumes_bit_identically_from_decoded_moments():
+    """A state dict with exp_avg / exp_avg_sq (the decoded 8-bit moments, as FSDP checkpoints hold
+    them) loads into 8-bit state and the run continues as if never stopped."""
+    torch.manual_seed(5)
+    base = _Net(h=600)
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    oa = PagedAdamW8bit(a.parameters(), lr=1e-2)
+    _train(a, oa, 16)
+    ob = PagedAdamW8bit(b.parameters(), lr=1e-2)
+    _train(b, ob, 8)
+    sd = ob.state_dict()
+    qmap1, qmap2 = pq.dynamic_codebook(signed=True), pq.dynamic_codebook(signed=False)
+    n8 = 0
+    for st in sd["state"].values():
+        if "state1" in st:
+            n8 += 1
+            st["exp_avg"] = torch.from_numpy(pq.dequantize_blockwise(st.pop("state1").numpy(),
+                                                                      st.pop("absmax1").numpy(), codebook=qmap1))
+            st["exp_avg_sq"] = torch.from_numpy(pq.dequantize_blockwise(st.pop("state2").numpy(),
+                                                                         st.pop("absmax2").numpy(), codebook=qmap2))
+    assert n8 == 1  # a.weight (28800 elements); the others are under min_8bit_size
+    oc = PagedAdamW8bit(b.parameters(), lr=1e-2)
+    oc.load_state_dict(sd)
+    assert oc.inexact_blocks_loaded == 0 and "state1" in oc.state[b.a.weight]
+    x, y = _data()
+    for i in range(8, 16):
+        oc.zero_grad()
+        s = slice((i % 4) * 16, (i % 4 + 1) * 16)
+        torch.nn.functional.mse_loss(b(x[s]), y[s]).backward()
+        oc.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
