@@ -5,7 +5,9 @@
  * (no OpenMP). The default is the number of CPUs this process may run on, or
  * the NF4CORE_NUM_THREADS environment variable. Inputs below about 64 Ki
  * elements per thread stay on the calling thread. Results are identical for
- * every thread count.
+ * every thread count. Idle pool threads spin for NF4CORE_SPIN_US microseconds
+ * (default 50, 0 to 10000) before they sleep, so that back-to-back calls do not
+ * pay a wake-up each; 0 makes them sleep at once (docs/performance.md).
  *
  * Instruction sets: "avx512" (AVX-512 F/BW/VL/DQ), "avx2" (AVX2 + FMA + F16C),
  * "neon" (aarch64) or "scalar" (the reference kernels). The default ("auto")
