@@ -234,6 +234,57 @@ def bnb_quantization_config(codebook="nf4", double_quant=True, compute_dtype="fl
     }
 
 
+def save_4bit_base(model, out, source_folder=None):
+    """Write the frozen 4-bit base of a model prepared by ``prepare_model`` as a bitsandbytes checkpoint.
+
+    The adapters are left out (``save_adapter`` writes them); the base's keys are the
+    original model's (``...q_proj.weight`` + bitsandbytes' quant-state keys), so
+    :func:`load_model` and transformers + bitsandbytes read the folder, and a PEFT
+    adapter loads on top. `source_folder` (a Hugging Face folder) gives config.json
+    and the tokenizer files; without it ``model.config`` is written.
+    """
+    from safetensors.torch import save_file
+
+    from .lora import lora_layers
+
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no pyqlora LoRA layer: prepare it with prepare_model first")
+    codebooks = {m.base_layer.codebook for _, m in layers}
+    dq = {m.base_layer.double_quant for _, m in layers}
+    if len(codebooks) != 1 or len(dq) != 1 or not codebooks <= {"nf4", "fp4"}:
+        raise ValueError(f"a bitsandbytes checkpoint needs one codebook (nf4 or fp4) and one DQ setting, got "
+                         f"{sorted(codebooks)} / double_quant {sorted(dq)}")
+    tensors = {}
+    for key, value in model.state_dict().items():
+        if ".lora_A." in key or ".lora_B." in key:
+            continue
+        key = key.replace(".base_layer.", ".")
+        tensors[key] = value.detach().contiguous().clone() if value.is_floating_point() else value.contiguous()
+    # tied weights share storage; safetensors refuses shared tensors, transformers re-ties them
+    seen = {}
+    for key in list(tensors):
+        ptr = tensors[key].data_ptr() if tensors[key].numel() else None
+        if ptr is not None and ptr in seen:
+            del tensors[key]
+        elif ptr is not None:
+            seen[ptr] = key
+    if source_folder is not None:
+        cfg = _read_config(source_folder)
+    else:
+        cfg = model.config.to_dict()
+    cfg["quantization_config"] = bnb_quantization_config(codebooks.pop(), dq.pop())
+    os.makedirs(out, exist_ok=True)
+    save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+    if source_folder is not None:
+        for name in _SIDE_FILES:
+            if os.path.exists(os.path.join(source_folder, name)):
+                shutil.copy(os.path.join(source_folder, name), os.path.join(out, name))
+    return out
+
+
 def quantize_checkpoint(src, out, codebook="nf4", blocksize=64, double_quant=True):
     """Write the dense model `src` (folder, GGUF file, or None for the default) as a 4-bit checkpoint in `out`.
 

@@ -74,7 +74,8 @@ def _finetune(args):
         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
         heldout=args.heldout, warmup=args.warmup,
         eval_text=args.eval_text, eval_windows=args.eval_windows, sample_tokens=args.sample_tokens,
-        threads=args.threads, progress=not args.no_progress, distributed=args.distributed)
+        threads=args.threads, progress=not args.no_progress, distributed=args.distributed,
+        init_lora=args.init_lora, loftq_iter=args.loftq_iter)
     run(cfg)
     return 0
 
@@ -216,6 +217,10 @@ def main(argv=None):
     ft.add_argument("--r", type=int, default=16, help="LoRA rank (default %(default)s)")
     ft.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (default %(default)s)")
     ft.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default %(default)s)")
+    ft.add_argument("--init-lora", default="default", choices=["default", "loftq"],
+                    help="adapter init: default (A random, B = 0) or loftq (fit B A to the 4-bit rounding error, "
+                         "the base stored as W - B A; writes the base next to the adapter)")
+    ft.add_argument("--loftq-iter", type=int, default=1, help="rounds of LoftQ (default %(default)s)")
     _add_quant_options(ft, ["nf4", "fp4", "int4"])
     ft.add_argument("--base", default="4bit", choices=["4bit", "bf16"],
                     help="frozen base: 4bit (QLoRA, --codebook) or bf16 (dense bfloat16: 16-bit LoRA with PEFT)")

@@ -87,6 +87,8 @@ class FinetuneConfig:
     threads: int | None = None
     progress: bool = True
     distributed: str = "none"         # "none", "ddp" or "fsdp" (under torchrun; see docs/distributed.md)
+    init_lora: str = "default"        # "default" (A random, B = 0) or "loftq" (4-bit base only)
+    loftq_iter: int = 1
 
     def validate(self):
         checks = [("steps", self.steps >= 1), ("lr", self.lr > 0 and math.isfinite(self.lr)), ("r", self.r >= 1),
@@ -107,6 +109,12 @@ class FinetuneConfig:
             raise ValueError("--base bf16 computes in bfloat16: use --dtype bf16")
         if self.distributed not in ("none", "ddp", "fsdp"):
             raise ValueError(f"--distributed must be none, ddp or fsdp, got {self.distributed!r}")
+        if self.init_lora not in ("default", "loftq"):
+            raise ValueError(f"--init-lora must be default or loftq, got {self.init_lora!r}")
+        if self.init_lora == "loftq" and self.base != "4bit":
+            raise ValueError("--init-lora loftq fits the adapters to a quantization error: use --base 4bit")
+        if self.loftq_iter < 1:
+            raise ValueError(f"--loftq-iter has an invalid value: {self.loftq_iter!r}")
         if self.distributed != "none" and self.base != "4bit":
             raise ValueError("--distributed works with the 4-bit base (--base 4bit) only")
         import pyqlora as pq
@@ -390,7 +398,9 @@ def _prepare(model, cfg, weights=None):
         report = prepare_model(model, LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                                  codebook=cfg.codebook, blocksize=cfg.blocksize,
                                                  double_quant=cfg.double_quant,
-                                                 gradient_checkpointing=cfg.gradient_checkpointing),
+                                                 gradient_checkpointing=cfg.gradient_checkpointing,
+                                                 init_lora_weights="loftq" if cfg.init_lora == "loftq" else True,
+                                                 loftq_iter=cfg.loftq_iter),
                                weights=weights)
         info.update(adapted_layers=len(report.replaced), quantized_linear_bytes=report.quantized_weight_bytes)
     else:
@@ -405,7 +415,8 @@ def _prepare(model, cfg, weights=None):
             model.enable_input_require_grads()
         model = peft.get_peft_model(model, pcfg)  # adapters in float32 (autocast_adapter_dtype)
         info.update(adapted_layers=len(_lora_a_weights(model)), quantized_linear_bytes=None)
-    _seed_adapters(model, cfg.seed)
+    if cfg.init_lora == "default":  # LoftQ's adapters are fitted, not drawn
+        _seed_adapters(model, cfg.seed)
     return model, info
 
 
@@ -650,6 +661,13 @@ def _run(cfg, out, ctx, qdist):
         qdist.save_adapter_distributed(model, cfg.output)  # every rank; rank 0 writes
     else:
         _save_adapter(model, cfg, cfg.output)
+    if cfg.init_lora == "loftq" and ctx.is_main:
+        # the adapter belongs to LoftQ's base (W - B A quantized), not to a plain quantization of W
+        from .checkpoint import save_4bit_base
+
+        save_4bit_base(model, os.path.join(cfg.output, "base"), minfo["folder"])
+        say(f"LoftQ: the 4-bit base the adapter was trained on is in {os.path.join(cfg.output, 'base')} "
+            "(load it with the adapter; a fresh quantization of the original model differs)")
     n_lin, n_other = pinfo["linear_params"], pinfo["other_params"]
     steady = step_times[1:] or step_times
     memory = {

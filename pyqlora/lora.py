@@ -51,6 +51,15 @@ class LoraConfig:
         input's dtype, so the activations of a bfloat16 model stay bfloat16. PEFT's
         ``prepare_model_for_kbit_training`` upcasts *every* non-quantized parameter,
         embeddings included, a common cause of running out of memory.
+    init_lora_weights : True (PEFT's default: A random, B = 0, so the adapted model
+        starts as the quantized one) or ``"loftq"`` (LoftQ, Li et al. 2023, PEFT's name):
+        for ``loftq_iter`` rounds, quantize ``W - scaling * B A`` and set ``B A`` to
+        the best rank-r approximation (truncated SVD) of what quantization lost, so
+        the model starts closer to the dense one. The base weights then differ from a
+        plain quantization of W: keep them with the adapter (``pyqlora finetune``
+        saves them; see :func:`pyqlora.checkpoint.save_4bit_base`).
+    loftq_iter : int
+        Rounds of LoftQ (1 = quantize W once, then fit the adapter to the residual).
     """
 
     r: int = 8
@@ -64,10 +73,16 @@ class LoraConfig:
     gradient_checkpointing: bool = False
     norms_in_fp32: bool = True
     adapter_name: str = "default"
+    init_lora_weights: Union[bool, str] = True
+    loftq_iter: int = 1
 
     def __post_init__(self):
         if not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r must be a positive integer, got {self.r!r}")
+        if self.init_lora_weights not in (True, "loftq"):
+            raise ValueError(f"init_lora_weights must be True or 'loftq', got {self.init_lora_weights!r}")
+        if not isinstance(self.loftq_iter, int) or self.loftq_iter < 1:
+            raise ValueError(f"loftq_iter must be a positive integer, got {self.loftq_iter!r}")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
 
@@ -82,7 +97,7 @@ class LoraConfig:
             "use_rslora": self.use_rslora,
             "bias": "none",
             "fan_in_fan_out": False,
-            "init_lora_weights": True,
+            "init_lora_weights": True,  # a trained adapter's init is history (PEFT wants a loftq_config with "loftq")
             "inference_mode": True,
             "modules_to_save": None,
             "task_type": None,
@@ -207,6 +222,28 @@ def _materialize(module_name, module, weights, cast=True, strict=False):
         module._parameters[pname] = nn.Parameter(value.to(p.dtype) if cast else value, requires_grad=False)
 
 
+def _loftq(linear, config, scaling):
+    """LoftQ: rewrite `linear`'s weight to the matrix to quantize and return (A, B) with
+    ``quant(weight) + scaling * B A`` close to the original weight (Li et al. 2023, alg. 1)."""
+    from . import dequantize, quantize
+    from .nn import _np_view
+
+    w = linear.weight.detach().float()
+    low_rank = torch.zeros_like(w)
+    for _ in range(config.loftq_iter):
+        target = (w - low_rank).to(linear.weight.dtype)  # what the layer will store, in its dtype
+        q = quantize(_np_view(target.contiguous()), codebook=config.codebook, blocksize=config.blocksize,
+                     double_quant=config.double_quant)
+        back = torch.empty(w.shape, dtype=target.dtype)
+        dequantize(q, out=_np_view(back))
+        u, sv, vh = torch.linalg.svd(w - back.float(), full_matrices=False)
+        root = torch.sqrt(sv[:config.r] / scaling)
+        b, a = u[:, :config.r] * root, root[:, None] * vh[:config.r]
+        low_rank = scaling * (b @ a)
+    linear.weight.data = target  # the last matrix quantized; from_linear quantizes it again, identically
+    return a, b
+
+
 def prepare_model(model, config=None, weights=None):
     """Quantize the target linear layers of `model` in place and add LoRA adapters.
 
@@ -251,6 +288,12 @@ def prepare_model(model, config=None, weights=None):
         linear = model.get_submodule(name)
         if weights is not None:
             _materialize(name, linear, weights, cast=False, strict=True)
+        loftq = None
+        if config.init_lora_weights == "loftq":
+            if min(linear.in_features, linear.out_features) < config.r:
+                raise ValueError(f"LoftQ needs r <= min(in, out) features; module {name!r} is "
+                                 f"{linear.out_features} x {linear.in_features}, r={config.r}")
+            loftq = _loftq(linear, config, config.lora_alpha / (config.r ** 0.5 if config.use_rslora else config.r))
         try:
             base = Linear4bit.from_linear(linear, codebook=config.codebook, blocksize=config.blocksize,
                                           double_quant=config.double_quant)
@@ -260,6 +303,10 @@ def prepare_model(model, config=None, weights=None):
         quant_bytes += base.quantized.nbytes
         lora = LoraLinear4bit(base, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                               use_rslora=config.use_rslora, adapter_name=config.adapter_name)
+        if loftq is not None:
+            with torch.no_grad():
+                lora.lora_A[config.adapter_name].weight.copy_(loftq[0])
+                lora.lora_B[config.adapter_name].weight.copy_(loftq[1])
         _set_submodule(model, name, lora)
         del linear, base, lora  # the dense weight is released with the old module
     if weights is not None:

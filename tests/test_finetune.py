@@ -238,6 +238,12 @@ def test_config_validation():
         finetune.FinetuneConfig(blocksize=48).validate()
     with pytest.raises(ValueError, match="--base bf16 computes in bfloat16"):
         finetune.FinetuneConfig(base="bf16", dtype="fp32").validate()
+    with pytest.raises(ValueError, match="--init-lora loftq .* use --base 4bit"):
+        finetune.FinetuneConfig(base="bf16", init_lora="loftq").validate()
+    with pytest.raises(ValueError, match="--init-lora must be"):
+        finetune.FinetuneConfig(init_lora="pissa").validate()
+    with pytest.raises(ValueError, match="--loftq-iter"):
+        finetune.FinetuneConfig(init_lora="loftq", loftq_iter=0).validate()
 
 
 # ----------------------------------------------------------------------------- 4-bit checkpoints
@@ -433,3 +439,26 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_loftq_base_is_saved_and_reads_back(tmp_path):
+    """With LoftQ the adapter belongs to the base W - B A quantized: save_4bit_base writes that base in
+    bitsandbytes keys, and load_model reads back the same 4-bit bytes and the same logits."""
+    from pyqlora.checkpoint import load_model, save_4bit_base
+    from pyqlora.lora import LoraConfig, lora_layers, prepare_model
+
+    model = tiny_llama()
+    prepare_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights="loftq", loftq_iter=2))
+    save_4bit_base(model, str(tmp_path / "base"))
+    back, _, info = load_model(str(tmp_path / "base"), tokenizer=False)
+    assert info["quantized"]
+    for _, layer in lora_layers(model):
+        layer.active_adapters = []  # the base alone
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    mods = dict(back.named_modules())
+    for name, layer in lora_layers(model):
+        np.testing.assert_array_equal(mods[name].quantized.packed, layer.base_layer.quantized.packed)
+    with pytest.raises(ValueError, match="prepare_model"):
+        save_4bit_base(tiny_llama(), str(tmp_path / "x"))

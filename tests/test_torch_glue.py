@@ -444,3 +444,51 @@ def test_real_smollm2_qlora_quantizes_trains_and_still_answers():
     prompt = prompt if torch.is_tensor(prompt) else prompt["input_ids"]
     out = model.generate(prompt, max_new_tokens=10, do_sample=False)
     assert "Paris" in tok.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
+
+
+# ----------------------------------------------------------- LoftQ init
+def _loftq_layer(it, r=4, alpha=8, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(64, 96, bias=False)
+    w = lin.weight.detach().double().clone()
+    model = nn.Sequential(lin)
+    prepare_model(model, LoraConfig(r=r, lora_alpha=alpha, init_lora_weights="loftq", loftq_iter=it))
+    return w, model[0]
+
+
+def test_loftq_one_round_is_the_truncated_svd_of_the_rounding_error():
+    """Closed form (Eckart-Young): with one round, the base is quantize(W) and scaling * B A is the
+    best rank-r approximation of W - dequantize(quantize(W)), computed here in float64 by numpy."""
+    import pyqlora as pq
+
+    w, layer = _loftq_layer(1)
+    plain = pq.quantize(w.float().numpy())
+    np.testing.assert_array_equal(layer.base_layer.quantized.packed, plain.packed)
+    residual = w.numpy() - np.asarray(pq.dequantize(plain), dtype=np.float64)
+    u, s, vh = np.linalg.svd(residual, full_matrices=False)
+    best = (u[:, :4] * s[:4]) @ vh[:4]
+    np.testing.assert_allclose(layer.delta_weight("default").detach().double().numpy(), best, atol=2e-6)
+    assert layer.scaling["default"] == 2.0
+
+
+def test_loftq_rounds_bring_the_start_closer_to_the_dense_weight():
+    import pyqlora as pq
+
+    errors = []
+    for it in (1, 2, 5):
+        w, layer = _loftq_layer(it)
+        start = layer.base_layer.dequantized_weight(torch.float32).double() + layer.delta_weight("default").double()
+        errors.append((w - start).norm().item())
+    plain = (w - torch.from_numpy(np.asarray(pq.dequantize(pq.quantize(w.float().numpy())), np.float64))).norm()
+    assert errors[0] < plain.item() and errors[2] < errors[1] < errors[0]
+    x = torch.randn(3, 64)  # and the layer computes base + adapter as prepared
+    torch.testing.assert_close(layer(x), x @ start.float().T, rtol=1e-4, atol=1e-4)
+
+
+def test_loftq_config_errors():
+    with pytest.raises(ValueError, match="init_lora_weights"):
+        LoraConfig(init_lora_weights="pissa")
+    with pytest.raises(ValueError, match="loftq_iter"):
+        LoraConfig(init_lora_weights="loftq", loftq_iter=0)
+    with pytest.raises(ValueError, match="module '0'.*r=8"):
+        prepare_model(nn.Sequential(nn.Linear(4, 16)), LoraConfig(r=8, init_lora_weights="loftq"))
