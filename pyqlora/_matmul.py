@@ -93,10 +93,14 @@ def decode_tile(q, rows, cols, out):
 
 
 # Bytes of the dense tile that tiled products decode at a time (per thread that calls them),
-# and the least tile width along the output: narrower tiles make torch's GEMM inefficient
-# and multiply its per-call threading overhead (benchmarks/bench_matmul.py --train).
-TILE_BYTES = 16 << 20
-TILE_MIN_COLS = 512
+# and the least tile width along the output per torch thread: measured on a 2-core AMX machine
+# (bf16, M = 1024, inner 4096 or 11008), torch's GEMM (oneDNN) runs about 2x slower when a tile
+# has fewer than ~1024 output columns at 2 threads, and shows no such penalty down to 256 at
+# 1 thread (benchmarks/bench_matmul.py --train; docs/performance.md). A tile never exceeds
+# TILE_MAX_BYTES, so with many threads the width rule gives way to the memory bound.
+TILE_BYTES = 8 << 20
+TILE_MAX_BYTES = 64 << 20
+TILE_MIN_COLS_PER_THREAD = 512
 _workspace = threading.local()
 
 
@@ -111,12 +115,25 @@ def _tile_buffer(torch, dtype, numel):
     return buf[:numel]
 
 
+def _tile_width(outer, inner, itemsize, threads):
+    """Output columns per tile: TILE_BYTES' worth, at least TILE_MIN_COLS_PER_THREAD per thread,
+    at most TILE_MAX_BYTES, multiples of 32, and the tiles balanced
+    (no narrow tail tile)."""
+    per = max(TILE_BYTES // itemsize // inner, TILE_MIN_COLS_PER_THREAD * max(1, threads))
+    per = max(32, min(per, TILE_MAX_BYTES // itemsize // inner))
+    tiles = max(1, outer // per)  # floor: every tile at least `per` wide, up to twice that
+    if -(-outer // tiles) * inner * itemsize > TILE_MAX_BYTES:
+        tiles = -(-outer // per)  # ceil: the memory bound wins
+    return min(outer, (-(-outer // tiles) + 31) // 32 * 32)
+
+
 def tiled_product_torch(x, q, transpose=True):
     """``x @ W.T`` or ``x @ W`` for a torch tensor x, by tiles of W handed to torch's matmul.
 
-    Only a tile of W is dense at any time, in a reused buffer: at most
-    :data:`TILE_BYTES`, or :data:`TILE_MIN_COLS` output columns when the inner
-    dimension is so large that fewer would fit. ``x @ W.T`` decodes row tiles ``W[n0:n1, :]`` and writes
+    Only a tile of W is dense at any time, in a reused buffer: about
+    :data:`TILE_BYTES`, or :data:`TILE_MIN_COLS_PER_THREAD` output columns per torch
+    thread when the inner dimension is so large that fewer would fit (narrower tiles
+    halve torch's GEMM speed), never more than :data:`TILE_MAX_BYTES`. ``x @ W.T`` decodes row tiles ``W[n0:n1, :]`` and writes
     ``y[:, n0:n1]``; ``x @ W`` decodes column tiles ``W[:, k0:k1]`` and writes
     ``y[:, k0:k1]``, so every output element is one matmul over the whole inner
     dimension (no accumulation across tiles in x's precision). x is a CPU
@@ -132,7 +149,7 @@ def tiled_product_torch(x, q, transpose=True):
     inner, outer = (k_in, n_out) if transpose else (n_out, k_in)
     x2 = x.reshape(-1, inner)
     y = torch.empty(x2.shape[0], outer, dtype=x.dtype)
-    per = max(TILE_MIN_COLS, TILE_BYTES // x.element_size() // inner // 32 * 32)  # tile width along the output
+    per = _tile_width(outer, inner, x.element_size(), torch.get_num_threads())
     buf = _tile_buffer(torch, x.dtype, min(per, outer) * inner)
     for c0 in range(0, outer, per):
         c1 = min(outer, c0 + per)

@@ -121,6 +121,26 @@ def test_decode_tile_equals_dequantize(rng, n, k, blocksize, dtype):
         decode_tile(q, slice(2, 2), slice(0, 3), np.empty((0, 3), dtype))
 
 
+@pytest.mark.parametrize("outer", [1, 31, 100, 1024, 4096, 11008])
+@pytest.mark.parametrize("inner", [64, 4096, 11008])
+@pytest.mark.parametrize("threads", [1, 2, 16])
+def test_tile_width_rule(outer, inner, threads):
+    """Tiles cover the output, are multiples of 32 (or the whole output), at least the per-thread
+    width where the output has it, balanced (the last within 32 columns of the others), and within
+    TILE_MAX_BYTES unless one 32-column tile already exceeds it (the measured rule: docs/performance.md)."""
+    import pyqlora._matmul as PM
+
+    per = PM._tile_width(outer, inner, 2, threads)
+    tiles = -(-outer // per)
+    last = outer - (tiles - 1) * per
+    assert 1 <= per <= outer and (per == outer or per % 32 == 0)
+    least = min(outer, PM.TILE_MIN_COLS_PER_THREAD * threads, max(32, PM.TILE_MAX_BYTES // 2 // inner))
+    # where the memory bound forces an extra tile, balancing may halve the width; not at <= 2 threads here
+    assert per >= (least if threads <= 2 else least // 2)
+    assert per * inner * 2 <= max(PM.TILE_MAX_BYTES, 32 * inner * 2) or per == outer
+    assert tiles == 1 or per - last < 32 * tiles
+
+
 @pytest.mark.parametrize("m", [9, 64, 1024])
 @pytest.mark.parametrize("transpose", [True, False])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -128,8 +148,8 @@ def test_tiled_product_torch(rng, m, transpose, dtype, monkeypatch):
     torch = pytest.importorskip("torch")
     import pyqlora._matmul as PM
 
-    monkeypatch.setattr(PM, "TILE_BYTES", 4096)  # several tiles, with a narrower last one
-    monkeypatch.setattr(PM, "TILE_MIN_COLS", 32)
+    monkeypatch.setattr(PM, "TILE_BYTES", 4096)  # several tiles
+    monkeypatch.setattr(PM, "TILE_MIN_COLS_PER_THREAD", 8)
     n, k = 200, 96
     q = pq.quantize(rng.standard_normal((n, k)).astype(np.float32), blocksize=32, double_quant=True)
     tdtype = getattr(torch, dtype)
