@@ -186,10 +186,7 @@ template <int R, typename T>
 void rows_plain(const MatmulArgs &a, const Table &table, int shift, int64_t m0, int64_t c0, int64_t c1) {
     constexpr int P = rows_of_w<R>();
     const int64_t len = c1 - c0;
-    thread_local std::vector<float> buf;
-    if (buf.size() < size_t(R * len)) buf.resize(size_t(R * len));
-    float *acc = buf.data();
-    std::fill(acc, acc + R * len, 0.0f);
+    float *acc = zeroed_partial_sums(size_t(R * len));
     int64_t n = 0;
     for (; n + P <= a.N; n += P) block_plain<R, P, T>(a, acc, len, table, shift, m0, n, c0, c1);
     for (; n < a.N; ++n) block_plain<R, 1, T>(a, acc, len, table, shift, m0, n, c0, c1);
@@ -202,21 +199,13 @@ template <typename T>
 void matmul(const MatmulArgs &a, int64_t c0, int64_t c1) {
     const Table table = load_table(a.codebook);
     const int shift = __builtin_ctzll(uint64_t(a.blocksize));
-    for (int64_t m0 = 0; m0 < a.M; m0 += 8) {
-        const int64_t rows = std::min<int64_t>(8, a.M - m0);
-#define NF4_ROWS_CASE(R)                                        \
-    case R:                                                     \
-        if (a.transpose)                                        \
-            rows_transposed<R, T>(a, table, shift, m0, c0, c1); \
-        else                                                    \
-            rows_plain<R, T>(a, table, shift, m0, c0, c1);      \
-        break;
-        switch (rows) {
-            NF4_ROWS_CASE(1) NF4_ROWS_CASE(2) NF4_ROWS_CASE(3) NF4_ROWS_CASE(4)
-            NF4_ROWS_CASE(5) NF4_ROWS_CASE(6) NF4_ROWS_CASE(7) NF4_ROWS_CASE(8)
-        }
-#undef NF4_ROWS_CASE
-    }
+    for_row_groups(a.M, [&](auto rows, int64_t m0) {
+        constexpr int R = decltype(rows)::value;
+        if (a.transpose)
+            rows_transposed<R, T>(a, table, shift, m0, c0, c1);
+        else
+            rows_plain<R, T>(a, table, shift, m0, c0, c1);
+    });
 }
 
 // W[n, k0:k1] for n in [r0, r1) into out (row-major, row length k1 - k0).
