@@ -75,7 +75,7 @@ def _finetune(args):
         heldout=args.heldout, warmup=args.warmup,
         eval_text=args.eval_text, eval_windows=args.eval_windows, sample_tokens=args.sample_tokens,
         threads=args.threads, progress=not args.no_progress, distributed=args.distributed,
-        init_lora=args.init_lora, loftq_iter=args.loftq_iter)
+        fsdp_shard_embeddings=args.fsdp_shard_embeddings, init_lora=args.init_lora, loftq_iter=args.loftq_iter)
     run(cfg)
     return 0
 
@@ -245,6 +245,9 @@ def main(argv=None):
     ft.add_argument("--distributed", default="none", choices=["none", "ddp", "fsdp"],
                     help="data-parallel training under torchrun: DDP (a copy per process) or FSDP2 (sharded); "
                          "--batch-size is the global batch (see docs/distributed.md)")
+    ft.add_argument("--fsdp-shard-embeddings", action="store_true",
+                    help="with --distributed fsdp, shard the frozen embedding tables too (by default every rank "
+                         "keeps them whole: a lower peak, see docs/distributed.md)")
     ft.set_defaults(func=_finetune)
 
     qz = sub.add_parser("quantize", help="write a dense checkpoint as a 4-bit bitsandbytes/transformers one",

@@ -354,8 +354,24 @@ def _shard_units(model, shard_classes):
     return [m for m in model.modules() if m is not model and matches(m)]
 
 
+def _embedding_tables(model):
+    """The frozen floating weights of the model's input and output embeddings (dense modules only)."""
+    found = {}
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        fn = getattr(model, getter, None)
+        try:
+            module = fn() if callable(fn) else None
+        except (NotImplementedError, AttributeError):
+            module = None
+        w = getattr(module, "weight", None)
+        if isinstance(module, (nn.Embedding, nn.Linear)) and isinstance(w, nn.Parameter) \
+                and w.is_floating_point() and not w.requires_grad:
+            found[id(w)] = w  # a tied output head is the same Parameter
+    return list(found.values())
+
+
 def wrap_model(model, ctx, *, mixed_precision=None, reshard_after_forward=True, shard_classes=None,
-               check_frozen=True, **ddp_kwargs):
+               replicate_embeddings=True, check_frozen=True, **ddp_kwargs):
     """Wrap a prepared model for `ctx.kind`: DDP, FSDP2 (``fully_shard``) or nothing.
 
     Parameters
@@ -374,6 +390,16 @@ def wrap_model(model, ctx, *, mixed_precision=None, reshard_after_forward=True, 
         FSDP only: modules that get their own FSDP group (all-gathered one at a
         time); by default a Hugging Face model's ``_no_split_modules`` (the decoder
         layers), else each LoRA layer. The root always gets one.
+    replicate_embeddings : bool
+        FSDP only: keep the frozen input and output embedding tables (dense
+        ``nn.Embedding`` / ``nn.Linear`` weights, e.g. a tied output head) whole
+        on every rank (FSDP2's ``ignored_params``) instead of sharding them. The
+        root FSDP group that owns them gathers them at the start of forward and
+        keeps them gathered into backward, through the step's memory peak (the
+        logits and their gradient); replicated, they are never gathered. On
+        SmolLM2-135M with 2 ranks this lowers the per-rank peak resident memory
+        by 140-195 MiB (below DDP's), while the bytes held between steps grow by
+        half the tables (``docs/distributed.md``). Trainable tables are always sharded.
     check_frozen : bool
         DDP and FSDP: compare a CRC32 of the frozen state across ranks, raise if it differs.
     **ddp_kwargs
@@ -417,7 +443,9 @@ def wrap_model(model, ctx, *, mixed_precision=None, reshard_after_forward=True, 
             dist.broadcast(p.data, src=0)
     for unit in _shard_units(model, shard_classes):
         fully_shard(unit, **kwargs)
-    fully_shard(model, **kwargs)
+    # (a table inside a group given by shard_classes is already sharded there)
+    tables = [w for w in _embedding_tables(model) if type(w).__name__ != "DTensor"] if replicate_embeddings else []
+    fully_shard(model, **kwargs, **({"ignored_params": set(tables)} if tables else {}))
     # fully_shard copied each rank's chunk into new storage; the cached QuantizedArray view of
     # every Linear4bit still pointed at the whole unsharded bytes and kept them alive (the full
     # 4-bit model on every rank). Dropping the views frees them.

@@ -87,6 +87,7 @@ class FinetuneConfig:
     threads: int | None = None
     progress: bool = True
     distributed: str = "none"         # "none", "ddp" or "fsdp" (under torchrun; see docs/distributed.md)
+    fsdp_shard_embeddings: bool = False  # FSDP: shard the frozen embedding tables too
     init_lora: str = "default"        # "default" (A random, B = 0) or "loftq" (4-bit base only)
     loftq_iter: int = 1
 
@@ -115,6 +116,8 @@ class FinetuneConfig:
             raise ValueError("--init-lora loftq fits the adapters to a quantization error: use --base 4bit")
         if self.loftq_iter < 1:
             raise ValueError(f"--loftq-iter has an invalid value: {self.loftq_iter!r}")
+        if self.fsdp_shard_embeddings and self.distributed != "fsdp":
+            raise ValueError("--fsdp-shard-embeddings needs --distributed fsdp")
         if self.distributed != "none" and self.base != "4bit":
             raise ValueError("--distributed works with the 4-bit base (--base 4bit) only")
         import pyqlora as pq
@@ -568,7 +571,8 @@ def _run(cfg, out, ctx, qdist):
     if distributed:
         # every rank prepared the same model (same checkpoint, same seeds); DDP keeps one
         # full copy per rank and all-reduces the adapters' gradients, FSDP2 shards it
-        model = qdist.wrap_model(model, ctx)
+        model = qdist.wrap_model(model, ctx, **({"replicate_embeddings": not cfg.fsdp_shard_embeddings}
+                                                 if ctx.kind == "fsdp" else {}))
         trainable = qdist.trainable_parameters(model)
         say(f"distributed: {ctx.kind} over {ctx.world_size} processes, {hi - lo} of every {cfg.batch_size} "
             "examples per process")

@@ -212,6 +212,13 @@ def _worker(rank, port, outdir, opt_name):
     qdist.wrap_model(m, fsdp)
     out["llama_groups"] = sorted({type(x).__name__ for x in m.modules() if type(x).__name__.startswith("FSDP")})
     out["llama_fsdp_losses"] = _train(m, lmine, _llama_loss, make_opt(qdist.trainable_parameters(m)), reduce=True)
+    out["llama_whole"] = sorted(n for n, p in m.named_parameters() if type(p).__name__ != "DTensor")
+    # the same with the embedding tables sharded too
+    m = _llama()
+    qdist.wrap_model(m, fsdp, replicate_embeddings=False)
+    out["llama_sharded_tables_whole"] = sorted(n for n, p in m.named_parameters() if type(p).__name__ != "DTensor")
+    out["llama_sharded_tables_losses"] = _train(m, lmine, _llama_loss, make_opt(qdist.trainable_parameters(m)),
+                                                reduce=True)
 
     torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
     qdist.cleanup(ctx)
@@ -295,6 +302,8 @@ def run(request, tmp_path_factory):
     single["mlp_trainable"] = sum(p.numel() for p in qdist.trainable_parameters(m))
     single["mlp_frozen_names"] = sorted(n for n, p in m.named_parameters() if not p.requires_grad)
     m = _llama()
+    single["llama_tables"] = sorted(n for n, p in m.named_parameters()
+                                    if n in ("model.embed_tokens.weight", "lm_head.weight") and not p.requires_grad)
     single["llama"] = _train(m, _llama_data(), _llama_loss, make_opt(qdist.trainable_parameters(m)))
     return ranks, single
 
@@ -395,6 +404,12 @@ def test_fsdp_hugging_face_llama_matches_single_process(run):
     for r in ranks:
         assert r["llama_groups"]  # fully_shard turned the decoder layers into FSDP modules
         _close(r["llama_fsdp_losses"], single["llama"], rtol=FSDP_RTOL.get(single["optimizer"], 1e-5))
+        _close(r["llama_sharded_tables_losses"], single["llama"], rtol=FSDP_RTOL.get(single["optimizer"], 1e-5))
+        # by default the frozen embedding tables stay whole on every rank (never gathered); on request they
+        # are sharded like everything else
+        assert "model.embed_tokens.weight" in single["llama_tables"]
+        assert r["llama_whole"] == single["llama_tables"]
+        assert r["llama_sharded_tables_whole"] == []
 
 
 # ----------------------------------------------------------------------------- without a process group

@@ -244,6 +244,8 @@ def test_config_validation():
         finetune.FinetuneConfig(init_lora="pissa").validate()
     with pytest.raises(ValueError, match="--loftq-iter"):
         finetune.FinetuneConfig(init_lora="loftq", loftq_iter=0).validate()
+    with pytest.raises(ValueError, match="--fsdp-shard-embeddings needs --distributed fsdp"):
+        finetune.FinetuneConfig(distributed="ddp", fsdp_shard_embeddings=True).validate()
 
 
 # ----------------------------------------------------------------------------- 4-bit checkpoints
