@@ -14,6 +14,9 @@ machine hits all of them alike. ``--coexist`` times the M = 1 GEMV back to
 back, right after a torch op (whose OpenMP workers then spin-wait on the
 cores for a while: set OMP_WAIT_POLICY=PASSIVE in the environment to compare)
 and after the process idled, with process CPU time beside the wall time.
+``--per-weight`` prints the M = 1 GEMV's time per 16 weights at 1 thread and at
+--threads, for a W that fits in L2 (512 x K) and for N x K: equal figures mean the
+kernel is bound by its instructions, not by memory.
 """
 import argparse
 import os
@@ -107,6 +110,22 @@ def coexist(args, np, torch, pq):
               f"{1e3 * sorted(cpu[name])[len(ws) // 2]:7.3f}")
 
 
+def per_weight(args, np, pq):
+    rng = np.random.default_rng(0)
+    print(f"M = 1 GEMV, NF4 + DQ blocksize 64: ns per 16 weights (best of {args.repeat})")
+    for n in (512, args.n):
+        q = pq.quantize(rng.standard_normal((n, args.k)).astype(np.float32), double_quant=True)
+        x = rng.standard_normal((1, args.k)).astype(np.float32)
+        out = np.empty((1, n), np.float32)
+        cells = []
+        for threads in sorted({1, args.threads}):
+            pq.set_num_threads(threads)
+            (best,) = race([lambda x=x, q=q, out=out: pq.matmul_4bit(x, q, out=out)], args.repeat)
+            cells.append(f"{threads} thread(s) {best:.3f} ms = {1e6 * best * threads / (n * args.k / 16):.3f} ns")
+        print(f"  W {n} x {args.k}: " + ", ".join(cells) + " (per thread)")
+    pq.set_num_threads(args.threads)
+
+
 def training(args, np, torch, pq):
     rng = np.random.default_rng(1)
     m = 1024
@@ -155,6 +174,7 @@ def main():
     ap.add_argument("--train-repeat", type=int, default=5)
     ap.add_argument("--no-generation", action="store_true")
     ap.add_argument("--coexist", action="store_true", help="the M = 1 GEMV next to torch ops (see above)")
+    ap.add_argument("--per-weight", action="store_true", help="M = 1 GEMV time per 16 weights (see above)")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import numpy as np
@@ -168,6 +188,8 @@ def main():
         generation(args, np, torch, pq)
     if args.coexist:
         coexist(args, np, torch, pq)
+    if args.per_weight:
+        per_weight(args, np, pq)
     if args.train:
         training(args, np, torch, pq)
 
