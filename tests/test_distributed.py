@@ -422,6 +422,22 @@ def test_single_process_api():
     assert qdist.local_batch(8) == (0, 8)
 
 
+def test_embedding_tables_kept_whole_are_the_frozen_dense_ones():
+    """What wrap_model hands FSDP as ignored_params: each frozen dense embedding weight once."""
+    transformers = pytest.importorskip("transformers")
+    m = _llama()  # untied: an input table and a dense (not adapted) output head
+    assert {id(w) for w in qdist._embedding_tables(m)} == {id(m.model.embed_tokens.weight), id(m.lm_head.weight)}
+    m.lm_head.weight.requires_grad_(True)  # a trained table is sharded like any trainable weight
+    assert [id(w) for w in qdist._embedding_tables(m)] == [id(m.model.embed_tokens.weight)]
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    tied = transformers.LlamaForCausalLM(cfg)
+    prepare_model(tied, LoraConfig(r=4, lora_alpha=8))
+    assert [id(w) for w in qdist._embedding_tables(tied)] == [id(tied.lm_head.weight)]  # one Parameter, once
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    assert qdist._embedding_tables(_mlp()) == []
+
+
 def test_setup_errors_name_the_problem(monkeypatch):
     with pytest.raises(ValueError, match="distributed kind"):
         qdist.setup("zero")
