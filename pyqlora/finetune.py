@@ -571,8 +571,7 @@ def _run(cfg, out, ctx, qdist):
     if distributed:
         # every rank prepared the same model (same checkpoint, same seeds); DDP keeps one
         # full copy per rank and all-reduces the adapters' gradients, FSDP2 shards it
-        model = qdist.wrap_model(model, ctx, **({"replicate_embeddings": not cfg.fsdp_shard_embeddings}
-                                                 if ctx.kind == "fsdp" else {}))
+        model = qdist.wrap_model(model, ctx, replicate_embeddings=not cfg.fsdp_shard_embeddings)
         trainable = qdist.trainable_parameters(model)
         say(f"distributed: {ctx.kind} over {ctx.world_size} processes, {hi - lo} of every {cfg.batch_size} "
             "examples per process")

@@ -220,6 +220,12 @@ def _worker(rank, port, outdir, opt_name):
     out["llama_sharded_tables_losses"] = _train(m, lmine, _llama_loss, make_opt(qdist.trainable_parameters(m)),
                                                 reduce=True)
 
+    # ... and with bfloat16 mixed precision: the kept tables compute in bfloat16 like everything else
+    m = _llama()
+    qdist.wrap_model(m, fsdp, mixed_precision=torch.bfloat16)
+    out["llama_mp_table_dtypes"] = {m.model.embed_tokens.weight.dtype, m.lm_head.weight.dtype}
+    out["llama_mp_losses"] = _train(m, lmine, _llama_loss, make_opt(qdist.trainable_parameters(m)), reduce=True)
+
     torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
     qdist.cleanup(ctx)
 
@@ -410,6 +416,8 @@ def test_fsdp_hugging_face_llama_matches_single_process(run):
         assert "model.embed_tokens.weight" in single["llama_tables"]
         assert r["llama_whole"] == single["llama_tables"]
         assert r["llama_sharded_tables_whole"] == []
+        assert r["llama_mp_table_dtypes"] == {torch.bfloat16}
+        _close(r["llama_mp_losses"], single["llama"], rtol=3e-2)  # bf16 compute, same trajectory
 
 
 # ----------------------------------------------------------------------------- without a process group
