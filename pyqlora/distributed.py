@@ -35,6 +35,7 @@ one-process context and :func:`wrap_model` returns the model unchanged.
 """
 import dataclasses
 import datetime
+import inspect
 import json
 import os
 import zlib
@@ -447,6 +448,8 @@ def wrap_model(model, ctx, *, mixed_precision=None, reshard_after_forward=True, 
         fully_shard(unit, **kwargs)
     # (a table inside a group given by shard_classes is already sharded there)
     tables = [w for w in _embedding_tables(model) if type(w).__name__ != "DTensor"] if replicate_embeddings else []
+    if tables and "ignored_params" not in inspect.signature(fully_shard).parameters:
+        tables = []  # torch < 2.7 (no ignored_params): the tables are sharded like everything else
     if tables and mixed_precision is not None:
         # FSDP casts only the parameters it manages: store the kept tables in the compute dtype,
         # the same rounding FSDP would apply to their gathered copy
