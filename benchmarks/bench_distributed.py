@@ -36,6 +36,8 @@ def main():
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--batch", type=int, default=4, help="global batch (split across ranks)")
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--shard-embeddings", action="store_true",
+                    help="FSDP: shard the frozen embedding tables too (wrap_model(replicate_embeddings=False))")
     args = ap.parse_args()
 
     import transformers
@@ -52,7 +54,7 @@ def main():
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg)
     prepare_model(model, LoraConfig(r=16, lora_alpha=16))
-    model = qdist.wrap_model(model, ctx)
+    model = qdist.wrap_model(model, ctx, replicate_embeddings=not args.shard_embeddings)
     held = qdist.parameter_bytes(model)
     opt = torch.optim.AdamW(qdist.trainable_parameters(model), lr=1e-4)
     lo, hi = qdist.local_batch(args.batch, ctx)
