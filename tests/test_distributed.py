@@ -446,6 +446,41 @@ def test_embedding_tables_kept_whole_are_the_frozen_dense_ones():
     assert qdist._embedding_tables(_mlp()) == []
 
 
+_OLD_TORCH_SCRIPT = """
+import os, sys, torch
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+from pyqlora import distributed as qdist
+sys.path.insert(0, sys.argv[2])
+from test_distributed import _llama, _llama_data, _llama_loss
+fully_shard, policy = qdist._fully_shard_api()
+def old_fully_shard(module, *, mesh=None, reshard_after_forward=None, mp_policy=policy()):  # torch < 2.7
+    return fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
+qdist._fully_shard_api = lambda: (old_fully_shard, policy)
+ctx = qdist.setup("fsdp")
+m = _llama()
+qdist.wrap_model(m, ctx)
+whole = [n for n, p in m.named_parameters() if type(p).__name__ != "DTensor"]
+loss = _llama_loss(m, _llama_data())
+loss.backward()
+print("WHOLE", whole, "LOSS", float(loss))
+qdist.cleanup(ctx)
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_without_ignored_params_shards_the_tables(tmp_path):
+    """On torch < 2.7 fully_shard has no ignored_params: wrap_model then shards the tables too and trains."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _OLD_TORCH_SCRIPT, str(_free_port()), os.path.dirname(__file__)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("WHOLE")][-1]
+    assert line.startswith("WHOLE [] LOSS ")
+    assert float(line.split()[-1]) > 0
+
+
 def test_setup_errors_name_the_problem(monkeypatch):
     with pytest.raises(ValueError, match="distributed kind"):
         qdist.setup("zero")
