@@ -8,9 +8,10 @@ Run with torchrun, once per kind, and compare the JSON lines rank 0 prints::
 The model is a Hugging Face Llama built from a config (random weights, nothing
 downloaded), prepared by ``prepare_model`` on every rank. Reported per rank:
 bytes of parameters + buffers and of optimizer state held (local shards under
-FSDP), resident memory now and at its peak (VmHWM; the peak includes building
-the dense random model before quantization, the same for both kinds), and the
-mean time of a training step after the first. For the real SmolLM2-135M, loaded
+FSDP), resident memory now, the peak (VmHWM) up to the first step (building the
+dense random model, quantizing and wrapping it) and the peak during the training
+steps alone (VmHWM reset when they start; None where the kernel cannot reset it),
+and the mean time of a training step after the first. For the real SmolLM2-135M, loaded
 straight into 4 bits, use ``torchrun --nproc-per-node 2 -m pyqlora finetune
 --distributed ddp|fsdp`` (its report has the same figures per rank).
 """
@@ -59,6 +60,8 @@ def main():
     opt = torch.optim.AdamW(qdist.trainable_parameters(model), lr=1e-4)
     lo, hi = qdist.local_batch(args.batch, ctx)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))[lo:hi]
+    peak_before = qdist.memory_status()["peak_rss"]  # building, quantizing and wrapping the model
+    reset = qdist.reset_peak_memory()  # from here VmHWM covers the training steps only
     times = []
     for _ in range(args.steps):
         t = time.perf_counter()
@@ -72,7 +75,8 @@ def main():
     row = {"kind": args.kind, "world_size": ctx.world_size, "hidden": args.hidden, "layers": args.layers,
            "vocab": args.vocab, "param_buffer_bytes": held,
            "optimizer_state_bytes": qdist.optimizer_state_bytes(opt), "rss_now": rss_bytes(),
-           "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "vmhwm": mem["peak_rss"],
+           "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+           "vmhwm_before_training": peak_before, "vmhwm_training": mem["peak_rss"] if reset else None,
            "rss_anon": mem["rss_anon"],
            "step_s": sum(times[1:]) / max(1, len(times) - 1), "last_loss": loss}
     rows = [None] * ctx.world_size
