@@ -16,6 +16,7 @@ straight into 4 bits, use ``torchrun --nproc-per-node 2 -m pyqlora finetune
 --distributed ddp|fsdp`` (its report has the same figures per rank).
 """
 import argparse
+import ctypes
 import json
 import resource
 import time
@@ -37,6 +38,9 @@ def main():
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--batch", type=int, default=4, help="global batch (split across ranks)")
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--phases", action="store_true",
+                    help="also report resident memory after each forward, backward and optimizer step "
+                         "(glibc's free heap trimmed first)")
     ap.add_argument("--shard-embeddings", action="store_true",
                     help="FSDP: shard the frozen embedding tables too (wrap_model(replicate_embeddings=False))")
     args = ap.parse_args()
@@ -62,13 +66,23 @@ def main():
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))[lo:hi]
     peak_before = qdist.memory_status()["peak_rss"]  # building, quantizing and wrapping the model
     reset = qdist.reset_peak_memory()  # from here VmHWM covers the training steps only
+    phases = []
+    if args.phases:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # start from what is live, not what glibc kept
+        phases.append(("start", rss_bytes()))
     times = []
-    for _ in range(args.steps):
+    for step in range(args.steps):
         t = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
+        if args.phases:
+            phases.append((f"{step} forward", rss_bytes()))
         loss.backward()
+        if args.phases:
+            phases.append((f"{step} backward", rss_bytes()))
         opt.step()
         opt.zero_grad()
+        if args.phases:
+            phases.append((f"{step} step", rss_bytes()))
         times.append(time.perf_counter() - t)
         loss = qdist.all_reduce_mean(loss)
     mem = qdist.memory_status()
@@ -79,6 +93,8 @@ def main():
            "vmhwm_before_training": peak_before, "vmhwm_training": mem["peak_rss"] if reset else None,
            "rss_anon": mem["rss_anon"],
            "step_s": sum(times[1:]) / max(1, len(times) - 1), "last_loss": loss}
+    if args.phases:
+        row["rss_phases_mib"] = [(name, round(b / 2**20)) for name, b in phases]
     rows = [None] * ctx.world_size
     torch.distributed.all_gather_object(rows, row)
     if ctx.is_main:
