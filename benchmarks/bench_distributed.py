@@ -39,8 +39,8 @@ def main():
     ap.add_argument("--batch", type=int, default=4, help="global batch (split across ranks)")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--phases", action="store_true",
-                    help="also report resident memory after each forward, backward and optimizer step "
-                         "(glibc's free heap trimmed first)")
+                    help="also report resident memory after each forward (and again with glibc's free heap "
+                         "trimmed), backward and optimizer step (diagnostic: the trims change the peak)")
     ap.add_argument("--shard-embeddings", action="store_true",
                     help="FSDP: shard the frozen embedding tables too (wrap_model(replicate_embeddings=False))")
     args = ap.parse_args()
@@ -76,6 +76,8 @@ def main():
         loss = model(input_ids=ids, labels=ids).loss
         if args.phases:
             phases.append((f"{step} forward", rss_bytes()))
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # what is live, without the heap glibc keeps
+            phases.append((f"{step} forward, heap trimmed", rss_bytes()))
         loss.backward()
         if args.phases:
             phases.append((f"{step} backward", rss_bytes()))
