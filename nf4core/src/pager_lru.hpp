@@ -11,7 +11,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <functional>
-#include <iterator>
 #include <list>
 #include <map>
 #include <memory>
@@ -20,6 +19,7 @@
 #include <vector>
 
 #include "error.hpp"
+#include "pager.hpp"
 
 namespace nf4core {
 
@@ -143,16 +143,7 @@ private:
     };
 
     Allocation &find(const void *ptr, int64_t nbytes) {
-        const auto p = reinterpret_cast<uintptr_t>(ptr);
-        auto it = allocs_.upper_bound(p);
-        if (ptr != nullptr && it != allocs_.begin()) {
-            Allocation &a = *std::prev(it)->second;
-            const auto base = reinterpret_cast<uintptr_t>(a.base);
-            if (p < base + uintptr_t(a.len) && nbytes <= int64_t(base + uintptr_t(a.len) - p)) return a;
-            require(p >= base + uintptr_t(a.len),
-                    "range of " + std::to_string(nbytes) + " bytes runs past the end of its pager allocation");
-        }
-        fail(NF4_ERROR_INVALID_ARGUMENT, "pointer does not lie in memory allocated by this pager");
+        return find_allocation(allocs_, ptr, nbytes, [](const Allocation &a) { return a.len; });
     }
 
     int64_t chunk_len(const Allocation &a, int64_t i) const { return std::min(page_bytes_, a.len - i * page_bytes_); }
