@@ -5,10 +5,12 @@
 Generation (M = 1, 2, 4, 8 rows): y = x W^T with W NF4 + DQ (blocksize 64), and
 the backward product g W (grad_input), against torch fp32 / bf16 on the dense
 weight and bitsandbytes' Linear4bit on CPU, all in the same run with the same
-thread count. ``--train`` adds the training shapes (M = 1024, W 4096x4096 and
-4096x11008, bf16): forward + grad_input of pyqlora.nn's tiled path (tiles of W
-decoded into a reused buffer for torch's matmul) against the same two products
-on a dense bf16 weight, and against dequantizing the whole weight first.
+thread count. ``--train`` adds the training shapes (M = 1024, W 4096x4096,
+11008x4096 and 4096x11008, bf16): forward + grad_input of pq.matmul_4bit on AMX
+tiles (what pyqlora.nn runs where pq.get_amx() is True; panels of W decoded as it
+goes) and of the tiled path (tiles of W decoded into a reused buffer for torch's
+matmul; pyqlora.nn's path without AMX), against the same two products on a dense
+bf16 weight, and against dequantizing the whole weight first.
 Contenders run interleaved, best of --repeat rounds, so a slow spell of the
 machine hits all of them alike. ``--coexist`` times the M = 1 GEMV back to
 back, right after a torch op (whose OpenMP workers then spin-wait on the
@@ -131,14 +133,16 @@ def training(args, np, torch, pq):
     m = 1024
     print(f"\ntraining shapes: M={m} bf16, forward x W^T + grad_input g W; {args.threads} threads; "
           f"best of {args.train_repeat}")
-    print(f"{'W (N x K)':<12} {'dense bf16':>11} {'pyqlora tiled':>14} {'ratio':>6} {'whole dequant':>14} {'ratio':>6}")
+    amx = "pyqlora AMX" if pq.get_amx() else "(no AMX)"
+    print(f"{'W (N x K)':<12} {'dense bf16':>11} {'TFLOP/s':>7} {amx:>12} {'ratio':>6} {'pyqlora tiled':>14} "
+          f"{'ratio':>6} {'whole dequant':>14} {'ratio':>6}")
     for n, k in ((4096, 4096), (11008, 4096), (4096, 11008)):
         training_shape(args, np, torch, pq, rng, m, n, k)
 
 
 def training_shape(args, np, torch, pq, rng, m, n, k):
     from pyqlora._matmul import tiled_product_torch
-    from pyqlora.nn import dequantize_weight
+    from pyqlora.nn import _np_view, dequantize_weight
 
     w = (rng.standard_normal((n, k)) * 0.02).astype(np.float32)
     q = pq.quantize(w)
@@ -151,6 +155,10 @@ def training_shape(args, np, torch, pq, rng, m, n, k):
         x @ Wb.T
         g @ Wb
 
+    def amx():
+        pq.matmul_4bit(_np_view(x), q)
+        pq.matmul_4bit(_np_view(g), q, transpose=False)
+
     def tiled():
         tiled_product_torch(x, q, True)
         tiled_product_torch(g, q, False)
@@ -160,8 +168,15 @@ def training_shape(args, np, torch, pq, rng, m, n, k):
         x @ wd.T
         g @ wd
 
-    td, tt, tw = race([dense, tiled, whole], args.train_repeat)
-    print(f"{f'{n}x{k}':<12} {td:9.1f}ms {tt:12.1f}ms {tt / td:5.3f}x {tw:12.1f}ms {tw / td:5.3f}x")
+    if pq.get_amx():
+        td, ta, tt, tw = race([dense, amx, tiled, whole], args.train_repeat)
+        cell = f"{ta:10.1f}ms {ta / td:5.3f}x"
+    else:
+        td, tt, tw = race([dense, tiled, whole], args.train_repeat)
+        cell = f"{'':>12} {'':>6}"
+    tflops = 4 * m * n * k / td / 1e9  # two products of 2 m n k flops, td in ms
+    print(f"{f'{n}x{k}':<12} {td:9.1f}ms {tflops:7.2f} {cell} {tt:12.1f}ms {tt / td:5.3f}x {tw:12.1f}ms "
+          f"{tw / td:5.3f}x")
 
 
 def main():

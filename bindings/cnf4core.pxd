@@ -63,6 +63,9 @@ cdef extern from "nf4core/nf4core.h" nogil:
     nf4_status nf4_set_isa(const char *name)
     const char *nf4_get_isa()
     int32_t nf4_isa_available(const char *name)
+    int32_t nf4_amx_available()
+    nf4_status nf4_set_amx(int32_t enabled)
+    int32_t nf4_get_amx()
 
     # matmul.h
     nf4_status nf4_matmul_4bit(const void *x, nf4_dtype dtype, int64_t M, int64_t N, int64_t K,

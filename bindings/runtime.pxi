@@ -1,6 +1,6 @@
 # Run-time settings of nf4core: threads and instruction-set path (thin bindings).
-from cnf4core cimport (nf4_get_isa, nf4_get_num_threads, nf4_isa_available, nf4_set_isa,
-                       nf4_set_num_threads)
+from cnf4core cimport (nf4_amx_available, nf4_get_amx, nf4_get_isa, nf4_get_num_threads, nf4_isa_available,
+                       nf4_set_amx, nf4_set_isa, nf4_set_num_threads)
 
 
 def set_num_threads(int n):
@@ -23,3 +23,15 @@ def get_isa():
 def isa_available(str name):
     cdef bytes b = name.encode("ascii")
     return bool(nf4_isa_available(b))
+
+
+def amx_available():
+    return bool(nf4_amx_available())
+
+
+def set_amx(bint enabled):
+    check(nf4_set_amx(enabled))
+
+
+def get_amx():
+    return bool(nf4_get_amx())

@@ -28,7 +28,8 @@ from ._errors import NonFiniteError
 from ._matmul import matmul_4bit
 from ._pager import Pager
 from ._quantize import BLOCKSIZES, dequantize, dequantize_blockwise, quantize, quantize_blockwise
-from ._runtime import available_isas, get_isa, get_num_threads, num_threads, set_isa, set_num_threads
+from ._runtime import (amx_available, available_isas, get_amx, get_isa, get_num_threads, num_threads, set_amx, set_isa,
+                       set_num_threads)
 from ._version import __version__
 
 __all__ = [
@@ -38,17 +39,20 @@ __all__ = [
     "Pager",
     "QuantizedArray",
     "__version__",
+    "amx_available",
     "available_isas",
     "codebook",
     "dequantize",
     "dequantize_blockwise",
     "dynamic_codebook",
+    "get_amx",
     "get_isa",
     "get_num_threads",
     "matmul_4bit",
     "num_threads",
     "quantize",
     "quantize_blockwise",
+    "set_amx",
     "set_isa",
     "set_num_threads",
     "show_config",

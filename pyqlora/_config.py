@@ -25,7 +25,7 @@ def show_config(file=None):
     import numpy
 
     from . import _nf4core
-    from ._runtime import available_isas, get_isa, get_num_threads
+    from ._runtime import amx_available, available_isas, get_amx, get_isa, get_num_threads
     from ._version import __version__
 
     try:
@@ -44,6 +44,7 @@ def show_config(file=None):
         "ml_dtypes": mld,
         "cpu_kernels": get_isa(),
         "cpu_kernels_available": ", ".join(available_isas()),
+        "amx": ("in use" if get_amx() else "available, not in use") if amx_available() else "not available",
         "threads": get_num_threads(),
     }
     cfg.update(_cuda_config(_nf4core))

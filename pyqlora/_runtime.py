@@ -5,7 +5,8 @@ import sys
 
 from . import _nf4core as _rt  # bindings/runtime.pxi
 
-__all__ = ["set_num_threads", "get_num_threads", "num_threads", "set_isa", "get_isa", "ISAS"]
+__all__ = ["set_num_threads", "get_num_threads", "num_threads", "set_isa", "get_isa", "ISAS", "amx_available",
+           "set_amx", "get_amx"]
 
 #: Kernel paths, best first; "auto" picks the best one this CPU supports.
 ISAS = ("avx512", "avx2", "neon", "scalar")
@@ -113,6 +114,40 @@ def get_isa():
 def available_isas():
     """Kernel paths usable on this machine, best first."""
     return [name for name in ISAS if _rt.isa_available(name)]
+
+
+def amx_available():
+    """Whether this build, CPU and OS can run AMX-BF16 tile instructions.
+
+    True on Intel Xeon 4th generation (Sapphire Rapids) and later under Linux.
+    """
+    return _rt.amx_available()
+
+
+def set_amx(enabled):
+    """Allow (the default) or forbid AMX tiles in :func:`pyqlora.matmul_4bit`.
+
+    With AMX in use, bfloat16 x with 5 or more rows is multiplied on AMX tiles
+    by panels of W decoded to bfloat16 (the values of
+    ``dequantize(q, dtype="bfloat16")``), float32 sums. Forbidding it selects
+    the vector kernel, which multiplies by the float32 weight values (slower at
+    many rows). ``NF4CORE_AMX=0`` in the environment forbids it at start-up.
+    Raises ValueError when allowing it where :func:`amx_available` is False.
+
+    Examples
+    --------
+    >>> import pyqlora as pq
+    >>> pq.set_amx(False); pq.get_amx()
+    False
+    >>> pq.set_amx(pq.amx_available())
+    """
+    _rt.set_amx(bool(enabled))
+
+
+def get_amx():
+    """Whether :func:`pyqlora.matmul_4bit` uses AMX tiles now (available, allowed,
+    and the "avx512" kernel path active)."""
+    return _rt.get_amx()
 
 
 _env = _env_threads()

@@ -27,6 +27,7 @@ from . import _dtypes
 from ._array import QuantizedArray
 from ._matmul import matmul_4bit, tiled_product_torch
 from ._quantize import dequantize, quantize
+from ._runtime import get_amx
 
 __all__ = ["Linear4bit", "LoraLinear4bit", "dequantize_weight"]
 
@@ -61,6 +62,9 @@ def dequantize_weight(q, dtype=torch.float32):
 # (benchmarks/bench_matmul.py measures both). bfloat16 inputs cross over earlier:
 # torch's bf16 matmul is much faster than its fp32 one, the fused kernel computes
 # in float32 either way.
+# With AMX in use (pq.get_amx()), pq.matmul_4bit itself multiplies bfloat16 inputs of
+# 5 rows and more on AMX tiles, decoding panels of the weight as it goes: faster than
+# handing decoded tiles to torch (docs/performance.md), so it is used for every row count.
 FUSED_MAX_ROWS = 4
 FUSED_MAX_ROWS_FP32 = 8
 
@@ -78,6 +82,8 @@ def _path(t, q):
     """'fused' (few rows), 'tiled' (many rows) or 'dense' (other dtypes: whole temporary weight)."""
     if t.dtype not in (torch.float32, torch.bfloat16) or q.codebook not in ("nf4", "fp4"):
         return "dense"
+    if t.dtype == torch.bfloat16 and q.shape[1] % 32 == 0 and get_amx():
+        return "fused"
     rows = t.numel() // max(1, t.shape[-1])
     limit = FUSED_MAX_ROWS_FP32 if t.dtype == torch.float32 else FUSED_MAX_ROWS
     return "fused" if rows <= limit else "tiled"

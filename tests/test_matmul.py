@@ -320,3 +320,114 @@ def test_thread_pool_without_spinning(tmp_path):
     env = dict(os.environ, NF4CORE_SPIN_US="0")
     done = subprocess.run([sys.executable, str(script)], check=False, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+# ---------------------------------------------------------------------------
+# AMX tiles: bfloat16 x with 5 or more rows (pq.get_amx()). The weight enters as
+# bfloat16 (the values of dequantize(q, "bfloat16")), so the oracle is float64
+# x times those values; float32 sums over `inner` plus the bfloat16 output.
+
+needs_amx = pytest.mark.skipif(not pq.amx_available(), reason="no AMX-BF16 on this CPU/OS/build")
+
+
+def reference_bf16_weight(x, q, transpose):
+    w = pq.dequantize(q, dtype=_dtypes.bfloat16).astype(np.float64)
+    return x.astype(np.float64) @ (w.T if transpose else w)
+
+
+def _cpu_flags():
+    import pathlib
+    import platform
+
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64") or not cpuinfo.exists():
+        return None
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def test_amx_is_in_use_where_the_cpu_has_it():
+    # a build or dispatch that lost AMX would leave the tests below skipped or running the vector kernel
+    flags = _cpu_flags()
+    if flags is None:
+        pytest.skip("x86-64 Linux only")
+    has = {"amx_bf16", "amx_tile"} <= flags
+    assert pq.amx_available() == has
+    assert pq.get_amx() == (has and pq.get_isa() == "avx512")
+    assert pq.show_config(file=open(os.devnull, "w"))["amx"] == ("in use" if pq.get_amx() else
+                                                                  "not available" if not has else
+                                                                  "available, not in use")
+
+
+AMX_SHAPES = [  # (M, N, K, blocksize): tails of every tile, panel and chunk; K % blocksize != 0 included
+    (5, 1, 32, 32), (16, 48, 64, 64), (31, 17, 96, 64), (33, 100, 160, 128), (100, 300, 4096, 4096),
+    (47, 33, 4128, 64), (1025, 40, 256, 256), (64, 1000, 2080, 32), (20, 2100, 96, 32)]
+
+
+@needs_amx
+@pytest.mark.parametrize("m, n, k, blocksize", AMX_SHAPES)
+@pytest.mark.parametrize("transpose", [True, False])
+def test_amx_matches_float64(rng, m, n, k, blocksize, transpose):
+    q = pq.quantize(rng.standard_normal((n, k)).astype(np.float32), blocksize=blocksize,
+                    codebook=rng.choice(["nf4", "fp4"]), double_quant=bool(rng.integers(2)))
+    inner = k if transpose else n
+    x = rng.standard_normal((m, inner)).astype(_dtypes.bfloat16)
+    for threads in (1, 3):
+        with pq.num_threads(threads):
+            y = pq.matmul_4bit(x, q, transpose=transpose)
+        assert y.dtype == _dtypes.bfloat16 and y.shape == (m, n if transpose else k)
+        want = reference_bf16_weight(x, q, transpose)
+        err = np.abs(y.astype(np.float64) - want)
+        # per element: the bfloat16 rounding of y (2^-9 relative) plus float32 sums (2^-23 x inner x |x||w|)
+        bound = np.abs(want) * 2.0 ** -8 + 1e-6 * inner * (np.abs(x.astype(np.float64)) @ np.abs(
+            pq.dequantize(q).astype(np.float64).T if transpose else pq.dequantize(q).astype(np.float64)))
+        assert (err <= bound).all(), (threads, float((err / np.maximum(bound, 1e-30)).max()))
+
+
+@needs_amx
+def test_amx_and_vector_kernel_agree_and_switch(rng):
+    q = pq.quantize(rng.standard_normal((70, 512)).astype(np.float32), blocksize=64)
+    x = rng.standard_normal((40, 512)).astype(_dtypes.bfloat16)
+    assert pq.get_amx()
+    y_amx = pq.matmul_4bit(x, q).astype(np.float64)
+    pq.set_amx(False)
+    try:
+        assert not pq.get_amx() and pq.show_config(file=open(os.devnull, "w"))["amx"] == "available, not in use"
+        y_vec = pq.matmul_4bit(x, q).astype(np.float64)
+    finally:
+        pq.set_amx(True)
+    # the vector kernel multiplies by float32 weights, AMX by their bfloat16 roundings
+    assert rel_err(y_vec, reference(x, q, True)) < 8e-3
+    assert rel_err(y_amx, reference_bf16_weight(x, q, True)) < 8e-3
+    assert not np.array_equal(y_amx, y_vec)  # two different kernels ran
+    with _forced_isa("avx2"):
+        assert not pq.get_amx()  # AMX only with the avx512 path
+
+
+@needs_amx
+def test_amx_non_finite_inputs(rng):
+    q = pq.quantize(rng.standard_normal((40, 64)).astype(np.float32))
+    x = rng.standard_normal((8, 64)).astype(np.float32)
+    x[2, 5] = np.nan
+    x[5, 7] = np.inf
+    y = pq.matmul_4bit(x.astype(_dtypes.bfloat16), q).astype(np.float32)
+    assert np.isnan(y[2]).all()  # NaN stays NaN through the bfloat16 rounding (not Inf)
+    w = pq.dequantize(q)
+    assert (np.isinf(y[5]) | np.isnan(y[5])).all() and np.isinf(y[5][w[:, 7] != 0]).all()
+    finite = [0, 1, 3, 4, 6, 7]
+    assert np.isfinite(y[finite]).all()
+
+
+def test_amx_switch_errors_and_environment(tmp_path):
+    import subprocess
+    import sys
+
+    if not pq.amx_available():
+        with pytest.raises(ValueError, match="AMX is not available"):
+            pq.set_amx(True)
+    code = "import pyqlora as pq; print(pq.get_amx(), pq.amx_available())"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "NF4CORE_AMX": "0"}, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == ["False", str(pq.amx_available())]

@@ -9,6 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
+import pyqlora as pq  # noqa: E402
 from pyqlora.lora import LoraConfig, load_adapter, lora_layers, merge_adapters, prepare_model, save_adapter  # noqa: E402
 from pyqlora.nn import Linear4bit, LoraLinear4bit, dequantize_weight  # noqa: E402
 
@@ -58,7 +59,9 @@ def test_linear4bit_options(codebook, blocksize, dq):
             layer.state_dict()
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 35])  # fused 4-bit product for <= 2 rows, else dense
+# the fused 4-bit product (pq.matmul_4bit) for few rows, and for every row count of
+# bfloat16 where it runs on AMX tiles; else tiles decoded for torch's matmul
+@pytest.mark.parametrize("rows", [1, 2, 3, 35])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_and_dense_routes_agree(rows, dtype):
     import pyqlora.nn as qnn
@@ -67,7 +70,8 @@ def test_fused_and_dense_routes_agree(rows, dtype):
     base = layer.base_layer
     w = dequantize_weight(base.quantized, torch.float64)
     x = torch.randn(rows, 64, dtype=dtype, requires_grad=True)
-    assert qnn._use_fused(x, base.quantized) == (rows <= qnn.FUSED_MAX_ROWS)
+    amx = dtype == torch.bfloat16 and pq.get_amx()
+    assert qnn._use_fused(x, base.quantized) == (rows <= qnn.FUSED_MAX_ROWS or amx)
     y = base(x)
     assert y.dtype == dtype
     ref = x.detach().double() @ w.T + dense.bias.detach().double()

@@ -1,6 +1,8 @@
 // Products with a 4-bit matrix: argument checks, the scalar reference and
 // dispatch to the optimized kernel of the active ISA.
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
 #include <string>
 
 #include "error.hpp"
@@ -8,9 +10,20 @@
 #include "matmul.hpp"
 #include "nf4core/matmul.h"
 #include "nf4core/quantize.h"
+#include "nf4core/runtime.h"
 
 namespace nf4core {
 namespace {
+
+std::atomic<bool> amx_allowed{[] {
+    const char *env = std::getenv("NF4CORE_AMX");
+    return !(env && std::string(env) == "0");
+}()};
+
+bool amx_in_use() {
+    return amx_allowed.load(std::memory_order_relaxed) && amx_available() &&
+           active_matmul_kernels() == avx512_matmul_kernels() && avx512_matmul_kernels() != nullptr;
+}
 
 template <typename T>
 inline float weight(const MatmulArgs &a, int64_t n, int64_t k) {
@@ -58,6 +71,7 @@ nf4_status matmul_impl(const void *x, nf4_dtype dtype, int64_t M, int64_t N, int
             kernel(args, 0, cols);
             return;
         }
+        if (dtype == NF4_BFLOAT16 && M >= kAmxMinRows && amx_in_use() && amx_matmul_bf16(args)) return;
         // columns in multiples of 16 per task; about 64 Ki weights per task at least
         const int64_t per_col = args.transpose ? K : N;
         const int64_t min_cols = std::max<int64_t>(16, ((1 << 16) / std::max<int64_t>(1, per_col) + 15) / 16 * 16);
@@ -107,6 +121,10 @@ nf4_status decode_tile_impl(const uint8_t *packed, const float *scales, int64_t 
 #if !defined(NF4CORE_HAVE_AVX512)
 const MatmulKernels *avx512_matmul_kernels() { return nullptr; }
 #endif
+#if !defined(NF4CORE_HAVE_AMX)
+bool amx_available() { return false; }
+bool amx_matmul_bf16(const MatmulArgs &) { return false; }
+#endif
 #if !defined(NF4CORE_HAVE_AVX2)
 const MatmulKernels *avx2_matmul_kernels() { return nullptr; }
 #endif
@@ -139,6 +157,18 @@ nf4_status nf4_matmul_4bit_ref(const void *x, nf4_dtype dtype, int64_t M, int64_
                                int32_t transpose_w, void *y) {
     return nf4core::matmul_impl(x, dtype, M, N, K, packed, scales, blocksize, codebook, transpose_w, y, true);
 }
+
+int32_t nf4_amx_available(void) { return nf4core::amx_available() ? 1 : 0; }
+
+nf4_status nf4_set_amx(int32_t enabled) {
+    return nf4core::guarded([&] {
+        nf4core::require(!enabled || nf4core::amx_available(),
+                         "AMX is not available (needs an AMX-BF16 CPU, Linux, and a build with AMX)");
+        nf4core::amx_allowed.store(enabled != 0);
+    });
+}
+
+int32_t nf4_get_amx(void) { return nf4core::amx_in_use() ? 1 : 0; }
 
 nf4_status nf4_matmul_4bit_decode_tile(const uint8_t *packed, const float *scales, int64_t blocksize,
                                        const float *codebook, int64_t N, int64_t K, int64_t n0, int64_t n1,

@@ -89,6 +89,16 @@ const MatmulKernels *avx512_matmul_kernels();
 const MatmulKernels *avx2_matmul_kernels();
 const MatmulKernels *neon_matmul_kernels();
 
+// AMX-BF16 (matmul_amx.cpp): whether this CPU and OS can run tile instructions,
+// and the product for bfloat16 x with many rows; false (nothing done) when AMX
+// is unavailable or K % 32 != 0. The weight is rounded to bfloat16, as
+// dequantize(q, bfloat16); sums are float32.
+bool amx_available();
+bool amx_matmul_bf16(const MatmulArgs &a);
+// Rows of x from which the AMX product is used (fewer go to the vector kernels;
+// measured crossover 4-8 rows, benchmarks/bench_matmul.py).
+constexpr int64_t kAmxMinRows = 5;
+
 // The kernels of the active ISA (active_kernels().name), nullptr for scalar.
 const MatmulKernels *active_matmul_kernels();
 

@@ -10,9 +10,18 @@
  *   transpose_w = 0:  y (M x K) = x (M x N) . W       (grad_input = grad_output . W)
  *
  * x and y are row-major, both float32 or both bfloat16; products and sums are
- * float32. The weight is decoded block by block into registers and streamed
- * once per group of 8 rows of x, so small M (generation) is bound by reading the
- * 4-bit weight. Threads split the output columns.
+ * float32. Up to 4 rows of bfloat16 x (and any number of float32 rows, or where
+ * AMX is off), the weight is decoded block by block into registers and
+ * streamed once per group of 8 rows of x, so small M (generation) is bound by
+ * reading the 4-bit weight; threads split the output columns.
+ *
+ * With 5 or more rows of bfloat16 x and AMX in use (runtime.h: nf4_get_amx),
+ * the product runs on AMX tiles: panels of W of about 1 MiB are decoded into
+ * bfloat16, the values of nf4_dequantize_4bit to bfloat16 (so the weight is
+ * rounded to bfloat16 as in dequantize-then-bf16-GEMM), and used for up to
+ * 1024 rows of x each; sums are float32 (the tile unit treats bfloat16
+ * subnormals in x as zero). Needs K % 32 == 0, else the vector kernel runs.
+ * Threads split the panels; x is copied once per call into the tile layout.
  */
 #ifndef NF4CORE_MATMUL_H
 #define NF4CORE_MATMUL_H
