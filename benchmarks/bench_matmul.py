@@ -1,6 +1,7 @@
 """Fused 4-bit products: pq.matmul_4bit against torch on the dense weight and bitsandbytes.
 
     python benchmarks/bench_matmul.py [--n 4096] [--k 4096] [--threads 2] [--repeat 20] [--train] [--coexist]
+                                      [--per-weight] [--bf16-rows]
 
 Generation (M = 1, 2, 4, 8 rows): y = x W^T with W NF4 + DQ (blocksize 64), and
 the backward product g W (grad_input), against torch fp32 / bf16 on the dense
@@ -18,7 +19,9 @@ cores for a while: set OMP_WAIT_POLICY=PASSIVE in the environment to compare)
 and after the process idled, with process CPU time beside the wall time.
 ``--per-weight`` prints the M = 1 GEMV's time per 16 weights at 1 thread and at
 --threads, for a W that fits in L2 (512 x K) and for N x K: equal figures mean the
-kernel is bound by its instructions, not by memory.
+kernel is bound by its instructions, not by memory. ``--bf16-rows`` times bfloat16
+x with M = 1..64 rows through pq.matmul_4bit with AMX on and off (pq.set_amx),
+the tiled path and torch on the dense weight: where the AMX product takes over.
 """
 import argparse
 import os
@@ -128,6 +131,50 @@ def per_weight(args, np, pq):
     pq.set_num_threads(args.threads)
 
 
+def bf16_rows(args, np, torch, pq):
+    """Where AMX takes over: bfloat16 x with few rows, forward + grad_input, AMX on and off."""
+    rng = np.random.default_rng(2)
+    w = (rng.standard_normal((args.n, args.k)) * 0.02).astype(np.float32)
+    q = pq.quantize(w)
+    Wb = torch.from_numpy(w).bfloat16()
+    print(f"\nbf16 rows: W {args.n}x{args.k} NF4+DQ, forward x W^T + grad_input g W; {args.threads} threads; "
+          f"best of {args.repeat}; AMX {'available' if pq.amx_available() else 'not available'}")
+    print(f"{'M':>3} {'dense bf16':>11} {'pq AMX':>9} {'pq vector':>10} {'pq tiled':>9}")
+    for m in (1, 2, 4, 5, 8, 16, 32, 64):
+        bf16_row(args, torch, pq, q, Wb, m)
+
+
+def bf16_row(args, torch, pq, q, Wb, m):
+    from pyqlora._matmul import tiled_product_torch
+    from pyqlora.nn import _np_view
+
+    amx = pq.get_amx()
+    x = torch.randn(m, args.k).bfloat16()
+    g = torch.randn(m, args.n).bfloat16()
+
+    def dense():
+        x @ Wb.T
+        g @ Wb
+
+    def ours():
+        pq.matmul_4bit(_np_view(x), q)
+        pq.matmul_4bit(_np_view(g), q, transpose=False)
+
+    def vector():
+        pq.set_amx(False)
+        ours()
+        pq.set_amx(amx)
+
+    def tiled():
+        tiled_product_torch(x, q, True)
+        tiled_product_torch(g, q, False)
+
+    times = race([dense, ours, vector, tiled] if amx else [dense, vector, tiled], args.repeat)
+    if not amx:
+        times.insert(1, float("nan"))
+    print(f"{m:>3} {times[0]:9.3f}ms {times[1]:7.3f}ms {times[2]:8.3f}ms {times[3]:7.3f}ms")
+
+
 def training(args, np, torch, pq):
     rng = np.random.default_rng(1)
     m = 1024
@@ -190,6 +237,7 @@ def main():
     ap.add_argument("--no-generation", action="store_true")
     ap.add_argument("--coexist", action="store_true", help="the M = 1 GEMV next to torch ops (see above)")
     ap.add_argument("--per-weight", action="store_true", help="M = 1 GEMV time per 16 weights (see above)")
+    ap.add_argument("--bf16-rows", action="store_true", help="bfloat16 x, M = 1..64: AMX on and off (see above)")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import numpy as np
@@ -205,6 +253,8 @@ def main():
         coexist(args, np, torch, pq)
     if args.per_weight:
         per_weight(args, np, pq)
+    if args.bf16_rows:
+        bf16_rows(args, np, torch, pq)
     if args.train:
         training(args, np, torch, pq)
 

@@ -25,7 +25,13 @@ def show_config(file=None):
     import numpy
 
     from . import _nf4core
-    from ._runtime import amx_available, available_isas, get_amx, get_isa, get_num_threads
+    from ._runtime import (
+        amx_available,
+        available_isas,
+        get_amx,
+        get_isa,
+        get_num_threads,
+    )
     from ._version import __version__
 
     try:

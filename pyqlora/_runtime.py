@@ -5,8 +5,17 @@ import sys
 
 from . import _nf4core as _rt  # bindings/runtime.pxi
 
-__all__ = ["set_num_threads", "get_num_threads", "num_threads", "set_isa", "get_isa", "ISAS", "amx_available",
-           "set_amx", "get_amx"]
+__all__ = [
+    "ISAS",
+    "amx_available",
+    "get_amx",
+    "get_isa",
+    "get_num_threads",
+    "num_threads",
+    "set_amx",
+    "set_isa",
+    "set_num_threads",
+]
 
 #: Kernel paths, best first; "auto" picks the best one this CPU supports.
 ISAS = ("avx512", "avx2", "neon", "scalar")

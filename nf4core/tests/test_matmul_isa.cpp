@@ -4,6 +4,8 @@
 // M = 1..8 (the streaming kernels) and more, both orientations, float32 and
 // bfloat16, K that is and is not a multiple of the blocksize (the fallback);
 // tiles bit-identical to the reference dequantize, non-finite scales included.
+// bfloat16 x with 5+ rows runs on AMX where it is in use; its oracle multiplies
+// by the weights rounded to bfloat16, as the AMX product does (matmul.h).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -23,12 +25,13 @@ struct Quantized {
     int64_t N, K, bs;
     std::vector<uint8_t> packed;
     std::vector<float> scales;
-    std::vector<float> w;  // dequantized (reference kernel), float32
+    std::vector<float> w;   // dequantized (reference kernel), float32
+    std::vector<float> wb;  // the same rounded to bfloat16: what AMX products multiply by
 };
 
 Quantized make(std::mt19937_64 &rng, int64_t N, int64_t K, int64_t bs, const float *cb) {
     std::normal_distribution<float> normal(0.0f, 1.0f);
-    Quantized q{N, K, bs, {}, {}, {}};
+    Quantized q{N, K, bs, {}, {}, {}, {}};
     std::vector<float> w(size_t(N * K));
     for (float &v : w) v = normal(rng);
     q.packed.resize(size_t(nf4_packed_size_4bit(N * K)));
@@ -37,6 +40,11 @@ Quantized make(std::mt19937_64 &rng, int64_t N, int64_t K, int64_t bs, const flo
     q.w.resize(w.size());
     CHECK(nf4_dequantize_4bit_ref(q.packed.data(), q.scales.data(), N * K, bs, cb, q.w.data(), NF4_FLOAT32) ==
           NF4_OK);
+    std::vector<uint16_t> b(w.size());
+    CHECK(nf4_dequantize_4bit_ref(q.packed.data(), q.scales.data(), N * K, bs, cb, b.data(), NF4_BFLOAT16) ==
+          NF4_OK);
+    q.wb.resize(w.size());
+    for (size_t i = 0; i < b.size(); ++i) q.wb[i] = nf4core::to_float(nf4core::bfloat16_t{b[i]});
     return q;
 }
 
@@ -66,15 +74,17 @@ TEST_CASE(every_isa_matmul_matches_double_reference) {
                     xb[i] = nf4core::to_bfloat16(x[i]).bits;
                     xr[i] = nf4core::to_float(nf4core::bfloat16_t{xb[i]});
                 }
-                for (int bf16 : {0, 1}) {
+                for (int variant : {0, 1, 2}) {  // float32 x; bfloat16 x; bfloat16 x, weights rounded (AMX)
+                    const int bf16 = variant > 0;
                     const std::vector<float> &xv = bf16 ? xr : x;
+                    const std::vector<float> &wq = variant == 2 ? q.wb : q.w;
                     std::vector<double> want(size_t(M * outer)), bound(size_t(M * outer));
                     double scale = 0;
                     for (int64_t m = 0; m < M; ++m)
                         for (int64_t o = 0; o < outer; ++o) {
                             double acc = 0, mag = 0;
                             for (int64_t i = 0; i < inner; ++i) {
-                                const double wv = transpose ? q.w[size_t(o * s.K + i)] : q.w[size_t(i * s.K + o)];
+                                const double wv = transpose ? wq[size_t(o * s.K + i)] : wq[size_t(i * s.K + o)];
                                 const double p = double(xv[size_t(m * inner + i)]) * wv;
                                 acc += p;
                                 mag += std::fabs(p);
@@ -88,6 +98,9 @@ TEST_CASE(every_isa_matmul_matches_double_reference) {
                     for (const char *isa : kIsas) {
                         if (!nf4_isa_available(isa)) continue;
                         CHECK(nf4_set_isa(isa) == NF4_OK);
+                        // bfloat16 x with 5+ rows and K % 32 == 0 runs on AMX where it is in use (matmul.h)
+                        const bool amx = bf16 && M >= 5 && s.K % 32 == 0 && nf4_get_amx();
+                        if ((variant == 2) != amx) continue;
                         for (int threads : {1, 2}) {
                             nf4_set_num_threads(threads);
                             std::vector<double> got(want.size());
@@ -114,9 +127,9 @@ TEST_CASE(every_isa_matmul_matches_double_reference) {
                                 if (!(e == e)) err = INFINITY;
                             }
                             CHECK_MSG(within && err <= (bf16 ? 8e-3 : 2e-6 * std::sqrt(double(inner))) * scale,
-                                      "%s threads=%d M=%lld N=%lld K=%lld bs=%lld transpose=%d bf16=%d: error %g of %g",
-                                      isa, threads, (long long)M, (long long)s.N, (long long)s.K, (long long)s.bs,
-                                      transpose, bf16, err, scale);
+                                      "%s threads=%d M=%lld N=%lld K=%lld bs=%lld transpose=%d bf16=%d amx=%d: "
+                                      "error %g of %g", isa, threads, (long long)M, (long long)s.N, (long long)s.K,
+                                      (long long)s.bs, transpose, bf16, int(amx), err, scale);
                             ++tested;
                         }
                     }
@@ -180,6 +193,33 @@ TEST_CASE(every_isa_decode_tile_bit_identical) {
                           (long long)n1, (long long)k0, (long long)k1, (long long)bad32, (long long)bad16);
             }
         }
+    }
+    nf4_set_isa("auto");
+}
+
+// AMX: available exactly where the CPU has AMX-BF16 and AMX-TILE (Linux lets a
+// process use them on request); in use only with the avx512 path; nf4_set_amx
+// switches it, and cannot switch it on where it is unavailable.
+TEST_CASE(amx_where_the_cpu_has_it) {
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    __asm__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+    const bool cpu = ((d >> 22) & 1) && ((d >> 24) & 1);
+    CHECK(nf4_amx_available() == (cpu ? 1 : 0));
+#endif
+    if (!nf4_amx_available()) {
+        CHECK(nf4_set_amx(1) == NF4_ERROR_INVALID_ARGUMENT);
+        CHECK(nf4_get_amx() == 0);
+        return;
+    }
+    CHECK(nf4_set_isa("avx512") == NF4_OK);
+    CHECK(nf4_get_amx() == 1);
+    CHECK(nf4_set_amx(0) == NF4_OK);
+    CHECK(nf4_get_amx() == 0);
+    CHECK(nf4_set_amx(1) == NF4_OK);
+    if (nf4_isa_available("avx2")) {
+        CHECK(nf4_set_isa("avx2") == NF4_OK);
+        CHECK(nf4_get_amx() == 0);
     }
     nf4_set_isa("auto");
 }
