@@ -1,11 +1,14 @@
 // AMX-BF16 products with a 4-bit matrix, for many rows of bfloat16 x (training).
 //
 // Both products are tile GEMMs (TDPBF16PS: bfloat16 pairs, float32 sums) in
-// which one operand is a *panel* of W decoded into bfloat16 tiles in a
-// per-thread buffer of about 1 MiB (L2), used for every row of x before the
-// next panel is decoded. Only a panel of W is ever dense; its values are those
-// of dequantize(q, bfloat16), codebook x block scale rounded to nearest even,
-// as the tiled path that hands decoded tiles to torch's GEMM multiplies by.
+// which one operand is a *panel* of W: up to 64 steps of 32 values of the inner
+// dimension for a range of outputs, decoded into bfloat16 tiles in a per-thread
+// buffer of about 1 MiB (L2) and used for every row of x (up to kMaxRows) before
+// the next. Only a panel of W is ever dense; its values are those of
+// dequantize(q, bfloat16), codebook x block scale rounded to nearest even, as the
+// tiled path that hands decoded tiles to torch's GEMM multiplies by. The next
+// panel is decoded on the vector units between the tile steps of the current
+// one (two buffers), so the decode overlaps the tile unit's work.
 //
 //   y = x W^T (M x N): C'[n, m] = sum_k W[n, k] x[m, k]. The A tiles are
 //       16 rows of W x 32 k, in W's own row order (so the decode is the plain
@@ -17,9 +20,12 @@
 //       word by word (row 2r and 2r + 1 of a 32-row step give tile row r).
 //
 // Each thread computes 2 x 2 C tiles at a time (8 tile registers: 2 A, 2 B,
-// 4 C) over the whole inner dimension. Needs K % 32 == 0 (every 32-value chunk
-// of a row then lies inside one block, blocksize >= 32); x is processed in
-// chunks of kMaxRows rows, padded to whole tiles with zeros.
+// 4 C) over a panel's steps; float32 sums carry over between panels of the same
+// outputs in a per-thread buffer. Needs K % 32 == 0 (every 32-value chunk of a
+// row then lies inside one block, blocksize >= 32); x is packed kMaxRows rows
+// at a time, padded to whole tiles with zeros. Measured on a 2-core Xeon with
+// AMX (docs/performance.md): within a few percent of torch's bf16 GEMM (oneDNN)
+// on the dense weight, forward + grad_input at M = 1024.
 #include <cpuid.h>
 #include <immintrin.h>
 
@@ -42,7 +48,7 @@ namespace {
 constexpr int64_t kRows = 16;             // rows of every tile
 constexpr int64_t kCols = 32;             // bfloat16 values per tile row (64 bytes)
 constexpr int64_t kTile = kRows * kCols;  // bfloat16 values per tile
-constexpr int64_t kPanelBytes = 1 << 20;  // decoded W per panel (per thread, L2-resident)
+constexpr int64_t kPanelBytes = 1 << 20;  // decoded W per panel chunk (per thread, L2-resident)
 constexpr int64_t kMaxRows = 1024;        // rows of x packed at a time
 constexpr int64_t kChunkSteps = 64;       // 32-value steps of the inner dimension per chunk
 
@@ -106,23 +112,23 @@ inline __m512i scaled_table(__m512 codebook, float scale) {
 
 // Decodes 32-value chunks of one row of W, keeping the current block's table.
 struct RowDecoder {
-    const MatmulArgs &a;
-    __m512 codebook;
-    int shift;
+    const MatmulArgs *a = nullptr;
+    __m512 codebook = _mm512_setzero_ps();
+    int shift = 0;
     int64_t block = -1;
     __m512i table = _mm512_setzero_si512();
 
     // W[n, k .. k + 32) as bfloat16 bits; (n K + k) % 32 == 0
     __m512i operator()(int64_t n, int64_t k) {
-        const int64_t i = n * a.K + k;
+        const int64_t i = n * a->K + k;
         if ((i >> shift) != block) {
             block = i >> shift;
-            table = scaled_table(codebook, a.scales[block]);
+            table = scaled_table(codebook, a->scales[block]);
         }
         // 16 bytes -> words, each duplicated; the even element is the high nibble
         const __m512i dup = _mm512_set_epi16(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8, 7, 7, 6,
                                              6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i *>(a.packed + i / 2));
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i *>(a->packed + i / 2));
         const __m512i words = _mm512_permutexvar_epi16(dup, _mm512_castsi256_si512(_mm256_cvtepu8_epi16(bytes)));
         return _mm512_permutexvar_epi16(_mm512_srlv_epi16(words, _mm512_set1_epi32(4)), table);
     }
@@ -146,8 +152,9 @@ inline void transpose16(__m512i r[16]) {
 // c[0..3] (+)= A_i B_j over `steps` tile pairs: c[0] = A0 B0, c[1] = A1 B0,
 // c[2] = A0 B1, c[3] = A1 B1 (16 x 16 float32 each, consecutive); the tiles of
 // each operand are consecutive. Starts from c's values if `accumulate`, else 0.
+template <class F>
 inline void tiles_2x2(const uint16_t *a0, const uint16_t *a1, const uint16_t *b0, const uint16_t *b1,
-                      int64_t steps, float *c, bool accumulate) {
+                      int64_t steps, float *c, bool accumulate, F &&between) {
     if (accumulate) {
         _tile_loadd(0, c, 64);
         _tile_loadd(1, c + 256, 64);
@@ -168,6 +175,7 @@ inline void tiles_2x2(const uint16_t *a0, const uint16_t *a1, const uint16_t *b0
         _tile_loadd(7, b1 + s * kTile, 64);
         _tile_dpbf16ps(2, 4, 7);
         _tile_dpbf16ps(3, 5, 7);
+        between();  // vector work that overlaps the tile unit's
     }
     _tile_stored(0, c, 64);
     _tile_stored(1, c + 256, 64);
@@ -234,31 +242,44 @@ void tile_product(const P &policy, int64_t outputs, int64_t S, const uint16_t *x
     if ((outputs + width - 1) / width < want) width = std::max<int64_t>(32, ((outputs + want - 1) / want + 31) / 32 * 32);
     const int64_t panels = (outputs + width - 1) / width;
     parallel_for(panels, 1, [&](int64_t p0, int64_t p1) {
-        thread_local Buffer panel_buf, sums_buf;
-        uint16_t *wp = panel_buf.get(size_t(width * steps * kCols));
+        thread_local Buffer panel_buf[2], sums_buf;
+        uint16_t *wp[2] = {panel_buf[0].get(size_t(width * steps * kCols)),
+                           panel_buf[1].get(size_t(width * steps * kCols))};
         float *sums = reinterpret_cast<float *>(sums_buf.get(size_t(mt * kRows * width * 2)));
-        configure_tiles();
-        for (int64_t p = p0; p < p1; ++p) {
+        // jobs j = (panel, chunk) in order; the decode of job j + 1 runs between the tile steps of job j
+        const int64_t per_panel = (S + steps - 1) / steps, jobs = (p1 - p0) * per_panel;
+        auto cursor = [&](int64_t j) {
+            const int64_t p = p0 + j / per_panel, s0 = (j % per_panel) * steps;
             const int64_t lo = p * width, hi = std::min(outputs, lo + width);
+            return typename P::Cursor(policy, wp[j & 1], lo, hi, s0, std::min(S, s0 + steps));
+        };
+        configure_tiles();
+        auto cur = cursor(0);
+        cur.run(cur.total);
+        for (int64_t j = 0; j < jobs; ++j) {
+            const int64_t lo = cur.lo, hi = cur.hi, s0 = cur.s0, s1 = cur.s1, n = s1 - s0;
+            const uint16_t *w = wp[j & 1];
             const int64_t wt = (hi - lo + 31) / 32 * 2;  // panel tiles, even
-            for (int64_t s0 = 0; s0 < S; s0 += steps) {
-                const int64_t s1 = std::min(S, s0 + steps), n = s1 - s0;
-                policy.decode(wp, lo, hi, s0, s1);
-                for (int64_t t = 0; t < mt; t += 2)
-                    for (int64_t u = 0; u < wt; u += 2) {
-                        float *c = sums + ((t / 2) * (wt / 2) + u / 2) * 4 * 256;
-                        const uint16_t *x0 = xp + (t * S + s0) * kTile, *x1 = x0 + S * kTile;
-                        const uint16_t *w0 = wp + u * n * kTile, *w1 = w0 + n * kTile;
-                        if (P::x_is_a)
-                            tiles_2x2(x0, x1, w0, w1, n, c, s0 > 0);
-                        else
-                            tiles_2x2(w0, w1, x0, x1, n, c, s0 > 0);
-                        if (s1 == S)
-                            for (int q = 0; q < 4; ++q)
-                                P::x_is_a ? policy.store(c + q * 256, t + q % 2, u + q / 2, lo)
-                                          : policy.store(c + q * 256, t + q / 2, u + q % 2, lo);
-                    }
-            }
+            auto next = j + 1 < jobs ? cursor(j + 1) : typename P::Cursor();
+            const int64_t tile_steps = (mt / 2) * (wt / 2) * n;
+            const int64_t per_step = (next.total + tile_steps - 1) / tile_steps;
+            auto between = [&] { next.run(per_step); };
+            for (int64_t t = 0; t < mt; t += 2)
+                for (int64_t u = 0; u < wt; u += 2) {
+                    float *c = sums + ((t / 2) * (wt / 2) + u / 2) * 4 * 256;
+                    const uint16_t *x0 = xp + (t * S + s0) * kTile, *x1 = x0 + S * kTile;
+                    const uint16_t *w0 = w + u * n * kTile, *w1 = w0 + n * kTile;
+                    if (P::x_is_a)
+                        tiles_2x2(x0, x1, w0, w1, n, c, s0 > 0, between);
+                    else
+                        tiles_2x2(w0, w1, x0, x1, n, c, s0 > 0, between);
+                    if (s1 == S)
+                        for (int q = 0; q < 4; ++q)
+                            P::x_is_a ? policy.store(c + q * 256, t + q % 2, u + q / 2, lo)
+                                      : policy.store(c + q * 256, t + q / 2, u + q % 2, lo);
+                }
+            next.run(next.total);  // what the steps left
+            cur = next;
         }
         _tile_release();
     });
@@ -270,15 +291,27 @@ struct Transposed {
     static constexpr bool x_is_a = false;
     const MatmulArgs &a;
     int64_t m0, rows;
-    void decode(uint16_t *wp, int64_t lo, int64_t hi, int64_t s0, int64_t s1) const {
-        RowDecoder dec{a, _mm512_loadu_ps(a.codebook), __builtin_ctzll(uint64_t(a.blocksize))};
-        const int64_t n = s1 - s0, padded = (hi - lo + 31) / 32 * 32;
-        for (int64_t i = 0; i < padded; ++i) {  // wp[(tile n) 512 + r 32 + e] = W[lo + 16 tile + r, 32 (s0 + s) + e]
-            uint16_t *dst = wp + (i / kRows) * n * kTile + (i % kRows) * kCols;
-            for (int64_t s = 0; s < n; ++s)
-                _mm512_store_si512(dst + s * kTile, lo + i < hi ? dec(lo + i, (s0 + s) * kCols) : _mm512_setzero_si512());
+    // Decodes panel rows [lo, hi) (padded to 32 with zeros), steps [s0, s1) of W into
+    // wp[(tile n + s) 512 + r 32 + e] = W[lo + 16 tile + r, 32 (s0 + s) + e], a
+    // 32-value chunk per unit, in pieces (run).
+    struct Cursor {
+        const Transposed *p = nullptr;
+        uint16_t *wp = nullptr;
+        int64_t lo = 0, hi = 0, s0 = 0, s1 = 0, total = 0, done = 0, i = 0, s = 0;
+        RowDecoder dec{};
+        Cursor() = default;
+        Cursor(const Transposed &pol, uint16_t *w, int64_t l, int64_t h, int64_t a0, int64_t a1)
+            : p(&pol), wp(w), lo(l), hi(h), s0(a0), s1(a1), total((h - l + 31) / 32 * 32 * (a1 - a0)),
+              dec{&pol.a, _mm512_loadu_ps(pol.a.codebook), __builtin_ctzll(uint64_t(pol.a.blocksize))} {}
+        void run(int64_t count) {
+            const int64_t n = s1 - s0, end = std::min(total, done + count);
+            for (; done < end; ++done) {
+                uint16_t *dst = wp + ((i / kRows) * n + s) * kTile + (i % kRows) * kCols;
+                _mm512_store_si512(dst, lo + i < hi ? dec(lo + i, (s0 + s) * kCols) : _mm512_setzero_si512());
+                if (++s == n) s = 0, ++i;
+            }
         }
-    }
+    };
     void store(const float *c, int64_t t, int64_t u, int64_t lo) const {
         const int64_t nbase = lo + u * kRows, mbase = t * kRows;
         const int count = int(std::min<int64_t>(16, a.N - nbase));
@@ -298,29 +331,42 @@ struct Plain {
     static constexpr bool x_is_a = true;
     const MatmulArgs &a;
     int64_t m0, rows;
-    void decode(uint16_t *wp, int64_t lo, int64_t hi, int64_t s0, int64_t s1) const {
-        const __m512i even_lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39,
-                                                 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-        const __m512i even_hi = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55,
-                                                 23, 54, 22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
-        const __m512 codebook = _mm512_loadu_ps(a.codebook);
-        const int shift = __builtin_ctzll(uint64_t(a.blocksize));
-        const int64_t n = s1 - s0, tiles = (hi - lo) / kRows;  // hi - lo is a multiple of 32 (K % 32 == 0)
-        // wp[(tile n + s) 512 + r 32 + 2 j + e] = W[32 (s0 + s) + 2 r + e, lo + 16 tile + j]
-        for (int64_t s = 0; s < n; ++s)
-            for (int64_t r = 0; r < kRows; ++r) {
-                const int64_t row = (s0 + s) * kCols + 2 * r;
-                RowDecoder even{a, codebook, shift}, odd{a, codebook, shift};
-                uint16_t *dst = wp + s * kTile + r * kCols;
-                for (int64_t t = 0; t < tiles; t += 2) {
-                    const int64_t k = lo + t * kRows;
-                    const __m512i e = row < a.N ? even(row, k) : _mm512_setzero_si512();
-                    const __m512i o = row + 1 < a.N ? odd(row + 1, k) : _mm512_setzero_si512();
-                    _mm512_store_si512(dst + t * n * kTile, _mm512_permutex2var_epi16(e, even_lo, o));
-                    _mm512_store_si512(dst + (t + 1) * n * kTile, _mm512_permutex2var_epi16(e, even_hi, o));
+    // Decodes panel columns [lo, hi) (a multiple of 32 wide: K % 32 == 0), steps
+    // [s0, s1) of W into wp[(tile n + s) 512 + r 32 + 2 j + e] =
+    // W[32 (s0 + s) + 2 r + e, lo + 16 tile + j], two tile rows per unit, in pieces (run).
+    struct Cursor {
+        const Plain *p = nullptr;
+        uint16_t *wp = nullptr;
+        int64_t lo = 0, hi = 0, s0 = 0, s1 = 0, total = 0, done = 0, s = 0, r = 0, t = 0;
+        RowDecoder even{}, odd{};
+        Cursor() = default;
+        Cursor(const Plain &pol, uint16_t *w, int64_t l, int64_t h, int64_t a0, int64_t a1)
+            : p(&pol), wp(w), lo(l), hi(h), s0(a0), s1(a1), total((a1 - a0) * kRows * ((h - l) / 32)),
+              even{&pol.a, _mm512_loadu_ps(pol.a.codebook), __builtin_ctzll(uint64_t(pol.a.blocksize))},
+              odd(even) {}
+        void run(int64_t count) {
+            const __m512i even_lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                                     39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+            const __m512i even_hi = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56,
+                                                     24, 55, 23, 54, 22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48,
+                                                     16);
+            if (done >= total) return;
+            const int64_t n = s1 - s0, tiles = (hi - lo) / kRows, N = p->a.N;
+            const int64_t end = std::min(total, done + count);
+            for (; done < end; ++done) {
+                const int64_t row = (s0 + s) * kCols + 2 * r, k = lo + t * kRows;
+                const __m512i e = row < N ? even(row, k) : _mm512_setzero_si512();
+                const __m512i o = row + 1 < N ? odd(row + 1, k) : _mm512_setzero_si512();
+                uint16_t *dst = wp + (t * n + s) * kTile + r * kCols;
+                _mm512_store_si512(dst, _mm512_permutex2var_epi16(e, even_lo, o));
+                _mm512_store_si512(dst + n * kTile, _mm512_permutex2var_epi16(e, even_hi, o));
+                if ((t += 2) == tiles) {
+                    t = 0;
+                    if (++r == kRows) r = 0, ++s;
                 }
             }
-    }
+        }
+    };
     void store(const float *c, int64_t t, int64_t u, int64_t lo) const {
         const int64_t mbase = t * kRows, kbase = lo + u * kRows;
         uint16_t *y = static_cast<uint16_t *>(a.y);
