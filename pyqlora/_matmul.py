@@ -24,6 +24,10 @@ def matmul_4bit(x, q, transpose=True, out=None):
     ``(..., K)`` (the input gradient of a linear layer). The weight is decoded
     block by block inside the kernel, never as a whole. x is float32 or
     bfloat16 and the result has its dtype; products and sums are float32.
+    Where AMX is in use (:func:`pyqlora.get_amx`), bfloat16 x with 5 or more
+    rows (and in_features a multiple of 32) is multiplied on AMX tiles by the
+    weight's values rounded to bfloat16, those of
+    ``dequantize(q, dtype="bfloat16")``; elsewhere the weight enters as float32.
 
     Examples
     --------

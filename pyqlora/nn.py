@@ -2,7 +2,8 @@
 
 The base weight is a :class:`pyqlora.QuantizedArray` (NF4 + double quantization
 by default); the forward and backward passes read it with nf4core (a fused 4-bit
-product for a few rows, tiles decoded for torch's matmul otherwise), so no dense
+product for a few rows; for many rows of bfloat16 the AMX tile product where the CPU
+has AMX, else tiles decoded for torch's matmul), so no dense
 copy of the whole weight exists and autograd saves nothing but the input of the
 adapters. State dicts use the
 bitsandbytes/transformers 4-bit keys.
@@ -95,7 +96,7 @@ def _use_fused(t, q):
 
 class _Linear4bitFunction(torch.autograd.Function):
     """y = x W^T + b with W 4-bit. Saves no tensor: backward reads the 4-bit weight
-    again (fused product for a few rows, else tiles decoded for torch's matmul).
+    again (fused product for a few rows or on AMX, else tiles decoded for torch's matmul).
 
     The layer, not its QuantizedArray, is kept for backward: under FSDP2 the
     gathered weight is freed after forward and gathered again (maybe at another

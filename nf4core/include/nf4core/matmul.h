@@ -21,7 +21,9 @@
  * rounded to bfloat16 as in dequantize-then-bf16-GEMM), and used for up to
  * 1024 rows of x each; sums are float32 (the tile unit treats bfloat16
  * subnormals in x as zero). Needs K % 32 == 0, else the vector kernel runs.
- * Threads split the panels; x is copied once per call into the tile layout.
+ * Threads split the panels; x is copied once per call into the tile layout
+ * (up to 1024 rows at a time). Each thread keeps its buffers for the next call:
+ * two panels and float32 partial sums (a few MiB), and the caller x packed.
  */
 #ifndef NF4CORE_MATMUL_H
 #define NF4CORE_MATMUL_H
