@@ -20,7 +20,8 @@
  * bfloat16, the values of nf4_dequantize_4bit to bfloat16 (so the weight is
  * rounded to bfloat16 as in dequantize-then-bf16-GEMM), and used for up to
  * 1024 rows of x each; sums are float32 (the tile unit treats bfloat16
- * subnormals in x as zero). Needs K % 32 == 0, else the vector kernel runs.
+ * subnormals, in x or in the rounded weights, as zero). Needs K % 32 == 0,
+ * else the vector kernel runs.
  * Threads split the panels; x is copied once per call into the tile layout
  * (up to 1024 rows at a time). Each thread keeps its buffers for the next call:
  * two panels and float32 partial sums (a few MiB), and the caller x packed.
