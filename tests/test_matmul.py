@@ -429,6 +429,8 @@ def test_amx_switch_errors_and_environment(tmp_path):
         with pytest.raises(ValueError, match="AMX is not available"):
             pq.set_amx(True)
     code = "import pyqlora as pq; print(pq.get_amx(), pq.amx_available())"
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "NF4CORE_AMX": "0"}, capture_output=True,
-                         text=True, check=True).stdout.split()
-    assert out == ["False", str(pq.amx_available())]
+    # outside the source tree, so that the installed package is imported
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "NF4CORE_AMX": "0"}, cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", str(pq.amx_available())]
