@@ -197,6 +197,50 @@ TEST_CASE(every_isa_decode_tile_bit_identical) {
     nf4_set_isa("auto");
 }
 
+// AMX products over every tail: M across tile (16), pair (32) and packing
+// (1024) boundaries, N and K across panel and chunk (64 steps of 32) ones, K
+// not a multiple of the blocksize; against float64 with the bfloat16-rounded
+// weights. (Also the case to run under -Db_sanitize=address.)
+TEST_CASE(amx_products_every_tail) {
+    if (!nf4_get_amx()) return;  // amx_where_the_cpu_has_it checks that this is right
+    std::mt19937_64 rng(29);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    float nf4[16];
+    nf4_codebook_normal(4, nf4);
+    struct Shape { int64_t M, N, K, bs; };
+    const Shape shapes[] = {{5, 1, 32, 32}, {17, 33, 96, 64}, {33, 100, 160, 128}, {1025, 40, 256, 256},
+                            {47, 70, 4128, 64}, {20, 2100, 96, 32}, {64, 300, 2080, 32}};
+    for (const Shape s : shapes) {
+        const Quantized q = make(rng, s.N, s.K, s.bs, nf4);
+        for (int transpose : {1, 0}) {
+            const int64_t inner = transpose ? s.K : s.N, outer = transpose ? s.N : s.K;
+            std::vector<uint16_t> xb(size_t(s.M * inner));
+            for (uint16_t &v : xb) v = nf4core::to_bfloat16(normal(rng)).bits;
+            std::vector<uint16_t> y(size_t(s.M * outer), 0xFFFF);
+            nf4_set_num_threads(3);
+            CHECK(nf4_matmul_4bit(xb.data(), NF4_BFLOAT16, s.M, s.N, s.K, q.packed.data(), q.scales.data(), s.bs,
+                                  nf4, transpose, y.data()) == NF4_OK);
+            int64_t bad = 0;
+            for (int64_t m = 0; m < s.M; ++m)
+                for (int64_t o = 0; o < outer; ++o) {
+                    double acc = 0, mag = 0;
+                    for (int64_t i = 0; i < inner; ++i) {
+                        const double wv = transpose ? q.wb[size_t(o * s.K + i)] : q.wb[size_t(i * s.K + o)];
+                        const double p = double(nf4core::to_float(nf4core::bfloat16_t{xb[size_t(m * inner + i)]})) * wv;
+                        acc += p;
+                        mag += std::fabs(p);
+                    }
+                    const double got = nf4core::to_float(nf4core::bfloat16_t{y[size_t(m * outer + o)]});
+                    const double bound = double(inner + 1) * 0x1p-24 * mag + std::fabs(acc) * 0x1p-8;
+                    bad += !(std::fabs(got - acc) <= bound);
+                }
+            CHECK_MSG(bad == 0, "M=%lld N=%lld K=%lld bs=%lld transpose=%d: %lld outputs outside the bound",
+                      (long long)s.M, (long long)s.N, (long long)s.K, (long long)s.bs, transpose, (long long)bad);
+        }
+    }
+    nf4_set_num_threads(0);
+}
+
 // AMX: available exactly where the CPU has AMX-BF16 and AMX-TILE (Linux lets a
 // process use them on request); in use only with the avx512 path; nf4_set_amx
 // switches it, and cannot switch it on where it is unavailable.
