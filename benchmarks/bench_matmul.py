@@ -1,7 +1,7 @@
 """Fused 4-bit products: pq.matmul_4bit against torch on the dense weight and bitsandbytes.
 
     python benchmarks/bench_matmul.py [--n 4096] [--k 4096] [--threads 2] [--repeat 20] [--train] [--coexist]
-                                      [--per-weight] [--bf16-rows]
+                                      [--per-weight] [--bf16-rows] [--gemv-pairs]
 
 Generation (M = 1, 2, 4, 8 rows): y = x W^T with W NF4 + DQ (blocksize 64), and
 the backward product g W (grad_input), against torch fp32 / bf16 on the dense
@@ -22,6 +22,8 @@ and after the process idled, with process CPU time beside the wall time.
 kernel is bound by its instructions, not by memory. ``--bf16-rows`` times bfloat16
 x with M = 1..64 rows through pq.matmul_4bit with AMX on and off (pq.set_amx),
 the tiled path and torch on the dense weight: where the AMX product takes over.
+``--gemv-pairs`` times the M = 1 GEMV and torch fp32 each back to back (W partly stays
+in the cores' L2) and in a two-way race (each evicts the other), three times.
 """
 import argparse
 import os
@@ -131,6 +133,31 @@ def per_weight(args, np, pq):
     pq.set_num_threads(args.threads)
 
 
+def gemv_pairs(args, np, torch, pq):
+    """M = 1 x W^T against torch fp32 three ways: each back to back, and in a two-way race."""
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((args.n, args.k)) * 0.02).astype(np.float32)
+    q = pq.quantize(w)
+    W = torch.from_numpy(w)
+    x = rng.standard_normal((1, args.k)).astype(np.float32)
+    X = torch.from_numpy(x)
+    out = np.empty((1, args.n), np.float32)
+
+    def ours():
+        pq.matmul_4bit(x, q, out=out)
+
+    def dense():
+        X @ W.T
+
+    print(f"\nGEMV pairs: 1 x {args.k} . ({args.n} x {args.k})^T NF4+DQ against torch fp32; {args.threads} threads; "
+          f"best of {args.repeat * 5}")
+    for rep in range(3):
+        alone = [race([fn], args.repeat * 5)[0] for fn in (ours, dense)]
+        pair = race([ours, dense], args.repeat * 5)
+        print(f"  back to back: {alone[0]:.3f} / {alone[1]:.3f} ms = {alone[1] / alone[0]:.2f}x;  "
+              f"two-way race: {pair[0]:.3f} / {pair[1]:.3f} ms = {pair[1] / pair[0]:.2f}x")
+
+
 def bf16_rows(args, np, torch, pq):
     """Where AMX takes over: bfloat16 x with few rows, forward + grad_input, AMX on and off."""
     rng = np.random.default_rng(2)
@@ -238,6 +265,7 @@ def main():
     ap.add_argument("--coexist", action="store_true", help="the M = 1 GEMV next to torch ops (see above)")
     ap.add_argument("--per-weight", action="store_true", help="M = 1 GEMV time per 16 weights (see above)")
     ap.add_argument("--bf16-rows", action="store_true", help="bfloat16 x, M = 1..64: AMX on and off (see above)")
+    ap.add_argument("--gemv-pairs", action="store_true", help="M = 1 against torch fp32 alone and in a race")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import numpy as np
@@ -253,6 +281,8 @@ def main():
         coexist(args, np, torch, pq)
     if args.per_weight:
         per_weight(args, np, pq)
+    if args.gemv_pairs:
+        gemv_pairs(args, np, torch, pq)
     if args.bf16_rows:
         bf16_rows(args, np, torch, pq)
     if args.train:
