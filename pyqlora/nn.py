@@ -81,7 +81,7 @@ def _fused_product(x, q, transpose):
 
 def _path(t, q):
     """'fused' (few rows), 'tiled' (many rows) or 'dense' (other dtypes: whole temporary weight)."""
-    if t.dtype not in (torch.float32, torch.bfloat16) or q.codebook not in ("nf4", "fp4"):
+    if t.dtype not in (torch.float32, torch.bfloat16) or q.codebook not in ("nf4", "fp4", "int4", "nf2", "nf3"):
         return "dense"
     if t.dtype == torch.bfloat16 and q.shape[1] % 32 == 0 and get_amx():
         return "fused"

@@ -59,6 +59,28 @@ def test_linear4bit_options(codebook, blocksize, dq):
             layer.state_dict()
 
 
+@pytest.mark.parametrize("codebook", ["int4", "nf3", "nf2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_4bit_codebook_without_a_dense_weight(codebook, dtype):
+    # not only NF4/FP4: many rows take the AMX or tiled products, few the fused kernel
+    import pyqlora.nn as qnn
+
+    torch.manual_seed(1)
+    dense = nn.Linear(96, 40)
+    layer = Linear4bit.from_linear(dense, codebook=codebook, blocksize=32)
+    w = dequantize_weight(layer.quantized, torch.float64)
+    for rows in (3, 40):
+        x = torch.randn(rows, 96, dtype=dtype, requires_grad=True)
+        assert qnn._path(x, layer.quantized) != "dense"
+        y = layer(x)
+        ref = x.detach().double() @ w.T + dense.bias.detach().double()
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
+        y.sum().backward()
+        torch.testing.assert_close(x.grad.double(), torch.ones(rows, 40, dtype=torch.float64) @ w, rtol=tol,
+                                   atol=tol)
+
+
 # the fused 4-bit product (pq.matmul_4bit) for few rows, and for every row count of
 # bfloat16 where it runs on AMX tiles; else tiles decoded for torch's matmul
 @pytest.mark.parametrize("rows", [1, 2, 3, 35])
