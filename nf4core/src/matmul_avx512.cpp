@@ -8,8 +8,9 @@
 //
 // With M <= 8 rows of x, P rows of W are decoded together and each decoded
 // vector is used for all M rows, so the weight is streamed once and each x
-// vector loaded from L1 serves P rows of W. Needs K % 16 == 0 and K % blocksize
-// == 0 (matmul.cpp falls back to the reference otherwise).
+// vector loaded from L1 serves P rows of W; for one row of x the next 8 rows of
+// W are prefetched as the current ones are read. Needs K % 16 == 0 and
+// K % blocksize == 0 (matmul.cpp falls back to the reference otherwise).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -83,11 +84,22 @@ inline void block_transposed(const MatmulArgs &a, const float *xp, __m512 table,
         srow[p] = a.scales + (((n + p) * a.K) >> shift);
     }
     const int64_t nblocks = a.K >> shift;
+    // The next P rows of W (contiguous after these) are prefetched into L1 at the rate
+    // this pass reads its own, a line per step: W comes from L3 or memory when other
+    // work ran in between (a model's other layers), and the P row streams of 2 KiB or
+    // so are too short for the hardware prefetchers (benchmarks/bench_matmul.py
+    // --gemv-pairs: about 10 % less time in the two-way race for one row of x).
+    const char *next = reinterpret_cast<const char *>(a.packed + (n + P) * a.K / 2);
+    const char *next_end = reinterpret_cast<const char *>(a.packed + std::min<int64_t>(a.N, n + 2 * P) * a.K / 2);
     for (int64_t b = 0; b < nblocks; ++b) {
         __m512 tab[P];
         for (int p = 0; p < P; ++p) tab[p] = _mm512_mul_ps(table, _mm512_set1_ps(srow[p][b]));
         const int64_t k0 = b << shift, k1 = k0 + a.blocksize;
         for (int64_t k = k0; k < k1; k += 16) {
+            if (P == 8 && next < next_end) {  // one row of x (with more, measured no gain)
+                _mm_prefetch(next, _MM_HINT_T0);
+                next += 8 * P;  // the bytes of 16 weights in each of P rows: a cache line
+            }
             __m512 w[P];
             for (int p = 0; p < P; ++p) w[p] = decode_perm(wrow[p] + k / 2, shifts, tab[p]);
             for (int r = 0; r < R; ++r) {
