@@ -118,6 +118,10 @@ struct RowDecoder {
     int64_t block = -1;
     __m512i table = _mm512_setzero_si512();
 
+    static RowDecoder of(const MatmulArgs &args) {
+        return {&args, _mm512_loadu_ps(args.codebook), __builtin_ctzll(uint64_t(args.blocksize))};
+    }
+
     // W[n, k .. k + 32) as bfloat16 bits; (n K + k) % 32 == 0
     __m512i operator()(int64_t n, int64_t k) {
         const int64_t i = n * a->K + k;
@@ -285,6 +289,13 @@ void tile_product(const P &policy, int64_t outputs, int64_t S, const uint16_t *x
     });
 }
 
+// Where a panel decode stands: panel outputs [lo, hi), inner steps [s0, s1) into
+// wp; `total` units of work, `done` of them done (the policies' Cursor::run).
+struct PanelCursor {
+    uint16_t *wp = nullptr;
+    int64_t lo = 0, hi = 0, s0 = 0, s1 = 0, total = 0, done = 0;
+};
+
 // y = x W^T: panels of rows of W as A tiles (16 rows x 32 k, W's own layout),
 // x as B tiles (pack_pairs). C tiles are [n][m]: transposed into y.
 struct Transposed {
@@ -294,15 +305,12 @@ struct Transposed {
     // Decodes panel rows [lo, hi) (padded to 32 with zeros), steps [s0, s1) of W into
     // wp[(tile n + s) 512 + r 32 + e] = W[lo + 16 tile + r, 32 (s0 + s) + e], a
     // 32-value chunk per unit, in pieces (run).
-    struct Cursor {
-        const Transposed *p = nullptr;
-        uint16_t *wp = nullptr;
-        int64_t lo = 0, hi = 0, s0 = 0, s1 = 0, total = 0, done = 0, i = 0, s = 0;
+    struct Cursor : PanelCursor {
+        int64_t i = 0, s = 0;
         RowDecoder dec{};
         Cursor() = default;
         Cursor(const Transposed &pol, uint16_t *w, int64_t l, int64_t h, int64_t a0, int64_t a1)
-            : p(&pol), wp(w), lo(l), hi(h), s0(a0), s1(a1), total((h - l + 31) / 32 * 32 * (a1 - a0)),
-              dec{&pol.a, _mm512_loadu_ps(pol.a.codebook), __builtin_ctzll(uint64_t(pol.a.blocksize))} {}
+            : PanelCursor{w, l, h, a0, a1, (h - l + 31) / 32 * 32 * (a1 - a0), 0}, dec(RowDecoder::of(pol.a)) {}
         void run(int64_t count) {
             const int64_t n = s1 - s0, end = std::min(total, done + count);
             for (; done < end; ++done) {
@@ -334,16 +342,13 @@ struct Plain {
     // Decodes panel columns [lo, hi) (a multiple of 32 wide: K % 32 == 0), steps
     // [s0, s1) of W into wp[(tile n + s) 512 + r 32 + 2 j + e] =
     // W[32 (s0 + s) + 2 r + e, lo + 16 tile + j], two tile rows per unit, in pieces (run).
-    struct Cursor {
-        const Plain *p = nullptr;
-        uint16_t *wp = nullptr;
-        int64_t lo = 0, hi = 0, s0 = 0, s1 = 0, total = 0, done = 0, s = 0, r = 0, t = 0;
+    struct Cursor : PanelCursor {
+        int64_t N = 0, s = 0, r = 0, t = 0;
         RowDecoder even{}, odd{};
         Cursor() = default;
         Cursor(const Plain &pol, uint16_t *w, int64_t l, int64_t h, int64_t a0, int64_t a1)
-            : p(&pol), wp(w), lo(l), hi(h), s0(a0), s1(a1), total((a1 - a0) * kRows * ((h - l) / 32)),
-              even{&pol.a, _mm512_loadu_ps(pol.a.codebook), __builtin_ctzll(uint64_t(pol.a.blocksize))},
-              odd(even) {}
+            : PanelCursor{w, l, h, a0, a1, (a1 - a0) * kRows * ((h - l) / 32), 0}, N(pol.a.N),
+              even(RowDecoder::of(pol.a)), odd(even) {}
         void run(int64_t count) {
             const __m512i even_lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
                                                      39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
@@ -351,7 +356,7 @@ struct Plain {
                                                      24, 55, 23, 54, 22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48,
                                                      16);
             if (done >= total) return;
-            const int64_t n = s1 - s0, tiles = (hi - lo) / kRows, N = p->a.N;
+            const int64_t n = s1 - s0, tiles = (hi - lo) / kRows;
             const int64_t end = std::min(total, done + count);
             for (; done < end; ++done) {
                 const int64_t row = (s0 + s) * kCols + 2 * r, k = lo + t * kRows;
