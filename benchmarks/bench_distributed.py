@@ -67,8 +67,9 @@ def main():
     peak_before = qdist.memory_status()["peak_rss"]  # building, quantizing and wrapping the model
     reset = qdist.reset_peak_memory()  # from here VmHWM covers the training steps only
     phases = []
+    libc = ctypes.CDLL("libc.so.6") if args.phases else None
     if args.phases:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # start from what is live, not what glibc kept
+        libc.malloc_trim(0)  # start from what is live, not what glibc kept
         phases.append(("start", rss_bytes()))
     times = []
     for step in range(args.steps):
@@ -76,7 +77,7 @@ def main():
         loss = model(input_ids=ids, labels=ids).loss
         if args.phases:
             phases.append((f"{step} forward", rss_bytes()))
-            ctypes.CDLL("libc.so.6").malloc_trim(0)  # what is live, without the heap glibc keeps
+            libc.malloc_trim(0)  # what is live, without the heap glibc keeps
             phases.append((f"{step} forward, heap trimmed", rss_bytes()))
         loss.backward()
         if args.phases:

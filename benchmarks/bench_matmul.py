@@ -43,10 +43,15 @@ def race(fns, repeat):
     return [1e3 * b for b in best]
 
 
+def weight(np, pq, rng, n, k):
+    """A random n x k float32 weight (std 0.02) and its NF4 + DQ quantization."""
+    w = (rng.standard_normal((n, k)) * 0.02).astype(np.float32)
+    return w, pq.quantize(w)
+
+
 def generation(args, np, torch, pq):
     rng = np.random.default_rng(0)
-    w = (rng.standard_normal((args.n, args.k)) * 0.02).astype(np.float32)
-    q = pq.quantize(w)
+    w, q = weight(np, pq, rng, args.n, args.k)
     W = torch.from_numpy(w)
     Wb = W.bfloat16()
     try:
@@ -92,8 +97,7 @@ def generation_row(args, np, torch, pq, rng, q, W, Wb, l4, m):
 def coexist(args, np, torch, pq):
     """M = 1 GEMV right after itself, right after a torch op, after 20 ms idle: wall and CPU ms."""
     rng = np.random.default_rng(2)
-    w = (rng.standard_normal((args.n, args.k)) * 0.02).astype(np.float32)
-    q = pq.quantize(w)
+    w, q = weight(np, pq, rng, args.n, args.k)
     Wb = torch.from_numpy(w).bfloat16()
     x = rng.standard_normal((1, args.k)).astype(np.float32)
     Xb = torch.from_numpy(x).bfloat16()
@@ -136,8 +140,7 @@ def per_weight(args, np, pq):
 def gemv_pairs(args, np, torch, pq):
     """M = 1 x W^T against torch fp32 three ways: each back to back, and in a two-way race."""
     rng = np.random.default_rng(3)
-    w = (rng.standard_normal((args.n, args.k)) * 0.02).astype(np.float32)
-    q = pq.quantize(w)
+    w, q = weight(np, pq, rng, args.n, args.k)
     W = torch.from_numpy(w)
     x = rng.standard_normal((1, args.k)).astype(np.float32)
     X = torch.from_numpy(x)
@@ -161,8 +164,7 @@ def gemv_pairs(args, np, torch, pq):
 def bf16_rows(args, np, torch, pq):
     """Where AMX takes over: bfloat16 x with few rows, forward + grad_input, AMX on and off."""
     rng = np.random.default_rng(2)
-    w = (rng.standard_normal((args.n, args.k)) * 0.02).astype(np.float32)
-    q = pq.quantize(w)
+    w, q = weight(np, pq, rng, args.n, args.k)
     Wb = torch.from_numpy(w).bfloat16()
     print(f"\nbf16 rows: W {args.n}x{args.k} NF4+DQ, forward x W^T + grad_input g W; {args.threads} threads; "
           f"best of {args.repeat}; AMX {'available' if pq.amx_available() else 'not available'}")
@@ -218,8 +220,7 @@ def training_shape(args, np, torch, pq, rng, m, n, k):
     from pyqlora._matmul import tiled_product_torch
     from pyqlora.nn import _np_view, dequantize_weight
 
-    w = (rng.standard_normal((n, k)) * 0.02).astype(np.float32)
-    q = pq.quantize(w)
+    w, q = weight(np, pq, rng, n, k)
     Wb = torch.from_numpy(w).bfloat16()
     del w
     x = torch.randn(m, k).bfloat16()
