@@ -1,6 +1,6 @@
 # Run-time settings of nf4core: threads and instruction-set path (thin bindings).
-from cnf4core cimport (nf4_amx_available, nf4_get_amx, nf4_get_isa, nf4_get_num_threads, nf4_isa_available,
-                       nf4_set_amx, nf4_set_isa, nf4_set_num_threads)
+from cnf4core cimport (nf4_amx_available, nf4_get_amx, nf4_get_isa, nf4_get_num_threads, nf4_get_threading,
+                       nf4_isa_available, nf4_set_amx, nf4_set_isa, nf4_set_num_threads, nf4_set_threading)
 
 
 def set_num_threads(int n):
@@ -9,6 +9,15 @@ def set_num_threads(int n):
 
 def get_num_threads():
     return nf4_get_num_threads()
+
+
+def set_threading(str name):
+    cdef bytes b = name.encode("ascii")
+    check(nf4_set_threading(b))
+
+
+def get_threading():
+    return nf4_get_threading().decode("ascii")
 
 
 def set_isa(str name):

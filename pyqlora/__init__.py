@@ -28,8 +28,8 @@ from ._errors import NonFiniteError
 from ._matmul import matmul_4bit
 from ._pager import Pager
 from ._quantize import BLOCKSIZES, dequantize, dequantize_blockwise, quantize, quantize_blockwise
-from ._runtime import (amx_available, available_isas, get_amx, get_isa, get_num_threads, num_threads, set_amx, set_isa,
-                       set_num_threads)
+from ._runtime import (amx_available, available_isas, get_amx, get_isa, get_num_threads, get_threading, num_threads,
+                       set_amx, set_isa, set_num_threads, set_threading)
 from ._version import __version__
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "get_amx",
     "get_isa",
     "get_num_threads",
+    "get_threading",
     "matmul_4bit",
     "num_threads",
     "quantize",
@@ -55,5 +56,6 @@ __all__ = [
     "set_amx",
     "set_isa",
     "set_num_threads",
+    "set_threading",
     "show_config",
 ]

@@ -31,6 +31,7 @@ def show_config(file=None):
         get_amx,
         get_isa,
         get_num_threads,
+        get_threading,
     )
     from ._version import __version__
 
@@ -52,6 +53,7 @@ def show_config(file=None):
         "cpu_kernels_available": ", ".join(available_isas()),
         "amx": ("in use" if get_amx() else "available, not in use") if amx_available() else "not available",
         "threads": get_num_threads(),
+        "threading": get_threading(),
     }
     cfg.update(_cuda_config(_nf4core))
     width = max(map(len, cfg))

@@ -11,10 +11,12 @@ __all__ = [
     "get_amx",
     "get_isa",
     "get_num_threads",
+    "get_threading",
     "num_threads",
     "set_amx",
     "set_isa",
     "set_num_threads",
+    "set_threading",
 ]
 
 #: Kernel paths, best first; "auto" picks the best one this CPU supports.
@@ -103,6 +105,43 @@ def num_threads(n):
         yield
     finally:
         set_num_threads(previous)
+
+
+def set_threading(name="auto"):
+    """Choose the threads that help the calling thread: "auto", "pool" or "openmp".
+
+    "auto" (the default): where an OpenMP runtime is loaded into the process
+    (torch's CPU build loads libgomp), the kernels' tasks run on its threads,
+    the ones torch's own ops use; otherwise on nf4core's own pool. "pool": always
+    the pool. "openmp": as "auto", but raises ValueError where no OpenMP runtime
+    is loaded.
+
+    Why: after every torch op, OpenMP's threads spin on the cores for a while.
+    Work handed to them starts at once; a pool thread woken next to such a
+    spinner often got no core during the call, so that two threads ran at one
+    thread's speed (a 4096 x 4096 GEMV between torch ops: 0.86 against 0.44-0.48
+    ms; docs/performance.md). The pool's advantage: it never waits for a late
+    helper, where an OpenMP call ends only when every team thread has run. On a
+    machine where other processes take the cores, that can cost a scheduler
+    time slice (milliseconds), as it does for torch's own ops; there "pool" may
+    be better. Results are identical either way. ``NF4CORE_THREADING=pool`` in
+    the environment selects the pool at start-up.
+
+    Examples
+    --------
+    >>> import pyqlora as pq
+    >>> pq.set_threading("pool"); pq.get_threading()
+    'pool'
+    >>> import torch  # loads libgomp (torch's CPU build)
+    >>> pq.set_threading("auto"); pq.get_threading()
+    'openmp'
+    """
+    _rt.set_threading(name)
+
+
+def get_threading():
+    """The threads the next kernel call uses: "pool" or "openmp" (see :func:`set_threading`)."""
+    return _rt.get_threading()
 
 
 def set_isa(name="auto"):

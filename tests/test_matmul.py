@@ -287,18 +287,25 @@ def _pool_stress(q, xs, threads, callers):
     return results
 
 
+@pytest.mark.parametrize("threading_kind", ["pool", "openmp"])
 @pytest.mark.parametrize("threads", [2, 3])
-def test_thread_pool_jobs_back_to_back_and_concurrent(rng, threads):
+def test_thread_pool_jobs_back_to_back_and_concurrent(rng, threads, threading_kind):
     # Every output column is one task's, so the bytes must not depend on how the
-    # pool's helpers claimed the tasks, nor on other callers (who then run inline).
+    # helpers (the pool's, or the OpenMP team's: tests/test_threading.py) claimed
+    # the tasks, nor on other callers (who then run inline).
+    pytest.importorskip("torch")  # loads an OpenMP runtime (libgomp)
     q = pq.quantize(rng.standard_normal((1000, 512)).astype(np.float32), blocksize=64)
     xs = [rng.standard_normal((m, 512 if i % 2 == 0 else 1000)).astype(np.float32)
           for i, m in enumerate((1, 1, 3, 8, 1, 2))]
     with pq.num_threads(1):
         want = [pq.matmul_4bit(x, q, transpose=i % 2 == 0).tobytes() for i, x in enumerate(xs)]
-    for callers in (1, 3):
-        for got in _pool_stress(q, xs, threads, callers):
-            assert got == want
+    pq.set_threading(threading_kind)
+    try:
+        for callers in (1, 3):
+            for got in _pool_stress(q, xs, threads, callers):
+                assert got == want
+    finally:
+        pq.set_threading("auto")
 
 
 def test_thread_pool_without_spinning(tmp_path):

@@ -13,6 +13,10 @@
 #if defined(__linux__)
 #include <sched.h>
 #endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <dlfcn.h>
+#define NF4CORE_HAVE_DLSYM 1
+#endif
 
 #include "error.hpp"
 #include "nf4core/runtime.h"
@@ -54,6 +58,68 @@ int spin_microseconds() {
     }
     return 50;
 }
+
+// Where helpers come from (nf4_set_threading): the team of an OpenMP runtime
+// already loaded into the process where there is one (the default, "auto"), or
+// nf4core's own pool ("pool", NF4CORE_THREADING=pool).
+std::atomic<bool> &pool_only() {
+    static std::atomic<bool> only{[] {
+        const char *env = std::getenv("NF4CORE_THREADING");
+        return env && std::string(env) == "pool";
+    }()};
+    return only;
+}
+
+// GOMP_parallel(fn, data, num_threads, flags): the entry point GCC emits for
+// `#pragma omp parallel`, exported by GNU libgomp and, for compatibility, by
+// LLVM's libomp and Intel's libiomp5. Where the process already runs OpenMP
+// (torch's CPU ops do, on libgomp), nf4core's work runs on that runtime's
+// threads. After every torch op they spin on the cores for a while, waiting for
+// the next one; a pool thread of ours, woken next to such a spinner, often did
+// not get a core during the call at all, and 2-thread products ran at 1-thread
+// speed (benchmarks/bench_matmul.py, pool against openmp; docs/performance.md).
+// On the team they start at once and no second set of threads competes with
+// torch's. The price is OpenMP's closing barrier, which waits for every team
+// thread to have run: where other processes compete for the cores, a call can
+// wait a scheduler time slice, as torch's own ops do; "pool" never waits for a
+// late helper. nf4core neither links nor loads OpenMP.
+using GompParallel = void (*)(void (*)(void *), void *, unsigned, unsigned);
+
+GompParallel lookup_openmp() {
+#if defined(NF4CORE_HAVE_DLSYM)
+    if (void *f = dlsym(RTLD_DEFAULT, "GOMP_parallel")) return reinterpret_cast<GompParallel>(f);
+    // a runtime loaded with RTLD_LOCAL (by a Python extension module, say) is not in the global scope
+    for (const char *name : {"libgomp.so.1", "libomp.so", "libiomp5.so", "libgomp.1.dylib", "libomp.dylib"}) {
+        if (void *h = dlopen(name, RTLD_LAZY | RTLD_NOLOAD)) {
+            void *f = dlsym(h, "GOMP_parallel");
+            dlclose(h);  // drops only the reference NOLOAD took
+            if (f) return reinterpret_cast<GompParallel>(f);
+        }
+    }
+#endif
+    return nullptr;
+}
+
+// The loaded runtime's GOMP_parallel, or nullptr. Once found it is kept (a
+// runtime is never unloaded while a process uses it); until then the lookup is
+// repeated at most every 100 ms, so a runtime loaded later (torch imported
+// after pyqlora) is picked up.
+GompParallel loaded_openmp(bool look_now = false) {
+    static std::atomic<GompParallel> found{nullptr};
+    static std::atomic<int64_t> next_lookup_ns{0};
+    if (GompParallel f = found.load(std::memory_order_acquire)) return f;
+    const int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                            std::chrono::steady_clock::now().time_since_epoch())
+                            .count();
+    if (!look_now && now < next_lookup_ns.load(std::memory_order_relaxed)) return nullptr;
+    next_lookup_ns.store(now + 100000000, std::memory_order_relaxed);
+    GompParallel f = lookup_openmp();
+    if (f) found.store(f, std::memory_order_release);
+    return f;
+}
+
+// The OpenMP runtime the next job uses, or nullptr for the pool.
+GompParallel openmp_for_jobs() { return pool_only().load(std::memory_order_relaxed) ? nullptr : loaded_openmp(); }
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -103,6 +169,10 @@ public:
         if (!busy.owns_lock()) return false;  // another caller owns the pool
         if (ntasks >= (int64_t(1) << 31)) return false;  // the counter's low 32 bits
         const int helpers = int(std::min<int64_t>(threads(), ntasks)) - 1;
+        if (GompParallel omp = openmp_for_jobs()) {
+            run_openmp(omp, ntasks, task, helpers + 1);
+            return true;
+        }
         start_workers(helpers);
         const uint64_t job = ++jobs_;
         // Close the counter before the job's fields change: a late helper of the
@@ -136,6 +206,27 @@ public:
 
 private:
     Pool() : threads_(default_threads()), spin_us_(spin_microseconds()) {}
+
+    // The job on an OpenMP team of `team` threads (the caller is its master):
+    // every team thread claims tasks until none is left; GOMP_parallel returns
+    // when all have finished. Called inside another parallel region, OpenMP
+    // gives a team of one (nested parallelism is off by default): the caller
+    // then runs every task itself.
+    static void run_openmp(GompParallel omp, int64_t ntasks, TaskRef task, int team) {
+        struct Job {
+            std::atomic<int64_t> next{0};
+            int64_t ntasks;
+            const TaskRef *task;
+        } job;
+        job.ntasks = ntasks;
+        job.task = &task;
+        omp(
+            [](void *p) {
+                Job &j = *static_cast<Job *>(p);
+                for (int64_t t; (t = j.next.fetch_add(1, std::memory_order_relaxed)) < j.ntasks;) (*j.task)(t);
+            },
+            &job, unsigned(team), 0u);
+    }
 
     void start_workers(int n) {
         while (int(workers_.size()) < n) {
@@ -223,5 +314,19 @@ nf4_status nf4_set_num_threads(int32_t n) {
 }
 
 int32_t nf4_get_num_threads(void) { return nf4core::num_threads(); }
+
+nf4_status nf4_set_threading(const char *name) {
+    return nf4core::guarded([&] {
+        nf4core::require(name != nullptr, "threading name is NULL");
+        const std::string n(name);
+        nf4core::require(n == "auto" || n == "pool" || n == "openmp",
+                         "unknown threading '" + n + "': expected auto, pool or openmp");
+        nf4core::require(n != "openmp" || nf4core::loaded_openmp(true) != nullptr,
+                         "threading 'openmp': no OpenMP runtime is loaded into this process");
+        nf4core::pool_only().store(n == "pool");
+    });
+}
+
+const char *nf4_get_threading(void) { return nf4core::openmp_for_jobs() ? "openmp" : "pool"; }
 
 }  // extern "C"

@@ -17,6 +17,10 @@ int main(void) {
     if (nf4_quantize_4bit(x, NF4_FLOAT32, 6, 100, table, packed, absmax) != NF4_ERROR_INVALID_ARGUMENT) failures++;
     if (strlen(nf4_last_error()) == 0) failures++;
     if (strcmp(nf4_status_string(NF4_ERROR_NON_FINITE), "NF4_ERROR_NON_FINITE") != 0) failures++;
+    /* no OpenMP runtime in this program: nf4core's own pool */
+    if (strcmp(nf4_get_threading(), "pool") != 0) failures++;
+    if (nf4_set_threading("openmp") != NF4_ERROR_INVALID_ARGUMENT || !strstr(nf4_last_error(), "no OpenMP")) failures++;
+    if (nf4_set_threading("auto") != NF4_OK || strcmp(nf4_get_threading(), "pool") != 0) failures++;
     printf("nf4core %s: %d failures\n", nf4_version(), failures);
     return failures != 0;
 }

@@ -1,13 +1,25 @@
 /*
  * nf4core — run-time settings: threads and the instruction-set path.
  *
- * Threads: kernels split their blocks over a pool of nf4core's own threads
- * (no OpenMP). The default is the number of CPUs this process may run on, or
- * the NF4CORE_NUM_THREADS environment variable. Inputs below about 64 Ki
- * elements per thread stay on the calling thread. Results are identical for
- * every thread count. Idle pool threads spin for NF4CORE_SPIN_US microseconds
- * (default 50, 0 to 10000) before they sleep, so that back-to-back calls do not
- * pay a wake-up each; 0 makes them sleep at once (docs/performance.md).
+ * Threads: kernels split their blocks into tasks that the calling thread and
+ * helper threads claim one by one. The default count is the number of CPUs this
+ * process may run on, or the NF4CORE_NUM_THREADS environment variable. Inputs
+ * below about 64 Ki elements per thread stay on the calling thread. Results are
+ * identical for every thread count and either kind of helper thread.
+ *
+ * Which threads help (nf4_set_threading, or NF4CORE_THREADING=pool): by default
+ * ("auto"), where an OpenMP runtime is already loaded into the process (torch's
+ * CPU build loads libgomp), the tasks run as a parallel region on its threads,
+ * the ones torch's own ops use. Right after a torch op they still spin on the
+ * cores, so they start at once, and no second set of threads has to compete
+ * with them for the cores. nf4core neither links nor loads OpenMP; with none
+ * loaded, or with "pool", it uses its own pool of threads, which never waits
+ * for a helper that starts late: on a machine where other processes compete
+ * for the cores, an OpenMP call can wait a scheduler time slice for its last
+ * thread, as torch's own ops do (docs/performance.md). Idle pool threads spin
+ * for NF4CORE_SPIN_US microseconds (default 50, 0 to 10000) before they sleep,
+ * so that back-to-back calls do not pay a wake-up each; 0 makes them sleep at
+ * once.
  *
  * Instruction sets: "avx512" (AVX-512 F/BW/VL/DQ), "avx2" (AVX2 + FMA + F16C),
  * "neon" (aarch64) or "scalar" (the reference kernels). The default ("auto")
@@ -33,6 +45,15 @@ extern "C" {
 /* n >= 1 threads, or 0 for the default. */
 NF4_API nf4_status nf4_set_num_threads(int32_t n);
 NF4_API int32_t nf4_get_num_threads(void);
+
+/* "auto" (the default: the loaded OpenMP runtime's team where there is one,
+ * else the pool), "pool", or "openmp" (as "auto", but fails where no OpenMP
+ * runtime is loaded). */
+NF4_API nf4_status nf4_set_threading(const char *name);
+
+/* The helper threads the next call uses: "openmp" (the loaded runtime's team)
+ * or "pool" (nf4core's own). */
+NF4_API const char *nf4_get_threading(void);
 
 /* "auto", "avx512", "avx2", "neon" or "scalar"; fails for a path this build or
  * this CPU lacks. */
