@@ -1,7 +1,7 @@
 """Fused 4-bit products: pq.matmul_4bit against torch on the dense weight and bitsandbytes.
 
     python benchmarks/bench_matmul.py [--n 4096] [--k 4096] [--threads 2] [--repeat 20] [--train] [--coexist]
-                                      [--per-weight] [--bf16-rows] [--gemv-pairs]
+                                      [--per-weight] [--bf16-rows] [--gemv-pairs] [--cold]
 
 Generation (M = 1, 2, 4, 8 rows): y = x W^T with W NF4 + DQ (blocksize 64), and
 the backward product g W (grad_input), against torch fp32 / bf16 on the dense
@@ -14,9 +14,10 @@ matmul; pyqlora.nn's path without AMX), against the same two products on a dense
 bf16 weight, and against dequantizing the whole weight first.
 Contenders run interleaved, best of --repeat rounds, so a slow spell of the
 machine hits all of them alike. ``--coexist`` times the M = 1 GEMV back to
-back, right after a torch op (whose OpenMP workers then spin-wait on the
+back, right after torch ops (whose OpenMP workers then spin-wait on the
 cores for a while: set OMP_WAIT_POLICY=PASSIVE in the environment to compare)
-and after the process idled, with process CPU time beside the wall time.
+and after the process idled, with process CPU time beside the wall time, on
+nf4core's pool and on the OpenMP runtime's threads (pq.set_threading).
 ``--per-weight`` prints the M = 1 GEMV's time per 16 weights at 1 thread and at
 --threads, for a W that fits in L2 (512 x K) and for N x K: equal figures mean the
 kernel is bound by its instructions, not by memory. ``--bf16-rows`` times bfloat16
@@ -24,6 +25,9 @@ x with M = 1..64 rows through pq.matmul_4bit with AMX on and off (pq.set_amx),
 the tiled path and torch on the dense weight: where the AMX product takes over.
 ``--gemv-pairs`` times the M = 1 GEMV and torch fp32 each back to back (W partly stays
 in the cores' L2) and in a two-way race (each evicts the other), three times.
+``--cold`` times the M = 1 GEMV of the three with W evicted from every cache before each
+call (a torch sum over twice the largest cache), as in generation with a model larger
+than the caches.
 """
 import argparse
 import os
@@ -65,7 +69,7 @@ def generation(args, np, torch, pq):
     except ImportError as exc:
         l4 = None
         print(f"bitsandbytes: missing ({exc})")
-    print(f"W {args.n}x{args.k} NF4+DQ; {args.threads} threads; best of {args.repeat}")
+    print(f"W {args.n}x{args.k} NF4+DQ; {args.threads} threads (helpers: {pq.get_threading()}); best of {args.repeat}")
     print(f"{'M':>3} {'product':<10} {'pyqlora':>9} {'torch f32':>10} {'torch bf16':>11} {'bnb 4bit':>9} "
           f"{'x f32':>6} {'x bf16':>7} {'x bnb':>6}")
     for m in (1, 2, 4, 8):
@@ -95,30 +99,51 @@ def generation_row(args, np, torch, pq, rng, q, W, Wb, l4, m):
 
 
 def coexist(args, np, torch, pq):
-    """M = 1 GEMV right after itself, right after a torch op, after 20 ms idle: wall and CPU ms."""
+    """M = 1 GEMV right after itself, after torch ops, after 20 ms idle: wall and CPU ms,
+    with nf4core's pool and (where torch loaded one) on the OpenMP runtime's threads."""
     rng = np.random.default_rng(2)
     w, q = weight(np, pq, rng, args.n, args.k)
-    Wb = torch.from_numpy(w).bfloat16()
+    W = torch.from_numpy(w)
+    Wb = W.bfloat16()
+    big = torch.ones(16 << 20)  # 64 MiB: a torch op that runs on all of torch's threads
     x = rng.standard_normal((1, args.k)).astype(np.float32)
-    Xb = torch.from_numpy(x).bfloat16()
+    X = torch.from_numpy(x)
+    Xb = X.bfloat16()
     out = np.empty((1, args.n), np.float32)
     before = {"back to back": lambda: pq.matmul_4bit(x, q, out=out), "after torch bf16 x@W.T": lambda: Xb @ Wb.T,
+              "after torch fp32 x@W.T": lambda: X @ W.T, "after torch 64 MiB sum": big.sum,
               "after 20 ms idle": lambda: time.sleep(0.02)}
-    wall = {k: [] for k in before}
-    cpu = {k: [] for k in before}
+    kinds = ["pool"]
+    try:
+        pq.set_threading("openmp")
+        kinds.append("openmp")
+    except ValueError:
+        pass
+    wall = {(k, n): [] for k in kinds for n in before}
+    cpu = {(k, n): [] for k in kinds for n in before}
     for _ in range(3 * args.repeat):
-        for name, pre in before.items():
-            pre()
-            c0, t0 = time.process_time(), time.perf_counter()
+        for kind in kinds:  # interleaved: a slow spell of the machine hits both alike
+            pq.set_threading(kind)
+            time.sleep(0.05)  # OpenMP's threads stop spinning after the other kind's last call
             pq.matmul_4bit(x, q, out=out)
-            wall[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
+            for name, pre in before.items():
+                pre()
+                c0, t0 = time.process_time(), time.perf_counter()
+                pq.matmul_4bit(x, q, out=out)
+                wall[kind, name].append(time.perf_counter() - t0)
+                cpu[kind, name].append(time.process_time() - c0)
+    pq.set_threading("auto")
     print(f"\nGEMV 1x{args.k} . ({args.n}x{args.k})^T, {args.threads} threads, OMP_WAIT_POLICY="
-          f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}: best / median wall ms, median CPU ms (all threads)")
+          f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}, load average {os.getloadavg()[0]:.1f}: "
+          f"median / 90th percentile wall ms, median CPU ms (all threads), {3 * args.repeat} calls each")
+    print(f"  {'':<24} " + "".join(f"{'helpers: ' + k:>28}" for k in kinds))
     for name in before:
-        ws = sorted(wall[name])
-        print(f"  {name:<24} {1e3 * ws[0]:7.3f} / {1e3 * ws[len(ws) // 2]:7.3f}   "
-              f"{1e3 * sorted(cpu[name])[len(ws) // 2]:7.3f}")
+        cells = []
+        for kind in kinds:
+            ws = sorted(wall[kind, name])
+            cells.append(f"{1e3 * ws[len(ws) // 2]:7.3f} / {1e3 * ws[len(ws) * 9 // 10]:7.3f} "
+                         f"({1e3 * sorted(cpu[kind, name])[len(ws) // 2]:6.3f})")
+        print(f"  {name:<24} " + "".join(f"{c:>28}" for c in cells))
 
 
 def per_weight(args, np, pq):
@@ -135,6 +160,50 @@ def per_weight(args, np, pq):
             cells.append(f"{threads} thread(s) {best:.3f} ms = {1e6 * best * threads / (n * args.k / 16):.3f} ns")
         print(f"  W {n} x {args.k}: " + ", ".join(cells) + " (per thread)")
     pq.set_num_threads(args.threads)
+
+
+def l3_bytes():
+    """This machine's largest cache in bytes (sysfs), or 256 MiB where unknown."""
+    import glob
+
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        with open(path) as f:
+            text = f.read().strip()
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * unit)
+    return max(sizes, default=256 << 20)
+
+
+def cold(args, np, torch, pq):
+    """M = 1 GEMV with W in memory, as in generation with a model larger than the caches:
+    before each call a torch sum (all threads) reads twice the largest cache."""
+    rng = np.random.default_rng(4)
+    w, q = weight(np, pq, rng, args.n, args.k)
+    W = torch.from_numpy(w)
+    Wb = W.bfloat16()
+    x = rng.standard_normal((1, args.k)).astype(np.float32)
+    X = torch.from_numpy(x)
+    Xb = X.bfloat16()
+    out = np.empty((1, args.n), np.float32)
+    sweep = torch.ones(2 * l3_bytes() // 4)
+    fns = {"pyqlora": lambda: pq.matmul_4bit(x, q, out=out), "torch fp32": lambda: X @ W.T,
+           "torch bf16": lambda: Xb @ Wb.T}
+    times = {k: [] for k in fns}
+    for f in fns.values():
+        f()
+    for _ in range(args.repeat):
+        for name, f in fns.items():
+            sweep.sum()
+            t0 = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
+    print(f"\nGEMV 1x{args.k} . ({args.n}x{args.k})^T with W in memory (a {2 * l3_bytes() >> 20} MiB torch sum "
+          f"before each call), {args.threads} threads (helpers: {pq.get_threading()}), median of {args.repeat}:")
+    print(f"  pyqlora {med['pyqlora']:.3f} ms, torch fp32 {med['torch fp32']:.3f} ms "
+          f"({med['torch fp32'] / med['pyqlora']:.2f}x), torch bf16 {med['torch bf16']:.3f} ms "
+          f"({med['torch bf16'] / med['pyqlora']:.2f}x)")
 
 
 def gemv_pairs(args, np, torch, pq):
@@ -267,6 +336,7 @@ def main():
     ap.add_argument("--per-weight", action="store_true", help="M = 1 GEMV time per 16 weights (see above)")
     ap.add_argument("--bf16-rows", action="store_true", help="bfloat16 x, M = 1..64: AMX on and off (see above)")
     ap.add_argument("--gemv-pairs", action="store_true", help="M = 1 against torch fp32 alone and in a race")
+    ap.add_argument("--cold", action="store_true", help="M = 1 with W in memory, not in a cache (see above)")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import numpy as np
@@ -284,6 +354,8 @@ def main():
         per_weight(args, np, pq)
     if args.gemv_pairs:
         gemv_pairs(args, np, torch, pq)
+    if args.cold:
+        cold(args, np, torch, pq)
     if args.bf16_rows:
         bf16_rows(args, np, torch, pq)
     if args.train:
