@@ -72,9 +72,15 @@ nf4_status matmul_impl(const void *x, nf4_dtype dtype, int64_t M, int64_t N, int
             return;
         }
         if (dtype == NF4_BFLOAT16 && M >= kAmxMinRows && amx_in_use() && amx_matmul_bf16(args)) return;
-        // columns in multiples of 16 per task; about 64 Ki weights per task at least
+        // columns in multiples of 16 per task; about 64 Ki weights per task at least.
+        // For x W a task reads a piece of every row of W, and each pass over a few
+        // rows of W has a fixed cost (the x values broadcast, scaled codebooks):
+        // pieces of 1024 / min(M, 8) columns or more keep it small. With 16-column
+        // pieces, 2 threads took longer than 1 (M = 1, W 4096 x 4096: 1.3 against
+        // 0.8 ms; docs/performance.md).
         const int64_t per_col = args.transpose ? K : N;
-        const int64_t min_cols = std::max<int64_t>(16, ((1 << 16) / std::max<int64_t>(1, per_col) + 15) / 16 * 16);
+        int64_t min_cols = std::max<int64_t>(16, ((1 << 16) / std::max<int64_t>(1, per_col) + 15) / 16 * 16);
+        if (!args.transpose) min_cols = std::max<int64_t>(min_cols, 1024 / std::min<int64_t>(M, 8));
         const int64_t groups = (cols + 15) / 16;
         parallel_for(groups, std::max<int64_t>(1, min_cols / 16), [&](int64_t g0, int64_t g1) {
             kernel(args, g0 * 16, std::min(cols, g1 * 16));

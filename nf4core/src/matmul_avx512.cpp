@@ -22,6 +22,15 @@
 namespace nf4core {
 namespace {
 
+// The pass kernels stay functions of their own: whether GCC inlined one into its
+// caller changed with unrelated edits to this file, and moved its speed by up to
+// 15 % (same source, other register allocation).
+#if defined(__GNUC__)
+#define NF4_KERNEL __attribute__((noinline))
+#else
+#define NF4_KERNEL inline
+#endif
+
 inline __m512 load16(const float *p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const bfloat16_t *p) {
     return _mm512_castsi512_ps(
@@ -40,6 +49,19 @@ inline void store16(bfloat16_t *p, __m512 v) {  // round to nearest even, as to_
 inline __m512i lane_from() { return _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15); }
 // Element t of 16 lies in the high nibble of byte t/2 for even t, else the low one (bitsandbytes' order).
 inline __m512i lane_shifts() { return _mm512_setr_epi32(4, 4, 0, 0, 12, 12, 8, 8, 20, 20, 16, 16, 28, 28, 24, 24); }
+
+// 16 floats into a register that the compiler may not fold into the FMAs as a
+// memory operand: with P rows of W it would load the same vector P times, and
+// 512-bit loads issue two per cycle at most. With 5-8 rows of x, loading each
+// once made the kernel 15-45 % faster; with 2-4 rows (4 rows of W) it was up to
+// 8 % slower, so those keep the folded loads (docs/performance.md).
+inline __m512 load_once(const float *p) {
+    __m512 v = _mm512_loadu_ps(p);
+#if defined(__GNUC__)
+    __asm__("" : "+v"(v));
+#endif
+    return v;
+}
 
 // 16 weights (permuted lane order) from their 8 packed bytes, with a scaled codebook
 inline __m512 decode_perm(const uint8_t *p8, __m512i shifts, __m512 scaled_table) {
@@ -72,7 +94,7 @@ const float *permuted_rows(const T *x, int64_t m0, int64_t K) {
 // y[m0 + r, n .. n+P-1] for r < R: P rows of W in one pass, each decoded chunk
 // used for all R rows of x (xp, permuted as the decode).
 template <int R, int P, typename T>
-inline void block_transposed(const MatmulArgs &a, const float *xp, __m512 table, int shift, int64_t m0, int64_t n) {
+NF4_KERNEL void block_transposed(const MatmulArgs &a, const float *xp, __m512 table, int shift, int64_t m0, int64_t n) {
     const __m512i shifts = lane_shifts();
     __m512 acc[R][P];
     for (int r = 0; r < R; ++r)
@@ -103,7 +125,7 @@ inline void block_transposed(const MatmulArgs &a, const float *xp, __m512 table,
             __m512 w[P];
             for (int p = 0; p < P; ++p) w[p] = decode_perm(wrow[p] + k / 2, shifts, tab[p]);
             for (int r = 0; r < R; ++r) {
-                const __m512 xv = _mm512_loadu_ps(xp + r * a.K + k);
+                const __m512 xv = R > 4 ? load_once(xp + r * a.K + k) : _mm512_loadu_ps(xp + r * a.K + k);
                 for (int p = 0; p < P; ++p) acc[r][p] = _mm512_fmadd_ps(xv, w[p], acc[r][p]);
             }
         }
@@ -115,7 +137,7 @@ inline void block_transposed(const MatmulArgs &a, const float *xp, __m512 table,
 
 // Rows of W per pass: as many as the 32 vector registers allow with R x rows.
 template <int R>
-constexpr int rows_of_w() { return R == 1 ? 8 : R <= 4 ? 4 : 2; }
+constexpr int rows_of_w() { return R == 1 ? 8 : R <= 4 ? 4 : 3; }
 
 template <int R, typename T>
 void rows_transposed(const MatmulArgs &a, __m512 table, int shift, int64_t m0, int64_t c0, int64_t c1) {
@@ -129,7 +151,7 @@ void rows_transposed(const MatmulArgs &a, __m512 table, int shift, int64_t m0, i
 // acc[r, k - c0] += sum_p x[m0 + r, n + p] W[n + p, k] for k in [c0, c1): P rows of W
 // streamed once, each decoded chunk used for all R rows.
 template <int R, int P, typename T>
-inline void block_plain(const MatmulArgs &a, float *acc, int64_t len, __m512 table, int shift, int64_t m0,
+NF4_KERNEL void block_plain(const MatmulArgs &a, float *acc, int64_t len, __m512 table, int shift, int64_t m0,
                         int64_t n, int64_t c0, int64_t c1) {
     const T *x = static_cast<const T *>(a.x);
     const __m512i shifts = lane_shifts();
@@ -167,8 +189,22 @@ void rows_plain(const MatmulArgs &a, __m512 table, int shift, int64_t m0, int64_
     constexpr int P = rows_of_w<R>();
     const int64_t len = c1 - c0;
     float *acc = zeroed_partial_sums(size_t(R * len));
+    // A task of a few hundred columns reads a short piece of every row of W, pieces
+    // 2 KiB apart for K = 4096: too short and too far apart for the hardware
+    // prefetchers. Prefetch the pieces of the rows kAhead passes on (pieces under
+    // 512 bytes: 0.78-0.89x the time for 2-8 rows of x; docs/performance.md).
+    const int64_t piece = len / 2;  // bytes of one row of W in [c0, c1)
+    constexpr int64_t kAhead = 4;
     int64_t n = 0;
-    for (; n + P <= a.N; n += P) block_plain<R, P, T>(a, acc, len, table, shift, m0, n, c0, c1);
+    for (; n + P <= a.N; n += P) {
+        if (piece < 512)
+            for (int64_t row = n + kAhead * P; row < std::min(a.N, n + (kAhead + 1) * P); ++row) {
+                const char *p = reinterpret_cast<const char *>(a.packed + row * a.K / 2 + c0 / 2);
+                for (int64_t off = 0; off < piece; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+                _mm_prefetch(p + piece - 1, _MM_HINT_T0);
+            }
+        block_plain<R, P, T>(a, acc, len, table, shift, m0, n, c0, c1);
+    }
     for (; n < a.N; ++n) block_plain<R, 1, T>(a, acc, len, table, shift, m0, n, c0, c1);
     const __m512i to_lane = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
     T *y = static_cast<T *>(a.y);
