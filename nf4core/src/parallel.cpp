@@ -83,43 +83,60 @@ std::atomic<bool> &pool_only() {
 // thread to have run: where other processes compete for the cores, a call can
 // wait a scheduler time slice, as torch's own ops do; "pool" never waits for a
 // late helper. nf4core neither links nor loads OpenMP.
-using GompParallel = void (*)(void (*)(void *), void *, unsigned, unsigned);
+struct OpenMP {
+    void (*parallel)(void (*)(void *), void *, unsigned, unsigned) = nullptr;  // GOMP_parallel
+    int (*thread_num)() = nullptr;                                             // omp_get_thread_num
+    int (*max_threads)() = nullptr;                                            // omp_get_max_threads
+};
 
-GompParallel lookup_openmp() {
 #if defined(NF4CORE_HAVE_DLSYM)
-    if (void *f = dlsym(RTLD_DEFAULT, "GOMP_parallel")) return reinterpret_cast<GompParallel>(f);
+bool resolve(void *handle, OpenMP &omp) {
+    omp.parallel = reinterpret_cast<decltype(omp.parallel)>(dlsym(handle, "GOMP_parallel"));
+    omp.thread_num = reinterpret_cast<decltype(omp.thread_num)>(dlsym(handle, "omp_get_thread_num"));
+    omp.max_threads = reinterpret_cast<decltype(omp.max_threads)>(dlsym(handle, "omp_get_max_threads"));
+    return omp.parallel && omp.thread_num && omp.max_threads;
+}
+#endif
+
+const OpenMP *lookup_openmp() {
+#if defined(NF4CORE_HAVE_DLSYM)
+    static OpenMP omp;  // written once, before `found` publishes it
+    if (resolve(RTLD_DEFAULT, omp)) return &omp;
     // a runtime loaded with RTLD_LOCAL (by a Python extension module, say) is not in the global scope
     for (const char *name : {"libgomp.so.1", "libomp.so", "libiomp5.so", "libgomp.1.dylib", "libomp.dylib"}) {
         if (void *h = dlopen(name, RTLD_LAZY | RTLD_NOLOAD)) {
-            void *f = dlsym(h, "GOMP_parallel");
+            const bool ok = resolve(h, omp);
             dlclose(h);  // drops only the reference NOLOAD took
-            if (f) return reinterpret_cast<GompParallel>(f);
+            if (ok) return &omp;
         }
     }
 #endif
     return nullptr;
 }
 
-// The loaded runtime's GOMP_parallel, or nullptr. Once found it is kept (a
-// runtime is never unloaded while a process uses it); until then the lookup is
-// repeated at most every 100 ms, so a runtime loaded later (torch imported
-// after pyqlora) is picked up.
-GompParallel loaded_openmp(bool look_now = false) {
-    static std::atomic<GompParallel> found{nullptr};
+// The loaded runtime, or nullptr. Once found it is kept (a runtime is never
+// unloaded while a process uses it); until then the lookup is repeated at most
+// every 100 ms, so a runtime loaded later (torch imported after pyqlora) is
+// picked up.
+const OpenMP *loaded_openmp(bool look_now = false) {
+    static std::atomic<const OpenMP *> found{nullptr};
     static std::atomic<int64_t> next_lookup_ns{0};
-    if (GompParallel f = found.load(std::memory_order_acquire)) return f;
+    static std::mutex lookup;
+    if (const OpenMP *f = found.load(std::memory_order_acquire)) return f;
     const int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
                             std::chrono::steady_clock::now().time_since_epoch())
                             .count();
     if (!look_now && now < next_lookup_ns.load(std::memory_order_relaxed)) return nullptr;
+    std::lock_guard<std::mutex> one_at_a_time(lookup);  // lookup_openmp writes its static
+    if (const OpenMP *f = found.load(std::memory_order_acquire)) return f;
     next_lookup_ns.store(now + 100000000, std::memory_order_relaxed);
-    GompParallel f = lookup_openmp();
+    const OpenMP *f = lookup_openmp();
     if (f) found.store(f, std::memory_order_release);
     return f;
 }
 
 // The OpenMP runtime the next job uses, or nullptr for the pool.
-GompParallel openmp_for_jobs() { return pool_only().load(std::memory_order_relaxed) ? nullptr : loaded_openmp(); }
+const OpenMP *openmp_for_jobs() { return pool_only().load(std::memory_order_relaxed) ? nullptr : loaded_openmp(); }
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -169,8 +186,8 @@ public:
         if (!busy.owns_lock()) return false;  // another caller owns the pool
         if (ntasks >= (int64_t(1) << 31)) return false;  // the counter's low 32 bits
         const int helpers = int(std::min<int64_t>(threads(), ntasks)) - 1;
-        if (GompParallel omp = openmp_for_jobs()) {
-            run_openmp(omp, ntasks, task, helpers + 1);
+        if (const OpenMP *omp = openmp_for_jobs()) {
+            run_openmp(*omp, ntasks, task, helpers + 1);
             return true;
         }
         start_workers(helpers);
@@ -207,25 +224,33 @@ public:
 private:
     Pool() : threads_(default_threads()), spin_us_(spin_microseconds()) {}
 
-    // The job on an OpenMP team of `team` threads (the caller is its master):
-    // every team thread claims tasks until none is left; GOMP_parallel returns
-    // when all have finished. Called inside another parallel region, OpenMP
-    // gives a team of one (nested parallelism is off by default): the caller
-    // then runs every task itself.
-    static void run_openmp(GompParallel omp, int64_t ntasks, TaskRef task, int team) {
+    // The job as one parallel region of the OpenMP runtime (the caller is its
+    // master); the team's first `team` threads claim tasks until none is left,
+    // and GOMP_parallel returns when all have finished. The region asks for the
+    // runtime's own team size (torch's thread count, set with
+    // omp_set_num_threads) unless `team` is larger: a smaller team would make
+    // libgomp retire threads that torch's next op then starts again. Called
+    // inside another parallel region, OpenMP gives a team of one (nested
+    // parallelism is off by default): the caller then runs every task itself.
+    static void run_openmp(const OpenMP &omp, int64_t ntasks, TaskRef task, int team) {
         struct Job {
             std::atomic<int64_t> next{0};
             int64_t ntasks;
+            int team;
+            int (*thread_num)();
             const TaskRef *task;
         } job;
         job.ntasks = ntasks;
+        job.team = team;
+        job.thread_num = omp.thread_num;
         job.task = &task;
-        omp(
+        omp.parallel(
             [](void *p) {
                 Job &j = *static_cast<Job *>(p);
+                if (j.thread_num() >= j.team) return;
                 for (int64_t t; (t = j.next.fetch_add(1, std::memory_order_relaxed)) < j.ntasks;) (*j.task)(t);
             },
-            &job, unsigned(team), 0u);
+            &job, team > omp.max_threads() ? unsigned(team) : 0u, 0u);
     }
 
     void start_workers(int n) {

@@ -1,13 +1,16 @@
-// A small persistent thread pool: nf4core does not use OpenMP, so that it never
-// fights torch's OpenMP runtime for the same cores, and so that the thread
-// count is ours to set (nf4_set_num_threads, NF4CORE_NUM_THREADS).
+// Parallel loops. nf4core does not link OpenMP, and the thread count is ours to
+// set (nf4_set_num_threads, NF4CORE_NUM_THREADS). Where the process already
+// runs an OpenMP runtime (torch's libgomp), a job is one parallel region on its
+// threads, so that nf4core's helpers are torch's and the two never fight for
+// the cores (parallel.cpp says why); otherwise, and with NF4CORE_THREADING=pool,
+// a small persistent pool of our own threads.
 //
 // Work is split into more tasks than threads and handed out dynamically, with
 // the calling thread taking part: a helper that starts late or is preempted
-// (on a core shared with torch's OpenMP workers, which spin-wait for a while
-// after every torch op) delays the call by one small task, not by a fixed
-// share of the work. Helpers spin briefly after a job before they sleep, so
-// back-to-back calls do not pay a futex wake-up each (NF4CORE_SPIN_US).
+// delays the call by one small task, not by a fixed share of the work (on the
+// pool it does not delay it at all; OpenMP's closing barrier waits for it).
+// Pool helpers spin briefly after a job before they sleep, so back-to-back calls
+// do not pay a futex wake-up each (NF4CORE_SPIN_US).
 #ifndef NF4CORE_SRC_PARALLEL_HPP
 #define NF4CORE_SRC_PARALLEL_HPP
 
