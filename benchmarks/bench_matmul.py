@@ -242,30 +242,37 @@ def bf16_rows(args, np, torch, pq):
         bf16_row(args, torch, pq, q, Wb, m)
 
 
-def bf16_row(args, torch, pq, q, Wb, m):
+def forward_and_grad_input(torch, pq, x, g, Wb, q):
+    """Closures timing x W^T + g W three ways: torch on the dense bf16 weight Wb,
+    pq.matmul_4bit on q, and the tiled path (tiles of q handed to torch)."""
     from pyqlora._matmul import tiled_product_torch
     from pyqlora.nn import _np_view
-
-    amx = pq.get_amx()
-    x = torch.randn(m, args.k).bfloat16()
-    g = torch.randn(m, args.n).bfloat16()
 
     def dense():
         x @ Wb.T
         g @ Wb
 
-    def ours():
+    def fused():
         pq.matmul_4bit(_np_view(x), q)
         pq.matmul_4bit(_np_view(g), q, transpose=False)
+
+    def tiled():
+        tiled_product_torch(x, q, True)
+        tiled_product_torch(g, q, False)
+
+    return dense, fused, tiled
+
+
+def bf16_row(args, torch, pq, q, Wb, m):
+    amx = pq.get_amx()
+    x = torch.randn(m, args.k).bfloat16()
+    g = torch.randn(m, args.n).bfloat16()
+    dense, ours, tiled = forward_and_grad_input(torch, pq, x, g, Wb, q)
 
     def vector():
         pq.set_amx(False)
         ours()
         pq.set_amx(amx)
-
-    def tiled():
-        tiled_product_torch(x, q, True)
-        tiled_product_torch(g, q, False)
 
     times = race([dense, ours, vector, tiled] if amx else [dense, vector, tiled], args.repeat)
     if not amx:
@@ -286,26 +293,14 @@ def training(args, np, torch, pq):
 
 
 def training_shape(args, np, torch, pq, rng, m, n, k):
-    from pyqlora._matmul import tiled_product_torch
-    from pyqlora.nn import _np_view, dequantize_weight
+    from pyqlora.nn import dequantize_weight
 
     w, q = weight(np, pq, rng, n, k)
     Wb = torch.from_numpy(w).bfloat16()
     del w
     x = torch.randn(m, k).bfloat16()
     g = torch.randn(m, n).bfloat16()
-
-    def dense():
-        x @ Wb.T
-        g @ Wb
-
-    def amx():
-        pq.matmul_4bit(_np_view(x), q)
-        pq.matmul_4bit(_np_view(g), q, transpose=False)
-
-    def tiled():
-        tiled_product_torch(x, q, True)
-        tiled_product_torch(g, q, False)
+    dense, amx, tiled = forward_and_grad_input(torch, pq, x, g, Wb, q)
 
     def whole():
         wd = dequantize_weight(q, torch.bfloat16)
