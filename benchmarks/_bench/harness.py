@@ -81,7 +81,7 @@ def run_library(lib, x, args, on_result):
             if not op.quantize and quantized is None:
                 new(op, status="failed: its quantize did not run")
                 continue
-            if op.into and not hasattr(lib, op.key):
+            if op.into and not lib.has_out:
                 new(op, status="n/a: no out= parameter")
                 continue
             arg = xin if op.quantize else (quantized, lib.empty_like(xin)) if op.into else quantized

@@ -21,6 +21,11 @@ class Op:
     quantize: bool  # False: dequantize the output of the same library's quantize
     into: bool = False  # dequantize into a preallocated output (out=), where the library has it
 
+    @property
+    def method(self):
+        """The adapter method that runs it: an out= variant calls its dequantize with out=."""
+        return f"{'' if self.quantize else 'de'}quantize{self.bits}"
+
 
 # Dequantize is measured twice: allocating its output, as a default call does (a fresh
 # 256 MiB array costs the OS page faults and zeroing, the same for every library), and

@@ -3,8 +3,8 @@ own array type.
 
 To add a peer: subclass ``Library`` (or ``TorchLibrary`` for a torch-based one), give it
 a ``name``, a ``load`` that imports it, and ``quantize4``, ``dequantize4``, ``quantize8``,
-``dequantize8`` (and ``dequantize4_out``, ``dequantize8_out`` if it takes ``out=``); append
-the class to ``LIBRARIES``. An operation it lacks is reported as failed, never skipped.
+``dequantize8``; set ``has_out`` if its dequantize takes ``out=``; append the class to
+``LIBRARIES``. An operation it lacks is reported as failed, never skipped.
 """
 import importlib
 import logging
@@ -24,6 +24,7 @@ class Library:
     """
 
     name = "?"
+    has_out = False  # dequantize*(q, out=) writes into a preallocated output (empty_like)
 
     def load(self):
         raise NotImplementedError
@@ -32,11 +33,15 @@ class Library:
         return x
 
     def run(self, op, arg):
-        return getattr(self, op.key)(arg)
+        if op.into:  # arg: (what quantize returned, the preallocated output)
+            quantized, out = arg
+            return getattr(self, op.method)(quantized, out=out)
+        return getattr(self, op.method)(arg)
 
 
 class PyQLoRA(Library):
     name = "pyqlora"
+    has_out = True
 
     def load(self):
         self.pq = importlib.import_module("pyqlora")
@@ -44,24 +49,16 @@ class PyQLoRA(Library):
     def quantize4(self, x):
         return self.pq.quantize(x, codebook="nf4", blocksize=BLOCK_4BIT, double_quant=True)
 
-    def dequantize4(self, q):
-        return self.pq.dequantize(q)
-
-    def dequantize4_out(self, arg):
-        q, out = arg
+    def dequantize4(self, q, out=None):
         return self.pq.dequantize(q, out=out)
 
     def quantize8(self, x):
         codes, absmax = self.pq.quantize_blockwise(x, blocksize=BLOCK_8BIT, codebook="dynamic")
         return codes, absmax, x.dtype
 
-    def dequantize8(self, q):
+    def dequantize8(self, q, out=None):
         codes, absmax, dtype = q
-        return self.pq.dequantize_blockwise(codes, absmax, blocksize=BLOCK_8BIT, dtype=dtype)
-
-    def dequantize8_out(self, arg):
-        (codes, absmax, dtype), out = arg
-        return self.pq.dequantize_blockwise(codes, absmax, blocksize=BLOCK_8BIT, out=out)
+        return self.pq.dequantize_blockwise(codes, absmax, blocksize=BLOCK_8BIT, dtype=dtype, out=out)
 
     def empty_like(self, x):
         return np.empty_like(x)
@@ -76,9 +73,13 @@ class TorchLibrary(Library):
     def as_input(self, x):
         return numpy_to_torch(self.torch, x)
 
+    def empty_like(self, x):
+        return self.torch.empty_like(x)
+
 
 class BitsAndBytes(TorchLibrary):
     name = "bitsandbytes"
+    has_out = True  # on CPU it raises NotImplementedError: reported as failed, not n/a
 
     def load(self):
         super().load()
@@ -87,25 +88,14 @@ class BitsAndBytes(TorchLibrary):
     def quantize4(self, x):
         return self.F.quantize_4bit(x, blocksize=BLOCK_4BIT, quant_type="nf4", compress_statistics=True)
 
-    def dequantize4(self, q):
-        return self.F.dequantize_4bit(*q)
-
-    def dequantize4_out(self, arg):
-        (packed, state), out = arg
-        return self.F.dequantize_4bit(packed, state, out=out)
+    def dequantize4(self, q, out=None):
+        return self.F.dequantize_4bit(*q, out=out)
 
     def quantize8(self, x):
         return self.F.quantize_blockwise(x, blocksize=BLOCK_8BIT)
 
-    def dequantize8(self, q):
-        return self.F.dequantize_blockwise(*q)
-
-    def dequantize8_out(self, arg):
-        (codes, state), out = arg
-        return self.F.dequantize_blockwise(codes, state, out=out)
-
-    def empty_like(self, x):
-        return self.torch.empty_like(x)
+    def dequantize8(self, q, out=None):
+        return self.F.dequantize_blockwise(*q, out=out)
 
 
 class TorchAO(TorchLibrary):
