@@ -18,15 +18,11 @@ straight into 4 bits, use ``torchrun --nproc-per-node 2 -m pyqlora finetune
 import argparse
 import ctypes
 import json
-import resource
 import time
 
 import torch
 
-
-def rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+from _bench.memory import max_rss_bytes, rss_bytes
 
 
 def main():
@@ -92,7 +88,7 @@ def main():
     row = {"kind": args.kind, "world_size": ctx.world_size, "hidden": args.hidden, "layers": args.layers,
            "vocab": args.vocab, "param_buffer_bytes": held,
            "optimizer_state_bytes": qdist.optimizer_state_bytes(opt), "rss_now": rss_bytes(),
-           "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+           "rss_peak": max_rss_bytes(),
            "vmhwm_before_training": peak_before, "vmhwm_training": mem["peak_rss"] if reset else None,
            "rss_anon": mem["rss_anon"],
            "step_s": sum(times[1:]) / max(1, len(times) - 1), "last_loss": loss}

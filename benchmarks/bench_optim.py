@@ -22,18 +22,7 @@ import argparse
 import os
 import time
 
-
-def _rss_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+from _bench.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 
 def main():
@@ -95,8 +84,8 @@ def main():
                 p.copy_(v)
         gc.collect()
         with tempfile.TemporaryDirectory() as tmp:
-            base = _rss_kib("VmRSS")
-            _reset_peak()
+            base = rss_bytes()
+            reset_peak_rss()
             opt = make(kind, tmp)
             step_t, opt_t, losses = [], [], []
             for b in batches:
@@ -110,7 +99,7 @@ def main():
                 step_t.append(t2 - t0)
                 opt_t.append(t2 - t1)
                 losses.append(loss.item())
-            peak = _rss_kib("VmHWM") - base
+            peak = peak_rss_bytes() - base
             state = opt.state_bytes() if hasattr(opt, "state_bytes") else sum(
                 t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if t.dim() > 0)
             st = opt.stats() if hasattr(opt, "stats") else {}
@@ -120,7 +109,7 @@ def main():
             same = all(torch.equal(a, b) for a, b in zip(final, reference))
             skip = 1 if len(step_t) > 2 else 0  # the first step allocates the state
             results.append(dict(kind=kind, step=sum(step_t[skip:]) / len(step_t[skip:]),
-                                opt=sum(opt_t[skip:]) / len(opt_t[skip:]), state=state, peak=peak * 1024,
+                                opt=sum(opt_t[skip:]) / len(opt_t[skip:]), state=state, peak=peak,
                                 ins=st.get("page_ins", 0), outs=st.get("page_outs", 0), loss=losses[-1],
                                 first=losses[0], same=same))
             del opt
