@@ -23,16 +23,12 @@ import os
 import time
 
 from _bench.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+from _bench.options import add_int_options
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    add_int_options(ap, layers=8, steps=12, batch=2, seq=128, r=16, threads=os.cpu_count())
     args = ap.parse_args()
 
     import gc

@@ -19,15 +19,12 @@ import copy
 import os
 import time
 
+from _bench.options import add_int_options
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=30)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--r", type=int, default=8)
+    add_int_options(ap, layers=30, batch=4, seq=256, steps=3, threads=os.cpu_count(), r=8)
     args = ap.parse_args()
 
     import torch
