@@ -6,7 +6,7 @@ Python (pyqlora/_*.py) validates every argument first; these functions only
 re-check buffer lengths, release the GIL around each C call and turn status
 codes into exceptions.
 """
-from _status cimport check
+include "status.pxi"
 
 include "codebook.pxi"
 include "quantize.pxi"

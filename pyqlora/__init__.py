@@ -22,12 +22,13 @@ except ImportError as _exc:  # pragma: no cover - only in a source checkout
     ) from _exc
 
 from ._array import QuantizedArray
-from ._codebooks import CODEBOOKS_4BIT, codebook, dynamic_codebook
+from ._codebooks import codebook, dynamic_codebook
 from ._config import show_config
 from ._errors import NonFiniteError
+from ._formats import BLOCKSIZES, CODEBOOKS_4BIT
 from ._matmul import matmul_4bit
 from ._pager import Pager
-from ._quantize import BLOCKSIZES, dequantize, dequantize_blockwise, quantize, quantize_blockwise
+from ._quantize import dequantize, dequantize_blockwise, quantize, quantize_blockwise
 from ._runtime import (amx_available, available_isas, get_amx, get_isa, get_num_threads, get_threading, num_threads,
                        set_amx, set_isa, set_num_threads, set_threading)
 from ._version import __version__

@@ -1,5 +1,6 @@
+"""``python -m pyqlora``: the command line (the application's entry point, part of ``pyqlora.app``)."""
 import sys
 
-from .cli import main
+from .app.cli import main
 
 sys.exit(main())

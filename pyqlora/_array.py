@@ -1,31 +1,14 @@
 """QuantizedArray: a blockwise 4-bit array and its bitsandbytes checkpoint form."""
-import json
 import math
 
 import numpy as np
 
-from . import _dtypes
+from . import _bnb, _dtypes
+from . import _nf4core as _ext  # bindings/quantize.pxi (double_dequantize)
 from ._codebooks import lookup_table
+from ._formats import DQ_BLOCKSIZE, check_blocksize, check_codebook
 
-__all__ = ["QuantizedArray"]
-
-# bitsandbytes QuantState.valid_qs_type_keys / valid_qs_keys (functional.py)
-_BNB_QUANT_TYPES = ("nf4", "fp4")
-_BNB_KEYS = (
-    "absmax",
-    "quant_map",
-    "nested_absmax",
-    "nested_quant_map",
-    "quant_state",
-    "quant_type",
-    "blocksize",
-    "dtype",
-    "shape",
-    "nested_blocksize",
-    "nested_dtype",
-    "nested_offset",
-)
-_DQ_BLOCKSIZE = 256
+__all__ = ["QuantizedArray", "block_scales"]
 
 
 class QuantizedArray:
@@ -64,8 +47,8 @@ class QuantizedArray:
     def __init__(self, *, shape, dtype, codebook, blocksize, packed, absmax, nested_absmax=None, nested_offset=None):
         self.shape = tuple(int(s) for s in shape)
         self.dtype = _dtypes.normalize_dtype(dtype)
-        self.codebook = codebook
-        self.blocksize = int(blocksize)
+        self.codebook = check_codebook(codebook)
+        self.blocksize = check_blocksize(blocksize)
         self.packed = packed
         self.absmax = absmax
         self.nested_absmax = nested_absmax
@@ -114,9 +97,7 @@ class QuantizedArray:
 
     def scales(self):
         """Float32 scale (absmax) of every block, undoing double quantization if used."""
-        from ._quantize import _block_scales
-
-        return _block_scales(self).copy()
+        return block_scales(self).copy()
 
     def __getstate__(self):
         return {k: getattr(self, k) for k in self.__slots__ if k != "_scales"}
@@ -142,7 +123,7 @@ class QuantizedArray:
         _expect_array(self.packed, "packed", np.uint8, (self.size + 1) // 2)
         if self.double_quant:
             _expect_array(self.absmax, "absmax", np.uint8, nblocks)
-            _expect_array(self.nested_absmax, "nested_absmax", np.float32, -(-nblocks // _DQ_BLOCKSIZE))
+            _expect_array(self.nested_absmax, "nested_absmax", np.float32, -(-nblocks // DQ_BLOCKSIZE))
             if self.nested_offset is None or not math.isfinite(self.nested_offset):
                 raise ValueError(f"nested_offset must be a finite float, got {self.nested_offset!r}")
             if not np.all(np.isfinite(self.nested_absmax)) or np.any(self.nested_absmax < 0):
@@ -176,30 +157,7 @@ class QuantizedArray:
         >>> bytes(q.to_bnb_dict("w")["w.quant_state.bitsandbytes__nf4"])[:57]
         b'{"quant_type": "nf4", "blocksize": 64, "dtype": "float32"'
         """
-        if self.codebook not in _BNB_QUANT_TYPES:
-            raise ValueError(
-                f"bitsandbytes checkpoints hold only nf4 and fp4; this array uses {self.codebook!r}"
-            )
-        if not isinstance(prefix, str):
-            raise TypeError("prefix must be a string")
-        # insertion order matches bitsandbytes' state dict
-        d = {prefix: self.packed.reshape(-1, 1).copy(), f"{prefix}.absmax": self.absmax.copy()}
-        # bitsandbytes' quant_map has +0.0 where FP4's code 8 decodes to -0.0
-        # (its Python table is built from the int -0); adding +0.0 maps -0 to +0
-        d[f"{prefix}.quant_map"] = self.code + np.float32(0.0)
-        meta = {
-            "quant_type": self.codebook,
-            "blocksize": self.blocksize,
-            "dtype": _dtypes.dtype_name(self.dtype),
-            "shape": list(self.shape),
-        }
-        if self.double_quant:
-            d[f"{prefix}.nested_absmax"] = self.nested_absmax.copy()
-            d[f"{prefix}.nested_quant_map"] = lookup_table("dynamic", 256).copy()
-            meta.update(nested_blocksize=_DQ_BLOCKSIZE, nested_dtype="float32", nested_offset=self.nested_offset)
-        blob = json.dumps(meta).encode("utf-8")  # bitsandbytes.utils.pack_dict_to_tensor
-        d[f"{prefix}.quant_state.bitsandbytes__{self.codebook}"] = np.frombuffer(blob, dtype=np.uint8).copy()
-        return d
+        return _bnb.entries(self, prefix)
 
     @classmethod
     def from_bnb_dict(cls, d, prefix="weight"):
@@ -227,86 +185,23 @@ class QuantizedArray:
         >>> bool(np.array_equal(pq.dequantize(q), pq.dequantize(q2)))
         True
         """
-        if not isinstance(prefix, str):
-            raise TypeError("prefix must be a string")
-        dot = prefix + "."
-        entries = {k[len(dot):]: v for k, v in d.items() if isinstance(k, str) and k.startswith(dot)}
-        if prefix not in d:
-            raise ValueError(f"missing packed weight {prefix!r}")
-        qs_keys = [k for k in entries if k.startswith("quant_state.")]
-        if len(qs_keys) != 1 or qs_keys[0].split(".", 1)[1] not in ("bitsandbytes__nf4", "bitsandbytes__fp4"):
-            raise ValueError(
-                f"expected exactly one '{dot}quant_state.bitsandbytes__nf4' or '...__fp4' entry, "
-                f"found {[dot + k for k in qs_keys]}"
-            )
-        key_type = qs_keys[0].rsplit("__", 1)[1]
-        unknown = [k for k in entries if k.split(".")[0] not in _BNB_KEYS]
-        if unknown:
-            raise ValueError(f"unexpected quant-state entries: {[dot + k for k in unknown]}")
-
-        meta = _parse_blob(_to_numpy(entries[qs_keys[0]]), dot + qs_keys[0])
-        quant_type = _field(meta, "quant_type", str)
-        if quant_type != key_type:
-            raise ValueError(f"quant_type {quant_type!r} in the JSON disagrees with the key suffix {key_type!r}")
-        blocksize = _field(meta, "blocksize", int)
-        from ._quantize import _check_blocksize
-
-        _check_blocksize(blocksize)
-        dtype_s = _field(meta, "dtype", str)
-        if dtype_s not in _dtypes.SUPPORTED:
-            raise ValueError(f"unsupported dtype {dtype_s!r} in quant_state")
-        shape = _field(meta, "shape", list)
-        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
-            raise ValueError(f"shape must be a list of non-negative integers, got {shape!r}")
-        n = math.prod(shape)
-        if n < 1:
-            raise ValueError(f"shape {shape} has no elements")
-
-        packed = _packed_bytes(_to_numpy(d[prefix]), (n + 1) // 2, prefix)
-        if "quant_map" not in entries:
-            raise ValueError(f"missing entry {dot + 'quant_map'!r}")
-        qmap = _to_numpy(entries["quant_map"])
-        if qmap.dtype != np.float32 or qmap.shape != (16,) or not np.array_equal(qmap, lookup_table(quant_type, 16)):
-            raise ValueError(f"{dot}quant_map is not bitsandbytes' {quant_type} table")
-        if "absmax" not in entries:
-            raise ValueError(f"missing entry {dot + 'absmax'!r}")
-        absmax = _to_numpy(entries["absmax"])
-        nested = "nested_absmax" in entries
-        if nested:
-            if "nested_quant_map" not in entries:
-                raise ValueError(f"missing entry {dot + 'nested_quant_map'!r}")
-            nb = _field(meta, "nested_blocksize", int)
-            if nb != _DQ_BLOCKSIZE:
-                raise ValueError(f"nested_blocksize must be {_DQ_BLOCKSIZE} (as bitsandbytes requires), got {nb}")
-            if _field(meta, "nested_dtype", str) != "float32":
-                raise ValueError("nested_dtype must be 'float32'")
-            offset = meta.get("nested_offset")
-            if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
-                raise ValueError(f"nested_offset must be a finite number, got {offset!r}")
-            nqm = _to_numpy(entries["nested_quant_map"])
-            if nqm.dtype != np.float32 or nqm.shape != (256,) or not np.array_equal(nqm, lookup_table("dynamic", 256)):
-                raise ValueError(f"{dot}nested_quant_map is not bitsandbytes' signed dynamic map")
-            nested_absmax = _to_numpy(entries["nested_absmax"])
-        else:
-            stray = ["nested_quant_map"] * ("nested_quant_map" in entries) + [
-                k for k in ("nested_blocksize", "nested_dtype", "nested_offset") if k in meta
-            ]
-            if stray:
-                raise ValueError(f"quant_state has nested fields {stray} but no nested_absmax entry")
-            offset, nested_absmax = None, None
+        fields = _bnb.parse(d, prefix)
         try:
-            return cls(
-                shape=shape,
-                dtype=dtype_s,
-                codebook=quant_type,
-                blocksize=blocksize,
-                packed=packed,
-                absmax=np.ascontiguousarray(absmax),
-                nested_absmax=None if nested_absmax is None else np.ascontiguousarray(nested_absmax),
-                nested_offset=offset,
-            )
+            return cls(**fields)
         except ValueError as exc:
             raise ValueError(f"inconsistent bitsandbytes entries for {prefix!r}: {exc}") from None
+
+
+def block_scales(q):
+    """The float32 block scales of `q` (read-only; decoded once and cached on `q` when double-quantized)."""
+    if not q.double_quant:
+        return q.absmax
+    if q._scales is None:
+        out = np.empty(q.absmax.size, dtype=np.float32)
+        _ext.double_dequantize(q.absmax, q.nested_absmax, q.nested_offset, lookup_table("dynamic", 256), out)
+        out.flags.writeable = False
+        q._scales = out
+    return q._scales
 
 
 def _expect_array(a, name, dtype, length):
@@ -316,49 +211,3 @@ def _expect_array(a, name, dtype, length):
         raise ValueError(f"{name} must have dtype {np.dtype(dtype)}, got {a.dtype}")
     if a.ndim != 1 or a.shape[0] != length:
         raise ValueError(f"{name} must have shape ({length},), got {a.shape}")
-
-
-def _to_numpy(v):
-    """numpy view of a numpy array or a torch tensor (torch is never imported here)."""
-    if hasattr(v, "detach") and hasattr(v, "cpu"):
-        v = v.detach().cpu().contiguous()
-        if str(v.dtype) == "torch.bfloat16":  # numpy has no bfloat16; the bytes are what matter
-            import torch
-
-            v = v.view(torch.int16)
-        return v.numpy()
-    return np.asarray(v)
-
-
-def _parse_blob(blob, key):
-    if blob.dtype != np.uint8 or blob.ndim != 1:
-        raise ValueError(f"{key} must be a 1-D uint8 array of JSON bytes, got {blob.dtype} {blob.shape}")
-    try:
-        meta = json.loads(blob.tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{key} does not hold valid JSON: {exc}") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{key} must hold a JSON object, got {type(meta).__name__}")
-    return meta
-
-
-def _field(meta, name, kind):
-    if name not in meta:
-        raise ValueError(f"quant_state JSON lacks {name!r}")
-    v = meta[name]
-    if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
-        raise ValueError(f"quant_state {name!r} must be an integer, got {v!r}")
-    if not isinstance(v, kind):
-        raise ValueError(f"quant_state {name!r} must be a {kind.__name__}, got {v!r}")
-    return v
-
-
-def _packed_bytes(w, nbytes, key):
-    """The packed codes as uint8[nbytes]; any storage dtype is reinterpreted as bytes."""
-    w = np.ascontiguousarray(w)
-    raw = w.reshape(-1).view(np.uint8)
-    if raw.size < nbytes:
-        raise ValueError(f"{key} is truncated: {raw.size} bytes of codes, the shape needs {nbytes}")
-    if raw.size - nbytes >= w.itemsize:
-        raise ValueError(f"{key} has {raw.size} bytes of codes, the shape needs {nbytes}")
-    return raw[:nbytes].copy()

@@ -4,11 +4,9 @@ import functools
 import numpy as np
 
 from . import _nf4core as _codebook
+from ._formats import CODEBOOKS_4BIT
 
-__all__ = ["codebook", "dynamic_codebook", "CODEBOOKS_4BIT"]
-
-#: Codebook names usable with :func:`pyqlora.quantize` (16 codes or fewer).
-CODEBOOKS_4BIT = ("nf4", "fp4", "int4", "nf2", "nf3")
+__all__ = ["codebook", "dynamic_codebook", "lookup_table"]
 
 _ALL = ("nf2", "nf3", "nf4", "nf5", "nf6", "nf7", "nf8", "fp4", "int4", "dynamic", "dynamic_unsigned")
 

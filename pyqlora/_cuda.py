@@ -21,7 +21,9 @@ import numpy as np
 
 from . import _dtypes
 from . import _nf4core as _ext  # bindings/cuda.pxi
-from ._codebooks import CODEBOOKS_4BIT, lookup_table
+from ._array import QuantizedArray
+from ._codebooks import lookup_table
+from ._formats import DQ_BLOCKSIZE, check_blocksize, check_codebook
 
 __all__ = ["CudaQuantizedArray", "cuda_available", "dequantize", "gemv", "is_cuda_array", "quantize"]
 
@@ -113,8 +115,6 @@ class CudaQuantizedArray:
 
     def cpu(self):
         """The same codes and scales as a host :class:`pyqlora.QuantizedArray`."""
-        from ._array import QuantizedArray
-
         names = {"float32": _dtypes.float32, "float16": _dtypes.float16, "bfloat16": _dtypes.bfloat16}
         return QuantizedArray(
             shape=self.shape,
@@ -137,8 +137,7 @@ def quantize(x, codebook="nf4", blocksize=64, double_quant=True):
     """:func:`pyqlora.quantize` for a GPU array (arguments already checked by it)."""
     torch = _torch()
     x = _as_tensor(x)
-    if codebook not in CODEBOOKS_4BIT:
-        raise ValueError(f"unknown 4-bit codebook {codebook!r}; expected one of {', '.join(CODEBOOKS_4BIT)}")
+    codebook, blocksize = check_codebook(codebook), check_blocksize(blocksize)
     n = x.numel()
     nblocks = -(-n // blocksize)
     dev = x.device
@@ -151,7 +150,7 @@ def quantize(x, codebook="nf4", blocksize=64, double_quant=True):
         nested = offset = None
         if double_quant:
             q = torch.empty(nblocks, dtype=torch.uint8, device=dev)
-            nested = torch.empty(-(-nblocks // _ext.DQ_BLOCKSIZE), dtype=torch.float32, device=dev)
+            nested = torch.empty(-(-nblocks // DQ_BLOCKSIZE), dtype=torch.float32, device=dev)
             offset = _ext.cuda_double_quantize(absmax.data_ptr(), nblocks, lookup_table("dynamic", 256), q.data_ptr(),
                                                nested.data_ptr(), s)
             absmax = q

@@ -1,4 +1,5 @@
 """Exceptions raised by pyqlora."""
+from . import _nf4core
 
 __all__ = ["NonFiniteError"]
 
@@ -18,3 +19,6 @@ class NonFiniteError(ValueError):
         super().__init__(message)
         self.index = index
         self.value = value
+
+
+_nf4core.set_error_classes(non_finite=NonFiniteError)  # the bindings raise it for NF4_ERROR_NON_FINITE

@@ -1,17 +1,15 @@
 """Products with a 4-bit quantized matrix, without materializing it."""
 import math
-import threading
 
 import numpy as np
 
 from . import _dtypes
 from . import _nf4core as _ext  # bindings/matmul.pxi
-from ._array import QuantizedArray
+from ._array import QuantizedArray, block_scales
 from ._codebooks import lookup_table
-from ._quantize import _block_scales
 from ._runtime import sync_threads
 
-__all__ = ["matmul_4bit"]
+__all__ = ["decode_tile", "matmul_4bit"]
 
 
 def matmul_4bit(x, q, transpose=True, out=None):
@@ -43,9 +41,7 @@ def matmul_4bit(x, q, transpose=True, out=None):
         raise TypeError(f"q must be a QuantizedArray, got {type(q).__name__}")
     if q.ndim != 2:
         raise ValueError(f"the quantized matrix must be 2-D, got shape {q.shape}")
-    if q.codebook not in ("nf4", "fp4", "int4", "nf2", "nf3"):
-        raise ValueError(f"unsupported codebook {q.codebook!r}")
-    x = np.asarray(x)
+    x = _dtypes.as_numpy(x)
     dtype = _dtypes.normalize_dtype(x.dtype, what="x dtype")
     if dtype not in (_dtypes.float32, _dtypes.bfloat16):
         raise TypeError(f"x must be float32 or bfloat16, got {x.dtype}")
@@ -67,7 +63,7 @@ def matmul_4bit(x, q, transpose=True, out=None):
         return out
     sync_threads()
     _ext.matmul_4bit(x2.reshape(-1).view(np.uint8), _dtypes.KERNEL_DTYPES[dtype], m, n_out, k_in, q.packed,
-                     _block_scales(q), q.blocksize, lookup_table(q.codebook, 16), bool(transpose),
+                     block_scales(q), q.blocksize, lookup_table(q.codebook, 16), bool(transpose),
                      out.reshape(-1).view(np.uint8))
     return out
 
@@ -78,7 +74,8 @@ def decode_tile(q, rows, cols, out):
     `rows` and `cols` are slices with step 1; `out` is a C-contiguous float32 or
     bfloat16 array of the tile's shape. Values are those of
     :func:`pyqlora.dequantize` (``codebook[code] * scale`` rounded to `out`'s
-    dtype). The building block of tiled products: only a tile is ever dense.
+    dtype). The building block of the tiled products of ``pyqlora._glue.products``:
+    only a tile is ever dense.
     """
     if not isinstance(q, QuantizedArray) or q.ndim != 2:
         raise ValueError("q must be a 2-D QuantizedArray")
@@ -91,78 +88,6 @@ def decode_tile(q, rows, cols, out):
     if out.shape != (n1 - n0, k1 - k0) or not out.flags.c_contiguous or not out.flags.writeable:
         raise ValueError(f"out must be a writable C-contiguous array of shape {(n1 - n0, k1 - k0)}, got {out.shape}")
     sync_threads()
-    _ext.matmul_4bit_decode_tile(q.packed, _block_scales(q), q.blocksize, lookup_table(q.codebook, 16), n, k, n0, n1,
+    _ext.matmul_4bit_decode_tile(q.packed, block_scales(q), q.blocksize, lookup_table(q.codebook, 16), n, k, n0, n1,
                                  k0, k1, _dtypes.KERNEL_DTYPES[dtype], out.reshape(-1).view(np.uint8))
     return out
-
-
-# Bytes of the dense tile that tiled products decode at a time (per thread that calls them),
-# and the least tile width along the output per torch thread: measured on a 2-core AMX machine
-# (bf16, M = 1024, inner 4096 or 11008), torch's GEMM (oneDNN) runs about 2x slower when a tile
-# has fewer than ~1024 output columns at 2 threads, and shows no such penalty down to 256 at
-# 1 thread (benchmarks/bench_matmul.py --train; docs/performance.md). A tile never exceeds
-# TILE_MAX_BYTES, so with many threads the width rule gives way to the memory bound.
-TILE_BYTES = 8 << 20
-TILE_MAX_BYTES = 64 << 20
-TILE_MIN_COLS_PER_THREAD = 512
-_workspace = threading.local()
-
-
-def _tile_buffer(torch, dtype, numel):
-    """A reused flat tensor of at least `numel` elements (fresh pages would cost more than decoding)."""
-    bufs = getattr(_workspace, "bufs", None)
-    if bufs is None:
-        bufs = _workspace.bufs = {}
-    buf = bufs.get(dtype)
-    if buf is None or buf.numel() < numel:
-        buf = bufs[dtype] = torch.empty(numel, dtype=dtype)
-    return buf[:numel]
-
-
-def _tile_width(outer, inner, itemsize, threads):
-    """Output columns per tile: TILE_BYTES' worth, at least TILE_MIN_COLS_PER_THREAD per thread,
-    at most TILE_MAX_BYTES, multiples of 32, and the tiles balanced
-    (no narrow tail tile)."""
-    per = max(TILE_BYTES // itemsize // inner, TILE_MIN_COLS_PER_THREAD * max(1, threads))
-    per = max(32, min(per, TILE_MAX_BYTES // itemsize // inner))
-    tiles = max(1, outer // per)  # floor: every tile at least `per` wide, up to twice that
-    if -(-outer // tiles) * inner * itemsize > TILE_MAX_BYTES:
-        tiles = -(-outer // per)  # ceil: the memory bound wins
-    return min(outer, (-(-outer // tiles) + 31) // 32 * 32)
-
-
-def tiled_product_torch(x, q, transpose=True):
-    """``x @ W.T`` or ``x @ W`` for a torch tensor x, by tiles of W handed to torch's matmul.
-
-    Only a tile of W is dense at any time, in a reused buffer: about
-    :data:`TILE_BYTES`, or :data:`TILE_MIN_COLS_PER_THREAD` output columns per torch
-    thread when the inner dimension is so large that fewer would fit (narrower tiles
-    halve torch's GEMM speed), never more than :data:`TILE_MAX_BYTES`. ``x @ W.T`` decodes row tiles ``W[n0:n1, :]`` and writes
-    ``y[:, n0:n1]``; ``x @ W`` decodes column tiles ``W[:, k0:k1]`` and writes
-    ``y[:, k0:k1]``, so every output element is one matmul over the whole inner
-    dimension (no accumulation across tiles in x's precision). x is a CPU
-    float32 or bfloat16 tensor; the tile has its dtype, as with
-    dequantize-then-matmul. Used by ``pyqlora.nn`` for many rows (training),
-    where torch's GEMM (AMX/AVX-512 BF16 through oneDNN) beats the fused kernel.
-    """
-    import torch
-
-    from .nn import _np_view
-
-    n_out, k_in = q.shape
-    inner, outer = (k_in, n_out) if transpose else (n_out, k_in)
-    x2 = x.reshape(-1, inner)
-    y = torch.empty(x2.shape[0], outer, dtype=x.dtype)
-    per = _tile_width(outer, inner, x.element_size(), torch.get_num_threads())
-    buf = _tile_buffer(torch, x.dtype, min(per, outer) * inner)
-    for c0 in range(0, outer, per):
-        c1 = min(outer, c0 + per)
-        if transpose:
-            tile = buf[:(c1 - c0) * inner].view(c1 - c0, inner)
-            decode_tile(q, slice(c0, c1), slice(0, k_in), _np_view(tile))
-            torch.mm(x2, tile.t(), out=y[:, c0:c1])
-        else:
-            tile = buf[:(c1 - c0) * inner].view(inner, c1 - c0)
-            decode_tile(q, slice(0, n_out), slice(c0, c1), _np_view(tile))
-            torch.mm(x2, tile, out=y[:, c0:c1])
-    return y.view(*x.shape[:-1], outer)

@@ -1,43 +1,30 @@
 """The array API: quantize / dequantize (4-bit) and blockwise 8-bit.
 
 Python validates and normalizes (dtype, contiguity, shape, arguments) and
-allocates outputs; the Cython layer (``pyqlora._quantize``) calls nf4core
+allocates outputs; the Cython bindings (``bindings/quantize.pxi``) call nf4core
 with the GIL released.
 """
-import numbers
-
 import numpy as np
 
 from . import _cuda, _dtypes
 from . import _nf4core as _ext  # bindings/quantize.pxi
-from ._array import QuantizedArray
-from ._codebooks import CODEBOOKS_4BIT, lookup_table
+from ._array import QuantizedArray, block_scales
+from ._codebooks import lookup_table
 from ._errors import NonFiniteError
+from ._formats import DQ_BLOCKSIZE, check_blocksize, check_codebook
 from ._runtime import sync_threads
 
-__all__ = ["quantize", "dequantize", "quantize_blockwise", "dequantize_blockwise", "BLOCKSIZES"]
-
-#: Valid blocksizes for 4-bit and 8-bit blockwise quantization.
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-
-
-def _check_blocksize(blocksize):
-    if isinstance(blocksize, bool) or not isinstance(blocksize, numbers.Integral):
-        raise TypeError(f"blocksize must be an integer, got {type(blocksize).__name__}")
-    if int(blocksize) not in BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {', '.join(map(str, BLOCKSIZES))}; got {blocksize}")
-    return int(blocksize)
+__all__ = ["quantize", "dequantize", "quantize_blockwise", "dequantize_blockwise"]
 
 
 def _as_input(x, what="x"):
     """C-contiguous native-endian array of a kernel dtype, plus the caller's dtype.
 
     float64 input is converted to float32 (the kernels compute in float32).
-    Read-only and non-contiguous arrays are accepted (the latter are copied).
+    Read-only and non-contiguous arrays are accepted (the latter are copied);
+    CPU torch tensors are read in place (:func:`pyqlora._dtypes.as_numpy`).
     """
-    if hasattr(x, "detach") and hasattr(x, "numpy"):  # a torch tensor
-        x = _torch_to_numpy(x)
-    arr = np.asarray(x)
+    arr = _dtypes.as_numpy(x)
     if arr.dtype.kind != "f" and arr.dtype != _dtypes.bfloat16:
         raise TypeError(
             f"{what} must be a floating-point array (float32, float16, bfloat16 or float64); got dtype {arr.dtype}"
@@ -48,17 +35,6 @@ def _as_input(x, what="x"):
     work = np.float32 if orig == _dtypes.float64 else orig
     arr = np.asarray(arr, dtype=work, order="C")  # keeps 0-d shapes, copies only if needed
     return arr, orig
-
-
-def _torch_to_numpy(t):
-    t = t.detach()
-    if t.device.type != "cpu":
-        raise TypeError(f"expected a CPU tensor, got one on {t.device}; GPU arrays are not supported yet")
-    if str(t.dtype) == "torch.bfloat16":
-        import torch
-
-        return t.contiguous().view(torch.int16).numpy().view(_dtypes.bfloat16)
-    return t.numpy()
 
 
 def _raw(arr):
@@ -131,14 +107,8 @@ def quantize(x, codebook="nf4", blocksize=64, double_quant=True):
     >>> bool(0.05 < err < 0.15)
     True
     """
-    if not isinstance(codebook, str):
-        raise TypeError(f"codebook must be a name, got {type(codebook).__name__}")
-    name = codebook.lower()
-    if name in ("nf5", "nf6", "nf7", "nf8"):
-        lookup_table(name, 16)  # raises: the table has more values than 4 bits can code
-    if name not in CODEBOOKS_4BIT:
-        raise ValueError(f"unknown 4-bit codebook {codebook!r}; expected one of {', '.join(CODEBOOKS_4BIT)}")
-    blocksize = _check_blocksize(blocksize)
+    name = check_codebook(codebook)
+    blocksize = check_blocksize(blocksize)
     if not isinstance(double_quant, (bool, np.bool_)):
         raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
     if _cuda.is_cuda_array(x):  # GPU arrays stay on the device (pyqlora/_cuda.py, not yet verified on a GPU)
@@ -170,21 +140,9 @@ def quantize(x, codebook="nf4", blocksize=64, double_quant=True):
 def _double_quantize(absmax):
     nblocks = absmax.size
     qabsmax = np.empty(nblocks, dtype=np.uint8)
-    nested = np.empty(-(-nblocks // _ext.DQ_BLOCKSIZE), dtype=np.float32)
+    nested = np.empty(-(-nblocks // DQ_BLOCKSIZE), dtype=np.float32)
     offset = _ext.double_quantize(absmax, lookup_table("dynamic", 256), qabsmax, nested)
     return qabsmax, nested, offset
-
-
-def _block_scales(q):
-    """The float32 block scales of q (read-only, cached on q when double-quantized)."""
-    if not q.double_quant:
-        return q.absmax
-    if q._scales is None:
-        out = np.empty(q.absmax.size, dtype=np.float32)
-        _ext.double_dequantize(q.absmax, q.nested_absmax, q.nested_offset, lookup_table("dynamic", 256), out)
-        out.flags.writeable = False
-        q._scales = out
-    return q._scales
 
 
 def _check_out(out, shape, dtype):
@@ -255,7 +213,7 @@ def dequantize(q, dtype=None, out=None):
     if not isinstance(q, QuantizedArray):
         raise TypeError(f"dequantize expects a QuantizedArray, got {type(q).__name__}")
     dtype = _resolve_out_dtype(dtype, out, q.dtype)
-    scales = _block_scales(q)
+    scales = block_scales(q)
     return _dequantize_into(
         4, q.packed, scales, q.size, q.blocksize, lookup_table(q.codebook, 16), q.shape, dtype, out
     )
@@ -304,7 +262,7 @@ def quantize_blockwise(x, blocksize=256, codebook="dynamic"):
     >>> bool(np.abs(pq.dequantize_blockwise(codes, absmax) - x).max() < 0.02)
     True
     """
-    blocksize = _check_blocksize(blocksize)
+    blocksize = check_blocksize(blocksize)
     table = _table_8bit(codebook)
     arr, _ = _as_input(x)
     codes = np.empty(arr.shape, dtype=np.uint8)
@@ -340,7 +298,7 @@ def dequantize_blockwise(codes, absmax, blocksize=256, codebook="dynamic", dtype
     out : numpy.ndarray, optional
         C-contiguous writable array shaped like `codes`.
     """
-    blocksize = _check_blocksize(blocksize)
+    blocksize = check_blocksize(blocksize)
     table = _table_8bit(codebook)
     codes = np.asarray(codes)
     if codes.dtype != np.uint8:

@@ -44,6 +44,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ._glue.memory import memory_status, optimizer_state_bytes, parameter_bytes, reset_peak_memory
+from ._glue.tensors import byte_view
 from .lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -53,7 +55,7 @@ from .lora import (
     lora_layers,
     save_adapter,
 )
-from .nn import Linear4bit, LoraLinear4bit, _byte_view
+from .nn import Linear4bit, LoraLinear4bit
 
 __all__ = [
     "KINDS",
@@ -225,76 +227,6 @@ def unwrap(model):
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _local(t):
-    return t.to_local() if type(t).__name__ == "DTensor" else t
-
-
-def parameter_bytes(model):
-    """Bytes of parameters and buffers this rank holds (the local shard of each DTensor).
-
-    Returns
-    -------
-    dict
-        ``{"frozen": ..., "trainable": ..., "buffers": ..., "total": ...}``.
-    """
-    model = unwrap(model)
-    out = {"frozen": 0, "trainable": 0, "buffers": 0}
-    for p in model.parameters():
-        out["trainable" if p.requires_grad else "frozen"] += _local(p).numel() * p.element_size()
-    for b in model.buffers():
-        out["buffers"] += _local(b).numel() * b.element_size()
-    out["total"] = sum(out.values())
-    return out
-
-
-def optimizer_state_bytes(optimizer):
-    """Bytes of optimizer state this rank holds: the local shard of each state tensor.
-
-    Counts every tensor in ``optimizer.state`` (moments, 8-bit codes and scales,
-    step counters) by its local part under FSDP2, whole under DDP. For the paged
-    optimizers this is their state whether resident or spilled.
-    """
-    n = 0
-    for st in optimizer.state.values():
-        for v in st.values():
-            if torch.is_tensor(v):
-                n += _local(v).numel() * v.element_size()
-    return n
-
-
-def memory_status():
-    """This process's resident memory now and at its peak, from ``/proc/self/status`` (bytes; Linux).
-
-    Returns
-    -------
-    dict
-        ``{"rss": VmRSS, "peak_rss": VmHWM, "rss_anon": RssAnon, "rss_file": RssFile}``
-        (RssFile: pages of mapped files, e.g. a memory-mapped checkpoint, which the
-        kernel can drop under pressure); values are None where unavailable.
-    """
-    names = {"VmRSS": "rss", "VmHWM": "peak_rss", "RssAnon": "rss_anon", "RssFile": "rss_file"}
-    out = dict.fromkeys(names.values())
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key in names:
-                    out[names[key]] = int(value.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
-
-
-def reset_peak_memory():
-    """Reset this process's peak resident memory (VmHWM) to its current RSS; False if Linux refuses."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _check_prepared(model):
     if not lora_layers(model):
         raise ValueError("the model has no LoRA layers: call pyqlora.lora.prepare_model before wrap_model")
@@ -319,8 +251,8 @@ def _crc(items):
         if t.device.type != "cpu":
             t = t.cpu()
         crc = zlib.crc32(name.encode(), crc)
-        # _byte_view, not Tensor.numpy(): no copy, and the storage stays resizable for FSDP2
-        crc = zlib.crc32(_byte_view(t.contiguous().reshape(-1)), crc)
+        # byte_view, not Tensor.numpy(): no copy, and the storage stays resizable for FSDP2
+        crc = zlib.crc32(byte_view(t.contiguous().reshape(-1)), crc)
     return crc
 
 

@@ -29,6 +29,9 @@ from typing import List, Union
 import torch
 from torch import nn
 
+from ._glue.modules import output_head, set_submodule
+from ._glue.tensors import as_numpy
+from ._quantize import dequantize, quantize
 from .nn import Linear4bit, LoraLinear4bit, dequantize_weight
 
 __all__ = ["LoraConfig", "PrepareReport", "empty_weights", "load_adapter", "lora_layers", "merge_adapters",
@@ -57,7 +60,7 @@ class LoraConfig:
         the best rank-r approximation (truncated SVD) of what quantization lost, so
         the model starts closer to the dense one. The base weights then differ from a
         plain quantization of W: keep them with the adapter (``pyqlora finetune``
-        saves them; see :func:`pyqlora.checkpoint.save_4bit_base`).
+        saves them; see :func:`pyqlora.app.checkpoint.save_4bit_base`).
     loftq_iter : int
         Rounds of LoftQ (1 = quantize W once, then fit the adapter to the residual).
     """
@@ -122,16 +125,10 @@ class PrepareReport:
                 f"{self.dense_weight_bytes / 2**20:.1f} MiB dense -> {self.quantized_weight_bytes / 2**20:.1f} MiB")
 
 
-def _output_head(model):
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    return head if isinstance(head, nn.Linear) else None
-
-
 def _select(model, target_modules):
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and name]
     if target_modules == "all-linear":
-        head = _output_head(model)
+        head = output_head(model)
         return [(n, m) for n, m in linears if m is not head]
     if isinstance(target_modules, str):
         pattern = re.compile(target_modules)
@@ -153,12 +150,6 @@ def _output_in_input_dtype(module, inputs, output):
     if inputs and torch.is_tensor(inputs[0]) and torch.is_tensor(output) and output.dtype != inputs[0].dtype:
         return output.to(inputs[0].dtype)
     return output
-
-
-def _set_submodule(model, name, module):
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def lora_layers(model):
@@ -225,17 +216,14 @@ def _materialize(module_name, module, weights, cast=True, strict=False):
 def _loftq(linear, config, scaling):
     """LoftQ: rewrite `linear`'s weight to the matrix to quantize and return (A, B) with
     ``quant(weight) + scaling * B A`` close to the original weight (Li et al. 2023, alg. 1)."""
-    from . import dequantize, quantize
-    from .nn import _np_view
-
     w = linear.weight.detach().float()
     low_rank = torch.zeros_like(w)
     for _ in range(config.loftq_iter):
         target = (w - low_rank).to(linear.weight.dtype)  # what the layer will store, in its dtype
-        q = quantize(_np_view(target.contiguous()), codebook=config.codebook, blocksize=config.blocksize,
+        q = quantize(as_numpy(target.contiguous()), codebook=config.codebook, blocksize=config.blocksize,
                      double_quant=config.double_quant)
         back = torch.empty(w.shape, dtype=target.dtype)
-        dequantize(q, out=_np_view(back))
+        dequantize(q, out=as_numpy(back))
         u, sv, vh = torch.linalg.svd(w - back.float(), full_matrices=False)
         root = torch.sqrt(sv[:config.r] / scaling)
         b, a = u[:, :config.r] * root, root[:, None] * vh[:config.r]
@@ -261,7 +249,7 @@ def prepare_model(model, config=None, weights=None):
         For a model built under :class:`empty_weights` (parameters on the meta
         device): parameter name -> tensor or array, read one entry at a time
         (a lazy mapping, such as a safetensors file or
-        :func:`pyqlora.models.gguf_weights`, never holds the dense model). Each
+        :func:`pyqlora.app.models.gguf_weights`, never holds the dense model). Each
         target layer is quantized as soon as its weight is read, so peak memory
         stays near the 4-bit model plus one dense layer. Tied parameters are
         re-tied with ``model.tie_weights()``.
@@ -307,7 +295,7 @@ def prepare_model(model, config=None, weights=None):
             with torch.no_grad():
                 lora.lora_A[config.adapter_name].weight.copy_(loftq[0])
                 lora.lora_B[config.adapter_name].weight.copy_(loftq[1])
-        _set_submodule(model, name, lora)
+        set_submodule(model, name, lora)
         del linear, base, lora  # the dense weight is released with the old module
     if weights is not None:
         for mname, module in model.named_modules():
@@ -447,6 +435,6 @@ def merge_adapters(model, dtype=torch.float32, requantize=False):
             entry["requantize_rel_error"] = float(torch.linalg.norm(back - w) / torch.linalg.norm(w).clamp_min(1e-30))
             dense = new
         dense.requires_grad_(False)
-        _set_submodule(model, name, dense)
+        set_submodule(model, name, dense)
         report[name] = entry
     return model, report

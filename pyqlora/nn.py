@@ -22,81 +22,21 @@ import math
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from . import _dtypes
 from ._array import QuantizedArray
-from ._matmul import matmul_4bit, tiled_product_torch
-from ._quantize import dequantize, quantize
-from ._runtime import get_amx
+from ._formats import DQ_BLOCKSIZE
+from ._glue.dtensor import is_dtensor
+from ._glue.products import choose_path, fused_product, tiled_product_torch
+from ._glue.tensors import as_numpy, byte_view, dequantize_weight, numpy_dtype, torch_dtype
+from ._quantize import quantize
 
 __all__ = ["Linear4bit", "LoraLinear4bit", "dequantize_weight"]
-
-_TORCH_TO_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
-
-
-def _np_view(t):
-    """numpy view of a contiguous CPU tensor (bfloat16 through ml_dtypes), sharing memory."""
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(_dtypes.bfloat16)
-    return t.numpy()
-
-
-def _torch_dtype(np_dtype):
-    if np_dtype == _dtypes.bfloat16:
-        return torch.bfloat16
-    return {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16,
-            np.dtype(np.float64): torch.float64}[np.dtype(np_dtype)]
-
-
-def dequantize_weight(q, dtype=torch.float32):
-    """A new dense torch tensor holding the dequantized weight (shape ``q.shape``)."""
-    out = torch.empty(q.shape, dtype=dtype)
-    dequantize(q, out=_np_view(out))
-    return out
-
-
-# Up to this many rows the fused 4-bit product (pq.matmul_4bit), which streams the
-# packed weight once, beats decoding tiles for torch's matmul; above it, tiles of
-# the weight are decoded into a reused buffer and handed to torch (its bf16 GEMM
-# uses AMX/AVX512-BF16), so no dense copy of the whole weight exists
-# (benchmarks/bench_matmul.py measures both). bfloat16 inputs cross over earlier:
-# torch's bf16 matmul is much faster than its fp32 one, the fused kernel computes
-# in float32 either way.
-# With AMX in use (pq.get_amx()), pq.matmul_4bit itself multiplies bfloat16 inputs of
-# 5 rows and more on AMX tiles, decoding panels of the weight as it goes: faster than
-# handing decoded tiles to torch (docs/performance.md), so it is used for every row count.
-FUSED_MAX_ROWS = 4
-FUSED_MAX_ROWS_FP32 = 8
-
-
-def _fused_product(x, q, transpose):
-    """x @ W.T (transpose) or x @ W with nf4core's fused kernel, as a torch tensor."""
-    x = x.contiguous()
-    lead = x.shape[:-1]
-    out = torch.empty(*lead, q.shape[0] if transpose else q.shape[1], dtype=x.dtype)
-    matmul_4bit(_np_view(x.detach()), q, transpose=transpose, out=_np_view(out))
-    return out
-
-
-def _path(t, q):
-    """'fused' (few rows), 'tiled' (many rows) or 'dense' (other dtypes: whole temporary weight)."""
-    if t.dtype not in (torch.float32, torch.bfloat16) or q.codebook not in ("nf4", "fp4", "int4", "nf2", "nf3"):
-        return "dense"
-    if t.dtype == torch.bfloat16 and q.shape[1] % 32 == 0 and get_amx():
-        return "fused"
-    rows = t.numel() // max(1, t.shape[-1])
-    limit = FUSED_MAX_ROWS_FP32 if t.dtype == torch.float32 else FUSED_MAX_ROWS
-    return "fused" if rows <= limit else "tiled"
-
-
-def _use_fused(t, q):
-    return _path(t, q) == "fused"
 
 
 class _Linear4bitFunction(torch.autograd.Function):
     """y = x W^T + b with W 4-bit. Saves no tensor: backward reads the 4-bit weight
-    again (fused product for a few rows or on AMX, else tiles decoded for torch's matmul).
+    again (fused product for a few rows or on AMX, else tiles decoded for torch's matmul;
+    ``pyqlora._glue.products`` chooses).
 
     The layer, not its QuantizedArray, is kept for backward: under FSDP2 the
     gathered weight is freed after forward and gathered again (maybe at another
@@ -107,22 +47,22 @@ class _Linear4bitFunction(torch.autograd.Function):
         q = layer.quantized
         ctx.layer = layer
         ctx.bias_requires_grad = bias is not None and bias.requires_grad
-        path = _path(x, q)
+        path = choose_path(x, q)
         if path != "dense":
             x = x.detach().contiguous()
-            y = _fused_product(x, q, transpose=True) if path == "fused" else tiled_product_torch(x, q, True)
+            y = fused_product(x, q, transpose=True) if path == "fused" else tiled_product_torch(x, q, True)
             return y if bias is None else y + bias.to(x.dtype)
         w = dequantize_weight(q, x.dtype)
-        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+        return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:  # grad_input = grad_output . W
             q = ctx.layer.quantized
-            path = _path(grad_out, q)
+            path = choose_path(grad_out, q)
             if path == "fused":
-                grad_x = _fused_product(grad_out, q, transpose=False)
+                grad_x = fused_product(grad_out, q, transpose=False)
             elif path == "tiled":
                 grad_x = tiled_product_torch(grad_out.contiguous(), q, False)
             else:
@@ -132,10 +72,6 @@ class _Linear4bitFunction(torch.autograd.Function):
         return grad_x, None, grad_bias
 
 
-def _is_dtensor(t):
-    return t is not None and type(t).__name__ == "DTensor"
-
-
 def _byte_param(a, width):
     """A frozen uint8 parameter of shape (len(a), width) over the bytes of numpy array `a` (no copy)."""
     t = torch.from_numpy(np.ascontiguousarray(a).reshape(-1).view(np.uint8)).view(-1, width)
@@ -143,25 +79,6 @@ def _byte_param(a, width):
 
 
 _STORAGE = ("weight", "weight_absmax", "weight_nested_absmax")
-
-
-class _BytesOf:
-    """Exposes a CPU tensor's bytes to numpy through ``__array_interface__``, keeping the tensor alive.
-
-    ``Tensor.numpy()`` would mark the storage non-resizable, and FSDP2 frees the
-    gathered parameters by resizing their storage to 0."""
-
-    def __init__(self, t):
-        self.tensor = t
-        self.__array_interface__ = {"data": (t.data_ptr(), False), "shape": (t.numel() * t.element_size(),),
-                                    "typestr": "|u1", "version": 3}
-
-
-def _byte_view(t):
-    t = t.detach()
-    if not t.is_contiguous():
-        raise ValueError("4-bit storage must be contiguous")
-    return np.asarray(_BytesOf(t))
 
 
 def _aligned(a):
@@ -211,11 +128,11 @@ class Linear4bit(nn.Module):
         n, nb = self.out_features * self.in_features, -(-self.out_features * self.in_features // blocksize)
         self._q_cache = None
         self.quantized = QuantizedArray(
-            shape=(self.out_features, self.in_features), dtype="bfloat16" if dtype == torch.bfloat16 else
-            np.dtype(_TORCH_TO_NP[dtype]), codebook=codebook, blocksize=blocksize,
+            shape=(self.out_features, self.in_features), dtype=numpy_dtype(dtype), codebook=codebook,
+            blocksize=blocksize,
             packed=np.zeros((n + 1) // 2, np.uint8),
             absmax=np.zeros(nb, np.uint8 if double_quant else np.float32),
-            nested_absmax=np.zeros(-(-nb // 256), np.float32) if double_quant else None,
+            nested_absmax=np.zeros(-(-nb // DQ_BLOCKSIZE), np.float32) if double_quant else None,
             nested_offset=0.0 if double_quant else None)
         self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=dtype), requires_grad=False) if bias else None
 
@@ -235,7 +152,7 @@ class Linear4bit(nn.Module):
         layer.codebook, layer.blocksize, layer.double_quant = codebook, blocksize, double_quant
         layer.compute_dtype = compute_dtype
         layer._q_cache = None
-        layer.quantized = quantize(_np_view(w.contiguous()), codebook=codebook, blocksize=blocksize,
+        layer.quantized = quantize(as_numpy(w.contiguous()), codebook=codebook, blocksize=blocksize,
                                    double_quant=double_quant)
         layer.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return layer
@@ -253,20 +170,20 @@ class Linear4bit(nn.Module):
         cache = self._q_cache
         if cache is not None and cache[0] == key:
             return cache[1]
-        if any(_is_dtensor(t) for t in tensors):
+        if any(is_dtensor(t) for t in tensors):
             raise RuntimeError("the 4-bit weight of this Linear4bit is sharded by FSDP; it can be read only "
                                "inside forward/backward or after model.unshard()")
         if any(t.device.type != "cpu" for t in tensors if t is not None):
             raise TypeError(f"the 4-bit weight is on {self.weight.device}; only CPU storage is supported yet")
         meta = self._q_meta
-        absmax = _byte_view(self.weight_absmax)
+        absmax = byte_view(self.weight_absmax)
         nested = None
         if meta["double_quant"]:
-            nested = _aligned(_byte_view(self.weight_nested_absmax)).view(np.float32)
+            nested = _aligned(byte_view(self.weight_nested_absmax)).view(np.float32)
         else:
             absmax = _aligned(absmax).view(np.float32)
         q = QuantizedArray(shape=meta["shape"], dtype=meta["dtype"], codebook=meta["codebook"],
-                           blocksize=meta["blocksize"], packed=_byte_view(self.weight),
+                           blocksize=meta["blocksize"], packed=byte_view(self.weight),
                            absmax=absmax, nested_absmax=nested, nested_offset=meta["nested_offset"])
         self._q_cache = (key, q)
         return q
@@ -295,7 +212,7 @@ class Linear4bit(nn.Module):
     @property
     def weight_dtype(self):
         """The dtype the weight had before quantization (what dequantize_weight() gives by default)."""
-        return _torch_dtype(self.quantized.dtype)
+        return torch_dtype(self.quantized.dtype)
 
     def dequantized_weight(self, dtype=None):
         return dequantize_weight(self.quantized, dtype or self.weight_dtype)
@@ -321,7 +238,7 @@ class Linear4bit(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
-        if any(_is_dtensor(t) for t in self.quant_parameters()):
+        if any(is_dtensor(t) for t in self.quant_parameters()):
             # Sharded by FSDP2: give the byte shards under their own names, as DTensors, so that
             # torch.distributed.checkpoint can gather or reshard them; _load_from_state_dict reads both.
             for name in _STORAGE:

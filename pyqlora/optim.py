@@ -44,41 +44,21 @@ import math
 import numpy as np
 import torch
 
-import pyqlora as pq
-
-from . import _nf4core
+from ._codebooks import dynamic_codebook
+from ._formats import check_blocksize
+from ._glue import dtensor
+from ._glue.tensors import as_numpy
+from ._optim import adam8bit_update
+from ._pager import Pager
+from ._quantize import dequantize_blockwise, quantize_blockwise
 
 __all__ = ["PagedAdamW", "PagedAdamW8bit"]
 
 _ALIGN = 64  # bytes: each state slot starts on a cache line
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def _round_up(n, a):
     return (n + a - 1) // a * a
-
-
-def _dtensor_type():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch < 2.5
-        try:
-            from torch.distributed._tensor import DTensor
-        except ImportError:
-            return None
-    return DTensor
-
-
-_DTensor = _dtensor_type()
-
-
-def _is_dtensor(t):
-    return _DTensor is not None and isinstance(t, _DTensor)
-
-
-def _local(t):
-    """This rank's shard of an FSDP2 (DTensor) parameter or gradient; t itself otherwise."""
-    return t.to_local() if _is_dtensor(t) else t
 
 
 def _adamw_32bit(p, grad, exp_avg, exp_avg_sq, group, step):
@@ -122,7 +102,7 @@ def _requantize_exact(values, qmap, blocksize):
     """
     v = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
     n = v.size
-    codes, absmax = pq.quantize_blockwise(v, blocksize=blocksize, codebook=qmap)
+    codes, absmax = quantize_blockwise(v, blocksize=blocksize, codebook=qmap)
     nb = absmax.size
     padded = np.zeros(nb * blocksize, dtype=np.float32)
     padded[:n] = v
@@ -193,7 +173,7 @@ class _PagedOptimizer(torch.optim.Optimizer):
         if pager is not None and (budget_bytes is not None or spill_dir is not None):
             raise ValueError("give either pager= or budget_bytes=/spill_dir=, not both")
         super().__init__(params, defaults)
-        self.pager = pager if pager is not None else pq.Pager(budget_bytes=budget_bytes, spill_dir=spill_dir)
+        self.pager = pager if pager is not None else Pager(budget_bytes=budget_bytes, spill_dir=spill_dir)
         self._slots = {}  # param -> dict of paged state tensors (allocated with its group)
 
     # -- layout ----------------------------------------------------------------------------
@@ -211,7 +191,7 @@ class _PagedOptimizer(torch.optim.Optimizer):
                 raise NotImplementedError(
                     f"{type(self).__name__}: parameters on {p.device} are not supported yet (CPU only)")
             entries = []
-            for key, numel, dtype in self._slot_layout(_local(p)):
+            for key, numel, dtype in self._slot_layout(dtensor.local(p)):
                 entries.append((key, total, numel, dtype))
                 total = _round_up(total + numel * torch.empty((), dtype=dtype).element_size(), _ALIGN)
             plan.append((p, entries))
@@ -251,14 +231,14 @@ class _PagedOptimizer(torch.optim.Optimizer):
                 slot = self._slot(p, group)
                 self.pager.prefetch(slot["_range"])
                 state = self.state[p]  # keyed by the parameter; the update works on its local shard
-                local = _local(p)
+                local = dtensor.local(p)
                 if not state:
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     for key, t in slot.items():
                         if not key.startswith("_"):
                             state[key] = t.view_as(local) if key in ("exp_avg", "exp_avg_sq") else t
                 state["step"] += 1
-                self._update(local, _local(p.grad), state, group)
+                self._update(local, dtensor.local(p.grad), state, group)
         return loss
 
     def _update(self, p, grad, state, group):
@@ -291,14 +271,14 @@ class _PagedOptimizer(torch.optim.Optimizer):
 
     def _export_param_state(self, p, st):
         out = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
-        if _is_dtensor(p):
+        if dtensor.is_dtensor(p):
             # FSDP2: the state of a sharded parameter is sharded like it, so that
             # torch.distributed.checkpoint can gather and re-shard it
             out = self._export_sharded(out)
             for k in ("exp_avg", "exp_avg_sq"):
                 if k in out:
-                    out[k] = _DTensor.from_local(out[k].view_as(p.to_local()), p.device_mesh, p.placements,
-                                                 shape=p.shape, stride=p.stride())
+                    out[k] = dtensor.dtensor_class().from_local(out[k].view_as(p.to_local()), p.device_mesh,
+                                                                p.placements, shape=p.shape, stride=p.stride())
         return out
 
     def _export_sharded(self, out):
@@ -337,7 +317,7 @@ class _PagedOptimizer(torch.optim.Optimizer):
             if key not in slot:
                 raise ValueError(f"unexpected optimizer state {key!r} for a parameter of shape {tuple(p.shape)}")
             target = slot[key]
-            value = torch.as_tensor(_local(value))
+            value = torch.as_tensor(dtensor.local(value))
             if value.numel() != target.numel():
                 raise ValueError(f"optimizer state {key!r} has {value.numel()} elements, expected {target.numel()} "
                                  f"for a parameter of shape {tuple(p.shape)}")
@@ -431,16 +411,15 @@ class PagedAdamW8bit(_PagedOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, pager=None,
                  budget_bytes=None, spill_dir=None, min_8bit_size=1024, blocksize=256):
-        if not (isinstance(blocksize, int) and 32 <= blocksize <= 4096 and blocksize & (blocksize - 1) == 0):
-            raise ValueError(f"blocksize must be a power of two between 32 and 4096, got {blocksize!r}")
+        blocksize = check_blocksize(blocksize)
         if not (isinstance(min_8bit_size, int) and min_8bit_size >= 0):
             raise ValueError(f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults, pager, budget_bytes, spill_dir)
         self.min_8bit_size = min_8bit_size
         self.blocksize = blocksize
-        self._qmap1 = pq.dynamic_codebook(signed=True)
-        self._qmap2 = pq.dynamic_codebook(signed=False)
+        self._qmap1 = dynamic_codebook(signed=True)
+        self._qmap2 = dynamic_codebook(signed=False)
         self._zero1 = int(np.flatnonzero(self._qmap1 == 0.0)[0])  # code of 0 in the signed map
         self._zero2 = int(np.flatnonzero(self._qmap2 == 0.0)[0])
         self.skipped_elements = 0
@@ -486,7 +465,7 @@ class PagedAdamW8bit(_PagedOptimizer):
             if out[codes].numel() == 0:  # an empty shard (min_8bit_size=0)
                 new[key] = torch.zeros(0, dtype=torch.float32)
                 continue
-            decoded = pq.dequantize_blockwise(out[codes].numpy(), out[absmax].numpy(), blocksize=self.blocksize,
+            decoded = dequantize_blockwise(out[codes].numpy(), out[absmax].numpy(), blocksize=self.blocksize,
                                               codebook=qmap)
             new[key] = torch.from_numpy(decoded)
         return new
@@ -502,7 +481,7 @@ class PagedAdamW8bit(_PagedOptimizer):
             if key not in values:
                 raise ValueError(f"optimizer state for a parameter of shape {tuple(p.shape)} lacks {key!r} "
                                  f"(or {codes!r}/{absmax!r})")
-            value = torch.as_tensor(_local(values[key])).detach().to(torch.float32)
+            value = torch.as_tensor(dtensor.local(values[key])).detach().to(torch.float32)
             if not torch.isfinite(value).all():
                 raise ValueError(f"optimizer state {key!r} for a parameter of shape {tuple(p.shape)} is not finite")
             if value.numel() == 0:
@@ -518,15 +497,14 @@ class PagedAdamW8bit(_PagedOptimizer):
         if "state1" not in state:  # a small parameter: 32-bit state
             _adamw_32bit(p, grad, state["exp_avg"], state["exp_avg_sq"], group, step)
             return
-        if p.dtype not in _DTYPE_CODES:
+        if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"PagedAdamW8bit: parameter dtype {p.dtype} is not supported (float32, float16, bfloat16)")
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         target = p if p.is_contiguous() else p.contiguous()
         grad = grad.to(p.dtype).contiguous()
-        self.skipped_elements += _nf4core.adam8bit_update(
-            target.view(-1).view(torch.uint8).numpy(), grad.view(-1).view(torch.uint8).numpy(),
-            _DTYPE_CODES[p.dtype], p.numel(), state["state1"].numpy(), state["state2"].numpy(),
+        self.skipped_elements += adam8bit_update(
+            as_numpy(target), as_numpy(grad), state["state1"].numpy(), state["state2"].numpy(),
             state["absmax1"].numpy(), state["absmax2"].numpy(), self._qmap1, self._qmap2, self.blocksize,
-            float(lr), float(beta1), float(beta2), float(eps), float(wd), int(step))
+            lr, beta1, beta2, eps, wd, step)
         if target is not p:
             p.copy_(target)

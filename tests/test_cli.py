@@ -80,7 +80,7 @@ def test_quantize_then_eval_a_checkpoint(tmp_path):
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from pyqlora.evaluate import fake_quantize_linears, perplexity
+    from pyqlora.app.evaluate import fake_quantize_linears, perplexity
 
     cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)

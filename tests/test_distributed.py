@@ -21,6 +21,7 @@ from pyqlora import distributed as qdist
 from pyqlora.lora import LoraConfig, load_adapter, lora_layers, prepare_model
 from pyqlora.nn import Linear4bit
 from pyqlora.optim import PagedAdamW, PagedAdamW8bit
+from support import tiny_llama_config
 
 WORLD, STEPS, GLOBAL_BATCH = 2, 4, 8
 # Optimizers every scenario runs with; each entry builds one from the trainable parameters.
@@ -63,8 +64,7 @@ def _mlp_loss(model, batch):
 
 def _llama():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    cfg = tiny_llama_config(transformers, max_position_embeddings=32)
     torch.manual_seed(0)
     m = transformers.LlamaForCausalLM(cfg)
     prepare_model(m, LoraConfig(r=4, lora_alpha=8))
@@ -437,8 +437,7 @@ def test_embedding_tables_kept_whole_are_the_frozen_dense_ones():
     assert {id(w) for w in qdist._embedding_tables(m)} == {id(m.model.embed_tokens.weight), id(m.lm_head.weight)}
     m.lm_head.weight.requires_grad_(True)  # a trained table is sharded like any trainable weight
     assert [id(w) for w in qdist._embedding_tables(m)] == [id(m.model.embed_tokens.weight)]
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    cfg = tiny_llama_config(transformers, num_hidden_layers=1, tie_word_embeddings=True)
     tied = transformers.LlamaForCausalLM(cfg)
     prepare_model(tied, LoraConfig(r=4, lora_alpha=8))
     assert [id(w) for w in qdist._embedding_tables(tied)] == [id(tied.lm_head.weight)]  # one Parameter, once

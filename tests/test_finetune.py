@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from pyqlora import data
+from pyqlora.app import data
 
 # ----------------------------------------------------------------------------- data (no torch)
 
@@ -104,8 +104,8 @@ def test_humaneval_pairs_match_the_package():
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from pyqlora import finetune
-from pyqlora.evaluate import fake_quantize_linears, perplexity
+from pyqlora.app import finetune
+from pyqlora.app.evaluate import fake_quantize_linears, perplexity
 
 CHATML = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n'}}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -162,7 +162,7 @@ def test_batch_loss_matches_transformers_loss(char_tokenizer):
     model = tiny_llama()
     recs = [{"prompt": "short", "response": "answer one"}, {"prompt": "a longer prompt here", "response": "ok"}]
     examples, _ = finetune.encode_records(char_tokenizer, recs, seq_len=128)
-    ids, labels, mask = finetune._collate(examples, char_tokenizer.pad_token_id)
+    ids, labels, mask = finetune.collate(examples, char_tokenizer.pad_token_id)
     assert ids.shape[0] == 2 and int(mask[1].sum()) < ids.shape[1] or int(mask[0].sum()) < ids.shape[1]
     with torch.no_grad():
         s, n = finetune.batch_loss(model, ids, labels, mask)
@@ -254,7 +254,7 @@ def test_quantized_checkpoint_reads_back_in_bitsandbytes_transformers_and_here(t
     from safetensors.torch import load_file
 
     import pyqlora as pq
-    from pyqlora.checkpoint import load_model, quantize_checkpoint
+    from pyqlora.app.checkpoint import load_model, quantize_checkpoint
     from pyqlora.nn import Linear4bit, dequantize_weight
 
     model = tiny_llama(vocab=128, seed=1)
@@ -297,7 +297,7 @@ def test_quantized_checkpoint_reads_back_in_bitsandbytes_transformers_and_here(t
 
 
 def test_model_argument_errors(tmp_path):
-    from pyqlora.checkpoint import load_model
+    from pyqlora.app.checkpoint import load_model
 
     with pytest.raises(FileNotFoundError, match="model not found"):
         load_model(str(tmp_path / "nothing"))
@@ -321,7 +321,7 @@ def one_thread():
 
 def smollm2_or_skip():
     pytest.importorskip("gguf")
-    from pyqlora import models
+    from pyqlora.app import models
 
     try:
         models.smollm2_gguf_path()
@@ -333,7 +333,7 @@ def smollm2_or_skip():
 def test_real_model_perplexity_reproduces_the_reference(one_thread):
     """SmolLM2-135M-Instruct in float32 on Botchan: 36.90 (test-material.md, transformers' GGUF loader)."""
     smollm2_or_skip()
-    from pyqlora.checkpoint import load_model
+    from pyqlora.app.checkpoint import load_model
 
     model, tok, _ = load_model(None)
     assert round(perplexity(model, tok, data.botchan_text())["perplexity"], 2) == 36.90
@@ -361,13 +361,13 @@ def test_real_model_finetune_command(tmp_path, one_thread):
     assert report["memory"]["base_weights_bytes"]["nf4_dq"] < report["memory"]["base_weights_bytes"]["bf16"] / 2
     assert report["memory"]["optimizer_state_bytes"] == 2 * report["memory"]["adapter_bytes"]
 
-    from pyqlora.checkpoint import load_model
+    from pyqlora.app.checkpoint import load_model
     from pyqlora.lora import load_adapter
 
     model, tok, _ = load_model(None)
     model.to(torch.bfloat16)
     cfg = finetune.FinetuneConfig(**{k: v for k, v in report["config"].items()})
-    model, _ = finetune._prepare(model, cfg)
+    model, _ = finetune.prepare(model, cfg)
     held = data.split_heldout(data.humaneval_pairs(), heldout=6)[1]
     held_ex, _ = finetune.encode_records(tok, held, cfg.seq_len)
     fresh = finetune.heldout_loss(model, held_ex, cfg.batch_size, tok.pad_token_id, autocast=True)
@@ -384,19 +384,19 @@ def test_both_bases_start_from_the_same_adapters(char_tokenizer, tmp_path):
     pytest.importorskip("peft")
     recs = [{"prompt": "2+3=", "response": "5"}, {"prompt": "hello", "response": "world"}]
     examples, _ = finetune.encode_records(char_tokenizer, recs, seq_len=64)
-    batch = finetune._collate(examples, char_tokenizer.pad_token_id)
+    batch = finetune.collate(examples, char_tokenizer.pad_token_id)
     prepared = {}
     for base in ("4bit", "bf16"):
         cfg = finetune.FinetuneConfig(base=base, r=4, lora_alpha=8, seed=3)
-        model, info = finetune._prepare(tiny_llama().to(torch.bfloat16), cfg)
+        model, info = finetune.prepare(tiny_llama().to(torch.bfloat16), cfg)
         assert info["adapted_layers"] == 14
-        a = [w.detach().clone() for w in finetune._lora_a_weights(model)]
+        a = [w.detach().clone() for w in finetune.lora_a_weights(model)]
         opt = finetune.make_optimizer("adamw", [p for p in model.parameters() if p.requires_grad], lr=1e-2)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             s, n = finetune.batch_loss(model, *batch)
         (s / n).backward()
         opt.step()
-        finetune._save_adapter(model, cfg, str(tmp_path / base))
+        finetune.save_adapter(model, cfg, str(tmp_path / base))
         prepared[base] = a
         assert (tmp_path / base / "adapter_model.safetensors").exists()
         assert json.loads((tmp_path / base / "adapter_config.json").read_text())["r"] == 4
@@ -446,7 +446,7 @@ def _free_port():
 def test_loftq_base_is_saved_and_reads_back(tmp_path):
     """With LoftQ the adapter belongs to the base W - B A quantized: save_4bit_base writes that base in
     bitsandbytes keys, and load_model reads back the same 4-bit bytes and the same logits."""
-    from pyqlora.checkpoint import load_model, save_4bit_base
+    from pyqlora.app.checkpoint import load_model, save_4bit_base
     from pyqlora.lora import LoraConfig, lora_layers, prepare_model
 
     model = tiny_llama()

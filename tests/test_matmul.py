@@ -129,7 +129,7 @@ def test_tile_width_rule(outer, inner, threads):
     """Tiles cover the output, are multiples of 32 (or the whole output), at least the per-thread
     width where the output has it, balanced (the last within 32 columns of the others), and within
     TILE_MAX_BYTES unless one 32-column tile already exceeds it (the measured rule: docs/performance.md)."""
-    import pyqlora._matmul as PM
+    import pyqlora._glue.products as PM
 
     per = PM._tile_width(outer, inner, 2, threads)
     tiles = -(-outer // per)
@@ -147,7 +147,7 @@ def test_tile_width_rule(outer, inner, threads):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_tiled_product_torch(rng, m, transpose, dtype, monkeypatch):
     torch = pytest.importorskip("torch")
-    import pyqlora._matmul as PM
+    import pyqlora._glue.products as PM
 
     monkeypatch.setattr(PM, "TILE_BYTES", 4096)  # several tiles
     monkeypatch.setattr(PM, "TILE_MIN_COLS_PER_THREAD", 8)
@@ -188,13 +188,13 @@ def _raw_product(x, q, transpose, reference):
     """nf4_matmul_4bit (the active ISA) or nf4_matmul_4bit_ref (scalar, one thread) on float32 x."""
     from pyqlora import _nf4core as E
     from pyqlora._codebooks import lookup_table
-    from pyqlora._quantize import _block_scales
+    from pyqlora._array import block_scales
     from pyqlora._runtime import sync_threads
 
     n, k = q.shape
     y = np.empty((x.shape[0], n if transpose else k), np.float32)
     sync_threads()
-    E.matmul_4bit(x.view(np.uint8).reshape(-1), 0, x.shape[0], n, k, q.packed, _block_scales(q), q.blocksize,
+    E.matmul_4bit(x.view(np.uint8).reshape(-1), 0, x.shape[0], n, k, q.packed, block_scales(q), q.blocksize,
                   lookup_table(q.codebook, 16), transpose, y.view(np.uint8).reshape(-1), reference)
     return y
 

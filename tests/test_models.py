@@ -19,7 +19,7 @@ from pyqlora.lora import LoraConfig, empty_weights, prepare_model
 
 
 def _gguf_or_skip():
-    from pyqlora.models import smollm2_gguf_path
+    from pyqlora.app.models import smollm2_gguf_path
 
     try:
         return smollm2_gguf_path()
@@ -30,7 +30,7 @@ def _gguf_or_skip():
 def test_streamed_prepare_equals_dense_prepare_on_real_weights():
     import transformers
 
-    from pyqlora.models import gguf_weights
+    from pyqlora.app.models import gguf_weights
 
     weights = gguf_weights(_gguf_or_skip())
     cfg = transformers.LlamaConfig(**{**weights._cfg.to_dict(), "num_hidden_layers": 2})
@@ -85,7 +85,7 @@ _PEAK = """
 import json, sys
 import torch
 from pyqlora.lora import LoraConfig, prepare_model
-from pyqlora.models import load_smollm2
+from pyqlora.app.models import load_smollm2
 cfg = LoraConfig(r=16, lora_alpha=32)
 if sys.argv[1] == "stream":
     m, _ = load_smollm2(tokenizer=False, lora_config=cfg)

@@ -208,10 +208,11 @@ def _data(seed=0, n=64, d=48):
     return x, torch.sin(x.sum(1, keepdim=True))
 
 
-def _train(model, opt, steps, seed=0, clip=None):
+def _train(model, opt, steps, seed=0, clip=None, start=0):
+    """Steps `start` .. `steps` - 1 on the four batches of _data(seed) in turn (resume with start=)."""
     x, y = _data(seed)
     losses = []
-    for i in range(steps):
+    for i in range(start, steps):
         opt.zero_grad()
         loss = torch.nn.functional.mse_loss(model(x[(i % 4) * 16:(i % 4 + 1) * 16]), y[(i % 4) * 16:(i % 4 + 1) * 16])
         loss.backward()
@@ -265,12 +266,7 @@ def test_paged_adamw_state_dict_resume_is_exact(tmp_path):
     c.load_state_dict(ck["model"])
     opt_c = PagedAdamW(c.parameters(), lr=1e-2, budget_bytes=64 << 10, spill_dir=str(tmp_path))
     opt_c.load_state_dict(ck["opt"])
-    x, y = _data()
-    for i in range(10, 30):  # continue with the same batches
-        opt_c.zero_grad()
-        s = slice((i % 4) * 16, (i % 4 + 1) * 16)
-        torch.nn.functional.mse_loss(c(x[s]), y[s]).backward()
-        opt_c.step()
+    _train(c, opt_c, 30, start=10)  # continue with the same batches
     for p, q in zip(a.parameters(), c.parameters()):
         assert torch.equal(p, q)
 
@@ -285,13 +281,8 @@ def test_paged_adamw_loads_a_torch_adamw_checkpoint():
     _train(b, opt_b, 5)
     paged = PagedAdamW(b.parameters(), lr=1e-2)
     paged.load_state_dict(opt_b.state_dict())
-    x, y = _data()
     for model, opt in ((a, opt_a), (b, paged)):
-        for i in range(5, 12):
-            opt.zero_grad()
-            s = slice((i % 4) * 16, (i % 4 + 1) * 16)
-            torch.nn.functional.mse_loss(model(x[s]), y[s]).backward()
-            opt.step()
+        _train(model, opt, 12, start=5)
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
 
@@ -332,12 +323,7 @@ def test_paged_adamw8bit_state_dict_resume_is_exact(tmp_path):
     oc = PagedAdamW8bit(b.parameters(), lr=1e-2, budget_bytes=32 << 10, spill_dir=str(tmp_path))
     oc.load_state_dict(torch.load(buf, weights_only=True))
     assert oc.state[b.a.weight]["absmax1"].dtype == torch.float32
-    x, y = _data()
-    for i in range(8, 20):
-        oc.zero_grad()
-        s = slice((i % 4) * 16, (i % 4 + 1) * 16)
-        torch.nn.functional.mse_loss(b(x[s]), y[s]).backward()
-        oc.step()
+    _train(b, oc, 20, start=8)
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
 
@@ -470,11 +456,6 @@ def test_paged_adamw8bit_resumes_bit_identically_from_decoded_moments():
     oc = PagedAdamW8bit(b.parameters(), lr=1e-2)
     oc.load_state_dict(sd)
     assert oc.inexact_blocks_loaded == 0 and "state1" in oc.state[b.a.weight]
-    x, y = _data()
-    for i in range(8, 16):
-        oc.zero_grad()
-        s = slice((i % 4) * 16, (i % 4 + 1) * 16)
-        torch.nn.functional.mse_loss(b(x[s]), y[s]).backward()
-        oc.step()
+    _train(b, oc, 16, start=8)
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)

@@ -1,5 +1,4 @@
 """pq.Pager: paged host memory, checked against shadow copies, the kernel's RSS and real faults."""
-import doctest
 import errno
 import gc
 import os
@@ -16,6 +15,7 @@ import pytest
 
 import pyqlora as pq
 from pyqlora import _pager
+from support import run_doctests
 
 MiB = 1 << 20
 STATS_KEYS = {"budget_bytes", "page_bytes", "allocated_bytes", "resident_bytes", "spilled_bytes", "page_ins",
@@ -422,12 +422,7 @@ def test_repr_and_properties():
 
 
 def test_docstring_examples():
-    finder = doctest.DocTestFinder(exclude_empty=True)
-    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    tests = [t for t in finder.find(_pager, _pager.__name__) if t.examples]
-    for t in tests:
-        runner.run(t)
-    result = runner.summarize(verbose=False)
+    result = run_doctests(_pager)
     assert result.attempted > 0 and result.failed == 0
 
 

@@ -12,6 +12,7 @@ from torch import nn  # noqa: E402
 import pyqlora as pq  # noqa: E402
 from pyqlora.lora import LoraConfig, load_adapter, lora_layers, merge_adapters, prepare_model, save_adapter  # noqa: E402
 from pyqlora.nn import Linear4bit, LoraLinear4bit, dequantize_weight  # noqa: E402
+from support import tiny_llama_config  # noqa: E402
 
 
 def make_lora(in_f=40, out_f=24, r=4, alpha=8, bias=True, dtype=torch.float32, seed=0):
@@ -63,7 +64,7 @@ def test_linear4bit_options(codebook, blocksize, dq):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_4bit_codebook_without_a_dense_weight(codebook, dtype):
     # not only NF4/FP4: many rows take the AMX or tiled products, few the fused kernel
-    import pyqlora.nn as qnn
+    from pyqlora._glue import products
 
     torch.manual_seed(1)
     dense = nn.Linear(96, 40)
@@ -71,7 +72,7 @@ def test_every_4bit_codebook_without_a_dense_weight(codebook, dtype):
     w = dequantize_weight(layer.quantized, torch.float64)
     for rows in (3, 40):
         x = torch.randn(rows, 96, dtype=dtype, requires_grad=True)
-        assert qnn._path(x, layer.quantized) != "dense"
+        assert products.choose_path(x, layer.quantized) != "dense"
         y = layer(x)
         ref = x.detach().double() @ w.T + dense.bias.detach().double()
         tol = 1e-5 if dtype == torch.float32 else 3e-2
@@ -86,14 +87,14 @@ def test_every_4bit_codebook_without_a_dense_weight(codebook, dtype):
 @pytest.mark.parametrize("rows", [1, 2, 3, 35])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_and_dense_routes_agree(rows, dtype):
-    import pyqlora.nn as qnn
+    from pyqlora._glue import products
 
     dense, layer = make_lora(in_f=64, out_f=48)
     base = layer.base_layer
     w = dequantize_weight(base.quantized, torch.float64)
     x = torch.randn(rows, 64, dtype=dtype, requires_grad=True)
     amx = dtype == torch.bfloat16 and pq.get_amx()
-    assert qnn._use_fused(x, base.quantized) == (rows <= qnn.FUSED_MAX_ROWS or amx)
+    assert (products.choose_path(x, base.quantized) == "fused") == (rows <= products.FUSED_MAX_ROWS or amx)
     y = base(x)
     assert y.dtype == dtype
     ref = x.detach().double() @ w.T + dense.bias.detach().double()
@@ -288,8 +289,7 @@ def test_prepare_model_errors():
 
 def test_prepare_hugging_face_llama():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = tiny_llama_config(transformers, max_position_embeddings=64)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg)
     report = prepare_model(model, LoraConfig(r=4, lora_alpha=8, gradient_checkpointing=True))
@@ -403,8 +403,7 @@ def test_merge_adapters_dense_and_requantized():
 
 def test_bf16_model_keeps_only_norms_in_fp32_and_trains():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = tiny_llama_config(transformers, max_position_embeddings=64)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
     prepare_model(model, LoraConfig(r=4, lora_alpha=8))
@@ -438,7 +437,7 @@ TEXT = ("The old lighthouse keeper climbed the spiral stairs every evening, carr
 def test_real_smollm2_qlora_quantizes_trains_and_still_answers():
     pytest.importorskip("gguf")
     pytest.importorskip("transformers")
-    from pyqlora import models
+    from pyqlora.app import models
 
     try:
         models.smollm2_gguf_path()

