@@ -27,8 +27,8 @@ import sys
 import torch
 
 import pyqlora as pq
-from pyqlora.checkpoint import load_model
-from pyqlora.evaluate import fake_quantize_linears
+from pyqlora.app.checkpoint import load_model
+from pyqlora.app.evaluate import fake_quantize_linears
 
 
 def main(argv=None):

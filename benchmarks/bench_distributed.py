@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from _bench.memory import max_rss_bytes, rss_bytes
+from pyqlora._glue.memory import memory_status, peak_rss_bytes
 
 
 def main():
@@ -66,29 +66,29 @@ def main():
     libc = ctypes.CDLL("libc.so.6") if args.phases else None
     if args.phases:
         libc.malloc_trim(0)  # start from what is live, not what glibc kept
-        phases.append(("start", rss_bytes()))
+        phases.append(("start", memory_status()["rss"]))
     times = []
     for step in range(args.steps):
         t = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         if args.phases:
-            phases.append((f"{step} forward", rss_bytes()))
+            phases.append((f"{step} forward", memory_status()["rss"]))
             libc.malloc_trim(0)  # what is live, without the heap glibc keeps
-            phases.append((f"{step} forward, heap trimmed", rss_bytes()))
+            phases.append((f"{step} forward, heap trimmed", memory_status()["rss"]))
         loss.backward()
         if args.phases:
-            phases.append((f"{step} backward", rss_bytes()))
+            phases.append((f"{step} backward", memory_status()["rss"]))
         opt.step()
         opt.zero_grad()
         if args.phases:
-            phases.append((f"{step} step", rss_bytes()))
+            phases.append((f"{step} step", memory_status()["rss"]))
         times.append(time.perf_counter() - t)
         loss = qdist.all_reduce_mean(loss)
     mem = qdist.memory_status()
     row = {"kind": args.kind, "world_size": ctx.world_size, "hidden": args.hidden, "layers": args.layers,
            "vocab": args.vocab, "param_buffer_bytes": held,
-           "optimizer_state_bytes": qdist.optimizer_state_bytes(opt), "rss_now": rss_bytes(),
-           "rss_peak": max_rss_bytes(),
+           "optimizer_state_bytes": qdist.optimizer_state_bytes(opt), "rss_now": memory_status()["rss"],
+           "rss_peak": max_memory_status()["rss"],
            "vmhwm_before_training": peak_before, "vmhwm_training": mem["peak_rss"] if reset else None,
            "rss_anon": mem["rss_anon"],
            "step_s": sum(times[1:]) / max(1, len(times) - 1), "last_loss": loss}

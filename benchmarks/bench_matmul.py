@@ -245,16 +245,16 @@ def bf16_rows(args, np, torch, pq):
 def forward_and_grad_input(torch, pq, x, g, Wb, q):
     """Closures timing x W^T + g W three ways: torch on the dense bf16 weight Wb,
     pq.matmul_4bit on q, and the tiled path (tiles of q handed to torch)."""
-    from pyqlora._matmul import tiled_product_torch
-    from pyqlora.nn import _np_view
+    from pyqlora._glue.products import tiled_product_torch
+    from pyqlora._glue.tensors import as_numpy
 
     def dense():
         x @ Wb.T
         g @ Wb
 
     def fused():
-        pq.matmul_4bit(_np_view(x), q)
-        pq.matmul_4bit(_np_view(g), q, transpose=False)
+        pq.matmul_4bit(as_numpy(x), q)
+        pq.matmul_4bit(as_numpy(g), q, transpose=False)
 
     def tiled():
         tiled_product_torch(x, q, True)

@@ -22,7 +22,6 @@ import argparse
 import os
 import time
 
-from _bench.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 from _bench.options import add_int_options
 
 
@@ -36,8 +35,9 @@ def main():
     import torch
 
     import pyqlora as pq
+    from pyqlora._glue import memory
+    from pyqlora.app.models import load_smollm2
     from pyqlora.lora import LoraConfig, prepare_model
-    from pyqlora.models import load_smollm2
     from pyqlora.optim import PagedAdamW, PagedAdamW8bit
 
     torch.set_num_threads(args.threads)
@@ -80,8 +80,8 @@ def main():
                 p.copy_(v)
         gc.collect()
         with tempfile.TemporaryDirectory() as tmp:
-            base = rss_bytes()
-            reset_peak_rss()
+            base = memory.memory_status()["rss"]
+            memory.reset_peak_memory()
             opt = make(kind, tmp)
             step_t, opt_t, losses = [], [], []
             for b in batches:
@@ -95,9 +95,8 @@ def main():
                 step_t.append(t2 - t0)
                 opt_t.append(t2 - t1)
                 losses.append(loss.item())
-            peak = peak_rss_bytes() - base
-            state = opt.state_bytes() if hasattr(opt, "state_bytes") else sum(
-                t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if t.dim() > 0)
+            peak = memory.memory_status()["peak_rss"] - base
+            state = memory.optimizer_state_bytes(opt, own_count=True)
             st = opt.stats() if hasattr(opt, "stats") else {}
             final = [p.detach().clone() for p in params]
             if reference is None:
