@@ -223,6 +223,19 @@ def _train(model, opt, steps, seed=0, clip=None, start=0):
     return losses
 
 
+def _run_and_stopped_run(seed, steps, stop):
+    """Two copies of one _Net(h=600) under PagedAdamW8bit: `a` trained `steps` steps, `b` only `stop`.
+
+    Returns (a, b, b's optimizer): resuming b from its optimizer's state must end where a did."""
+    torch.manual_seed(seed)
+    base = _Net(h=600)
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    _train(a, PagedAdamW8bit(a.parameters(), lr=1e-2), steps)
+    ob = PagedAdamW8bit(b.parameters(), lr=1e-2)
+    _train(b, ob, stop)
+    return a, b, ob
+
+
 def _groups(model):
     return [{"params": [model.a.weight, model.b.weight]},
             {"params": [model.a.bias, model.b.bias], "weight_decay": 0.0, "lr": 5e-3}]
@@ -310,13 +323,7 @@ def test_paged_adamw8bit_trains_like_32bit_and_uses_quarter_memory():
 
 
 def test_paged_adamw8bit_state_dict_resume_is_exact(tmp_path):
-    torch.manual_seed(4)
-    base = _Net(h=600)
-    a, b = copy.deepcopy(base), copy.deepcopy(base)
-    oa = PagedAdamW8bit(a.parameters(), lr=1e-2)
-    _train(a, oa, 20)
-    ob = PagedAdamW8bit(b.parameters(), lr=1e-2)
-    _train(b, ob, 8)
+    a, b, ob = _run_and_stopped_run(seed=4, steps=20, stop=8)
     buf = io.BytesIO()
     torch.save(ob.state_dict(), buf)
     buf.seek(0)
@@ -435,13 +442,7 @@ def test_requantizing_decoded_8bit_moments_restores_codes_and_scales(rng, signed
 def test_paged_adamw8bit_resumes_bit_identically_from_decoded_moments():
     """A state dict with exp_avg / exp_avg_sq (the decoded 8-bit moments, as FSDP checkpoints hold
     them) loads into 8-bit state and the run continues as if never stopped."""
-    torch.manual_seed(5)
-    base = _Net(h=600)
-    a, b = copy.deepcopy(base), copy.deepcopy(base)
-    oa = PagedAdamW8bit(a.parameters(), lr=1e-2)
-    _train(a, oa, 16)
-    ob = PagedAdamW8bit(b.parameters(), lr=1e-2)
-    _train(b, ob, 8)
+    a, b, ob = _run_and_stopped_run(seed=5, steps=16, stop=8)
     sd = ob.state_dict()
     qmap1, qmap2 = pq.dynamic_codebook(signed=True), pq.dynamic_codebook(signed=False)
     n8 = 0
