@@ -1,5 +1,6 @@
 """QuantizedArray: a blockwise 4-bit array and its bitsandbytes checkpoint form."""
 import math
+import operator
 
 import numpy as np
 
@@ -45,7 +46,7 @@ class QuantizedArray:
                  "_scales")
 
     def __init__(self, *, shape, dtype, codebook, blocksize, packed, absmax, nested_absmax=None, nested_offset=None):
-        self.shape = tuple(int(s) for s in shape)
+        self.shape = _check_shape(shape)
         self.dtype = _dtypes.normalize_dtype(dtype)
         self.codebook = check_codebook(codebook)
         self.blocksize = check_blocksize(blocksize)
@@ -103,9 +104,11 @@ class QuantizedArray:
         return {k: getattr(self, k) for k in self.__slots__ if k != "_scales"}
 
     def __setstate__(self, state):
-        for k, v in state.items():
-            setattr(self, k, v)
-        self._scales = None
+        # a pickle is input like any other: checked as the constructor checks its arguments
+        fields = set(self.__slots__) - {"_scales"}
+        if not isinstance(state, dict) or set(state) != fields:
+            raise ValueError(f"not the state of a QuantizedArray: expected the fields {sorted(fields)}")
+        self.__init__(**state)
 
     def __repr__(self):
         dq = ", double_quant" if self.double_quant else ""
@@ -129,6 +132,8 @@ class QuantizedArray:
             if not np.all(np.isfinite(self.nested_absmax)) or np.any(self.nested_absmax < 0):
                 raise ValueError("nested_absmax must be finite and non-negative")
         else:
+            if self.nested_offset is not None:
+                raise ValueError("nested_offset is given without nested_absmax (no double quantization)")
             _expect_array(self.absmax, "absmax", np.float32, nblocks)
             if not np.all(np.isfinite(self.absmax)) or np.any(self.absmax < 0):
                 raise ValueError("absmax must be finite and non-negative")
@@ -204,6 +209,26 @@ def block_scales(q):
     return q._scales
 
 
+def _check_shape(shape):
+    """`shape` as a tuple of non-negative ints; TypeError for anything else."""
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise TypeError(f"shape must be a sequence of integers, got {type(shape).__name__}") from None
+    out = []
+    for d in dims:
+        if isinstance(d, (bool, np.bool_)):
+            raise TypeError(f"shape must be a sequence of integers, got {shape!r}")
+        try:
+            d = operator.index(d)
+        except TypeError:
+            raise TypeError(f"shape must be a sequence of integers, got {shape!r}") from None
+        if d < 0:
+            raise ValueError(f"shape must not have negative dimensions, got {dims}")
+        out.append(d)
+    return tuple(out)
+
+
 def _expect_array(a, name, dtype, length):
     if not isinstance(a, np.ndarray):
         raise ValueError(f"{name} must be a numpy array, got {type(a).__name__}")
@@ -211,3 +236,5 @@ def _expect_array(a, name, dtype, length):
         raise ValueError(f"{name} must have dtype {np.dtype(dtype)}, got {a.dtype}")
     if a.ndim != 1 or a.shape[0] != length:
         raise ValueError(f"{name} must have shape ({length},), got {a.shape}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be contiguous")

@@ -54,18 +54,28 @@ def matmul_4bit(x, q, transpose=True, out=None):
     m = math.prod(lead)  # not np.prod: a ufunc reduction costs a fifth of a small GEMV call
     x2 = np.ascontiguousarray(x).reshape(m, inner)
     shape = lead + (outer,)
-    if out is None:
+    given = out is not None
+    if not given:
         out = np.empty(shape, dtype)
     elif not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous \
             or not out.flags.writeable:
         raise ValueError(f"out must be a writable C-contiguous {dtype} array of shape {shape}")
     if m == 0:
         return out
+    scales = block_scales(q)
+    # like np.matmul, out may be x itself (or overlap q): then the kernel writes a temporary
+    target = np.empty(shape, dtype) if given and _overlaps(out, x2, q.packed, scales) else out
     sync_threads()
-    _ext.matmul_4bit(x2.reshape(-1).view(np.uint8), _dtypes.KERNEL_DTYPES[dtype], m, n_out, k_in, q.packed,
-                     block_scales(q), q.blocksize, lookup_table(q.codebook, 16), bool(transpose),
-                     out.reshape(-1).view(np.uint8))
+    _ext.matmul_4bit(x2.reshape(-1).view(np.uint8), _dtypes.KERNEL_DTYPES[dtype], m, n_out, k_in, q.packed, scales,
+                     q.blocksize, lookup_table(q.codebook, 16), bool(transpose), target.reshape(-1).view(np.uint8))
+    if target is not out:
+        out[...] = target
     return out
+
+
+def _overlaps(out, *inputs):
+    """Whether `out` may share memory with any of `inputs` (bounds only: cheap, never a false negative)."""
+    return any(np.may_share_memory(out, a) for a in inputs)
 
 
 def decode_tile(q, rows, cols, out):
@@ -87,7 +97,11 @@ def decode_tile(q, rows, cols, out):
         raise TypeError(f"out must be float32 or bfloat16, got {out.dtype}")
     if out.shape != (n1 - n0, k1 - k0) or not out.flags.c_contiguous or not out.flags.writeable:
         raise ValueError(f"out must be a writable C-contiguous array of shape {(n1 - n0, k1 - k0)}, got {out.shape}")
+    scales = block_scales(q)
+    target = np.empty(out.shape, dtype) if _overlaps(out, q.packed, scales) else out
     sync_threads()
-    _ext.matmul_4bit_decode_tile(q.packed, block_scales(q), q.blocksize, lookup_table(q.codebook, 16), n, k, n0, n1,
-                                 k0, k1, _dtypes.KERNEL_DTYPES[dtype], out.reshape(-1).view(np.uint8))
+    _ext.matmul_4bit_decode_tile(q.packed, scales, q.blocksize, lookup_table(q.codebook, 16), n, k, n0, n1,
+                                 k0, k1, _dtypes.KERNEL_DTYPES[dtype], target.reshape(-1).view(np.uint8))
+    if target is not out:
+        out[...] = target
     return out

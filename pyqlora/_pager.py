@@ -254,6 +254,8 @@ class Pager:
         if not isinstance(managed_prefetch, bool):
             raise TypeError(f"managed_prefetch must be a bool, got {type(managed_prefetch).__name__}")
         cdir = None if spill_dir is None else os.fsencode(spill_dir)
+        if cdir is not None and b"\0" in cdir:  # C would stop at the NUL and spill elsewhere
+            raise ValueError(f"spill_dir contains a NUL character: {spill_dir!r}")
         self._handle = _c.PagerHandle(-1 if budget is None else budget, cdir, 0 if page is None else page, dev,
                                       not managed_prefetch)
         self._budget = budget

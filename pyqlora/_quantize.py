@@ -160,7 +160,7 @@ def _check_out(out, shape, dtype):
 
 def _resolve_out_dtype(dtype, out, default):
     if dtype is None:
-        return out.dtype if isinstance(out, np.ndarray) else default
+        return _dtypes.normalize_dtype(out.dtype, what="out dtype") if isinstance(out, np.ndarray) else default
     return _dtypes.normalize_dtype(dtype)
 
 
@@ -170,7 +170,11 @@ def _dequantize_into(bits, codes, scales, n, blocksize, table, shape, dtype, out
         out = np.empty(shape, dtype=dtype)
     else:
         _check_out(out, shape, dtype)
-    target = out if dtype != _dtypes.float64 else np.empty(shape, dtype=np.float32)
+    target = out
+    if dtype == _dtypes.float64:
+        target = np.empty(shape, dtype=np.float32)
+    elif np.may_share_memory(out, codes) or np.may_share_memory(out, scales):
+        target = np.empty(shape, dtype=dtype)  # out overlaps the input: the kernel must not write over it
     sync_threads()
     _ext.dequantize(bits, codes, scales, n, blocksize, table, _raw(target), _dtypes.KERNEL_DTYPES[target.dtype])
     if target is not out:

@@ -441,3 +441,18 @@ def test_amx_switch_errors_and_environment(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["False", str(pq.amx_available())]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("m", [1, 5, 64])
+def test_out_may_be_x_itself(rng, dtype, m):
+    """Issue 18: pq.matmul_4bit(x, q, out=x) is np.matmul(x, W.T, out=x), not garbage."""
+    q = pq.quantize(rng.standard_normal((96, 96)).astype(np.float32))
+    x = rng.standard_normal((m, 96)).astype(_dtypes.normalize_dtype(dtype))
+    ref = pq.matmul_4bit(x.copy(), q)
+    assert pq.matmul_4bit(x, q, out=x) is x
+    np.testing.assert_array_equal(x, ref)
+    x = rng.standard_normal((m, 96)).astype(_dtypes.normalize_dtype(dtype))
+    ref = pq.matmul_4bit(x.copy(), q, transpose=False)
+    pq.matmul_4bit(x, q, transpose=False, out=x)
+    np.testing.assert_array_equal(x, ref)

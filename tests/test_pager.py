@@ -277,6 +277,14 @@ def test_spill_dir_missing_or_not_a_directory(tmp_path):
     assert info.value.errno == errno.ENOTDIR
 
 
+def test_spill_dir_with_a_nul_character_is_refused():
+    """Issue 18: C would read "/tmp\0/x" as "/tmp" and spill there without a word."""
+    with pytest.raises(ValueError, match="NUL"):
+        pq.Pager(spill_dir="/tmp\x00/x")
+    with pytest.raises(ValueError, match="NUL"):
+        pq.Pager(spill_dir=b"/tmp\x00/x")
+
+
 def test_spill_dir_not_writable():
     base = pathlib.Path(tempfile.mkdtemp())  # not tmp_path: its parent is private (0700) to the owner
     base.chmod(0o755)

@@ -387,3 +387,103 @@ def test_more_than_two_to_the_31_elements():
         assert y[s] == np.float16(i + 1.5)
         assert y[s - 1] == 0 if s % 64 else True
     assert np.count_nonzero(y[2**31 - 128 :]) == 4  # zeros decode to zeros around the spots
+
+
+# -- issue 18: no call that raises may change state; bad arguments get clear errors ---------------
+def _fields(q, **change):
+    kw = dict(shape=q.shape, dtype=q.dtype, codebook=q.codebook, blocksize=q.blocksize, packed=q.packed,
+              absmax=q.absmax, nested_absmax=q.nested_absmax, nested_offset=q.nested_offset)
+    kw.update(change)
+    return kw
+
+
+@pytest.mark.parametrize("change, exc, match", [
+    ({"blocksize": 0}, ValueError, "blocksize"),
+    ({"blocksize": 64.0}, TypeError, "blocksize"),
+    ({"codebook": None}, TypeError, "codebook"),
+    ({"codebook": "xx"}, ValueError, "codebook"),
+    ({"codebook": 5}, TypeError, "codebook"),
+    ({"shape": (-32, -96)}, ValueError, "negative"),
+    ({"shape": (32.0, 96)}, TypeError, "integers"),
+    ({"shape": 3072}, TypeError, "sequence"),
+    ({"dtype": "int32"}, TypeError, "dtype"),
+    ({"nested_offset": float("nan")}, ValueError, "nested_offset"),
+])
+def test_quantized_array_rejects_bad_fields_at_construction(rng, change, exc, match):
+    q = pq.quantize(rng.standard_normal((32, 96)).astype(np.float32))
+    with pytest.raises(exc, match=match):
+        pq.QuantizedArray(**_fields(q, **change))
+
+
+def test_quantized_array_rejects_non_contiguous_buffers_and_stray_offset(rng):
+    q = pq.quantize(rng.standard_normal(256).astype(np.float32), double_quant=False)
+    with pytest.raises(ValueError, match="packed must be contiguous"):
+        pq.QuantizedArray(**_fields(q, packed=np.repeat(q.packed, 2)[::2]))
+    with pytest.raises(ValueError, match="nested_offset"):
+        pq.QuantizedArray(**_fields(q, nested_offset=0.5))
+
+
+def test_unpickling_checks_the_state_like_the_constructor(rng):
+    q = pq.quantize(rng.standard_normal((32, 96)).astype(np.float32))
+    state = q.__getstate__()
+    state["blocksize"] = 128  # an edited pickle would dequantize to wrong values
+    with pytest.raises(ValueError, match="absmax"):
+        pickle.loads(pickle.dumps(q)).__setstate__(state)
+    with pytest.raises(ValueError, match="state of a QuantizedArray"):
+        pickle.loads(pickle.dumps(q)).__setstate__({"shape": (2,)})
+
+
+def test_dequantize_out_of_a_non_float_dtype_is_a_type_error(rng):
+    q = pq.quantize(rng.standard_normal((8, 64)).astype(np.float32))
+    with pytest.raises(TypeError, match="out dtype"):
+        pq.dequantize(q, out=np.empty((8, 64), np.int32))
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_dequantize_into_memory_that_overlaps_the_codes(rng, double_quant):
+    """out= may overlap the quantized arrays (np semantics): the result is as if it did not."""
+    w = rng.standard_normal((64, 64)).astype(np.float32)
+    q = pq.quantize(w, double_quant=double_quant)
+    buf = np.zeros(w.nbytes + 64, np.uint8)
+    packed = buf[:q.packed.nbytes]
+    packed[:] = q.packed  # the codes live at the start of the buffer out= will cover
+    q2 = pq.QuantizedArray(**_fields(q, packed=packed))
+    ref = pq.dequantize(q)
+    out = buf[:w.nbytes].view(np.float32).reshape(w.shape)
+    assert pq.dequantize(q2, out=out) is out
+    np.testing.assert_array_equal(out, ref)
+    codes = np.arange(256, dtype=np.uint8)
+    absmax = np.array([2.0], np.float32)
+    ref8 = pq.dequantize_blockwise(codes, absmax)
+    raw = np.zeros(1024, np.uint8)
+    raw[:256] = codes
+    out8 = raw.view(np.float32)[:256]
+    pq.dequantize_blockwise(raw[:256], absmax, out=out8)
+    np.testing.assert_array_equal(out8, ref8)
+
+
+_BNB_KEYS = ["w", "w.absmax", "w.quant_map", "w.nested_absmax", "w.nested_quant_map", QS]
+_junk = st.one_of(
+    st.none(),
+    st.binary(max_size=64).map(lambda b: np.frombuffer(b, np.uint8).copy()),
+    st.sampled_from([np.zeros(0, np.float32), np.zeros((2, 2), np.uint8), np.array([np.nan], np.float32),
+                     np.zeros(48, np.float32), np.zeros(48, np.float64), np.zeros(1536, np.int16), "text", 3.5]),
+)
+
+
+@given(key=st.sampled_from(_BNB_KEYS), value=_junk, meta=st.dictionaries(
+    st.sampled_from(sorted(META)), st.one_of(st.none(), st.integers(-2**40, 2**40), st.floats(), st.text(max_size=4),
+                                             st.lists(st.integers(-3, 100), max_size=3)), max_size=3))
+def test_corrupted_bnb_dicts_fail_cleanly(key, value, meta):
+    """Property: from_bnb_dict of a damaged dictionary succeeds or raises ValueError/TypeError, nothing else;
+    what it accepts dequantizes."""
+    q = pq.quantize(np.linspace(-1, 1, 32 * 96, dtype=np.float32).reshape(32, 96))
+    d = q.to_bnb_dict("w")
+    if meta:
+        d[QS] = _blob({**META, **meta})
+    d = _mutate(d, key, value) if value is not None or key in d else d
+    try:
+        got = pq.QuantizedArray.from_bnb_dict(d, prefix="w")
+    except (ValueError, TypeError):
+        return
+    assert pq.dequantize(got).shape == got.shape
