@@ -2,16 +2,21 @@
 adapter_model.safetensors against each other and against the model before it changes
 anything, and a failed load leaves the model exactly as it was.
 
-The regression tests name the defect they pin.
+The regression tests name the defect they pin; the property test corrupts a valid
+adapter folder at random and asks for success with a consistent adapter, or a
+ValueError / TypeError / OSError and an unchanged model.
 """
 import json
 import math
 import os
 import re
+import tempfile
 
 import pytest
 
 torch = pytest.importorskip("torch")
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -458,3 +463,161 @@ def test_peft_key_with_an_adapter_name_segment_loads(adapter, tmp_path):
     model = make_model(4)
     load_adapter(model, tmp_path / "ok")
     assert torch.equal(model[0].lora_A["default"].weight, tensors[f"{PREFIX}0.lora_A.default.weight"])
+
+
+# ------------------------------------------------------------ property test
+_BASE = {}
+
+
+def _base_adapter():
+    """The valid adapter the property test corrupts (built once): config dict and tensors."""
+    if not _BASE:
+        with tempfile.TemporaryDirectory() as d:
+            cfg, tensors = saved_adapter(d)
+            _BASE.update(cfg=cfg, tensors={k: v.clone() for k, v in tensors.items()})
+    return json.loads(json.dumps(_BASE["cfg"])), {k: v.clone() for k, v in _BASE["tensors"].items()}
+
+
+FIELDS = ["r", "lora_alpha", "lora_dropout", "use_rslora", "peft_type", "use_dora", "rank_pattern", "alpha_pattern",
+          "lora_bias", "layer_replication", "target_modules", "task_type"]
+WILD = st.one_of(
+    st.none(), st.booleans(), st.integers(-6, 10), st.sampled_from([2**31, 2**64, 10**400, -(10**400)]),
+    st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.5, 2.0, 4.0, 1e308, 1e-308, -0.0]),
+    st.text(max_size=4), st.sampled_from(["LORA", "4", "NaN"]),
+    st.lists(st.integers(-2, 5), max_size=3),
+    st.dictionaries(st.sampled_from(["0", "1", ".*", "(", "x", "0|1"]), st.one_of(st.integers(-1, 6), st.floats()),
+                    max_size=2),
+)
+KEY_NAMES = ["base_model.model.0.lora_A.weight", "base_model.model.1.lora_B.weight", "0.lora_B.weight",
+             "base_model.model.0.lora_A.default.weight", "base_model.model.2.lora_A.weight",
+             "base_model.model.0.lora_magnitude_vector", "junk", "base_model.model.1.lora_A.x.y.weight"]
+DTYPES = [torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.int8, torch.uint8, torch.bool]
+# values a real adapter could hold: some examples must load, to check what a success gives
+BENIGN = st.sampled_from([("r", 4), ("lora_alpha", 16), ("lora_alpha", 0.5), ("lora_alpha", 2**40),
+                          ("lora_dropout", 0.3), ("use_rslora", True), ("use_dora", False), ("rank_pattern", {}),
+                          ("rank_pattern", {"0|1": 4}), ("alpha_pattern", {"1": 3.5}), ("alpha_pattern", {".*": 2}),
+                          ("peft_type", "LORA"), ("task_type", None), ("layer_replication", None)])
+OPS = st.one_of(
+    st.tuples(st.just("set"), st.sampled_from(FIELDS), WILD),
+    BENIGN.map(lambda fv: ("set",) + fv),
+    st.tuples(st.just("retype"), st.integers(0, 7), st.sampled_from([torch.float16, torch.bfloat16, torch.float64])),
+    st.tuples(st.just("del"), st.sampled_from(FIELDS)),
+    st.tuples(st.just("config_bytes"), st.sampled_from([b"{broken", b"", b"[1]", b"null", b'{"r": "\xe9"}', b"\xff"])),
+    st.tuples(st.just("cut_config"), st.integers(0, 400)),
+    st.tuples(st.just("drop"), st.integers(0, 7)),
+    st.tuples(st.just("rename"), st.integers(0, 7), st.sampled_from(KEY_NAMES)),
+    st.tuples(st.just("reshape"), st.integers(0, 7), st.sampled_from(["T", "narrow", "pad", "flat", "3d", "empty"])),
+    st.tuples(st.just("retype"), st.integers(0, 7), st.sampled_from(DTYPES)),
+    st.tuples(st.just("poison"), st.integers(0, 7), st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e300,
+                                                                      0.0, 70000.0])),
+    st.tuples(st.just("extra"), st.sampled_from(KEY_NAMES)),
+    st.tuples(st.just("cut_weights"), st.integers(0, 2000)),
+    st.tuples(st.just("flip"), st.integers(0, 2000), st.integers(0, 255)),
+)
+
+
+def _reshape(t, how):
+    if how == "T":
+        return t.transpose(0, 1).contiguous() if t.ndim >= 2 else t
+    if how == "narrow":
+        return t[:-1] if t.ndim and t.shape[0] > 1 else t
+    if how == "pad":
+        return torch.cat([t, t[:1]]) if t.ndim else t
+    if how == "flat":
+        return t.flatten()
+    if how == "3d":
+        return t.unsqueeze(0)
+    return t[:0]
+
+
+def _corrupt(ops):
+    """Apply `ops` to the valid adapter: (config bytes, safetensors bytes)."""
+    from safetensors.torch import save
+
+    cfg, tensors = _base_adapter()
+    raw_config = cut_config = cut_weights = None
+    flips = []
+    for op in ops:
+        kind, args = op[0], op[1:]
+        keys = sorted(tensors)
+        key = keys[args[0] % len(keys)] if keys and kind in ("drop", "rename", "reshape", "retype", "poison") else None
+        if kind == "set":
+            cfg[args[0]] = args[1]
+        elif kind == "del":
+            cfg.pop(args[0], None)
+        elif kind == "config_bytes":
+            raw_config = args[0]
+        elif kind == "cut_config":
+            cut_config = args[0]
+        elif kind == "cut_weights":
+            cut_weights = args[0]
+        elif kind == "flip":
+            flips.append(args)
+        elif kind == "extra":
+            tensors[args[0]] = torch.zeros(4, 16)
+        elif key is None:
+            continue
+        elif kind == "drop":
+            del tensors[key]
+        elif kind == "rename":
+            tensors[args[1]] = tensors.pop(key)
+        elif kind == "reshape":
+            tensors[key] = _reshape(tensors[key], args[1]).contiguous()
+        elif kind == "retype":
+            tensors[key] = tensors[key].to(args[1])
+        elif kind == "poison" and tensors[key].numel() and tensors[key].is_floating_point():
+            t = tensors[key].double() if args[1] == 1e300 else tensors[key].clone()
+            t.view(-1)[0] = args[1]
+            tensors[key] = t
+    if raw_config is None:
+        raw_config = json.dumps(cfg).encode()
+        if cut_config is not None:
+            raw_config = raw_config[:cut_config]
+    weights = bytearray(save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"}))
+    for pos, byte in flips:
+        if weights:
+            weights[pos % len(weights)] = byte
+    if cut_weights is not None:
+        weights = weights[:cut_weights]
+    return raw_config, bytes(weights), cfg
+
+
+@given(ops=st.lists(OPS, max_size=4), adapter_name=st.sampled_from(["default", "other"]),
+       model_r=st.sampled_from([4, 2]))
+def test_corrupted_adapter_folders_load_consistently_or_change_nothing(ops, adapter_name, model_r):
+    raw_config, weights, cfg = _corrupt(ops)
+    model = trained(make_model(model_r), seed=5)
+    before = snapshot(model)
+    with tempfile.TemporaryDirectory() as d:
+        write(d, raw_config=raw_config, raw_weights=weights)
+        try:
+            load_adapter(model, d, adapter_name=adapter_name)
+        except Exception as exc:  # noqa: BLE001 - the type is the assertion
+            assert isinstance(exc, (ValueError, TypeError, OSError)), repr(exc)
+            assert_unchanged(before, model)
+            return
+        tensors = load_file(os.path.join(d, WEIGHTS))
+    # loaded: every layer's adapter agrees with the tensors and with the config
+    cfg = json.loads(raw_config.decode("utf-8-sig"))
+    patterns = cfg.get("rank_pattern") or cfg.get("alpha_pattern")
+    rslora = cfg.get("use_rslora", False)
+    files = {}
+    for key, value in tensors.items():
+        parts = key.removeprefix(PREFIX).split(".")
+        files[parts[0], parts[1]] = value
+    for name, layer in lora_layers(model):
+        a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        r, alpha = layer.r[adapter_name], layer.lora_alpha[adapter_name]
+        assert a.shape == (r, layer.in_features) and b.shape == (layer.out_features, r)
+        assert torch.isfinite(a).all() and torch.isfinite(b).all()
+        assert torch.equal(a, files[name, "lora_A"].to(a.dtype)) and torch.equal(b, files[name, "lora_B"].to(b.dtype))
+        assert layer.scaling[adapter_name] == alpha / (math.sqrt(r) if rslora else r)
+        assert alpha > 0 and math.isfinite(alpha)
+        if not patterns:
+            assert r == cfg.get("r", 8) and alpha == cfg.get("lora_alpha", 8)
+    assert all(adapter_name in layer.active_adapters for _, layer in lora_layers(model))
+    # nothing else moved: the base layers and any other adapter
+    state = model.state_dict()
+    for key, value in before[0].items():
+        if f".{adapter_name}." not in key:
+            assert torch.equal(state[key], value), key
