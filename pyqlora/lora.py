@@ -22,6 +22,7 @@ Example
 """
 import dataclasses
 import json
+import math
 import os
 import re
 from typing import List, Union
@@ -351,58 +352,280 @@ def save_adapter(model, directory, adapter_name="default"):
     save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
-def load_adapter(model, directory, adapter_name="default"):
-    """Load a PEFT LoRA adapter (ours or PEFT's) into a model prepared by prepare_model.
+# PEFT's LoraConfig fields that change what an adapter computes (LoRA variants, a bias on
+# lora_B, replicated layers). Ignoring one would load an adapter that computes something
+# else, so only their neutral values (absent, null, false, empty) are accepted.
+_UNSUPPORTED_FIELDS = {
+    "use_dora": "DoRA", "lora_bias": "a bias on lora_B", "use_qalora": "QALoRA",
+    "alora_invocation_tokens": "Activated LoRA", "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA",
+    "use_bdlora": "BD-LoRA", "arrow_config": "Arrow routing", "kasa_config": "KaSA",
+    "layer_replication": "layer replication",
+}
 
-    The adapter's r, lora_alpha and use_rslora come from its adapter_config.json;
-    every tensor must match a LoRA layer of the model by name and shape.
-    """
-    from safetensors import SafetensorError
+
+def _short(value, limit=80):
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+@dataclasses.dataclass(frozen=True)
+class _AdapterFile:
+    """What load_adapter takes from adapter_config.json, checked (PEFT's defaults for absent fields)."""
+
+    path: str
+    r: int
+    r_given: bool
+    lora_alpha: Union[int, float]
+    lora_dropout: float
+    use_rslora: bool
+    rank_pattern: dict
+    alpha_pattern: dict
+
+    def rank_and_alpha(self, module_name):
+        """(r, lora_alpha, where r comes from) for one module, with rank_pattern / alpha_pattern applied
+        as PEFT applies them (peft.utils.other.get_pattern_key: the first key matching the name's end)."""
+        def lookup(pattern, default):
+            for key, value in pattern.items():
+                if re.match(rf"(.*\.)?({key})$", module_name):
+                    return value, key
+            return (pattern[module_name], module_name) if module_name in pattern else (default, None)
+
+        r, key = lookup(self.rank_pattern, self.r)
+        if key is not None:
+            source = f"rank_pattern[{key!r}]"
+        else:
+            source = "r" if self.r_given else "r (absent: PEFT's default)"
+        return r, lookup(self.alpha_pattern, self.lora_alpha)[0], source
+
+
+def _config_error(path, field, message, value):
+    return ValueError(f"{ADAPTER_CONFIG}: {field} {message}, got {_short(value)} ({path})")
+
+
+def _positive_int(path, field, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _config_error(path, field, "must be a positive integer", value)
+    return value
+
+
+def _positive_number(path, field, value):
+    """A finite number > 0, int or float (PEFT allows a float lora_alpha); returned unchanged."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    try:
+        ok = ok and math.isfinite(float(value)) and value > 0
+    except OverflowError:  # an int too large for a float
+        ok = False
+    if not ok:
+        raise _config_error(path, field, "must be a finite positive number", value)
+    return value
+
+
+def _pattern(path, field, value, check):
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _config_error(path, field, "must be an object mapping module-name patterns to values", value)
+    for key, v in value.items():
+        try:
+            re.compile(rf"(.*\.)?({key})$")
+        except (re.error, RecursionError, OverflowError) as exc:
+            raise ValueError(f"{ADAPTER_CONFIG}: {field} key {_short(key)} is not a valid regular expression "
+                             f"({exc}) ({path})") from None
+        check(path, f"{field}[{key!r}]", v)
+    return dict(value)
+
+
+def _read_adapter_config(path):
+    """Parse and check adapter_config.json; raises ValueError naming the file, the field and the value."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text: {exc}") from None
+    try:
+        cfg = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, an int of over 4300 digits, deep nesting
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(cfg, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+        raise ValueError(f"{path} must hold a JSON object (PEFT's adapter config), got {kind.get(type(cfg), 'null')}")
+    peft_type = cfg.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise _config_error(path, "peft_type", "must be 'LORA' (only LoRA adapters are supported)", peft_type)
+    for field, what in _UNSUPPORTED_FIELDS.items():
+        value = cfg.get(field)
+        if not (value is None or value is False or (isinstance(value, (list, dict)) and not value)):
+            raise _config_error(path, field, f"must be absent, null or false ({what} is not supported)", value)
+    r = _positive_int(path, "r", cfg.get("r", 8))  # PEFT's defaults for absent fields
+    alpha = _positive_number(path, "lora_alpha", cfg.get("lora_alpha", 8))
+    dropout = cfg.get("lora_dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise _config_error(path, "lora_dropout", "must be a number in [0, 1)", dropout)
+    rslora = cfg.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise _config_error(path, "use_rslora", "must be true or false", rslora)
+    return _AdapterFile(path=path, r=r, r_given="r" in cfg, lora_alpha=alpha, lora_dropout=float(dropout),
+                        use_rslora=rslora,
+                        rank_pattern=_pattern(path, "rank_pattern", cfg.get("rank_pattern"), _positive_int),
+                        alpha_pattern=_pattern(path, "alpha_pattern", cfg.get("alpha_pattern"), _positive_number))
+
+
+def _read_adapter_tensors(path):
     from safetensors.torch import load_file
 
-    cfg_path, w_path = os.path.join(directory, ADAPTER_CONFIG), os.path.join(directory, ADAPTER_WEIGHTS)
-    for path in (cfg_path, w_path):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"adapter file not found: {path}")
     try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{cfg_path} is not valid JSON: {exc}") from None
-    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora"):
-        raise ValueError(f"{cfg_path}: only plain LoRA adapters are supported (peft_type {cfg.get('peft_type')!r})")
-    try:
-        tensors = load_file(w_path)
-    except (SafetensorError, OSError) as exc:
-        raise ValueError(f"{w_path} is not a readable safetensors file: {exc}") from None
-    layers = dict(lora_layers(model))
-    if not layers:
-        raise ValueError("the model has no LoRA layers: call prepare_model first")
-    r, alpha, rslora = int(cfg.get("r", 8)), cfg.get("lora_alpha", 8), bool(cfg.get("use_rslora", False))
-    seen = set()
-    for key, value in tensors.items():
+        return load_file(path)
+    except MemoryError:
+        raise
+    except Exception as exc:  # SafetensorError, OSError, and whatever a corrupt header provokes
+        raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
+
+
+def _check_adapter_name(adapter_name):
+    if not isinstance(adapter_name, str):
+        raise TypeError(f"adapter_name must be a string, got {type(adapter_name).__name__}")
+    if not adapter_name or "." in adapter_name or hasattr(nn.ModuleDict(), adapter_name):
+        raise ValueError(f"adapter_name {adapter_name!r} cannot name a module: it must be non-empty, without '.', "
+                         "and not an attribute of torch.nn.ModuleDict")
+
+
+def _plan_adapter(layers, tensors, cfg, w_path, adapter_name):
+    """Check every tensor against the model and the config; return {module: (A, B, r, alpha)} with A and B
+    already converted to the dtype and device they will be copied to. Changes nothing."""
+    found = {}
+    for key in sorted(tensors):
         m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_[AB])(?:\.[^.]+)?\.weight", key)
         if not m:
             raise ValueError(f"{w_path}: unexpected tensor {key!r} (only lora_A / lora_B weights are supported)")
         name, which = m.group(1), m.group(2)
         if name not in layers:
             raise ValueError(f"{w_path}: tensor {key!r} names module {name!r}, which is not a LoRA layer of the model")
-        layer = layers[name]
-        if adapter_name not in layer.lora_A:
-            layer.add_adapter(adapter_name, r=r, lora_alpha=alpha, use_rslora=rslora,
-                              lora_dropout=float(cfg.get("lora_dropout", 0.0)))
-        target = getattr(layer, which)[adapter_name].weight
-        if tuple(value.shape) != tuple(target.shape):
-            raise ValueError(f"{w_path}: {key!r} has shape {tuple(value.shape)}, module {name!r} expects "
-                             f"{tuple(target.shape)} (r={r})")
-        with torch.no_grad():
-            target.copy_(value.to(target.dtype))
-        layer.r[adapter_name], layer.lora_alpha[adapter_name] = r, alpha
-        layer.scaling[adapter_name] = alpha / (r ** 0.5 if rslora else r)
-        seen.add((name, which))
-    missing = [f"{n}.{w}" for n in layers for w in ("lora_A", "lora_B") if (n, w) not in seen]
+        if (name, which) in found:
+            raise ValueError(f"{w_path}: tensors {found[name, which]!r} and {key!r} are both {which} of module "
+                             f"{name!r}")
+        found[name, which] = key
+    missing = [f"{n}.{w}" for n in layers for w in ("lora_A", "lora_B") if (n, w) not in found]
     if missing:
         raise ValueError(f"{w_path}: no weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    plan = {}
+    for name, layer in layers.items():
+        r, alpha, source = cfg.rank_and_alpha(name)
+        expected = {"lora_A": (r, layer.in_features), "lora_B": (layer.out_features, r)}
+        for which, expect in expected.items():
+            key = found[name, which]
+            value = tensors[key]
+            if not value.is_floating_point():
+                raise ValueError(f"{w_path}: tensor {key!r} has dtype {value.dtype}; LoRA weights must be floating "
+                                 "point")
+            shape = tuple(value.shape)
+            if shape == expect:
+                continue
+            if len(shape) != 2:
+                why = "LoRA weights are 2-D"
+            elif which == "lora_A" and shape[1] != layer.in_features:
+                why = f"module {name!r} has in_features={layer.in_features}"
+            elif which == "lora_B" and shape[0] != layer.out_features:
+                why = f"module {name!r} has out_features={layer.out_features}"
+            else:
+                why = (f"the tensor has r={shape[0] if which == 'lora_A' else shape[1]}, "
+                       f"{ADAPTER_CONFIG} gives {source} = {r}")
+            raise ValueError(f"{w_path}: tensor {key!r} of module {name!r} has shape {shape}, expected {expect}: "
+                             f"{why}")
+        existing = adapter_name in layer.lora_A
+        if existing and (layer.r.get(adapter_name) != r or any(
+                tuple(getattr(layer, w)[adapter_name].weight.shape) != expected[w] for w in expected)):
+            raise ValueError(f"module {name!r} has an adapter {adapter_name!r} with r={layer.r.get(adapter_name)}, "
+                             f"the adapter in {os.path.dirname(w_path) or '.'} has r={r}: load it under another "
+                             "adapter_name")
+        ready = []
+        for which in expected:
+            key = found[name, which]
+            if existing:
+                target = getattr(layer, which)[adapter_name].weight
+                value = tensors[key].to(device=target.device, dtype=target.dtype)
+            else:
+                value = tensors[key].to(torch.float32)  # add_adapter's dtype
+            exact = value.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+            if not bool(torch.isfinite(value if exact else value.float()).all()):
+                raise ValueError(f"{w_path}: tensor {key!r} holds NaN or Inf" +
+                                 ("" if value.dtype == tensors[key].dtype else f" (once converted to {value.dtype})"))
+            ready.append(value)
+        plan[name] = (ready[0], ready[1], r, alpha)
+    return plan
+
+
+def _apply_adapter(layers, plan, cfg, adapter_name):
+    """Copy a checked plan into the layers; should anything still fail, undo what was done and re-raise."""
+    undo = []
+    try:
+        for name, (a, b, r, alpha) in plan.items():
+            layer = layers[name]
+            if adapter_name in layer.lora_A:
+                wa, wb = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+                saved = (wa.detach().clone(), wb.detach().clone(), layer.r[adapter_name],
+                         layer.lora_alpha[adapter_name], layer.scaling[adapter_name])
+                undo.append((layer, saved))
+            else:
+                undo.append((layer, list(layer.active_adapters)))
+                layer.add_adapter(adapter_name, r=r, lora_alpha=alpha, use_rslora=cfg.use_rslora,
+                                  lora_dropout=cfg.lora_dropout)
+                wa, wb = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+            with torch.no_grad():
+                wa.copy_(a)
+                wb.copy_(b)
+            layer.r[adapter_name], layer.lora_alpha[adapter_name] = r, alpha
+            layer.scaling[adapter_name] = alpha / (math.sqrt(r) if cfg.use_rslora else r)
+    except BaseException:
+        for layer, saved in reversed(undo):
+            if isinstance(saved, tuple):
+                with torch.no_grad():
+                    layer.lora_A[adapter_name].weight.copy_(saved[0])
+                    layer.lora_B[adapter_name].weight.copy_(saved[1])
+                layer.r[adapter_name], layer.lora_alpha[adapter_name], layer.scaling[adapter_name] = saved[2:]
+            else:
+                for store in (layer.lora_A, layer.lora_B, layer.lora_dropout):
+                    if adapter_name in store:
+                        del store[adapter_name]
+                for store in (layer.r, layer.lora_alpha, layer.scaling):
+                    store.pop(adapter_name, None)
+                layer.active_adapters[:] = saved
+        raise
+
+
+def load_adapter(model, directory, adapter_name="default"):
+    """Load a PEFT LoRA adapter (ours or PEFT's) into a model prepared by prepare_model.
+
+    The adapter's r, lora_alpha, lora_dropout and use_rslora come from its
+    adapter_config.json (PEFT's defaults where a field is absent: r=8, lora_alpha=8,
+    lora_dropout=0, use_rslora=false), with PEFT's per-module ``rank_pattern`` and
+    ``alpha_pattern`` applied. Every field read is checked (type, range, finite);
+    LoRA variants that change the math (DoRA, a bias on lora_B, ...) are refused;
+    other fields are ignored. Every tensor must be a floating-point, finite lora_A
+    (r, in_features) or lora_B (out_features, r) of a LoRA layer of the model, with
+    the r the config gives that module, and every LoRA layer must get both.
+
+    A layer that has an adapter named `adapter_name` already gets the weights copied
+    into it (its parameters stay the same objects, so an optimizer holding them keeps
+    working; its r must be the adapter's; its dropout stays); other layers get a new
+    adapter, which is also made active.
+
+    Everything is checked before anything is changed: when this raises (ValueError
+    for bad files, FileNotFoundError for missing ones), the model is as it was.
+    """
+    _check_adapter_name(adapter_name)
+    cfg_path, w_path = os.path.join(directory, ADAPTER_CONFIG), os.path.join(directory, ADAPTER_WEIGHTS)
+    for path in (cfg_path, w_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"adapter file not found: {path}" +
+                                    (" (not a regular file)" if os.path.exists(path) else ""))
+    cfg = _read_adapter_config(cfg_path)
+    tensors = _read_adapter_tensors(w_path)
+    layers = dict(lora_layers(model))
+    if not layers:
+        raise ValueError("the model has no LoRA layers: call prepare_model first")
+    plan = _plan_adapter(layers, tensors, cfg, w_path, adapter_name)
+    _apply_adapter(layers, plan, cfg, adapter_name)
     return model
 
 
