@@ -499,6 +499,8 @@ class PagedAdamW8bit(_PagedOptimizer):
             return
         if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"PagedAdamW8bit: parameter dtype {p.dtype} is not supported (float32, float16, bfloat16)")
+        if p.numel() == 0:  # nothing to update (an empty parameter or shard); the kernel takes n >= 1
+            return
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         target = p if p.is_contiguous() else p.contiguous()
         grad = grad.to(p.dtype).contiguous()
