@@ -1,13 +1,20 @@
-"""The paged optimizers' state: empty parameters.
+"""The paged optimizers' state: failed loads change nothing, empty parameters.
 
-Issue 18 (item 6a): a zero-size parameter with 8-bit state (``min_8bit_size=0``)
-steps, saves and loads.
+Issue 18 (items 4 and 6a): ``load_state_dict`` checks the whole dict before it
+changes anything; a bad dict raises ValueError (TypeError for a wrong type or
+dtype) naming the parameter and the key, and the optimizer steps on exactly as
+an untouched one (the oracle: a second, identical run that never saw the bad
+dict). A zero-size parameter with 8-bit state steps, saves and loads.
 """
+import copy
+import random
 from collections.abc import Mapping
 
 import pytest
 
 torch = pytest.importorskip("torch")
+from hypothesis import given
+from hypothesis import strategies as st
 
 import pyqlora as pq
 from pyqlora.optim import PagedAdamW, PagedAdamW8bit
@@ -105,6 +112,331 @@ def _decoded(sd, blocksize=64):
             entry["exp_avg"] = decode(entry.pop("state1"), entry.pop("absmax1"), True)
             entry["exp_avg_sq"] = decode(entry.pop("state2"), entry.pop("absmax2"), False)
     return sd
+
+
+# parameter ids of the state dict: w1 0, b1 1, w2 2, b2 3 (no state), frozen 4 (no state)
+W1, B1, W2, B2, FROZEN = range(5)
+
+
+def _set(idx, key, value):
+    def mutate(sd):
+        sd["state"][idx][key] = value(sd["state"][idx][key]) if callable(value) else value
+    return mutate
+
+
+def _drop(idx, key):
+    def mutate(sd):
+        del sd["state"][idx][key]
+    return mutate
+
+
+def _group(gi, key, value):
+    def mutate(sd):
+        if value is _drop:
+            del sd["param_groups"][gi][key]
+        else:
+            sd["param_groups"][gi][key] = value
+    return mutate
+
+
+def _nan_at(i):
+    def f(t):
+        t = t.clone()
+        t.view(-1)[i] = float("nan")
+        return t
+    return f
+
+
+# (name, kind, mutation, exception, message): one per failure mode of issue 18, item 4
+FAILURES = [
+    # structure
+    ("not a mapping", "32bit", lambda sd: [sd], TypeError, "mapping"),
+    ("no state", "8bit", lambda sd: {"param_groups": sd["param_groups"]}, ValueError, "lacks 'state'"),
+    ("state not a mapping", "32bit", lambda sd: {**sd, "state": list(sd["state"].values())}, TypeError, "'state'"),
+    ("one group fewer", "32bit", lambda sd: {**sd, "param_groups": sd["param_groups"][:1]}, ValueError,
+     "1 parameter groups, this optimizer has 2"),
+    ("param count", "8bit", _group(1, "params", [2, 3]), ValueError, r"param_groups\[1\] lists 2 parameters"),
+    ("param listed twice", "32bit", _group(1, "params", [2, 1, 4]), ValueError, "parameter id 1 is listed twice"),
+    ("state of an unlisted id", "32bit", lambda sd: sd["state"].__setitem__(7, sd["state"][B1]), ValueError,
+     "parameter 7, but no parameter group lists it"),
+    ("state of a frozen parameter", "32bit", lambda sd: sd["state"].__setitem__(FROZEN, {
+        "step": torch.tensor(3.0), "exp_avg": torch.zeros(4), "exp_avg_sq": torch.zeros(4)}), ValueError,
+     "parameter 4 .*does not require grad"),
+    ("entry not a mapping", "8bit", lambda sd: sd["state"].__setitem__(W2, [1, 2]), TypeError, "parameter 2"),
+    # keys
+    ("missing key", "32bit", _drop(W1, "exp_avg_sq"), ValueError, r"parameter 0 .*lacks \['exp_avg_sq'\]"),
+    ("missing 8-bit key", "8bit", _drop(W1, "absmax2"), ValueError, r"parameter 0 .*lacks \['absmax2'\]"),
+    ("missing step", "8bit", _drop(B1, "step"), ValueError, r"parameter 1 .*lacks \['step'\]"),
+    ("extra key", "32bit", _set(B1, "max_exp_avg_sq", torch.zeros(20)), ValueError,
+     r"parameter 1 .*unexpected keys \['max_exp_avg_sq'\]"),
+    ("codes and decoded moments at once", "8bit", _set(W1, "exp_avg", torch.zeros(320)), ValueError,
+     r"parameter 0 .*unexpected keys \['exp_avg'\]"),
+    ("8-bit codes for a 32-bit parameter", "8bit", _set(B1, "state1", torch.zeros(20, dtype=torch.uint8)),
+     ValueError, r"parameter 1 .*unexpected keys \['state1'\]"),
+    ("8-bit codes for PagedAdamW", "32bit",
+     lambda sd: sd["state"].__setitem__(W1, _run("8bit")[1].state_dict()["state"][W1]), ValueError,
+     r"parameter 0 .*lacks \['exp_avg', 'exp_avg_sq'\]"),
+    # element counts and shapes
+    ("too few elements", "32bit", _set(W1, "exp_avg", lambda t: t.reshape(-1)[:-1]), ValueError,
+     r"'exp_avg' of parameter 0 of shape \(20, 16\) has 319 elements, expected 320"),
+    ("wrong shape", "32bit", _set(W1, "exp_avg_sq", lambda t: t.reshape(16, 20)), ValueError,
+     r"'exp_avg_sq' of parameter 0 .*has shape \(16, 20\)"),
+    ("wrong shape of codes", "8bit", _set(W2, "state2", lambda t: t.reshape(2, 50)), ValueError,
+     r"'state2' of parameter 2 .*shape \(2, 50\)"),
+    ("absmax count (block layout)", "8bit", _set(W1, "absmax1", lambda t: torch.cat([t, t[:1]])), ValueError,
+     r"'absmax1' of parameter 0 .*has 6 elements, expected 5"),
+    ("absmax count of a short block", "8bit", _set(W2, "absmax2", lambda t: t[:1]), ValueError,
+     r"'absmax2' of parameter 2 .*has 1 elements, expected 2"),
+    ("decoded moment with another element count", "8bit",
+     lambda sd: _decoded(sd)["state"][W2].__setitem__("exp_avg", torch.zeros(99)), ValueError,
+     r"'exp_avg' of parameter 2 .*99 elements"),
+    # dtypes
+    ("integer moment", "32bit", _set(B1, "exp_avg", lambda t: t.to(torch.int32)), TypeError,
+     r"'exp_avg' of parameter 1 .*floating"),
+    ("complex moment", "32bit", _set(B1, "exp_avg_sq", lambda t: t.to(torch.complex64)), TypeError,
+     r"'exp_avg_sq' of parameter 1"),
+    ("codes not uint8", "8bit", _set(W1, "state1", lambda t: t.to(torch.int16)), TypeError,
+     r"'state1' of parameter 0 .*uint8"),
+    ("absmax not float32", "8bit", _set(W2, "absmax1", lambda t: t.double()), TypeError,
+     r"'absmax1' of parameter 2 .*float32"),
+    ("moment not a tensor", "32bit", _set(B1, "exp_avg", lambda t: t.tolist()), TypeError,
+     r"'exp_avg' of parameter 1 .*must be a tensor"),
+    # values
+    ("NaN moment", "32bit", _set(W1, "exp_avg", _nan_at(17)), ValueError, r"'exp_avg' of parameter 0 .*not finite"),
+    ("Inf second moment", "8bit", _set(B1, "exp_avg_sq", lambda t: t.clone().fill_(float("inf"))), ValueError,
+     r"'exp_avg_sq' of parameter 1 .*not finite"),
+    ("moment that overflows float32", "32bit", _set(B1, "exp_avg", lambda t: t.double() * 1e300), ValueError,
+     r"'exp_avg' of parameter 1 .*not finite"),
+    ("negative second moment", "32bit", _set(B1, "exp_avg_sq", lambda t: -1.0 - t), ValueError,
+     r"'exp_avg_sq' of parameter 1 .*negative"),
+    ("NaN absmax", "8bit", _set(W1, "absmax2", _nan_at(4)), ValueError, r"'absmax2' of parameter 0 .*not finite"),
+    ("negative absmax", "8bit", _set(W2, "absmax1", lambda t: -t), ValueError, r"'absmax1' of parameter 2 .*negative"),
+    ("NaN decoded moment", "8bit", lambda sd: _set(W1, "exp_avg", _nan_at(0))(_decoded(sd)), ValueError,
+     r"'exp_avg' of parameter 0 .*not finite"),
+    # step
+    ("negative step", "32bit", _set(W1, "step", torch.tensor(-1.0)), ValueError, r"parameter 0 .*'step'"),
+    ("NaN step", "8bit", _set(W1, "step", torch.tensor(float("nan"))), ValueError, r"parameter 0 .*'step'"),
+    ("fractional step", "8bit", _set(B1, "step", 2.5), ValueError, r"parameter 1 .*'step'"),
+    ("huge step", "8bit", _set(W1, "step", 1e30), ValueError, r"parameter 0 .*'step'"),
+    ("step of two elements", "32bit", _set(B1, "step", torch.tensor([1.0, 2.0])), ValueError,
+     r"parameter 1 .*'step'.*0-d"),
+    ("step as a string", "32bit", _set(B1, "step", "3"), TypeError, r"parameter 1 .*'step'"),
+    ("step as a bool", "8bit", _set(W2, "step", True), TypeError, r"parameter 2 .*'step'"),
+    # hyperparameters
+    ("negative lr", "32bit", _group(1, "lr", -1.0), ValueError, r"param_groups\[1\]: lr"),
+    ("lr a string", "8bit", _group(0, "lr", "0.1"), TypeError, r"param_groups\[0\]: lr must be a number"),
+    ("lr a tensor", "32bit", _group(0, "lr", torch.tensor(0.1)), TypeError, r"param_groups\[0\]: lr"),
+    ("beta of 1", "8bit", _group(0, "betas", (0.9, 1.0)), ValueError, r"param_groups\[0\]: betas\[1\]"),
+    ("three betas", "32bit", _group(1, "betas", (0.9, 0.99, 0.999)), ValueError, r"param_groups\[1\]: betas"),
+    ("NaN eps", "8bit", _group(1, "eps", float("nan")), ValueError, r"param_groups\[1\]: eps"),
+    ("negative weight decay", "32bit", _group(0, "weight_decay", -0.1), ValueError,
+     r"param_groups\[0\]: weight_decay"),
+    ("missing weight decay", "8bit", _group(1, "weight_decay", _drop), ValueError,
+     r"param_groups\[1\]: lacks the hyperparameter 'weight_decay'"),
+    ("maximize", "32bit", _group(0, "maximize", True), ValueError, r"param_groups\[0\]: maximize"),
+]
+
+
+@pytest.mark.parametrize("name,kind,mutate,exc,match", FAILURES, ids=[f[0] for f in FAILURES])
+def test_a_failed_load_changes_nothing(name, kind, mutate, exc, match):
+    _expect_failure(kind, mutate, exc, match)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_bad_entry_after_good_entries_changes_nothing(kind):
+    """The defect of issue 18: the entries before the bad one were loaded, and step() then raised KeyError."""
+    def mutate(sd):
+        good = _run(kind, steps=5)[1].state_dict()  # other, valid values for every entry but the last
+        state = {W1: good["state"][W1], B1: good["state"][B1]}
+        bad = dict(sd["state"][W2])
+        bad["step"] = torch.tensor(-3.0)
+        state[W2] = bad  # the last one in the dict's order
+        return {"state": state, "param_groups": sd["param_groups"]}
+    _expect_failure(kind, mutate, ValueError, r"parameter 2 of shape \(5, 20\): 'step'")
+
+
+def test_a_failed_load_of_decoded_moments_keeps_the_counter():
+    """The requantization of good entries before a bad one is not counted (inexact_blocks_loaded)."""
+    def mutate(sd):
+        sd = _decoded(sd)
+        sd["state"][W1]["exp_avg"] = sd["state"][W1]["exp_avg"] * 1.001  # no exact requantization: counted
+        sd["state"][W2]["exp_avg_sq"] = -sd["state"][W2]["exp_avg_sq"] - 1.0
+        return sd
+    _expect_failure("8bit", mutate, ValueError, r"'exp_avg_sq' of parameter 2 .*negative")
+
+
+def test_errors_name_the_parameter():
+    ps = _params()
+    named = [("w1", ps["w1"]), ("b1", ps["b1"])]
+    opt = PagedAdamW(named, lr=1e-2)
+    ps["w1"].grad = torch.ones_like(ps["w1"])
+    opt.step()
+    sd = opt.state_dict()
+    sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"][:3]
+    with pytest.raises(ValueError, match=r"parameter 0 \(w1\) of shape \(20, 16\)"):
+        opt.load_state_dict(sd)
+
+
+# ----------------------------------------------------------------------------- loads that succeed
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_loaded_state_dict_comes_back_unchanged(kind):
+    ps, opt = _run(kind)
+    sd = opt.state_dict()
+    ps2 = _params()
+    opt2 = _optimizer(kind, ps2)
+    opt2.load_state_dict(sd)
+    assert _same(opt2.state_dict(), sd)  # the moments keep the parameter's shape, as after step()
+
+
+def test_decoded_moments_load_into_8bit_state_exactly():
+    ps, opt = _run("8bit")
+    sd = opt.state_dict()
+    opt2 = _optimizer("8bit", _params())
+    opt2.load_state_dict(_decoded(opt.state_dict()))
+    assert opt2.inexact_blocks_loaded == 0
+    assert _same(opt2.state_dict(), sd)
+
+
+def test_a_parameter_without_saved_state_starts_afresh_as_in_torch():
+    """The loaded dict has no state for b1: like torch.optim.AdamW, b1 starts from zero moments and step 0,
+    even though this optimizer had state for it (its paged slot held old moments)."""
+    ps, opt = _run("32bit", steps=4)
+    ref = {k: torch.nn.Parameter(v.detach().clone(), requires_grad=v.requires_grad) for k, v in ps.items()}
+    torch_opt = torch.optim.AdamW(_groups(ref), lr=1e-2)
+    sd = _run("32bit", steps=2)[1].state_dict()
+    del sd["state"][B1]
+    opt.load_state_dict(sd)
+    torch_opt.load_state_dict(sd)
+    assert B1 not in opt.state_dict()["state"]
+    for i in range(3):
+        _step(ps, opt, 10 + i)
+        _step(ref, torch_opt, 10 + i)
+    for name in ps:
+        assert torch.equal(ps[name], ref[name]), name
+
+
+def test_a_state_dict_of_live_paged_tensors_loads():
+    """Values that are this optimizer's own paged tensors (here swapped between two parameters of one
+    shape) are read before anything is written."""
+    a, b = torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(300))
+    for kind in KINDS:
+        opt = PagedAdamW([a, b]) if kind == "32bit" else PagedAdamW8bit([a, b], min_8bit_size=64)
+        for i in range(2):
+            a.grad, b.grad = torch.randn(300), torch.randn(300) * (i + 3)
+            opt.step()
+        sd = opt.state_dict()
+        live = {"state": {0: dict(opt.state[b]), 1: dict(opt.state[a])}, "param_groups": sd["param_groups"]}
+        opt.load_state_dict(live)
+        assert _same(opt.state_dict()["state"], {0: sd["state"][1], 1: sd["state"][0]})
+
+
+def test_group_hyperparameters_are_checked_at_construction():
+    ps = _params()
+    with pytest.raises(ValueError, match="parameter group: lr"):
+        PagedAdamW([{"params": [ps["w1"]], "lr": -1.0}])
+    with pytest.raises(TypeError, match="parameter group: eps must be a number"):
+        PagedAdamW8bit([{"params": [ps["w1"]]}, {"params": [ps["b1"]], "eps": "small"}])
+    with pytest.raises(TypeError, match="lr must be a number"):
+        PagedAdamW([ps["w1"]], lr=None)
+
+
+# ----------------------------------------------------------------------------- the property
+def _mutate(sd, op, rnd, kind):
+    """One corruption (or a valid change) of a state dict, chosen by `op`, its targets by `rnd`."""
+    state, groups = sd["state"], sd["param_groups"]
+    idx = rnd.choice(sorted(state, key=repr))
+    entry = state[idx]
+    key = rnd.choice(sorted(entry, key=repr))
+    junk = [float("nan"), float("inf"), -1.0, 1e39, 0.5, "x", None, True, torch.tensor(0.1), torch.tensor([0.1]), []]
+    if op == "drop_key":
+        del entry[key]
+    elif op == "rename_key":
+        entry[rnd.choice(["exp_avg", "exp_avg_sq", "step", "junk", 0] + list(CODED))] = entry.pop(key)
+    elif op == "add_key":
+        entry[rnd.choice(["max_exp_avg_sq", "state1", "exp_avg"])] = torch.zeros(rnd.choice([1, 20, 320]))
+    elif op == "reshape" and torch.is_tensor(entry[key]):
+        t = entry[key].reshape(-1)
+        entry[key] = rnd.choice([t[:-1], torch.cat([t, t[:1]]), t.reshape(1, -1), t[:0], t[::2]])
+    elif op == "dtype" and torch.is_tensor(entry[key]):
+        entry[key] = entry[key].to(rnd.choice([torch.float64, torch.float16, torch.bfloat16, torch.int32,
+                                               torch.uint8, torch.bool, torch.complex64, torch.float32]))
+    elif op == "value" and torch.is_tensor(entry[key]):
+        t = entry[key].clone()
+        if t.numel():
+            v = rnd.choice([float("nan"), float("inf"), -float("inf"), -1.0, 3e38, 0.0, 1e-30])
+            t.view(-1)[rnd.randrange(t.numel())] = v if t.is_floating_point() else rnd.choice([0, 7])
+        entry[key] = t
+    elif op == "step":
+        entry["step"] = rnd.choice([torch.tensor(-1.0), torch.tensor(float("nan")), torch.tensor(2.5), 1e30,
+                                    "3", torch.tensor([1.0, 2.0]), torch.tensor(4), 0, 7.0, True,
+                                    torch.tensor(1.0 + 0j)])
+    elif op == "swap_ids":
+        other = rnd.choice(sorted(state, key=repr))
+        state[idx], state[other] = state[other], state[idx]
+    elif op == "move_id":
+        state[rnd.choice([B2, FROZEN, 9, "w1"])] = state.pop(idx)
+    elif op == "drop_entry":
+        del state[idx]
+    elif op == "entry_type":
+        state[idx] = rnd.choice([[], None, entry.get("step")])
+    elif op == "decode" and kind == "8bit":
+        try:
+            _decoded(sd)
+        except Exception:  # an entry corrupted before: decoded as far as it goes
+            pass
+    elif op == "groups" and groups:
+        choice = rnd.randrange(4)
+        if choice == 0:
+            groups.pop(rnd.randrange(len(groups)))
+        elif choice == 1:
+            groups.append(copy.deepcopy(groups[0]))
+        elif choice == 2:
+            g = rnd.choice(groups)
+            g["params"] = g["params"][:-1] if rnd.random() < 0.5 else g["params"] + [rnd.choice([0, 9])]
+        elif len(groups) == 2:
+            g0, g1 = groups
+            g0["params"], g1["params"] = g1["params"][:2], g0["params"] + [4]
+    elif op == "hyper" and groups:
+        g = rnd.choice(groups)
+        name = rnd.choice(["lr", "betas", "eps", "weight_decay"])
+        if rnd.random() < 0.2:
+            g.pop(name, None)
+        elif name == "betas":
+            g[name] = rnd.choice([(0.9,), (1.0, 0.9), "ab", (0.9, float("nan")), [0.5, 0.5], (0.9, "x"), 0.9])
+        else:
+            g[name] = rnd.choice(junk + [0.0, 1e-3])
+    elif op == "top":
+        if rnd.random() < 0.5:
+            del sd[rnd.choice(["state", "param_groups"])]
+        else:
+            sd[rnd.choice(["state", "param_groups"])] = rnd.choice([None, [], {}, "x"])
+
+
+OPS = ["drop_key", "rename_key", "add_key", "reshape", "dtype", "value", "step", "swap_ids", "move_id",
+       "drop_entry", "entry_type", "decode", "groups", "hyper", "top"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@given(changes=st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 2**16)), min_size=1, max_size=3))
+def test_corrupted_state_dicts_load_or_raise_and_change_nothing(kind, changes):
+    ps, opt = _run(kind)
+    before = opt.state_dict()
+    counters = (opt.skipped_elements, opt.inexact_blocks_loaded) if kind == "8bit" else None
+    sd = opt.state_dict()
+    for op, seed in changes:
+        if not isinstance(sd.get("state"), Mapping) or not sd["state"] or not isinstance(sd.get("param_groups"),
+                                                                                           list):
+            break
+        if not all(isinstance(v, Mapping) and v for v in sd["state"].values()):
+            break
+        _mutate(sd, op, random.Random(seed), kind)
+    try:
+        opt.load_state_dict(sd)
+    except (ValueError, TypeError):
+        _assert_untouched(kind, ps, opt, before, counters)
+    else:
+        for i in range(3, 5):  # a state that loads can be stepped on
+            _step(ps, opt, i)
 
 
 # ----------------------------------------------------------------------------- empty parameters
