@@ -34,6 +34,17 @@ the keys, element counts, shapes, dtypes, finiteness and the step): a bad
 dict raises ``ValueError`` (``TypeError`` for a value of the wrong type or
 dtype) naming the parameter and the key, and leaves the optimizer as it was.
 
+``copy.deepcopy(optimizer)`` and pickling the optimizer object itself
+(``pickle``, ``torch.save(optimizer)``) work as they do for
+``torch.optim.AdamW``: the copy holds its own copy of the state in a new pager
+(same ``budget_bytes``, ``spill_dir``, ``page_bytes``; a pager shared between
+optimizers is not shared by the copy), and its parameters are the ones in the
+deepcopy memo or the pickle: deep-copy or pickle the model together with the
+optimizer (``copy.deepcopy((model, opt))``) and the copy optimizes the copied
+model; copy the optimizer alone and, as with torch, it optimizes copies of the
+parameters (without their gradients) that nothing else refers to.
+``state_dict()`` / ``load_state_dict()`` remain the way to checkpoint.
+
 Non-finite gradients: :class:`PagedAdamW` behaves like ``torch.optim.AdamW``
 (a NaN or Inf gradient propagates into the moments and the parameter).
 :class:`PagedAdamW8bit` skips the elements whose gradient is NaN or Inf (their
@@ -234,7 +245,17 @@ class _PagedOptimizer(torch.optim.Optimizer):
         if pager is not None and (budget_bytes is not None or spill_dir is not None):
             raise ValueError("give either pager= or budget_bytes=/spill_dir=, not both")
         super().__init__(params, defaults)
-        self.pager = pager if pager is not None else Pager(budget_bytes=budget_bytes, spill_dir=spill_dir)
+        if pager is not None:
+            device = pager.device
+            # what a copy of this optimizer (deepcopy, pickle) creates its own pager with
+            self._pager_settings = {"budget_bytes": pager.budget_bytes,
+                                    "spill_dir": pager.spill_dir if device == "cpu" else None,
+                                    "page_bytes": pager.page_bytes, "device": None if device == "cpu" else device}
+        else:
+            pager = Pager(budget_bytes=budget_bytes, spill_dir=spill_dir)
+            self._pager_settings = {"budget_bytes": budget_bytes, "spill_dir": spill_dir, "page_bytes": None,
+                                    "device": None}
+        self.pager = pager
         self._slots = {}  # param -> dict of paged state tensors (allocated with its group)
 
     def add_param_group(self, param_group):
@@ -514,9 +535,46 @@ class _PagedOptimizer(torch.optim.Optimizer):
             st[key] = t.view_as(local) if key in ("exp_avg", "exp_avg_sq") else t
         state[p] = st
 
+    # -- copies and pickles ---------------------------------------------------------------
+    def _settings(self):
+        """What a copy needs besides the state and the groups (the pager's settings, counters)."""
+        return {"pager": dict(self._pager_settings)}
+
+    def _restore_settings(self, settings):
+        self._pager_settings = dict(settings["pager"])
+        self.pager = Pager(**self._pager_settings)
+
+    def __getstate__(self):
+        """torch's (defaults, state, param_groups) with the state copied out of paged memory, and the settings.
+
+        The paged tensors view one allocation as several dtypes, which pickle
+        cannot hold; the copies are ordinary tensors, one storage each.
+        """
+        state = {p: {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+                 for p, st in self.state.items()}
+        return {"defaults": self.defaults, "state": state, "param_groups": self.param_groups,
+                "_paged_settings": self._settings()}
+
     def __setstate__(self, state):
-        super().__setstate__(state)
-        self.__dict__.setdefault("_slots", {})
+        state = dict(state)
+        settings = state.pop("_paged_settings", None)
+        if settings is None:  # torch.optim.Optimizer.load_state_dict's form (state and param_groups only)
+            super().__setstate__(state)
+            self.__dict__.setdefault("_slots", {})
+            return
+        # a copy (deepcopy, unpickle): a new pager, the state copied into it
+        saved = state.pop("state")
+        super().__setstate__({**state, "state": defaultdict(dict)})
+        self._restore_settings(settings)
+        self._slots = {}
+        for g in self.param_groups:
+            self._allocate_group(g)
+        for p, values in saved.items():
+            if p in self._slots and values:
+                values = {k: (v.reshape(-1) if k != "step" else v) for k, v in values.items()}
+                self._install_state(p, values, self.state)
+            else:  # no paged state for it (does not require grad now): kept as is
+                self.state[p] = values
 
 
 def _check_state_tensor(value, key, p, numel, dtype, where):
@@ -644,16 +702,29 @@ class PagedAdamW8bit(_PagedOptimizer):
             raise ValueError(f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults, pager, budget_bytes, spill_dir)
+        self._setup_8bit(min_8bit_size, blocksize)
+        self.skipped_elements = 0
+        #: Blocks whose decoded moments could not be restored bit for bit by load_state_dict
+        #: (0 unless a checkpoint of decoded moments was resharded to other blocks).
+        self.inexact_blocks_loaded = 0
+
+    def _setup_8bit(self, min_8bit_size, blocksize):
         self.min_8bit_size = min_8bit_size
         self.blocksize = blocksize
         self._qmap1 = dynamic_codebook(signed=True)
         self._qmap2 = dynamic_codebook(signed=False)
         self._zero1 = int(np.flatnonzero(self._qmap1 == 0.0)[0])  # code of 0 in the signed map
         self._zero2 = int(np.flatnonzero(self._qmap2 == 0.0)[0])
-        self.skipped_elements = 0
-        #: Blocks whose decoded moments could not be restored bit for bit by load_state_dict
-        #: (0 unless a checkpoint of decoded moments was resharded to other blocks).
-        self.inexact_blocks_loaded = 0
+
+    def _settings(self):
+        return {**super()._settings(), "min_8bit_size": self.min_8bit_size, "blocksize": self.blocksize,
+                "skipped_elements": self.skipped_elements, "inexact_blocks_loaded": self.inexact_blocks_loaded}
+
+    def _restore_settings(self, settings):
+        super()._restore_settings(settings)
+        self._setup_8bit(settings["min_8bit_size"], settings["blocksize"])
+        self.skipped_elements = settings["skipped_elements"]
+        self.inexact_blocks_loaded = settings["inexact_blocks_loaded"]
 
     def _is_8bit(self, p):
         return p.numel() >= self.min_8bit_size

@@ -1,12 +1,15 @@
-"""The paged optimizers' state: failed loads change nothing, empty parameters.
+"""The paged optimizers' state: failed loads change nothing, copies, pickles, empty parameters.
 
-Issue 18 (items 4 and 6a): ``load_state_dict`` checks the whole dict before it
+Issue 18 (items 4 and 6): ``load_state_dict`` checks the whole dict before it
 changes anything; a bad dict raises ValueError (TypeError for a wrong type or
 dtype) naming the parameter and the key, and the optimizer steps on exactly as
 an untouched one (the oracle: a second, identical run that never saw the bad
-dict). A zero-size parameter with 8-bit state steps, saves and loads.
+dict). ``copy.deepcopy`` and pickling behave as for ``torch.optim.AdamW``.
 """
 import copy
+import io
+import math
+import pickle
 import random
 from collections.abc import Mapping
 
@@ -485,3 +488,90 @@ def test_an_empty_parameter_trains_like_torch_adamw(kind):
     assert _same(opt.state_dict()["state"], ref.state_dict()["state"])
 
 
+# ----------------------------------------------------------------------------- deepcopy and pickling
+@pytest.mark.parametrize("kind", KINDS)
+def test_deepcopy_with_the_parameters_gives_an_independent_optimizer(kind, tmp_path):
+    """copy.deepcopy((params, opt)): the copy optimizes the copied parameters from a copy of the state,
+    in its own pager with the same settings; stepping it changes nothing of the original."""
+    ps, opt = _run(kind, budget_bytes=4096, spill_dir=str(tmp_path))
+    cps, copt = copy.deepcopy((ps, opt))
+    assert copt.pager is not opt.pager
+    assert (copt.pager.budget_bytes, copt.pager.spill_dir) == (4096, str(tmp_path))
+    assert copt.param_groups[0]["params"][0] is cps["w1"]
+    before_sd, before_ps = opt.state_dict(), {k: v.detach().clone() for k, v in ps.items()}
+    assert _same(copt.state_dict(), before_sd)
+    for i in range(3, 6):
+        _step(cps, copt, i)
+    assert _same(opt.state_dict(), before_sd)
+    assert all(torch.equal(ps[k], before_ps[k]) for k in ps)
+    for i in range(3, 6):  # the original goes on as the copy did
+        _step(ps, opt, i)
+    assert all(torch.equal(ps[k], cps[k]) for k in ps)
+    assert _same(opt.state_dict(), copt.state_dict())
+    if kind == "8bit":
+        assert (copt.min_8bit_size, copt.blocksize) == (64, 64)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_deepcopy_of_the_optimizer_alone_copies_the_parameters_as_torch_does(kind):
+    ps, opt = _run(kind)
+    t_ps = {k: torch.nn.Parameter(v.detach().clone(), requires_grad=v.requires_grad) for k, v in ps.items()}
+    t_opt = torch.optim.AdamW(_groups(t_ps), lr=1e-2)
+    t_copy, copt = copy.deepcopy(t_opt), copy.deepcopy(opt)
+    for c, original in ((t_copy, t_ps), (copt, ps)):
+        copied = c.param_groups[0]["params"][0]
+        assert copied is not original["w1"] and torch.equal(copied, original["w1"]) and copied.grad is None
+    before_sd, before_w1 = opt.state_dict(), ps["w1"].detach().clone()
+    w1 = copt.param_groups[0]["params"][0]
+    w1.grad = torch.ones_like(w1)
+    copt.step()
+    assert not torch.equal(w1, before_w1)
+    assert torch.equal(ps["w1"], before_w1) and _same(opt.state_dict(), before_sd)
+
+
+def test_deepcopy_of_an_optimizer_on_a_shared_pager_gets_its_own():
+    ps = _params()
+    pager = pq.Pager(budget_bytes=8192, page_bytes=4096)
+    opt = PagedAdamW(_groups(ps), pager=pager)
+    _step(ps, opt, 0)
+    copt = copy.deepcopy(opt)
+    assert copt.pager is not pager and not pager.closed
+    assert (copt.pager.budget_bytes, copt.pager.page_bytes, copt.pager.spill_dir) == (8192, 4096, pager.spill_dir)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("how", ["torch.save", "pickle"])
+def test_pickled_optimizer_resumes_bit_identically(kind, how, tmp_path):
+    """Pickle the parameters and the optimizer object together, unpickle, continue: as if never stopped."""
+    ps, opt = _run(kind, budget_bytes=2048, spill_dir=str(tmp_path))
+    if kind == "8bit":
+        opt.skipped_elements = 5  # counters travel with it
+    if how == "torch.save":
+        buf = io.BytesIO()
+        torch.save({"params": ps, "opt": opt}, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+    else:
+        loaded = pickle.loads(pickle.dumps({"params": ps, "opt": opt}))
+    lps, lopt = loaded["params"], loaded["opt"]
+    assert type(lopt) is type(opt) and lopt.pager.budget_bytes == 2048
+    assert _same(lopt.state_dict(), opt.state_dict())
+    if kind == "8bit":
+        assert lopt.skipped_elements == 5 and lopt.state[lps["w1"]]["state1"].dtype == torch.uint8
+    for i in range(3, 8):
+        _step(ps, opt, i)
+        _step(lps, lopt, i)
+    assert all(torch.equal(ps[k], lps[k]) for k in ps)
+    assert _same(lopt.state_dict(), opt.state_dict())
+    assert lopt.stats()["allocated_bytes"] > 0  # the state lives in the new pager
+
+
+def test_pickled_optimizer_state_does_not_hold_the_whole_arena():
+    """Each state tensor is pickled on its own (not the shared paged allocation it views)."""
+    big = torch.nn.Parameter(torch.randn(1 << 16))
+    small = torch.nn.Parameter(torch.randn(10))
+    opt = PagedAdamW([big, small])
+    small.grad = torch.ones(10)
+    opt.step()  # only `small` has state; the arena also holds big's slot (512 KiB)
+    assert len(pickle.dumps(opt)) - len(pickle.dumps([big, small])) < 16 << 10
+    assert math.isclose(opt.state_bytes(), 8 * ((1 << 16) + 10))
