@@ -11,6 +11,7 @@ import io
 import math
 import pickle
 import random
+import warnings
 from collections.abc import Mapping
 
 import pytest
@@ -384,7 +385,9 @@ def _mutate(sd, op, rnd, kind):
         state[idx] = rnd.choice([[], None, entry.get("step")])
     elif op == "decode" and kind == "8bit":
         try:
-            _decoded(sd)
+            with warnings.catch_warnings():  # an entry corrupted before (complex absmax): numpy warns
+                warnings.simplefilter("ignore")
+                _decoded(sd)
         except Exception:  # an entry corrupted before: decoded as far as it goes
             pass
     elif op == "groups" and groups:
