@@ -28,6 +28,23 @@ load: see ``docs/distributed.md``), work with gradient clipping
 (``torch.nn.utils.clip_grad_norm_`` before ``step()``) and with the LoRA
 parameters of :func:`pyqlora.lora.prepare_model`.
 
+``load_state_dict()`` checks the whole dict before it changes anything (the
+structure, the parameter groups and their hyperparameters, and per parameter
+the keys, element counts, shapes, dtypes, finiteness and the step): a bad
+dict raises ``ValueError`` (``TypeError`` for a value of the wrong type or
+dtype) naming the parameter and the key, and leaves the optimizer as it was.
+
+``copy.deepcopy(optimizer)`` and pickling the optimizer object itself
+(``pickle``, ``torch.save(optimizer)``) work as they do for
+``torch.optim.AdamW``: the copy holds its own copy of the state in a new pager
+(same ``budget_bytes``, ``spill_dir``, ``page_bytes``; a pager shared between
+optimizers is not shared by the copy), and its parameters are the ones in the
+deepcopy memo or the pickle: deep-copy or pickle the model together with the
+optimizer (``copy.deepcopy((model, opt))``) and the copy optimizes the copied
+model; copy the optimizer alone and, as with torch, it optimizes copies of the
+parameters (without their gradients) that nothing else refers to.
+``state_dict()`` / ``load_state_dict()`` remain the way to checkpoint.
+
 Non-finite gradients: :class:`PagedAdamW` behaves like ``torch.optim.AdamW``
 (a NaN or Inf gradient propagates into the moments and the parameter).
 :class:`PagedAdamW8bit` skips the elements whose gradient is NaN or Inf (their
@@ -39,7 +56,11 @@ To skip whole steps instead, check the gradient norm that
 
 Needs torch (``pip install "pyqlora[torch]"``). CPU tensors only for now.
 """
+import copy
 import math
+import numbers
+from collections import defaultdict
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -59,6 +80,66 @@ _ALIGN = 64  # bytes: each state slot starts on a cache line
 
 def _round_up(n, a):
     return (n + a - 1) // a * a
+
+
+_MAX_STEP = 2**53  # steps are float32 tensors (as torch's); the 8-bit kernel takes an int64
+_MAX_FLOAT32 = float(np.finfo(np.float32).max)  # the updates compute in float32 (torch refuses larger scalars)
+
+
+def _is_real(x):
+    """A real number that is not a bool (Python, NumPy)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_hyperparameters(group, where=""):
+    """lr, betas, eps, weight_decay of the defaults or of a parameter group, as the constructor takes them.
+
+    TypeError for a value of the wrong type, ValueError for a missing one or one out of range.
+    """
+    for name in ("lr", "betas", "eps", "weight_decay"):
+        if name not in group:
+            raise ValueError(f"{where}lacks the hyperparameter {name!r}")
+    for name in ("lr", "eps", "weight_decay"):
+        v = group[name]
+        if not _is_real(v):
+            raise TypeError(f"{where}{name} must be a number, got {type(v).__name__}")
+        if not (math.isfinite(v) and 0.0 <= v <= _MAX_FLOAT32):
+            raise ValueError(f"{where}{name} must be a finite number >= 0 (within float32), got {v!r}")
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)):
+        raise TypeError(f"{where}betas must be a pair of numbers, got {type(betas).__name__}")
+    if len(betas) != 2:
+        raise ValueError(f"{where}betas must be a pair of numbers, got {len(betas)} values")
+    for i, b in enumerate(betas):
+        if not _is_real(b):
+            raise TypeError(f"{where}betas[{i}] must be a number, got {type(b).__name__}")
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"{where}betas[{i}] must be in [0, 1), got {b!r}")
+    for name in ("amsgrad", "maximize"):  # torch.optim.AdamW options these optimizers do not implement
+        v = group.get(name, False)
+        if not (v is None or v is False or (isinstance(v, int) and not isinstance(v, bool) and v == 0)):
+            raise ValueError(f"{where}{name}={v!r} is not supported by the paged optimizers")
+
+
+def _check_step(value, where):
+    """The saved step: a finite integral number >= 0, or a 0-d real tensor of one; as a float32 tensor."""
+    if torch.is_tensor(value):
+        value = dtensor.local(value)
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{where}: 'step' must be a real number, got a {value.dtype} tensor")
+        if value.dim() != 0:
+            raise ValueError(f"{where}: 'step' must be a number or a 0-d tensor, got shape {tuple(value.shape)}")
+        if value.is_meta:
+            raise ValueError(f"{where}: 'step' is a meta tensor (no value)")
+        s = value.item()
+    elif _is_real(value):
+        s = value
+    else:
+        raise TypeError(f"{where}: 'step' must be a number or a 0-d tensor, got {type(value).__name__}")
+    s = float(s)
+    if not (math.isfinite(s) and 0.0 <= s <= _MAX_STEP and s == int(s)):
+        raise ValueError(f"{where}: 'step' must be a whole number in [0, 2**53], got {s!r}")
+    return torch.tensor(s, dtype=torch.float32)
 
 
 def _adamw_32bit(p, grad, exp_avg, exp_avg_sq, group, step):
@@ -160,21 +241,28 @@ class _PagedOptimizer(torch.optim.Optimizer):
     """Shared machinery: a pager, per-group arenas of state, prefetch before use."""
 
     def __init__(self, params, defaults, pager, budget_bytes, spill_dir):
-        lr, (beta1, beta2), eps, wd = defaults["lr"], defaults["betas"], defaults["eps"], defaults["weight_decay"]
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0.0):
-            raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
-        for name, b in (("betas[0]", beta1), ("betas[1]", beta2)):
-            if not (isinstance(b, (int, float)) and 0.0 <= b < 1.0):
-                raise ValueError(f"{name} must be in [0, 1), got {b!r}")
-        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0.0):
-            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-        if not (isinstance(wd, (int, float)) and math.isfinite(wd) and wd >= 0.0):
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {wd!r}")
+        _check_hyperparameters(defaults)
         if pager is not None and (budget_bytes is not None or spill_dir is not None):
             raise ValueError("give either pager= or budget_bytes=/spill_dir=, not both")
         super().__init__(params, defaults)
-        self.pager = pager if pager is not None else Pager(budget_bytes=budget_bytes, spill_dir=spill_dir)
+        if pager is not None:
+            device = pager.device
+            # what a copy of this optimizer (deepcopy, pickle) creates its own pager with
+            self._pager_settings = {"budget_bytes": pager.budget_bytes,
+                                    "spill_dir": pager.spill_dir if device == "cpu" else None,
+                                    "page_bytes": pager.page_bytes, "device": None if device == "cpu" else device}
+        else:
+            pager = Pager(budget_bytes=budget_bytes, spill_dir=spill_dir)
+            self._pager_settings = {"budget_bytes": budget_bytes, "spill_dir": spill_dir, "page_bytes": None,
+                                    "device": None}
+        self.pager = pager
         self._slots = {}  # param -> dict of paged state tensors (allocated with its group)
+
+    def add_param_group(self, param_group):
+        """As ``torch.optim.Optimizer.add_param_group``; its hyperparameters are checked as the constructor's."""
+        if isinstance(param_group, Mapping):
+            _check_hyperparameters({**self.defaults, **param_group}, "parameter group: ")
+        super().add_param_group(param_group)
 
     # -- layout ----------------------------------------------------------------------------
     def _slot_layout(self, p):
@@ -209,6 +297,12 @@ class _PagedOptimizer(torch.optim.Optimizer):
     def _init_slot(self, slot):
         """Values of a fresh state (zeros for every key by default)."""
 
+    def _reset_slot(self, slot):
+        for key, t in slot.items():
+            if not key.startswith("_"):
+                t.zero_()
+        self._init_slot(slot)
+
     def _slot(self, p, group):
         if p not in self._slots:
             self._allocate_group(group)
@@ -233,6 +327,8 @@ class _PagedOptimizer(torch.optim.Optimizer):
                 state = self.state[p]  # keyed by the parameter; the update works on its local shard
                 local = dtensor.local(p)
                 if not state:
+                    # a fresh state (the slot may hold an older one: state cleared, or not in a loaded dict)
+                    self._reset_slot(slot)
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     for key, t in slot.items():
                         if not key.startswith("_"):
@@ -288,48 +384,238 @@ class _PagedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         """Load a state dict saved by this class (or ``torch.optim.AdamW`` for :class:`PagedAdamW`).
 
-        The saved tensors are copied into paged memory with their saved dtypes.
+        The saved tensors are copied into paged memory (moments in the
+        parameter's dtype). The whole dict is checked first: its structure (a
+        mapping with ``"state"`` and ``"param_groups"``, as many groups and
+        parameters per group as this optimizer has, state only for listed
+        parameters that require grad), each group's hyperparameters (as the
+        constructor checks them), and per parameter exactly the state this
+        optimizer keeps for it (keys, element counts, shapes, dtypes, finite
+        moments, a whole ``step`` >= 0). Nothing changes unless all of it is
+        valid.
+
+        Raises
+        ------
+        ValueError
+            A missing, extra or malformed entry; the message names the
+            parameter (its id in the dict, its name when the dict has
+            ``param_names``) and the key.
+        TypeError
+            An entry of the wrong type or dtype.
         """
-        saved = {k: dict(v) for k, v in state_dict["state"].items()}
-        # the keys of the saved state are what its param_groups list (indices, or
-        # parameter names from torch.distributed.checkpoint), in the order of ours
-        key_to_param = {key: p for saved_group, group in zip(state_dict["param_groups"], self.param_groups)
-                        for key, p in zip(saved_group["params"], group["params"])}
-        super().load_state_dict(state_dict)
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"optimizer state dict must be a mapping, got {type(state_dict).__name__}")
+        state_dict = dict(state_dict)  # shallow copy, as torch (the pre-hooks may change it)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        groups, loads, inexact = self._check_state_dict(state_dict)
+        # nothing has changed so far; allocation is the last step that can fail (paged memory)
         for g in self.param_groups:
             self._allocate_group(g)
-        self.state.clear()
-        for idx, values in saved.items():
-            if idx not in key_to_param:
-                raise ValueError(f"state for parameter {idx!r} given, but no parameter group lists it")
-            p = key_to_param[idx]
-            if p not in self._slots:
-                raise ValueError(f"state for parameter {idx} given, but that parameter does not require grad")
-            self._load_param_state(p, values)
+        new_state = defaultdict(dict)
+        for p, values in loads.items():
+            self._install_state(p, values, new_state)
+        self.__setstate__({"state": new_state, "param_groups": groups})
+        self._loaded(inexact)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
-    def _load_param_state(self, p, values):
-        slot = self._slots[p]
-        state = self.state[p]
-        for key, value in values.items():
-            if key == "step":
-                state["step"] = torch.as_tensor(value, dtype=torch.float32).clone()
-                continue
-            if key not in slot:
-                raise ValueError(f"unexpected optimizer state {key!r} for a parameter of shape {tuple(p.shape)}")
-            target = slot[key]
-            value = torch.as_tensor(dtensor.local(value))
-            if value.numel() != target.numel():
-                raise ValueError(f"optimizer state {key!r} has {value.numel()} elements, expected {target.numel()} "
-                                 f"for a parameter of shape {tuple(p.shape)}")
-            target.copy_(value.reshape(target.shape).to(target.dtype))
-            state[key] = target
-        missing = [k for k in slot if not k.startswith("_") and k not in state]
+    def _loaded(self, inexact):
+        """Bookkeeping after a load (the number of inexactly requantized blocks)."""
+
+    def _check_state_dict(self, state_dict):
+        """Validate a whole state dict; returns (new param_groups, {param: converted state}, inexact blocks)."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"optimizer state dict must be a mapping, got {type(state_dict).__name__}")
+        for key in ("state", "param_groups"):
+            if key not in state_dict:
+                raise ValueError(f"optimizer state dict lacks {key!r}")
+        saved_state, saved_groups = state_dict["state"], state_dict["param_groups"]
+        if not isinstance(saved_state, Mapping):
+            raise TypeError(f"optimizer state dict: 'state' must be a mapping, got {type(saved_state).__name__}")
+        if not isinstance(saved_groups, (list, tuple)):
+            raise TypeError(f"optimizer state dict: 'param_groups' must be a list, got {type(saved_groups).__name__}")
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"optimizer state dict has {len(saved_groups)} parameter groups, this optimizer "
+                             f"has {len(self.param_groups)}")
+        key_to_param, names = {}, {}
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            where = f"param_groups[{gi}]"
+            if not isinstance(saved, Mapping):
+                raise TypeError(f"{where} must be a mapping, got {type(saved).__name__}")
+            if "params" not in saved:
+                raise ValueError(f"{where} lacks 'params'")
+            ids = saved["params"]
+            if not isinstance(ids, (list, tuple)):
+                raise TypeError(f"{where}['params'] must be a list, got {type(ids).__name__}")
+            if len(ids) != len(group["params"]):
+                raise ValueError(f"{where} lists {len(ids)} parameters, this optimizer's group has "
+                                 f"{len(group['params'])}")
+            _check_hyperparameters(saved, f"{where}: ")
+            group_names = saved.get("param_names", group.get("param_names"))
+            if not (isinstance(group_names, (list, tuple)) and len(group_names) == len(ids)):
+                group_names = [None] * len(ids)
+            for j, (key, p, name) in enumerate(zip(ids, group["params"], group_names)):
+                try:
+                    hash(key)
+                except TypeError:
+                    raise TypeError(f"{where}['params'][{j}] must be a parameter id (an int or a name), "
+                                    f"got {type(key).__name__}") from None
+                if key in key_to_param:
+                    raise ValueError(f"{where}['params'][{j}]: parameter id {key!r} is listed twice")
+                key_to_param[key] = p
+                names[key] = name if isinstance(name, str) else None
+        try:
+            new_groups = copy.deepcopy(list(saved_groups))
+        except Exception as exc:  # an object in a group that cannot be copied
+            raise TypeError(f"optimizer state dict: 'param_groups' cannot be copied: {exc}") from exc
+        new_groups = [dict(saved) for saved in new_groups]
+        for saved, group in zip(new_groups, self.param_groups):  # as torch.optim.Optimizer.load_state_dict
+            saved["params"] = group["params"]
+            if "param_names" in group and "param_names" not in saved:
+                saved["param_names"] = group["param_names"]
+
+        arenas = {t.untyped_storage().data_ptr() for slot in self._slots.values()
+                  for k, t in slot.items() if not k.startswith("_")}
+        loads, inexact = {}, 0
+        for key, values in saved_state.items():
+            if key not in key_to_param:
+                raise ValueError(f"optimizer state dict has state for parameter {key!r}, but no parameter group "
+                                 "lists it")
+            p = key_to_param[key]
+            local = dtensor.local(p)
+            where = f"parameter {key!r}" + (f" ({names[key]})" if names[key] else "") + \
+                    f" of shape {tuple(local.shape)}"
+            if not p.requires_grad:
+                raise ValueError(f"optimizer state dict has state for {where}, which does not require grad")
+            if not isinstance(values, Mapping):
+                raise TypeError(f"optimizer state of {where} must be a mapping, got {type(values).__name__}")
+            converted, n = self._check_param_state(local, values, where)
+            for k, t in converted.items():  # a value that is this optimizer's own paged state: copy it first
+                if k != "step" and t.untyped_storage().data_ptr() in arenas:
+                    converted[k] = t.clone()
+            loads[p] = converted
+            inexact += n
+        return new_groups, loads, inexact
+
+    @staticmethod
+    def _check_keys(values, expected, where):
+        keys = set(values)
+        missing, extra = sorted(expected - keys, key=repr), sorted(keys - expected, key=repr)
         if missing:
-            raise ValueError(f"optimizer state for a parameter of shape {tuple(p.shape)} lacks {missing}")
+            raise ValueError(f"optimizer state of {where} lacks {missing}")
+        if extra:
+            raise ValueError(f"optimizer state of {where} has unexpected keys {extra} "
+                             f"(expected {sorted(expected, key=repr)})")
+
+    def _check_param_state(self, p, values, where):
+        """The saved state of local parameter p, checked and converted to its slot's dtypes (flat tensors).
+
+        Returns ({key: tensor, "step": tensor}, number of inexactly requantized blocks).
+        """
+        layout = self._slot_layout(p)
+        self._check_keys(values, {"step"} | {key for key, _, _ in layout}, where)
+        out = {"step": _check_step(values["step"], where)}
+        for key, numel, dtype in layout:
+            out[key] = _check_state_tensor(values[key], key, p, numel, dtype, where)
+        return out, 0
+
+    def _install_state(self, p, values, state):
+        """Copy checked state (flat tensors of the slot's dtypes) into p's slot; state[p] views it."""
+        slot = self._slots[p]
+        local = dtensor.local(p)
+        self.pager.prefetch(slot["_range"])
+        st = {"step": values["step"]}
+        for key, t in slot.items():
+            if key.startswith("_"):
+                continue
+            t.copy_(values[key])
+            st[key] = t.view_as(local) if key in ("exp_avg", "exp_avg_sq") else t
+        state[p] = st
+
+    # -- copies and pickles ---------------------------------------------------------------
+    def _settings(self):
+        """What a copy needs besides the state and the groups (the pager's settings, counters)."""
+        return {"pager": dict(self._pager_settings)}
+
+    def _restore_settings(self, settings):
+        self._pager_settings = dict(settings["pager"])
+        self.pager = Pager(**self._pager_settings)
+
+    def __getstate__(self):
+        """torch's (defaults, state, param_groups) with the state copied out of paged memory, and the settings.
+
+        The paged tensors view one allocation as several dtypes, which pickle
+        cannot hold; the copies are ordinary tensors, one storage each.
+        """
+        state = {p: {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+                 for p, st in self.state.items()}
+        return {"defaults": self.defaults, "state": state, "param_groups": self.param_groups,
+                "_paged_settings": self._settings()}
 
     def __setstate__(self, state):
-        super().__setstate__(state)
-        self.__dict__.setdefault("_slots", {})
+        state = dict(state)
+        settings = state.pop("_paged_settings", None)
+        if settings is None:  # torch.optim.Optimizer.load_state_dict's form (state and param_groups only)
+            super().__setstate__(state)
+            self.__dict__.setdefault("_slots", {})
+            return
+        # a copy (deepcopy, unpickle): a new pager, the state copied into it
+        saved = state.pop("state")
+        super().__setstate__({**state, "state": defaultdict(dict)})
+        self._restore_settings(settings)
+        self._slots = {}
+        for g in self.param_groups:
+            self._allocate_group(g)
+        for p, values in saved.items():
+            if p in self._slots and values:
+                values = {k: (v.reshape(-1) if k != "step" else v) for k, v in values.items()}
+                self._install_state(p, values, self.state)
+            else:  # no paged state for it (does not require grad now): kept as is
+                self.state[p] = values
+
+
+def _check_state_tensor(value, key, p, numel, dtype, where):
+    """One saved state tensor of local parameter p, checked; returned flat, on the CPU, in `dtype`.
+
+    Moments (``exp_avg``, ``exp_avg_sq``): any floating dtype, finite after the
+    conversion, ``exp_avg_sq`` >= 0. 8-bit codes (``state1``, ``state2``):
+    uint8. Block scales (``absmax1``, ``absmax2``): float32, finite, >= 0.
+    Per-element state has p's shape or is flat; scales are flat.
+    """
+    if not torch.is_tensor(value):
+        raise TypeError(f"optimizer state {key!r} of {where} must be a tensor, got {type(value).__name__}")
+    value = dtensor.local(value)
+    if value.layout != torch.strided:
+        raise TypeError(f"optimizer state {key!r} of {where} must be a dense tensor, got {value.layout}")
+    if value.is_meta:
+        raise ValueError(f"optimizer state {key!r} of {where} is a meta tensor (no values)")
+    scales = key.startswith("absmax")
+    if value.numel() != numel:
+        raise ValueError(f"optimizer state {key!r} of {where} has {value.numel()} elements, expected {numel}")
+    shapes = {(numel,)} if scales else {(numel,), tuple(p.shape)}
+    if tuple(value.shape) not in shapes:
+        raise ValueError(f"optimizer state {key!r} of {where} has shape {tuple(value.shape)}, expected "
+                         f"{' or '.join(str(s) for s in sorted(shapes))}")
+    if key.startswith("state"):
+        if value.dtype != torch.uint8:
+            raise TypeError(f"optimizer state {key!r} of {where} must be uint8 codes, got {value.dtype}")
+    elif scales:
+        if value.dtype != torch.float32:
+            raise TypeError(f"optimizer state {key!r} of {where} must be float32 block scales, got {value.dtype}")
+    elif not value.is_floating_point():
+        raise TypeError(f"optimizer state {key!r} of {where} must be a floating tensor, got {value.dtype}")
+    saved_dtype = value.dtype
+    value = value.detach().to(device="cpu", dtype=dtype).reshape(-1)
+    if value.is_floating_point():
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"optimizer state {key!r} of {where} is not finite"
+                             + (f" (in {dtype}, the state's dtype)" if dtype != saved_dtype else ""))
+        if (key == "exp_avg_sq" or scales) and bool((value < 0).any()):
+            raise ValueError(f"optimizer state {key!r} of {where} has negative values")
+    return value
 
 
 class PagedAdamW(_PagedOptimizer):
@@ -416,16 +702,29 @@ class PagedAdamW8bit(_PagedOptimizer):
             raise ValueError(f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults, pager, budget_bytes, spill_dir)
+        self._setup_8bit(min_8bit_size, blocksize)
+        self.skipped_elements = 0
+        #: Blocks whose decoded moments could not be restored bit for bit by load_state_dict
+        #: (0 unless a checkpoint of decoded moments was resharded to other blocks).
+        self.inexact_blocks_loaded = 0
+
+    def _setup_8bit(self, min_8bit_size, blocksize):
         self.min_8bit_size = min_8bit_size
         self.blocksize = blocksize
         self._qmap1 = dynamic_codebook(signed=True)
         self._qmap2 = dynamic_codebook(signed=False)
         self._zero1 = int(np.flatnonzero(self._qmap1 == 0.0)[0])  # code of 0 in the signed map
         self._zero2 = int(np.flatnonzero(self._qmap2 == 0.0)[0])
-        self.skipped_elements = 0
-        #: Blocks whose decoded moments could not be restored bit for bit by load_state_dict
-        #: (0 unless a checkpoint of decoded moments was resharded to other blocks).
-        self.inexact_blocks_loaded = 0
+
+    def _settings(self):
+        return {**super()._settings(), "min_8bit_size": self.min_8bit_size, "blocksize": self.blocksize,
+                "skipped_elements": self.skipped_elements, "inexact_blocks_loaded": self.inexact_blocks_loaded}
+
+    def _restore_settings(self, settings):
+        super()._restore_settings(settings)
+        self._setup_8bit(settings["min_8bit_size"], settings["blocksize"])
+        self.skipped_elements = settings["skipped_elements"]
+        self.inexact_blocks_loaded = settings["inexact_blocks_loaded"]
 
     def _is_8bit(self, p):
         return p.numel() >= self.min_8bit_size
@@ -470,27 +769,31 @@ class PagedAdamW8bit(_PagedOptimizer):
             new[key] = torch.from_numpy(decoded)
         return new
 
-    def _load_param_state(self, p, values):
-        slot = self._slots[p]
-        if "state1" not in slot or "state1" in values:
-            return super()._load_param_state(p, values)
+    def _check_param_state(self, p, values, where):
+        if not self._is_8bit(p):
+            return super()._check_param_state(p, values, where)
+        coded = {"state1", "state2", "absmax1", "absmax2"}
+        if coded & set(values) or not {"exp_avg", "exp_avg_sq"} & set(values):
+            return super()._check_param_state(p, values, where)
         # decoded moments (an FSDP checkpoint, or 32-bit state): requantize into this rank's blocks
-        converted = {k: v for k, v in values.items() if k not in ("exp_avg", "exp_avg_sq")}
+        self._check_keys(values, {"step", "exp_avg", "exp_avg_sq"}, where)
+        out = {"step": _check_step(values["step"], where)}
+        n = p.numel()
+        nb = -(-n // self.blocksize)
+        inexact = 0
         for key, codes, absmax, qmap in (("exp_avg", "state1", "absmax1", self._qmap1),
                                          ("exp_avg_sq", "state2", "absmax2", self._qmap2)):
-            if key not in values:
-                raise ValueError(f"optimizer state for a parameter of shape {tuple(p.shape)} lacks {key!r} "
-                                 f"(or {codes!r}/{absmax!r})")
-            value = torch.as_tensor(dtensor.local(values[key])).detach().to(torch.float32)
-            if not torch.isfinite(value).all():
-                raise ValueError(f"optimizer state {key!r} for a parameter of shape {tuple(p.shape)} is not finite")
-            if value.numel() == 0:
-                converted[codes], converted[absmax] = torch.zeros(0, dtype=torch.uint8), torch.zeros(0)
+            value = _check_state_tensor(values[key], key, p, n, torch.float32, where)
+            if n == 0:
+                out[codes], out[absmax] = torch.zeros(0, dtype=torch.uint8), torch.zeros(nb)
                 continue
-            c, a, inexact = _requantize_exact(value.numpy(), qmap, self.blocksize)
-            self.inexact_blocks_loaded += inexact
-            converted[codes], converted[absmax] = torch.from_numpy(c), torch.from_numpy(a)
-        return super()._load_param_state(p, converted)
+            c, a, k = _requantize_exact(value.numpy(), qmap, self.blocksize)
+            inexact += k
+            out[codes], out[absmax] = torch.from_numpy(c), torch.from_numpy(a)
+        return out, inexact
+
+    def _loaded(self, inexact):
+        self.inexact_blocks_loaded += inexact
 
     def _update(self, p, grad, state, group):
         step = state["step"].item()
@@ -499,6 +802,8 @@ class PagedAdamW8bit(_PagedOptimizer):
             return
         if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"PagedAdamW8bit: parameter dtype {p.dtype} is not supported (float32, float16, bfloat16)")
+        if p.numel() == 0:  # nothing to update (an empty parameter or shard); the kernel takes n >= 1
+            return
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         target = p if p.is_contiguous() else p.contiguous()
         grad = grad.to(p.dtype).contiguous()
