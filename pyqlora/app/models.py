@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from .weights import LazyWeights
+from .weights import LazyWeights, check_weight_shapes
 
 __all__ = ["gguf_weights", "load_gguf_llama", "load_smollm2", "smollm2_gguf_path"]
 
@@ -51,32 +51,61 @@ def _open_gguf(path):
         raise FileNotFoundError(f"model file not found: {path}")
     try:
         return GGUFReader(path)
+    except PermissionError as exc:
+        raise PermissionError(f"{path}: cannot read the file: {exc.strerror}") from exc
     except Exception as exc:  # gguf raises various errors for non-GGUF input
-        raise ValueError(f"{path} is not a readable GGUF file: {exc}") from None
+        raise ValueError(f"{path} is not a readable GGUF file: {exc}") from exc
 
 
 def _gguf_config(path, reader):
     """transformers.LlamaConfig from the GGUF metadata."""
     import transformers
 
-    def field(key):
+    def field(key, kind=None):
         if key not in reader.fields:
             raise ValueError(f"{path}: GGUF metadata lacks {key!r}")
-        return reader.fields[key].contents()
+        try:
+            value = reader.fields[key].contents()
+            if kind is int:
+                if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                    raise ValueError(f"expected a non-negative integer, got {value!r}")
+                return int(value)
+            return kind(value) if kind else value
+        except (ValueError, TypeError, IndexError, OverflowError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: GGUF metadata {key!r} is not usable ({exc})") from exc
 
     arch = field("general.architecture")
     if arch != "llama":
         raise ValueError(f"{path}: architecture {arch!r} is not supported (only llama)")
-    return transformers.LlamaConfig(
-        vocab_size=int(field("llama.vocab_size")), hidden_size=int(field("llama.embedding_length")),
-        intermediate_size=int(field("llama.feed_forward_length")), num_hidden_layers=int(field("llama.block_count")),
-        num_attention_heads=int(field("llama.attention.head_count")),
-        num_key_value_heads=int(field("llama.attention.head_count_kv")),
-        max_position_embeddings=int(field("llama.context_length")),
-        rms_norm_eps=float(field("llama.attention.layer_norm_rms_epsilon")),
-        rope_theta=float(field("llama.rope.freq_base")),
-        tie_word_embeddings="output.weight" not in {t.name for t in reader.tensors},
-        bos_token_id=int(field("tokenizer.ggml.bos_token_id")), eos_token_id=int(field("tokenizer.ggml.eos_token_id")))
+    try:
+        return transformers.LlamaConfig(
+            vocab_size=field("llama.vocab_size", int), hidden_size=field("llama.embedding_length", int),
+            intermediate_size=field("llama.feed_forward_length", int),
+            num_hidden_layers=field("llama.block_count", int),
+            num_attention_heads=field("llama.attention.head_count", int),
+            num_key_value_heads=field("llama.attention.head_count_kv", int),
+            max_position_embeddings=field("llama.context_length", int),
+            rms_norm_eps=field("llama.attention.layer_norm_rms_epsilon", float),
+            rope_theta=field("llama.rope.freq_base", float),
+            tie_word_embeddings="output.weight" not in {t.name for t in reader.tensors},
+            bos_token_id=field("tokenizer.ggml.bos_token_id", int),
+            eos_token_id=field("tokenizer.ggml.eos_token_id", int))
+    except (ValueError, TypeError) as exc:  # values transformers' checks refuse (heads that do not divide, ...)
+        raise ValueError(f"{path}: the GGUF metadata describes no valid Llama model ({exc})") from exc
+
+
+def _meta_llama(path, cfg):
+    """The Llama model of a GGUF file's metadata, on the meta device (ValueError naming the file if it cannot be
+    built)."""
+    import torch
+    import transformers
+
+    try:
+        with torch.device("meta"):
+            return transformers.LlamaForCausalLM(cfg)
+    except (ValueError, TypeError, ZeroDivisionError, OverflowError, RuntimeError) as exc:
+        raise ValueError(f"{path}: the GGUF metadata describes no model that can be built "
+                         f"({type(exc).__name__}: {exc})") from exc
 
 
 class _GGUFWeights(LazyWeights):
@@ -88,6 +117,7 @@ class _GGUFWeights(LazyWeights):
 
     def __init__(self, path, reader, cfg):
         self._cfg = cfg
+        self._path = path
         tensors = {}
         for t in reader.tensors:
             if t.name == "token_embd.weight":
@@ -101,26 +131,44 @@ class _GGUFWeights(LazyWeights):
                 if len(parts) != 4 or parts[0] != "blk" or parts[2] not in _GGUF_NAMES:
                     raise ValueError(f"{path}: unexpected tensor {t.name!r}")
                 name = f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.weight"
+            if name in tensors:
+                raise ValueError(f"{path}: tensor {t.name!r} appears twice")
             tensors[name] = t
         super().__init__(tensors)
+
+    def shape(self, name):
+        """The shape of tensor `name` (Hugging Face order: rows first), read from the file's index."""
+        return tuple(int(n) for n in reversed(self._index[name].shape.tolist()))
 
     def __getitem__(self, name):
         from gguf.quants import dequantize
 
         t = self._index[name]
-        w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # a writable copy
-        kind = t.name.split(".")[2] if t.name.startswith("blk.") else None
-        if kind == "attn_q":
-            w = _unpermute(w, self._cfg.num_attention_heads)
-        elif kind == "attn_k":
-            w = _unpermute(w, self._cfg.num_key_value_heads)
+        try:
+            w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # a writable copy
+            w = w.reshape(self.shape(name))
+            kind = t.name.split(".")[2] if t.name.startswith("blk.") else None
+            if kind == "attn_q":
+                w = _unpermute(w, self._cfg.num_attention_heads)
+            elif kind == "attn_k":
+                w = _unpermute(w, self._cfg.num_key_value_heads)
+        except (ValueError, TypeError, IndexError, KeyError, NotImplementedError) as exc:
+            # data cut short, an unknown quantization type, rows the heads do not divide
+            raise ValueError(f"{self._path}: cannot read tensor {t.name!r} ({type(exc).__name__}: {exc})") from exc
         return np.ascontiguousarray(w)
+
+    def check(self, model):
+        """Raise ValueError unless the tensors' shapes are `model`'s parameter shapes (and none is missing)."""
+        check_weight_shapes(model, {k: (self.shape(k), self._path) for k in self}, "its GGUF metadata")
 
 
 def gguf_weights(path):
     """A lazy mapping of a Llama GGUF file's weights under Hugging Face names (for prepare_model(weights=))."""
     reader = _open_gguf(path)
-    return _GGUFWeights(path, reader, _gguf_config(path, reader))
+    cfg = _gguf_config(path, reader)
+    weights = _GGUFWeights(path, reader, cfg)
+    weights.check(_meta_llama(path, cfg))
+    return weights
 
 
 def load_gguf_llama(path, dtype=None, tokenizer=True, lora_config=None):
@@ -147,6 +195,7 @@ def load_gguf_llama(path, dtype=None, tokenizer=True, lora_config=None):
     reader = _open_gguf(path)
     cfg = _gguf_config(path, reader)
     weights = _GGUFWeights(path, reader, cfg)
+    weights.check(_meta_llama(path, cfg))  # metadata and tensors agree, before any tensor is read
     dtype = dtype or torch.float32
     if lora_config is not None:
         from ..lora import empty_weights, prepare_model
@@ -166,7 +215,11 @@ def load_gguf_llama(path, dtype=None, tokenizer=True, lora_config=None):
         model = model.to(dtype).eval()
     tok = None
     if tokenizer:
-        tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path) or ".",
+                                                             gguf_file=os.path.basename(path))
+        except Exception as exc:  # transformers' GGUF tokenizer reader raises what its input makes it raise
+            raise ValueError(f"{path}: cannot read the tokenizer ({type(exc).__name__}: {exc})") from exc
     return model, tok
 
 
