@@ -33,8 +33,8 @@ import shutil
 import sys
 
 from . import models
-from .data import cache_dir, read_text
-from .weights import check_weight_shapes, read_safetensors, safetensors_index
+from .data import cache_dir, error_text, read_text
+from .weights import check_layer_count, check_weight_shapes, config_errors, read_safetensors, safetensors_index
 
 __all__ = ["bnb_quantization_config", "check_model_argument", "gguf_to_folder", "linear_module_names", "load_model",
            "load_model_streamed", "meta_model", "quantize_checkpoint", "read_config", "read_transformers_config",
@@ -140,25 +140,28 @@ def read_transformers_config(folder):
 
     try:
         return transformers.AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+    except (OSError, *config_errors()) as exc:
         raise ValueError(f"{os.path.join(folder, 'config.json')}: not a configuration transformers can read "
-                         f"({type(exc).__name__}: {exc})") from exc
+                         f"({error_text(exc)})") from exc
 
 
-def meta_model(config, config_name="config.json"):
+def meta_model(config, config_name="config.json", tensor_names=None):
     """The transformers causal LM `config` describes, built on the meta device (no memory, no weights read).
 
     A configuration whose values cannot build a model (a hidden size that is not a multiple of the
-    heads, a negative size, a string for a number, ...) raises ValueError naming `config_name`.
+    heads, a negative size, a string for a number, ...) raises ValueError naming `config_name`; so
+    does one whose layer count is not the layers `tensor_names` (a checkpoint's) hold.
     """
     import torch
     import transformers
 
+    if tensor_names is not None:
+        check_layer_count(getattr(config, "num_hidden_layers", None), tensor_names, config_name)
     try:
         with torch.device("meta"):
             return transformers.AutoModelForCausalLM.from_config(config)
-    except (ValueError, TypeError, KeyError, AttributeError, ZeroDivisionError, OverflowError, RuntimeError) as exc:
-        raise ValueError(f"{config_name}: cannot build the model it describes ({type(exc).__name__}: {exc})") from exc
+    except (*config_errors(), RuntimeError) as exc:
+        raise ValueError(f"{config_name}: cannot build the model it describes ({error_text(exc)})") from exc
 
 
 def safetensors_files(folder):
@@ -267,13 +270,15 @@ def load_model(spec=None, dtype=None, tokenizer=True):
     else:
         # the parameters config.json implies against the checkpoint's tensors, before transformers reads a
         # byte (it would start a model with other shapes or missing layers from random values, and warn)
-        check_weight_shapes(meta_model(read_transformers_config(folder), os.path.join(folder, "config.json")),
-                            {k: (shape, f) for k, (shape, _, f) in index.items()},
-                            os.path.join(folder, "config.json"), unexpected=False, base_prefix=True)
+        config_name = os.path.join(folder, "config.json")
+        check_weight_shapes(meta_model(read_transformers_config(folder), config_name, index),
+                            {k: (shape, f) for k, (shape, _, f) in index.items()}, config_name, unexpected=False,
+                            base_prefix=True, source=None if index else folder)
         try:
             model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         except (OSError, ValueError, KeyError, SafetensorError) as exc:
-            raise ValueError(f"cannot load model {_describe(spec)} from {folder}: {exc}") from exc
+            raise ValueError(f"cannot load model {_describe(spec)} from {folder}: "
+                             f"{error_text(exc, kind=False)}") from exc
     model.eval()
     tok = load_tokenizer(folder) if tokenizer else None
     return model, tok, {"source": source, "folder": folder, "quantized": bool(quant)}
@@ -289,7 +294,7 @@ def load_tokenizer(folder):
     try:
         tok = transformers.AutoTokenizer.from_pretrained(folder)
     except Exception as exc:  # the tokenizers library raises a bare Exception for a file it cannot parse
-        raise ValueError(f"{folder}: cannot read the tokenizer ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(f"{folder}: cannot read the tokenizer ({error_text(exc)})") from exc
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -315,9 +320,10 @@ def load_model_streamed(spec):
     config = read_transformers_config(folder)
     config_name = os.path.join(folder, "config.json")
     files = safetensors_files(folder)
-    check_weight_shapes(meta_model(config, config_name),
-                        {k: (shape, f) for k, (shape, _, f) in safetensors_index(files).items()}, config_name,
-                        unexpected=False)  # prepare_model reads these names
+    index = safetensors_index(files)
+    shapes = {k: (shape, f) for k, (shape, _, f) in index.items()}
+    check_weight_shapes(meta_model(config, config_name, index), shapes, config_name, unexpected=False,
+                        source=None if index else folder)
     with empty_weights():
         model = transformers.AutoModelForCausalLM.from_config(config)
     model.to(torch.float32).eval()
@@ -341,13 +347,12 @@ def _load_4bit(folder, cfg, dtype, files):
     plain = {k: v for k, v in cfg.items() if k != "quantization_config"}
     try:
         config = transformers.AutoConfig.for_model(**plain)
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise ValueError(f"{config_name}: not a configuration transformers can read ({type(exc).__name__}: "
-                         f"{exc})") from exc
+    except config_errors() as exc:
+        raise ValueError(f"{config_name}: not a configuration transformers can read ({error_text(exc)})") from exc
     state = {}
     for f in files:
         state.update(read_safetensors(f))
-    model = meta_model(config, config_name)
+    model = meta_model(config, config_name, state)
     for name, module in list(model.named_modules()):
         if isinstance(module, torch.nn.Linear) and any(
                 f"{name}.weight.quant_state.bitsandbytes__{cb}" in state for cb in ("nf4", "fp4")):
@@ -362,7 +367,8 @@ def _load_4bit(folder, cfg, dtype, files):
     try:
         result = model.load_state_dict(state, strict=False)
     except (RuntimeError, ValueError, TypeError, KeyError) as exc:  # shapes or 4-bit entries that do not fit
-        raise ValueError(f"{folder}: the weights do not fit the model {config_name} describes: {exc}") from exc
+        raise ValueError(f"{folder}: the weights do not fit the model {config_name} describes: "
+                         f"{error_text(exc, 600, kind=False)}") from exc
     missing = [k for k in result.missing_keys if not (config.tie_word_embeddings and k.startswith("lm_head."))]
     if missing or result.unexpected_keys:
         raise ValueError(f"{folder}: weights do not match the model {config_name} describes: missing {missing[:3]}, "
@@ -476,11 +482,11 @@ def quantize_checkpoint(src, out, codebook="nf4", blocksize=64, double_quant=Tru
         raise ValueError(f"{folder} is quantized already (config.json has a quantization_config)")
     if os.path.realpath(out) == os.path.realpath(folder):
         raise ValueError("the output folder must differ from the source folder")
-    model = meta_model(read_transformers_config(folder), config_name)
-    targets = set(_linear_names(model))
     index = safetensors_index(safetensors_files(folder))
     if not index:
         raise ValueError(f"{folder}: no tensors in its safetensors files")
+    model = meta_model(read_transformers_config(folder), config_name, index)
+    targets = set(_linear_names(model))
     # config.json is copied into the output: refuse one that does not describe these weights
     check_weight_shapes(model, {k: (shape, f) for k, (shape, _, f) in index.items()}, config_name)
     del model

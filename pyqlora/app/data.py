@@ -38,6 +38,7 @@ __all__ = [
     "botchan_text",
     "cache_dir",
     "decode_utf8",
+    "error_text",
     "humaneval_pairs",
     "load_jsonl",
     "load_records",
@@ -127,6 +128,15 @@ def os_error(exc, message):
         return OSError(message)
 
 
+def error_text(exc, limit=300, kind=True):
+    """A library's exception as one line for an error message: ``Type: first line; second line ...``, cut at
+    `limit` characters (``--debug`` shows the whole exception)."""
+    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if len(text) > limit:
+        text = text[:limit - 3].rstrip() + "..."
+    return f"{type(exc).__name__}: {text}" if kind else text
+
+
 def read_bytes(path, what="file", gzipped=False):
     """The bytes of a user's file (decompressed when `gzipped`); errors are OSError or ValueError naming the file.
 
@@ -144,10 +154,10 @@ def read_bytes(path, what="file", gzipped=False):
     except IsADirectoryError as exc:
         raise IsADirectoryError(f"{path} is a folder; {what} takes a file") from exc
     except gzip.BadGzipFile as exc:  # an OSError: the bytes are not gzip, or fail its CRC/length check
-        raise ValueError(f"{path}: not valid gzip data ({exc}); a file named .gz must be gzip-compressed "
-                         "(name it without .gz if it is not)") from exc
+        raise ValueError(f"{path}: not valid gzip data ({error_text(exc, kind=False)}); a file named .gz must be "
+                         "gzip-compressed (name it without .gz if it is not)") from exc
     except (EOFError, zlib.error) as exc:
-        raise ValueError(f"{path}: the gzip data is truncated or corrupt ({exc})") from exc
+        raise ValueError(f"{path}: the gzip data is truncated or corrupt ({error_text(exc, kind=False)})") from exc
     except OSError as exc:
         raise os_error(exc, f"{path}: cannot read the file: {exc.strerror or exc}") from exc
 

@@ -11,13 +11,16 @@ undone (this matches transformers' own GGUF loader exactly).
 Needs torch, transformers and gguf.
 """
 import importlib.util
+import mmap
 import os
+import struct
 
 import numpy as np
 
-from .weights import LazyWeights, check_weight_shapes
+from .data import error_text, os_error
+from .weights import LazyWeights, check_layer_count, check_weight_shapes, config_errors
 
-__all__ = ["gguf_weights", "load_gguf_llama", "load_smollm2", "smollm2_gguf_path"]
+__all__ = ["gguf_layout_problem", "gguf_weights", "load_gguf_llama", "load_smollm2", "smollm2_gguf_path"]
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -44,17 +47,103 @@ def _unpermute(w, n_head):
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# GGUF metadata value types -> bytes of one value (8: string, 9: array)
+_GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def gguf_layout_problem(buf):
+    """What is wrong with the layout of GGUF bytes `buf` (header, metadata, tensor index), or None.
+
+    Every count and length is checked against the bytes left before anything is read with it.
+    gguf's reader does not: an array of a billion numbers declared near the end of a damaged file
+    makes it loop, appending empty reads, until memory runs out.
+    """
+    size = len(buf)
+    pos = 0
+    if size < 24 or bytes(buf[:4]) != b"GGUF":
+        return "no GGUF header"
+    order = "<" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF else ">"  # gguf's rule for big-endian files
+
+    def take(fmt):
+        nonlocal pos
+        n = struct.calcsize(fmt)
+        if pos + n > size:
+            raise EOFError
+        value = struct.unpack_from(order + fmt, buf, pos)
+        pos += n
+        return value[0]
+
+    def skip(n, what):
+        nonlocal pos
+        if n > size - pos:
+            raise ValueError(f"{what} of {n:,} bytes runs past the end of the file")
+        pos += n
+
+    def string(what):
+        skip(take("Q"), what)
+
+    def value(kind, depth=0):
+        if kind in _GGUF_SCALAR_BYTES:
+            skip(_GGUF_SCALAR_BYTES[kind], "a value")
+        elif kind == 8:
+            string("a string")
+        elif kind == 9:
+            item, count = take("I"), take("Q")
+            if item in _GGUF_SCALAR_BYTES:
+                skip(count * _GGUF_SCALAR_BYTES[item], f"an array of {count:,} values")
+            elif item in (8, 9) and depth < 8:
+                if count * (8 if item == 8 else 12) > size - pos:
+                    raise ValueError(f"an array of {count:,} entries runs past the end of the file")
+                for _ in range(count):
+                    value(item, depth + 1)
+            else:
+                raise ValueError(f"an array of type {item}" + (" nested too deep" if item == 9 else ""))
+        else:
+            raise ValueError(f"unknown metadata type {kind}")
+
+    try:
+        pos = 8
+        n_tensors, n_kv = take("Q"), take("Q")
+        if n_kv * 12 > size - pos or n_tensors * 24 > size - pos:
+            return f"{n_kv:,} metadata entries and {n_tensors:,} tensors do not fit in {size:,} bytes"
+        for _ in range(n_kv):
+            string("a metadata key")
+            value(take("I"))
+        for _ in range(n_tensors):
+            string("a tensor name")
+            n_dims = take("I")
+            skip(8 * n_dims, f"{n_dims:,} dimensions")
+            take("I")
+            take("Q")
+    except EOFError:
+        return "the file ends inside its header"
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _open_gguf(path):
     from gguf import GGUFReader
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"model file not found: {path}")
     try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+            if len(head) < 24 or head[:4] != b"GGUF":
+                raise ValueError(f"{path} is not a readable GGUF file (no GGUF header)")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                problem = gguf_layout_problem(buf)
+    except OSError as exc:
+        raise os_error(exc, f"{path}: cannot read the file: {exc.strerror or exc}") from exc
+    if problem:
+        raise ValueError(f"{path} is not a readable GGUF file ({problem})")
+    try:
         return GGUFReader(path)
     except PermissionError as exc:
         raise PermissionError(f"{path}: cannot read the file: {exc.strerror}") from exc
     except Exception as exc:  # gguf raises various errors for non-GGUF input
-        raise ValueError(f"{path} is not a readable GGUF file: {exc}") from exc
+        raise ValueError(f"{path} is not a readable GGUF file ({error_text(exc)})") from exc
 
 
 def _gguf_config(path, reader):
@@ -72,11 +161,13 @@ def _gguf_config(path, reader):
                 return int(value)
             return kind(value) if kind else value
         except (ValueError, TypeError, IndexError, OverflowError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path}: GGUF metadata {key!r} is not usable ({exc})") from exc
+            raise ValueError(f"{path}: GGUF metadata {key!r} is not usable ({error_text(exc, kind=False)})") from exc
 
     arch = field("general.architecture")
     if arch != "llama":
         raise ValueError(f"{path}: architecture {arch!r} is not supported (only llama)")
+    check_layer_count(field("llama.block_count", int), [t.name for t in reader.tensors], path,
+                      key="llama.block_count", where="its tensors", pattern=r"^blk\.(\d+)\.")
     try:
         return transformers.LlamaConfig(
             vocab_size=field("llama.vocab_size", int), hidden_size=field("llama.embedding_length", int),
@@ -90,8 +181,8 @@ def _gguf_config(path, reader):
             tie_word_embeddings="output.weight" not in {t.name for t in reader.tensors},
             bos_token_id=field("tokenizer.ggml.bos_token_id", int),
             eos_token_id=field("tokenizer.ggml.eos_token_id", int))
-    except (ValueError, TypeError) as exc:  # values transformers' checks refuse (heads that do not divide, ...)
-        raise ValueError(f"{path}: the GGUF metadata describes no valid Llama model ({exc})") from exc
+    except config_errors() as exc:  # values transformers' checks refuse (heads that do not divide, ...)
+        raise ValueError(f"{path}: the GGUF metadata describes no valid Llama model ({error_text(exc)})") from exc
 
 
 def _meta_llama(path, cfg):
@@ -103,9 +194,9 @@ def _meta_llama(path, cfg):
     try:
         with torch.device("meta"):
             return transformers.LlamaForCausalLM(cfg)
-    except (ValueError, TypeError, ZeroDivisionError, OverflowError, RuntimeError) as exc:
+    except (*config_errors(), RuntimeError) as exc:
         raise ValueError(f"{path}: the GGUF metadata describes no model that can be built "
-                         f"({type(exc).__name__}: {exc})") from exc
+                         f"({error_text(exc)})") from exc
 
 
 class _GGUFWeights(LazyWeights):
@@ -154,12 +245,13 @@ class _GGUFWeights(LazyWeights):
                 w = _unpermute(w, self._cfg.num_key_value_heads)
         except (ValueError, TypeError, IndexError, KeyError, NotImplementedError) as exc:
             # data cut short, an unknown quantization type, rows the heads do not divide
-            raise ValueError(f"{self._path}: cannot read tensor {t.name!r} ({type(exc).__name__}: {exc})") from exc
+            raise ValueError(f"{self._path}: cannot read tensor {t.name!r} ({error_text(exc)})") from exc
         return np.ascontiguousarray(w)
 
     def check(self, model):
         """Raise ValueError unless the tensors' shapes are `model`'s parameter shapes (and none is missing)."""
-        check_weight_shapes(model, {k: (self.shape(k), self._path) for k in self}, "its GGUF metadata")
+        check_weight_shapes(model, {k: (self.shape(k), self._path) for k in self}, "its GGUF metadata",
+                            source=self._path)
 
 
 def gguf_weights(path):
@@ -219,7 +311,7 @@ def load_gguf_llama(path, dtype=None, tokenizer=True, lora_config=None):
             tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path) or ".",
                                                              gguf_file=os.path.basename(path))
         except Exception as exc:  # transformers' GGUF tokenizer reader raises what its input makes it raise
-            raise ValueError(f"{path}: cannot read the tokenizer ({type(exc).__name__}: {exc})") from exc
+            raise ValueError(f"{path}: cannot read the tokenizer ({error_text(exc)})") from exc
     return model, tok
 
 

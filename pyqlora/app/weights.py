@@ -11,10 +11,40 @@ read into OSError, with the file's name in the message.
 """
 import re
 
-from .data import os_error
+from .data import error_text, os_error
 
-__all__ = ["LazyWeights", "SafetensorsWeights", "check_weight_shapes", "read_safetensors", "safetensors_index",
-           "safetensors_tensor"]
+__all__ = ["LazyWeights", "SafetensorsWeights", "check_layer_count", "check_weight_shapes", "config_errors",
+           "read_safetensors", "safetensors_index", "safetensors_tensor"]
+
+
+def config_errors():
+    """The exceptions transformers raises for configuration values it refuses, or a model they cannot build.
+
+    For ``except`` clauses around building a configuration or a model from a user's file
+    (configurations validate their fields with huggingface_hub's strict dataclasses).
+    """
+    errors = (ValueError, TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError, OverflowError)
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # an older huggingface_hub: transformers raises ValueError
+        return errors
+    return (*errors, StrictDataclassError)
+
+
+def check_layer_count(count, names, config_name, key="num_hidden_layers", where="the weights",
+                      pattern=r"(?:^|\.)layers\.(\d+)\."):
+    """Raise ValueError unless `count` layers (the configuration's `key`) are the layers the tensor `names` hold.
+
+    Checked before a model is built from the configuration: a damaged or wrong layer count (a
+    billion layers) would otherwise take forever to build, even on the meta device. Names without
+    a layer index (another architecture's) are not checked.
+    """
+    found = {int(m.group(1)) for n in names if (m := re.search(pattern, n))}
+    if not found or isinstance(count, bool) or not isinstance(count, int):
+        return
+    if count != max(found) + 1:
+        raise ValueError(f"{config_name}: {key}={count}, but {where} hold {max(found) + 1} layers (0 to "
+                         f"{max(found)}); the configuration and the weights disagree")
 
 
 def _reading(path, call):
@@ -24,7 +54,7 @@ def _reading(path, call):
     try:
         return call()
     except SafetensorError as exc:
-        raise ValueError(f"{path}: not a valid safetensors file ({exc})") from exc
+        raise ValueError(f"{path}: not a valid safetensors file ({error_text(exc, kind=False)})") from exc
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"weights file not found: {path}") from exc
     except OSError as exc:
@@ -60,7 +90,7 @@ def safetensors_tensor(path, key):
         try:
             return _reading(path, lambda: f.get_tensor(key))
         except (TypeError, RuntimeError) as exc:  # a dtype torch has no type for
-            raise ValueError(f"{path}: cannot read tensor {key!r} ({exc})") from exc
+            raise ValueError(f"{path}: cannot read tensor {key!r} ({error_text(exc)})") from exc
 
 
 def read_safetensors(path):
@@ -77,7 +107,8 @@ def _shape_hint(config, implied, actual):
     return f" ({', '.join(named)})" if named else ""
 
 
-def check_weight_shapes(model, tensors, config_name, missing=True, unexpected=True, base_prefix=False):
+def check_weight_shapes(model, tensors, config_name, missing=True, unexpected=True, base_prefix=False,
+                        source=None):
     """Raise ValueError unless a checkpoint's tensors fit `model`, which its configuration describes.
 
     Parameters
@@ -97,6 +128,8 @@ def check_weight_shapes(model, tensors, config_name, missing=True, unexpected=Tr
     base_prefix : bool
         Accept the names of a checkpoint saved from the base model (without the causal LM's
         ``model.`` prefix), as transformers' ``from_pretrained`` does.
+    source : str, optional
+        What a message about missing parameters names (default: the files of `tensors`).
     """
     state = model.state_dict(keep_vars=True)
     prefix = getattr(model, "base_model_prefix", "") if base_prefix else ""
@@ -119,8 +152,8 @@ def check_weight_shapes(model, tensors, config_name, missing=True, unexpected=Tr
             aliases.setdefault(id(t), []).append(name)
         lacking = [group[0] for group in aliases.values() if not any(n in present for n in group)]
         if lacking:
-            files = sorted({file for _, file in tensors.values()})
-            raise ValueError(f"{', '.join(files) or 'the checkpoint'}: no tensor for {len(lacking)} parameter(s) of "
+            where = source or ", ".join(sorted({file for _, file in tensors.values()})) or "the checkpoint"
+            raise ValueError(f"{where}: no tensor for {len(lacking)} parameter(s) of "
                              f"the model {config_name} describes, such as {lacking[:3]}; the configuration and the "
                              "weights disagree")
     ignore = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []
