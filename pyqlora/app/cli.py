@@ -218,10 +218,14 @@ def _add_quant_options(p, codebooks):
 
 DEBUG_ENV = "PYQLORA_DEBUG"
 
-EPILOG = f"""Bad input (a missing or unreadable file, a file in the wrong format, an option value that does not
-fit) ends with "pyqlora: error: ..." on stderr and exit status 2. --debug, or {DEBUG_ENV}=1 in the
-environment, shows the Python traceback instead (exit status 1); any other failure is a bug and always
-shows its traceback."""
+EPILOG = f"""\
+errors:
+  Bad input (a missing or unreadable file, a file in the wrong format, an option
+  value that does not fit) ends with "pyqlora: error: FILE: ..." on stderr and
+  exit status 2. --debug, or {DEBUG_ENV}=1 in the environment, shows the
+  Python traceback instead (exit status 1). Any other failure is a bug: it
+  always shows its traceback.
+"""
 
 
 def _debug_from_env():
@@ -244,7 +248,7 @@ def expected_error(exc):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="pyqlora", description="QLoRA quantization tools (pyqlora / nf4core).",
-                                     epilog=EPILOG)
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of an error instead of one line (also: {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -335,6 +339,10 @@ def main(argv=None):
     be.add_argument("--only", nargs="+", metavar="NAME", help=f"some of {', '.join(s[:-3] for s in BENCHMARKS)}")
     be.add_argument("--dir", help="the benchmarks folder (default: found beside the package)")
     be.set_defaults(func=_bench)
+
+    for command in sub.choices.values():  # also after the command: pyqlora quantize --debug SRC OUT
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help=f"show the traceback of an error (also: {DEBUG_ENV}=1)")
 
     args = parser.parse_args(argv)
     if args.command is None:
