@@ -163,7 +163,7 @@ def read_bytes(path, what="file", gzipped=False):
 
 
 def decode_utf8(raw, path, hint="", gzipped=False):
-    """`raw` decoded as UTF-8 (a leading byte-order mark dropped); ValueError naming the file, the line and the
+    r"""`raw` decoded as UTF-8 (a leading byte-order mark dropped); ValueError naming the file, the line and the
     byte offset of the first byte that is not UTF-8. Line numbers count ``\n``, ``\r\n`` and ``\r`` endings, as
     Python's text files do."""
     skip = len(codecs.BOM_UTF8) if raw[:3] == codecs.BOM_UTF8 else 0
