@@ -67,10 +67,13 @@ def gguf_to_folder(path):
     model, tok = models.load_gguf_llama(path)
     tmp = folder + f".tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:  # a failed conversion leaves nothing in the cache
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

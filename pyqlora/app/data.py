@@ -162,11 +162,14 @@ def read_bytes(path, what="file", gzipped=False):
         raise os_error(exc, f"{path}: cannot read the file: {exc.strerror or exc}") from exc
 
 
-def decode_utf8(raw, path, hint="", gzipped=False):
-    r"""`raw` decoded as UTF-8 (a leading byte-order mark dropped); ValueError naming the file, the line and the
-    byte offset of the first byte that is not UTF-8. Line numbers count ``\n``, ``\r\n`` and ``\r`` endings, as
-    Python's text files do."""
-    skip = len(codecs.BOM_UTF8) if raw[:3] == codecs.BOM_UTF8 else 0
+def decode_utf8(raw, path, hint="", gzipped=False, drop_bom=False):
+    r"""`raw` decoded as UTF-8; ValueError naming the file, the line and the byte offset of the first byte that
+    is not UTF-8. Line numbers count ``\n``, ``\r\n`` and ``\r`` endings, as Python's text files do.
+
+    A leading byte-order mark is kept, as ``open(path, encoding="utf-8")`` keeps it (perplexity windows are
+    placed by characters), unless `drop_bom`.
+    """
+    skip = len(codecs.BOM_UTF8) if drop_bom and raw[:3] == codecs.BOM_UTF8 else 0
     try:
         return str(memoryview(raw)[skip:], "utf-8")
     except UnicodeDecodeError as exc:
@@ -204,13 +207,14 @@ def load_jsonl(path):
 
     Each non-blank line must be a JSON object with string fields ``prompt`` and
     ``response`` (``completion`` and ``output`` are accepted for ``response``),
-    or a string field ``text``. Errors name the file and the line number: a
-    ValueError for bad content (not gzip, truncated, not UTF-8, not JSON, wrong
-    fields), an OSError for a file that cannot be read.
+    or a string field ``text``; a leading byte-order mark is skipped. Errors name
+    the file and the line number: a ValueError for bad content (not gzip,
+    truncated, not UTF-8, not JSON, wrong fields), an OSError for a file that
+    cannot be read.
     """
     path = os.fspath(path)
     gzipped = path.endswith(".gz")
-    text = decode_utf8(read_bytes(path, "data", gzipped=gzipped), path, gzipped=gzipped)
+    text = decode_utf8(read_bytes(path, "data", gzipped=gzipped), path, gzipped=gzipped, drop_bom=True)
     records = []
     for lineno, line in enumerate(io.StringIO(text, newline=None), 1):  # the lines a text-mode file gives
         if not line.strip():
