@@ -18,6 +18,11 @@ bitsandbytes/transformers layout: every linear layer but the output head as
 (JSON), the other tensors unchanged, and ``config.json`` with the
 ``quantization_config`` transformers writes for ``load_in_4bit``.
 
+Files that cannot be used raise ValueError (bad contents: JSON, safetensors, GGUF, a
+config.json that disagrees with the weights, NaN/Inf weights) or OSError (missing,
+unreadable), with the file's name; outputs are written into a temporary folder beside
+the output folder and moved into it only when everything has been computed.
+
 Needs torch, safetensors and transformers (and gguf for GGUF files).
 """
 import glob
@@ -28,11 +33,12 @@ import shutil
 import sys
 
 from . import models
-from .data import cache_dir
+from .data import cache_dir, error_text, read_text
+from .weights import check_layer_count, check_weight_shapes, config_errors, read_safetensors, safetensors_index
 
 __all__ = ["bnb_quantization_config", "check_model_argument", "gguf_to_folder", "linear_module_names", "load_model",
-           "load_model_streamed", "quantize_checkpoint", "read_config", "resolve_model", "safetensors_files",
-           "save_4bit_base"]
+           "load_model_streamed", "meta_model", "quantize_checkpoint", "read_config", "read_transformers_config",
+           "resolve_model", "safetensors_files", "save_4bit_base", "weight_file"]
 
 # files copied from a source folder into a quantized one, beside the weights
 _SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -61,10 +67,13 @@ def gguf_to_folder(path):
     model, tok = models.load_gguf_llama(path)
     tmp = folder + f".tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:  # a failed conversion leaves nothing in the cache
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
@@ -106,23 +115,82 @@ def check_model_argument(spec):
     resolve_model(spec, convert=False)
 
 
+def _read_json(path, what):
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except (ValueError, RecursionError) as exc:  # a 5000-digit integer, nesting too deep
+        raise ValueError(f"{path} is not usable JSON ({exc})") from None
+
+
 def read_config(folder):
-    """The parsed config.json of a Hugging Face folder; ValueError if it is not valid JSON."""
-    with open(os.path.join(folder, "config.json")) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{folder}/config.json is not valid JSON: {exc}") from None
+    """The parsed config.json of a Hugging Face folder: ValueError if it is not a JSON object (UTF-8)."""
+    path = os.path.join(folder, "config.json")
+    cfg = _read_json(path, "config.json")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")  # noqa: TRY004 (bad file content)
+    if not isinstance(cfg.get("quantization_config") or {}, dict):
+        raise ValueError(f"{path}: quantization_config must be a JSON object, got "  # noqa: TRY004 (bad file content)
+                         f"{type(cfg['quantization_config']).__name__}")
+    return cfg
+
+
+def read_transformers_config(folder):
+    """transformers' configuration of a Hugging Face folder; ValueError naming config.json if it cannot read it."""
+    import transformers
+
+    try:
+        return transformers.AutoConfig.from_pretrained(folder)
+    except (OSError, *config_errors()) as exc:
+        raise ValueError(f"{os.path.join(folder, 'config.json')}: not a configuration transformers can read "
+                         f"({error_text(exc)})") from exc
+
+
+def meta_model(config, config_name="config.json", tensor_names=None):
+    """The transformers causal LM `config` describes, built on the meta device (no memory, no weights read).
+
+    A configuration whose values cannot build a model (a hidden size that is not a multiple of the
+    heads, a negative size, a string for a number, ...) raises ValueError naming `config_name`; so
+    does one whose layer count is not the layers `tensor_names` (a checkpoint's) hold.
+    """
+    import torch
+    import transformers
+
+    if tensor_names is not None:
+        check_layer_count(getattr(config, "num_hidden_layers", None), tensor_names, config_name)
+    try:
+        with torch.device("meta"):
+            return transformers.AutoModelForCausalLM.from_config(config)
+    except (*config_errors(), RuntimeError) as exc:
+        raise ValueError(f"{config_name}: cannot build the model it describes ({error_text(exc)})") from exc
 
 
 def safetensors_files(folder):
-    """The weight files of a Hugging Face folder (through its index when sharded), adapters left out."""
+    """The weight files of a Hugging Face folder (through its index when sharded), adapters left out.
+
+    A damaged index raises ValueError and a shard it names that is missing FileNotFoundError, naming the index.
+    """
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            return sorted({os.path.join(folder, v) for v in json.load(f)["weight_map"].values()})
+        data = _read_json(index, "model.safetensors.index.json")
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index}: expected a JSON object with a \"weight_map\" of tensor name -> file name")
+        files = sorted({os.path.join(folder, v) for v in weight_map.values()})
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise FileNotFoundError(f"{index} names {os.path.basename(missing[0])}, which is not in {folder}")
+        return files
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     return [f for f in files if not os.path.basename(f).startswith("adapter_")]
+
+
+def weight_file(folder, key):
+    """The safetensors file of a Hugging Face folder that holds tensor `key` (None if none does)."""
+    entry = safetensors_index(safetensors_files(folder)).get(key)
+    return entry[2] if entry else None
 
 
 def linear_module_names(config):
@@ -130,13 +198,44 @@ def linear_module_names(config):
 
     The model is built on the meta device (no memory, no weights read).
     """
-    import torch
-    import transformers
+    return _linear_names(meta_model(config))
 
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config)
+
+def _linear_names(model):
+    import torch
+
     head = model.get_output_embeddings()
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head and n]
+
+
+def _publish(out, write):
+    """Call ``write(folder)`` on a new temporary folder beside `out`, then move what it wrote into `out`.
+
+    Nothing in `out` changes unless `write` returns: an error (or an interruption) leaves no
+    half-written file there. `out` is created if missing (renamed from the temporary folder);
+    files already in it that `write` does not write stay.
+    """
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(f"{out} is a file; the output must be a folder")
+    parent = os.path.dirname(out)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.mkdir(tmp)
+    except OSError as exc:
+        raise type(exc)(f"cannot write beside {out}: {exc.strerror or exc}") from exc
+    try:
+        write(tmp)
+        if not os.path.exists(out):
+            os.replace(tmp, out)
+        else:
+            for name in sorted(os.listdir(tmp)):
+                os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def load_model(spec=None, dtype=None, tokenizer=True):
@@ -160,24 +259,48 @@ def load_model(spec=None, dtype=None, tokenizer=True):
     """
     import torch
     import transformers
+    from safetensors import SafetensorError
 
     dtype = dtype or torch.float32
     transformers.utils.logging.disable_progress_bar()  # a bar per load is noise here
     folder, source = resolve_model(spec)
     cfg = read_config(folder)
     quant = cfg.get("quantization_config")
-    try:
-        if quant:
-            model = _load_4bit(folder, cfg, dtype)
-        else:
+    files = safetensors_files(folder)
+    index = safetensors_index(files)  # every header read: a damaged file is named here
+    if quant:
+        model = _load_4bit(folder, cfg, dtype, files)
+    else:
+        # the parameters config.json implies against the checkpoint's tensors, before transformers reads a
+        # byte (it would start a model with other shapes or missing layers from random values, and warn)
+        config_name = os.path.join(folder, "config.json")
+        check_weight_shapes(meta_model(read_transformers_config(folder), config_name, index),
+                            {k: (shape, f) for k, (shape, _, f) in index.items()}, config_name, unexpected=False,
+                            base_prefix=True, source=None if index else folder)
+        try:
             model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"cannot load model {_describe(spec)} from {folder}: {exc}") from None
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:
+            raise ValueError(f"cannot load model {_describe(spec)} from {folder}: "
+                             f"{error_text(exc, kind=False)}") from exc
     model.eval()
-    tok = transformers.AutoTokenizer.from_pretrained(folder) if tokenizer else None
-    if tok is not None and tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    tok = load_tokenizer(folder) if tokenizer else None
     return model, tok, {"source": source, "folder": folder, "quantized": bool(quant)}
+
+
+def load_tokenizer(folder):
+    """transformers' tokenizer of a Hugging Face folder (pad = eos when it has no pad token).
+
+    A damaged tokenizer file raises ValueError naming the folder.
+    """
+    import transformers
+
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:  # the tokenizers library raises a bare Exception for a file it cannot parse
+        raise ValueError(f"{folder}: cannot read the tokenizer ({error_text(exc)})") from exc
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def load_model_streamed(spec):
@@ -197,36 +320,42 @@ def load_model_streamed(spec):
     folder, source = resolve_model(spec)
     if read_config(folder).get("quantization_config"):
         return None
-    config = transformers.AutoConfig.from_pretrained(folder)
+    config = read_transformers_config(folder)
+    config_name = os.path.join(folder, "config.json")
+    files = safetensors_files(folder)
+    index = safetensors_index(files)
+    shapes = {k: (shape, f) for k, (shape, _, f) in index.items()}
+    check_weight_shapes(meta_model(config, config_name, index), shapes, config_name, unexpected=False,
+                        source=None if index else folder)
     with empty_weights():
         model = transformers.AutoModelForCausalLM.from_config(config)
     model.to(torch.float32).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(folder)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    weights = SafetensorsWeights(safetensors_files(folder))
+    tok = load_tokenizer(folder)
+    weights = SafetensorsWeights(files)
     return model, tok, {"source": source, "folder": folder, "quantized": False, "streamed": True}, weights
 
 
-def _load_4bit(folder, cfg, dtype):
+def _load_4bit(folder, cfg, dtype, files):
     """A transformers model whose 4-bit linear layers (bitsandbytes keys) become Linear4bit."""
     import torch
     import transformers
-    from safetensors.torch import load_file
 
     from .._glue.modules import set_submodule
     from ..nn import Linear4bit
 
+    config_name = os.path.join(folder, "config.json")
     quant = cfg["quantization_config"]
     if quant.get("quant_method") != "bitsandbytes" or not quant.get("load_in_4bit", quant.get("_load_in_4bit")):
         raise ValueError(f"only bitsandbytes 4-bit checkpoints are supported, got quantization_config {quant}")
     plain = {k: v for k, v in cfg.items() if k != "quantization_config"}
-    config = transformers.AutoConfig.for_model(**plain)
+    try:
+        config = transformers.AutoConfig.for_model(**plain)
+    except config_errors() as exc:
+        raise ValueError(f"{config_name}: not a configuration transformers can read ({error_text(exc)})") from exc
     state = {}
-    for f in safetensors_files(folder):
-        state.update(load_file(f))
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config)
+    for f in files:
+        state.update(read_safetensors(f))
+    model = meta_model(config, config_name, state)
     for name, module in list(model.named_modules()):
         if isinstance(module, torch.nn.Linear) and any(
                 f"{name}.weight.quant_state.bitsandbytes__{cb}" in state for cb in ("nf4", "fp4")):
@@ -238,11 +367,15 @@ def _load_4bit(folder, cfg, dtype):
     for name, module in list(model.named_modules()):
         if name and module._non_persistent_buffers_set and not list(module.parameters(recurse=False)):
             set_submodule(model, name, type(module)(config=module.config))
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except (RuntimeError, ValueError, TypeError, KeyError) as exc:  # shapes or 4-bit entries that do not fit
+        raise ValueError(f"{folder}: the weights do not fit the model {config_name} describes: "
+                         f"{error_text(exc, 600, kind=False)}") from exc
     missing = [k for k in result.missing_keys if not (config.tie_word_embeddings and k.startswith("lm_head."))]
     if missing or result.unexpected_keys:
-        raise ValueError(f"weights do not match the model: missing {missing[:3]}, unexpected "
-                         f"{result.unexpected_keys[:3]}")
+        raise ValueError(f"{folder}: weights do not match the model {config_name} describes: missing {missing[:3]}, "
+                         f"unexpected {result.unexpected_keys[:3]}")
     model.tie_weights()
     return model
 
@@ -275,8 +408,6 @@ def save_4bit_base(model, out, source_folder=None):
     adapter loads on top. `source_folder` (a Hugging Face folder) gives config.json
     and the tokenizer files; without it ``model.config`` is written.
     """
-    from safetensors.torch import save_file
-
     from ..lora import lora_layers
 
     layers = lora_layers(model)
@@ -306,74 +437,96 @@ def save_4bit_base(model, out, source_folder=None):
     else:
         cfg = model.config.to_dict()
     cfg["quantization_config"] = bnb_quantization_config(codebooks.pop(), dq.pop())
-    os.makedirs(out, exist_ok=True)
-    save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
-    if source_folder is not None:
-        for name in _SIDE_FILES:
-            if os.path.exists(os.path.join(source_folder, name)):
-                shutil.copy(os.path.join(source_folder, name), os.path.join(out, name))
+    _publish(out, lambda tmp: _write_checkpoint(tmp, tensors, cfg, source_folder))
     return out
+
+
+def _write_checkpoint(folder, tensors, cfg, side_files_from=None):
+    """model.safetensors, config.json and the tokenizer's files (copied from `side_files_from`) into `folder`."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+    if side_files_from is not None:
+        for name in _SIDE_FILES:
+            if os.path.exists(os.path.join(side_files_from, name)):
+                shutil.copy(os.path.join(side_files_from, name), os.path.join(folder, name))
 
 
 def quantize_checkpoint(src, out, codebook="nf4", blocksize=64, double_quant=True):
     """Write the dense model `src` (folder, GGUF file, or None for the default) as a 4-bit checkpoint in `out`.
+
+    Everything is read, checked and quantized before anything is written, and the files are
+    written into a temporary folder beside `out`, then moved into it: a failure leaves `out` as it
+    was. Refused with ValueError naming the file: a damaged safetensors file, a config.json whose
+    model has other parameter shapes than the weights (or parameters the weights lack, or no place
+    for some tensors), a linear weight that is not floating point or holds a NaN or an infinity
+    (:class:`pyqlora.NonFiniteError`, with the tensor's name).
 
     Returns a dict with the number of quantized tensors and parameters and the
     bytes of the weights before and after.
     """
     if codebook not in ("nf4", "fp4"):
         raise ValueError(f"codebook {codebook!r} has no bitsandbytes checkpoint format (nf4 and fp4 do)")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(f"{out} is a file; the output must be a folder")
     folder, source = resolve_model(src)
     import torch
-    import transformers
-    from safetensors import safe_open
-    from safetensors.torch import save_file
 
     import pyqlora as pq
 
     from .._glue.tensors import as_numpy
+    from .weights import safetensors_tensor
 
     cfg = read_config(folder)
+    config_name = os.path.join(folder, "config.json")
     if cfg.get("quantization_config"):
         raise ValueError(f"{folder} is quantized already (config.json has a quantization_config)")
-    if os.path.abspath(out) == os.path.abspath(folder):
+    if os.path.realpath(out) == os.path.realpath(folder):
         raise ValueError("the output folder must differ from the source folder")
-    config = transformers.AutoConfig.from_pretrained(folder)
-    targets = set(linear_module_names(config))
+    index = safetensors_index(safetensors_files(folder))
+    if not index:
+        raise ValueError(f"{folder}: no tensors in its safetensors files")
+    model = meta_model(read_transformers_config(folder), config_name, index)
+    targets = set(_linear_names(model))
+    # config.json is copied into the output: refuse one that does not describe these weights
+    check_weight_shapes(model, {k: (shape, f) for k, (shape, _, f) in index.items()}, config_name)
+    del model
+    origin = f" (converted from {source})" if os.fspath(source) != folder else ""
     tensors, stats = {}, {"quantized_tensors": 0, "quantized_params": 0, "dense_bytes": 0, "quantized_bytes": 0,
                           "other_bytes": 0}
     dtypes = set()
-    for path in safetensors_files(folder):
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                t = f.get_tensor(key)
-                module = key[:-len(".weight")] if key.endswith(".weight") else None
-                if module in targets and t.dim() == 2:
-                    dtypes.add(t.dtype)
-                    q = pq.quantize(as_numpy(t.contiguous()), codebook=codebook, blocksize=blocksize,
-                                    double_quant=double_quant)
-                    for k, v in q.to_bnb_dict(key).items():
-                        tensors[k] = torch.from_numpy(v.copy())
-                    stats["quantized_tensors"] += 1
-                    stats["quantized_params"] += t.numel()
-                    stats["dense_bytes"] += t.numel() * t.element_size()
-                    stats["quantized_bytes"] += q.nbytes
-                else:
-                    tensors[key] = t
-                    stats["other_bytes"] += t.numel() * t.element_size()
+    for key, (shape, dtype, path) in index.items():
+        module = key[:-len(".weight")] if key.endswith(".weight") else None
+        quantize = module in targets and len(shape) == 2
+        if quantize and dtype not in ("F32", "F16", "BF16", "F64"):
+            raise ValueError(f"{path}{origin}: tensor {key!r} is {dtype}; a linear weight to quantize must be "
+                             "floating point (F32, F16, BF16 or F64)")
+        t = safetensors_tensor(path, key)
+        if quantize:
+            dtypes.add(t.dtype)
+            try:
+                q = pq.quantize(as_numpy(t.contiguous()), codebook=codebook, blocksize=blocksize,
+                                double_quant=double_quant)
+            except pq.NonFiniteError as exc:
+                raise pq.NonFiniteError(f"{path}{origin}: tensor {key!r} (shape {tuple(shape)}) holds {exc.value} "
+                                        f"at index {exc.index}; a weight with NaN or Inf cannot be quantized",
+                                        index=exc.index, value=exc.value) from exc
+            for k, v in q.to_bnb_dict(key).items():
+                tensors[k] = torch.from_numpy(v.copy())
+            stats["quantized_tensors"] += 1
+            stats["quantized_params"] += t.numel()
+            stats["dense_bytes"] += t.numel() * t.element_size()
+            stats["quantized_bytes"] += q.nbytes
+        else:
+            tensors[key] = t
+            stats["other_bytes"] += t.numel() * t.element_size()
     if not stats["quantized_tensors"]:
         raise ValueError(f"{folder}: no linear-layer weights found to quantize")
-    os.makedirs(out, exist_ok=True)
-    save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     cfg["quantization_config"] = bnb_quantization_config(codebook, double_quant,
                                                          str(dtypes.pop()).replace("torch.", "")
                                                          if len(dtypes) == 1 else "float32")
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
-    for name in _SIDE_FILES:
-        if os.path.exists(os.path.join(folder, name)):
-            shutil.copy(os.path.join(folder, name), os.path.join(out, name))
+    _publish(out, lambda tmp: _write_checkpoint(tmp, tensors, cfg, folder))
     stats["source"] = source
     return stats

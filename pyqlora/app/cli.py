@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-__all__ = ["main"]
+__all__ = ["expected_error", "main"]
 
 
 def _demo(args):
@@ -96,6 +96,26 @@ def _quantize(args):
     return 0
 
 
+def _check_output_file(path, option):
+    """OSError now for an output file that cannot be written later (its folder is missing, it is a folder)."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{option} {path} is a folder; give a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"{option} {path}: the folder {parent} does not exist")
+
+
+def _weight_source(info, exc):
+    """The file that holds the tensor a NonFiniteError from fake_quantize_linears names (else the model)."""
+    from .checkpoint import weight_file
+
+    source = os.fspath(info["source"])
+    if source != info["folder"]:  # a GGUF file (converted into the cache) or a .safetensors file
+        return source
+    key = getattr(exc, "tensor", None)
+    return (weight_file(info["folder"], key) if key else None) or source
+
+
 def _eval(args):
     import json
 
@@ -103,7 +123,11 @@ def _eval(args):
 
     text, text_name = data.eval_text(args.text, "--text")
     checkpoint.check_model_argument(args.model)
+    if args.json:  # found now, not after the evaluation
+        _check_output_file(args.json, "--json")
     import torch
+
+    import pyqlora as pq
 
     from .checkpoint import load_model
     from .evaluate import fake_quantize_linears, perplexity
@@ -114,8 +138,11 @@ def _eval(args):
     if args.codebook != "none":
         if info["quantized"]:
             raise ValueError(f"{info['source']} is a 4-bit checkpoint already; use --codebook none")
-        fake_quantize_linears(model, codebook=args.codebook, blocksize=args.blocksize,
-                              double_quant=not args.no_double_quant)
+        try:
+            fake_quantize_linears(model, codebook=args.codebook, blocksize=args.blocksize,
+                                  double_quant=not args.no_double_quant)
+        except pq.NonFiniteError as exc:  # name the file that holds the tensor
+            raise pq.NonFiniteError(f"{_weight_source(info, exc)}: {exc}", index=exc.index, value=exc.value) from exc
     dtype = torch.bfloat16 if args.dtype == "bf16" else None
     if dtype is not None:
         model.to(torch.bfloat16)
@@ -189,8 +216,41 @@ def _add_quant_options(p, codebooks):
     p.add_argument("--no-double-quant", action="store_true", help="keep the block scales in float32 (no DQ)")
 
 
+DEBUG_ENV = "PYQLORA_DEBUG"
+
+EPILOG = f"""\
+errors:
+  Bad input (a missing or unreadable file, a file in the wrong format, an option
+  value that does not fit) ends with "pyqlora: error: FILE: ..." on stderr and
+  exit status 2. --debug, or {DEBUG_ENV}=1 in the environment, shows the
+  Python traceback instead (exit status 1). Any other failure is a bug: it
+  always shows its traceback.
+"""
+
+
+def _debug_from_env():
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def expected_error(exc):
+    """Whether `exc` is bad input the command reports as ``pyqlora: error: ...`` (exit 2), not a bug.
+
+    ValueError (bad content or values: JSON, gzip, UTF-8, safetensors, GGUF, NaN/Inf weights, a config that
+    disagrees with its weights, ...) and OSError (missing, unreadable or unwritable files) are raised by the
+    readers with the file's name; a finetune ``SetupError`` says what the machine lacks (a package, a
+    launcher). Everything else (a RuntimeError from torch, a TypeError, a KeyError, ...) is a bug: traceback.
+    """
+    if isinstance(exc, (ValueError, OSError)):
+        return True
+    config = sys.modules.get("pyqlora.app.finetune.config")  # imported whenever one was raised
+    return config is not None and isinstance(exc, config.SetupError)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="pyqlora", description="QLoRA quantization tools (pyqlora / nf4core).")
+    parser = argparse.ArgumentParser(prog="pyqlora", description="QLoRA quantization tools (pyqlora / nf4core).",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of an error instead of one line (also: {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="quantize a random matrix with NF4, FP4 and INT4 and compare them")
@@ -280,6 +340,10 @@ def main(argv=None):
     be.add_argument("--dir", help="the benchmarks folder (default: found beside the package)")
     be.set_defaults(func=_bench)
 
+    for command in sub.choices.values():  # also after the command: pyqlora quantize --debug SRC OUT
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help=f"show the traceback of an error (also: {DEBUG_ENV}=1)")
+
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -288,7 +352,9 @@ def main(argv=None):
         parser.error("--rows and --cols must be positive")
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
+    except Exception as exc:
+        if args.debug or _debug_from_env() or not expected_error(exc):
+            raise
         print(f"pyqlora: error: {exc}", file=sys.stderr)
         return 2
 

@@ -18,10 +18,12 @@ Records are dicts: ``{"prompt": str, "response": str}`` for instruction pairs
 (the loss is taken on the response only), or ``{"text": str}`` for plain text.
 Torch is not imported here.
 """
+import codecs
 import gzip
 import hashlib
 import importlib.resources
 import importlib.util
+import io
 import json
 import os
 import random
@@ -29,14 +31,20 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zlib
 
 __all__ = [
     "HUMANEVAL_INSTRUCTION",
     "botchan_text",
     "cache_dir",
+    "decode_utf8",
+    "error_text",
     "humaneval_pairs",
     "load_jsonl",
     "load_records",
+    "os_error",
+    "read_bytes",
+    "read_text",
     "split_heldout",
     "strip_gutenberg",
 ]
@@ -59,7 +67,11 @@ def cache_dir():
     if not path:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         path = os.path.join(base, "pyqlora")
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:  # a file in the way, no permission
+        raise os_error(exc, f"cannot create the cache folder {path} (set PYQLORA_CACHE to another folder): "
+                             f"{exc.strerror or exc}") from exc
     return path
 
 
@@ -108,45 +120,131 @@ def split_heldout(records, heldout=20, seed=0):
 
 
 # ----------------------------------------------------------------------------- user files
+def os_error(exc, message):
+    """`exc`'s OSError subclass (PermissionError, IsADirectoryError, ...) with `message`, for re-raising."""
+    try:
+        return type(exc)(message)
+    except TypeError:  # a subclass with another signature
+        return OSError(message)
+
+
+def error_text(exc, limit=300, kind=True):
+    """A library's exception as one line for an error message: ``Type: first line; second line ...``, cut at
+    `limit` characters (``--debug`` shows the whole exception)."""
+    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if len(text) > limit:
+        text = text[:limit - 3].rstrip() + "..."
+    return f"{type(exc).__name__}: {text}" if kind else text
+
+
+def read_bytes(path, what="file", gzipped=False):
+    """The bytes of a user's file (decompressed when `gzipped`); errors are OSError or ValueError naming the file.
+
+    `what` names the file in a missing-file message (``--data`` -> "--data file not found: PATH").
+    """
+    path = os.fspath(path)
+    try:
+        if gzipped:
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{what} file not found: {path}") from exc
+    except IsADirectoryError as exc:
+        raise IsADirectoryError(f"{path} is a folder; {what} takes a file") from exc
+    except gzip.BadGzipFile as exc:  # an OSError: the bytes are not gzip, or fail its CRC/length check
+        raise ValueError(f"{path}: not valid gzip data ({error_text(exc, kind=False)}); a file named .gz must be "
+                         "gzip-compressed (name it without .gz if it is not)") from exc
+    except (EOFError, zlib.error) as exc:
+        raise ValueError(f"{path}: the gzip data is truncated or corrupt ({error_text(exc, kind=False)})") from exc
+    except OSError as exc:
+        raise os_error(exc, f"{path}: cannot read the file: {exc.strerror or exc}") from exc
+
+
+def decode_utf8(raw, path, hint="", gzipped=False, drop_bom=False):
+    r"""`raw` decoded as UTF-8; ValueError naming the file, the line and the byte offset of the first byte that
+    is not UTF-8. Line numbers count ``\n``, ``\r\n`` and ``\r`` endings, as Python's text files do.
+
+    A leading byte-order mark is kept, as ``open(path, encoding="utf-8")`` keeps it (perplexity windows are
+    placed by characters), unless `drop_bom`.
+    """
+    skip = len(codecs.BOM_UTF8) if drop_bom and raw[:3] == codecs.BOM_UTF8 else 0
+    try:
+        return str(memoryview(raw)[skip:], "utf-8")
+    except UnicodeDecodeError as exc:
+        pos = skip + exc.start
+        head = raw[:pos]
+        line = head.count(b"\n") + head.count(b"\r") - head.count(b"\r\n") + 1
+        where = "of the decompressed data" if gzipped else "of the file"
+        extra = ""
+        if raw[:2] == b"\x1f\x8b" and not gzipped:
+            extra = "; the file is gzip-compressed (decompress it, or name a JSON Lines file .jsonl.gz)"
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[pos]:02x} at byte offset {pos} {where})"
+                         f"{extra}{'; ' + hint if hint else ''}") from exc
+
+
+def read_text(path, what="file", hint=""):
+    """The UTF-8 text of a user's file (universal newlines, as ``open(path, encoding="utf-8").read()``)."""
+    path = os.fspath(path)
+    text = decode_utf8(read_bytes(path, what), path, hint)
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _check_string(value, field, where):
+    if not isinstance(value, str):
+        kind = type(value).__name__
+        raise ValueError(f"{where}: field {field!r} must be a string, got {kind}")  # noqa: TRY004 (bad file content)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a "\ud800" escape: no tokenizer can encode it
+        raise ValueError(f"{where}: field {field!r} holds an unpaired surrogate (a \\u{ord(value[exc.start]):04x} "
+                         "escape), which is not text") from None
+
+
 def load_jsonl(path):
     """Records from a JSON Lines file (``.jsonl`` or ``.jsonl.gz``).
 
     Each non-blank line must be a JSON object with string fields ``prompt`` and
     ``response`` (``completion`` and ``output`` are accepted for ``response``),
-    or a string field ``text``. Errors name the file and the line number.
+    or a string field ``text``; a leading byte-order mark is skipped. Errors name
+    the file and the line number: a ValueError for bad content (not gzip,
+    truncated, not UTF-8, not JSON, wrong fields), an OSError for a file that
+    cannot be read.
     """
-    opener = gzip.open if str(path).endswith(".gz") else open
+    path = os.fspath(path)
+    gzipped = path.endswith(".gz")
+    text = decode_utf8(read_bytes(path, "data", gzipped=gzipped), path, gzipped=gzipped, drop_bom=True)
     records = []
-    try:
-        f = opener(path, "rt", encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"data file not found: {path}") from None
-    with f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise TypeError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            response_key = next((k for k in ("response", "completion", "output") if k in row), None)
-            if "prompt" in row and response_key:
-                rec = {"prompt": row["prompt"], "response": row[response_key]}
-            elif "text" in row:
-                rec = {"text": row["text"]}
-            else:
-                raise ValueError(f"{where}: expected fields 'prompt' and 'response' (or 'text'), "
-                                 f"got {sorted(row)}")
-            bad = [k for k, v in rec.items() if not isinstance(v, str)]
-            if bad:
-                raise ValueError(f"{where}: field {bad[0]!r} must be a string, got {type(rec[bad[0]]).__name__}")
-            if not any(v.strip() for v in rec.values()):
-                raise ValueError(f"{where}: empty record")
-            rec["id"] = where
-            records.append(rec)
+    for lineno, line in enumerate(io.StringIO(text, newline=None), 1):  # the lines a text-mode file gives
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        except (ValueError, RecursionError) as exc:  # an integer of more than 4300 digits; nesting too deep
+            raise ValueError(f"{where}: not usable JSON ({exc})") from None
+        if not isinstance(row, dict):
+            kind = type(row).__name__
+            raise ValueError(f"{where}: expected a JSON object, got {kind}")  # noqa: TRY004 (bad file content)
+        response_key = next((k for k in ("response", "completion", "output") if k in row), None)
+        if "prompt" in row and response_key:
+            rec = {"prompt": row["prompt"], "response": row[response_key]}
+            names = {"prompt": "prompt", "response": response_key}
+        elif "text" in row:
+            rec = {"text": row["text"]}
+            names = {"text": "text"}
+        else:
+            raise ValueError(f"{where}: expected fields 'prompt' and 'response' (or 'text'), "
+                             f"got {sorted(row)[:10]}")
+        for k, v in rec.items():
+            _check_string(v, names[k], where)
+        if not any(v.strip() for v in rec.values()):
+            raise ValueError(f"{where}: empty record")
+        rec["id"] = where
+        records.append(rec)
     if not records:
         raise ValueError(f"{path}: no records")
     kinds = {"text" in r for r in records}
@@ -158,7 +256,11 @@ def load_jsonl(path):
 
 
 def load_records(path):
-    """Records from a ``.jsonl``/``.jsonl.gz`` file, or one ``{"text": ...}`` record from any other file."""
+    """Records from a ``.jsonl``/``.jsonl.gz`` file, or one ``{"text": ...}`` record from any other file.
+
+    Bad content raises ValueError, an unreadable file OSError (FileNotFoundError, ...); the
+    message names the file (and the line where there is one).
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file not found: {path}")
@@ -166,12 +268,7 @@ def load_records(path):
         raise ValueError(f"{path} is a folder; --data takes a .jsonl file or a plain text file")
     if path.endswith((".jsonl", ".jsonl.gz")):
         return load_jsonl(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path} is not UTF-8 text (byte {exc.start}); --data takes JSON Lines (.jsonl) "
-                         "or plain text") from None
+    text = read_text(path, "--data", hint="--data takes JSON Lines (.jsonl) or plain text")
     if not text.strip():
         raise ValueError(f"{path} is empty")
     return [{"text": text, "id": path}]
@@ -196,15 +293,15 @@ def _fetch_botchan(dest):
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "sentencepiece",
                BOTCHAN_SDIST, "-d", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"could not fetch the Botchan text with `{' '.join(cmd[2:])}`:\n"
+        if proc.returncode != 0:  # no network, no index: an OSError, reported as pyqlora: error
+            raise ConnectionError(f"could not fetch the Botchan text with `{' '.join(cmd[2:])}`:\n"
                                f"{proc.stderr.strip()[-2000:]}\nPass a text file instead (--text FILE).")
         archive = os.path.join(tmp, BOTCHAN_SDIST.replace("==", "-") + ".tar.gz")
         with tarfile.open(archive) as tar:
             data = tar.extractfile(BOTCHAN_MEMBER).read()
     digest = hashlib.sha256(data).hexdigest()
     if digest != BOTCHAN_SHA256:
-        raise RuntimeError(f"{BOTCHAN_MEMBER} from {BOTCHAN_SDIST} has SHA-256 {digest}, expected {BOTCHAN_SHA256}")
+        raise ValueError(f"{BOTCHAN_MEMBER} from {BOTCHAN_SDIST} has SHA-256 {digest}, expected {BOTCHAN_SHA256}")
     part = dest + ".part"
     with open(part, "wb") as f:
         f.write(data)
@@ -224,14 +321,15 @@ def botchan_path():
 def eval_text(path, option="--text"):
     """(text, name) for perplexity: the file at `path`, or *Botchan* when `path` is empty or None.
 
-    A missing file raises FileNotFoundError naming the command-line `option`.
+    A missing file raises FileNotFoundError naming the command-line `option`; a file
+    that is not UTF-8 text, ValueError naming the file, the line and the byte offset.
     """
     if not path:
         return botchan_text(), "Botchan (sentencepiece 0.2.3 sdist)"
+    path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{option} file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        return f.read(), path
+    return read_text(path, option, hint=f"{option} takes a UTF-8 text file"), path
 
 
 def botchan_text(strip=False):
@@ -241,6 +339,5 @@ def botchan_text(strip=False):
     windows start one third of the way in, well inside the body); ``strip=True``
     removes the Project Gutenberg header and license for training on it.
     """
-    with open(botchan_path(), encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(botchan_path(), "the cached Botchan")
     return strip_gutenberg(text) if strip else text

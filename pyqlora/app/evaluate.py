@@ -75,7 +75,8 @@ def fake_quantize_linears(model, codebook="nf4", blocksize=64, double_quant=True
     exactly what a model of :class:`pyqlora.nn.Linear4bit` layers computes (which
     dequantizes and multiplies), at dense speed, for any codebook (INT4 included,
     which has no checkpoint format). Returns the number of parameters quantized
-    and their bytes in the 4-bit format.
+    and their bytes in the 4-bit format. A NaN or Inf weight raises
+    :class:`pyqlora.NonFiniteError` naming the tensor (in its message and as its ``tensor`` attribute).
     """
     head = output_head(model)
     count = nbytes = 0
@@ -85,8 +86,15 @@ def fake_quantize_linears(model, codebook="nf4", blocksize=64, double_quant=True
         w = module.weight.data
         if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise TypeError(f"cannot quantize module {name!r}: weight dtype {w.dtype}")
-        q = pq.quantize(as_numpy(w.contiguous()), codebook=codebook, blocksize=blocksize,
-                        double_quant=double_quant)
+        try:
+            q = pq.quantize(as_numpy(w.contiguous()), codebook=codebook, blocksize=blocksize,
+                            double_quant=double_quant)
+        except pq.NonFiniteError as exc:  # name the weight (also as .tensor): the caller knows the file
+            err = pq.NonFiniteError(f"tensor '{name}.weight' (shape {tuple(w.shape)}) holds {exc.value} at index "
+                                    f"{exc.index}; a weight with NaN or Inf cannot be quantized",
+                                    index=exc.index, value=exc.value)
+            err.tensor = f"{name}.weight"
+            raise err from exc
         back = torch.empty(w.shape, dtype=w.dtype)
         pq.dequantize(q, out=as_numpy(back))
         w.copy_(back)

@@ -1,11 +1,168 @@
-"""Lazy weight mappings: parameter name -> tensor, each read from its file only when asked for.
+"""Weights in files: lazy mappings (parameter name -> tensor, each read only when asked for), safetensors
+readers whose errors name the file, and the check that a checkpoint's tensors fit a model.
 
 :func:`pyqlora.lora.prepare_model` takes such a mapping (``weights=``) for a model
 built under :class:`pyqlora.lora.empty_weights`, quantizing each layer as its
 weight arrives, so the dense model never exists.
-"""
 
-__all__ = ["LazyWeights", "SafetensorsWeights"]
+Every reader here turns what a damaged or foreign file makes its library raise
+(safetensors' ``SafetensorError``, ...) into ValueError, and a file that cannot be
+read into OSError, with the file's name in the message.
+"""
+import re
+
+from .data import error_text, os_error
+
+__all__ = ["LazyWeights", "SafetensorsWeights", "check_layer_count", "check_weight_shapes", "config_errors",
+           "read_safetensors", "safetensors_index", "safetensors_tensor"]
+
+
+def config_errors():
+    """The exceptions transformers raises for configuration values it refuses, or a model they cannot build.
+
+    For ``except`` clauses around building a configuration or a model from a user's file
+    (configurations validate their fields with huggingface_hub's strict dataclasses).
+    """
+    errors = (ValueError, TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError, OverflowError)
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # an older huggingface_hub: transformers raises ValueError
+        return errors
+    return (*errors, StrictDataclassError)
+
+
+def check_layer_count(count, names, config_name, key="num_hidden_layers", where="the weights",
+                      pattern=r"(?:^|\.)layers\.(\d+)\."):
+    """Raise ValueError unless `count` layers (the configuration's `key`) are the layers the tensor `names` hold.
+
+    Checked before a model is built from the configuration: a damaged or wrong layer count (a
+    billion layers) would otherwise take forever to build, even on the meta device. Names without
+    a layer index (another architecture's) are not checked.
+    """
+    found = {int(m.group(1)) for n in names if (m := re.search(pattern, n))}
+    if not found or isinstance(count, bool) or not isinstance(count, int):
+        return
+    if count != max(found) + 1:
+        raise ValueError(f"{config_name}: {key}={count}, but {where} hold {max(found) + 1} layers (0 to "
+                         f"{max(found)}); the configuration and the weights disagree")
+
+
+def _reading(path, call):
+    """call(), with safetensors' errors raised as ValueError / OSError naming `path`."""
+    from safetensors import SafetensorError
+
+    try:
+        return call()
+    except SafetensorError as exc:
+        raise ValueError(f"{path}: not a valid safetensors file ({error_text(exc, kind=False)})") from exc
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"weights file not found: {path}") from exc
+    except OSError as exc:
+        raise os_error(exc, f"{path}: cannot read the file: {exc.strerror or exc}") from exc
+
+
+def _open(path):
+    from safetensors import safe_open
+
+    return _reading(path, lambda: safe_open(path, framework="pt"))
+
+
+def safetensors_index(files):
+    """``{name: (shape, dtype, file)}`` of the tensors in safetensors `files`, from their headers (no data read).
+
+    ValueError names the file for a file that is not safetensors (empty, truncated, a bad header) and for a
+    tensor name held by two files.
+    """
+    index = {}
+    for path in files:
+        with _open(path) as f:
+            for key in _reading(path, f.keys):
+                if key in index:
+                    raise ValueError(f"{path}: tensor {key!r} is also in {index[key][2]}")
+                meta = _reading(path, lambda k=key: f.get_slice(k))
+                index[key] = (tuple(_reading(path, meta.get_shape)), _reading(path, meta.get_dtype), path)
+    return index
+
+
+def safetensors_tensor(path, key):
+    """One tensor of a safetensors file (errors name the file and the tensor)."""
+    with _open(path) as f:
+        try:
+            return _reading(path, lambda: f.get_tensor(key))
+        except (TypeError, RuntimeError) as exc:  # a dtype torch has no type for
+            raise ValueError(f"{path}: cannot read tensor {key!r} ({error_text(exc)})") from exc
+
+
+def read_safetensors(path):
+    """All tensors of a safetensors file as a dict (errors name the file)."""
+    with _open(path) as f:
+        return {key: safetensors_tensor(path, key) for key in _reading(path, f.keys)}
+
+
+def _shape_hint(config, implied, actual):
+    sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+             "head_dim", "num_hidden_layers")
+    named = [f"{k}={getattr(config, k)}" for k in sizes
+             if isinstance(getattr(config, k, None), int) and getattr(config, k) in set(implied) - set(actual)]
+    return f" ({', '.join(named)})" if named else ""
+
+
+def check_weight_shapes(model, tensors, config_name, missing=True, unexpected=True, base_prefix=False,
+                        source=None):
+    """Raise ValueError unless a checkpoint's tensors fit `model`, which its configuration describes.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Built from the configuration, on the meta device (no memory).
+    tensors : dict
+        ``{name: (shape, file)}`` of the checkpoint (``file`` is what the message names).
+    config_name : str
+        What the configuration is called in the message (``folder/config.json``).
+    missing : bool
+        Refuse a parameter the checkpoint lacks (one of tied parameters is enough, such as an
+        output head tied to the embeddings).
+    unexpected : bool
+        Refuse a tensor that is no parameter of the model (those transformers ignores on loading
+        excepted).
+    base_prefix : bool
+        Accept the names of a checkpoint saved from the base model (without the causal LM's
+        ``model.`` prefix), as transformers' ``from_pretrained`` does.
+    source : str, optional
+        What a message about missing parameters names (default: the files of `tensors`).
+    """
+    state = model.state_dict(keep_vars=True)
+    prefix = getattr(model, "base_model_prefix", "") if base_prefix else ""
+    names = {}  # the model's name of each checkpoint tensor
+    for name in tensors:
+        if name in state:
+            names[name] = name
+        elif prefix and f"{prefix}.{name}" in state:
+            names[name] = f"{prefix}.{name}"
+    for name, (shape, file) in tensors.items():
+        if name in names and tuple(state[names[name]].shape) != tuple(shape):
+            implied = tuple(state[names[name]].shape)
+            raise ValueError(f"{file}: tensor {name!r} has shape {tuple(shape)}, but {config_name} implies "
+                             f"{implied}{_shape_hint(getattr(model, 'config', None), implied, tuple(shape))}; "
+                             "the configuration and the weights disagree")
+    if missing:
+        present = set(names.values())
+        aliases = {}
+        for name, t in state.items():
+            aliases.setdefault(id(t), []).append(name)
+        lacking = [group[0] for group in aliases.values() if not any(n in present for n in group)]
+        if lacking:
+            where = source or ", ".join(sorted({file for _, file in tensors.values()})) or "the checkpoint"
+            raise ValueError(f"{where}: no tensor for {len(lacking)} parameter(s) of "
+                             f"the model {config_name} describes, such as {lacking[:3]}; the configuration and the "
+                             "weights disagree")
+    ignore = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []
+    extra = [n for n in tensors if n not in names and not any(re.search(p, n) for p in ignore)]
+    if unexpected and extra:
+        shape, file = tensors[extra[0]]
+        raise ValueError(f"{file}: tensor {extra[0]!r} (shape {tuple(shape)}) is no parameter of the model "
+                         f"{config_name} describes ({len(extra)} such tensor(s)); the configuration and the weights "
+                         "disagree")
 
 
 class LazyWeights:
@@ -37,17 +194,7 @@ class SafetensorsWeights(LazyWeights):
     """
 
     def __init__(self, files):
-        from safetensors import safe_open
-
-        index = {}
-        for path in files:
-            with safe_open(path, framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    index[key] = path
-        super().__init__(index)
+        super().__init__({key: path for key, (_, _, path) in safetensors_index(files).items()})
 
     def __getitem__(self, key):
-        from safetensors import safe_open
-
-        with safe_open(self._index[key], framework="pt") as f:
-            return f.get_tensor(key)
+        return safetensors_tensor(self._index[key], key)

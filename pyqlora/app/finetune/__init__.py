@@ -30,7 +30,7 @@ The package, one concept a module: :mod:`.config` (the settings), :mod:`.example
 """
 from .accounting import make_optimizer, nf4_dq_bytes, nf4_dq_model_bytes, optimizer_state_bytes
 from .adapters import lora_a_weights, prepare, save_adapter, seed_adapters
-from .config import BASES, OPTIMIZERS, FinetuneConfig
+from .config import BASES, OPTIMIZERS, FinetuneConfig, SetupError
 from .examples import IGNORE, collate, encode_records, split_chunks, split_records
 from .loss import batch_loss, heldout_loss
 from .run import run
@@ -41,6 +41,7 @@ __all__ = [
     "IGNORE",
     "OPTIMIZERS",
     "FinetuneConfig",
+    "SetupError",
     "TrainLog",
     "batch_loss",
     "collate",

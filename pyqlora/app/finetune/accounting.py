@@ -2,7 +2,7 @@
 import torch
 
 from ..._glue import memory
-from .config import OPTIMIZERS
+from .config import OPTIMIZERS, SetupError
 
 __all__ = ["make_optimizer", "nf4_dq_bytes", "nf4_dq_model_bytes", "optimizer_state_bytes"]
 
@@ -17,7 +17,7 @@ def make_optimizer(name, params, lr, weight_decay=0.0):
     try:
         from pyqlora import optim
     except ImportError as exc:
-        raise RuntimeError(f"--optimizer {name} needs pyqlora.optim, which cannot be imported here ({exc}); "
+        raise SetupError(f"--optimizer {name} needs pyqlora.optim, which cannot be imported here ({exc}); "
                            "use --optimizer adamw") from None
     cls = optim.PagedAdamW if name == "paged_adamw" else optim.PagedAdamW8bit
     return cls(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)

@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from .config import SetupError
+
 __all__ = ["lora_a_weights", "prepare", "save_adapter", "seed_adapters"]
 
 
@@ -54,7 +56,7 @@ def prepare(model, cfg, weights=None):
         try:
             import peft
         except ImportError:
-            raise RuntimeError("--base bf16 (16-bit LoRA) uses PEFT's LoRA layers: pip install peft") from None
+            raise SetupError("--base bf16 (16-bit LoRA) uses PEFT's LoRA layers: pip install peft") from None
         pcfg = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                target_modules="all-linear")
         if cfg.gradient_checkpointing:  # as prepare_model does for the 4-bit base

@@ -4,10 +4,18 @@ from __future__ import annotations
 import dataclasses
 import math
 
-__all__ = ["BASES", "OPTIMIZERS", "FinetuneConfig"]
+__all__ = ["BASES", "OPTIMIZERS", "FinetuneConfig", "SetupError"]
 
 OPTIMIZERS = ("paged_adamw", "paged_adamw8bit", "adamw")
 BASES = ("4bit", "bf16")
+
+
+class SetupError(RuntimeError):
+    """The run cannot start on this machine as configured: a package or a launcher is missing.
+
+    Not a bug: the command line reports it as ``pyqlora: error: ...`` (exit 2), as it does
+    ValueError and OSError, while any other RuntimeError shows its traceback.
+    """
 
 
 @dataclasses.dataclass

