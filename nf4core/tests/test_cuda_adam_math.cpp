@@ -1,5 +1,5 @@
-// The CUDA 8-bit Adam kernel's arithmetic, run on the host: src/cuda/
-// adam_math.hpp (the per-element update the kernel calls) and the kernel's
+// The CUDA 8-bit Adam kernel's arithmetic, run on the host: src/adam_math.hpp
+// (the per-element update the kernel calls) and the kernel's
 // two-pass block algorithm (update + absmax of the new moments as float bits,
 // then recompute and encode with numeric.hpp's block_scale/encode_value),
 // written out here in plain C++, against nf4_adam8bit_update (the CPU kernel)
@@ -13,8 +13,8 @@
 #include <random>
 #include <vector>
 
+#include "adam_math.hpp"
 #include "check.hpp"
-#include "cuda/adam_math.hpp"
 #include "nf4core/nf4core.h"
 #include "numeric.hpp"
 

@@ -25,7 +25,7 @@
 #include "../error.hpp"
 #include "../kernels.hpp"
 #include "../numeric.hpp"
-#include "adam_math.hpp"
+#include "../adam_math.hpp"
 #include "common.cuh"
 #include "nf4core/cuda.h"
 #include "nf4core/optim.h"
