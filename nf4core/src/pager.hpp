@@ -1,7 +1,7 @@
 // The pager's internal seam: nf4_pager (the C handle) owns one PagerBackend.
 // Two backends implement it: the host one (RAM + spill file, pager_host.cpp)
-// and the CUDA one (managed memory, pager_cuda.cu; in builds without CUDA its
-// factory, in cuda_stub.cpp, fails).
+// and the CUDA one (managed memory, cuda/pager.cu; in builds without CUDA its
+// factory, in cuda/stub.cpp, fails).
 #ifndef NF4CORE_SRC_PAGER_HPP
 #define NF4CORE_SRC_PAGER_HPP
 
@@ -75,7 +75,7 @@ int64_t os_page_size();
 std::unique_ptr<PagerBackend> make_host_pager(int64_t budget_bytes, const char *spill_dir, int64_t page_bytes);
 
 // Throws Error (NF4_ERROR_CUDA naming the failed CUDA call, or "built
-// without CUDA" from cuda_stub.cpp) when the device cannot be used.
+// without CUDA" from cuda/stub.cpp) when the device cannot be used.
 std::unique_ptr<PagerBackend> make_cuda_pager(int64_t budget_bytes, int device, int64_t page_bytes, uint32_t flags);
 
 }  // namespace nf4core

@@ -2,7 +2,7 @@
 // pages of which allocations are in the fast tier, least recently used first,
 // and which contiguous runs of pages must move when a range is prefetched
 // under a budget or evicted. The mover is a callback, so the policy compiles
-// and is tested on the host (tests/test_pager_lru.cpp) while pager_cuda.cu
+// and is tested on the host (tests/test_pager_lru.cpp) while cuda/pager.cu
 // gives it cudaMemPrefetchAsync. (The host backend keeps its own LRU, which
 // also consults mincore.) Not thread-safe: the backend's mutex guards it.
 #ifndef NF4CORE_SRC_PAGER_LRU_HPP

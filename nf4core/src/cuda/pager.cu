@@ -26,9 +26,9 @@
 #include <string>
 #include <vector>
 
-#include "cuda/common.cuh"
-#include "pager.hpp"
-#include "pager_lru.hpp"
+#include "../pager.hpp"
+#include "../pager_lru.hpp"
+#include "common.cuh"
 
 namespace nf4core {
 

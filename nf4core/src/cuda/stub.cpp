@@ -1,9 +1,10 @@
 // The CUDA entry points of a build without CUDA (Meson option cuda disabled or
-// nvcc not found): nf4_cuda_available reports built = 0, everything else
-// fails with NF4_ERROR_CUDA, so the C API is the same in every build.
-#include "error.hpp"
+// nvcc not found), compiled as C++ in place of the .cu files beside it:
+// nf4_cuda_available reports built = 0, everything else fails with
+// NF4_ERROR_CUDA, so the C API is the same in every build.
+#include "../error.hpp"
+#include "../pager.hpp"
 #include "nf4core/cuda.h"
-#include "pager.hpp"
 
 namespace {
 
