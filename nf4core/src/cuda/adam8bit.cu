@@ -49,12 +49,6 @@ struct AdamTables {
     SearchTable t1, t2;     // encode
 };
 
-__device__ __forceinline__ void copy_words_dev(void *dst, const void *src, int bytes) {
-    const int32_t *s = static_cast<const int32_t *>(src);
-    int32_t *d = static_cast<int32_t *>(dst);
-    for (int i = threadIdx.x; i < bytes / 4; i += blockDim.x) d[i] = s[i];
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     adam8bit_kernel(T *__restrict__ param, const T *__restrict__ grad, int64_t n, uint8_t *__restrict__ state1,
@@ -62,7 +56,7 @@ __global__ void __launch_bounds__(kThreads)
                     const __grid_constant__ AdamTables tab_arg, int64_t blocksize, const AdamScalarsF32 s,
                     AdamFlags *flags) {
     __shared__ AdamTables tab;
-    copy_words_dev(&tab, &tab_arg, int(sizeof(AdamTables)));
+    copy_words(&tab, &tab_arg, int(sizeof(AdamTables)));
     __syncthreads();
     const int lane = int(threadIdx.x & 31u);
     const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;

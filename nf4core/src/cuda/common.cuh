@@ -103,6 +103,15 @@ __device__ __forceinline__ float block_scale_at(const Scales &s, const float *dy
     return dq_scale(dyn_smem[s.qabsmax[b]], s.nested[b / NF4_DQ_BLOCKSIZE], s.offset);
 }
 
+// Copies a table passed as a kernel argument into shared memory, the thread
+// block's threads striding over its 32-bit words (bytes % 4 == 0); the caller
+// then __syncthreads() before reading it.
+__device__ __forceinline__ void copy_words(void *dst, const void *src, int bytes) {
+    const int32_t *s = static_cast<const int32_t *>(src);
+    int32_t *d = static_cast<int32_t *>(dst);
+    for (int i = threadIdx.x; i < bytes / 4; i += blockDim.x) d[i] = s[i];
+}
+
 __device__ __forceinline__ uint32_t warp_max(uint32_t v) {
     for (int o = 16; o > 0; o >>= 1) {
         const uint32_t w = __shfl_xor_sync(0xFFFFFFFFu, v, o);

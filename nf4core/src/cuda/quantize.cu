@@ -40,12 +40,6 @@ __device__ __forceinline__ float load_value(const T *x, int64_t i, const float *
     return sub != nullptr ? v - m : v;  // DQ centres the scales: absmax - mean, one rounding
 }
 
-__device__ __forceinline__ void copy_words(void *dst, const void *src, int bytes) {
-    const int32_t *s = static_cast<const int32_t *>(src);
-    int32_t *d = static_cast<int32_t *>(dst);
-    for (int i = threadIdx.x; i < bytes / 4; i += blockDim.x) d[i] = s[i];
-}
-
 // One warp per quantization block: the absmax by a warp reduction (max is
 // exact, so the order does not matter), then every lane encodes its elements
 // (4-bit: pairs, so each lane writes whole bytes).
