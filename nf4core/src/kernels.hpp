@@ -7,6 +7,7 @@
 #define NF4CORE_SRC_KERNELS_HPP
 
 #include <cstdint>
+#include <string>
 
 #include "nf4core/common.h"
 #include "numeric.hpp"
@@ -59,13 +60,20 @@ struct KernelSet {
 SearchTable make_search_table(const float *codebook, int size);
 
 const KernelSet &scalar_kernels();
-// nullptr when the path is not compiled into this build
+// Defined only where the path is compiled into this build (NF4CORE_HAVE_<ISA>,
+// meson.build); dispatch.cpp lists the paths.
 const KernelSet *avx2_kernels();
 const KernelSet *avx512_kernels();
 const KernelSet *neon_kernels();
 
-// The kernel set in use (see nf4_set_isa).
+// The kernel set in use (dispatch.cpp; see nf4_set_isa).
 const KernelSet &active_kernels();
+// Whether this build has the path `name` ("avx512", "avx2", "neon", "scalar")
+// and this CPU runs it.
+bool isa_available(const std::string &name);
+// Makes that path active ("auto": the best one this CPU runs) and returns
+// true; false, with nothing changed, where isa_available(name) is false.
+bool use_isa(const std::string &name);
 
 // Runs fn(b0, b1) over [0, n_items) split into ranges of at least `min_items`
 // on the library's threads (the caller's thread takes part). Small inputs and

@@ -50,7 +50,6 @@ struct MatmulKernels {
     TileKernel tile_bf16;
 };
 
-// nullptr when not compiled in
 // Internal linkage: these are compiled into files built with different ISA
 // flags, and one merged inline copy could carry instructions another CPU lacks.
 namespace {
@@ -85,6 +84,8 @@ inline float *zeroed_partial_sums(size_t n) {
 
 }  // namespace
 
+// Defined only where the path is compiled in, as the quantization kernels
+// (kernels.hpp).
 const MatmulKernels *avx512_matmul_kernels();
 const MatmulKernels *avx2_matmul_kernels();
 const MatmulKernels *neon_matmul_kernels();
@@ -95,11 +96,15 @@ const MatmulKernels *neon_matmul_kernels();
 // dequantize(q, bfloat16); sums are float32.
 bool amx_available();
 bool amx_matmul_bf16(const MatmulArgs &a);
+// Whether products use AMX now: available, allowed (allow_amx; NF4CORE_AMX=0
+// forbids it from the start) and the AVX-512 path active.
+bool amx_in_use();
+void allow_amx(bool allowed);
 // Rows of x from which the AMX product is used (fewer go to the vector kernels;
 // measured crossover 4-8 rows, benchmarks/bench_matmul.py).
 constexpr int64_t kAmxMinRows = 5;
 
-// The kernels of the active ISA (active_kernels().name), nullptr for scalar.
+// The kernels of the active ISA (dispatch.cpp), nullptr for scalar.
 const MatmulKernels *active_matmul_kernels();
 
 }  // namespace nf4core
