@@ -13,7 +13,8 @@
 namespace nf4core {
 namespace {
 
-bool cpu_has_avx2() {
+// (unused in builds without the x86 paths)
+[[maybe_unused]] bool cpu_has_avx2() {
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
@@ -22,7 +23,7 @@ bool cpu_has_avx2() {
 #endif
 }
 
-bool cpu_has_avx512() {
+[[maybe_unused]] bool cpu_has_avx512() {
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
     __builtin_cpu_init();
     // libgcc checks XCR0, so the OS saving the ZMM state is included
