@@ -45,15 +45,22 @@ struct KernelSet {
     DequantizeKernel dequantize8[3];
 };
 
-// The table of a path whose kernels are templates quantize<BITS, T>,
-// dequantize4<T> and dequantize8<T>.
-#define NF4_KERNEL_SET(NAME, QUANTIZE, DEQUANTIZE4, DEQUANTIZE8)                                          \
-    KernelSet {                                                                                        \
-        NAME, {QUANTIZE<4, float>, QUANTIZE<4, half_t>, QUANTIZE<4, bfloat16_t>},                       \
-            {DEQUANTIZE4<float>, DEQUANTIZE4<half_t>, DEQUANTIZE4<bfloat16_t>},                         \
-            {QUANTIZE<8, float>, QUANTIZE<8, half_t>, QUANTIZE<8, bfloat16_t>},                         \
-            {DEQUANTIZE8<float>, DEQUANTIZE8<half_t>, DEQUANTIZE8<bfloat16_t>},                         \
-    }
+namespace {  // internal linkage: each path's translation unit has its own ISA flags
+
+// The table of a path whose kernels are K::quantize<BITS, T> and
+// K::dequantize<BITS, T> (BITS = 4 or 8; T = float, half_t, bfloat16_t).
+template <class K>
+KernelSet kernel_set(const char *name) {
+    return {name,
+            {K::template quantize<4, float>, K::template quantize<4, half_t>, K::template quantize<4, bfloat16_t>},
+            {K::template dequantize<4, float>, K::template dequantize<4, half_t>,
+             K::template dequantize<4, bfloat16_t>},
+            {K::template quantize<8, float>, K::template quantize<8, half_t>, K::template quantize<8, bfloat16_t>},
+            {K::template dequantize<8, float>, K::template dequantize<8, half_t>,
+             K::template dequantize<8, bfloat16_t>}};
+}
+
+}  // namespace
 
 // The nearest-code search table of a codebook of `size` (16 or 256) finite
 // values; throws (invalid argument) for a NULL or non-finite codebook.
