@@ -1,13 +1,10 @@
 // Products with a 4-bit matrix: arguments shared by the reference and the
-// optimized kernels (matmul.cpp, matmul_avx512.cpp, matmul_avx2.cpp,
-// matmul_neon.cpp).
+// optimized kernels (matmul.cpp; matmul_<isa>.cpp on the skeleton of
+// matmul_rows.hpp; matmul_amx.cpp).
 #ifndef NF4CORE_SRC_MATMUL_HPP
 #define NF4CORE_SRC_MATMUL_HPP
 
-#include <algorithm>
 #include <cstdint>
-#include <type_traits>
-#include <vector>
 
 #include "numeric.hpp"
 
@@ -49,40 +46,6 @@ struct MatmulKernels {
     TileKernel tile_f32;   // any tile
     TileKernel tile_bf16;
 };
-
-// Internal linkage: these are compiled into files built with different ISA
-// flags, and one merged inline copy could carry instructions another CPU lacks.
-namespace {
-
-// Shared by the per-ISA kernels (matmul_<isa>.cpp): x is taken in groups of up
-// to 8 rows, and f(std::integral_constant<int, R>{}, m0) runs on rows m0 ..
-// m0+R-1, so that each kernel is instantiated for R = 1..8 rows.
-template <class F>
-inline void for_row_groups(int64_t M, F &&f) {
-    for (int64_t m0 = 0; m0 < M; m0 += 8) {
-        switch (std::min<int64_t>(8, M - m0)) {
-            case 1: f(std::integral_constant<int, 1>{}, m0); break;
-            case 2: f(std::integral_constant<int, 2>{}, m0); break;
-            case 3: f(std::integral_constant<int, 3>{}, m0); break;
-            case 4: f(std::integral_constant<int, 4>{}, m0); break;
-            case 5: f(std::integral_constant<int, 5>{}, m0); break;
-            case 6: f(std::integral_constant<int, 6>{}, m0); break;
-            case 7: f(std::integral_constant<int, 7>{}, m0); break;
-            default: f(std::integral_constant<int, 8>{}, m0); break;
-        }
-    }
-}
-
-// n zeroed floats in a buffer owned by the calling thread, reused across calls:
-// the partial sums of the y = x W kernels (rows of W streamed).
-inline float *zeroed_partial_sums(size_t n) {
-    thread_local std::vector<float> buf;
-    if (buf.size() < n) buf.resize(n);
-    std::fill(buf.data(), buf.data() + n, 0.0f);
-    return buf.data();
-}
-
-}  // namespace
 
 // Defined only where the path is compiled in, as the quantization kernels
 // (kernels.hpp).
