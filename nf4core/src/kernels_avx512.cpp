@@ -62,10 +62,11 @@ inline __m512i search256(__m512 s, const Segments &g) {
 // writing it (a third of a dequantize's memory traffic, measured 2-3x faster).
 constexpr int64_t kStreamBytes = int64_t(32) << 20;
 
-// Writes a run of consecutive 16-lane vectors starting at `first`. When
-// streaming, each vector is joined with the previous one so that every store
-// lands on an aligned 16-lane boundary, whatever the alignment of the output;
-// the unaligned head and tail go out as masked stores.
+// Writes a run of consecutive 16-lane vectors starting at `first` (values that
+// are not NaN: dequantize's). When streaming, each vector is joined with the
+// previous one so that every store lands on an aligned 16-lane boundary,
+// whatever the alignment of the output; the unaligned head and tail go out as
+// masked stores. After a flush the run may go on further on, 16 lanes apart.
 template <typename T>
 class Writer {
     using L = avx512::Lanes<T>;
@@ -78,7 +79,7 @@ public:
     }
 
     void put(int64_t i, __m512 v) {  // elements [i, i + 16), consecutive calls
-        const W w = L::pack(v);
+        const W w = L::template pack<false>(v);
         if (!stream_) {
             L::store(out_ + i, w);
         } else if (offset_ == 0) {
@@ -96,7 +97,7 @@ public:
 
     void put_partial(int64_t i, __m512 v, __mmask16 m) {  // the last, partial vector
         flush();
-        L::store(out_ + i, L::pack(v), m);
+        L::store(out_ + i, L::template pack<false>(v), m);
     }
 
     void flush() {
@@ -196,6 +197,8 @@ struct Avx512 {
               w(static_cast<T *>(args.out), b0 * args.blocksize, args.n * int64_t(sizeof(T)) >= kStreamBytes) {}
 
         static int64_t vector_end(int64_t, int64_t end) { return end; }
+
+        void gap() { w.flush(); }  // the run of vectors goes on after the reference's block
 
         void decode(T *, int64_t i0, int64_t i1, float scale) {
             const __m512 vscale = _mm512_set1_ps(scale);

@@ -7,7 +7,10 @@
 // Quantize, per block: the absmax and a finiteness check; a block holding a
 // NaN or Inf is handed to the reference kernel, which names the first such
 // element; the block scale (numeric.hpp's block_scale); the codes.
-// Dequantize, per block: codebook[code] * scale, rounded to the output type.
+// Dequantize, per block: codebook[code] * scale, rounded to the output type; a
+// block whose scale is NaN or infinite (the caller's absmax; its outputs may be
+// NaN) is left to the reference, so the vector passes store values that are
+// not NaN (the cheaper bfloat16 rounding, simd.hpp).
 //
 // An ISA is a struct V with
 //   template <int BITS, typename T> struct Quantize {
@@ -19,7 +22,8 @@
 //   template <int BITS, typename T> struct Dequantize {
 //       Dequantize(const DequantizeArgs &, int64_t b0);  // per-call constants and state
 //       static int64_t vector_end(int64_t begin, int64_t end);
-//       void decode(T *out, int64_t i0, int64_t i1, float scale);
+//       void decode(T *out, int64_t i0, int64_t i1, float scale);  // blocks in order
+//       void gap();  // the reference writes the next block (DirectStores: nothing to do)
 //   };
 // amax_bits collects max |x| as float bits (non-negative floats order like their
 // bits), nonfinite whether any |x| bits lie above the largest finite float.
@@ -34,6 +38,11 @@
 
 namespace nf4core {
 namespace {
+
+// For Dequantize passes that store each vector as it comes.
+struct DirectStores {
+    void gap() {}
+};
 
 template <class V>
 struct VectorKernels {
@@ -73,6 +82,11 @@ struct VectorKernels {
             const int64_t end = begin + a.blocksize < a.n ? begin + a.blocksize : a.n;
             const int64_t vend = D::vector_end(begin, end);
             const float scale = a.absmax[b];
+            if (!is_finite(scale)) {  // NaN outputs: the reference rounds them as to_bfloat16 does
+                d.gap();
+                ref::decode_range<BITS, T>(a.in, a.codebook, scale, out, begin, end);
+                continue;
+            }
             d.decode(out, begin, vend, scale);
             ref::decode_range<BITS, T>(a.in, a.codebook, scale, out, vend, end);
         }

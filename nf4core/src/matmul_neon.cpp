@@ -41,11 +41,12 @@ inline Planes scaled_planes(const float *t, float s) {
 
 // The scaled table rounded to bfloat16 (as to_bfloat16), as two byte planes in
 // p[0] (low bytes) and p[1] (high bytes).
+template <bool NaN>
 inline Planes bf16_planes(const float *t, float s) {
-    const uint16x8_t e0 = vcombine_u16(neon::bf16_bits(vmulq_n_f32(vld1q_f32(t), s)),
-                                       neon::bf16_bits(vmulq_n_f32(vld1q_f32(t + 4), s)));
-    const uint16x8_t e1 = vcombine_u16(neon::bf16_bits(vmulq_n_f32(vld1q_f32(t + 8), s)),
-                                       neon::bf16_bits(vmulq_n_f32(vld1q_f32(t + 12), s)));
+    const uint16x8_t e0 = vcombine_u16(neon::bf16_bits<NaN>(vmulq_n_f32(vld1q_f32(t), s)),
+                                       neon::bf16_bits<NaN>(vmulq_n_f32(vld1q_f32(t + 4), s)));
+    const uint16x8_t e1 = vcombine_u16(neon::bf16_bits<NaN>(vmulq_n_f32(vld1q_f32(t + 8), s)),
+                                       neon::bf16_bits<NaN>(vmulq_n_f32(vld1q_f32(t + 12), s)));
     const uint8x16_t b0 = vreinterpretq_u8_u16(e0), b1 = vreinterpretq_u8_u16(e1);
     return {{vuzp1q_u8(b0, b1), vuzp2q_u8(b0, b1), vdupq_n_u8(0), vdupq_n_u8(0)}};
 }
@@ -133,9 +134,10 @@ struct Neon : XAsIs {
 
         explicit TileStep(const float *cb) : codebook(cb) {}
 
+        template <bool NaN>
         Table table(float scale) const {
             if constexpr (sizeof(T) == 2)
-                return bf16_planes(codebook, scale);
+                return bf16_planes<NaN>(codebook, scale);
             else
                 return scaled_planes(codebook, scale);
         }

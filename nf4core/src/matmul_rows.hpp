@@ -31,7 +31,8 @@
 //   template <typename T> struct TileStep {
 //       static constexpr int kWidth; using Table;
 //       explicit TileStep(const float *codebook);
-//       Table table(float scale) const;  // the codebook times a block scale, as the step reads it
+//       template <bool NaN> Table table(float scale) const;  // the codebook times a block
+//                                         // scale as the step reads it (NaN: may be NaN, simd.hpp)
 //       void decode(T *dst, const uint8_t *packed, const Table &) const;  // kWidth weights of one block
 //   };
 // The sums of x W are a V in memory (kStep floats).
@@ -262,6 +263,10 @@ template <class K, typename T>
 void decode_tile(const TileArgs &t, int64_t r0, int64_t r1) {
     using Step = typename K::template TileStep<T>;
     const Step step(t.codebook);
+    // Tables of finite values round to bfloat16 without the NaN rule (cheaper;
+    // a table is made every block); the caller's codebook and scales need not be.
+    bool finite_codebook = true;
+    for (int i = 0; i < 16; ++i) finite_codebook = finite_codebook && is_finite(t.codebook[i]);
     const int shift = __builtin_ctzll(uint64_t(t.blocksize));
     const int64_t width = t.k1 - t.k0;
     T *out = static_cast<T *>(t.out);
@@ -279,7 +284,9 @@ void decode_tile(const TileArgs &t, int64_t r0, int64_t r1) {
             const int64_t i = row + k;
             if ((i >> shift) != block) {
                 block = i >> shift;
-                tab = step.table(t.scales[block]);
+                const float scale = t.scales[block];
+                tab = finite_codebook && is_finite(scale) ? step.template table<false>(scale)
+                                                          : step.template table<true>(scale);
             }
             step.decode(dst + k, t.packed + i / 2, tab);
         }

@@ -12,16 +12,20 @@ namespace nf4core {
 namespace {
 namespace simd {
 
-// to_bfloat16 (numeric.hpp) lane by lane: the bfloat16 bits of each float of v
-// in the low half of its 32-bit lane, rounded to nearest even, NaN kept quiet.
-// U is the vector of as many uint32 lanes as v has floats.
+// to_bfloat16 (numeric.hpp) lane by lane for values that are not NaN (finite
+// or infinite): the bits of the nearest bfloat16, ties to even, in the low half
+// of each 32-bit lane. U is the vector of as many uint32 lanes as v has floats.
+template <class U, class F>
+inline U bf16_bits_not_nan(F v) {
+    const U u = (U)v;
+    return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+
+// to_bfloat16 lane by lane for any value: NaN stays a quiet NaN. (The vector
+// ?: compiles to a compare into a mask and one masked or/blend.)
 template <class U, class F>
 inline U bf16_bits(F v) {
-    const U u = (U)v;
-    const U hi = u >> 16;
-    const U nan = (U)(v != v);  // all ones in NaN lanes
-    const U rounded = (u + 0x7FFFu + (hi & 1u)) >> 16;
-    return (rounded & ~nan) | ((hi | 0x40u) & nan);
+    return v != v ? (((U)v >> 16) | 0x40u) : bf16_bits_not_nan<U>(v);
 }
 
 }  // namespace simd

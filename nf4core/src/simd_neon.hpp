@@ -19,8 +19,12 @@ namespace nf4core {
 namespace {
 namespace neon {
 
-// The bfloat16 bits of 4 floats.
-inline uint16x4_t bf16_bits(float32x4_t v) { return vmovn_u32(simd::bf16_bits<uint32x4_t>(v)); }
+// The bfloat16 bits of 4 floats. NaN: whether a lane may be NaN (kept quiet,
+// at a few instructions more).
+template <bool NaN = true>
+inline uint16x4_t bf16_bits(float32x4_t v) {
+    return vmovn_u32(NaN ? simd::bf16_bits<uint32x4_t>(v) : simd::bf16_bits_not_nan<uint32x4_t>(v));
+}
 
 inline float32x4_t load(const float *p) { return vld1q_f32(p); }
 
@@ -36,13 +40,19 @@ inline float32x4_t load(const half_t *p) {
     return vcvt_f32_f16(h);
 }
 
-inline void store(float *p, float32x4_t v) { vst1q_f32(p, v); }
+// Stores 4 floats as float32, bfloat16 (NaN as bf16_bits) or float16.
+template <bool NaN = true>
+inline void store(float *p, float32x4_t v) {
+    vst1q_f32(p, v);
+}
 
+template <bool NaN = true>
 inline void store(bfloat16_t *p, float32x4_t v) {
-    const uint16x4_t h = bf16_bits(v);
+    const uint16x4_t h = bf16_bits<NaN>(v);
     std::memcpy(p, &h, 8);
 }
 
+template <bool NaN = true>
 inline void store(half_t *p, float32x4_t v) {
     const float16x4_t h = vcvt_f16_f32(v);
     std::memcpy(p, &h, 8);
