@@ -130,7 +130,7 @@ struct Avx2 {
                     const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i *>(a.in + i));
                     v = _mm256_i32gather_ps(a.codebook, _mm256_cvtepu8_epi32(bytes), 4);
                 }
-                avx2::store<false>(out + i, _mm256_mul_ps(v, vscale));
+                avx2::store(out + i, _mm256_mul_ps(v, vscale), false);
             }
         }
     };

@@ -79,7 +79,7 @@ public:
     }
 
     void put(int64_t i, __m512 v) {  // elements [i, i + 16), consecutive calls
-        const W w = L::template pack<false>(v);
+        const W w = L::pack(v, false);
         if (!stream_) {
             L::store(out_ + i, w);
         } else if (offset_ == 0) {
@@ -97,7 +97,7 @@ public:
 
     void put_partial(int64_t i, __m512 v, __mmask16 m) {  // the last, partial vector
         flush();
-        L::store(out_ + i, L::template pack<false>(v), m);
+        L::store(out_ + i, L::pack(v, false), m);
     }
 
     void flush() {

@@ -101,7 +101,7 @@ struct Neon {
                 for (int64_t i = i0; i < i1; i += 4) {
                     const float v[4] = {a.codebook[a.in[i]], a.codebook[a.in[i + 1]], a.codebook[a.in[i + 2]],
                                         a.codebook[a.in[i + 3]]};
-                    neon::store<false>(out + i, vmulq_f32(vld1q_f32(v), vscale));
+                    neon::store(out + i, vmulq_f32(vld1q_f32(v), vscale), false);
                 }
                 return;
             }
@@ -115,7 +115,7 @@ struct Neon {
                 for (int j = 0; j < 4; ++j) {
                     const uint8x16_t lane_codes = vqtbl1q_u8(codes, vaddq_u8(spread, vdupq_n_u8(uint8_t(4 * j))));
                     const uint8x16_t idx = vaddq_u8(vshlq_n_u8(lane_codes, 2), within);
-                    neon::store<false>(out + i + 4 * j, vmulq_f32(vreinterpretq_f32_u8(vqtbl4q_u8(table, idx)), vscale));
+                    neon::store(out + i + 4 * j, vmulq_f32(vreinterpretq_f32_u8(vqtbl4q_u8(table, idx)), vscale), false);
                 }
             }
         }

@@ -111,11 +111,11 @@ struct Avx2 : XAsIs {
 
         explicit TileStep(const float *cb) : codebook(load_table(cb)), shifts(nibble_shifts()) {}
 
-        template <bool NaN>
-        Table table(float scale) const {
+        Table table(float scale, bool may_be_nan) const {
             const Table t = scaled(codebook, scale);
             if constexpr (sizeof(T) == 2)
-                return {_mm256_castsi256_ps(avx2::bf16_bits<NaN>(t.lo)), _mm256_castsi256_ps(avx2::bf16_bits<NaN>(t.hi))};
+                return {_mm256_castsi256_ps(avx2::bf16_bits(t.lo, may_be_nan)),
+                        _mm256_castsi256_ps(avx2::bf16_bits(t.hi, may_be_nan))};
             return t;
         }
 

@@ -122,11 +122,10 @@ struct Avx512 {
 
         explicit TileStep(const float *cb) : codebook(_mm512_loadu_ps(cb)) {}
 
-        template <bool NaN>
-        Table table(float scale) const {
+        Table table(float scale, bool may_be_nan) const {
             const __m512 t = _mm512_mul_ps(codebook, _mm512_set1_ps(scale));
             if constexpr (kBf16) {
-                const __m256i h = avx512::Lanes<bfloat16_t>::pack<NaN>(t);
+                const __m256i h = avx512::Lanes<bfloat16_t>::pack(t, may_be_nan);
                 return _mm512_inserti64x4(_mm512_castsi256_si512(h), h, 1);
             } else {
                 return t;

@@ -41,12 +41,11 @@ inline Planes scaled_planes(const float *t, float s) {
 
 // The scaled table rounded to bfloat16 (as to_bfloat16), as two byte planes in
 // p[0] (low bytes) and p[1] (high bytes).
-template <bool NaN>
-inline Planes bf16_planes(const float *t, float s) {
-    const uint16x8_t e0 = vcombine_u16(neon::bf16_bits<NaN>(vmulq_n_f32(vld1q_f32(t), s)),
-                                       neon::bf16_bits<NaN>(vmulq_n_f32(vld1q_f32(t + 4), s)));
-    const uint16x8_t e1 = vcombine_u16(neon::bf16_bits<NaN>(vmulq_n_f32(vld1q_f32(t + 8), s)),
-                                       neon::bf16_bits<NaN>(vmulq_n_f32(vld1q_f32(t + 12), s)));
+inline Planes bf16_planes(const float *t, float s, bool may_be_nan) {
+    const uint16x8_t e0 = vcombine_u16(neon::bf16_bits(vmulq_n_f32(vld1q_f32(t), s), may_be_nan),
+                                       neon::bf16_bits(vmulq_n_f32(vld1q_f32(t + 4), s), may_be_nan));
+    const uint16x8_t e1 = vcombine_u16(neon::bf16_bits(vmulq_n_f32(vld1q_f32(t + 8), s), may_be_nan),
+                                       neon::bf16_bits(vmulq_n_f32(vld1q_f32(t + 12), s), may_be_nan));
     const uint8x16_t b0 = vreinterpretq_u8_u16(e0), b1 = vreinterpretq_u8_u16(e1);
     return {{vuzp1q_u8(b0, b1), vuzp2q_u8(b0, b1), vdupq_n_u8(0), vdupq_n_u8(0)}};
 }
@@ -134,10 +133,9 @@ struct Neon : XAsIs {
 
         explicit TileStep(const float *cb) : codebook(cb) {}
 
-        template <bool NaN>
-        Table table(float scale) const {
+        Table table(float scale, bool may_be_nan) const {
             if constexpr (sizeof(T) == 2)
-                return bf16_planes<NaN>(codebook, scale);
+                return bf16_planes(codebook, scale, may_be_nan);
             else
                 return scaled_planes(codebook, scale);
         }

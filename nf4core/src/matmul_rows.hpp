@@ -31,8 +31,8 @@
 //   template <typename T> struct TileStep {
 //       static constexpr int kWidth; using Table;
 //       explicit TileStep(const float *codebook);
-//       template <bool NaN> Table table(float scale) const;  // the codebook times a block
-//                                         // scale as the step reads it (NaN: may be NaN, simd.hpp)
+//       Table table(float scale, bool may_be_nan) const;  // the codebook times a block scale
+//                                                         // as the step reads it (simd.hpp)
 //       void decode(T *dst, const uint8_t *packed, const Table &) const;  // kWidth weights of one block
 //   };
 // The sums of x W are a V in memory (kStep floats).
@@ -285,8 +285,7 @@ void decode_tile(const TileArgs &t, int64_t r0, int64_t r1) {
             if ((i >> shift) != block) {
                 block = i >> shift;
                 const float scale = t.scales[block];
-                tab = finite_codebook && is_finite(scale) ? step.template table<false>(scale)
-                                                          : step.template table<true>(scale);
+                tab = step.table(scale, !(finite_codebook && is_finite(scale)));
             }
             step.decode(dst + k, t.packed + i / 2, tab);
         }

@@ -12,14 +12,15 @@
 
 #include <immintrin.h>
 
-#include <cstdint>
-
 #include "numeric.hpp"
 #include "simd.hpp"
 
 namespace nf4core {
 namespace {
 namespace avx2 {
+
+// The bfloat16 bits of 8 floats (simd::bf16_bits), in the low half of each lane.
+inline __m256i bf16_bits(__m256 v, bool may_be_nan = true) { return (__m256i)simd::bf16_bits(v, may_be_nan); }
 
 inline __m256 load(const float *p) { return _mm256_loadu_ps(p); }
 
@@ -30,29 +31,16 @@ inline __m256 load(const bfloat16_t *p) {
 
 inline __m256 load(const half_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p))); }
 
-// The bfloat16 bits of 8 floats, in the low half of each 32-bit lane. NaN:
-// whether a lane may be NaN (kept quiet, at a few instructions more).
-template <bool NaN = true>
-inline __m256i bf16_bits(__m256 v) {
-    typedef uint32_t u32x8 __attribute__((vector_size(32)));
-    return (__m256i)(NaN ? simd::bf16_bits<u32x8>(v) : simd::bf16_bits_not_nan<u32x8>(v));
-}
+// Stores 8 floats as float32, bfloat16 (as bf16_bits) or float16.
+inline void store(float *p, __m256 v, bool = true) { _mm256_storeu_ps(p, v); }
 
-// Stores 8 floats as float32, bfloat16 (NaN as bf16_bits) or float16.
-template <bool NaN = true>
-inline void store(float *p, __m256 v) {
-    _mm256_storeu_ps(p, v);
-}
-
-template <bool NaN = true>
-inline void store(bfloat16_t *p, __m256 v) {
-    const __m256i r = bf16_bits<NaN>(v);
+inline void store(bfloat16_t *p, __m256 v, bool may_be_nan = true) {
+    const __m256i r = bf16_bits(v, may_be_nan);
     _mm_storeu_si128(reinterpret_cast<__m128i *>(p),
                      _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
 }
 
-template <bool NaN = true>
-inline void store(half_t *p, __m256 v) {
+inline void store(half_t *p, __m256 v, bool = true) {
     _mm_storeu_si128(reinterpret_cast<__m128i *>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 

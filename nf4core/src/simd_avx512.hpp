@@ -22,17 +22,9 @@ namespace nf4core {
 namespace {
 namespace avx512 {
 
-// The bfloat16 bits of 16 floats, in the low half of each 32-bit lane. NaN:
-// whether a lane may be NaN (kept quiet, at a few instructions more).
-template <bool NaN = true>
-inline __m512i bf16_bits(__m512 v) {
-    typedef uint32_t u32x16 __attribute__((vector_size(64)));
-    return (__m512i)(NaN ? simd::bf16_bits<u32x16>(v) : simd::bf16_bits_not_nan<u32x16>(v));
-}
-
 // Lanes<T>, T = float, half_t or bfloat16_t. load: 16 elements as float32
-// (masked-off lanes read 0). pack<NaN>: 16 float32 to the stored form W (a
-// whole __m512 for float32, a __m256i of 16-bit values; NaN as bf16_bits), then
+// (masked-off lanes read 0). pack: 16 float32 to the stored form W (a whole
+// __m512 for float32, a __m256i of 16-bit values; bfloat16 as bf16_bits), then
 // stored unaligned, masked, or streamed (non-temporal, aligned address).
 template <typename T>
 struct Lanes;
@@ -42,10 +34,7 @@ struct Lanes<float> {
     using W = __m512;
     static __m512 load(const float *p) { return _mm512_loadu_ps(p); }
     static __m512 load(const float *p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-    template <bool NaN = true>
-    static W pack(__m512 v) {
-        return v;
-    }
+    static W pack(__m512 v, bool = true) { return v; }
     static void store(float *p, W w) { _mm512_storeu_ps(p, w); }
     static void store(float *p, W w, __mmask16 m) { _mm512_mask_storeu_ps(p, m, w); }
     static void stream(float *p, W w) { _mm512_stream_ps(p, w); }
@@ -75,25 +64,22 @@ struct Lanes16 {  // float16 and bfloat16: 16 lanes of 16 bits
     }
 };
 
+// The bfloat16 bits of 16 floats (simd::bf16_bits), in the low half of each lane.
+inline __m512i bf16_bits(__m512 v, bool may_be_nan = true) { return (__m512i)simd::bf16_bits(v, may_be_nan); }
+
 template <>
 struct Lanes<bfloat16_t> : Lanes16<bfloat16_t> {
     static __m512 widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
     static __m512 load(const bfloat16_t *p) { return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p))); }
     static __m512 load(const bfloat16_t *p, __mmask16 m) { return widen(_mm256_maskz_loadu_epi16(m, p)); }
-    template <bool NaN = true>
-    static W pack(__m512 v) {
-        return _mm512_cvtepi32_epi16(bf16_bits<NaN>(v));
-    }
+    static W pack(__m512 v, bool may_be_nan = true) { return _mm512_cvtepi32_epi16(bf16_bits(v, may_be_nan)); }
 };
 
 template <>
 struct Lanes<half_t> : Lanes16<half_t> {
     static __m512 load(const half_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p))); }
     static __m512 load(const half_t *p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
-    template <bool NaN = true>
-    static W pack(__m512 v) {
-        return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    }
+    static W pack(__m512 v, bool = true) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 };
 
 // The first `remaining` of 16 lanes (all 16 for 16 or more).
@@ -106,9 +92,9 @@ inline __m512 load(const T *p) {
     return Lanes<T>::load(p);
 }
 
-template <bool NaN = true, typename T>
-inline void store(T *p, __m512 v) {
-    Lanes<T>::store(p, Lanes<T>::template pack<NaN>(v));
+template <typename T>
+inline void store(T *p, __m512 v, bool may_be_nan = true) {
+    Lanes<T>::store(p, Lanes<T>::pack(v, may_be_nan));
 }
 
 }  // namespace avx512

@@ -19,13 +19,6 @@ namespace nf4core {
 namespace {
 namespace neon {
 
-// The bfloat16 bits of 4 floats. NaN: whether a lane may be NaN (kept quiet,
-// at a few instructions more).
-template <bool NaN = true>
-inline uint16x4_t bf16_bits(float32x4_t v) {
-    return vmovn_u32(NaN ? simd::bf16_bits<uint32x4_t>(v) : simd::bf16_bits_not_nan<uint32x4_t>(v));
-}
-
 inline float32x4_t load(const float *p) { return vld1q_f32(p); }
 
 inline float32x4_t load(const bfloat16_t *p) {
@@ -40,20 +33,20 @@ inline float32x4_t load(const half_t *p) {
     return vcvt_f32_f16(h);
 }
 
-// Stores 4 floats as float32, bfloat16 (NaN as bf16_bits) or float16.
-template <bool NaN = true>
-inline void store(float *p, float32x4_t v) {
-    vst1q_f32(p, v);
+// The bfloat16 bits of 4 floats (simd::bf16_bits).
+inline uint16x4_t bf16_bits(float32x4_t v, bool may_be_nan = true) {
+    return vmovn_u32(simd::bf16_bits(v, may_be_nan));
 }
 
-template <bool NaN = true>
-inline void store(bfloat16_t *p, float32x4_t v) {
-    const uint16x4_t h = bf16_bits<NaN>(v);
+// Stores 4 floats as float32, bfloat16 (as bf16_bits) or float16.
+inline void store(float *p, float32x4_t v, bool = true) { vst1q_f32(p, v); }
+
+inline void store(bfloat16_t *p, float32x4_t v, bool may_be_nan = true) {
+    const uint16x4_t h = bf16_bits(v, may_be_nan);
     std::memcpy(p, &h, 8);
 }
 
-template <bool NaN = true>
-inline void store(half_t *p, float32x4_t v) {
+inline void store(half_t *p, float32x4_t v, bool = true) {
     const float16x4_t h = vcvt_f16_f32(v);
     std::memcpy(p, &h, 8);
 }
