@@ -35,7 +35,6 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr unsigned long long kNone = ULLONG_MAX;
 
 struct AdamFlags {
     unsigned long long skipped;      // NaN/Inf gradient elements
@@ -83,12 +82,8 @@ __global__ void __launch_bounds__(kThreads)
         }
         amax1 = warp_max(amax1);
         amax2 = warp_max(amax2);
-        first_bad = warp_min(first_bad);
-        if (first_bad != kNone) {
-            // the CPU fails in its requantization here too; the state of this block is left as it was
-            if (lane == 0) atomicMin(&flags->bad_moment, first_bad);
-            continue;
-        }
+        // the CPU fails in its requantization here too; the state of this block is left as it was
+        if (!warp_all_finite(first_bad, &flags->bad_moment)) continue;
         const BlockScale s1 = block_scale(bits_float(amax1), end - begin, blocksize);
         const BlockScale s2 = block_scale(bits_float(amax2), end - begin, blocksize);
         // pass 2: the same moments again (same inputs, same operations), encoded

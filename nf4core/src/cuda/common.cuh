@@ -7,6 +7,7 @@
 
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cstdint>
 #include <string>
 
@@ -55,6 +56,9 @@ inline void check_table(const float *table, int size, const char *what) {
     for (int i = 0; i < size; ++i)
         require(is_finite(table[i]), std::string(what) + " entry " + std::to_string(i) + " is not finite");
 }
+
+// No element index (the flags of the kernels that report one start here).
+constexpr unsigned long long kNone = ULLONG_MAX;
 
 // Grids never exceed this many blocks; kernels stride over the rest (64-bit
 // loop counters), so 2^31 elements and more need no special case.
@@ -131,6 +135,17 @@ __device__ __forceinline__ unsigned long long warp_min(unsigned long long v) {
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
     return v;
+}
+
+// After a warp's pass over one quantization block in which each lane kept the
+// lowest index of a non-finite value it met (kNone if none): true if there was
+// none; else lane 0 records the block's lowest in *first (atomicMin, so the
+// lowest over all blocks wins, as the CPU reports it) and every lane gets false.
+__device__ __forceinline__ bool warp_all_finite(unsigned long long first_bad, unsigned long long *first) {
+    first_bad = warp_min(first_bad);
+    if (first_bad == kNone) return true;
+    if ((threadIdx.x & 31u) == 0) atomicMin(first, first_bad);
+    return false;
 }
 #endif
 

@@ -25,7 +25,6 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr unsigned long long kNone = ULLONG_MAX;
 
 // Written by the kernels of the [sync] entry points, read back once.
 struct Flags {
@@ -65,11 +64,7 @@ __global__ void __launch_bounds__(kThreads)
             amax_bits = u > amax_bits ? u : amax_bits;  // float bits of |x| order like the values
         }
         amax_bits = warp_max(amax_bits);
-        first_bad = warp_min(first_bad);
-        if (first_bad != kNone) {
-            if (lane == 0) atomicMin(&flags->bad_input, first_bad);
-            continue;
-        }
+        if (!warp_all_finite(first_bad, &flags->bad_input)) continue;
         const BlockScale s = block_scale(bits_float(amax_bits), end - begin, blocksize);
         if (lane == 0) absmax[b] = s.stored;
         if (BITS == 8) {
