@@ -115,7 +115,8 @@ struct Neon {
                 for (int j = 0; j < 4; ++j) {
                     const uint8x16_t lane_codes = vqtbl1q_u8(codes, vaddq_u8(spread, vdupq_n_u8(uint8_t(4 * j))));
                     const uint8x16_t idx = vaddq_u8(vshlq_n_u8(lane_codes, 2), within);
-                    neon::store(out + i + 4 * j, vmulq_f32(vreinterpretq_f32_u8(vqtbl4q_u8(table, idx)), vscale), false);
+                    const float32x4_t v = vreinterpretq_f32_u8(vqtbl4q_u8(table, idx));
+                    neon::store(out + i + 4 * j, vmulq_f32(v, vscale), false);
                 }
             }
         }

@@ -138,7 +138,8 @@ struct Avx512 {
                                                      7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);  // word j <- j / 2
                 const __m512i nib_shift = _mm512_set1_epi32(4);  // words: 4 (even element), 0 (odd)
                 const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i *>(packed));
-                const __m512i words = _mm512_permutexvar_epi16(dup, _mm512_castsi256_si512(_mm256_cvtepu8_epi16(bytes)));
+                const __m512i words =
+                    _mm512_permutexvar_epi16(dup, _mm512_castsi256_si512(_mm256_cvtepu8_epi16(bytes)));
                 const __m512i codes = _mm512_srlv_epi16(words, nib_shift);
                 _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(codes, tab));
             } else {

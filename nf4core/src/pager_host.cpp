@@ -330,7 +330,8 @@ private:
     // they stay resident (the LRU keeps them).
     void write_back(char *p, int64_t len) {
         if (::msync(p, size_t(len), MS_SYNC) != 0)
-            fail_os(NF4_ERROR_OUT_OF_MEMORY, errno, "cannot write pager memory back to the spill file in '" + dir_ + "'");
+            fail_os(NF4_ERROR_OUT_OF_MEMORY, errno,
+                    "cannot write pager memory back to the spill file in '" + dir_ + "'");
 #ifdef __APPLE__
         ::msync(p, size_t(len), MS_INVALIDATE);
 #endif
