@@ -5,6 +5,7 @@
 #include <type_traits>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -57,11 +58,6 @@ void check_sizes(int64_t n, int64_t blocksize) {
                                             std::to_string(blocksize));
 }
 
-void check_dtype(nf4_dtype dtype) {
-    require(dtype == NF4_FLOAT32 || dtype == NF4_FLOAT16 || dtype == NF4_BFLOAT16,
-            "unknown dtype code " + std::to_string(int(dtype)));
-}
-
 // The scalar reference as a kernel set (the "scalar" ISA).
 struct Scalar {
     template <int BITS, typename T>
@@ -81,9 +77,16 @@ struct Scalar {
 // few microseconds; 64 Ki elements take tens).
 constexpr int64_t kMinElementsPerTask = 1 << 16;
 
-int dtype_index(nf4_dtype dtype) {
-    check_dtype(dtype);
-    return int(dtype);
+// The dtype a caller passed, as its index in the kernel tables. A C caller can
+// pass any integer, and reading one that is none of nf4_dtype's values as the
+// enum is undefined behaviour (UBSan's enum check): the bytes are read as an
+// integer instead.
+int dtype_index(const nf4_dtype &dtype) {
+    std::underlying_type_t<nf4_dtype> code;
+    std::memcpy(&code, &dtype, sizeof code);
+    require(code == NF4_FLOAT32 || code == NF4_FLOAT16 || code == NF4_BFLOAT16,
+            "unknown dtype code " + std::to_string(code));
+    return int(code);
 }
 
 template <int BITS>
