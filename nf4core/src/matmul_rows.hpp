@@ -157,7 +157,7 @@ NF4_PASS void pass_transposed(const MatmulArgs &a, const X *x, typename Ops<K>::
                 next += kStep / 2 * P;  // the bytes of a step's weights in each of P rows
             }
             typename K::Vec w[P];
-            for (int p = 0; p < P; ++p) w[p] = wt.decode(p, wr.packed[p] + k / 2);
+            for (int p = 0; p < P; ++p) w[p] = wt.decode(p, wr.packed[p] + (k >> 1));
             for (int r = 0; r < R; ++r) {
                 const typename K::Vec xv = K::template load_x<R>(x + r * a.K + k);
                 for (int p = 0; p < P; ++p) acc[r][p] = K::fma(xv, w[p], acc[r][p]);
@@ -186,7 +186,7 @@ NF4_PASS void pass_plain(const MatmulArgs &a, float *sums, int64_t len, typename
         wt.scale(wr, b);
         for (int64_t k = k0; k < k1; k += Ops<K>::kStep) {
             typename K::Vec w[P];
-            for (int p = 0; p < P; ++p) w[p] = wt.decode(p, wr.packed[p] + k / 2);
+            for (int p = 0; p < P; ++p) w[p] = wt.decode(p, wr.packed[p] + (k >> 1));
             for (int r = 0; r < R; ++r) {
                 float *dst = sums + r * len + (k - c0);
                 typename K::Vec s;
@@ -262,34 +262,37 @@ void matmul(const MatmulArgs &a, int64_t c0, int64_t c1) {
 template <class K, typename T>
 void decode_tile(const TileArgs &t, int64_t r0, int64_t r1) {
     using Step = typename K::template TileStep<T>;
+    constexpr int64_t W = Step::kWidth;
     const Step step(t.codebook);
-    // Tables of finite values round to bfloat16 without the NaN rule (cheaper;
-    // a table is made every block); the caller's codebook and scales need not be.
+    // Tables of finite values round to bfloat16 without the NaN rule (cheaper);
+    // the caller's codebook and scales need not be finite.
     bool finite_codebook = true;
     for (int i = 0; i < 16; ++i) finite_codebook = finite_codebook && is_finite(t.codebook[i]);
     const int shift = __builtin_ctzll(uint64_t(t.blocksize));
-    const int64_t width = t.k1 - t.k0;
+    const uint8_t *packed = t.packed;
+    const float *scales = t.scales;
+    const int64_t k1 = t.k1, width = k1 - t.k0;
     T *out = static_cast<T *>(t.out);
     auto scalar = [&](T *dst, int64_t i) {
-        *dst = from_float<T>(decode_value(t.codebook[nibble_at(t.packed, i)], t.scales[i >> shift]));
+        *dst = from_float<T>(decode_value(t.codebook[nibble_at(packed, i)], scales[i >> shift]));
     };
     for (int64_t n = r0; n < r1; ++n) {
         T *dst = out + (n - t.n0) * width - t.k0;
         const int64_t row = n * t.K;
         int64_t k = t.k0;
-        for (; k < t.k1 && (row + k) % Step::kWidth != 0; ++k) scalar(dst + k, row + k);
+        for (; k < k1 && (row + k) % W != 0; ++k) scalar(dst + k, row + k);
         int64_t block = -1;
         typename Step::Table tab{};
-        for (; k + Step::kWidth <= t.k1; k += Step::kWidth) {
+        for (; k + W <= k1; k += W) {
             const int64_t i = row + k;
             if ((i >> shift) != block) {
                 block = i >> shift;
-                const float scale = t.scales[block];
+                const float scale = scales[block];
                 tab = step.table(scale, !(finite_codebook && is_finite(scale)));
             }
-            step.decode(dst + k, t.packed + i / 2, tab);
+            step.decode(dst + k, packed + (i >> 1), tab);
         }
-        for (; k < t.k1; ++k) scalar(dst + k, row + k);
+        for (; k < k1; ++k) scalar(dst + k, row + k);
     }
 }
 
