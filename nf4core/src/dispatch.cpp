@@ -1,19 +1,20 @@
-// Chooses the kernel set at run time from what the CPU supports (never from
-// compile flags, so one binary runs on any x86-64), or as forced by
-// NF4CORE_ISA / nf4_set_isa.
+// Chooses the instruction-set path at run time from what the CPU supports
+// (never from compile flags, so one binary runs on any x86-64), or as forced by
+// NF4CORE_ISA / nf4_set_isa (runtime.cpp). A path is its quantization kernels
+// and its matmul kernels, chosen together.
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 
-#include "error.hpp"
 #include "kernels.hpp"
-#include "nf4core/runtime.h"
+#include "matmul.hpp"
 
 namespace nf4core {
 namespace {
 
-bool cpu_has_avx2() {
+// (unused in builds without the x86 paths)
+[[maybe_unused]] bool cpu_has_avx2() {
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
@@ -22,7 +23,7 @@ bool cpu_has_avx2() {
 #endif
 }
 
-bool cpu_has_avx512() {
+[[maybe_unused]] bool cpu_has_avx512() {
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
     __builtin_cpu_init();
     // libgcc checks XCR0, so the OS saving the ZMM state is included
@@ -33,77 +34,75 @@ bool cpu_has_avx512() {
 #endif
 }
 
-const KernelSet *by_name(const std::string &name) {
-    if (name == "scalar") return &scalar_kernels();
-    if (name == "avx2") return (avx2_kernels() && cpu_has_avx2()) ? avx2_kernels() : nullptr;
-    if (name == "avx512") return (avx512_kernels() && cpu_has_avx512()) ? avx512_kernels() : nullptr;
-    if (name == "neon") return neon_kernels();  // NEON is baseline on aarch64
+bool always() { return true; }  // NEON is baseline on aarch64; the scalar reference runs anywhere
+
+const KernelSet *scalar() { return &scalar_kernels(); }
+const MatmulKernels *no_matmul_kernels() { return nullptr; }  // matmul.cpp runs its reference
+
+struct Path {
+    const char *name;
+    bool (*cpu_has)();
+    const KernelSet *(*kernels)();
+    const MatmulKernels *(*matmul)();
+};
+
+// The paths compiled into this build (each optimized one is its own
+// translation unit built with that ISA's flags, see meson.build), best first;
+// the scalar reference last.
+const Path kPaths[] = {
+#if defined(NF4CORE_HAVE_AVX512)
+    {"avx512", cpu_has_avx512, avx512_kernels, avx512_matmul_kernels},
+#endif
+#if defined(NF4CORE_HAVE_AVX2)
+    {"avx2", cpu_has_avx2, avx2_kernels, avx2_matmul_kernels},
+#endif
+#if defined(NF4CORE_HAVE_NEON)
+    {"neon", always, neon_kernels, neon_matmul_kernels},
+#endif
+    {"scalar", always, scalar, no_matmul_kernels},
+};
+
+// The path called `name` if this build has it and this CPU runs it, else nullptr.
+const Path *usable(const std::string &name) {
+    for (const Path &p : kPaths)
+        if (name == p.name) return p.cpu_has() ? &p : nullptr;
     return nullptr;
 }
 
-const KernelSet *best() {
-    for (const char *name : {"avx512", "avx2", "neon"})
-        if (const KernelSet *k = by_name(name)) return k;
-    return &scalar_kernels();
+const Path *best() {
+    for (const Path &p : kPaths)
+        if (p.cpu_has()) return &p;
+    return nullptr;  // not reached: the scalar path runs anywhere
 }
 
-const KernelSet *initial() {
+const Path *initial() {
     const char *env = std::getenv("NF4CORE_ISA");
     if (env != nullptr && *env != '\0' && std::strcmp(env, "auto") != 0) {
-        if (const KernelSet *k = by_name(env)) return k;
+        if (const Path *p = usable(env)) return p;
         // an unusable request falls back to the best path; nf4_get_isa() tells
     }
     return best();
 }
 
-std::atomic<const KernelSet *> &current() {
-    static std::atomic<const KernelSet *> k{initial()};
-    return k;
+std::atomic<const Path *> &current() {
+    static std::atomic<const Path *> p{initial()};
+    return p;
 }
 
 }  // namespace
 
-const KernelSet &active_kernels() { return *current().load(std::memory_order_relaxed); }
+const KernelSet &active_kernels() { return *current().load(std::memory_order_relaxed)->kernels(); }
 
-}  // namespace nf4core
+// The path was checked against the CPU when it was made active, so its matmul
+// kernels can run.
+const MatmulKernels *active_matmul_kernels() { return current().load(std::memory_order_relaxed)->matmul(); }
 
-using namespace nf4core;
+bool isa_available(const std::string &name) { return usable(name) != nullptr; }
 
-extern "C" {
-
-nf4_status nf4_set_isa(const char *name) {
-    return guarded([&] {
-        require(name != nullptr, "ISA name is NULL");
-        const std::string n(name);
-        if (n == "auto") {
-            current().store(best());
-            return;
-        }
-        require(n == "scalar" || n == "avx2" || n == "avx512" || n == "neon",
-                "unknown ISA '" + n + "': expected auto, avx512, avx2, neon or scalar");
-        const KernelSet *k = by_name(n);
-        require(k != nullptr, "the " + n + " kernels are not available: not compiled into this build or not "
-                                           "supported by this CPU");
-        current().store(k);
-    });
+bool use_isa(const std::string &name) {
+    const Path *p = name == "auto" ? best() : usable(name);
+    if (p != nullptr) current().store(p);
+    return p != nullptr;
 }
 
-const char *nf4_get_isa(void) { return active_kernels().name; }
-
-int32_t nf4_isa_available(const char *name) { return (name != nullptr && by_name(name) != nullptr) ? 1 : 0; }
-
-}  // extern "C"
-
-// Stubs for paths not compiled into this build; the ISA translation
-// units define the real ones.
-namespace nf4core {
-#if !defined(NF4CORE_HAVE_AVX2)
-const KernelSet *avx2_kernels() { return nullptr; }
-#endif
-#if !defined(NF4CORE_HAVE_AVX512)
-const KernelSet *avx512_kernels() { return nullptr; }
-#endif
-#if !defined(NF4CORE_HAVE_NEON)
-const KernelSet *neon_kernels() { return nullptr; }
-#endif
 }  // namespace nf4core

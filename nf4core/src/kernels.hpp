@@ -7,6 +7,7 @@
 #define NF4CORE_SRC_KERNELS_HPP
 
 #include <cstdint>
+#include <string>
 
 #include "nf4core/common.h"
 #include "numeric.hpp"
@@ -44,28 +45,42 @@ struct KernelSet {
     DequantizeKernel dequantize8[3];
 };
 
-// The table of a path whose kernels are templates quantize<BITS, T>,
-// dequantize4<T> and dequantize8<T>.
-#define NF4_KERNEL_SET(NAME, QUANTIZE, DEQUANTIZE4, DEQUANTIZE8)                                          \
-    KernelSet {                                                                                        \
-        NAME, {QUANTIZE<4, float>, QUANTIZE<4, half_t>, QUANTIZE<4, bfloat16_t>},                       \
-            {DEQUANTIZE4<float>, DEQUANTIZE4<half_t>, DEQUANTIZE4<bfloat16_t>},                         \
-            {QUANTIZE<8, float>, QUANTIZE<8, half_t>, QUANTIZE<8, bfloat16_t>},                         \
-            {DEQUANTIZE8<float>, DEQUANTIZE8<half_t>, DEQUANTIZE8<bfloat16_t>},                         \
-    }
+namespace {  // internal linkage: each path's translation unit has its own ISA flags
+
+// The table of a path whose kernels are K::quantize<BITS, T> and
+// K::dequantize<BITS, T> (BITS = 4 or 8; T = float, half_t, bfloat16_t).
+template <class K>
+KernelSet kernel_set(const char *name) {
+    return {name,
+            {K::template quantize<4, float>, K::template quantize<4, half_t>, K::template quantize<4, bfloat16_t>},
+            {K::template dequantize<4, float>, K::template dequantize<4, half_t>,
+             K::template dequantize<4, bfloat16_t>},
+            {K::template quantize<8, float>, K::template quantize<8, half_t>, K::template quantize<8, bfloat16_t>},
+            {K::template dequantize<8, float>, K::template dequantize<8, half_t>,
+             K::template dequantize<8, bfloat16_t>}};
+}
+
+}  // namespace
 
 // The nearest-code search table of a codebook of `size` (16 or 256) finite
 // values; throws (invalid argument) for a NULL or non-finite codebook.
 SearchTable make_search_table(const float *codebook, int size);
 
 const KernelSet &scalar_kernels();
-// nullptr when the path is not compiled into this build
+// Defined only where the path is compiled into this build (NF4CORE_HAVE_<ISA>,
+// meson.build); dispatch.cpp lists the paths.
 const KernelSet *avx2_kernels();
 const KernelSet *avx512_kernels();
 const KernelSet *neon_kernels();
 
-// The kernel set in use (see nf4_set_isa).
+// The kernel set in use (dispatch.cpp; see nf4_set_isa).
 const KernelSet &active_kernels();
+// Whether this build has the path `name` ("avx512", "avx2", "neon", "scalar")
+// and this CPU runs it.
+bool isa_available(const std::string &name);
+// Makes that path active ("auto": the best one this CPU runs) and returns
+// true; false, with nothing changed, where isa_available(name) is false.
+bool use_isa(const std::string &name);
 
 // Runs fn(b0, b1) over [0, n_items) split into ranges of at least `min_items`
 // on the library's threads (the caller's thread takes part). Small inputs and

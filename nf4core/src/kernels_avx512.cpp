@@ -9,78 +9,11 @@
 // which reports the element.
 #include <immintrin.h>
 
-#include "kernels.hpp"
-#include "kernels_ref.hpp"
+#include "kernels_blocks.hpp"
+#include "simd_avx512.hpp"
 
 namespace nf4core {
 namespace {
-
-// ---- element access -----------------------------------------------------------
-// load: 16 elements as float32 (masked-off lanes read 0). pack: 16 float32 to the
-// stored form W (a whole __m512 for float32, a __m256i of 16-bit values), then
-// stored unaligned, masked, or streamed (non-temporal, aligned address).
-template <typename T>
-struct Lanes;
-
-template <>
-struct Lanes<float> {
-    using W = __m512;
-    static __m512 load(const float *p) { return _mm512_loadu_ps(p); }
-    static __m512 load(const float *p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-    static W pack(__m512 v) { return v; }
-    static void store(float *p, W w) { _mm512_storeu_ps(p, w); }
-    static void store(float *p, W w, __mmask16 m) { _mm512_mask_storeu_ps(p, m, w); }
-    static void stream(float *p, W w) { _mm512_stream_ps(p, w); }
-    static W join(W prev, int offset, W cur) {  // lanes [16 - offset, 16) of prev, then [0, 16 - offset) of cur
-        const __m512i idx = _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                             _mm512_set1_epi32(16 - offset));
-        return _mm512_permutex2var_ps(prev, idx, cur);
-    }
-};
-
-template <typename T>
-struct Lanes16 {  // float16 and bfloat16: 16 lanes of 16 bits
-    using W = __m256i;
-    static void store(T *p, W w) { _mm256_storeu_si256(reinterpret_cast<__m256i *>(p), w); }
-    static void store(T *p, W w, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, w); }
-    static void stream(T *p, W w) { _mm256_stream_si256(reinterpret_cast<__m256i *>(p), w); }
-    // offset in elements; an even offset joins whole 32-bit pairs (vpermt2d is
-    // one cheap instruction, vpermt2w is not), which covers any 4-byte-aligned output
-    static W join(W prev, int offset, W cur) {
-        if ((offset & 1) == 0) {
-            const __m256i idx = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(8 - offset / 2));
-            return _mm256_permutex2var_epi32(prev, idx, cur);
-        }
-        const __m256i idx = _mm256_add_epi16(
-            _mm256_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm256_set1_epi16(short(16 - offset)));
-        return _mm256_permutex2var_epi16(prev, idx, cur);
-    }
-};
-
-template <>
-struct Lanes<bfloat16_t> : Lanes16<bfloat16_t> {
-    static __m512 widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
-    static __m512 load(const bfloat16_t *p) { return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p))); }
-    static __m512 load(const bfloat16_t *p, __mmask16 m) { return widen(_mm256_maskz_loadu_epi16(m, p)); }
-    // round to nearest even, as to_bfloat16 (outputs here are never NaN)
-    static W pack(__m512 v) {
-        const __m512i u = _mm512_castps_si512(v);
-        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-        const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
-        return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
-    }
-};
-
-template <>
-struct Lanes<half_t> : Lanes16<half_t> {
-    static __m512 load(const half_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p))); }
-    static __m512 load(const half_t *p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
-    static W pack(__m512 v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-};
-
-inline __mmask16 lanes_mask(int64_t remaining) {
-    return remaining >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << remaining) - 1u);
-}
 
 // ---- nearest code: the sorted position is the number of midpoints below s --
 // 16-entry tables: 4 steps over mid[0..15] (mid[15] = +inf is never compared).
@@ -129,13 +62,14 @@ inline __m512i search256(__m512 s, const Segments &g) {
 // writing it (a third of a dequantize's memory traffic, measured 2-3x faster).
 constexpr int64_t kStreamBytes = int64_t(32) << 20;
 
-// Writes a run of consecutive 16-lane vectors starting at `first`. When
-// streaming, each vector is joined with the previous one so that every store
-// lands on an aligned 16-lane boundary, whatever the alignment of the output;
-// the unaligned head and tail go out as masked stores.
+// Writes a run of consecutive 16-lane vectors starting at `first` (values that
+// are not NaN: dequantize's). When streaming, each vector is joined with the
+// previous one so that every store lands on an aligned 16-lane boundary,
+// whatever the alignment of the output; the unaligned head and tail go out as
+// masked stores. After a flush the run may go on further on, 16 lanes apart.
 template <typename T>
 class Writer {
-    using L = Lanes<T>;
+    using L = avx512::Lanes<T>;
     using W = typename L::W;
 
 public:
@@ -145,7 +79,7 @@ public:
     }
 
     void put(int64_t i, __m512 v) {  // elements [i, i + 16), consecutive calls
-        const W w = L::pack(v);
+        const W w = L::pack(v, false);
         if (!stream_) {
             L::store(out_ + i, w);
         } else if (offset_ == 0) {
@@ -163,7 +97,7 @@ public:
 
     void put_partial(int64_t i, __m512 v, __mmask16 m) {  // the last, partial vector
         flush();
-        L::store(out_ + i, L::pack(v), m);
+        L::store(out_ + i, L::pack(v, false), m);
     }
 
     void flush() {
@@ -185,124 +119,121 @@ private:
     bool have_prev_ = false;
 };
 
-// ---- quantize ----------------------------------------------------------------
 // Software prefetch distance for the input of quantize: the hardware
 // prefetchers alone left a core waiting on memory for a third of its time
 // (measured 0.85 -> 0.53 ns per element, AVX-512, one thread).
 constexpr int kPrefetchBytes = 2048;
 
-template <int BITS, typename T>
-void quantize(const QuantizeArgs &a, int64_t b0, int64_t b1) {
-    using L = Lanes<T>;
-    const T *x = static_cast<const T *>(a.x);
-    const SearchTable &tab = *a.table;
-    const __m512 mid16 = _mm512_load_ps(tab.mid);
-    const Segments segments(tab);
-    const __m512i order16 = _mm512_load_si512(tab.order);
-    const __m512i abs_bits = _mm512_set1_epi32(0x7FFFFFFF);
-    const __m512i max_finite = _mm512_set1_epi32(0x7F7FFFFF);
-    const __m512 lo = _mm512_set1_ps(-1.0f), hi = _mm512_set1_ps(1.0f);
+// ---- the vector passes of the block loops in kernels_blocks.hpp ---------------
+// Masked loads and stores take every element of a block, so vector_end is the
+// block's end and the reference's scalar steps have nothing left to do.
+struct Avx512 {
+    template <int BITS, typename T>
+    struct Quantize {
+        const SearchTable &tab;
+        __m512 mid16;
+        Segments segments;
+        __m512i order16;
 
-    for (int64_t b = b0; b < b1; ++b) {
-        const int64_t begin = b * a.blocksize;
-        const int64_t end = begin + a.blocksize < a.n ? begin + a.blocksize : a.n;
-        // pass 1: absmax and a finiteness check (|x| bits above the largest finite float)
-        __m512i vmax = _mm512_setzero_si512();
-        __mmask16 bad = 0;
-        for (int64_t i = begin; i < end; i += 16) {
-            _mm_prefetch(reinterpret_cast<const char *>(x + i) + kPrefetchBytes, _MM_HINT_T0);
-            const __m512i v = _mm512_and_si512(_mm512_castps_si512(L::load(x + i, lanes_mask(end - i))), abs_bits);
-            bad |= _mm512_cmpgt_epi32_mask(v, max_finite);
-            vmax = _mm512_max_epi32(vmax, v);  // non-negative floats order like their bits
-        }
-        if (bad) {  // the reference kernel names the first non-finite element
-            ref::quantize_blocks<BITS, T>(x, a.n, a.blocksize, tab, a.out, a.absmax, b, b + 1);
-            continue;
-        }
-        const ref::BlockScale bs =
-            ref::block_scale(bits_float(uint32_t(_mm512_reduce_max_epi32(vmax))), end - begin, a.blocksize);
-        const bool tail = bs.tail;
-        a.absmax[b] = bs.stored;
-        const __m512 vscale = _mm512_set1_ps(bs.scale), vrecip = _mm512_set1_ps(bs.recip);
+        explicit Quantize(const SearchTable &t)
+            : tab(t), mid16(_mm512_load_ps(t.mid)), segments(t), order16(_mm512_load_si512(t.order)) {}
 
-        // pass 2: codes
-        for (int64_t i = begin; i < end; i += 16) {
-            const __mmask16 m = lanes_mask(end - i);
-            const __m512 v = L::load(x + i, m);  // masked-off lanes read 0 and encode the code of 0.0
-            __m512 s = tail ? _mm512_div_ps(v, vscale) : _mm512_mul_ps(v, vrecip);
-            s = _mm512_min_ps(_mm512_max_ps(s, lo), hi);
-            __m512i code;
-            if (BITS == 4) {
-                code = _mm512_permutexvar_epi32(search16(s, mid16), order16);
-                // pairs of 32-bit codes -> one byte per 64-bit lane: even << 4 | odd
-                const __m512i pair = _mm512_or_si512(_mm512_slli_epi64(code, 4), _mm512_srli_epi64(code, 32));
-                const __m128i bytes = _mm512_cvtepi64_epi8(pair);
-                const int64_t nbytes = (end - i + 1) / 2;  // an odd tail keeps the pad code of 0.0
-                if (nbytes >= 8)
-                    _mm_storel_epi64(reinterpret_cast<__m128i *>(a.out + i / 2), bytes);
-                else
-                    _mm_mask_storeu_epi8(a.out + i / 2, __mmask16((1u << nbytes) - 1u), bytes);
-            } else {
-                const __m512i pos = search256(s, segments);
-                code = tab.identity_order ? pos : _mm512_i32gather_epi32(pos, tab.order, 4);
-                _mm_mask_storeu_epi8(a.out + i, m, _mm512_cvtepi32_epi8(code));
+        static int64_t vector_end(int64_t, int64_t end) { return end; }
+
+        // |x| bits above the largest finite float mark a NaN or Inf
+        void absmax(const T *x, int64_t i0, int64_t i1, uint32_t &amax_bits, bool &nonfinite) const {
+            const __m512i abs_bits = _mm512_set1_epi32(0x7FFFFFFF);
+            const __m512i max_finite = _mm512_set1_epi32(0x7F7FFFFF);
+            __m512i vmax = _mm512_setzero_si512();
+            __mmask16 bad = 0;
+            for (int64_t i = i0; i < i1; i += 16) {
+                _mm_prefetch(reinterpret_cast<const char *>(x + i) + kPrefetchBytes, _MM_HINT_T0);
+                const __m512i v =
+                    _mm512_and_si512(_mm512_castps_si512(avx512::Lanes<T>::load(x + i, avx512::lanes_mask(i1 - i))),
+                                     abs_bits);
+                bad |= _mm512_cmpgt_epi32_mask(v, max_finite);
+                vmax = _mm512_max_epi32(vmax, v);  // non-negative floats order like their bits
+            }
+            amax_bits = uint32_t(_mm512_reduce_max_epi32(vmax));
+            nonfinite = bad != 0;
+        }
+
+        void encode(const T *x, int64_t i0, int64_t i1, const BlockScale &bs, uint8_t *out) const {
+            const __m512 lo = _mm512_set1_ps(-1.0f), hi = _mm512_set1_ps(1.0f);
+            const __m512 vscale = _mm512_set1_ps(bs.scale), vrecip = _mm512_set1_ps(bs.recip);
+            for (int64_t i = i0; i < i1; i += 16) {
+                const __mmask16 m = avx512::lanes_mask(i1 - i);
+                // masked-off lanes read 0 and encode the code of 0.0
+                const __m512 v = avx512::Lanes<T>::load(x + i, m);
+                __m512 s = bs.tail ? _mm512_div_ps(v, vscale) : _mm512_mul_ps(v, vrecip);
+                s = _mm512_min_ps(_mm512_max_ps(s, lo), hi);
+                if (BITS == 4) {
+                    const __m512i code = _mm512_permutexvar_epi32(search16(s, mid16), order16);
+                    // pairs of 32-bit codes -> one byte per 64-bit lane: even << 4 | odd
+                    const __m512i pair = _mm512_or_si512(_mm512_slli_epi64(code, 4), _mm512_srli_epi64(code, 32));
+                    const __m128i bytes = _mm512_cvtepi64_epi8(pair);
+                    const int64_t nbytes = (i1 - i + 1) / 2;  // an odd tail keeps the pad code of 0.0
+                    if (nbytes >= 8)
+                        _mm_storel_epi64(reinterpret_cast<__m128i *>(out + i / 2), bytes);
+                    else
+                        _mm_mask_storeu_epi8(out + i / 2, __mmask16((1u << nbytes) - 1u), bytes);
+                } else {
+                    const __m512i pos = search256(s, segments);
+                    const __m512i code = tab.identity_order ? pos : _mm512_i32gather_epi32(pos, tab.order, 4);
+                    _mm_mask_storeu_epi8(out + i, m, _mm512_cvtepi32_epi8(code));
+                }
             }
         }
-    }
-}
+    };
 
-// ---- dequantize ----------------------------------------------------------------
-template <typename T>
-void dequantize4(const DequantizeArgs &a, int64_t b0, int64_t b1) {
-    T *out = static_cast<T *>(a.out);
-    const __m512 table = _mm512_loadu_ps(a.codebook);
-    const __m128i low4 = _mm_set1_epi8(0x0F);
-    Writer<T> w(out, b0 * a.blocksize, a.n * int64_t(sizeof(T)) >= kStreamBytes);
-    for (int64_t b = b0; b < b1; ++b) {
-        const int64_t begin = b * a.blocksize;
-        const int64_t end = begin + a.blocksize < a.n ? begin + a.blocksize : a.n;
-        const __m512 scale = _mm512_set1_ps(a.absmax[b]);
-        _mm_prefetch(reinterpret_cast<const char *>(a.in + begin / 2) + kPrefetchBytes, _MM_HINT_T0);
-        for (int64_t i = begin; i < end; i += 16) {
-            const int64_t rem = end - i;
-            const __m128i bytes = rem >= 16 ? _mm_loadl_epi64(reinterpret_cast<const __m128i *>(a.in + i / 2))
-                                            : _mm_maskz_loadu_epi8(__mmask16((1u << ((rem + 1) / 2)) - 1u), a.in + i / 2);
-            const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
-            const __m128i codes = _mm_unpacklo_epi8(hi, _mm_and_si128(bytes, low4));  // element order
-            const __m512 v = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(codes), table), scale);
-            if (rem >= 16)
-                w.put(i, v);
-            else
-                w.put_partial(i, v, lanes_mask(rem));
-        }
-    }
-}
+    template <int BITS, typename T>
+    struct Dequantize {
+        const DequantizeArgs &a;
+        __m512 table;  // 4-bit: the codebook
+        Writer<T> w;
 
-template <typename T>
-void dequantize8(const DequantizeArgs &a, int64_t b0, int64_t b1) {
-    T *out = static_cast<T *>(a.out);
-    Writer<T> w(out, b0 * a.blocksize, a.n * int64_t(sizeof(T)) >= kStreamBytes);
-    for (int64_t b = b0; b < b1; ++b) {
-        const int64_t begin = b * a.blocksize;
-        const int64_t end = begin + a.blocksize < a.n ? begin + a.blocksize : a.n;
-        const __m512 scale = _mm512_set1_ps(a.absmax[b]);
-        for (int64_t i = begin; i < end; i += 16) {
-            if ((i & 63) == 0) _mm_prefetch(reinterpret_cast<const char *>(a.in + i) + kPrefetchBytes, _MM_HINT_T0);
-            const __mmask16 m = lanes_mask(end - i);
-            const __m512i idx = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, a.in + i));
-            const __m512 v = _mm512_mul_ps(_mm512_i32gather_ps(idx, a.codebook, 4), scale);
-            if (m == 0xFFFF)
-                w.put(i, v);
-            else
-                w.put_partial(i, v, m);
+        Dequantize(const DequantizeArgs &args, int64_t b0)
+            : a(args), table(BITS == 4 ? _mm512_loadu_ps(args.codebook) : _mm512_setzero_ps()),
+              w(static_cast<T *>(args.out), b0 * args.blocksize, args.n * int64_t(sizeof(T)) >= kStreamBytes) {}
+
+        static int64_t vector_end(int64_t, int64_t end) { return end; }
+
+        void gap() { w.flush(); }  // the run of vectors goes on after the reference's block
+
+        void decode(T *, int64_t i0, int64_t i1, float scale) {
+            const __m512 vscale = _mm512_set1_ps(scale);
+            if (BITS == 4) _mm_prefetch(reinterpret_cast<const char *>(a.in + i0 / 2) + kPrefetchBytes, _MM_HINT_T0);
+            for (int64_t i = i0; i < i1; i += 16) {
+                const int64_t rem = i1 - i;
+                __m512 v;
+                if (BITS == 4) {
+                    const __m128i low4 = _mm_set1_epi8(0x0F);
+                    const __m128i bytes =
+                        rem >= 16 ? _mm_loadl_epi64(reinterpret_cast<const __m128i *>(a.in + i / 2))
+                                  : _mm_maskz_loadu_epi8(__mmask16((1u << ((rem + 1) / 2)) - 1u), a.in + i / 2);
+                    const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
+                    const __m128i codes = _mm_unpacklo_epi8(hi, _mm_and_si128(bytes, low4));  // element order
+                    v = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(codes), table);
+                } else {
+                    if ((i & 63) == 0)
+                        _mm_prefetch(reinterpret_cast<const char *>(a.in + i) + kPrefetchBytes, _MM_HINT_T0);
+                    const __m128i bytes = _mm_maskz_loadu_epi8(avx512::lanes_mask(rem), a.in + i);
+                    v = _mm512_i32gather_ps(_mm512_cvtepu8_epi32(bytes), a.codebook, 4);
+                }
+                v = _mm512_mul_ps(v, vscale);
+                if (rem >= 16)
+                    w.put(i, v);
+                else
+                    w.put_partial(i, v, avx512::lanes_mask(rem));
+            }
         }
-    }
-}
+    };
+};
 
 }  // namespace
 
 const KernelSet *avx512_kernels() {
-    static const KernelSet k = NF4_KERNEL_SET("avx512", quantize, dequantize4, dequantize8);
+    static const KernelSet k = kernel_set<VectorKernels<Avx512>>("avx512");
     return &k;
 }
 

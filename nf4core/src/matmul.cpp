@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "error.hpp"
@@ -10,7 +11,6 @@
 #include "matmul.hpp"
 #include "nf4core/matmul.h"
 #include "nf4core/quantize.h"
-#include "nf4core/runtime.h"
 
 namespace nf4core {
 namespace {
@@ -19,11 +19,6 @@ std::atomic<bool> amx_allowed{[] {
     const char *env = std::getenv("NF4CORE_AMX");
     return !(env && std::string(env) == "0");
 }()};
-
-bool amx_in_use() {
-    return amx_allowed.load(std::memory_order_relaxed) && amx_available() &&
-           active_matmul_kernels() == avx512_matmul_kernels() && avx512_matmul_kernels() != nullptr;
-}
 
 template <typename T>
 inline float weight(const MatmulArgs &a, int64_t n, int64_t k) {
@@ -124,29 +119,17 @@ nf4_status decode_tile_impl(const uint8_t *packed, const float *scales, int64_t 
 
 }  // namespace
 
-#if !defined(NF4CORE_HAVE_AVX512)
-const MatmulKernels *avx512_matmul_kernels() { return nullptr; }
-#endif
+bool amx_in_use() {
+    return amx_allowed.load(std::memory_order_relaxed) && amx_available() &&
+           std::strcmp(active_kernels().name, "avx512") == 0;
+}
+
+void allow_amx(bool allowed) { amx_allowed.store(allowed); }
+
 #if !defined(NF4CORE_HAVE_AMX)
 bool amx_available() { return false; }
 bool amx_matmul_bf16(const MatmulArgs &) { return false; }
 #endif
-#if !defined(NF4CORE_HAVE_AVX2)
-const MatmulKernels *avx2_matmul_kernels() { return nullptr; }
-#endif
-#if !defined(NF4CORE_HAVE_NEON)
-const MatmulKernels *neon_matmul_kernels() { return nullptr; }
-#endif
-
-// The ISA was checked against the CPU when it was made active (dispatch.cpp),
-// so its matmul kernels can run.
-const MatmulKernels *active_matmul_kernels() {
-    const std::string isa = active_kernels().name;
-    if (isa == "avx512") return avx512_matmul_kernels();
-    if (isa == "avx2") return avx2_matmul_kernels();
-    if (isa == "neon") return neon_matmul_kernels();
-    return nullptr;
-}
 
 }  // namespace nf4core
 
@@ -163,18 +146,6 @@ nf4_status nf4_matmul_4bit_ref(const void *x, nf4_dtype dtype, int64_t M, int64_
                                int32_t transpose_w, void *y) {
     return nf4core::matmul_impl(x, dtype, M, N, K, packed, scales, blocksize, codebook, transpose_w, y, true);
 }
-
-int32_t nf4_amx_available(void) { return nf4core::amx_available() ? 1 : 0; }
-
-nf4_status nf4_set_amx(int32_t enabled) {
-    return nf4core::guarded([&] {
-        nf4core::require(!enabled || nf4core::amx_available(),
-                         "AMX is not available (needs an AMX-BF16 CPU, Linux, and a build with AMX)");
-        nf4core::amx_allowed.store(enabled != 0);
-    });
-}
-
-int32_t nf4_get_amx(void) { return nf4core::amx_in_use() ? 1 : 0; }
 
 nf4_status nf4_matmul_4bit_decode_tile(const uint8_t *packed, const float *scales, int64_t blocksize,
                                        const float *codebook, int64_t N, int64_t K, int64_t n0, int64_t n1,

@@ -1,13 +1,10 @@
 // Products with a 4-bit matrix: arguments shared by the reference and the
-// optimized kernels (matmul.cpp, matmul_avx512.cpp, matmul_avx2.cpp,
-// matmul_neon.cpp).
+// optimized kernels (matmul.cpp; matmul_<isa>.cpp on the skeleton of
+// matmul_rows.hpp; matmul_amx.cpp).
 #ifndef NF4CORE_SRC_MATMUL_HPP
 #define NF4CORE_SRC_MATMUL_HPP
 
-#include <algorithm>
 #include <cstdint>
-#include <type_traits>
-#include <vector>
 
 #include "numeric.hpp"
 
@@ -50,41 +47,8 @@ struct MatmulKernels {
     TileKernel tile_bf16;
 };
 
-// nullptr when not compiled in
-// Internal linkage: these are compiled into files built with different ISA
-// flags, and one merged inline copy could carry instructions another CPU lacks.
-namespace {
-
-// Shared by the per-ISA kernels (matmul_<isa>.cpp): x is taken in groups of up
-// to 8 rows, and f(std::integral_constant<int, R>{}, m0) runs on rows m0 ..
-// m0+R-1, so that each kernel is instantiated for R = 1..8 rows.
-template <class F>
-inline void for_row_groups(int64_t M, F &&f) {
-    for (int64_t m0 = 0; m0 < M; m0 += 8) {
-        switch (std::min<int64_t>(8, M - m0)) {
-            case 1: f(std::integral_constant<int, 1>{}, m0); break;
-            case 2: f(std::integral_constant<int, 2>{}, m0); break;
-            case 3: f(std::integral_constant<int, 3>{}, m0); break;
-            case 4: f(std::integral_constant<int, 4>{}, m0); break;
-            case 5: f(std::integral_constant<int, 5>{}, m0); break;
-            case 6: f(std::integral_constant<int, 6>{}, m0); break;
-            case 7: f(std::integral_constant<int, 7>{}, m0); break;
-            default: f(std::integral_constant<int, 8>{}, m0); break;
-        }
-    }
-}
-
-// n zeroed floats in a buffer owned by the calling thread, reused across calls:
-// the partial sums of the y = x W kernels (rows of W streamed).
-inline float *zeroed_partial_sums(size_t n) {
-    thread_local std::vector<float> buf;
-    if (buf.size() < n) buf.resize(n);
-    std::fill(buf.data(), buf.data() + n, 0.0f);
-    return buf.data();
-}
-
-}  // namespace
-
+// Defined only where the path is compiled in, as the quantization kernels
+// (kernels.hpp).
 const MatmulKernels *avx512_matmul_kernels();
 const MatmulKernels *avx2_matmul_kernels();
 const MatmulKernels *neon_matmul_kernels();
@@ -95,11 +59,15 @@ const MatmulKernels *neon_matmul_kernels();
 // dequantize(q, bfloat16); sums are float32.
 bool amx_available();
 bool amx_matmul_bf16(const MatmulArgs &a);
+// Whether products use AMX now: available, allowed (allow_amx; NF4CORE_AMX=0
+// forbids it from the start) and the AVX-512 path active.
+bool amx_in_use();
+void allow_amx(bool allowed);
 // Rows of x from which the AMX product is used (fewer go to the vector kernels;
 // measured crossover 4-8 rows, benchmarks/bench_matmul.py).
 constexpr int64_t kAmxMinRows = 5;
 
-// The kernels of the active ISA (active_kernels().name), nullptr for scalar.
+// The kernels of the active ISA (dispatch.cpp), nullptr for scalar.
 const MatmulKernels *active_matmul_kernels();
 
 }  // namespace nf4core

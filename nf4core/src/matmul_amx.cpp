@@ -41,6 +41,7 @@
 
 #include "matmul.hpp"
 #include "parallel.hpp"
+#include "simd_avx512.hpp"
 
 namespace nf4core {
 namespace {
@@ -84,29 +85,20 @@ struct Buffer {
     }
 };
 
-// bfloat16 bits (in the low half of each 32-bit lane) of 16 floats, rounded to
-// nearest even; NaN stays a quiet NaN (as to_bfloat16).
-inline __m512i bf16_bits(__m512 v) {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)), 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    return _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-}
-
 // Stores the first `count` of 16 floats as bfloat16.
 inline void store_bf16(uint16_t *dst, __m512 v, int count) {
-    const __m256i h = _mm512_cvtepi32_epi16(bf16_bits(v));
+    using L = avx512::Lanes<bfloat16_t>;
+    bfloat16_t *p = reinterpret_cast<bfloat16_t *>(dst);
     if (count >= 16)
-        _mm256_storeu_si256(reinterpret_cast<__m256i *>(dst), h);
+        L::store(p, L::pack(v));
     else
-        _mm256_mask_storeu_epi16(dst, __mmask16((1u << count) - 1), h);
+        L::store(p, L::pack(v), avx512::lanes_mask(count));
 }
 
 // The 16 codebook values times `scale`, as bfloat16, twice (32 words): vpermw
 // reads 5 index bits.
 inline __m512i scaled_table(__m512 codebook, float scale) {
-    const __m256i h = _mm512_cvtepi32_epi16(bf16_bits(_mm512_mul_ps(codebook, _mm512_set1_ps(scale))));
+    const __m256i h = avx512::Lanes<bfloat16_t>::pack(_mm512_mul_ps(codebook, _mm512_set1_ps(scale)));
     return _mm512_inserti64x4(_mm512_castsi256_si512(h), h, 1);
 }
 

@@ -54,42 +54,28 @@ struct bfloat16_t {
 static_assert(sizeof(half_t) == 2, "half_t must be 2 bytes");
 static_assert(sizeof(bfloat16_t) == 2, "bfloat16_t must be 2 bytes");
 
-NF4_HOST_DEVICE inline uint32_t float_bits(float f) {
+// The bits of a float and back, and a * b, a + b each rounded once to float32
+// (never contracted to an FMA): the device's intrinsics, plain operations on
+// the host (compiled with -ffp-contract=off).
 #if defined(__CUDA_ARCH__)
-    return __float_as_uint(f);
+NF4_HOST_DEVICE inline uint32_t float_bits(float f) { return __float_as_uint(f); }
+NF4_HOST_DEVICE inline float bits_float(uint32_t u) { return __uint_as_float(u); }
+NF4_HOST_DEVICE inline float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+NF4_HOST_DEVICE inline float add_rn(float a, float b) { return __fadd_rn(a, b); }
 #else
+NF4_HOST_DEVICE inline uint32_t float_bits(float f) {
     uint32_t u;
     std::memcpy(&u, &f, sizeof u);
     return u;
-#endif
 }
-
 NF4_HOST_DEVICE inline float bits_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-    return __uint_as_float(u);
-#else
     float f;
     std::memcpy(&f, &u, sizeof f);
     return f;
-#endif
 }
-
-// a * b and a + b, each rounded once to float32 (never contracted to an FMA).
-NF4_HOST_DEVICE inline float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-    return __fmul_rn(a, b);
-#else
-    return a * b;
+NF4_HOST_DEVICE inline float mul_rn(float a, float b) { return a * b; }
+NF4_HOST_DEVICE inline float add_rn(float a, float b) { return a + b; }
 #endif
-}
-
-NF4_HOST_DEVICE inline float add_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-    return __fadd_rn(a, b);
-#else
-    return a + b;
-#endif
-}
 
 NF4_HOST_DEVICE inline float to_float(float x) { return x; }
 

@@ -6,7 +6,7 @@
 #include <cmath>
 #include <string>
 
-#include "cuda/adam_math.hpp"
+#include "adam_math.hpp"
 #include "error.hpp"
 #include "kernels.hpp"
 #include "kernels_ref.hpp"
@@ -35,7 +35,7 @@ void adam8bit_blocks(T *param, const T *grad, int64_t n, uint8_t *state1, uint8_
         T *p = param + begin;
         const T *g = grad + begin;
         for (int64_t i = 0; i < len; ++i) {
-            // the element's arithmetic lives in cuda/adam_math.hpp, shared with the GPU kernel
+            // the element's arithmetic lives in adam_math.hpp, shared with the GPU kernel
             float pi = to_float(p[i]);
             if (adam_element(to_float(g[i]), qmap1[c1[i]], a1, qmap2[c2[i]], a2, pi, s, m[i], v[i]))
                 p[i] = from_float<T>(pi);

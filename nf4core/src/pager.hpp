@@ -1,12 +1,12 @@
 // The pager's internal seam: nf4_pager (the C handle) owns one PagerBackend.
 // Two backends implement it: the host one (RAM + spill file, pager_host.cpp)
-// and the CUDA one (managed memory, pager_cuda.cu; in builds without CUDA its
-// factory, in cuda_stub.cpp, fails).
+// and the CUDA one (managed memory, cuda/pager.cu; in builds without CUDA its
+// factory, in cuda/stub.cpp, fails). Both keep their residency bookkeeping in
+// a PageLru (pager_lru.hpp) and differ in how bytes move.
 #ifndef NF4CORE_SRC_PAGER_HPP
 #define NF4CORE_SRC_PAGER_HPP
 
 #include <cstdint>
-#include <iterator>
 #include <memory>
 #include <string>
 
@@ -28,24 +28,6 @@ private:
 
 // "<what>: <strerror(err)>" as an OsError.
 [[noreturn]] void fail_os(nf4_status status, int err, const std::string &what);
-
-// The allocation in `allocs` (a map from base address to a pointer to an
-// allocation with a `base` member) that holds [ptr, ptr + nbytes), where
-// len_of(allocation) is its length in bytes. Throws for a pointer outside every
-// allocation and for a range that runs past the end of its allocation. Shared
-// by the backends' bookkeeping (pager_host.cpp, pager_lru.hpp).
-template <class Map, class LenOf>
-auto &find_allocation(Map &allocs, const void *ptr, int64_t nbytes, LenOf len_of) {
-    const auto p = reinterpret_cast<uintptr_t>(ptr);
-    auto it = allocs.upper_bound(p);
-    if (ptr != nullptr && it != allocs.begin()) {
-        auto &a = *std::prev(it)->second;
-        const auto base = reinterpret_cast<uintptr_t>(a.base), end = base + uintptr_t(len_of(a));
-        if (p < end && nbytes <= int64_t(end - p)) return a;
-        require(p >= end, "range of " + std::to_string(nbytes) + " bytes runs past the end of its pager allocation");
-    }
-    fail(NF4_ERROR_INVALID_ARGUMENT, "pointer does not lie in memory allocated by this pager");
-}
 
 class PagerBackend {
 public:
@@ -75,7 +57,7 @@ int64_t os_page_size();
 std::unique_ptr<PagerBackend> make_host_pager(int64_t budget_bytes, const char *spill_dir, int64_t page_bytes);
 
 // Throws Error (NF4_ERROR_CUDA naming the failed CUDA call, or "built
-// without CUDA" from cuda_stub.cpp) when the device cannot be used.
+// without CUDA" from cuda/stub.cpp) when the device cannot be used.
 std::unique_ptr<PagerBackend> make_cuda_pager(int64_t budget_bytes, int device, int64_t page_bytes, uint32_t flags);
 
 }  // namespace nf4core

@@ -1,11 +1,13 @@
 // Host backend of the pager: RAM is the fast tier, an unlinked spill file the
 // slow one. Every allocation is a region of that file mapped MAP_SHARED, so
 // the kernel moves the bytes (faults pages in, writes them back) and callers
-// see plain memory; this file decides *when*: an LRU over fixed-size pages,
-// eviction with msync + madvise/posix_fadvise(DONTNEED) so that RAM really goes
-// back to the OS, and disk reserved up front (posix_fallocate) so a full disk
-// is an error at allocation time instead of a SIGBUS on first touch.
+// see plain memory; this file decides *when*: an LRU over fixed-size pages (the
+// PageLru of pager_lru.hpp, shown where the pages are by mincore), eviction
+// with msync + madvise/posix_fadvise(DONTNEED) so that RAM really goes back to
+// the OS, and disk reserved up front (posix_fallocate) so a full disk is an
+// error at allocation time instead of a SIGBUS on first touch.
 #include "pager.hpp"
+#include "pager_lru.hpp"
 
 #if defined(__linux__) || defined(__APPLE__)
 #define NF4_PAGER_POSIX 1
@@ -105,31 +107,21 @@ int reserve(int fd, int64_t off, int64_t len) {
 #endif
 }
 
-struct Allocation;
-
-struct ChunkRef {
-    Allocation *alloc;
-    int64_t index;
-};
-
-using Lru = std::list<ChunkRef>;  // front = least recently used; holds resident chunks only
-
-struct Chunk {
-    bool resident = false;
-    Lru::iterator pos;
-};
-
-struct Allocation {
-    char *base = nullptr;
+// Where an allocation lies in the spill file.
+struct Region {
     int64_t mapped = 0;    // bytes mapped, a multiple of the OS page size
     int64_t file_off = 0;  // where the region starts in the spill file
-    std::vector<Chunk> chunks;
 };
 
+// The pages, their LRU and the counters are a PageLru; this class moves the
+// bytes (the kernel does, on faults and write-back: madvise, msync) and shows
+// the LRU where they are (mincore), and manages the spill file.
 class HostPager final : public PagerBackend {
 public:
     HostPager(int64_t budget, const char *spill_dir, int64_t page_bytes)
-        : budget_(budget), page_bytes_(page_bytes), os_page_(os_page_size()) {
+        : os_page_(os_page_size()),
+          lru_(budget, page_bytes, [this](char *p, int64_t len, bool in) { move(p, len, in); },
+               [this](char *p, int64_t len) { return resident_pages(p, len) * os_page_; }) {
         if (spill_dir != nullptr && spill_dir[0] != '\0') {
             dir_ = spill_dir;
             fd_ = create_spill_file(dir_);
@@ -140,7 +132,7 @@ public:
     }
 
     ~HostPager() override {
-        for (auto &kv : allocs_) ::munmap(kv.second->base, size_t(kv.second->mapped));
+        for (auto &kv : regions_) ::munmap(reinterpret_cast<void *>(kv.first), size_t(kv.second.mapped));
         if (fd_ >= 0) ::close(fd_);
     }
 
@@ -164,94 +156,48 @@ public:
             give_back_region(off, len);
             fail_os(NF4_ERROR_OUT_OF_MEMORY, err, "cannot map " + std::to_string(len) + " bytes of the spill file");
         }
-        auto a = std::make_unique<Allocation>();
-        a->base = static_cast<char *>(p);
-        a->mapped = len;
-        a->file_off = off;
-        a->chunks.resize(size_t((len + page_bytes_ - 1) / page_bytes_));
-        allocated_ += len;
-        allocs_.emplace(reinterpret_cast<uintptr_t>(p), std::move(a));
+        lru_.add(static_cast<char *>(p), len);
+        regions_[reinterpret_cast<uintptr_t>(p)] = Region{len, off};
         return p;
     }
 
     void free(void *ptr) override {
         std::lock_guard<std::mutex> lock(mu_);
-        auto it = allocs_.find(reinterpret_cast<uintptr_t>(ptr));
-        require(ptr != nullptr && it != allocs_.end(), "pointer was not allocated by this pager");
-        Allocation &a = *it->second;
-        for (Chunk &c : a.chunks)
-            if (c.resident) lru_remove(a, c);
-        const bool punched = punch_hole(a.file_off, a.mapped);
+        lru_.remove(ptr);  // throws for a foreign pointer
+        auto it = regions_.find(reinterpret_cast<uintptr_t>(ptr));
+        const Region r = it->second;
+        regions_.erase(it);
+        char *base = static_cast<char *>(ptr);
+        const bool punched = punch_hole(r.file_off, r.mapped);
         if (!punched) {
             // No hole punching (macOS, some file systems): zero the region so the
             // next allocation that reuses it reads zeros, then drop it from RAM.
-            std::memset(a.base, 0, size_t(a.mapped));
-            ::msync(a.base, size_t(a.mapped), MS_SYNC);
+            std::memset(base, 0, size_t(r.mapped));
+            ::msync(base, size_t(r.mapped), MS_SYNC);
         }
-        ::munmap(a.base, size_t(a.mapped));
-        drop_cache(a.file_off, a.mapped);
-        allocated_ -= a.mapped;
-        give_back_region(a.file_off, a.mapped);
-        allocs_.erase(it);
+        ::munmap(base, size_t(r.mapped));
+        drop_cache(r.file_off, r.mapped);
+        give_back_region(r.file_off, r.mapped);
     }
 
     void prefetch(const void *ptr, int64_t nbytes) override {
         std::lock_guard<std::mutex> lock(mu_);
-        Allocation &a = find(ptr, nbytes);
-        if (nbytes == 0) return;
-        if (budget_ >= 0 && prefetched_since_refresh_ >= allocated_) refresh_all();
-        const int64_t start = static_cast<const char *>(ptr) - a.base;
-        const int64_t c0 = start / page_bytes_, c1 = (start + nbytes - 1) / page_bytes_;
-        for (int64_t i = c0; i <= c1; ++i) {
-            const int64_t off = i * page_bytes_, len = chunk_len(a, i);
-            if (resident_pages(a.base + off, len) < len / os_page_) {
-                make_resident(a, off, len);
-                ++page_ins_;
-            }
-            Chunk &c = a.chunks[size_t(i)];
-            if (c.resident) lru_remove(a, c);
-            c.resident = true;
-            c.pos = lru_.insert(lru_.end(), ChunkRef{&a, i});
-            tracked_ += len;
-        }
-        prefetched_since_refresh_ += (c1 - c0 + 1) * page_bytes_;
-        if (budget_ < 0) return;
-        // Evict least recently used chunks, never the ones just prefetched
-        // (they are the most recent, so the loop stops when it reaches them).
-        while (tracked_ > budget_ && !lru_.empty()) {
-            const ChunkRef victim = lru_.front();
-            if (victim.alloc == &a && victim.index >= c0 && victim.index <= c1) break;
-            evict_chunk(*victim.alloc, victim.index);
-        }
+        lru_.prefetch(ptr, nbytes);
     }
 
     void evict(const void *ptr, int64_t nbytes) override {
         std::lock_guard<std::mutex> lock(mu_);
-        Allocation &a = find(ptr, nbytes);
-        if (nbytes == 0) return;
-        const int64_t start = static_cast<const char *>(ptr) - a.base;
-        for (int64_t i = start / page_bytes_; i <= (start + nbytes - 1) / page_bytes_; ++i) evict_chunk(a, i);
+        lru_.evict(ptr, nbytes);
     }
 
     void evict_all() override {
         std::lock_guard<std::mutex> lock(mu_);
-        for (auto &kv : allocs_)
-            for (int64_t i = 0; i < int64_t(kv.second->chunks.size()); ++i) evict_chunk(*kv.second, i);
+        lru_.evict_all();
     }
 
     nf4_pager_stats stats() override {
         std::lock_guard<std::mutex> lock(mu_);
-        const int64_t resident = refresh_all();
-        nf4_pager_stats s;
-        s.budget_bytes = budget_;
-        s.page_bytes = page_bytes_;
-        s.allocated_bytes = allocated_;
-        s.resident_bytes = resident;
-        s.spilled_bytes = allocated_ - resident;
-        s.page_ins = page_ins_;
-        s.page_outs = page_outs_;
-        s.num_allocations = int64_t(allocs_.size());
-        return s;
+        return lru_.stats(lru_.refresh());  // what is really in RAM, exactly
     }
 
 private:
@@ -339,12 +285,10 @@ private:
 #endif
     }
 
-    Allocation &find(const void *ptr, int64_t nbytes) {
-        return find_allocation(allocs_, ptr, nbytes, [](const Allocation &a) { return a.mapped; });
-    }
-
-    int64_t chunk_len(const Allocation &a, int64_t i) const {
-        return std::min(page_bytes_, a.mapped - i * page_bytes_);
+    // Where p lies in the spill file (p inside an allocation).
+    int64_t file_offset(const char *p) const {
+        const auto it = std::prev(regions_.upper_bound(reinterpret_cast<uintptr_t>(p)));
+        return it->second.file_off + (reinterpret_cast<uintptr_t>(p) - it->first);
     }
 
     // Number of OS pages of [p, p + len) in RAM (page cache included).
@@ -357,13 +301,20 @@ private:
         return count;
     }
 
-    void make_resident(const Allocation &a, int64_t off, int64_t len) {
-        char *p = a.base + off;
+    // The LRU's mover: RAM is the fast tier, the spill file the slow one.
+    void move(char *p, int64_t len, bool in) {
+        if (in)
+            make_resident(p, len);
+        else
+            write_back(p, len);
+    }
+
+    void make_resident(char *p, int64_t len) {
         ::madvise(p, size_t(len), MADV_WILLNEED);
 #ifdef __linux__
         // Reads exactly this range into the page cache, so the faults below hit
         // it and do not read around it (other pages, past the budget).
-        ::posix_fadvise(fd_, off_t(a.file_off + off), off_t(len), POSIX_FADV_WILLNEED);
+        ::posix_fadvise(fd_, off_t(file_offset(p)), off_t(len), POSIX_FADV_WILLNEED);
 #ifndef MADV_POPULATE_READ
 #define MADV_POPULATE_READ 22  // Linux 5.14
 #endif
@@ -375,72 +326,29 @@ private:
         (void)sink;
     }
 
-    void lru_remove(Allocation &, Chunk &c) {
-        const int64_t i = c.pos->index;
-        tracked_ -= chunk_len(*c.pos->alloc, i);
-        lru_.erase(c.pos);
-        c.resident = false;
-    }
-
-    // Writes the chunk back and returns its RAM; a chunk with no page in RAM
-    // costs one mincore call. On a write-back failure the chunk stays resident.
-    void evict_chunk(Allocation &a, int64_t i) {
-        Chunk &c = a.chunks[size_t(i)];
-        char *p = a.base + i * page_bytes_;
-        const int64_t len = chunk_len(a, i);
-        if (!c.resident && resident_pages(p, len) == 0) return;
+    // Writes the pages back and returns their RAM. On a write-back failure
+    // they stay resident (the LRU keeps them).
+    void write_back(char *p, int64_t len) {
         if (::msync(p, size_t(len), MS_SYNC) != 0)
-            fail_os(NF4_ERROR_OUT_OF_MEMORY, errno, "cannot write pager memory back to the spill file in '" + dir_ + "'");
+            fail_os(NF4_ERROR_OUT_OF_MEMORY, errno,
+                    "cannot write pager memory back to the spill file in '" + dir_ + "'");
 #ifdef __APPLE__
         ::msync(p, size_t(len), MS_INVALIDATE);
 #endif
         ::madvise(p, size_t(len), MADV_DONTNEED);
-        drop_cache(a.file_off + i * page_bytes_, len);
-        if (c.resident) lru_remove(a, c);
-        ++page_outs_;
+        drop_cache(file_offset(p), len);
     }
 
-    // Brings the LRU in line with what is really in RAM (pages touched without
-    // prefetch, pages the kernel reclaimed) and returns the exact resident bytes.
-    int64_t refresh_all() {
-        int64_t resident = 0;
-        for (auto &kv : allocs_) {
-            Allocation &a = *kv.second;
-            for (int64_t i = 0; i < int64_t(a.chunks.size()); ++i) {
-                Chunk &c = a.chunks[size_t(i)];
-                const int64_t len = chunk_len(a, i);
-                const int64_t pages = resident_pages(a.base + i * page_bytes_, len);
-                resident += pages * os_page_;
-                if (pages > 0 && !c.resident) {
-                    // faulted in outside prefetch: nobody asked for it, so evict it first
-                    c.resident = true;
-                    c.pos = lru_.insert(lru_.begin(), ChunkRef{&a, i});
-                    tracked_ += len;
-                } else if (pages == 0 && c.resident) {
-                    lru_remove(a, c);
-                }
-            }
-        }
-        prefetched_since_refresh_ = 0;
-        return resident;
-    }
-
-    const int64_t budget_, page_bytes_, os_page_;
+    const int64_t os_page_;
     std::string dir_;
     int fd_ = -1;
     bool tmpfs_ = false;
 
     std::mutex mu_;
-    std::map<uintptr_t, std::unique_ptr<Allocation>> allocs_;
-    std::map<int64_t, int64_t> free_;  // offset -> length of free file regions
+    PageLru lru_;                               // guarded by mu_
+    std::map<uintptr_t, Region> regions_;       // base address -> its region of the file
+    std::map<int64_t, int64_t> free_;           // offset -> length of free file regions
     int64_t file_end_ = 0;
-    Lru lru_;
-    int64_t tracked_ = 0;  // bytes of the chunks in lru_
-    int64_t allocated_ = 0;
-    int64_t page_ins_ = 0, page_outs_ = 0;
-    // A full mincore pass costs ~1 ms per GiB: done once per sweep over the
-    // allocated bytes, not on every prefetch.
-    int64_t prefetched_since_refresh_ = 0;
 #ifdef __APPLE__
     std::vector<char> vec_;
 #else

@@ -1,16 +1,26 @@
-// Residency bookkeeping of the pager's CUDA backend, apart from CUDA: which
-// pages of which allocations are in the fast tier, least recently used first,
-// and which contiguous runs of pages must move when a range is prefetched
-// under a budget or evicted. The mover is a callback, so the policy compiles
-// and is tested on the host (tests/test_pager_lru.cpp) while pager_cuda.cu
-// gives it cudaMemPrefetchAsync. (The host backend keeps its own LRU, which
-// also consults mincore.) Not thread-safe: the backend's mutex guards it.
+// Residency bookkeeping of both pager backends, apart from how bytes move:
+// which pages of which allocations are in the fast tier, least recently used
+// first, and which contiguous runs of pages must move when a range is
+// prefetched under a budget or evicted. The mover is a callback, so the policy
+// compiles and is tested on the host (tests/test_pager_lru.cpp): cuda/pager.cu
+// gives it cudaMemPrefetchAsync, pager_host.cpp madvise/msync on its spill file.
+//
+// A backend that can see where its pages really are (the host: mincore) also
+// passes a probe. Pages then count as in the fast tier when the probe says so,
+// not only when the pager put them there: a prefetch pages in, and counts,
+// whatever is not wholly there (the kernel may have reclaimed it); an eviction
+// moves, and counts, every page with bytes there (touched without a prefetch),
+// and skips the others; refresh() takes in what was faulted in (as the least
+// recently used) and drops what was reclaimed. Without a probe (CUDA) the
+// bookkeeping is the truth, and an eviction moves the whole range.
+// Not thread-safe: the backend's mutex guards it.
 #ifndef NF4CORE_SRC_PAGER_LRU_HPP
 #define NF4CORE_SRC_PAGER_LRU_HPP
 
 #include <algorithm>
 #include <cstdint>
 #include <functional>
+#include <iterator>
 #include <list>
 #include <map>
 #include <memory>
@@ -27,9 +37,11 @@ class PageLru {
 public:
     // Moves [p, p + len) to the fast tier (to_fast) or back to the slow one.
     using Move = std::function<void(char *p, int64_t len, bool to_fast)>;
+    // The bytes of [p, p + len) that are in the fast tier now.
+    using Probe = std::function<int64_t(char *p, int64_t len)>;
 
-    PageLru(int64_t budget, int64_t page_bytes, Move move)
-        : budget_(budget), page_bytes_(page_bytes), move_(std::move(move)) {}
+    PageLru(int64_t budget, int64_t page_bytes, Move move, Probe probe = nullptr)
+        : budget_(budget), page_bytes_(page_bytes), move_(std::move(move)), probe_(std::move(probe)) {}
 
     // A new allocation [base, base + len), all in the slow tier.
     void add(char *base, int64_t len) {
@@ -60,9 +72,12 @@ public:
     void prefetch(const void *ptr, int64_t nbytes) {
         Allocation &a = find(ptr, nbytes);
         if (nbytes == 0) return;
+        // A full probe costs ~1 ms per GiB (mincore): done once per sweep over
+        // the allocated bytes, not on every prefetch.
+        if (probe_ && budget_ >= 0 && prefetched_since_refresh_ >= allocated_) refresh();
         const int64_t start = static_cast<const char *>(ptr) - a.base;
         const int64_t c0 = start / page_bytes_, c1 = (start + nbytes - 1) / page_bytes_;
-        std::vector<char> was(size_t(c1 - c0 + 1), 0);
+        std::vector<char> was(size_t(c1 - c0 + 1), 0), missing(size_t(c1 - c0 + 1), 0);
         int64_t need = 0;
         for (int64_t i = c0; i <= c1; ++i) {
             Chunk &c = a.chunks[size_t(i)];
@@ -70,8 +85,11 @@ public:
                 was[size_t(i - c0)] = 1;
                 lru_remove(c);
             }
-            need += chunk_len(a, i);
+            const int64_t len = chunk_len(a, i);
+            missing[size_t(i - c0)] = probe_ ? probe_(a.base + i * page_bytes_, len) < len : !was[size_t(i - c0)];
+            need += len;
         }
+        prefetched_since_refresh_ += (c1 - c0 + 1) * page_bytes_;
         try {
             if (budget_ >= 0)
                 while (resident_ + need > budget_ && !lru_.empty()) {
@@ -80,9 +98,9 @@ public:
                 }
             int64_t run = -1;
             for (int64_t i = c0; i <= c1 + 1; ++i) {
-                const bool missing = i <= c1 && !was[size_t(i - c0)];
-                if (missing && run < 0) run = i;
-                if (!missing && run >= 0) {
+                const bool is_missing = i <= c1 && missing[size_t(i - c0)];
+                if (is_missing && run < 0) run = i;
+                if (!is_missing && run >= 0) {
                     move(a, run, i, true);
                     page_ins_ += i - run;
                     run = -1;
@@ -97,9 +115,10 @@ public:
         for (int64_t i = c0; i <= c1; ++i) mark_resident(a, i);
     }
 
-    // Moves the pages covering [ptr, ptr + nbytes) to the slow tier, all of
-    // them (pages may have gone to the fast tier without the pager, by faults);
-    // page_outs counts those the pager had there.
+    // Moves the pages covering [ptr, ptr + nbytes) to the slow tier. Without a
+    // probe all of them (pages may have gone to the fast tier without the
+    // pager, by faults), and page_outs counts those the pager had there; with
+    // one, those with bytes there (see above).
     void evict(const void *ptr, int64_t nbytes) {
         Allocation &a = find(ptr, nbytes);
         if (nbytes == 0) return;
@@ -109,6 +128,45 @@ public:
 
     void evict_all() {
         for (auto &kv : allocs_) evict_range(*kv.second, 0, int64_t(kv.second->chunks.size()));
+    }
+
+    // With a probe: brings the bookkeeping in line with where the pages are
+    // (pages touched without a prefetch are taken in as the least recently
+    // used, so they go first; pages the kernel reclaimed are dropped) and
+    // returns the bytes in the fast tier.
+    int64_t refresh() {
+        int64_t fast = 0;
+        for (auto &kv : allocs_) {
+            Allocation &a = *kv.second;
+            for (int64_t i = 0; i < int64_t(a.chunks.size()); ++i) {
+                Chunk &c = a.chunks[size_t(i)];
+                const int64_t bytes = probe_(a.base + i * page_bytes_, chunk_len(a, i));
+                fast += bytes;
+                if (bytes > 0 && !c.resident) {
+                    c.resident = true;
+                    c.pos = lru_.insert(lru_.begin(), ChunkRef{&a, i});
+                    resident_ += chunk_len(a, i);
+                } else if (bytes == 0 && c.resident) {
+                    lru_remove(c);
+                }
+            }
+        }
+        prefetched_since_refresh_ = 0;
+        return fast;
+    }
+
+    // The pager's statistics, with `resident` bytes in the fast tier.
+    nf4_pager_stats stats(int64_t resident) const {
+        nf4_pager_stats s;
+        s.budget_bytes = budget_;
+        s.page_bytes = page_bytes_;
+        s.allocated_bytes = allocated_;
+        s.resident_bytes = resident;
+        s.spilled_bytes = allocated_ - resident;
+        s.page_ins = page_ins_;
+        s.page_outs = page_outs_;
+        s.num_allocations = int64_t(allocs_.size());
+        return s;
     }
 
     int64_t budget() const { return budget_; }
@@ -142,8 +200,19 @@ private:
         std::vector<Chunk> chunks;
     };
 
+    // The allocation that holds [ptr, ptr + nbytes); throws for a pointer
+    // outside every allocation and for a range that runs past the end of its own.
     Allocation &find(const void *ptr, int64_t nbytes) {
-        return find_allocation(allocs_, ptr, nbytes, [](const Allocation &a) { return a.len; });
+        const auto p = reinterpret_cast<uintptr_t>(ptr);
+        auto it = allocs_.upper_bound(p);
+        if (ptr != nullptr && it != allocs_.begin()) {
+            Allocation &a = *std::prev(it)->second;
+            const auto base = reinterpret_cast<uintptr_t>(a.base), end = base + uintptr_t(a.len);
+            if (p < end && nbytes <= int64_t(end - p)) return a;
+            require(p >= end,
+                    "range of " + std::to_string(nbytes) + " bytes runs past the end of its pager allocation");
+        }
+        fail(NF4_ERROR_INVALID_ARGUMENT, "pointer does not lie in memory allocated by this pager");
     }
 
     int64_t chunk_len(const Allocation &a, int64_t i) const { return std::min(page_bytes_, a.len - i * page_bytes_); }
@@ -155,12 +224,31 @@ private:
     }
 
     void evict_range(Allocation &a, int64_t i0, int64_t i1) {
-        move(a, i0, i1, false);
-        for (int64_t i = i0; i < i1; ++i) {
-            Chunk &c = a.chunks[size_t(i)];
-            if (!c.resident) continue;
-            lru_remove(c);
-            ++page_outs_;
+        if (!probe_) {
+            move(a, i0, i1, false);
+            for (int64_t i = i0; i < i1; ++i) {
+                Chunk &c = a.chunks[size_t(i)];
+                if (!c.resident) continue;
+                lru_remove(c);
+                ++page_outs_;
+            }
+            return;
+        }
+        // runs of pages with bytes in the fast tier; a page without costs one probe
+        int64_t run = -1;
+        for (int64_t i = i0; i <= i1; ++i) {
+            const bool there = i < i1 && (a.chunks[size_t(i)].resident ||
+                                          probe_(a.base + i * page_bytes_, chunk_len(a, i)) > 0);
+            if (there && run < 0) run = i;
+            if (!there && run >= 0) {
+                move(a, run, i, false);
+                for (int64_t j = run; j < i; ++j) {
+                    Chunk &c = a.chunks[size_t(j)];
+                    if (c.resident) lru_remove(c);
+                    ++page_outs_;
+                }
+                run = -1;
+            }
         }
     }
 
@@ -179,9 +267,12 @@ private:
 
     const int64_t budget_, page_bytes_;
     Move move_;
+    Probe probe_;
     std::map<uintptr_t, std::unique_ptr<Allocation>> allocs_;
     Lru lru_;
-    int64_t resident_ = 0, allocated_ = 0, page_ins_ = 0, page_outs_ = 0;
+    int64_t resident_ = 0;  // bytes of the pages in lru_
+    int64_t allocated_ = 0, page_ins_ = 0, page_outs_ = 0;
+    int64_t prefetched_since_refresh_ = 0;  // with a probe
 };
 
 }  // namespace nf4core

@@ -18,8 +18,6 @@
 #define NF4CORE_HAVE_DLSYM 1
 #endif
 
-#include "error.hpp"
-#include "nf4core/runtime.h"
 
 namespace nf4core {
 namespace {
@@ -324,34 +322,14 @@ thread_local bool Pool::in_worker_ = false;
 
 int num_threads() { return Pool::instance().threads(); }
 
+void set_num_threads(int n) { Pool::instance().set_threads(n == 0 ? default_threads() : n); }
+
+bool openmp_loaded() { return loaded_openmp(true) != nullptr; }
+
+void set_pool_only(bool only) { pool_only().store(only); }
+
+bool jobs_use_openmp() { return openmp_for_jobs() != nullptr; }
+
 bool pool_run(int64_t ntasks, TaskRef task) { return Pool::instance().run(ntasks, task); }
 
 }  // namespace nf4core
-
-extern "C" {
-
-nf4_status nf4_set_num_threads(int32_t n) {
-    return nf4core::guarded([&] {
-        nf4core::require(n >= 0 && n <= 1024, "thread count must be between 1 and 1024 (0: the default), got " +
-                                                  std::to_string(n));
-        nf4core::Pool::instance().set_threads(n == 0 ? nf4core::default_threads() : n);
-    });
-}
-
-int32_t nf4_get_num_threads(void) { return nf4core::num_threads(); }
-
-nf4_status nf4_set_threading(const char *name) {
-    return nf4core::guarded([&] {
-        nf4core::require(name != nullptr, "threading name is NULL");
-        const std::string n(name);
-        nf4core::require(n == "auto" || n == "pool" || n == "openmp",
-                         "unknown threading '" + n + "': expected auto, pool or openmp");
-        nf4core::require(n != "openmp" || nf4core::loaded_openmp(true) != nullptr,
-                         "threading 'openmp': no OpenMP runtime is loaded into this process");
-        nf4core::pool_only().store(n == "pool");
-    });
-}
-
-const char *nf4_get_threading(void) { return nf4core::openmp_for_jobs() ? "openmp" : "pool"; }
-
-}  // extern "C"

@@ -22,7 +22,18 @@
 
 namespace nf4core {
 
+// The settings behind runtime.h (runtime.cpp checks the arguments).
 int num_threads();
+// n >= 1 threads, or 0 for the default (NF4CORE_NUM_THREADS, else the CPUs
+// this process may run on); waits for a running job to finish.
+void set_num_threads(int n);
+// Whether an OpenMP runtime is loaded into the process (looked up now).
+bool openmp_loaded();
+// true: helpers always come from nf4core's pool ("pool"); false: from the
+// loaded OpenMP runtime's team where there is one ("auto").
+void set_pool_only(bool only);
+// Whether the next job runs on an OpenMP team (else on the pool).
+bool jobs_use_openmp();
 
 // A non-owning reference to a callable void(int64_t): no allocation per call.
 class TaskRef {

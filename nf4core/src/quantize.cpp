@@ -5,6 +5,7 @@
 #include <type_traits>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -57,29 +58,35 @@ void check_sizes(int64_t n, int64_t blocksize) {
                                             std::to_string(blocksize));
 }
 
-void check_dtype(nf4_dtype dtype) {
-    require(dtype == NF4_FLOAT32 || dtype == NF4_FLOAT16 || dtype == NF4_BFLOAT16,
-            "unknown dtype code " + std::to_string(int(dtype)));
-}
-
 // The scalar reference as a kernel set (the "scalar" ISA).
-template <int BITS, typename T>
-void quantize_scalar(const QuantizeArgs &a, int64_t b0, int64_t b1) {
-    ref::quantize_blocks<BITS, T>(static_cast<const T *>(a.x), a.n, a.blocksize, *a.table, a.out, a.absmax, b0, b1);
-}
+struct Scalar {
+    template <int BITS, typename T>
+    static void quantize(const QuantizeArgs &a, int64_t b0, int64_t b1) {
+        ref::quantize_blocks<BITS, T>(static_cast<const T *>(a.x), a.n, a.blocksize, *a.table, a.out, a.absmax, b0,
+                                      b1);
+    }
 
-template <int BITS, typename T>
-void dequantize_scalar(const DequantizeArgs &a, int64_t b0, int64_t b1) {
-    ref::dequantize_blocks<BITS, T>(a.in, a.absmax, a.n, a.blocksize, a.codebook, static_cast<T *>(a.out), b0, b1);
-}
+    template <int BITS, typename T>
+    static void dequantize(const DequantizeArgs &a, int64_t b0, int64_t b1) {
+        ref::dequantize_blocks<BITS, T>(a.in, a.absmax, a.n, a.blocksize, a.codebook, static_cast<T *>(a.out), b0,
+                                        b1);
+    }
+};
 
 // Work per thread below which splitting does not pay (waking a thread costs a
 // few microseconds; 64 Ki elements take tens).
 constexpr int64_t kMinElementsPerTask = 1 << 16;
 
-int dtype_index(nf4_dtype dtype) {
-    check_dtype(dtype);
-    return int(dtype);
+// The dtype a caller passed, as its index in the kernel tables. A C caller can
+// pass any integer, and reading one that is none of nf4_dtype's values as the
+// enum is undefined behaviour (UBSan's enum check): the bytes are read as an
+// integer instead.
+int dtype_index(const nf4_dtype &dtype) {
+    std::underlying_type_t<nf4_dtype> code;
+    std::memcpy(&code, &dtype, sizeof code);
+    require(code == NF4_FLOAT32 || code == NF4_FLOAT16 || code == NF4_BFLOAT16,
+            "unknown dtype code " + std::to_string(code));
+    return int(code);
 }
 
 template <int BITS>
@@ -127,13 +134,7 @@ nf4_status dequantize_impl(const uint8_t *in, const float *absmax, int64_t n, in
 }  // namespace
 
 const KernelSet &scalar_kernels() {
-    static const KernelSet k{
-        "scalar",
-        {quantize_scalar<4, float>, quantize_scalar<4, half_t>, quantize_scalar<4, bfloat16_t>},
-        {dequantize_scalar<4, float>, dequantize_scalar<4, half_t>, dequantize_scalar<4, bfloat16_t>},
-        {quantize_scalar<8, float>, quantize_scalar<8, half_t>, quantize_scalar<8, bfloat16_t>},
-        {dequantize_scalar<8, float>, dequantize_scalar<8, half_t>, dequantize_scalar<8, bfloat16_t>},
-    };
+    static const KernelSet k = kernel_set<Scalar>("scalar");
     return k;
 }
 

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "check.hpp"
+#include "nf4_check.hpp"
 #include "nf4core/nf4core.h"
 
 namespace {
@@ -65,11 +66,6 @@ std::vector<uint8_t> make_input(nf4_dtype dt, int64_t n, std::mt19937_64 &rng) {
 }
 
 }  // namespace
-
-static bool have_device() {
-    int32_t built = 0, count = 0;
-    return nf4_cuda_available(&built, &count) == NF4_OK && built && count > 0;
-}
 
 TEST_CASE(quantize_dequantize_4bit_byte_identical) {
     std::mt19937_64 rng(1);
@@ -233,10 +229,4 @@ TEST_CASE(gemv_matches_cpu_reference) {
     }
 }
 
-int main() {
-    if (!have_device()) {
-        std::printf("no CUDA device: skipped\n");
-        return 77;
-    }
-    return check::run_all();
-}
+int main() { return check::run_all_on_cuda_device(); }

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "check.hpp"
+#include "nf4_check.hpp"
 #include "nf4core/nf4core.h"
 
 namespace {
@@ -56,14 +57,11 @@ std::vector<uint8_t> raw_of(nf4_dtype dt, const std::vector<float> &f) {
 }
 
 void compare(nf4_dtype dt, int64_t n, int64_t bs, double wd, bool bad, uint64_t seed) {
-    std::mt19937_64 rng(seed);
-    std::normal_distribution<float> normal(0.0f, 1.0f);
-    std::vector<float> q1(256), q2(256);
-    nf4_codebook_dynamic(1, q1.data());
-    nf4_codebook_dynamic(0, q2.data());
-    const int64_t nb = nf4_num_blocks(n, bs);
+    check::AdamCase c(n, bs, seed);
+    const std::vector<float> &q1 = c.maps.q1, &q2 = c.maps.q2;
+    const int64_t nb = c.nb;
     std::vector<float> pf(static_cast<size_t>(n));
-    for (float &v : pf) v = normal(rng);
+    for (float &v : pf) v = c.normal(c.rng);
     std::vector<uint8_t> p = raw_of(dt, pf);
     std::vector<uint8_t> s1(size_t(n), 127), s2(size_t(n), 0);
     std::vector<float> a1(size_t(nb), 0.0f), a2(size_t(nb), 0.0f);
@@ -72,7 +70,7 @@ void compare(nf4_dtype dt, int64_t n, int64_t bs, double wd, bool bad, uint64_t 
     int mismatches = 0;
     for (int64_t step = 1; step <= 3; ++step) {
         std::vector<float> gf(static_cast<size_t>(n));
-        for (float &v : gf) v = normal(rng) * 0.1f;
+        for (float &v : gf) v = c.normal(c.rng) * 0.1f;
         if (bad) {
             gf[size_t(n / 2)] = NAN;
             gf[size_t(n - 1)] = -INFINITY;
@@ -99,11 +97,6 @@ void compare(nf4_dtype dt, int64_t n, int64_t bs, double wd, bool bad, uint64_t 
 
 }  // namespace
 
-static bool have_device() {
-    int32_t built = 0, count = 0;
-    return nf4_cuda_available(&built, &count) == NF4_OK && built && count > 0;
-}
-
 TEST_CASE(adam8bit_byte_identical_to_cpu) {
     uint64_t seed = 11;
     for (int64_t bs : {int64_t(64), int64_t(256), int64_t(2048)})
@@ -114,9 +107,8 @@ TEST_CASE(adam8bit_byte_identical_to_cpu) {
 
 TEST_CASE(adam8bit_overflow_is_non_finite_error_like_cpu) {
     const int64_t n = 300, bs = 256;
-    std::vector<float> q1(256), q2(256);
-    nf4_codebook_dynamic(1, q1.data());
-    nf4_codebook_dynamic(0, q2.data());
+    const check::AdamMaps maps;
+    const std::vector<float> &q1 = maps.q1, &q2 = maps.q2;
     std::vector<float> p(size_t(n), 1.0f), g(size_t(n), 0.5f);
     g[7] = 3e30f;  // v = (1 - beta2) g^2 overflows float32
     std::vector<uint8_t> s1(size_t(n), 127), s2(size_t(n), 0);
@@ -158,9 +150,8 @@ TEST_CASE(adam8bit_on_cuda_pager_state) {
     nf4_pager *pg = nullptr;
     CHECK(nf4_pager_create_cuda((n * 2 + nb * 8) / 4, 0, 1 << 20, 0, &pg) == NF4_OK);
     if (!pg) return;
-    std::vector<float> q1(256), q2(256);
-    nf4_codebook_dynamic(1, q1.data());
-    nf4_codebook_dynamic(0, q2.data());
+    const check::AdamMaps maps;
+    const std::vector<float> &q1 = maps.q1, &q2 = maps.q2;
     void *s1 = nullptr, *s2 = nullptr, *a1 = nullptr, *a2 = nullptr;
     CHECK(nf4_pager_alloc(pg, n, &s1) == NF4_OK && nf4_pager_alloc(pg, n, &s2) == NF4_OK);
     CHECK(nf4_pager_alloc(pg, nb * 4, &a1) == NF4_OK && nf4_pager_alloc(pg, nb * 4, &a2) == NF4_OK);
@@ -196,10 +187,4 @@ TEST_CASE(adam8bit_on_cuda_pager_state) {
     nf4_pager_destroy(pg);
 }
 
-int main() {
-    if (!have_device()) {
-        std::printf("no CUDA device: skipped\n");
-        return 77;
-    }
-    return check::run_all();
-}
+int main() { return check::run_all_on_cuda_device(); }

@@ -1,5 +1,5 @@
-// The CUDA 8-bit Adam kernel's arithmetic, run on the host: src/cuda/
-// adam_math.hpp (the per-element update the kernel calls) and the kernel's
+// The CUDA 8-bit Adam kernel's arithmetic, run on the host: src/adam_math.hpp
+// (the per-element update the kernel calls) and the kernel's
 // two-pass block algorithm (update + absmax of the new moments as float bits,
 // then recompute and encode with numeric.hpp's block_scale/encode_value),
 // written out here in plain C++, against nf4_adam8bit_update (the CPU kernel)
@@ -13,34 +13,15 @@
 #include <random>
 #include <vector>
 
+#include "adam_math.hpp"
 #include "check.hpp"
-#include "cuda/adam_math.hpp"
+#include "nf4_check.hpp"
 #include "nf4core/nf4core.h"
 #include "numeric.hpp"
 
 using namespace nf4core;
 
 namespace {
-
-// The search table as quantize.cpp builds it (stable sort, float32
-// midpoints); library internals are hidden from tests.
-SearchTable table_of(const float *cb) {
-    SearchTable t{};
-    int idx[256];
-    for (int i = 0; i < 256; ++i) idx[i] = i;
-    for (int i = 1; i < 256; ++i)
-        for (int j = i; j > 0 && cb[idx[j]] < cb[idx[j - 1]]; --j) std::swap(idx[j], idx[j - 1]);
-    t.size = 256;
-    for (int i = 0; i < 256; ++i) {
-        t.order[i] = idx[i];
-        t.mid[i] = i + 1 < 256 ? (cb[idx[i]] + cb[idx[i + 1]]) / 2.0f : HUGE_VALF;
-    }
-    for (int k = 0; k < 16; ++k) t.coarse[k] = t.mid[16 * k + 15];
-    bool identity = true;
-    for (int i = 0; i < 256; ++i) identity = identity && idx[i] == i;
-    t.identity_order = identity;
-    return t;
-}
 
 struct State {
     std::vector<uint8_t> s1, s2;
@@ -51,7 +32,7 @@ struct State {
 template <typename T>
 int64_t emulate(T *p, const T *g, int64_t n, State &st, const float *q1, const float *q2, int64_t bs,
                 const nf4_adam_hparams &hp) {
-    const SearchTable t1 = table_of(q1), t2 = table_of(q2);
+    const SearchTable t1 = check::table_of(q1, 256), t2 = check::table_of(q2, 256);
     const AdamScalarsF32 s = make_adam_scalars(hp);
     int64_t skipped = 0;
     for (int64_t b = 0; b * bs < n; ++b) {
@@ -88,20 +69,17 @@ T make(float v) {
 
 template <typename T>
 void run_case(nf4_dtype dt, int64_t n, int64_t bs, double wd, bool bad_grads, uint64_t seed) {
-    std::mt19937_64 rng(seed);
-    std::normal_distribution<float> normal(0.0f, 1.0f);
-    std::vector<float> q1(256), q2(256);
-    nf4_codebook_dynamic(1, q1.data());
-    nf4_codebook_dynamic(0, q2.data());
-    const int64_t nb = nf4_num_blocks(n, bs);
+    check::AdamCase c(n, bs, seed);
+    const std::vector<float> &q1 = c.maps.q1, &q2 = c.maps.q2;
+    const int64_t nb = c.nb;
     std::vector<T> p_cpu(static_cast<size_t>(n)), p_emu(static_cast<size_t>(n)), g(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i) p_cpu[size_t(i)] = p_emu[size_t(i)] = make<T>(normal(rng));
+    for (int64_t i = 0; i < n; ++i) p_cpu[size_t(i)] = p_emu[size_t(i)] = make<T>(c.normal(c.rng));
     State cpu{std::vector<uint8_t>(size_t(n), 127), std::vector<uint8_t>(size_t(n), 0),
               std::vector<float>(size_t(nb), 0.0f), std::vector<float>(size_t(nb), 0.0f)};
     State emu = cpu;
     int mismatches = 0;
     for (int64_t step = 1; step <= 4; ++step) {
-        for (int64_t i = 0; i < n; ++i) g[size_t(i)] = make<T>(normal(rng) * (step == 2 ? 1e-3f : 0.1f));
+        for (int64_t i = 0; i < n; ++i) g[size_t(i)] = make<T>(c.normal(c.rng) * (step == 2 ? 1e-3f : 0.1f));
         if (step == 1) g[0] = make<T>(0.0f);  // an all-zero-ish start is in the data anyway
         if (bad_grads) {
             g[size_t(n / 3)] = make<T>(NAN);

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "check.hpp"
+#include "nf4_check.hpp"
 #include "nf4core/nf4core.h"
 
 namespace {
@@ -130,11 +131,6 @@ void budget_run(uint32_t flags) {
 
 }  // namespace
 
-static bool have_device() {
-    int32_t built = 0, count = 0;
-    return nf4_cuda_available(&built, &count) == NF4_OK && built && count > 0;
-}
-
 TEST_CASE(cuda_pager_under_budget) { budget_run(0); }
 
 TEST_CASE(cuda_pager_fallback_without_prefetch) { budget_run(NF4_PAGER_CUDA_NO_PREFETCH); }
@@ -160,10 +156,4 @@ TEST_CASE(cuda_pager_errors) {
     nf4_pager_destroy(pg);
 }
 
-int main() {
-    if (!have_device()) {
-        std::printf("no CUDA device: skipped\n");
-        return 77;
-    }
-    return check::run_all();
-}
+int main() { return check::run_all_on_cuda_device(); }

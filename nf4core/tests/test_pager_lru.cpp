@@ -5,7 +5,7 @@
 // recency order), (3) hand-worked small cases. Budget, LRU order, coalesced
 // runs, a range larger than the budget, explicit eviction, removal, argument
 // errors, and a mover that fails part-way. No GPU needed: cudaMemPrefetchAsync
-// is what pager_cuda.cu plugs in as the mover.
+// is what cuda/pager.cu plugs in as the mover.
 #include <algorithm>
 #include <cstdint>
 #include <random>

@@ -174,6 +174,63 @@ TEST_CASE(non_finite_reported_at_first_index_on_every_path) {
     nf4_set_num_threads(0);
 }
 
+TEST_CASE(bfloat16_rounding_of_any_scale_matches_reference) {
+    // Block scales are the caller's: any float bits, NaN payloads included. Every
+    // path rounds codebook[code] * scale to bfloat16 as to_bfloat16 does (nearest
+    // even, NaN quiet with its payload's top bits), dequantize and decode_tile alike.
+    std::mt19937_64 rng(17);
+    const uint32_t special[] = {0x7FFFFFFFu, 0xFFFFFFFFu, 0x7F800001u, 0xFFC00000u, 0x7FC0FFFFu, 0x7F808000u,
+                                0x7F800000u, 0xFF800000u, 0x80000000u, 0x00000001u, 0x7F7FFFFFu, 0x3F808000u};
+    const int64_t bs = 64;
+    // small, and over 32 MiB (streamed stores, resumed after the blocks of non-finite scales)
+    for (int64_t nb : {int64_t(512), int64_t(300000)}) {
+        const int64_t n = bs * nb;
+        std::vector<float> am(static_cast<size_t>(nb));
+        for (int64_t b = 0; b < nb; ++b) {
+            // the specials first, then random bits; in the large case finite scales with
+            // a non-finite one every 1000 blocks
+            uint32_t u = b < 12 ? special[b] : uint32_t(rng());
+            if (nb > 512 && b >= 12) u = b % 1000 == 7 ? special[(b / 1000) % 8] : 0x3E800000u + uint32_t(b % 97);
+            std::memcpy(&am[size_t(b)], &u, 4);
+        }
+        for (int bits : {4, 8}) {
+            const std::vector<float> cb = table(bits == 4 ? "nf4" : "dynamic");
+            std::vector<uint8_t> q(static_cast<size_t>(bits == 4 ? n / 2 : n));
+            for (uint8_t &v : q) v = uint8_t(rng());
+            std::vector<uint16_t> ref(static_cast<size_t>(n)), tile_ref(static_cast<size_t>(n));
+            CHECK((bits == 4 ? nf4_dequantize_4bit_ref : nf4_dequantize_8bit_ref)(q.data(), am.data(), n, bs,
+                                                                                  cb.data(), ref.data(),
+                                                                                  NF4_BFLOAT16) == NF4_OK);
+            CHECK(nf4_set_isa("scalar") == NF4_OK);
+            const int64_t N = 64, K = n / N;  // the 4-bit codes as an N x K matrix for decode_tile
+            if (bits == 4)
+                CHECK(nf4_matmul_4bit_decode_tile(q.data(), am.data(), bs, cb.data(), N, K, 0, N, 0, K, NF4_BFLOAT16,
+                                                  tile_ref.data()) == NF4_OK);
+            std::vector<uint16_t> buf(static_cast<size_t>(n + 8));
+            for (const char *isa : kIsas) {
+                if (!nf4_isa_available(isa)) continue;
+                CHECK(nf4_set_isa(isa) == NF4_OK);
+                for (int64_t shift : {int64_t(0), int64_t(5)}) {  // output alignment
+                    uint16_t *y = buf.data() + shift;
+                    CHECK((bits == 4 ? nf4_dequantize_4bit : nf4_dequantize_8bit)(q.data(), am.data(), n, bs,
+                                                                                  cb.data(), y,
+                                                                                  NF4_BFLOAT16) == NF4_OK);
+                    CHECK_MSG(std::memcmp(y, ref.data(), size_t(n) * 2) == 0,
+                              "%s: %d-bit dequantize of %lld to bfloat16 (shift %lld) differs", isa, bits,
+                              (long long)n, (long long)shift);
+                }
+                if (bits == 4) {
+                    CHECK(nf4_matmul_4bit_decode_tile(q.data(), am.data(), bs, cb.data(), N, K, 0, N, 0, K,
+                                                      NF4_BFLOAT16, buf.data()) == NF4_OK);
+                    CHECK_MSG(std::memcmp(buf.data(), tile_ref.data(), size_t(n) * 2) == 0,
+                              "%s: decode_tile to bfloat16 differs", isa);
+                }
+            }
+        }
+    }
+    nf4_set_isa("auto");
+}
+
 TEST_CASE(runtime_settings) {
     CHECK(nf4_set_isa("sse9") == NF4_ERROR_INVALID_ARGUMENT);
     CHECK(std::strstr(nf4_last_error(), "unknown ISA") != nullptr);

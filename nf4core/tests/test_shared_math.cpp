@@ -9,29 +9,13 @@
 #include <vector>
 
 #include "check.hpp"
+#include "nf4_check.hpp"
 #include "nf4core/nf4core.h"
 #include "numeric.hpp"
 
 using namespace nf4core;
 
 namespace {
-
-// Builds the search table the way quantize.cpp does (stable sort, float32
-// midpoints), kept here so the test does not depend on library internals.
-SearchTable table_of(const float *cb, int size) {
-    SearchTable t{};
-    std::vector<int> idx(static_cast<size_t>(size));
-    for (int i = 0; i < size; ++i) idx[static_cast<size_t>(i)] = i;
-    for (int i = 1; i < size; ++i)  // insertion sort: stable
-        for (int j = i; j > 0 && cb[idx[static_cast<size_t>(j)]] < cb[idx[static_cast<size_t>(j - 1)]]; --j) std::swap(idx[static_cast<size_t>(j)], idx[static_cast<size_t>(j - 1)]);
-    t.size = size;
-    for (int i = 0; i < 256; ++i) {
-        t.order[i] = i < size ? idx[static_cast<size_t>(i)] : idx[static_cast<size_t>(size - 1)];
-        t.mid[i] = i + 1 < size ? (cb[idx[static_cast<size_t>(i)]] + cb[idx[static_cast<size_t>(i + 1)]]) / 2.0f : HUGE_VALF;
-    }
-    for (int k = 0; k < 16; ++k) t.coarse[k] = t.mid[16 * k + 15];
-    return t;
-}
 
 // Oracle: the code whose value is nearest to y in exact (double) arithmetic,
 // ties to the lower value and, among equal values, the lower code.
@@ -42,6 +26,24 @@ int brute_nearest(const float *cb, int size, float y) {
         if (d < db || (d == db && (cb[c] < cb[best] || (cb[c] == cb[best] && c < best)))) best = c;
     }
     return best;
+}
+
+// Draws `samples` x from u and counts those whose code disagrees with the
+// brute-force nearest value (agree(code, want) false), skipping the x whose
+// clamped value lies within near(y) of a midpoint, where float32 midpoints decide.
+template <int N, class Near, class Agree>
+int brute_force_disagreements(std::mt19937 &rng, std::uniform_real_distribution<float> &u, int samples,
+                              const float *cb, const SearchTable &t, const BlockScale &s, Near near, Agree agree) {
+    int bad = 0;
+    for (int i = 0; i < samples; ++i) {
+        const float x = u(rng);
+        const float y = x < -1.0f ? -1.0f : (x > 1.0f ? 1.0f : x);
+        bool near_mid = false;
+        for (int k = 0; k < N - 1; ++k) near_mid |= std::fabs(y - t.mid[k]) <= near(y);
+        if (near_mid) continue;
+        bad += !agree(encode_value<N>(t, x, s), brute_nearest(cb, N, y));
+    }
+    return bad;
 }
 
 }  // namespace
@@ -68,19 +70,11 @@ TEST_CASE(encode_value_matches_brute_force_nearest) {
     nf4_codebook_fp4(cbs[1]);
     nf4_codebook_int4(cbs[2]);
     for (const auto &cb : cbs) {
-        const SearchTable t = table_of(cb, 16);
+        const SearchTable t = check::table_of(cb, 16);
         const BlockScale s = block_scale(1.0f, 64, 64);
-        int bad = 0;
-        for (int i = 0; i < 200000; ++i) {
-            const float x = u(rng);
-            const float y = x < -1.0f ? -1.0f : (x > 1.0f ? 1.0f : x);
-            // skip values within an ulp of a midpoint, where float32 midpoints decide
-            bool near_mid = false;
-            for (int k = 0; k < 15; ++k) near_mid |= std::fabs(y - t.mid[k]) <= 2e-7f;
-            if (near_mid) continue;
-            const int want = brute_nearest(cb, 16, y);
-            bad += cb[encode_value<16>(t, x, s)] != cb[want];
-        }
+        // values within an ulp of a midpoint are skipped; FP4's +0 and -0 agree by value
+        const int bad = brute_force_disagreements<16>(
+            rng, u, 200000, cb, t, s, [](float) { return 2e-7f; }, [&](int c, int want) { return cb[c] == cb[want]; });
         CHECK_MSG(bad == 0, "%d codes differ from the brute-force nearest value", bad);
         // exactly on a float32 midpoint: the lower value
         for (int k = 0; k < 15; ++k) {
@@ -91,17 +85,11 @@ TEST_CASE(encode_value_matches_brute_force_nearest) {
     // 8-bit dynamic map: binary search against brute force
     float dyn[256];
     nf4_codebook_dynamic(1, dyn);
-    const SearchTable t = table_of(dyn, 256);
+    const SearchTable t = check::table_of(dyn, 256);
     const BlockScale s = block_scale(1.0f, 256, 256);
-    int bad = 0;
-    for (int i = 0; i < 50000; ++i) {
-        const float x = u(rng);
-        const float y = x < -1.0f ? -1.0f : (x > 1.0f ? 1.0f : x);
-        bool near_mid = false;
-        for (int k = 0; k < 255; ++k) near_mid |= std::fabs(y - t.mid[k]) <= 1e-7f * (1.0f + std::fabs(y));
-        if (near_mid) continue;
-        bad += encode_value<256>(t, x, s) != brute_nearest(dyn, 256, y);
-    }
+    const int bad = brute_force_disagreements<256>(
+        rng, u, 50000, dyn, t, s, [](float y) { return 1e-7f * (1.0f + std::fabs(y)); },
+        [](int c, int want) { return c == want; });
     CHECK_MSG(bad == 0, "%d dynamic-map codes differ from brute force", bad);
 }
 

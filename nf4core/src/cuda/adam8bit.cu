@@ -25,7 +25,7 @@
 #include "../error.hpp"
 #include "../kernels.hpp"
 #include "../numeric.hpp"
-#include "adam_math.hpp"
+#include "../adam_math.hpp"
 #include "common.cuh"
 #include "nf4core/cuda.h"
 #include "nf4core/optim.h"
@@ -35,7 +35,6 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr unsigned long long kNone = ULLONG_MAX;
 
 struct AdamFlags {
     unsigned long long skipped;      // NaN/Inf gradient elements
@@ -49,12 +48,6 @@ struct AdamTables {
     SearchTable t1, t2;     // encode
 };
 
-__device__ __forceinline__ void copy_words_dev(void *dst, const void *src, int bytes) {
-    const int32_t *s = static_cast<const int32_t *>(src);
-    int32_t *d = static_cast<int32_t *>(dst);
-    for (int i = threadIdx.x; i < bytes / 4; i += blockDim.x) d[i] = s[i];
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     adam8bit_kernel(T *__restrict__ param, const T *__restrict__ grad, int64_t n, uint8_t *__restrict__ state1,
@@ -62,7 +55,7 @@ __global__ void __launch_bounds__(kThreads)
                     const __grid_constant__ AdamTables tab_arg, int64_t blocksize, const AdamScalarsF32 s,
                     AdamFlags *flags) {
     __shared__ AdamTables tab;
-    copy_words_dev(&tab, &tab_arg, int(sizeof(AdamTables)));
+    copy_words(&tab, &tab_arg, int(sizeof(AdamTables)));
     __syncthreads();
     const int lane = int(threadIdx.x & 31u);
     const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
@@ -89,12 +82,8 @@ __global__ void __launch_bounds__(kThreads)
         }
         amax1 = warp_max(amax1);
         amax2 = warp_max(amax2);
-        first_bad = warp_min(first_bad);
-        if (first_bad != kNone) {
-            // the CPU fails in its requantization here too; the state of this block is left as it was
-            if (lane == 0) atomicMin(&flags->bad_moment, first_bad);
-            continue;
-        }
+        // the CPU fails in its requantization here too; the state of this block is left as it was
+        if (!warp_all_finite(first_bad, &flags->bad_moment)) continue;
         const BlockScale s1 = block_scale(bits_float(amax1), end - begin, blocksize);
         const BlockScale s2 = block_scale(bits_float(amax2), end - begin, blocksize);
         // pass 2: the same moments again (same inputs, same operations), encoded

@@ -7,6 +7,7 @@
 
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cstdint>
 #include <string>
 
@@ -56,6 +57,9 @@ inline void check_table(const float *table, int size, const char *what) {
         require(is_finite(table[i]), std::string(what) + " entry " + std::to_string(i) + " is not finite");
 }
 
+// No element index (the flags of the kernels that report one start here).
+constexpr unsigned long long kNone = ULLONG_MAX;
+
 // Grids never exceed this many blocks; kernels stride over the rest (64-bit
 // loop counters), so 2^31 elements and more need no special case.
 constexpr int64_t kMaxGrid = int64_t(1) << 20;
@@ -103,6 +107,15 @@ __device__ __forceinline__ float block_scale_at(const Scales &s, const float *dy
     return dq_scale(dyn_smem[s.qabsmax[b]], s.nested[b / NF4_DQ_BLOCKSIZE], s.offset);
 }
 
+// Copies a table passed as a kernel argument into shared memory, the thread
+// block's threads striding over its 32-bit words (bytes % 4 == 0); the caller
+// then __syncthreads() before reading it.
+__device__ __forceinline__ void copy_words(void *dst, const void *src, int bytes) {
+    const int32_t *s = static_cast<const int32_t *>(src);
+    int32_t *d = static_cast<int32_t *>(dst);
+    for (int i = threadIdx.x; i < bytes / 4; i += blockDim.x) d[i] = s[i];
+}
+
 __device__ __forceinline__ uint32_t warp_max(uint32_t v) {
     for (int o = 16; o > 0; o >>= 1) {
         const uint32_t w = __shfl_xor_sync(0xFFFFFFFFu, v, o);
@@ -122,6 +135,17 @@ __device__ __forceinline__ unsigned long long warp_min(unsigned long long v) {
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
     return v;
+}
+
+// After a warp's pass over one quantization block in which each lane kept the
+// lowest index of a non-finite value it met (kNone if none): true if there was
+// none; else lane 0 records the block's lowest in *first (atomicMin, so the
+// lowest over all blocks wins, as the CPU reports it) and every lane gets false.
+__device__ __forceinline__ bool warp_all_finite(unsigned long long first_bad, unsigned long long *first) {
+    first_bad = warp_min(first_bad);
+    if (first_bad == kNone) return true;
+    if ((threadIdx.x & 31u) == 0) atomicMin(first, first_bad);
+    return false;
 }
 #endif
 

@@ -25,7 +25,6 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr unsigned long long kNone = ULLONG_MAX;
 
 // Written by the kernels of the [sync] entry points, read back once.
 struct Flags {
@@ -38,12 +37,6 @@ template <typename T>
 __device__ __forceinline__ float load_value(const T *x, int64_t i, const float *sub, float m) {
     const float v = to_float(x[i]);
     return sub != nullptr ? v - m : v;  // DQ centres the scales: absmax - mean, one rounding
-}
-
-__device__ __forceinline__ void copy_words(void *dst, const void *src, int bytes) {
-    const int32_t *s = static_cast<const int32_t *>(src);
-    int32_t *d = static_cast<int32_t *>(dst);
-    for (int i = threadIdx.x; i < bytes / 4; i += blockDim.x) d[i] = s[i];
 }
 
 // One warp per quantization block: the absmax by a warp reduction (max is
@@ -71,11 +64,7 @@ __global__ void __launch_bounds__(kThreads)
             amax_bits = u > amax_bits ? u : amax_bits;  // float bits of |x| order like the values
         }
         amax_bits = warp_max(amax_bits);
-        first_bad = warp_min(first_bad);
-        if (first_bad != kNone) {
-            if (lane == 0) atomicMin(&flags->bad_input, first_bad);
-            continue;
-        }
+        if (!warp_all_finite(first_bad, &flags->bad_input)) continue;
         const BlockScale s = block_scale(bits_float(amax_bits), end - begin, blocksize);
         if (lane == 0) absmax[b] = s.stored;
         if (BITS == 8) {

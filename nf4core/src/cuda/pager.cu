@@ -2,7 +2,7 @@
 // host RAM. Allocations are managed memory (cudaMallocManaged), so callers
 // hold one pointer that is valid on both sides; this file decides *where* the
 // pages should live: an LRU over fixed-size pages as in the host backend
-// (the policy is pager_lru.hpp, tested on the host), with cudaMemPrefetchAsync
+// (the same PageLru, pager_lru.hpp, tested on the host), with cudaMemPrefetchAsync
 // to the device as "page in" and to the host as "page out", on one stream.
 //
 // Without concurrent managed access (Windows, WSL, pre-Pascal, some vGPUs, or
@@ -26,9 +26,9 @@
 #include <string>
 #include <vector>
 
-#include "cuda/common.cuh"
-#include "pager.hpp"
-#include "pager_lru.hpp"
+#include "../pager.hpp"
+#include "../pager_lru.hpp"
+#include "common.cuh"
 
 namespace nf4core {
 
@@ -168,16 +168,7 @@ public:
 
     nf4_pager_stats stats() override {
         std::lock_guard<std::mutex> lock(mu_);
-        nf4_pager_stats s;
-        s.budget_bytes = lru_.budget();
-        s.page_bytes = lru_.page_bytes();
-        s.allocated_bytes = lru_.allocated_bytes();
-        s.resident_bytes = lru_.resident_bytes();
-        s.spilled_bytes = s.allocated_bytes - s.resident_bytes;
-        s.page_ins = lru_.page_ins();
-        s.page_outs = lru_.page_outs();
-        s.num_allocations = lru_.num_allocations();
-        return s;
+        return lru_.stats(lru_.resident_bytes());  // the bookkeeping is the truth here (no probe)
     }
 
 private:

@@ -1,9 +1,10 @@
 // The CUDA entry points of a build without CUDA (Meson option cuda disabled or
-// nvcc not found): nf4_cuda_available reports built = 0, everything else
-// fails with NF4_ERROR_CUDA, so the C API is the same in every build.
-#include "error.hpp"
+// nvcc not found), compiled as C++ in place of the .cu files beside it:
+// nf4_cuda_available reports built = 0, everything else fails with
+// NF4_ERROR_CUDA, so the C API is the same in every build.
+#include "../error.hpp"
+#include "../pager.hpp"
 #include "nf4core/cuda.h"
-#include "pager.hpp"
 
 namespace {
 
@@ -39,6 +40,15 @@ nf4_status nf4_cuda_quantize_4bit(const void *, nf4_dtype, int64_t, int64_t, con
     return not_built();
 }
 
+nf4_status nf4_cuda_quantize_8bit(const void *, nf4_dtype, int64_t, int64_t, const float *, uint8_t *, float *,
+                                  void *) {
+    return not_built();
+}
+
+nf4_status nf4_cuda_double_quantize(const float *, int64_t, const float *, uint8_t *, float *, float *, void *) {
+    return not_built();
+}
+
 nf4_status nf4_cuda_dequantize_4bit(const uint8_t *, const float *, int64_t, int64_t, const float *, void *,
                                     nf4_dtype, void *) {
     return not_built();
@@ -49,17 +59,8 @@ nf4_status nf4_cuda_dequantize_4bit_dq(const uint8_t *, const uint8_t *, const f
     return not_built();
 }
 
-nf4_status nf4_cuda_quantize_8bit(const void *, nf4_dtype, int64_t, int64_t, const float *, uint8_t *, float *,
-                                  void *) {
-    return not_built();
-}
-
 nf4_status nf4_cuda_dequantize_8bit(const uint8_t *, const float *, int64_t, int64_t, const float *, void *,
                                     nf4_dtype, void *) {
-    return not_built();
-}
-
-nf4_status nf4_cuda_double_quantize(const float *, int64_t, const float *, uint8_t *, float *, float *, void *) {
     return not_built();
 }
 

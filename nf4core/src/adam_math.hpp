@@ -1,7 +1,8 @@
-// The per-element arithmetic of the fused 8-bit AdamW update, written once
-// for the CUDA kernel (adam8bit.cu) and compiled for the host too, so that a
-// CPU test (tests/test_cuda_adam_math.cpp) checks it byte for byte against
-// nf4_adam8bit_update (src/optim.cpp) on machines without a GPU.
+// The per-element arithmetic of the fused 8-bit AdamW update, shared by host
+// and device like numeric.hpp beside it: written once for the CPU kernel
+// (optim.cpp) and the CUDA kernel (cuda/adam8bit.cu), so that a CPU test
+// (tests/test_cuda_adam_math.cpp) checks the GPU's arithmetic byte for byte
+// against nf4_adam8bit_update on machines without a GPU.
 //
 // It follows optim.cpp's operation order exactly: every product, quotient,
 // square root and fused multiply-add is one IEEE float32 operation rounded to
@@ -10,12 +11,12 @@
 // make_scalars: doubles combined in double, rounded once to float32.
 // The CPU kernel (optim.cpp) calls the same functions, so there is one copy;
 // tests/test_cuda_adam_math.cpp also replays the GPU kernel's two-pass order.
-#ifndef NF4CORE_SRC_CUDA_ADAM_MATH_HPP
-#define NF4CORE_SRC_CUDA_ADAM_MATH_HPP
+#ifndef NF4CORE_SRC_ADAM_MATH_HPP
+#define NF4CORE_SRC_ADAM_MATH_HPP
 
 #include <cmath>
 
-#include "../numeric.hpp"
+#include "numeric.hpp"
 #include "nf4core/optim.h"
 
 namespace nf4core {
@@ -97,4 +98,4 @@ NF4_HOST_DEVICE inline bool adam_element(float g, float m_code, float a1, float 
 }  // namespace
 }  // namespace nf4core
 
-#endif  // NF4CORE_SRC_CUDA_ADAM_MATH_HPP
+#endif  // NF4CORE_SRC_ADAM_MATH_HPP
