@@ -23,7 +23,7 @@ except ImportError as _exc:  # pragma: no cover - only in a source checkout
 
 from ._array import QuantizedArray
 from ._codebooks import codebook, dynamic_codebook
-from ._config import show_config
+from ._config import cpu_features, default_compute_dtype, show_config
 from ._errors import NonFiniteError
 from ._formats import BLOCKSIZES, CODEBOOKS_4BIT
 from ._matmul import matmul_4bit
@@ -43,6 +43,8 @@ __all__ = [
     "amx_available",
     "available_isas",
     "codebook",
+    "cpu_features",
+    "default_compute_dtype",
     "dequantize",
     "dequantize_blockwise",
     "dynamic_codebook",

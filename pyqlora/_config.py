@@ -2,7 +2,76 @@
 import platform
 import sys
 
-__all__ = ["show_config"]
+__all__ = ["cpu_features", "default_compute_dtype", "show_config"]
+
+# CPU features (Linux /proc/cpuinfo names) with which the hardware computes bfloat16 natively:
+# x86 AVX512-BF16 or AMX-BF16, aarch64 FEAT_BF16. Elsewhere bfloat16 arithmetic is emulated
+# (about 19x the float32 cost in torch on an AVX2-only CPU), so float32 is the faster choice.
+_NATIVE_BF16 = {"avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16", "bf16": "aarch64 BF16"}
+
+
+def cpu_features():
+    """The CPU's feature flags as the operating system reports them (a frozenset of lower-case names).
+
+    Linux: the ``flags`` (x86) or ``Features`` (aarch64) line of ``/proc/cpuinfo``; macOS on Apple
+    silicon: ``bf16`` when ``sysctl hw.optional.arm.FEAT_BF16`` says so. Empty where unknown.
+    """
+    feats = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip().lower() in ("flags", "features"):
+                    feats.update(value.lower().split())
+                    break
+    except OSError:
+        pass
+    if not feats and sys.platform == "darwin":  # pragma: no cover - not on the project machines
+        import subprocess
+
+        try:
+            out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True,
+                                 timeout=5).stdout.strip()
+            if out == "1":
+                feats.add("bf16")
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return frozenset(feats)
+
+
+def default_compute_dtype(features=None, cuda_bf16=None):
+    """The compute dtype ``auto`` stands for: ``("bfloat16" | "float32", reason)``.
+
+    bfloat16 where the hardware computes it natively — a CUDA device with bfloat16 support
+    (``cuda_bf16=True``, which callers that run on a GPU pass), or a CPU with one of AVX512-BF16,
+    AMX-BF16 (x86) or BF16 (aarch64) — and float32 elsewhere, where bfloat16 arithmetic is emulated
+    and costs many times the float32 step.
+
+    Parameters
+    ----------
+    features : iterable of str, optional
+        CPU feature flags; default :func:`cpu_features` of this machine.
+    cuda_bf16 : bool, optional
+        Whether the computation runs on a CUDA device that supports bfloat16; ``None``/``False``
+        decide by the CPU.
+
+    Examples
+    --------
+    >>> import pyqlora as pq
+    >>> pq.default_compute_dtype(features={"avx2", "fma"})
+    ('float32', 'bfloat16 is emulated on this CPU (no AVX512-BF16, AMX-BF16 or aarch64 BF16)')
+    >>> pq.default_compute_dtype(features={"avx2", "avx512_bf16"})[0]
+    'bfloat16'
+    >>> pq.default_compute_dtype(features=(), cuda_bf16=True)
+    ('bfloat16', 'the CUDA device computes bfloat16 natively')
+    """
+    if cuda_bf16:
+        return "bfloat16", "the CUDA device computes bfloat16 natively"
+    feats = cpu_features() if features is None else {str(f).lower() for f in features}
+    found = [name for flag, name in _NATIVE_BF16.items() if flag in feats]
+    if found:
+        return "bfloat16", f"the CPU computes bfloat16 natively ({', '.join(found)})"
+    return "float32", "bfloat16 is emulated on this CPU (no AVX512-BF16, AMX-BF16 or aarch64 BF16)"
 
 
 def show_config(file=None):
@@ -54,6 +123,7 @@ def show_config(file=None):
         "amx": ("in use" if get_amx() else "available, not in use") if amx_available() else "not available",
         "threads": get_num_threads(),
         "threading": get_threading(),
+        "compute_dtype_auto": "{} ({})".format(*default_compute_dtype()),
     }
     cfg.update(_cuda_config(_nf4core))
     width = max(map(len, cfg))
