@@ -13,6 +13,7 @@
 
 #include "../error.hpp"
 #include "../numeric.hpp"
+#include "../sizes.hpp"
 #include "nf4core/common.h"
 #include "nf4core/quantize.h"
 
