@@ -66,8 +66,7 @@ extern "C" nf4_status nf4_adam8bit_update(void *param, const void *grad, nf4_dty
         require(nf4_blocksize_is_valid(blocksize) != 0,
                 "blocksize must be a power of two between " + std::to_string(NF4_MIN_BLOCKSIZE) + " and " +
                     std::to_string(NF4_MAX_BLOCKSIZE) + ", got " + std::to_string(blocksize));
-        require(dtype == NF4_FLOAT32 || dtype == NF4_FLOAT16 || dtype == NF4_BFLOAT16,
-                "unknown dtype code " + std::to_string(int(dtype)));
+        const nf4_dtype dt = checked_dtype(dtype, true, "dtype");
         require(param && grad && state1 && state2 && absmax1 && absmax2 && qmap1 && qmap2 && hp,
                 "a pointer argument is NULL");
         require(hp->step >= 1, "step must be >= 1, got " + std::to_string(hp->step));
@@ -78,7 +77,7 @@ extern "C" nf4_status nf4_adam8bit_update(void *param, const void *grad, nf4_dty
         require(std::isfinite(hp->weight_decay) && hp->weight_decay >= 0.0, "weight_decay must be finite and >= 0");
         const SearchTable t1 = make_search_table(qmap1, 256);
         const SearchTable t2 = make_search_table(qmap2, 256);
-        const int64_t esize = nf4_dtype_size(dtype), nblocks = ceil_div(n, blocksize);
+        const int64_t esize = nf4_dtype_size(dt), nblocks = ceil_div(n, blocksize);
         // param, state1, state2, absmax1, absmax2 are updated in place (IN/OUT), grad and the maps only read
         require_disjoint({buffer("param", param, n, esize), buffer("state1", state1, n, 1),
                           buffer("state2", state2, n, 1), buffer("absmax1", absmax1, nblocks, 4),
@@ -93,9 +92,9 @@ extern "C" nf4_status nf4_adam8bit_update(void *param, const void *grad, nf4_dty
                                 b1, count);
             });
         };
-        if (dtype == NF4_FLOAT32)
+        if (dt == NF4_FLOAT32)
             run(static_cast<float *>(param), static_cast<const float *>(grad));
-        else if (dtype == NF4_FLOAT16)
+        else if (dt == NF4_FLOAT16)
             run(static_cast<half_t *>(param), static_cast<const half_t *>(grad));
         else
             run(static_cast<bfloat16_t *>(param), static_cast<const bfloat16_t *>(grad));

@@ -2,7 +2,6 @@
 // lookup tables, dtype dispatch and double quantization. The arithmetic lives
 // in kernels_ref.hpp.
 #include <algorithm>
-#include <type_traits>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -92,30 +91,19 @@ struct Scalar {
 // few microseconds; 64 Ki elements take tens).
 constexpr int64_t kMinElementsPerTask = 1 << 16;
 
-// The dtype a caller passed, as its index in the kernel tables. A C caller can
-// pass any integer, and reading one that is none of nf4_dtype's values as the
-// enum is undefined behaviour (UBSan's enum check): the bytes are read as an
-// integer instead.
-int dtype_index(const nf4_dtype &dtype) {
-    std::underlying_type_t<nf4_dtype> code;
-    std::memcpy(&code, &dtype, sizeof code);
-    require(code == NF4_FLOAT32 || code == NF4_FLOAT16 || code == NF4_BFLOAT16,
-            "unknown dtype code " + std::to_string(code));
-    return int(code);
-}
-
 template <int BITS>
 nf4_status quantize_impl(const void *x, nf4_dtype dtype, int64_t n, int64_t blocksize, const float *codebook,
                          uint8_t *out, float *absmax, bool reference) {
     return guarded([&] {
         check_sizes(n, blocksize);
-        const int d = dtype_index(dtype);
+        const nf4_dtype dt = checked_dtype(dtype, true, "dtype");
+        const int d = int(dt);
         require(x != nullptr && out != nullptr && absmax != nullptr, "input or output pointer is NULL");
         const int64_t nblocks = ceil_div(n, blocksize);
         require(codebook != nullptr, "codebook pointer is NULL");
         require_disjoint({buffer(BITS == 4 ? "packed" : "codes", out, BITS == 4 ? ceil_div(n, 2) : n, 1),
                           buffer("absmax", absmax, nblocks, 4)},
-                         {buffer("x", x, n, nf4_dtype_size(dtype)), buffer("codebook", codebook, 1 << BITS, 4)});
+                         {buffer("x", x, n, nf4_dtype_size(dt)), buffer("codebook", codebook, 1 << BITS, 4)});
         const SearchTable table = make_search_table(codebook, 1 << BITS);
         const QuantizeArgs args{x, n, blocksize, &table, out, absmax};
         const KernelSet &k = reference ? scalar_kernels() : active_kernels();
@@ -134,11 +122,12 @@ nf4_status dequantize_impl(const uint8_t *in, const float *absmax, int64_t n, in
                            const float *codebook, void *out, nf4_dtype dtype, bool reference) {
     return guarded([&] {
         check_sizes(n, blocksize);
-        const int d = dtype_index(dtype);
+        const nf4_dtype dt = checked_dtype(dtype, true, "dtype");
+        const int d = int(dt);
         require(in != nullptr && absmax != nullptr && codebook != nullptr && out != nullptr,
                 "input or output pointer is NULL");
         const int64_t nblocks = ceil_div(n, blocksize);
-        require_disjoint({buffer("out", out, n, nf4_dtype_size(dtype))},
+        require_disjoint({buffer("out", out, n, nf4_dtype_size(dt))},
                          {buffer(BITS == 4 ? "packed" : "codes", in, BITS == 4 ? ceil_div(n, 2) : n, 1),
                           buffer("absmax", absmax, nblocks, 4), buffer("codebook", codebook, 1 << BITS, 4)});
         const DequantizeArgs args{in, absmax, n, blocksize, codebook, out};

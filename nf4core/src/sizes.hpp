@@ -1,5 +1,5 @@
-// Checked sizes and buffer ranges for the C entry points: one place where an
-// element count becomes a byte count, so that no entry point computes a size
+// Checked sizes, dtypes and buffer ranges for the C entry points: one place
+// where an element count becomes a byte count, so that no entry point computes a size
 // that wraps around (n = INT64_MAX used to give a negative block count and a
 // call that did nothing and returned NF4_OK), and where output buffers are
 // checked against the inputs they must not overlap (common.h states the rule).
@@ -11,8 +11,10 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <initializer_list>
 #include <string>
+#include <type_traits>
 
 #include "error.hpp"
 
@@ -31,6 +33,19 @@ inline int64_t checked_mul(int64_t count, int64_t size, const char *what) {
                                              std::to_string(size) + " overflows the largest buffer size (" +
                                              std::to_string(kMaxBytes) + " bytes)");
     return count * size;
+}
+
+// The dtype a caller passed, checked: float32 and bfloat16 always, float16
+// where `half_ok`. A C caller can pass any integer, and reading one that is
+// none of nf4_dtype's values as the enum is undefined behaviour (UBSan's enum
+// check), so the bytes are read as an integer; the result is a valid value.
+inline nf4_dtype checked_dtype(const nf4_dtype &dtype, bool half_ok, const char *what) {
+    std::underlying_type_t<nf4_dtype> code;
+    std::memcpy(&code, &dtype, sizeof code);
+    if (code == NF4_FLOAT32 || code == NF4_BFLOAT16 || (half_ok && code == NF4_FLOAT16))
+        return static_cast<nf4_dtype>(code);
+    if (code == NF4_FLOAT16) fail(NF4_ERROR_INVALID_ARGUMENT, std::string(what) + " must be float32 or bfloat16");
+    fail(NF4_ERROR_INVALID_ARGUMENT, std::string(what) + ": unknown dtype code " + std::to_string(code));
 }
 
 // ceil(count / per), count >= 0, per >= 1, without the overflow of (count + per - 1) / per.
