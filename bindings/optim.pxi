@@ -7,7 +7,7 @@ def adam8bit_update(uint8_t[::1] param, const uint8_t[::1] grad, int dtype, int6
                     const float[::1] qmap1, const float[::1] qmap2, int64_t blocksize,
                     double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step):
     # IN/OUT: param (raw bytes), state1, state2, absmax1, absmax2   IN: grad (raw bytes), qmap1, qmap2
-    # Returns the number of elements skipped for a non-finite gradient.
+    # Returns the number of elements skipped for a non-finite gradient or update.
     cdef int64_t esize = nf4_dtype_size(<nf4_dtype>dtype)
     cdef int64_t nb = nf4_num_blocks(n, blocksize)
     _need(param.shape[0], n * esize, "param")

@@ -37,8 +37,10 @@ def adam8bit_update(param, grad, state1, state2, absmax1, absmax2, qmap1, qmap2,
     Returns
     -------
     int
-        Elements skipped because their gradient is NaN or infinite (parameter
-        unchanged, both moments reset to zero).
+        Elements skipped because their gradient is NaN or infinite, or their
+        update is not finite (a moment or the new parameter overflows, a stored
+        block scale is not finite): parameter unchanged, both moments reset to
+        zero. Every other element is updated; non-finite values never raise.
     """
     blocksize = check_blocksize(blocksize)
     if param.dtype != grad.dtype or param.size != grad.size:

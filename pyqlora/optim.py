@@ -49,8 +49,15 @@ Non-finite gradients: :class:`PagedAdamW` behaves like ``torch.optim.AdamW``
 (a NaN or Inf gradient propagates into the moments and the parameter).
 :class:`PagedAdamW8bit` skips the elements whose gradient is NaN or Inf (their
 parameter is unchanged and both moments are reset to zero, like bitsandbytes'
-CUDA kernel) instead of turning a whole quantization block into NaN; the number
-of skipped elements is counted in :attr:`PagedAdamW8bit.skipped_elements`.
+CUDA kernel) instead of turning a whole quantization block into NaN, and skips
+in the same way the elements whose update is not finite although the gradient
+is: a moment that overflows float32 (with the default betas a gradient above
+about 5.8e20, e.g. 1e30, overflows ``(1 - beta2) * g * g``), a stored block
+scale that is not finite, or a new parameter that overflows its dtype. Every
+other element is updated as if the skipped ones were not there (the block is
+requantized from finite moments), so a step never stops partway on such
+values; the number of skipped elements is counted in
+:attr:`PagedAdamW8bit.skipped_elements`.
 To skip whole steps instead, check the gradient norm that
 ``clip_grad_norm_`` returns and do not call ``step()``.
 
@@ -311,33 +318,59 @@ class _PagedOptimizer(torch.optim.Optimizer):
     # -- the update loop ----------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        """One update of every parameter that has a gradient (its state prefetched first)."""
+        """One update of every parameter that has a gradient (its state prefetched first).
+
+        A step is all or nothing as far as the arguments go: every parameter
+        with a gradient is checked (a sparse gradient, a dtype the update
+        cannot take) and the state of its group allocated before the first
+        parameter changes, so such an error names the parameter (its index in
+        ``state_dict()`` order, and its name where the group has
+        ``param_names``) and leaves parameters, state and step counters as
+        they were. A parameter's step counter advances together with its
+        update. Non-finite values never stop a step (see the module notes).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        todo = []
+        index = 0
         for group in self.param_groups:
-            for p in group["params"]:
+            names = group.get("param_names")
+            for j, p in enumerate(group["params"]):
+                where = f"parameter {index}"
+                if isinstance(names, (list, tuple)) and j < len(names) and isinstance(names[j], str):
+                    where += f" ({names[j]})"
+                index += 1
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                slot = self._slot(p, group)
-                self.pager.prefetch(slot["_range"])
-                state = self.state[p]  # keyed by the parameter; the update works on its local shard
-                local = dtensor.local(p)
-                if not state:
-                    # a fresh state (the slot may hold an older one: state cleared, or not in a loaded dict)
-                    self._reset_slot(slot)
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    for key, t in slot.items():
-                        if not key.startswith("_"):
-                            state[key] = t.view_as(local) if key in ("exp_avg", "exp_avg_sq") else t
-                state["step"] += 1
-                self._update(local, dtensor.local(p.grad), state, group)
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({where})")
+                self._check_update(dtensor.local(p), f"{where} of shape {tuple(p.shape)}")
+                todo.append((p, group))
+        for p, group in todo:
+            self._slot(p, group)  # allocates each group's arena (once), before anything changes
+        for p, group in todo:
+            slot = self._slots[p]
+            self.pager.prefetch(slot["_range"])
+            state = self.state[p]  # keyed by the parameter; the update works on its local shard
+            local = dtensor.local(p)
+            if not state:
+                # a fresh state (the slot may hold an older one: state cleared, or not in a loaded dict)
+                self._reset_slot(slot)
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                for key, t in slot.items():
+                    if not key.startswith("_"):
+                        state[key] = t.view_as(local) if key in ("exp_avg", "exp_avg_sq") else t
+            step = (state["step"] + 1).item()  # float32, as torch.optim.AdamW counts
+            self._update(local, dtensor.local(p.grad), state, group, step)
+            state["step"] += 1
         return loss
 
-    def _update(self, p, grad, state, group):
+    def _check_update(self, p, where):
+        """Raise for a local parameter that ``_update`` cannot take (called before any parameter changes)."""
+
+    def _update(self, p, grad, state, group, step):
         raise NotImplementedError
 
     # -- public helpers -------------------------------------------------------------------
@@ -655,8 +688,8 @@ class PagedAdamW(_PagedOptimizer):
     def _slot_layout(self, p):
         return [("exp_avg", p.numel(), p.dtype), ("exp_avg_sq", p.numel(), p.dtype)]
 
-    def _update(self, p, grad, state, group):
-        _adamw_32bit(p, grad, state["exp_avg"], state["exp_avg_sq"], group, state["step"].item())
+    def _update(self, p, grad, state, group, step):
+        _adamw_32bit(p, grad, state["exp_avg"], state["exp_avg_sq"], group, step)
 
 
 class PagedAdamW8bit(_PagedOptimizer):
@@ -795,18 +828,22 @@ class PagedAdamW8bit(_PagedOptimizer):
     def _loaded(self, inexact):
         self.inexact_blocks_loaded += inexact
 
-    def _update(self, p, grad, state, group):
-        step = state["step"].item()
+    def _check_update(self, p, where):
+        if self._is_8bit(p) and p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"PagedAdamW8bit: {where}: parameter dtype {p.dtype} is not supported for 8-bit state "
+                            "(float32, float16, bfloat16)")
+
+    def _update(self, p, grad, state, group, step):
         if "state1" not in state:  # a small parameter: 32-bit state
             _adamw_32bit(p, grad, state["exp_avg"], state["exp_avg_sq"], group, step)
             return
-        if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"PagedAdamW8bit: parameter dtype {p.dtype} is not supported (float32, float16, bfloat16)")
         if p.numel() == 0:  # nothing to update (an empty parameter or shard); the kernel takes n >= 1
             return
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         target = p if p.is_contiguous() else p.contiguous()
         grad = grad.to(p.dtype).contiguous()
+        if np.may_share_memory(as_numpy(target), as_numpy(grad)):  # a gradient that views the parameter
+            grad = grad.clone()  # the update reads the gradient as it was (the kernel takes no overlap)
         self.skipped_elements += adam8bit_update(
             as_numpy(target), as_numpy(grad), state["state1"].numpy(), state["state2"].numpy(),
             state["absmax1"].numpy(), state["absmax2"].numpy(), self._qmap1, self._qmap2, self.blocksize,

@@ -456,3 +456,23 @@ def test_out_may_be_x_itself(rng, dtype, m):
     ref = pq.matmul_4bit(x.copy(), q, transpose=False)
     pq.matmul_4bit(x, q, transpose=False, out=x)
     np.testing.assert_array_equal(x, ref)
+
+
+def test_the_c_kernel_refuses_y_over_x(rng):
+    """Under pq.matmul_4bit's copy through a temporary, nf4core itself rejects y overlapping x or the
+    weight (its kernels cannot run in place: common.h) instead of writing garbage."""
+    from pyqlora import _nf4core as E
+    from pyqlora._codebooks import lookup_table
+
+    q = pq.quantize(rng.standard_normal((32, 64)).astype(np.float32), double_quant=False)
+    table = lookup_table(q.codebook, 16)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    before = x.copy()
+    raw = x.reshape(-1).view(np.uint8)
+    with pytest.raises(ValueError, match="output 'y' overlaps input 'x'"):
+        E.matmul_4bit(raw, 0, 2, 32, 64, q.packed, q.absmax, q.blocksize, table, True, raw)
+    np.testing.assert_array_equal(x, before)  # nothing written
+    y = np.zeros(q.packed.nbytes, np.uint8)
+    y[:] = q.packed
+    with pytest.raises(ValueError, match="output 'y' overlaps input 'packed'"):
+        E.matmul_4bit(raw, 0, 2, 32, 64, y, q.absmax, q.blocksize, table, True, y[:2 * 32 * 4])

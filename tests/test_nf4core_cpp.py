@@ -36,6 +36,7 @@ def _meson_build_and_test(tmp_path, *setup_args):
 def test_meson_test_of_standalone_nf4core(tmp_path):
     out = _meson_build_and_test(tmp_path)
     assert "paths" in out and "pkgconfig_example" in out
+    assert "c_api_edges" in out  # every public C function at the edges of its arguments (issue 18)
 
 
 @pytest.mark.slow

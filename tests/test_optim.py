@@ -34,16 +34,19 @@ def _reference_adam8bit(p, g, s1, s2, a1, a2, lr, beta1, beta2, eps, wd, step, b
     n = p.size
     m = q1[s1] * np.repeat(a1, blocksize)[:n]
     v = q2[s2] * np.repeat(a2, blocksize)[:n]
-    ok = np.isfinite(g)
-    gz = np.where(ok, g, F32(0))
-    m = _fma32(F32(1.0 - beta1), gz, m * F32(beta1))
-    v = _fma32(F32(1.0 - beta2) * gz, gz, v * F32(beta2))
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is part of what this reference defines
+        ok = np.isfinite(g)
+        gz = np.where(ok, g, F32(0))
+        m = _fma32(F32(1.0 - beta1), gz, m * F32(beta1))
+        v = _fma32(F32(1.0 - beta2) * gz, gz, v * F32(beta2))
+        c1 = 1.0 - beta1**step
+        c2 = math.sqrt(1.0 - beta2**step)
+        denom = np.sqrt(v) / F32(c2) + F32(eps)
+        newp = p * F32(1.0 - lr * wd) if wd > 0 else p.copy()
+        newp = newp + (F32(-lr / c1) * m) / denom
+        # skipped: a non-finite gradient, or an update that is not finite (moments, parameter)
+        ok &= np.isfinite(m) & np.isfinite(v) & np.isfinite(newp)
     m, v = np.where(ok, m, F32(0)), np.where(ok, v, F32(0))
-    c1 = 1.0 - beta1**step
-    c2 = math.sqrt(1.0 - beta2**step)
-    denom = np.sqrt(v) / F32(c2) + F32(eps)
-    newp = p * F32(1.0 - lr * wd) if wd > 0 else p.copy()
-    newp = newp + (F32(-lr / c1) * m) / denom
     newp = np.where(ok, newp, p)
     s1n, a1n = pq.quantize_blockwise(m, blocksize=blocksize, codebook="dynamic")
     s2n, a2n = pq.quantize_blockwise(v, blocksize=blocksize, codebook="dynamic_unsigned")
@@ -173,6 +176,69 @@ def test_adam8bit_kernel_skips_nonfinite_gradients():
     np.testing.assert_array_equal(p.numpy(), rp)
     np.testing.assert_array_equal(s1, rs1)
     np.testing.assert_array_equal(s2, rs2)
+
+
+@pytest.mark.parametrize("corrupt_scale", [False, True])
+def test_adam8bit_kernel_skips_updates_that_overflow(corrupt_scale):
+    """Issue 18 item 5: a finite gradient of 1e30 overflows (1 - beta2) g^2 in float32.
+
+    The call used to stop with NonFiniteError after some blocks were updated; now the
+    element is skipped like a NaN gradient and every other element is updated exactly as
+    the reference (which applies the documented rule) says. A stored absmax of +Inf (a
+    corrupt state) skips its block the same way.
+    """
+    n = 4096
+    rng = np.random.default_rng(18)
+    p = torch.from_numpy(rng.standard_normal(n).astype(F32))
+    s1, s2, a1, a2 = _fresh_state(n, 256)
+    _kernel_step(p, torch.from_numpy((rng.standard_normal(n) * 0.1).astype(F32)), s1, s2, a1, a2, 1e-3, 0.9, 0.999,
+                 1e-8, 0.01, 1, 256)
+    g = torch.from_numpy((rng.standard_normal(n) * 0.1).astype(F32))
+    g[[5, 2049, 4095]] = torch.tensor([1e30, -1e30, 3e25])
+    if corrupt_scale:
+        a1[3] = np.inf
+    before = p.clone()
+    with np.errstate(over="ignore", invalid="ignore"):
+        rp, rs1, rs2, ra1, ra2 = _reference_adam8bit(p.numpy().copy(), g.numpy(), s1.copy(), s2.copy(), a1.copy(),
+                                                     a2.copy(), 1e-3, 0.9, 0.999, 1e-8, 0.01, 2, 256)
+    skipped = _kernel_step(p, g, s1, s2, a1, a2, 1e-3, 0.9, 0.999, 1e-8, 0.01, 2, 256)
+    assert skipped == 3 + (256 if corrupt_scale else 0)
+    bad = [5, 2049, 4095] + (list(range(768, 1024)) if corrupt_scale else [])
+    assert torch.equal(p[bad], before[bad])
+    others = np.setdiff1d(np.arange(n), bad)
+    assert (p.numpy()[others] != before.numpy()[others]).all()  # every other element moved
+    np.testing.assert_array_equal(p.numpy(), rp)
+    np.testing.assert_array_equal(s1, rs1)
+    np.testing.assert_array_equal(s2, rs2)
+    np.testing.assert_array_equal(a1, ra1)
+    np.testing.assert_array_equal(a2, ra2)
+    assert np.isfinite(a1).all() and np.isfinite(a2).all()
+    zero1 = int(np.flatnonzero(pq.dynamic_codebook(signed=True) == 0)[0])
+    assert (s1[bad] == zero1).all() and (s2[bad] == 0).all()  # both moments reset, as for a NaN gradient
+
+
+def test_adam8bit_kernel_skips_a_float16_parameter_that_would_overflow():
+    """65504 + 100 is finite in float32 but +Inf in float16: that element is skipped, the others kept."""
+    p = torch.tensor([65504.0, 1.0, -2.0] + [0.5] * 61, dtype=torch.float16)
+    g = torch.full((64,), -1.0, dtype=torch.float16)
+    s1, s2, a1, a2 = _fresh_state(64, 64)
+    before = p.clone()
+    skipped = _kernel_step(p, g, s1, s2, a1, a2, 100.0, 0.9, 0.999, 1e-8, 0.0, 1, 64)
+    assert skipped == 1
+    assert p[0] == before[0] and torch.isfinite(p).all()
+    # the others: p + lr * sign(-g) on the first step, rounded to float16
+    assert torch.equal(p[1:], (before[1:].float() + 100.0).to(torch.float16))
+
+
+def test_adam8bit_kernel_rejects_overlapping_buffers():
+    p = torch.zeros(300)
+    s1, s2, a1, a2 = _fresh_state(300, 256)
+    with pytest.raises(ValueError, match="output 'param' overlaps input 'grad'"):
+        _kernel_step(p, p, s1, s2, a1, a2, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1, 256)
+    codes = np.zeros(600, np.uint8)
+    with pytest.raises(ValueError, match="output 'state1' overlaps output 'state2'"):
+        _kernel_step(p, p.clone(), codes[:300], codes[100:400], a1, a2, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1, 256)
+    assert not p.any() and not codes.any()  # nothing written
 
 
 def test_adam8bit_kernel_rejects_bad_arguments():
@@ -405,6 +471,69 @@ def test_optimizer_argument_errors():
         opt.load_state_dict({"state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(5),
                                            "exp_avg_sq": torch.zeros(3)}},
                              "param_groups": opt.state_dict()["param_groups"]})
+
+
+def test_paged_adamw8bit_step_with_a_huge_finite_gradient_completes():
+    """Issue 18 item 5: a 1e30 gradient element used to stop step() halfway (3,072 of 4,096
+    elements updated, the step counter advanced, NonFiniteError with a block-local index).
+    Now the step completes: that element is skipped (parameter unchanged, moments reset, counted)
+    and every other element gets exactly the update of the reference, as does the 32-bit state
+    of a small parameter beside it (torch.optim.AdamW, 1e30**2 = inf propagates as torch does)."""
+    torch.manual_seed(18)
+    w = torch.nn.Parameter(torch.randn(64, 64))
+    b = torch.nn.Parameter(torch.randn(8))
+    opt = PagedAdamW8bit([w, b], lr=1e-3, weight_decay=0.01)
+    ref_b = torch.optim.AdamW([torch.nn.Parameter(b.detach().clone())], lr=1e-3, weight_decay=0.01)
+    for step in (1, 2):
+        g = torch.randn(64, 64) * 0.1
+        if step == 2:
+            g[3, 7] = 1e30
+        w.grad, b.grad = g, torch.randn(8)
+        ref_b.param_groups[0]["params"][0].grad = b.grad.clone()
+        st = opt.state.get(w)
+        s1, s2, a1, a2 = ((st["state1"].numpy().copy(), st["state2"].numpy().copy(), st["absmax1"].numpy().copy(),
+                           st["absmax2"].numpy().copy()) if st else _fresh_state(4096, 256))
+        before = w.detach().clone()
+        rp, rs1, rs2, ra1, ra2 = _reference_adam8bit(before.numpy().reshape(-1).copy(), g.numpy().reshape(-1), s1, s2,
+                                                     a1, a2, 1e-3, 0.9, 0.999, 1e-8, 0.01, step, 256)
+        opt.step()
+        ref_b.step()
+        st = opt.state[w]
+        assert st["step"].item() == step and opt.state[b]["step"].item() == step
+        np.testing.assert_array_equal(w.detach().numpy().reshape(-1), rp)
+        np.testing.assert_array_equal(st["state1"].numpy(), rs1)
+        np.testing.assert_array_equal(st["state2"].numpy(), rs2)
+        np.testing.assert_array_equal(st["absmax1"].numpy(), ra1)
+        np.testing.assert_array_equal(st["absmax2"].numpy(), ra2)
+        assert torch.equal(b.detach(), ref_b.param_groups[0]["params"][0].detach())
+    assert opt.skipped_elements == 1
+    assert w[3, 7] == before[3, 7]
+    moved = (w.detach() != before).reshape(-1)
+    assert int(moved.sum()) == 4095  # all the others
+    flat = 3 * 64 + 7
+    zero1 = int(np.flatnonzero(pq.dynamic_codebook(signed=True) == 0)[0])
+    assert st["state1"][flat] == zero1 and st["state2"][flat] == 0
+
+
+def test_a_step_that_raises_changes_nothing_and_names_the_parameter():
+    """An error that step() still raises (a dtype the 8-bit update cannot take) comes before
+    any parameter, state or step counter changes, and names the parameter by index and name."""
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.a = torch.nn.Parameter(torch.randn(2048))
+    model.b = torch.nn.Parameter(torch.randn(2048, dtype=torch.float64))
+    opt = PagedAdamW8bit(model.named_parameters(), lr=1e-2)
+    model.a.grad = torch.randn(2048)
+    model.b.grad = torch.randn(2048, dtype=torch.float64)
+    a0, b0 = model.a.detach().clone(), model.b.detach().clone()
+    with pytest.raises(TypeError, match=r"parameter 1 \(b\) of shape \(2048,\): parameter dtype torch.float64"):
+        opt.step()
+    assert torch.equal(model.a, a0) and torch.equal(model.b, b0)
+    assert not opt.state and opt.skipped_elements == 0
+    model.b.requires_grad_(False)
+    model.b.grad = None
+    opt.step()  # the optimizer is usable afterwards
+    assert opt.state[model.a]["step"].item() == 1 and not torch.equal(model.a, a0)
 
 
 # ----------------------------------------------------------------------------- decoded 8-bit state (FSDP checkpoints)

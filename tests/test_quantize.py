@@ -462,6 +462,28 @@ def test_dequantize_into_memory_that_overlaps_the_codes(rng, double_quant):
     np.testing.assert_array_equal(out8, ref8)
 
 
+def test_the_c_kernel_refuses_out_over_its_inputs():
+    """Under the copy through a temporary above, nf4core itself rejects out overlapping the codes or
+    the scales (common.h: no output may overlap an input) and writes nothing."""
+    codes = np.arange(256, dtype=np.uint8)
+    absmax = np.array([2.0], np.float32)
+    table = pq.dynamic_codebook(signed=True)
+    raw = np.zeros(1024, np.uint8)
+    raw[:256] = codes
+    with pytest.raises(ValueError, match="output 'out' overlaps input 'codes'"):
+        _ext.dequantize(8, raw[:256], absmax, 256, 256, table, raw, 0)
+    np.testing.assert_array_equal(raw[:256], codes)
+    assert not raw[256:].any()
+    buf = np.zeros(2048, np.uint8)
+    scales = buf[:4].view(np.float32)
+    scales[0] = 2.0
+    with pytest.raises(ValueError, match="output 'out' overlaps input 'absmax'"):
+        _ext.dequantize(8, codes, scales, 256, 256, table, buf, 0)
+    with pytest.raises(ValueError, match="output 'codes' overlaps input 'x'"):
+        x = np.ones(256, np.float32)
+        _ext.quantize(8, x.view(np.uint8), 0, 256, 256, table, x.view(np.uint8)[:256], absmax)
+
+
 _BNB_KEYS = ["w", "w.absmax", "w.quant_map", "w.nested_absmax", "w.nested_quant_map", QS]
 _junk = st.one_of(
     st.none(),

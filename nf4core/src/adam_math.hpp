@@ -74,24 +74,53 @@ NF4_HOST_DEVICE inline float sqrt_rn(float a) {
 
 // One element: g the gradient, m_code/v_code the decoded dynamic-map values
 // (qmap[code], not yet scaled), a1/a2 the block absmax, p the parameter.
-// Returns false (skip: p unchanged, m = v = 0) for a NaN/Inf gradient.
+// Returns false and skips the element (p unchanged, m = v = 0) when the
+// gradient is NaN/Inf or when the update is not finite: a new moment or the
+// new parameter overflows float32 (with beta2 = 0.999, |g| above about 5.8e20 makes
+// (1 - beta2) g^2 overflow) or is NaN (a stored block absmax that is not
+// finite). Skipping keeps every other element of the block, and its
+// requantization, finite.
 NF4_HOST_DEVICE inline bool adam_element(float g, float m_code, float a1, float v_code, float a2, float &p,
                                          const AdamScalarsF32 &s, float &m, float &v) {
-    if (!is_finite(g)) {
+    if (is_finite(g)) {
+        // state1.mul_(beta1).add_(grad, alpha=1 - beta1), the add fused (torch's CPU kernel)
+        const float m1 = fma_rn(s.one_minus_beta1, g, mul_rn(mul_rn(m_code, a1), s.beta1));
+        // state2.mul_(beta2).addcmul_(grad, grad, value=1 - beta2), also one FMA
+        const float v1 = fma_rn(mul_rn(s.one_minus_beta2, g), g, mul_rn(mul_rn(v_code, a2), s.beta2));
+        // denom = (state2.sqrt() / correction2).add_(eps)
+        const float denom = add_rn(div_rn(sqrt_rn(v1), s.correction2), s.eps);
+        float pi = p;
+        if (s.apply_decay) pi = mul_rn(pi, s.decay);
+        // p.addcdiv_(state1, denom, value=-lr / correction1)
+        pi = add_rn(pi, div_rn(mul_rn(s.neg_step_size, m1), denom));
+        if (is_finite(m1) && is_finite(v1) && is_finite(pi)) {
+            m = m1;
+            v = v1;
+            p = pi;
+            return true;
+        }
+    }
+    m = 0.0f;
+    v = 0.0f;
+    return false;
+}
+
+// adam_element on a parameter of type T, as both kernels apply it: the new
+// parameter is stored rounded to T, and an element whose rounded parameter
+// overflows T (float16 above 65504) is skipped like any other non-finite
+// update. Returns false for a skipped element (p untouched, m = v = 0).
+template <typename T>
+NF4_HOST_DEVICE inline bool adam_update(T &p, float g, float m_code, float a1, float v_code, float a2,
+                                        const AdamScalarsF32 &s, float &m, float &v) {
+    float pf = to_float(p);
+    if (!adam_element(g, m_code, a1, v_code, a2, pf, s, m, v)) return false;
+    const T q = from_float<T>(pf);
+    if (!is_finite(to_float(q))) {
         m = 0.0f;
         v = 0.0f;
         return false;
     }
-    // state1.mul_(beta1).add_(grad, alpha=1 - beta1), the add fused (torch's CPU kernel)
-    m = fma_rn(s.one_minus_beta1, g, mul_rn(mul_rn(m_code, a1), s.beta1));
-    // state2.mul_(beta2).addcmul_(grad, grad, value=1 - beta2), also one FMA
-    v = fma_rn(mul_rn(s.one_minus_beta2, g), g, mul_rn(mul_rn(v_code, a2), s.beta2));
-    // denom = (state2.sqrt() / correction2).add_(eps)
-    const float denom = add_rn(div_rn(sqrt_rn(v), s.correction2), s.eps);
-    float pi = p;
-    if (s.apply_decay) pi = mul_rn(pi, s.decay);
-    // p.addcdiv_(state1, denom, value=-lr / correction1)
-    p = add_rn(pi, div_rn(mul_rn(s.neg_step_size, m), denom));
+    p = q;
     return true;
 }
 

@@ -10,6 +10,7 @@
 
 #include "error.hpp"
 #include "nf4core/codebook.h"
+#include "sizes.hpp"
 
 namespace nf4core {
 namespace {
@@ -192,6 +193,12 @@ nf4_status nf4_codebook_by_name(const char *name, float *out, int64_t capacity, 
         require(name != nullptr, "codebook name is NULL");
         require(n != nullptr, "length pointer is NULL");
         const std::vector<float> v = codebook_by_name(name);
+        const Buffer bn = buffer("name", name, int64_t(std::strlen(name)) + 1, 1);
+        const Buffer blen = buffer("n", n, 1, int64_t(sizeof *n));
+        if (out != nullptr)
+            require_disjoint({buffer("out", out, int64_t(v.size()), 4), blen}, {bn});
+        else
+            require_disjoint({blen}, {bn});
         *n = int64_t(v.size());
         if (out != nullptr) {
             require(capacity >= int64_t(v.size()), "codebook '" + std::string(name) + "' has " +

@@ -16,6 +16,9 @@ namespace nf4core {
 
 // Formats a non-finite input error; `index` is the flat element index.
 [[noreturn]] void fail_non_finite(int64_t index, float value);
+// Formats the error for a bad block scale of double quantization: NaN/Inf
+// gives NF4_ERROR_NON_FINITE, a negative value NF4_ERROR_INVALID_ARGUMENT.
+[[noreturn]] void fail_bad_scale(int64_t index, float value);
 
 namespace {  // internal linkage, see numeric.hpp
 namespace ref {

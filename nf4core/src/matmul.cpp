@@ -11,9 +11,19 @@
 #include "matmul.hpp"
 #include "nf4core/matmul.h"
 #include "nf4core/quantize.h"
+#include "sizes.hpp"
 
 namespace nf4core {
 namespace {
+
+// The byte ranges of W: its N x K packed codes and float32 block scales (the
+// element count N * K checked first, so a wrapped product is never used).
+Buffer packed_buffer(const uint8_t *packed, int64_t N, int64_t K) {
+    return buffer("packed", packed, ceil_div(checked_mul(N, K, "N x K (weight elements)"), 2), 1);
+}
+Buffer scales_buffer(const float *scales, int64_t N, int64_t K, int64_t blocksize) {
+    return buffer("scales", scales, ceil_div(N * K, blocksize), 4);
+}
 
 std::atomic<bool> amx_allowed{[] {
     const char *env = std::getenv("NF4CORE_AMX");
@@ -52,21 +62,27 @@ nf4_status matmul_impl(const void *x, nf4_dtype dtype, int64_t M, int64_t N, int
         require(M >= 1 && N >= 1 && K >= 1, "matrix sizes must be positive, got M=" + std::to_string(M) +
                                                  " N=" + std::to_string(N) + " K=" + std::to_string(K));
         require(nf4_blocksize_is_valid(blocksize), "invalid blocksize " + std::to_string(blocksize));
-        require(dtype == NF4_FLOAT32 || dtype == NF4_BFLOAT16, "x must be float32 or bfloat16");
+        const nf4_dtype dt = checked_dtype(dtype, false, "x");
         require(x && packed && scales && codebook && y, "input or output pointer is NULL");
+        const int64_t esize = nf4_dtype_size(dt);
+        const Buffer w = packed_buffer(packed, N, K);
+        const int64_t cols_x = transpose_w ? K : N, cols_y = transpose_w ? N : K;
+        require_disjoint({buffer("y", y, checked_mul(M, cols_y, "y (M rows)"), esize)},
+                         {buffer("x", x, checked_mul(M, cols_x, "x (M rows)"), esize), w,
+                          scales_buffer(scales, N, K, blocksize), buffer("codebook", codebook, 16, 4)});
         for (int i = 0; i < 16; ++i) require(is_finite(codebook[i]), "codebook entry is not finite");
         const MatmulArgs args{x, M, N, K, packed, scales, blocksize, codebook, transpose_w != 0, y};
         const int64_t cols = args.transpose ? N : K;
-        MatmulKernel kernel = dtype == NF4_FLOAT32 ? matmul_ref<float> : matmul_ref<bfloat16_t>;
+        MatmulKernel kernel = dt == NF4_FLOAT32 ? matmul_ref<float> : matmul_ref<bfloat16_t>;
         const MatmulKernels *fast = active_matmul_kernels();
         const bool whole_blocks = K % 16 == 0 && K % blocksize == 0;
         if (!reference && fast && whole_blocks)
-            kernel = dtype == NF4_FLOAT32 ? fast->f32 : fast->bf16;
+            kernel = dt == NF4_FLOAT32 ? fast->f32 : fast->bf16;
         if (reference) {
             kernel(args, 0, cols);
             return;
         }
-        if (dtype == NF4_BFLOAT16 && M >= kAmxMinRows && amx_in_use() && amx_matmul_bf16(args)) return;
+        if (dt == NF4_BFLOAT16 && M >= kAmxMinRows && amx_in_use() && amx_matmul_bf16(args)) return;
         // columns in multiples of 16 per task; about 64 Ki weights per task at least.
         // For x W a task reads a piece of every row of W, and each pass over a few
         // rows of W has a fixed cost (the x values broadcast, scaled codebooks):
@@ -106,12 +122,15 @@ nf4_status decode_tile_impl(const uint8_t *packed, const float *scales, int64_t 
                     std::to_string(k1) + "] is empty or outside the " + std::to_string(N) + " x " +
                     std::to_string(K) + " matrix");
         require(nf4_blocksize_is_valid(blocksize), "invalid blocksize " + std::to_string(blocksize));
-        require(dtype == NF4_FLOAT32 || dtype == NF4_BFLOAT16, "the tile must be float32 or bfloat16");
+        const nf4_dtype dt = checked_dtype(dtype, false, "the tile");
         require(packed && scales && codebook && out, "input or output pointer is NULL");
+        const Buffer w = packed_buffer(packed, N, K);
+        require_disjoint({buffer("out", out, checked_mul(n1 - n0, k1 - k0, "tile elements"), nf4_dtype_size(dt))},
+                         {w, scales_buffer(scales, N, K, blocksize), buffer("codebook", codebook, 16, 4)});
         const TileArgs args{K, packed, scales, blocksize, codebook, n0, n1, k0, k1, out};
-        TileKernel kernel = dtype == NF4_FLOAT32 ? decode_tile_ref<float> : decode_tile_ref<bfloat16_t>;
+        TileKernel kernel = dt == NF4_FLOAT32 ? decode_tile_ref<float> : decode_tile_ref<bfloat16_t>;
         if (const MatmulKernels *fast = active_matmul_kernels())
-            kernel = dtype == NF4_FLOAT32 ? fast->tile_f32 : fast->tile_bf16;
+            kernel = dt == NF4_FLOAT32 ? fast->tile_f32 : fast->tile_bf16;
         const int64_t min_rows = std::max<int64_t>(1, (1 << 15) / (k1 - k0));
         parallel_for(n1 - n0, min_rows, [&](int64_t r0, int64_t r1) { kernel(args, n0 + r0, n0 + r1); });
     });

@@ -12,6 +12,7 @@
 #include "kernels_ref.hpp"
 #include "nf4core/optim.h"
 #include "nf4core/quantize.h"
+#include "sizes.hpp"
 
 namespace nf4core {
 namespace {
@@ -36,14 +37,13 @@ void adam8bit_blocks(T *param, const T *grad, int64_t n, uint8_t *state1, uint8_
         const T *g = grad + begin;
         for (int64_t i = 0; i < len; ++i) {
             // the element's arithmetic lives in adam_math.hpp, shared with the GPU kernel
-            float pi = to_float(p[i]);
-            if (adam_element(to_float(g[i]), qmap1[c1[i]], a1, qmap2[c2[i]], a2, pi, s, m[i], v[i]))
-                p[i] = from_float<T>(pi);
-            else
+            if (!adam_update(p[i], to_float(g[i]), qmap1[c1[i]], a1, qmap2[c2[i]], a2, s, m[i], v[i]))
                 ++local_skipped;
         }
         // Requantize both moments as one block each (a short last block is
-        // the tensor's tail block, as in nf4_quantize_8bit).
+        // the tensor's tail block, as in nf4_quantize_8bit). Every m and v is
+        // finite here (adam_update skips what is not), so this cannot fail and
+        // a call never stops halfway.
         const QuantizeArgs qa1{m, len, blocksize, &t1, state1 + begin, absmax1 + b};
         q8(qa1, 0, 1);
         const QuantizeArgs qa2{v, len, blocksize, &t2, state2 + begin, absmax2 + b};
@@ -66,8 +66,7 @@ extern "C" nf4_status nf4_adam8bit_update(void *param, const void *grad, nf4_dty
         require(nf4_blocksize_is_valid(blocksize) != 0,
                 "blocksize must be a power of two between " + std::to_string(NF4_MIN_BLOCKSIZE) + " and " +
                     std::to_string(NF4_MAX_BLOCKSIZE) + ", got " + std::to_string(blocksize));
-        require(dtype == NF4_FLOAT32 || dtype == NF4_FLOAT16 || dtype == NF4_BFLOAT16,
-                "unknown dtype code " + std::to_string(int(dtype)));
+        const nf4_dtype dt = checked_dtype(dtype, true, "dtype");
         require(param && grad && state1 && state2 && absmax1 && absmax2 && qmap1 && qmap2 && hp,
                 "a pointer argument is NULL");
         require(hp->step >= 1, "step must be >= 1, got " + std::to_string(hp->step));
@@ -78,8 +77,14 @@ extern "C" nf4_status nf4_adam8bit_update(void *param, const void *grad, nf4_dty
         require(std::isfinite(hp->weight_decay) && hp->weight_decay >= 0.0, "weight_decay must be finite and >= 0");
         const SearchTable t1 = make_search_table(qmap1, 256);
         const SearchTable t2 = make_search_table(qmap2, 256);
+        const int64_t esize = nf4_dtype_size(dt), nblocks = ceil_div(n, blocksize);
+        // param, state1, state2, absmax1, absmax2 are updated in place (IN/OUT), grad and the maps only read
+        require_disjoint({buffer("param", param, n, esize), buffer("state1", state1, n, 1),
+                          buffer("state2", state2, n, 1), buffer("absmax1", absmax1, nblocks, 4),
+                          buffer("absmax2", absmax2, nblocks, 4), buffer("skipped", skipped, skipped ? 1 : 0, 8)},
+                         {buffer("grad", grad, n, esize), buffer("qmap1", qmap1, 256, 4),
+                          buffer("qmap2", qmap2, 256, 4), buffer("hp", hp, 1, int64_t(sizeof *hp))});
         const AdamScalarsF32 s = make_adam_scalars(*hp);
-        const int64_t nblocks = (n + blocksize - 1) / blocksize;
         std::atomic<int64_t> count{0};
         auto run = [&](auto *p, const auto *g) {
             parallel_for(nblocks, std::max<int64_t>(1, (int64_t(1) << 15) / blocksize), [&](int64_t b0, int64_t b1) {
@@ -87,9 +92,9 @@ extern "C" nf4_status nf4_adam8bit_update(void *param, const void *grad, nf4_dty
                                 b1, count);
             });
         };
-        if (dtype == NF4_FLOAT32)
+        if (dt == NF4_FLOAT32)
             run(static_cast<float *>(param), static_cast<const float *>(grad));
-        else if (dtype == NF4_FLOAT16)
+        else if (dt == NF4_FLOAT16)
             run(static_cast<half_t *>(param), static_cast<const half_t *>(grad));
         else
             run(static_cast<bfloat16_t *>(param), static_cast<const bfloat16_t *>(grad));

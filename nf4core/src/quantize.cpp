@@ -2,7 +2,6 @@
 // lookup tables, dtype dispatch and double quantization. The arithmetic lives
 // in kernels_ref.hpp.
 #include <algorithm>
-#include <type_traits>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -13,6 +12,7 @@
 #include "kernels.hpp"
 #include "kernels_ref.hpp"
 #include "nf4core/quantize.h"
+#include "sizes.hpp"
 
 namespace nf4core {
 
@@ -20,6 +20,20 @@ void fail_non_finite(int64_t index, float value) {
     char buf[160];
     std::snprintf(buf, sizeof buf, "input contains a non-finite value (%s) at flat index %lld",
                   std::isnan(value) ? "nan" : (value > 0 ? "inf" : "-inf"), static_cast<long long>(index));
+    fail(NF4_ERROR_NON_FINITE, buf);
+}
+
+// Shared with the CUDA double quantization (src/cuda/quantize.cu): a NaN or Inf
+// block scale is non-finite input, a negative one a bad argument.
+void fail_bad_scale(int64_t index, float value) {
+    char buf[160];
+    if (is_finite(value)) {
+        std::snprintf(buf, sizeof buf, "block scale %lld is negative (%g); block scales are absolute maxima, >= 0",
+                      static_cast<long long>(index), double(value));
+        fail(NF4_ERROR_INVALID_ARGUMENT, buf);
+    }
+    std::snprintf(buf, sizeof buf, "block scale %lld is not finite (%s)", static_cast<long long>(index),
+                  std::isnan(value) ? "nan" : (value > 0 ? "inf" : "-inf"));
     fail(NF4_ERROR_NON_FINITE, buf);
 }
 
@@ -77,28 +91,21 @@ struct Scalar {
 // few microseconds; 64 Ki elements take tens).
 constexpr int64_t kMinElementsPerTask = 1 << 16;
 
-// The dtype a caller passed, as its index in the kernel tables. A C caller can
-// pass any integer, and reading one that is none of nf4_dtype's values as the
-// enum is undefined behaviour (UBSan's enum check): the bytes are read as an
-// integer instead.
-int dtype_index(const nf4_dtype &dtype) {
-    std::underlying_type_t<nf4_dtype> code;
-    std::memcpy(&code, &dtype, sizeof code);
-    require(code == NF4_FLOAT32 || code == NF4_FLOAT16 || code == NF4_BFLOAT16,
-            "unknown dtype code " + std::to_string(code));
-    return int(code);
-}
-
 template <int BITS>
 nf4_status quantize_impl(const void *x, nf4_dtype dtype, int64_t n, int64_t blocksize, const float *codebook,
                          uint8_t *out, float *absmax, bool reference) {
     return guarded([&] {
         check_sizes(n, blocksize);
-        const int d = dtype_index(dtype);
+        const nf4_dtype dt = checked_dtype(dtype, true, "dtype");
+        const int d = int(dt);
         require(x != nullptr && out != nullptr && absmax != nullptr, "input or output pointer is NULL");
+        const int64_t nblocks = ceil_div(n, blocksize);
+        require(codebook != nullptr, "codebook pointer is NULL");
+        require_disjoint({buffer(BITS == 4 ? "packed" : "codes", out, BITS == 4 ? ceil_div(n, 2) : n, 1),
+                          buffer("absmax", absmax, nblocks, 4)},
+                         {buffer("x", x, n, nf4_dtype_size(dt)), buffer("codebook", codebook, 1 << BITS, 4)});
         const SearchTable table = make_search_table(codebook, 1 << BITS);
         const QuantizeArgs args{x, n, blocksize, &table, out, absmax};
-        const int64_t nblocks = (n + blocksize - 1) / blocksize;
         const KernelSet &k = reference ? scalar_kernels() : active_kernels();
         const QuantizeKernel kernel = (BITS == 4 ? k.quantize4 : k.quantize8)[d];
         if (reference) {
@@ -115,11 +122,15 @@ nf4_status dequantize_impl(const uint8_t *in, const float *absmax, int64_t n, in
                            const float *codebook, void *out, nf4_dtype dtype, bool reference) {
     return guarded([&] {
         check_sizes(n, blocksize);
-        const int d = dtype_index(dtype);
+        const nf4_dtype dt = checked_dtype(dtype, true, "dtype");
+        const int d = int(dt);
         require(in != nullptr && absmax != nullptr && codebook != nullptr && out != nullptr,
                 "input or output pointer is NULL");
+        const int64_t nblocks = ceil_div(n, blocksize);
+        require_disjoint({buffer("out", out, n, nf4_dtype_size(dt))},
+                         {buffer(BITS == 4 ? "packed" : "codes", in, BITS == 4 ? ceil_div(n, 2) : n, 1),
+                          buffer("absmax", absmax, nblocks, 4), buffer("codebook", codebook, 1 << BITS, 4)});
         const DequantizeArgs args{in, absmax, n, blocksize, codebook, out};
-        const int64_t nblocks = (n + blocksize - 1) / blocksize;
         const KernelSet &k = reference ? scalar_kernels() : active_kernels();
         const DequantizeKernel kernel = (BITS == 4 ? k.dequantize4 : k.dequantize8)[d];
         if (reference) {
@@ -202,6 +213,11 @@ nf4_status nf4_double_quantize(const float *absmax, int64_t nblocks, const float
         require(nblocks >= 1, "number of block scales must be at least 1, got " + std::to_string(nblocks));
         require(absmax != nullptr && qabsmax != nullptr && nested_absmax != nullptr && offset != nullptr,
                 "input or output pointer is NULL");
+        require(dyn_code != nullptr, "dyn_code pointer is NULL");
+        require_disjoint({buffer("qabsmax", qabsmax, nblocks, 1),
+                          buffer("nested_absmax", nested_absmax, ceil_div(nblocks, NF4_DQ_BLOCKSIZE), 4),
+                          buffer("offset", offset, 1, 4)},
+                         {buffer("absmax", absmax, nblocks, 4), buffer("dyn_code", dyn_code, 256, 4)});
         // bitsandbytes: offset = absmax.mean() in float32. We sum in double and
         // round once, which is the correctly rounded mean; torch's float32
         // cascade sum can differ from it in the last bit (documented in format.md).
@@ -215,8 +231,7 @@ nf4_status nf4_double_quantize(const float *absmax, int64_t nblocks, const float
         }
         if (!ok) {
             for (int64_t i = 0; i < nblocks; ++i)
-                if (!is_finite(absmax[i]) || absmax[i] < 0.0f)
-                    fail(NF4_ERROR_INVALID_ARGUMENT, "block scale " + std::to_string(i) + " is negative or not finite");
+                if (!is_finite(absmax[i]) || absmax[i] < 0.0f) fail_bad_scale(i, absmax[i]);
         }
         const double sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
         const float mean = float(sum / double(nblocks));
@@ -235,7 +250,11 @@ nf4_status nf4_double_dequantize(const uint8_t *qabsmax, const float *nested_abs
         require(nblocks >= 1, "number of block scales must be at least 1, got " + std::to_string(nblocks));
         require(qabsmax != nullptr && nested_absmax != nullptr && dyn_code != nullptr && absmax != nullptr,
                 "input or output pointer is NULL");
-        require(is_finite(offset), "double-quantization offset is not finite");
+        require_disjoint({buffer("absmax", absmax, nblocks, 4)},
+                         {buffer("qabsmax", qabsmax, nblocks, 1),
+                          buffer("nested_absmax", nested_absmax, ceil_div(nblocks, NF4_DQ_BLOCKSIZE), 4),
+                          buffer("dyn_code", dyn_code, 256, 4)});
+        if (!is_finite(offset)) fail(NF4_ERROR_NON_FINITE, "double-quantization offset is not finite");
         for (int64_t i = 0; i < nblocks; ++i) {
             // two roundings, never fused (numeric.hpp, shared with the CUDA kernels)
             absmax[i] = dq_scale(dyn_code[qabsmax[i]], nested_absmax[i / NF4_DQ_BLOCKSIZE], offset);

@@ -168,6 +168,11 @@ TEST_CASE(eight_bit_and_double_quantization_byte_identical) {
     float off = 0;
     CHECK(nf4_cuda_double_quantize(dbad.p, 3, dyn.data(), dq.p, dn.p, &off, nullptr) == NF4_ERROR_INVALID_ARGUMENT);
     CHECK(std::strstr(nf4_last_error(), "block scale 1") != nullptr);
+    // a NaN scale is non-finite input, as on the CPU
+    badv[1] = NAN;
+    dbad.put(badv);
+    CHECK(nf4_cuda_double_quantize(dbad.p, 3, dyn.data(), dq.p, dn.p, &off, nullptr) == NF4_ERROR_NON_FINITE);
+    CHECK(std::strstr(nf4_last_error(), "block scale 1 is not finite") != nullptr);
 }
 
 TEST_CASE(non_finite_input_names_the_lowest_index) {

@@ -56,8 +56,10 @@ int main(void) {
             nf4_adam_hparams hp = {1e-3, 0.9, 0.999, 1e-8, 0.0, 1};
             nf4_pager *pg = NULL;
             float dyn2[256];
+            uint8_t st1[32], st2[32];
             nf4_codebook_dynamic(0, dyn2);
-            expect_cuda_error(nf4_cuda_adam8bit_update(x, x, NF4_FLOAT32, 32, packed, packed, absmax, y, dyn, dyn2, 32,
+            /* distinct buffers: overlapping ones are an argument error, found before the device check */
+            expect_cuda_error(nf4_cuda_adam8bit_update(x, x + 32, NF4_FLOAT32, 32, st1, st2, absmax, y, dyn, dyn2, 32,
                                                        &hp, NULL, NULL),
                               "adam8bit_update");
             expect_cuda_error(nf4_pager_create_cuda(-1, 0, 0, 0, &pg), "pager_create_cuda");

@@ -223,7 +223,7 @@ TEST_CASE(double_quantization) {
 TEST_CASE(bad_arguments_are_rejected_with_messages) {
     const std::vector<float> t = table("nf4");
     float x[4] = {1, 2, 3, 4};
-    uint8_t p[2];
+    uint8_t p[4];  // 4 codes for the 8-bit call below (2 packed bytes for 4-bit)
     float am[1];
     CHECK(nf4_quantize_4bit(x, NF4_FLOAT32, 4, 48, t.data(), p, am) == NF4_ERROR_INVALID_ARGUMENT);
     CHECK(std::strstr(nf4_last_error(), "power of two") != nullptr);

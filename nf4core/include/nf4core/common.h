@@ -7,7 +7,20 @@
  *   - on failure, nf4_last_error() returns a message for the calling thread,
  *     valid until that thread's next nf4core call;
  *   - sizes and indices are int64_t; no function aborts, prints or throws;
- *   - callers allocate every output; size-query functions say how big.
+ *   - callers allocate every output; size-query functions say how big;
+ *   - sizes that do not fit: a count whose byte count (elements times element
+ *     size, packed bytes, block scales, M x K, N x K, ...) exceeds PTRDIFF_MAX,
+ *     or whose buffer would run past the end of the address space, gives
+ *     NF4_ERROR_INVALID_ARGUMENT before anything is read or written;
+ *   - aliasing: no output may overlap an input or another output, in any byte
+ *     (the exact same pointer included): a call whose buffers overlap so,
+ *     judged by the address ranges the documented sizes give, fails with
+ *     NF4_ERROR_INVALID_ARGUMENT naming both arguments, before anything is
+ *     written. None of the kernels can run in place (outputs differ from their
+ *     inputs in type or size, or every output element reads many inputs), so
+ *     copy an input first to reuse its memory. Arguments marked IN/OUT (the
+ *     optimizer's parameter and state) are updated in place and count as
+ *     outputs. Inputs may overlap each other.
  */
 #ifndef NF4CORE_COMMON_H
 #define NF4CORE_COMMON_H

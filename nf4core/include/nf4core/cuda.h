@@ -26,6 +26,16 @@
  *     GEMV sums in a different order than nf4_matmul_4bit and agrees with it
  *     to float32 rounding only.
  *   - sizes are 64-bit throughout: tensors of 2^31 elements and more work.
+ *     Sizes whose byte counts overflow give NF4_ERROR_INVALID_ARGUMENT, as on
+ *     the CPU (common.h).
+ *   - aliasing: the rule of common.h holds for the device buffers (no output
+ *     may overlap an input or another output, in place only where IN/OUT) and
+ *     is checked on the host by comparing the address ranges (cheap, no device
+ *     access, before any work is enqueued); overlap is judged in the unified
+ *     address space, so device memory that a second mapping aliases is not
+ *     seen. The host tables (codebook, dyn_code, qmap1/2) and *hp are copied
+ *     before the launch and may be anywhere; the host outputs (*offset,
+ *     *skipped) are written after the device work has finished.
  *
  * Status: compiled and linked in CI, but NOT yet verified on GPU hardware (see
  * docs/performance.md and benchmarks/gpu_check.sh).
@@ -114,11 +124,11 @@ NF4_API nf4_status nf4_cuda_gemv_4bit_dq(const void *x, nf4_dtype dtype, int64_t
  * device: param, grad, state1, state2, absmax1, absmax2 are device (or
  * managed) pointers; qmap1, qmap2 (256 floats each), hp and skipped are HOST
  * pointers (skipped may be NULL). Same operation order, same NaN/Inf rule
- * (a non-finite gradient element is skipped: parameter unchanged, both
- * moments reset to 0, counted in *skipped), same per-block requantization, so
- * param, states and absmax are byte-identical to the CPU's for the same input.
- * Waits for the stream (it reads back the skip count and whether an updated
- * moment overflowed, NF4_ERROR_NON_FINITE, as the CPU reports it).
+ * (an element whose gradient or update is not finite is skipped: parameter
+ * unchanged, both moments reset to 0, counted in *skipped; never
+ * NF4_ERROR_NON_FINITE), same per-block requantization, so param, states and
+ * absmax are byte-identical to the CPU's for the same input.
+ * Waits for the stream (it reads back the skip count).
  * Status: compiled, not yet run on GPU hardware.
  */
 NF4_API nf4_status nf4_cuda_adam8bit_update(void *param, const void *grad, nf4_dtype dtype, int64_t n,

@@ -25,6 +25,14 @@
  * Threads split the panels; x is copied once per call into the tile layout
  * (up to 1024 rows at a time). Each thread keeps its buffers for the next call:
  * two panels and float32 partial sums (a few MiB), and the caller x packed.
+ *
+ * Sizes: packed holds ceil(N * K / 2) bytes, scales ceil(N * K / blocksize)
+ * floats, codebook 16 floats; x and y as above. Products M x K, M x N, N x K
+ * that overflow (common.h) give NF4_ERROR_INVALID_ARGUMENT.
+ * Aliasing (common.h): y must not overlap x, packed, scales or codebook in
+ * any byte; y == x, which np.matmul(x, w, out=x) allows, is rejected
+ * (NF4_ERROR_INVALID_ARGUMENT): every y element reads a whole row of x, so
+ * write into a temporary and copy. The same holds for decode_tile's out.
  */
 #ifndef NF4CORE_MATMUL_H
 #define NF4CORE_MATMUL_H

@@ -20,8 +20,16 @@
  * rounded to float32 once, as torch does with Python scalars), and the same
  * requantization rule as nf4_quantize_8bit. Elements whose gradient is NaN or
  * Inf are skipped: their parameter is unchanged and both moments are reset to
- * zero (bitsandbytes' CUDA kernel does the same); the count of skipped
- * elements is returned in *skipped (may be NULL).
+ * zero (bitsandbytes' CUDA kernel does the same for the gradient). So are
+ * elements whose update is not finite although the gradient is: a new moment
+ * that overflows float32 (with beta2 = 0.999, a gradient above about 5.8e20 makes
+ * (1 - beta2) * g * g overflow), a NaN from a stored block absmax that is not
+ * finite, or a new parameter that overflows float32 or the parameter dtype
+ * (float16 above 65504). Every other element of the block is updated and the
+ * block is requantized from finite moments, so a call never stops halfway:
+ * non-finite values never make it fail (NF4_ERROR_NON_FINITE is not
+ * returned), and an argument error is reported before anything is written.
+ * The count of skipped elements is returned in *skipped (may be NULL).
  */
 #ifndef NF4CORE_OPTIM_H
 #define NF4CORE_OPTIM_H
@@ -47,6 +55,10 @@ typedef struct nf4_adam_hparams {
  * nf4_num_blocks(n, blocksize) floats; qmap1, qmap2: 256 finite floats each.
  * A fresh state is all-zero codes of value 0 with absmax 0 (code 127 for the
  * signed map, 0 for the unsigned one).
+ * Aliasing (common.h): param, state1, state2, absmax1, absmax2 are IN/OUT,
+ * updated in place, and must not overlap each other; grad, qmap1, qmap2, *hp
+ * and *skipped must not overlap any of them (grad == param is rejected) nor
+ * *skipped the inputs. Violations give NF4_ERROR_INVALID_ARGUMENT.
  */
 NF4_API nf4_status nf4_adam8bit_update(void *param, const void *grad, nf4_dtype dtype, int64_t n,
                                        uint8_t *state1, uint8_t *state2, float *absmax1, float *absmax2,

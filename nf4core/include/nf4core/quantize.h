@@ -13,6 +13,12 @@
  * exact zeros.
  *
  * Valid blocksizes: powers of two from 32 to 4096 (NF4_MIN/MAX_BLOCKSIZE).
+ *
+ * Aliasing (common.h): in every function below, no OUT buffer may overlap an
+ * input buffer (x, packed/codes, absmax, codebook, dyn_code, ...) or another
+ * OUT buffer, not even as the same pointer; such calls return
+ * NF4_ERROR_INVALID_ARGUMENT. The sizes the overlap check and the overflow
+ * check use are the ones listed for each argument.
  */
 #ifndef NF4CORE_QUANTIZE_H
 #define NF4CORE_QUANTIZE_H
@@ -47,7 +53,8 @@ NF4_API int32_t nf4_blocksize_is_valid(int64_t blocksize);
 NF4_API nf4_status nf4_quantize_4bit(const void *x, nf4_dtype dtype, int64_t n, int64_t blocksize,
                                      const float *codebook, uint8_t *packed, float *absmax);
 
-/* out[i] = to_dtype(codebook[code_i] * absmax[i / blocksize]), product in float32. */
+/* out[i] = to_dtype(codebook[code_i] * absmax[i / blocksize]), product in float32.
+ * packed: nf4_packed_size_4bit(n) bytes; out: OUT, n elements of out_dtype. */
 NF4_API nf4_status nf4_dequantize_4bit(const uint8_t *packed, const float *absmax, int64_t n,
                                        int64_t blocksize, const float *codebook, void *out,
                                        nf4_dtype out_dtype);
@@ -70,14 +77,17 @@ NF4_API nf4_status nf4_dequantize_8bit(const uint8_t *codes, const float *absmax
  *   offset        = mean(absmax)                        (double sum, rounded to float32)
  *   qabsmax, nested_absmax = quantize_8bit(absmax - offset, blocksize 256, dyn_code)
  *   absmax[i]    ~= dyn_code[qabsmax[i]] * nested_absmax[i / 256] + offset
- * absmax must be finite and >= 0; dyn_code is the signed dynamic map.
+ * absmax must be >= 0 (negative: NF4_ERROR_INVALID_ARGUMENT) and finite
+ * (NaN/Inf: NF4_ERROR_NON_FINITE; the message names the index); dyn_code is
+ * the signed dynamic map (256 floats).
  *   qabsmax: OUT, nblocks bytes; nested_absmax: OUT, nf4_num_blocks(nblocks, 256)
  *   floats; offset: OUT, one float.
  */
 NF4_API nf4_status nf4_double_quantize(const float *absmax, int64_t nblocks, const float *dyn_code,
                                        uint8_t *qabsmax, float *nested_absmax, float *offset);
 
-/* absmax[i] = dyn_code[qabsmax[i]] * nested_absmax[i / 256] + offset (two float32 roundings). */
+/* absmax[i] = dyn_code[qabsmax[i]] * nested_absmax[i / 256] + offset (two float32 roundings).
+ * absmax: OUT, nblocks floats. A NaN/Inf offset gives NF4_ERROR_NON_FINITE. */
 NF4_API nf4_status nf4_double_dequantize(const uint8_t *qabsmax, const float *nested_absmax,
                                          float offset, int64_t nblocks, const float *dyn_code,
                                          float *absmax);

@@ -4,14 +4,18 @@
 // moments with the block-scale and nearest-code rules of numeric.hpp.
 //
 // One warp per quantization block. A warp cannot hold a block of up to 4096
-// moments in registers, so it makes two passes over the block: pass 1 updates
-// the parameters and finds the new absmax of m and v (a warp max: exact, order
-// free); pass 2 recomputes m and v from the same old codes and gradients (the
-// same operations, so the same bits) and writes their codes. Each lane reads
-// its old code before it overwrites that same byte, and the old block absmax
-// is read before lane 0 writes the new one (after the warp-synchronous max),
-// so the passes never see new state. The price is a second read of the
-// gradient and the codes (about 6 of 16 bytes per element more traffic).
+// moments in registers, so it makes two passes over the block: pass 1
+// computes every element's update without writing anything and finds the new
+// absmax of m and v (a warp max: exact, order free); pass 2 recomputes the
+// update from the same old parameter, codes and gradient (the same operations,
+// so the same bits and the same skip decisions: adam_update skips an element
+// whose gradient or update is not finite), writes the parameter and encodes
+// the moments. Each lane reads its elements' old values before it overwrites
+// those same bytes, and the old block absmax is read before lane 0 writes the
+// new one (after the warp-synchronous max), so the passes never see new
+// state. Every new moment is finite, so every block is requantized and a call
+// never stops halfway. The price is a second read of the parameter, the
+// gradient and the codes.
 //
 // The element arithmetic is adam_math.hpp, which a CPU test compares with
 // optim.cpp byte for byte. Status: compiled, NOT yet run on GPU hardware.
@@ -37,8 +41,7 @@ namespace {
 constexpr int kThreads = 256;
 
 struct AdamFlags {
-    unsigned long long skipped;      // NaN/Inf gradient elements
-    unsigned long long bad_moment;   // lowest flat index whose new m or v is not finite
+    unsigned long long skipped;  // elements skipped (NaN/Inf gradient or non-finite update)
 };
 
 // Everything the kernel reads from tables: ~6.3 KiB of launch arguments
@@ -65,32 +68,29 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t begin = b * blocksize;
         const int64_t end = begin + blocksize < n ? begin + blocksize : n;
         const float a1 = absmax1[b], a2 = absmax2[b];
-        // pass 1: parameters, and the absmax of the new moments (as float bits)
+        // pass 1: the absmax of the new moments (as float bits); nothing is written
         uint32_t amax1 = 0, amax2 = 0;
-        unsigned long long first_bad = kNone;
         for (int64_t i = begin + lane; i < end; i += 32) {
-            float p = to_float(param[i]);
+            T p = param[i];
             float m, v;
-            if (adam_element(to_float(grad[i]), tab.qmap1.v[state1[i]], a1, tab.qmap2.v[state2[i]], a2, p, s, m, v))
-                param[i] = from_float<T>(p);
-            else
-                ++skipped;
+            adam_update(p, to_float(grad[i]), tab.qmap1.v[state1[i]], a1, tab.qmap2.v[state2[i]], a2, s, m, v);
+            // float bits of |m|, |v| order like the values (all finite: adam_update skips the rest)
             const uint32_t um = float_bits(m) & 0x7FFFFFFFu, uv = float_bits(v) & 0x7FFFFFFFu;
-            if ((um > 0x7F7FFFFFu || uv > 0x7F7FFFFFu) && first_bad == kNone) first_bad = (unsigned long long)i;
             amax1 = um > amax1 ? um : amax1;
             amax2 = uv > amax2 ? uv : amax2;
         }
         amax1 = warp_max(amax1);
         amax2 = warp_max(amax2);
-        // the CPU fails in its requantization here too; the state of this block is left as it was
-        if (!warp_all_finite(first_bad, &flags->bad_moment)) continue;
         const BlockScale s1 = block_scale(bits_float(amax1), end - begin, blocksize);
         const BlockScale s2 = block_scale(bits_float(amax2), end - begin, blocksize);
-        // pass 2: the same moments again (same inputs, same operations), encoded
+        // pass 2: the same update again (same inputs, same operations), written and encoded
         for (int64_t i = begin + lane; i < end; i += 32) {
-            float p = 0.0f;  // the parameter was written in pass 1
+            T p = param[i];
             float m, v;
-            adam_element(to_float(grad[i]), tab.qmap1.v[state1[i]], a1, tab.qmap2.v[state2[i]], a2, p, s, m, v);
+            if (adam_update(p, to_float(grad[i]), tab.qmap1.v[state1[i]], a1, tab.qmap2.v[state2[i]], a2, s, m, v))
+                param[i] = p;
+            else
+                ++skipped;
             state1[i] = encode_value<256>(tab.t1, m, s1);
             state2[i] = encode_value<256>(tab.t2, v, s2);
         }
@@ -133,6 +133,12 @@ extern "C" nf4_status nf4_cuda_adam8bit_update(void *param, const void *grad, nf
         check_hparams(*hp);
         check_table(qmap1, 256, "qmap1");
         check_table(qmap2, 256, "qmap2");
+        const int64_t esize = nf4_dtype_size(dtype), nblocks = ceil_div(n, blocksize);
+        // the device buffers (the maps, hp and skipped are host memory, read before the launch)
+        require_disjoint({buffer("param", param, n, esize), buffer("state1", state1, n, 1),
+                          buffer("state2", state2, n, 1), buffer("absmax1", absmax1, nblocks, 4),
+                          buffer("absmax2", absmax2, nblocks, 4)},
+                         {buffer("grad", grad, n, esize)});
         AdamTables tab;
         for (int i = 0; i < 256; ++i) {
             tab.qmap1.v[i] = qmap1[i];
@@ -150,9 +156,8 @@ extern "C" nf4_status nf4_cuda_adam8bit_update(void *param, const void *grad, nf
             cudaStream_t s;
             ~Free() { (void)cudaFreeAsync(p, s); }
         } free_flags{flags, s};
-        const AdamFlags init{0, kNone};
+        const AdamFlags init{0};
         check(cudaMemcpyAsync(flags, &init, sizeof init, cudaMemcpyHostToDevice, s), "cudaMemcpyAsync");
-        const int64_t nblocks = (n + blocksize - 1) / blocksize;
         dispatch_dtype(dtype, [&](auto tag) {
             using T = decltype(tag);
             adam8bit_kernel<T><<<grid_for(nblocks, kThreads / 32), kThreads, 0, s>>>(
@@ -164,10 +169,5 @@ extern "C" nf4_status nf4_cuda_adam8bit_update(void *param, const void *grad, nf
         check(cudaMemcpyAsync(&out, flags, sizeof out, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync");
         check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
         if (skipped) *skipped = int64_t(out.skipped);
-        if (out.bad_moment != kNone)
-            fail(NF4_ERROR_NON_FINITE, "8-bit Adam: the updated moment of element " +
-                                                 std::to_string(out.bad_moment) +
-                                                 " is not finite (gradient too large for float32); its block's "
-                                                 "state was not requantized");
     });
 }

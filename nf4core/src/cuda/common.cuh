@@ -13,6 +13,7 @@
 
 #include "../error.hpp"
 #include "../numeric.hpp"
+#include "../sizes.hpp"
 #include "nf4core/common.h"
 #include "nf4core/quantize.h"
 
@@ -46,10 +47,7 @@ inline void check_sizes(int64_t n, int64_t blocksize) {
                 std::to_string(NF4_MAX_BLOCKSIZE) + ", got " + std::to_string(blocksize));
 }
 
-inline void check_dtype(nf4_dtype dtype) {
-    require(dtype == NF4_FLOAT32 || dtype == NF4_FLOAT16 || dtype == NF4_BFLOAT16,
-            "unknown dtype code " + std::to_string(int(dtype)));
-}
+inline void check_dtype(const nf4_dtype &dtype) { (void)checked_dtype(dtype, true, "dtype"); }
 
 inline void check_table(const float *table, int size, const char *what) {
     require(table != nullptr, std::string(what) + " pointer is NULL");

@@ -159,12 +159,22 @@ nf4_status gemv(const void *x, nf4_dtype dtype, int64_t M, int64_t N, int64_t K,
         require(sc.absmax != nullptr || (sc.qabsmax != nullptr && sc.nested != nullptr),
                 "block scale pointer is NULL");
         check_table(codebook, 16, "codebook");
+        const int64_t esize = nf4_dtype_size(dtype);
+        const int64_t weights = checked_mul(N, K, "N x K (weight elements)"), nblocks = ceil_div(weights, blocksize);
+        const Buffer w = buffer("packed", packed, ceil_div(weights, 2), 1);
+        const Buffer bx = buffer("x", x, checked_mul(M, K, "x (M rows)"), esize);
+        const Buffer by = buffer("y", y, checked_mul(M, N, "y (M rows)"), esize);
+        if (sc.absmax != nullptr)
+            require_disjoint({by}, {bx, w, buffer("scales", sc.absmax, nblocks, 4)});
+        else
+            require_disjoint({by}, {bx, w, buffer("qabsmax", sc.qabsmax, nblocks, 1),
+                                    buffer("nested_absmax", sc.nested, ceil_div(nblocks, NF4_DQ_BLOCKSIZE), 4)});
         Table16 cb;
         Table256 dyn{};
         for (int i = 0; i < 16; ++i) cb.v[i] = codebook[i];
         if (sc.absmax == nullptr) {
             check_table(dyn_code, 256, "dyn_code");
-            require(is_finite(sc.offset), "double-quantization offset is not finite");
+            if (!is_finite(sc.offset)) fail(NF4_ERROR_NON_FINITE, "double-quantization offset is not finite");
             for (int i = 0; i < 256; ++i) dyn.v[i] = dyn_code[i];
         }
         require_device();

@@ -20,6 +20,7 @@
 namespace nf4core {
 
 [[noreturn]] void fail_non_finite(int64_t index, float value);  // quantize.cpp
+[[noreturn]] void fail_bad_scale(int64_t index, float value);   // quantize.cpp
 
 namespace cuda {
 namespace {
@@ -243,6 +244,9 @@ nf4_status quantize(const void *x, nf4_dtype dtype, int64_t n, int64_t blocksize
         check_sizes(n, blocksize);
         check_dtype(dtype);
         require(x != nullptr && out != nullptr && absmax != nullptr, "input or output pointer is NULL");
+        require_disjoint({buffer(BITS == 4 ? "packed" : "codes", out, BITS == 4 ? ceil_div(n, 2) : n, 1),
+                          buffer("absmax", absmax, ceil_div(n, blocksize), 4)},
+                         {buffer("x", x, n, nf4_dtype_size(dtype))});
         const SearchTable table = make_search_table(codebook, 1 << BITS);
         require_device();
         const cudaStream_t s = as_stream(stream);
@@ -265,11 +269,19 @@ nf4_status dequantize(const uint8_t *in, const Scales &sc, int64_t n, int64_t bl
         require(sc.absmax != nullptr || (sc.qabsmax != nullptr && sc.nested != nullptr),
                 "block scale pointer is NULL");
         require(codebook != nullptr, "codebook pointer is NULL");
+        const int64_t nblocks = ceil_div(n, blocksize);
+        const Buffer codes = buffer(BITS == 4 ? "packed" : "codes", in, BITS == 4 ? ceil_div(n, 2) : n, 1);
+        const Buffer bout = buffer("out", out, n, nf4_dtype_size(dtype));
+        if (sc.absmax != nullptr)
+            require_disjoint({bout}, {codes, buffer("absmax", sc.absmax, nblocks, 4)});
+        else
+            require_disjoint({bout}, {codes, buffer("qabsmax", sc.qabsmax, nblocks, 1),
+                                      buffer("nested_absmax", sc.nested, ceil_div(nblocks, NF4_DQ_BLOCKSIZE), 4)});
         Table256 cb{}, dyn{};
         for (int i = 0; i < (1 << BITS); ++i) cb.v[i] = codebook[i];
         if (sc.absmax == nullptr) {
             require(dyn_code != nullptr, "dyn_code pointer is NULL");
-            require(is_finite(sc.offset), "double-quantization offset is not finite");
+            if (!is_finite(sc.offset)) fail(NF4_ERROR_NON_FINITE, "double-quantization offset is not finite");
             for (int i = 0; i < 256; ++i) dyn.v[i] = dyn_code[i];
         }
         require_device();
@@ -338,6 +350,10 @@ nf4_status nf4_cuda_double_quantize(const float *absmax, int64_t nblocks, const 
         require(nblocks >= 1, "number of block scales must be at least 1, got " + std::to_string(nblocks));
         require(absmax != nullptr && qabsmax != nullptr && nested_absmax != nullptr && offset != nullptr,
                 "input or output pointer is NULL");
+        // offset is host memory, written after the device work
+        require_disjoint({buffer("qabsmax", qabsmax, nblocks, 1),
+                          buffer("nested_absmax", nested_absmax, ceil_div(nblocks, NF4_DQ_BLOCKSIZE), 4)},
+                         {buffer("absmax", absmax, nblocks, 4)});
         const SearchTable table = make_search_table(dyn_code, 256);
         require_device();
         const cudaStream_t s = as_stream(stream);
@@ -347,9 +363,12 @@ nf4_status nf4_cuda_double_quantize(const float *absmax, int64_t nblocks, const 
         launch_quantize<8>(absmax, NF4_FLOAT32, nblocks, NF4_DQ_BLOCKSIZE, table, qabsmax, nested_absmax,
                            &scratch.get()->mean, scratch.get(), s);
         const Flags f = scratch.read();
-        if (f.bad_scale != kNone)
-            fail(NF4_ERROR_INVALID_ARGUMENT,
-                 "block scale " + std::to_string(f.bad_scale) + " is negative or not finite");
+        if (f.bad_scale != kNone) {  // read the value back: NaN/Inf and negative are different errors (CPU's)
+            float v = 0.0f;
+            check(cudaMemcpyAsync(&v, absmax + f.bad_scale, sizeof v, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync");
+            check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+            fail_bad_scale(int64_t(f.bad_scale), v);
+        }
         require(f.bad_input == kNone, "centred block scale is not finite");
         *offset = f.mean;
     });
@@ -362,7 +381,10 @@ nf4_status nf4_cuda_double_dequantize(const uint8_t *qabsmax, const float *neste
         require(qabsmax != nullptr && nested_absmax != nullptr && absmax != nullptr,
                 "input or output pointer is NULL");
         require(dyn_code != nullptr, "dyn_code pointer is NULL");
-        require(is_finite(offset), "double-quantization offset is not finite");
+        require_disjoint({buffer("absmax", absmax, nblocks, 4)},
+                         {buffer("qabsmax", qabsmax, nblocks, 1),
+                          buffer("nested_absmax", nested_absmax, ceil_div(nblocks, NF4_DQ_BLOCKSIZE), 4)});
+        if (!is_finite(offset)) fail(NF4_ERROR_NON_FINITE, "double-quantization offset is not finite");
         Table256 dyn;
         for (int i = 0; i < 256; ++i) dyn.v[i] = dyn_code[i];
         require_device();
