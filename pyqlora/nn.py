@@ -108,7 +108,7 @@ class Linear4bit(nn.Module):
         The dtype of the bias and of the weight before quantization.
     device : "meta", optional
         ``"meta"`` builds the layer without storage (no memory): its state dict then
-        lists bitsandbytes' keys as meta tensors, and the weight is set later by
+        holds ``weight`` (and ``bias``) as meta tensors, and the weight is set later by
         assigning :attr:`quantized` (``pyqlora.hf`` loads checkpoints this way).
 
     Build one from an existing layer with :meth:`from_linear`; a layer built
@@ -269,10 +269,9 @@ class Linear4bit(nn.Module):
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
         if self.weight.device.type == "meta":
-            # not loaded yet (built with device="meta"): bitsandbytes' keys, as meta tensors, so that
-            # loaders (transformers' from_pretrained) know what the checkpoint holds without any memory
-            for k, v in self._meta_entries(prefix + "weight").items():
-                destination[k] = v
+            # not loaded yet (built with device="meta"): the packed weight only, as bitsandbytes' layer
+            # lists it before loading; its quant-state entries are read with it (pyqlora.hf)
+            destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
             return
         if any(is_dtensor(t) for t in self.quant_parameters()):
             # Sharded by FSDP2: give the byte shards under their own names, as DTensors, so that
@@ -284,23 +283,6 @@ class Linear4bit(nn.Module):
             return
         for k, v in self.quantized.to_bnb_dict(prefix + "weight").items():
             destination[k] = torch.from_numpy(v)
-
-    def _meta_entries(self, key):
-        """The checkpoint entries of this layer's weight (``to_bnb_dict``'s keys and shapes) as meta tensors."""
-        meta = self._q_meta
-
-        def empty(*shape, dtype=torch.float32):
-            return torch.empty(*shape, dtype=dtype, device="meta")
-
-        nb = self.weight_absmax.shape[0]
-        out = {key: self.weight.detach(),
-               f"{key}.absmax": empty(nb, dtype=torch.uint8 if meta["double_quant"] else torch.float32),
-               f"{key}.quant_map": empty(16)}
-        if meta["double_quant"]:
-            out[f"{key}.nested_absmax"] = empty(self.weight_nested_absmax.shape[0])
-            out[f"{key}.nested_quant_map"] = empty(256)
-        out[f"{key}.quant_state.bitsandbytes__{meta['codebook']}"] = empty(0, dtype=torch.uint8)
-        return out
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
