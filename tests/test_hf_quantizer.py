@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from support import tiny_llama_config  # noqa: E402
+from support import run_doctests, tiny_llama_config  # noqa: E402
 
 import pyqlora as pq  # noqa: E402
 import pyqlora.hf  # noqa: E402,F401
@@ -28,6 +28,14 @@ from pyqlora.nn import Linear4bit, dequantize_weight  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.mark.parametrize("name", ["pyqlora.hf.config", "pyqlora.hf.training"])
+def test_docstring_examples(name):
+    import importlib
+
+    result = run_doctests(importlib.import_module(name))
+    assert result.failed == 0 and result.attempted > 0, result
 
 
 def tiny_config(**overrides):

@@ -70,8 +70,8 @@ class PyqloraConfig(QuantizationConfigMixin):
     >>> PyqloraConfig(compute_dtype="float32")
     PyqloraConfig(codebook='nf4', blocksize=64, double_quant=True, compute_dtype='float32', skip_modules=None)
     >>> d = PyqloraConfig(compute_dtype="float32").to_dict()
-    >>> d["quant_method"], d["bnb_4bit_quant_type"], d["bnb_4bit_use_double_quant"]
-    ('bitsandbytes', 'nf4', True)
+    >>> d["quant_method"] == "bitsandbytes", d["bnb_4bit_quant_type"], d["bnb_4bit_use_double_quant"]
+    (True, 'nf4', True)
     """
 
     def __init__(self, codebook="nf4", blocksize=64, double_quant=True, compute_dtype=None, skip_modules=None,
