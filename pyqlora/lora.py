@@ -2,7 +2,11 @@
 
 ``prepare_model`` replaces the target ``nn.Linear`` layers by
 :class:`pyqlora.nn.LoraLinear4bit` (a frozen 4-bit base plus LoRA adapters),
-quantizing one layer at a time, and freezes everything else.
+quantizing one layer at a time, and freezes everything else. It takes pyqlora's
+:class:`LoraConfig` or a ``peft.LoraConfig``; target layers that are
+:class:`pyqlora.nn.Linear4bit` already (a model loaded from a 4-bit checkpoint) get
+adapters without a second quantization, and modules inside LoRA layers are never
+targeted (no LoRA inside LoRA).
 ``save_adapter`` / ``load_adapter`` use PEFT's files (``adapter_config.json`` and
 ``adapter_model.safetensors`` with PEFT's key names), so an adapter trained here
 loads in ``peft.PeftModel`` and the other way round. ``merge_adapters`` gives a
@@ -377,12 +381,18 @@ def prepare_model(model, config=None, weights=None):
     so peak memory stays near the dense model plus one layer. Every other
     parameter is frozen; the adapters are trainable (float32). With
     ``config.gradient_checkpointing`` a Hugging Face model gets
-    ``gradient_checkpointing_enable()`` and input gradients enabled.
+    ``gradient_checkpointing_enable()`` and input gradients enabled, and its
+    ``save_pretrained`` (what ``Trainer.save_model`` calls) writes the adapter in PEFT's
+    format, as PEFT's models do (transformers' own would write the 4-bit base under keys
+    it cannot read back). Target layers that are ``Linear4bit`` already are adapted as
+    they are (listed in ``PrepareReport.already_4bit``).
 
     Parameters
     ----------
     model : torch.nn.Module
-    config : LoraConfig, optional
+    config : LoraConfig or peft.LoraConfig, optional
+        A PEFT config is translated by :meth:`LoraConfig.from_peft` (options prepare_model
+        cannot honour raise ValueError).
     weights : mapping, optional
         For a model built under :class:`empty_weights` (parameters on the meta
         device): parameter name -> tensor or array, read one entry at a time
