@@ -86,6 +86,13 @@ def test_get_peft_model_wraps_every_linear4bit_with_peft_layers(dense_dir):
                                                                                                           "v_proj"}
 
 
+def test_register_custom_module_with_the_peft_layer(dense_dir):
+    cfg = peft.LoraConfig(r=4, target_modules=["q_proj"])
+    cfg._register_custom_module({Linear4bit: PeftLinear4bit})
+    pm = peft.get_peft_model(load(dense_dir), cfg)
+    assert sum(isinstance(m, PeftLinear4bit) for m in pm.modules()) == 2
+
+
 def test_adapters_compute_what_peft_computes_on_the_decoded_weights(dense_dir):
     """Forward, gradients, several adapters, set_adapter and disable_adapter against PEFT on a dense twin."""
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True)

@@ -94,6 +94,14 @@ def test_from_pretrained_quantizes_every_linear_layer_but_the_head(dense_dir):
         assert torch.equal(model(input_ids=IDS).logits, oracle(input_ids=IDS).logits)
 
 
+def test_a_dict_with_quant_method_pyqlora_builds_pyqlora_layers(dense_dir):
+    """{"quant_method": "pyqlora", "load_in_4bit": True} used to build bitsandbytes layers silently."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        dense_dir, quantization_config={"quant_method": "pyqlora", "load_in_4bit": True, "compute_dtype": "float32"})
+    assert isinstance(model.model.layers[0].self_attn.q_proj, Linear4bit)
+    assert model.quantization_method == "pyqlora"
+
+
 def test_compute_dtype_none_follows_the_hardware_rule_and_options_apply(dense_dir):
     model = load(dense_dir, quantization_config=PyqloraConfig(codebook="fp4", blocksize=128, double_quant=False,
                                                               skip_modules=["down_proj"]))

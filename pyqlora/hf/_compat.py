@@ -14,7 +14,10 @@ is imported:
    ``LoraModel._create_and_replace`` refuses targets inside adapter layers for the same reason.
 3. **A bitsandbytes checkpoint with ``quantization_config=PyqloraConfig()``.** transformers
    refuses a config class other than the checkpoint's (``merge_quantization_configs``);
-   for pyqlora's config it reads the checkpoint's bitsandbytes settings instead.
+   for pyqlora's config it reads the checkpoint's bitsandbytes settings instead. And a
+   dict ``{"quant_method": "pyqlora", "load_in_4bit": True}`` would become a
+   bitsandbytes config (``AutoQuantizationConfig.from_dict`` checks ``load_in_4bit``
+   first); ``quant_method="pyqlora"`` wins.
 4. **``num_parameters()``** of a model flagged ``is_loaded_in_4bit`` imports bitsandbytes;
    a model loaded by pyqlora counts each 4-bit weight by its elements instead.
 
@@ -64,7 +67,8 @@ def check_versions():
             problems.append(f"a module pyqlora.hf uses is missing ({exc})")
         else:
             needed = [(auto, "register_quantizer"), (auto, "register_quantization_config"),
-                      (auto.AutoHfQuantizer, "merge_quantization_configs"), (HfQuantizer, "get_load_operations"),
+                      (auto.AutoHfQuantizer, "merge_quantization_configs"), (auto.AutoQuantizationConfig, "from_dict"),
+                      (HfQuantizer, "get_load_operations"),
                       (LoraModel, "_create_new_module"), (LoraModel, "_create_and_replace"),
                       (tuners_utils, "_maybe_include_all_linear_layers")]
             problems += [f"{getattr(o, '__name__', o)}.{name} is missing" for o, name in needed if not hasattr(o, name)]
@@ -188,6 +192,19 @@ def _patch_merge_configs():
 
     merge_quantization_configs._pyqlora = True
     AutoHfQuantizer.merge_quantization_configs = classmethod(merge_quantization_configs)
+
+    from transformers.quantizers.auto import AutoQuantizationConfig
+
+    from_dict = AutoQuantizationConfig.__dict__["from_dict"].__func__
+    if not getattr(from_dict, "_pyqlora", False):
+        @functools.wraps(from_dict)
+        def pyqlora_first(cls, quantization_config_dict):
+            if isinstance(quantization_config_dict, dict) and quantization_config_dict.get("quant_method") == "pyqlora":
+                return PyqloraConfig.from_dict(quantization_config_dict)
+            return from_dict(cls, quantization_config_dict)
+
+        pyqlora_first._pyqlora = True
+        AutoQuantizationConfig.from_dict = classmethod(pyqlora_first)
 
 
 def count_parameters_of_4bit_layers(model):

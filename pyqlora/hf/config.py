@@ -117,7 +117,11 @@ class PyqloraConfig(QuantizationConfigMixin):
                  "compute_dtype": d.get("bnb_4bit_compute_dtype"),
                  "skip_modules": d.get("llm_int8_skip_modules")}
         else:
-            d = {k: v for k, v in d.items() if k not in ("modules_not_converted", "resolved_compute_dtype")}
+            if d.get("load_in_8bit") or d.get("_load_in_8bit"):
+                raise ValueError("quant_method 'pyqlora' is 4-bit; load_in_8bit cannot be honoured")
+            d = {k: v for k, v in d.items() if k not in ("modules_not_converted", "resolved_compute_dtype",
+                                                         "load_in_4bit", "_load_in_4bit", "load_in_8bit",
+                                                         "_load_in_8bit")}
         return super().from_dict(d, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def to_bitsandbytes(self):
