@@ -42,16 +42,20 @@ def default_text():
 
 
 class StepTimer(transformers.TrainerCallback):
-    """Wall time of every optimizer step (forward, backward, optimizer)."""
+    """Wall time and process CPU time (all threads) of every optimizer step (forward, backward, optimizer).
+
+    On a machine shared with other work, the CPU time is the steadier figure: it does not
+    count the time this process waited for a core."""
 
     def __init__(self):
-        self.times, self._start = [], None
+        self.times, self.cpu_times, self._start = [], [], None
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._start = time.perf_counter()
+        self._start = (time.perf_counter(), time.process_time())
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(time.perf_counter() - self._start)
+        self.times.append(time.perf_counter() - self._start[0])
+        self.cpu_times.append(time.process_time() - self._start[1])
 
 
 def main(argv=None):
@@ -115,10 +119,12 @@ def main(argv=None):
     # ---------------------------------------------------------------------------------------------
 
     steps = timer.times[1:] or timer.times  # the first step warms up (allocations, thread pools)
+    cpu_steps = timer.cpu_times[1:] or timer.cpu_times
     report = {"backend": args.backend, "model": os.path.basename(os.path.normpath(model_path)),
               "threads": args.threads, "compute_dtype": args.compute_dtype, "steps": args.steps,
               "batch": args.batch, "seq_len": args.seq_len,
               "median_step_s": round(statistics.median(steps), 3),
+              "median_step_cpu_s": round(statistics.median(cpu_steps), 3),
               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
               "train_loss": round(result.training_loss, 4),
               "trainable_params": model.get_nb_trainable_parameters()[0]}
