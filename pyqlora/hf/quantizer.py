@@ -32,6 +32,18 @@ SERIALIZED_SUFFIXES = ("", ".absmax", ".quant_map", ".nested_absmax", ".nested_q
                        ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")
 
 
+def _device_type(place):
+    """'cpu', 'cuda', 'disk', ... for a device_map value (an int is a CUDA device index)."""
+    if isinstance(place, int):
+        return "cuda"
+    if place == "disk":
+        return "disk"
+    try:
+        return torch.device(place).type
+    except (RuntimeError, TypeError):
+        return str(place)
+
+
 def _module(model, param_name):
     return model.get_submodule(param_name.rpartition(".")[0])
 
@@ -135,15 +147,11 @@ class PyqloraHfQuantizer(HfQuantizer):
         return 0.5
 
     def validate_environment(self, device_map=None, **kwargs):
-        if isinstance(device_map, dict):
-            devices = {str(torch.device(d) if not isinstance(d, str) or d not in ("disk",) else d)
-                       for d in device_map.values()}
-            other = sorted(d for d in devices if not d.startswith("cpu"))
-            if other:
-                raise ValueError(f"pyqlora's 4-bit layers run on the CPU only for now; device_map places modules on "
-                                 f"{other}")
-        elif device_map not in (None, "cpu", "auto") and torch.device(device_map).type != "cpu":
-            raise ValueError(f"pyqlora's 4-bit layers run on the CPU only for now; got device_map={device_map!r}")
+        places = device_map.values() if isinstance(device_map, dict) else [device_map]
+        other = sorted({str(p) for p in places if p not in (None, "auto", "cpu") and _device_type(p) != "cpu"})
+        if other:
+            raise ValueError(f"pyqlora's 4-bit layers run on the CPU only for now; device_map places modules on "
+                             f"{other}")
 
     def update_device_map(self, device_map):
         return {"": "cpu"} if device_map in (None, "auto") else device_map
