@@ -2,7 +2,11 @@
 
 ``prepare_model`` replaces the target ``nn.Linear`` layers by
 :class:`pyqlora.nn.LoraLinear4bit` (a frozen 4-bit base plus LoRA adapters),
-quantizing one layer at a time, and freezes everything else.
+quantizing one layer at a time, and freezes everything else. It takes pyqlora's
+:class:`LoraConfig` or a ``peft.LoraConfig``; target layers that are
+:class:`pyqlora.nn.Linear4bit` already (a model loaded from a 4-bit checkpoint) get
+adapters without a second quantization, and modules inside LoRA layers are never
+targeted (no LoRA inside LoRA).
 ``save_adapter`` / ``load_adapter`` use PEFT's files (``adapter_config.json`` and
 ``adapter_model.safetensors`` with PEFT's key names), so an adapter trained here
 loads in ``peft.PeftModel`` and the other way round. ``merge_adapters`` gives a
@@ -25,12 +29,13 @@ import json
 import math
 import os
 import re
-from typing import List, Union
+import types
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import nn
 
-from ._glue.modules import output_head, set_submodule
+from ._glue.modules import set_submodule
 from ._glue.tensors import as_numpy
 from ._quantize import dequantize, quantize
 from .nn import Linear4bit, LoraLinear4bit, dequantize_weight
@@ -47,9 +52,17 @@ PEFT_PREFIX = "base_model.model."
 class LoraConfig:
     """LoRA and quantization settings (PEFT's names and defaults where PEFT has them).
 
-    target_modules : "all-linear" (every ``nn.Linear`` except the output head), a list
-        of module names (a name matches a module whose full name is that name or ends
-        with ``"." + name``, as in PEFT), or a regular expression matched against full names.
+    target_modules : "all-linear" (every ``nn.Linear`` and :class:`pyqlora.nn.Linear4bit`
+        except the output head), a list of module names (a name matches a module whose
+        full name is that name or ends with ``"." + name``, as in PEFT), or a regular
+        expression matched against full names. A ``Linear4bit`` (a model loaded from a
+        4-bit checkpoint) gets adapters without being quantized again; the modules inside
+        LoRA layers are never targeted (no LoRA inside LoRA).
+    exclude_modules : the same forms, for modules to leave out (PEFT's field).
+    rank_pattern, alpha_pattern : PEFT's per-module ``r`` and ``lora_alpha``: a key (a
+        regular expression) matches a module whose full name ends with it (after a dot).
+    task_type, base_model_name_or_path, revision : what :func:`save_adapter` writes into
+        ``adapter_config.json`` for ``AutoPeftModel*`` (by default it finds them on the model).
     norms_in_fp32 : keep the parameters of normalization layers (LayerNorm, RMSNorm and
         the like) in float32 and nothing else; each norm's output is cast back to its
         input's dtype, so the activations of a bfloat16 model stay bfloat16. PEFT's
@@ -79,16 +92,95 @@ class LoraConfig:
     adapter_name: str = "default"
     init_lora_weights: Union[bool, str] = True
     loftq_iter: int = 1
+    exclude_modules: Union[None, str, List[str]] = None
+    rank_pattern: Dict[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Dict[str, Union[int, float]] = dataclasses.field(default_factory=dict)
+    task_type: Optional[str] = None
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
 
     def __post_init__(self):
         if not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r must be a positive integer, got {self.r!r}")
+        for field, check in (("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+                             ("alpha_pattern", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                              and math.isfinite(v) and v > 0)):
+            pattern = getattr(self, field)
+            if not isinstance(pattern, dict):
+                raise TypeError(f"{field} must be a dict of module-name pattern -> value, got "
+                                f"{type(pattern).__name__}")
+            bad = {k: v for k, v in pattern.items() if not isinstance(k, str) or not check(v)}
+            if bad:
+                raise ValueError(f"{field} has invalid entries {bad} (keys: module-name patterns; values: "
+                                 f"{'positive integers' if field == 'rank_pattern' else 'positive numbers'})")
         if self.init_lora_weights not in (True, "loftq"):
             raise ValueError(f"init_lora_weights must be True or 'loftq', got {self.init_lora_weights!r}")
         if not isinstance(self.loftq_iter, int) or self.loftq_iter < 1:
             raise ValueError(f"loftq_iter must be a positive integer, got {self.loftq_iter!r}")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+
+    def rank_and_alpha(self, module_name):
+        """(r, lora_alpha) of one module, with rank_pattern / alpha_pattern applied as PEFT applies them."""
+        return (_pattern_value(self.rank_pattern, module_name, self.r),
+                _pattern_value(self.alpha_pattern, module_name, self.lora_alpha))
+
+    @classmethod
+    def from_peft(cls, peft_config, **overrides):
+        """This config from a ``peft.LoraConfig`` (what :func:`prepare_model` does with one).
+
+        PEFT's fields are translated (``r``, ``lora_alpha``, ``lora_dropout``,
+        ``target_modules``, ``exclude_modules``, ``use_rslora``, ``rank_pattern``,
+        ``alpha_pattern``, ``init_lora_weights`` True or ``"loftq"``, ``task_type``,
+        ``base_model_name_or_path``, ``revision``); `overrides` set pyqlora's own fields
+        (``codebook``, ``blocksize``, ``double_quant``, ``gradient_checkpointing``, ...).
+        Options that prepare_model cannot honour (DoRA, a LoRA bias, ``modules_to_save``,
+        ``layers_to_transform``, another initialization, ...) raise ValueError naming them.
+        """
+        if not (hasattr(peft_config, "peft_type") and hasattr(peft_config, "target_modules")):
+            raise TypeError(f"expected a peft.LoraConfig, got {type(peft_config).__name__}")
+        peft_type = getattr(peft_config.peft_type, "value", peft_config.peft_type)
+        if str(peft_type) != "LORA":
+            raise ValueError(f"only LoRA configs can be translated, got peft_type={peft_type!r}")
+        refused = []
+        for field, (neutral, what) in _PREPARE_REFUSES.items():
+            value = getattr(peft_config, field, None)
+            if not (value is None or value is False or value == neutral or
+                    (isinstance(value, (list, dict, tuple, set)) and not value)):
+                refused.append(f"{field}={_short(value)} ({what})")
+        init = getattr(peft_config, "init_lora_weights", True)
+        loftq_iter = 1
+        if init == "loftq":
+            loftq = dict(getattr(peft_config, "loftq_config", None) or {})
+            if loftq.get("loftq_bits", 4) != 4:
+                refused.append(f"loftq_config.loftq_bits={loftq['loftq_bits']!r} (pyqlora's LoftQ quantizes to 4 bits)")
+            loftq_iter = int(loftq.get("loftq_iter", 1))
+        elif init is not True:
+            refused.append(f"init_lora_weights={init!r} (pyqlora initializes adapters as PEFT's default, True, "
+                           "or with 'loftq')")
+        if refused:
+            raise ValueError("pyqlora.lora.prepare_model cannot honour these peft.LoraConfig options: "
+                             + "; ".join(refused) + " (peft.get_peft_model on a model loaded with "
+                             "pyqlora.hf.PyqloraConfig supports modules_to_save)")
+        targets = peft_config.target_modules
+        if targets is None:
+            raise ValueError("peft.LoraConfig(target_modules=None) means PEFT's per-architecture default; give "
+                             "target_modules (e.g. 'all-linear' or a list of names)")
+        if not isinstance(targets, str):
+            targets = sorted(targets)
+        exclude = peft_config.exclude_modules
+        if exclude is not None and not isinstance(exclude, str):
+            exclude = sorted(exclude)
+        task = getattr(peft_config, "task_type", None)
+        fields = dict(r=peft_config.r, lora_alpha=peft_config.lora_alpha, lora_dropout=peft_config.lora_dropout,
+                      target_modules=targets, exclude_modules=exclude, use_rslora=peft_config.use_rslora,
+                      rank_pattern=dict(peft_config.rank_pattern or {}),
+                      alpha_pattern=dict(peft_config.alpha_pattern or {}),
+                      init_lora_weights=init if init == "loftq" else True, loftq_iter=loftq_iter,
+                      task_type=None if task is None else str(getattr(task, "value", task)),
+                      base_model_name_or_path=peft_config.base_model_name_or_path, revision=peft_config.revision)
+        fields.update(overrides)
+        return cls(**fields)
 
     def to_peft_dict(self, target_modules):
         """The adapter_config.json PEFT writes for this adapter (fields PEFT reads)."""
@@ -98,14 +190,18 @@ class LoraConfig:
             "lora_alpha": self.lora_alpha,
             "lora_dropout": self.lora_dropout,
             "target_modules": sorted(target_modules),
+            "exclude_modules": None,
             "use_rslora": self.use_rslora,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
             "bias": "none",
             "fan_in_fan_out": False,
             "init_lora_weights": True,  # a trained adapter's init is history (PEFT wants a loftq_config with "loftq")
             "inference_mode": True,
             "modules_to_save": None,
-            "task_type": None,
-            "base_model_name_or_path": None,
+            "task_type": self.task_type,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "revision": self.revision,
             "use_dora": False,
             "lora_bias": False,
         }
@@ -116,29 +212,74 @@ class PrepareReport:
     replaced: List[str]
     trainable_params: int
     total_params: int
-    dense_weight_bytes: int   # the replaced weights as they were
+    dense_weight_bytes: int   # the replaced weights dense (in the dtype they had before quantization)
     quantized_weight_bytes: int  # the same weights in 4 bits (codes + scales)
+    already_4bit: List[str] = dataclasses.field(default_factory=list)  # targets that were Linear4bit already
 
     def __str__(self):
-        return (f"{len(self.replaced)} linear layers quantized and adapted; trainable parameters "
+        quantized = len(self.replaced) - len(self.already_4bit)
+        what = (f"{quantized} linear layers quantized" +
+                (f", {len(self.already_4bit)} already 4-bit," if self.already_4bit else "") + " and adapted")
+        return (f"{what}; trainable parameters "
                 f"{self.trainable_params:,} of {self.total_params:,} "
                 f"({100 * self.trainable_params / max(1, self.total_params):.2f}%); replaced weights "
                 f"{self.dense_weight_bytes / 2**20:.1f} MiB dense -> {self.quantized_weight_bytes / 2**20:.1f} MiB")
 
 
-def _select(model, target_modules):
-    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and name]
-    if target_modules == "all-linear":
-        head = output_head(model)
-        return [(n, m) for n, m in linears if m is not head]
-    if isinstance(target_modules, str):
-        pattern = re.compile(target_modules)
-        return [(n, m) for n, m in linears if pattern.fullmatch(n)]
-    targets = list(target_modules)
-    picked = [(n, m) for n, m in linears if any(n == t or n.endswith("." + t) for t in targets)]
-    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n, _ in picked)]
-    if unmatched:
-        raise ValueError(f"target_modules {unmatched} match no nn.Linear in the model")
+def _pattern_value(pattern, module_name, default):
+    """PEFT's per-module lookup (peft.utils.other.get_pattern_key): the first key that matches the end of
+    `module_name` after a dot, then an exact key, else `default`."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return pattern.get(module_name, default)
+
+
+def _is_adapter_layer(module):
+    """pyqlora's LoRA layer, or a PEFT tuner layer (it has a base layer and adapters)."""
+    return isinstance(module, LoraLinear4bit) or (hasattr(module, "base_layer") and hasattr(module, "lora_A"))
+
+
+def _inside_adapter_layers(model):
+    """Names of the modules that belong to LoRA layers (their base layers and adapters): never targets."""
+    inside = set()
+    for prefix, module in model.named_modules():
+        if _is_adapter_layer(module):
+            inside.update(f"{prefix}.{suffix}" if prefix else suffix for suffix, _ in module.named_modules() if suffix)
+    return inside
+
+
+def _matches(name, spec):
+    """PEFT's matching: a string is a regular expression matched against the full name, a list holds
+    names that match the full name or its end after a dot."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def _select(model, target_modules, exclude_modules=None):
+    inside = _inside_adapter_layers(model)
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, Linear4bit)) and name]
+    candidates = [(n, m) for n, m in layers if n not in inside]
+    if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
+        get_head = getattr(model, "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
+        picked = [(n, m) for n, m in candidates if m is not head]
+    else:
+        if not isinstance(target_modules, str):
+            target_modules = list(target_modules)
+        nested = [n for n, _ in layers if n in inside and _matches(n, target_modules)]
+        if nested:
+            raise ValueError(f"target_modules={_short(target_modules)} selects modules inside LoRA layers "
+                             f"({nested[:3]}): LoRA inside LoRA is not supported; target the layers themselves")
+        picked = [(n, m) for n, m in candidates if _matches(n, target_modules)]
+        if not isinstance(target_modules, str):
+            unmatched = [t for t in target_modules if not any(_matches(n, [t]) for n, _ in picked)]
+            if unmatched:
+                raise ValueError(f"target_modules {unmatched} match no nn.Linear or Linear4bit in the model" +
+                                 (" (it has LoRA layers already: prepare_model was called on it)" if inside else ""))
+    if exclude_modules:
+        picked = [(n, m) for n, m in picked if not _matches(n, exclude_modules)]
     return picked
 
 
@@ -240,12 +381,18 @@ def prepare_model(model, config=None, weights=None):
     so peak memory stays near the dense model plus one layer. Every other
     parameter is frozen; the adapters are trainable (float32). With
     ``config.gradient_checkpointing`` a Hugging Face model gets
-    ``gradient_checkpointing_enable()`` and input gradients enabled.
+    ``gradient_checkpointing_enable()`` and input gradients enabled, and its
+    ``save_pretrained`` (what ``Trainer.save_model`` calls) writes the adapter in PEFT's
+    format, as PEFT's models do (transformers' own would write the 4-bit base under keys
+    it cannot read back). Target layers that are ``Linear4bit`` already are adapted as
+    they are (listed in ``PrepareReport.already_4bit``).
 
     Parameters
     ----------
     model : torch.nn.Module
-    config : LoraConfig, optional
+    config : LoraConfig or peft.LoraConfig, optional
+        A PEFT config is translated by :meth:`LoraConfig.from_peft` (options prepare_model
+        cannot honour raise ValueError).
     weights : mapping, optional
         For a model built under :class:`empty_weights` (parameters on the meta
         device): parameter name -> tensor or array, read one entry at a time
@@ -260,37 +407,49 @@ def prepare_model(model, config=None, weights=None):
     PrepareReport
     """
     config = config or LoraConfig()
+    if not isinstance(config, LoraConfig):
+        config = LoraConfig.from_peft(config)
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    chosen = _select(model, config.target_modules)
+    chosen = _select(model, config.target_modules, config.exclude_modules)
     if not chosen:
-        raise ValueError(f"target_modules={config.target_modules!r} selects no nn.Linear layer")
+        already = " (the model has LoRA layers already: prepare_model was called on it)" if lora_layers(model) else ""
+        raise ValueError(f"target_modules={config.target_modules!r} selects no nn.Linear or Linear4bit layer{already}")
     if weights is None:
         meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
         if meta:
             raise ValueError(f"parameters {meta[:3]} are on the meta device: pass weights= to load them")
     for p in model.parameters():
         p.requires_grad_(False)
+    already_4bit = [name for name, m in chosen if isinstance(m, Linear4bit)]
+    if already_4bit and config.init_lora_weights == "loftq":
+        raise ValueError(f"LoftQ needs the dense weights, and modules {already_4bit[:3]} are 4-bit already")
     dense_bytes = quant_bytes = 0
     chosen = [name for name, _ in chosen]  # hold names only: each old layer dies when it is replaced
     for name in chosen:
+        r, alpha = config.rank_and_alpha(name)
         linear = model.get_submodule(name)
-        if weights is not None:
-            _materialize(name, linear, weights, cast=False, strict=True)
         loftq = None
-        if config.init_lora_weights == "loftq":
-            if min(linear.in_features, linear.out_features) < config.r:
-                raise ValueError(f"LoftQ needs r <= min(in, out) features; module {name!r} is "
-                                 f"{linear.out_features} x {linear.in_features}, r={config.r}")
-            loftq = _loftq(linear, config, config.lora_alpha / (config.r ** 0.5 if config.use_rslora else config.r))
-        try:
-            base = Linear4bit.from_linear(linear, codebook=config.codebook, blocksize=config.blocksize,
-                                          double_quant=config.double_quant)
-        except (TypeError, ValueError) as exc:
-            raise type(exc)(f"cannot quantize module {name!r}: {exc}") from None
-        dense_bytes += linear.weight.numel() * linear.weight.element_size()
+        if isinstance(linear, Linear4bit):  # loaded 4-bit already: adapters only, no second quantization
+            base = linear
+            dense_bytes += base.out_features * base.in_features * base.weight_dtype.itemsize
+        else:
+            if weights is not None:
+                _materialize(name, linear, weights, cast=False, strict=True)
+            if config.init_lora_weights == "loftq":
+                if min(linear.in_features, linear.out_features) < r:
+                    raise ValueError(f"LoftQ needs r <= min(in, out) features; module {name!r} is "
+                                     f"{linear.out_features} x {linear.in_features}, r={r}")
+                config_r = dataclasses.replace(config, r=r, lora_alpha=alpha)
+                loftq = _loftq(linear, config_r, alpha / (r ** 0.5 if config.use_rslora else r))
+            try:
+                base = Linear4bit.from_linear(linear, codebook=config.codebook, blocksize=config.blocksize,
+                                              double_quant=config.double_quant)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"cannot quantize module {name!r}: {exc}") from None
+            dense_bytes += linear.weight.numel() * linear.weight.element_size()
         quant_bytes += base.quantized.nbytes
-        lora = LoraLinear4bit(base, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        lora = LoraLinear4bit(base, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
                               use_rslora=config.use_rslora, adapter_name=config.adapter_name)
         if loftq is not None:
             with torch.no_grad():
@@ -319,37 +478,104 @@ def prepare_model(model, config=None, weights=None):
             model.enable_input_require_grads()
     model._pyqlora_config = config
     model._pyqlora_targets = sorted({n.rpartition(".")[2] for n in chosen})
+    _guard_save_pretrained(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # the 4-bit weights are uint8 parameters (codes + scales); count their elements, not their bytes
     storage = {id(p) for _, m in lora_layers(model) for p in m.base_layer.quant_parameters()}
     total = (sum(p.numel() for p in model.parameters() if id(p) not in storage)
              + sum(m.base_layer.quantized.size for _, m in lora_layers(model)))
-    return PrepareReport(list(chosen), trainable, total, dense_bytes, quant_bytes)
+    return PrepareReport(list(chosen), trainable, total, dense_bytes, quant_bytes, already_4bit)
 
 
-def save_adapter(model, directory, adapter_name="default"):
-    """Write the adapter in PEFT's format: adapter_config.json + adapter_model.safetensors."""
+_TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+               ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"))
+
+
+def _most_common(values, preferred):
+    counts = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    top = max(counts.values())
+    best = [v for v, c in counts.items() if c == top]
+    return preferred if preferred in best else min(best)
+
+
+def _model_origin(model):
+    """(base_model_name_or_path, task_type) that a Hugging Face model tells about itself (None where it does not)."""
+    name = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    task = next((t for suffix, t in _TASK_TYPES if type(model).__name__.endswith(suffix)), None)
+    return (name if isinstance(name, str) else None), task
+
+
+def save_adapter(model, directory, adapter_name="default", base_model_name_or_path=None, task_type=None,
+                 revision=None):
+    """Write the adapter in PEFT's format: adapter_config.json + adapter_model.safetensors.
+
+    The config is complete for PEFT and ``AutoPeftModelForCausalLM``: ``peft_type``,
+    ``r`` / ``lora_alpha`` (the most common values) with ``rank_pattern`` /
+    ``alpha_pattern`` for the modules that differ, ``lora_dropout``, ``use_rslora``,
+    ``target_modules``, ``task_type`` and ``base_model_name_or_path`` (the arguments, else
+    the prepare config's, else what a Hugging Face model tells: its
+    ``config.name_or_path`` and, from its class, e.g. ``CAUSAL_LM``), ``revision``.
+    """
     from safetensors.torch import save_file
 
+    _check_adapter_name(adapter_name)
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers: call prepare_model first")
     config = getattr(model, "_pyqlora_config", None) or LoraConfig()
-    tensors = {}
+    tensors, ranks, alphas, rslora = {}, {}, {}, set()
     for name, layer in layers:
         if adapter_name not in layer.lora_A:
             raise ValueError(f"module {name!r} has no adapter {adapter_name!r}")
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight.detach().contiguous()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight.detach().contiguous()
-    r = {layer.r[adapter_name] for _, layer in layers}
-    alpha = {layer.lora_alpha[adapter_name] for _, layer in layers}
-    cfg = dataclasses.replace(config, r=r.pop() if len(r) == 1 else config.r,
-                              lora_alpha=alpha.pop() if len(alpha) == 1 else config.lora_alpha)
+        r, alpha, scaling = layer.r[adapter_name], layer.lora_alpha[adapter_name], layer.scaling[adapter_name]
+        ranks[name], alphas[name] = r, alpha
+        kinds = {k for k, denom in (("plain", r), ("rslora", math.sqrt(r)))
+                 if math.isclose(scaling, alpha / denom, rel_tol=1e-6)}
+        if not kinds:
+            raise ValueError(f"module {name!r}: scaling {scaling} is neither lora_alpha / r nor lora_alpha / sqrt(r) "
+                             f"(r={r}, lora_alpha={alpha}); PEFT's config cannot express it")
+        rslora.add(frozenset(kinds))
+    use_rslora = config.use_rslora
+    if not all(("rslora" if use_rslora else "plain") in k for k in rslora):
+        use_rslora = not use_rslora
+        if not all(("rslora" if use_rslora else "plain") in k for k in rslora):
+            raise ValueError("some adapters scale by lora_alpha / r and others by lora_alpha / sqrt(r) (use_rslora); "
+                             "PEFT's config has one use_rslora for all")
+    r = _most_common(ranks.values(), config.r)
+    alpha = _most_common(alphas.values(), config.lora_alpha)
+    origin_name, origin_task = _model_origin(model)
+    cfg = dataclasses.replace(
+        config, r=r, lora_alpha=alpha, use_rslora=use_rslora,
+        rank_pattern={n: v for n, v in ranks.items() if v != r},
+        alpha_pattern={n: v for n, v in alphas.items() if v != alpha},
+        base_model_name_or_path=base_model_name_or_path or config.base_model_name_or_path or origin_name,
+        task_type=task_type or config.task_type or origin_task, revision=revision or config.revision)
     os.makedirs(directory, exist_ok=True)
     targets = getattr(model, "_pyqlora_targets", None) or sorted({n.rpartition(".")[2] for n, _ in layers})
     with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
         json.dump(cfg.to_peft_dict(targets), f, indent=2, sort_keys=True)
     save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
+def _save_pretrained_adapter(self, save_directory, *args, is_main_process=True, **kwargs):
+    """``save_pretrained`` of a Hugging Face model prepared by :func:`prepare_model`: writes the LoRA adapter in
+    PEFT's format (as ``PeftModel.save_pretrained`` does), which ``AutoPeftModelForCausalLM`` and
+    ``from_pretrained`` (through ``base_model_name_or_path``) load. transformers' own method would write the
+    4-bit base under keys (``...base_layer.weight``) and a config without ``quantization_config``: a folder that
+    loads with every linear weight missing and freshly initialized."""
+    if is_main_process:
+        save_adapter(self, save_directory)
+
+
+def _guard_save_pretrained(model):
+    """Make ``model.save_pretrained`` (``Trainer.save_model`` calls it) write the adapter, for a transformers model."""
+    if callable(getattr(model, "save_pretrained", None)) and not isinstance(
+            model.__dict__.get("save_pretrained"), types.MethodType):
+        model.save_pretrained = types.MethodType(_save_pretrained_adapter, model)
 
 
 # PEFT's LoraConfig fields that change what an adapter computes (LoRA variants, a bias on
@@ -360,6 +586,20 @@ _UNSUPPORTED_FIELDS = {
     "alora_invocation_tokens": "Activated LoRA", "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA",
     "use_bdlora": "BD-LoRA", "arrow_config": "Arrow routing", "kasa_config": "KaSA",
     "layer_replication": "layer replication",
+}
+
+
+# peft.LoraConfig fields that prepare_model cannot honour: (neutral value, what it is)
+_PREPARE_REFUSES = {
+    **{field: (False, what) for field, what in _UNSUPPORTED_FIELDS.items()},
+    "bias": ("none", "trained biases"),
+    "fan_in_fan_out": (False, "Conv1D-style weights"),
+    "modules_to_save": (None, "fully trained extra modules: prepare_model trains the adapters only"),
+    "layers_to_transform": (None, "a subset of layers"),
+    "layers_pattern": (None, "a subset of layers"),
+    "trainable_token_indices": (None, "trainable tokens"),
+    "target_parameters": (None, "LoRA on parameters"),
+    "megatron_config": (None, "Megatron layers"),
 }
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ._array import QuantizedArray
-from ._formats import DQ_BLOCKSIZE
+from ._formats import DQ_BLOCKSIZE, check_blocksize, check_codebook
 from ._glue.dtensor import is_dtensor
 from ._glue.products import choose_path, fused_product, tiled_product_torch
 from ._glue.tensors import as_numpy, byte_view, dequantize_weight, numpy_dtype, torch_dtype
@@ -72,6 +72,11 @@ class _Linear4bitFunction(torch.autograd.Function):
         return grad_x, None, grad_bias
 
 
+def _meta_param(rows, width):
+    """A frozen uint8 parameter of shape (rows, width) on the meta device (no storage)."""
+    return nn.Parameter(torch.empty(rows, width, dtype=torch.uint8, device="meta"), requires_grad=False)
+
+
 def _byte_param(a, width):
     """A frozen uint8 parameter of shape (len(a), width) over the bytes of numpy array `a` (no copy)."""
     t = torch.from_numpy(np.ascontiguousarray(a).reshape(-1).view(np.uint8)).view(-1, width)
@@ -99,6 +104,12 @@ class Linear4bit(nn.Module):
         NF4 + double quantization + blocksize 64 is QLoRA's recipe and the default.
     compute_dtype : torch.dtype, optional
         The dtype of the matmul; by default the input's (or the CPU autocast dtype).
+    dtype : torch.dtype
+        The dtype of the bias and of the weight before quantization.
+    device : "meta", optional
+        ``"meta"`` builds the layer without storage (no memory): its state dict then
+        holds ``weight`` (and ``bias``) as meta tensors, and the weight is set later by
+        assigning :attr:`quantized` (``pyqlora.hf`` loads checkpoints this way).
 
     Build one from an existing layer with :meth:`from_linear`; a layer built
     with the constructor holds a zero weight until a state dict is loaded.
@@ -117,16 +128,31 @@ class Linear4bit(nn.Module):
     """
 
     def __init__(self, in_features, out_features, bias=True, codebook="nf4", blocksize=64, double_quant=True,
-                 compute_dtype=None, dtype=torch.float32):
+                 compute_dtype=None, dtype=torch.float32, device=None):
         super().__init__()
         if in_features < 1 or out_features < 1:
             raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
+        meta = device is not None and torch.device(device).type == "meta"
+        if device is not None and not meta and torch.device(device).type != "cpu":
+            raise ValueError(f"device must be None, 'cpu' or 'meta', got {device!r}")
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.codebook, self.blocksize, self.double_quant = codebook, blocksize, double_quant
         self.compute_dtype = compute_dtype
         # an all-zero weight, built in its quantized form (no dense allocation)
         n, nb = self.out_features * self.in_features, -(-self.out_features * self.in_features // blocksize)
         self._q_cache = None
+        if meta:
+            check_codebook(codebook)
+            check_blocksize(blocksize)
+            self.weight = _meta_param((n + 1) // 2, 1)
+            self.weight_absmax = _meta_param(nb, 1 if double_quant else 4)
+            self.weight_nested_absmax = _meta_param(-(-nb // DQ_BLOCKSIZE), 4) if double_quant else None
+            self._q_meta = {"shape": (self.out_features, self.in_features), "dtype": numpy_dtype(dtype),
+                            "codebook": codebook, "blocksize": blocksize, "double_quant": bool(double_quant),
+                            "nested_offset": 0.0 if double_quant else None}
+            self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=dtype, device="meta"),
+                                     requires_grad=False) if bias else None
+            return
         self.quantized = QuantizedArray(
             shape=(self.out_features, self.in_features), dtype=numpy_dtype(dtype), codebook=codebook,
             blocksize=blocksize,
@@ -173,6 +199,9 @@ class Linear4bit(nn.Module):
         if any(is_dtensor(t) for t in tensors):
             raise RuntimeError("the 4-bit weight of this Linear4bit is sharded by FSDP; it can be read only "
                                "inside forward/backward or after model.unshard()")
+        if self.weight.device.type == "meta":
+            raise RuntimeError("this Linear4bit was built on the meta device and holds no weight yet: assign "
+                               "`quantized` or load a state dict")
         if any(t.device.type != "cpu" for t in tensors if t is not None):
             raise TypeError(f"the 4-bit weight is on {self.weight.device}; only CPU storage is supported yet")
         meta = self._q_meta
@@ -198,6 +227,7 @@ class Linear4bit(nn.Module):
         self.weight_nested_absmax = _byte_param(q.nested_absmax, 4) if q.double_quant else None
         self._q_meta = {"shape": q.shape, "dtype": q.dtype, "codebook": q.codebook, "blocksize": q.blocksize,
                         "double_quant": q.double_quant, "nested_offset": q.nested_offset}
+        self.codebook, self.blocksize, self.double_quant = q.codebook, q.blocksize, q.double_quant
         self._q_cache = None
 
     def __getstate__(self):  # pickle / deepcopy: the cached view would duplicate the bytes
@@ -212,7 +242,7 @@ class Linear4bit(nn.Module):
     @property
     def weight_dtype(self):
         """The dtype the weight had before quantization (what dequantize_weight() gives by default)."""
-        return torch_dtype(self.quantized.dtype)
+        return torch_dtype(self._q_meta["dtype"])
 
     def dequantized_weight(self, dtype=None):
         return dequantize_weight(self.quantized, dtype or self.weight_dtype)
@@ -238,6 +268,11 @@ class Linear4bit(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        if self.weight.device.type == "meta":
+            # not loaded yet (built with device="meta"): the packed weight only, as bitsandbytes' layer
+            # lists it before loading; its quant-state entries are read with it (pyqlora.hf)
+            destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
+            return
         if any(is_dtensor(t) for t in self.quant_parameters()):
             # Sharded by FSDP2: give the byte shards under their own names, as DTensors, so that
             # torch.distributed.checkpoint can gather or reshard them; _load_from_state_dict reads both.

@@ -286,6 +286,70 @@ def test_rank_and_alpha_patterns_saved_by_peft_load_as_peft_reads_them(tmp_path)
     torch.testing.assert_close(model(x), pm(x), rtol=1e-5, atol=1e-5)
 
 
+def test_mixed_ranks_and_alphas_are_saved_as_peft_patterns(tmp_path):
+    """save_adapter on layers with different r / lora_alpha writes rank_pattern / alpha_pattern: PEFT builds
+    the same adapters from the file (same shapes and outputs), and load_adapter reads them back."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 16), nn.Linear(16, 16))
+    prepare_model(model, LoraConfig(r=4, lora_alpha=8, rank_pattern={"1": 2}, alpha_pattern={"2": 3}))
+    trained(model)
+    layers = dict(lora_layers(model))
+    assert [(layers[n].r["default"], layers[n].lora_alpha["default"]) for n in "012"] == [(4, 8), (2, 8), (4, 3)]
+    save_adapter(model, tmp_path)
+    with open(tmp_path / CONFIG) as f:
+        cfg = json.load(f)
+    assert (cfg["r"], cfg["lora_alpha"], cfg["rank_pattern"], cfg["alpha_pattern"]) == (4, 8, {"1": 2}, {"2": 3})
+    twin = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 16), nn.Linear(16, 16))
+    with torch.no_grad():
+        for dense, (_, layer) in zip(twin, lora_layers(model)):
+            dense.weight.copy_(dequantize_weight(layer.base_layer.quantized))
+            dense.bias.copy_(layer.base_layer.bias)
+    pm = peft.PeftModel.from_pretrained(twin, str(tmp_path))
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(pm(x), model(x), rtol=1e-5, atol=1e-5)
+    again = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 16), nn.Linear(16, 16))
+    prepare_model(again, LoraConfig(r=1))
+    load_adapter(again, tmp_path, adapter_name="saved")
+    assert {n: (m.r["saved"], m.lora_alpha["saved"]) for n, m in lora_layers(again)} == {
+        "0": (4, 8), "1": (2, 8), "2": (4, 3)}
+    # the most common rank and alpha are the defaults, whatever prepare_model was given
+    for _, layer in lora_layers(model):
+        layer.r["default"], layer.lora_alpha["default"] = 2, 5  # scaling is what save_adapter checks: keep it
+        layer.scaling["default"] = 5 / 2
+    layers["2"].r["default"], layers["2"].scaling["default"] = 4, 5 / 4
+    model[2].lora_A["default"] = nn.Linear(16, 4, bias=False)
+    model[2].lora_B["default"] = nn.Linear(4, 16, bias=False)
+    model[1].lora_A["default"] = nn.Linear(8, 2, bias=False)
+    model[1].lora_B["default"] = nn.Linear(2, 16, bias=False)
+    model[0].lora_A["default"] = nn.Linear(16, 2, bias=False)
+    model[0].lora_B["default"] = nn.Linear(2, 8, bias=False)
+    save_adapter(model, tmp_path / "b")
+    with open(tmp_path / "b" / CONFIG) as f:
+        cfg = json.load(f)
+    assert (cfg["r"], cfg["lora_alpha"], cfg["rank_pattern"], cfg["alpha_pattern"]) == (2, 5, {"2": 4}, {})
+
+
+def test_save_adapter_refuses_a_scaling_peft_cannot_express(tmp_path):
+    model = make_model()
+    dict(lora_layers(model))["1"].scaling["default"] = 0.3
+    with pytest.raises(ValueError, match="scaling"):
+        save_adapter(model, tmp_path)
+
+
+def test_save_adapter_config_is_complete_for_peft(tmp_path):
+    model = make_model()
+    save_adapter(model, tmp_path, base_model_name_or_path="org/base", task_type="CAUSAL_LM", revision="v1")
+    with open(tmp_path / CONFIG) as f:
+        cfg = json.load(f)
+    assert (cfg["base_model_name_or_path"], cfg["task_type"], cfg["revision"]) == ("org/base", "CAUSAL_LM", "v1")
+    assert (cfg["peft_type"], cfg["modules_to_save"], cfg["rank_pattern"], cfg["alpha_pattern"]) == ("LORA", None, {},
+                                                                                                     {})
+    peft = pytest.importorskip("peft")
+    loaded = peft.LoraConfig.from_pretrained(str(tmp_path))
+    assert (loaded.base_model_name_or_path, loaded.task_type, loaded.r) == ("org/base", "CAUSAL_LM", 4)
+
+
 def test_rank_pattern_is_checked_against_the_tensors(adapter, tmp_path):
     _, cfg, tensors = adapter
     write(tmp_path / "bad", {**cfg, "rank_pattern": {"1": 3}}, tensors)

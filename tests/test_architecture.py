@@ -5,7 +5,9 @@ The package has three layers, one direction of dependency:
 - the array API: ``pyqlora/__init__.py`` and ``pyqlora/_*.py`` (numpy, ml_dtypes and the
   compiled bindings ``pyqlora._nf4core``);
 - the torch glue: ``nn``, ``lora``, ``optim``, ``distributed`` and what they share in
-  ``pyqlora/_glue/`` (and the Hugging Face integration ``hf`` beside them);
+  ``pyqlora/_glue/``;
+- the Hugging Face integration ``pyqlora/hf/`` beside the glue, above it: torch glue plus
+  transformers and peft, registered with them only by ``import pyqlora.hf``;
 - the application: ``pyqlora/app/`` (and ``pyqlora/__main__.py``, its entry point).
 
 These tests read the sources with ``ast`` (every import statement, at module level or
@@ -149,6 +151,26 @@ def test_only_the_application_imports_the_application():
 def test_torch_glue_imports_neither_hf_nor_the_application():
     bad = [imp for imp in OURS if layer(imp.source) == "glue" and layer(imp.target) in ("hf", "app")]
     assert not bad, bad
+
+
+def test_hf_imports_the_glue_and_the_array_api_only():
+    """pyqlora.hf sits beside the torch glue: it may import the glue, the array API and itself, never the app;
+    and no other layer imports it (it registers with transformers and PEFT when, and only when, imported)."""
+    assert "pyqlora.hf" in MODULES and is_package("pyqlora.hf")
+    bad = [imp for imp in OURS if layer(imp.source) == "hf" and layer(imp.target) not in ("array", "glue", "hf")]
+    assert not bad, f"pyqlora.hf imports {bad}"
+    users = [imp for imp in OURS if layer(imp.target) == "hf" and layer(imp.source) not in ("hf", "app")]
+    assert not users, f"modules below the application import pyqlora.hf: {users}"
+
+
+def test_import_of_the_torch_glue_registers_nothing_with_hugging_face():
+    """Importing pyqlora and its torch glue imports neither transformers, peft nor pyqlora.hf."""
+    code = ("import sys, pyqlora, pyqlora.nn, pyqlora.lora, pyqlora.optim; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'peft', 'trl') "
+            "or m.startswith('pyqlora.hf')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(__file__) or ".")
+    assert out.stdout.strip() == "[]", f"importing the torch glue imported {out.stdout.strip()}"
 
 
 def test_no_import_cycle():
