@@ -39,6 +39,18 @@ def run_cli(*args, stdin=None):
                               cwd=cwd, input=stdin)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """In-process generation on one thread: on a 2-core machine shared with other work, a fork-join per 4-bit
+    product (210 per token) waits for a second core each time (the CLI test runs with --threads 2)."""
+    saved = torch.get_num_threads(), pq.get_num_threads()
+    torch.set_num_threads(1)
+    pq.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved[0])
+    pq.set_num_threads(saved[1])
+
+
 @pytest.fixture(scope="module")
 def dense():
     """SmolLM2-135M-Instruct, dense float32, and its tokenizer."""
@@ -228,7 +240,7 @@ def test_pick_samples_from_the_top_p_set():
 def test_cli_prints_the_text_on_stdout_and_the_speeds_on_stderr(dense, adapter):
     _, tok = dense
     proc = run_cli("generate", "--prompt", PROMPT, "--adapter", adapter[0], "--max-new-tokens", str(NEW),
-                   "--dtype", "fp32", "--threads", "2")
+                   "--dtype", "fp32", "--threads", "1")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == tok.decode(adapter[1], skip_special_tokens=True) + "\n"
     assert "NF4 + DQ" in proc.stderr and "on 210 layers" in proc.stderr and "compute float32" in proc.stderr
@@ -236,18 +248,25 @@ def test_cli_prints_the_text_on_stdout_and_the_speeds_on_stderr(dense, adapter):
     assert "tokens/s); decode: 7 tokens in" in line and line.endswith("tokens/s)")
 
 
-def test_cli_bad_paths_exit_2(tmp_path):
+def test_cli_bad_paths_exit_2(tmp_path, capsys):
     proc = run_cli("generate", "--model", str(tmp_path / "missing"), "--prompt", "hi")
     assert proc.returncode == 2 and "pyqlora: error: model not found" in proc.stderr
-    proc = run_cli("generate", "--adapter", str(tmp_path / "missing"), "--prompt", "hi")
-    assert proc.returncode == 2 and "pyqlora: error: adapter not found" in proc.stderr
-    (tmp_path / "adapter_config.json").write_text("{}")
-    proc = run_cli("generate", "--adapter", str(tmp_path), "--prompt", "hi")
-    assert proc.returncode == 2 and "adapter_model.safetensors" in proc.stderr, proc.stderr
-    proc = run_cli("generate", "--prompt", "hi", "--top-p", "0")
-    assert proc.returncode == 2 and "--top-p must be in (0, 1]" in proc.stderr
-    proc = run_cli("generate")  # neither --prompt nor --chat
-    assert proc.returncode == 2 and "--prompt" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    from pyqlora.app.cli import main
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "adapter_config.json").write_text("{}")
+    for argv, message in [(["--adapter", str(tmp_path / "missing")], "adapter not found"),
+                          (["--adapter", str(tmp_path / "folder")], "adapter_model.safetensors"),
+                          (["--adapter", str(tmp_path / "folder" / "adapter_config.json")], "is a file"),
+                          (["--top-p", "0"], "--top-p must be in (0, 1]"),
+                          (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1")]:
+        assert main(["generate", "--prompt", "hi", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("pyqlora: error: ") and message in err, (argv, err)
+    with pytest.raises(SystemExit) as exc:  # neither --prompt nor --chat: argparse's usage error
+        main(["generate"])
+    assert exc.value.code == 2 and "--prompt" in capsys.readouterr().err
 
 
 def test_damaged_adapter_is_a_clear_error(tmp_path):
