@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+from . import generate
+
 __all__ = ["expected_error", "main"]
 
 
@@ -164,6 +166,7 @@ BENCHMARKS = {  # script -> extra arguments for --quick
     "bench_kernels.py": ["--quick", "--json", "", "--plot", ""],
     "bench_matmul.py": ["--repeat", "3"],
     "bench_qlora_step.py": ["--layers", "2", "--steps", "1"],
+    "bench_generate.py": ["--new-tokens", "16", "--repeat", "1", "--no-llama-cpp"],
 }
 
 
@@ -333,6 +336,8 @@ def main(argv=None):
     ev.add_argument("--threads", type=int)
     ev.add_argument("--json", help="also write the result as JSON to this file")
     ev.set_defaults(func=_eval)
+
+    generate.add_parser(sub)
 
     be = sub.add_parser("bench", help="run the benchmark scripts in benchmarks/ (from a clone)")
     be.add_argument("--quick", action="store_true", help="small sizes, few repetitions (a smoke run)")
