@@ -166,7 +166,7 @@ BENCHMARKS = {  # script -> extra arguments for --quick
     "bench_kernels.py": ["--quick", "--json", "", "--plot", ""],
     "bench_matmul.py": ["--repeat", "3"],
     "bench_qlora_step.py": ["--layers", "2", "--steps", "1"],
-    "bench_generate.py": ["--new-tokens", "16", "--repeat", "1", "--no-llama-cpp"],
+    "bench_generate.py": ["--new-tokens", "16", "--repeat", "1"],
 }
 
 
