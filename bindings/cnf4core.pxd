@@ -60,6 +60,8 @@ cdef extern from "nf4core/nf4core.h" nogil:
     # runtime.h
     nf4_status nf4_set_num_threads(int32_t n)
     int32_t nf4_get_num_threads()
+    nf4_status nf4_set_thread_num_threads(int32_t n)
+    int32_t nf4_get_thread_num_threads()
     nf4_status nf4_set_threading(const char *name)
     const char *nf4_get_threading()
     nf4_status nf4_set_isa(const char *name)

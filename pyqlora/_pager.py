@@ -183,6 +183,10 @@ class Pager:
     arrays back to the spill file until the resident bytes fit
     ``budget_bytes``; :meth:`evict` does so on demand. Touching a spilled
     array without prefetching it is still correct (the OS faults it in).
+    Host backend: small arrays (up to 256 KiB) share pages, packed into
+    slabs paged in units of ``min(page_bytes, 64 KiB)``, so thousands of
+    them cost what their bytes cost; prefetching or evicting one acts on the
+    units that hold it, neighbours included (``docs/pager.md``).
 
     Parameters
     ----------
@@ -443,9 +447,10 @@ class Pager:
         -------
         dict
             ``budget_bytes`` (-1 = unlimited), ``page_bytes``, ``allocated_bytes``,
-            ``resident_bytes`` (host: measured with ``mincore``; CUDA: the bytes
-            the pager moved to the device and not back), ``spilled_bytes``,
-            ``page_ins``, ``page_outs`` and ``num_allocations``.
+            ``resident_bytes`` of live arrays (host: measured with ``mincore``;
+            CUDA: the bytes the pager moved to the device and not back),
+            ``spilled_bytes``, ``page_ins`` and ``page_outs`` (paging units moved:
+            pages, or slab units for small arrays) and ``num_allocations``.
         """
         return self._h().stats()
 

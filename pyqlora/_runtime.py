@@ -1,5 +1,6 @@
 """Threads and instruction-set path of the nf4core kernels."""
 import contextlib
+import contextvars
 import os
 import sys
 
@@ -24,6 +25,11 @@ ISAS = ("avx512", "avx2", "neon", "scalar")
 
 _state = {"user": None}  # threads chosen by the user (set_num_threads / PYQLORA_NUM_THREADS), else None
 _default = _rt.get_num_threads()  # CPUs this process may use, or NF4CORE_NUM_THREADS
+# The count of the innermost `with num_threads(n)` block of the running context
+# (0: none). A context variable, so that each thread (and each asyncio task) has
+# its own; nf4core keeps the same value per OS thread (nf4_set_thread_num_threads),
+# set on entering and leaving a block and re-synced before every kernel call.
+_override = contextvars.ContextVar("pyqlora_num_threads", default=0)
 
 
 def _env_threads():
@@ -57,14 +63,24 @@ def set_num_threads(n):
     1
     >>> pq.set_num_threads(None)
     """
-    if n is None or n == 0:
+    n = _check_threads(n)
+    if n == 0:
         _state["user"] = None
         _rt.set_num_threads(_default)
         return
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"number of threads must be a positive integer or None, got {n!r}")
     _rt.set_num_threads(n)
     _state["user"] = n
+
+
+def _check_threads(n):
+    """n as an int (0 for None), or ValueError naming the value."""
+    if n is None:
+        return 0
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"number of threads must be a positive integer or None, got {n!r}")
+    if n > 1024:
+        raise ValueError(f"number of threads must be at most 1024, got {n}")
+    return n
 
 
 def _automatic():
@@ -76,7 +92,11 @@ def _automatic():
 
 
 def sync_threads():
-    """Apply the automatic thread count before a kernel call (internal, cheap)."""
+    """Before a kernel call (internal, cheap): tell nf4core this context's
+    ``num_threads`` block, and apply the automatic process-wide count."""
+    o = _override.get()
+    if o != _rt.get_thread_num_threads():
+        _rt.set_thread_num_threads(o)
     if _state["user"] is None:
         n = _automatic()
         if n != _rt.get_num_threads():
@@ -84,27 +104,42 @@ def sync_threads():
 
 
 def get_num_threads():
-    """Number of threads the next kernel call will use."""
+    """Number of threads the next kernel call from this thread will use.
+
+    Inside a :func:`num_threads` block, that block's count; otherwise the
+    process-wide count (:func:`set_num_threads`).
+    """
     sync_threads()
-    return _rt.get_num_threads()
+    return _override.get() or _rt.get_num_threads()
 
 
 @contextlib.contextmanager
 def num_threads(n):
-    """Context manager: use `n` threads inside the ``with`` block.
+    """Context manager: kernels called from this thread use `n` threads inside the block.
+
+    The setting belongs to the calling thread (and asyncio task) only: other
+    threads keep theirs, and the process-wide count of
+    :func:`set_num_threads` is not changed, so blocks in several threads may
+    overlap freely. Blocks nest; leaving one, normally or by an exception,
+    restores the count of the enclosing one. ``None`` (or 0) means the
+    automatic count (see :func:`set_num_threads`), taken on entering.
 
     Examples
     --------
     >>> import numpy as np, pyqlora as pq
     >>> with pq.num_threads(1):
     ...     q = pq.quantize(np.ones(1 << 20, np.float32))
+    ...     pq.get_num_threads()
+    1
     """
-    previous = _state["user"]
-    set_num_threads(n)
+    n = _check_threads(n) or _automatic()
+    _rt.set_thread_num_threads(n)  # raises (more than 1024) before anything changed
+    token = _override.set(n)
     try:
         yield
     finally:
-        set_num_threads(previous)
+        _override.reset(token)
+        _rt.set_thread_num_threads(_override.get())
 
 
 def set_threading(name="auto"):

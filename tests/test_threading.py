@@ -1,21 +1,30 @@
 """Helper threads: the team of the OpenMP runtime already loaded into the process
-(torch's libgomp; the default, "auto"), or nf4core's own pool.
+(torch's libgomp; the default, "auto"), or nf4core's own pool; and the thread
+count of a ``with pq.num_threads(n)`` block, which belongs to its thread.
 
 The oracle for "is a runtime loaded" is the process's memory map, not
-nf4core's own lookup; results are compared byte for byte with one thread.
+nf4core's own lookup; results are compared byte for byte with one thread; the
+helpers a call used are counted in /proc/self/task (a pool or an OpenMP team
+starts its threads when a job asks for them).
 """
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
 
 import pyqlora as pq
 from pyqlora import _dtypes
+from pyqlora import _nf4core as _rt
 
-torch = pytest.importorskip("torch")
+try:
+    import torch  # loads its OpenMP runtime (libgomp): the "openmp" threading
+except ImportError:
+    torch = None
+needs_torch = pytest.mark.skipif(torch is None, reason="needs torch (its OpenMP runtime)")
 linux_only = pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self")
 
 OPENMP_LIBS = ("libgomp", "libiomp5", "libomp.")
@@ -42,6 +51,7 @@ def _run(script, cwd, env=None, timeout=300):
     return done.stdout.split()
 
 
+@needs_torch
 @linux_only
 def test_settings(restore_threading):
     assert _openmp_in_maps()  # torch's CPU build brought its OpenMP runtime
@@ -73,6 +83,7 @@ def _products(rng):
     return out + [c8.tobytes(), a8.tobytes()]
 
 
+@needs_torch
 @pytest.mark.parametrize("threads", [2, 3])
 def test_same_bytes_on_pool_and_openmp(threads, restore_threading):
     with pq.num_threads(1):
@@ -84,6 +95,7 @@ def test_same_bytes_on_pool_and_openmp(threads, restore_threading):
         assert [a == b for a, b in zip(got, want)] == [True] * len(want), kind
 
 
+@needs_torch
 @linux_only
 def test_openmp_runs_on_torchs_threads_and_starts_none(tmp_path):
     # By default the work runs on the team torch already has: the process gains no
@@ -111,6 +123,7 @@ def test_openmp_runs_on_torchs_threads_and_starts_none(tmp_path):
     assert on_pool == before + 1
 
 
+@needs_torch
 @linux_only
 def test_openmp_from_the_moment_torch_is_imported(tmp_path):
     # The pool until torch loads libgomp, then its team, with the same results;
@@ -135,6 +148,7 @@ def test_openmp_from_the_moment_torch_is_imported(tmp_path):
     assert out == ["False", "pool", "refused", "True", "openmp", "True"]
 
 
+@needs_torch
 def test_environment_selects_the_pool(tmp_path):
     out = _run("""
         import torch, pyqlora as pq
@@ -143,3 +157,175 @@ def test_environment_selects_the_pool(tmp_path):
         print(pq.get_threading())
     """, tmp_path, env={"NF4CORE_THREADING": "pool"})
     assert out == ["pool", "openmp"]
+
+
+# -- `with pq.num_threads(n)`: a per-thread setting ----------------------------------------
+
+def _in_threads(*targets):
+    """Runs each target in its own thread; re-raises the first failure."""
+    errors = []
+
+    def guard(fn):
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=guard, args=(fn,)) for fn in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    if errors:
+        raise errors[0]
+
+
+def test_blocks_in_two_threads_overlap_without_leaking():
+    # A enters (2), B enters (3), A leaves while B is still inside, then B: the
+    # interleaving that left the whole process pinned to one block's count when
+    # the block saved and restored the process-wide setting. A barrier forces it.
+    default = pq.get_num_threads()
+    process = _rt.get_num_threads()
+    x = np.random.default_rng(3).standard_normal(1 << 18).astype(np.float32)
+    want = pq.quantize(x).packed.tobytes()
+    step = threading.Barrier(2, timeout=30)
+    seen = {}
+
+    def a():
+        with pq.num_threads(2):
+            step.wait()  # 1: A is inside
+            step.wait()  # 2: B is inside too
+            seen["a inside"] = pq.get_num_threads(), _rt.get_thread_num_threads()
+            seen["a bytes"] = pq.quantize(x).packed.tobytes() == want
+        step.wait()  # 3: A has left, B has not
+        seen["a after"] = pq.get_num_threads(), _rt.get_thread_num_threads()
+        step.wait()  # 4
+
+    def b():
+        step.wait()  # 1
+        seen["b before"] = pq.get_num_threads()  # A's block does not reach here
+        with pq.num_threads(3):
+            step.wait()  # 2
+            step.wait()  # 3
+            seen["b inside"] = pq.get_num_threads(), _rt.get_thread_num_threads()
+            seen["b bytes"] = pq.quantize(x).packed.tobytes() == want
+            step.wait()  # 4
+        seen["b after"] = pq.get_num_threads(), _rt.get_thread_num_threads()
+
+    _in_threads(a, b)
+    assert seen == {
+        "a inside": (2, 2), "a bytes": True, "a after": (default, 0),
+        "b before": default, "b inside": (3, 3), "b bytes": True, "b after": (default, 0),
+    }
+    assert pq.get_num_threads() == default  # the process default is intact
+    assert _rt.get_num_threads() == process and _rt.get_thread_num_threads() == 0
+
+
+def test_blocks_nest_and_restore_on_exceptions():
+    default = pq.get_num_threads()
+    with pq.num_threads(3):
+        assert pq.get_num_threads() == 3
+        with pq.num_threads(1):
+            assert pq.get_num_threads() == 1
+            with pytest.raises(RuntimeError, match="inside"):
+                with pq.num_threads(2):
+                    assert pq.get_num_threads() == 2 and _rt.get_thread_num_threads() == 2
+                    raise RuntimeError("inside")
+            assert pq.get_num_threads() == 1 and _rt.get_thread_num_threads() == 1
+        assert pq.get_num_threads() == 3 and _rt.get_thread_num_threads() == 3
+        pq.set_num_threads(1)  # the process-wide setting keeps its meaning beside a block
+        try:
+            assert pq.get_num_threads() == 3
+            assert _rt.get_num_threads() == 1
+        finally:
+            pq.set_num_threads(None)
+    assert pq.get_num_threads() == default and _rt.get_thread_num_threads() == 0
+
+
+def test_asyncio_tasks_on_one_thread_keep_their_own_blocks():
+    # One OS thread, two tasks whose blocks interleave at awaits: the count is a
+    # context variable, re-applied to nf4core's per-thread setting before each
+    # kernel call (get_num_threads does the same sync).
+    import asyncio
+
+    default = pq.get_num_threads()
+    seen = []
+
+    async def task(n, mine, theirs):
+        with pq.num_threads(n):
+            mine.set()
+            await theirs.wait()  # the other task is inside its block now
+            seen.append((n, pq.get_num_threads(), _rt.get_thread_num_threads()))
+            await asyncio.sleep(0)
+            seen.append((n, pq.get_num_threads(), _rt.get_thread_num_threads()))
+
+    async def main():
+        a, b = asyncio.Event(), asyncio.Event()
+        await asyncio.gather(task(2, a, b), task(3, b, a))
+
+    asyncio.run(main())
+    assert sorted(seen) == [(2, 2, 2), (2, 2, 2), (3, 3, 3), (3, 3, 3)]
+    assert pq.get_num_threads() == default and _rt.get_thread_num_threads() == 0
+
+
+def test_none_means_the_automatic_count_in_a_block():
+    default = pq.get_num_threads()
+    with pq.num_threads(1):
+        with pq.num_threads(None):
+            assert pq.get_num_threads() == default
+        assert pq.get_num_threads() == 1
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "2", 1025])
+def test_bad_counts_raise_and_change_nothing(bad):
+    default = pq.get_num_threads()
+    with pytest.raises(ValueError, match="number of threads"):
+        with pq.num_threads(bad):
+            pass
+    assert pq.get_num_threads() == default and _rt.get_thread_num_threads() == 0
+
+
+@linux_only
+@pytest.mark.parametrize("threading_kind", ["pool", pytest.param("openmp", marks=needs_torch)])
+def test_a_blocks_count_reaches_the_kernels(threading_kind, tmp_path):
+    # The process runs on 1 thread; a thread inside `with pq.num_threads(4)`
+    # quantizes: its call asks for 4 threads, so the pool (or that thread's
+    # OpenMP team, sized 1 by OMP_NUM_THREADS) starts 3 helpers. A thread
+    # without a block starts none. Same bytes both ways.
+    plain, scoped, after, same = _run(f"""
+        import os, threading, time, numpy as np
+        if {threading_kind!r} == "openmp":
+            import torch
+        import pyqlora as pq
+        assert pq.get_threading() == {threading_kind!r}, pq.get_threading()
+        pq.set_num_threads(1)
+        x = np.random.default_rng(0).standard_normal(1 << 22).astype(np.float32)
+        want = pq.quantize(x).packed.tobytes()
+        count = lambda: len(os.listdir("/proc/self/task"))
+        alone = count()  # the main thread (no helper has started yet)
+        def settle():
+            # a joined thread can linger in /proc/self/task for a moment: wait
+            # until only the main thread and this one are left
+            for _ in range(1000):
+                if count() == alone + 1:
+                    break
+                time.sleep(0.005)
+            return count()
+        out = {{}}
+        def plain():
+            before = settle()
+            out["same plain"] = pq.quantize(x).packed.tobytes() == want
+            out["plain"] = count() - before
+        def scoped():
+            with pq.num_threads(4):
+                before = settle()
+                out["same scoped"] = pq.quantize(x).packed.tobytes() == want
+                out["scoped"] = count() - before
+        for f in (plain, scoped):
+            t = threading.Thread(target=f)
+            t.start()
+            t.join()
+        print(out["plain"], out["scoped"], pq.get_num_threads(), out["same plain"] and out["same scoped"])
+    """, tmp_path, env={"NF4CORE_THREADING": "auto" if threading_kind == "openmp" else "pool", "OMP_NUM_THREADS": "1"})
+    assert (int(plain), int(scoped), int(after), same) == (0, 3, 1, "True")

@@ -1,11 +1,12 @@
-// Host backend of the pager: RAM is the fast tier, an unlinked spill file the
-// slow one. Every allocation is a region of that file mapped MAP_SHARED, so
-// the kernel moves the bytes (faults pages in, writes them back) and callers
-// see plain memory; this file decides *when*: an LRU over fixed-size pages (the
-// PageLru of pager_lru.hpp, shown where the pages are by mincore), eviction
-// with msync + madvise/posix_fadvise(DONTNEED) so that RAM really goes back to
-// the OS, and disk reserved up front (posix_fallocate) so a full disk is an
-// error at allocation time instead of a SIGBUS on first touch.
+// Host backend of the pager: RAM is the fast tier, unlinked spill files the
+// slow one. Every allocation is a region of a spill file mapped MAP_SHARED
+// (small ones share a region, a slab: see HostPager), so the kernel moves the
+// bytes (faults pages in, writes them back) and callers see plain memory; this
+// file decides *when*: an LRU over fixed-size pages (the PageLru of
+// pager_lru.hpp, shown where the pages are by mincore), eviction with
+// sync_file_range (msync off Linux) + madvise/posix_fadvise(DONTNEED) so that
+// RAM really goes back to the OS, and disk reserved up front (posix_fallocate)
+// so a full disk is an error at allocation time instead of a SIGBUS on first touch.
 #include "pager.hpp"
 #include "pager_lru.hpp"
 
@@ -107,25 +108,112 @@ int reserve(int fd, int64_t off, int64_t len) {
 #endif
 }
 
-// Where an allocation lies in the spill file.
-struct Region {
-    int64_t mapped = 0;    // bytes mapped, a multiple of the OS page size
-    int64_t file_off = 0;  // where the region starts in the spill file
+// One spill file and its free regions: first fit at an aligned offset, freed
+// regions merged with their neighbours, a free tail shrinks the file.
+struct SpillFile {
+    int fd = -1;
+    std::map<int64_t, int64_t> free;  // offset -> length of free regions
+    int64_t end = 0;                  // end of the last region in use
+
+    int64_t take(int64_t len, int64_t align) {
+        for (auto it = free.begin(); it != free.end(); ++it) {
+            const int64_t off = it->first, flen = it->second;
+            const int64_t at = (off + align - 1) / align * align;
+            if (at + len > off + flen) continue;
+            free.erase(it);
+            if (at > off) free.emplace(off, at - off);
+            if (off + flen > at + len) free.emplace(at + len, off + flen - (at + len));
+            return at;
+        }
+        const int64_t at = (end + align - 1) / align * align;
+        if (at > end) free.emplace(end, at - end);
+        end = at + len;
+        return at;
+    }
+
+    void give_back(int64_t off, int64_t len) {
+        auto next = free.lower_bound(off);
+        if (next != free.end() && off + len == next->first) {
+            len += next->second;
+            next = free.erase(next);
+        }
+        if (next != free.begin()) {
+            auto prev = std::prev(next);
+            if (prev->first + prev->second == off) {
+                off = prev->first;
+                len += prev->second;
+                free.erase(prev);
+            }
+        }
+        if (off + len == end) {
+            end = off;
+            (void)!::ftruncate(fd, off_t(end));
+        } else {
+            free.emplace(off, len);
+        }
+    }
 };
 
+// A mapping of a spill file: a large allocation, or a slab of small ones.
+struct Region {
+    int64_t mapped = 0;    // bytes mapped, a multiple of the OS page size
+    int64_t file_off = 0;  // where the region starts in its spill file
+    int64_t reserved = 0;  // file bytes that belong to it (>= mapped: the alignment of large allocations)
+    SpillFile *file = nullptr;
+};
+
+// Why small allocations share pages. The pager moves bytes with a few system
+// calls per contiguous run of pages (write back, unmap, drop from the page
+// cache), and every allocation used to be its own mapping: 4,000 arrays of
+// 4 KiB cost 4,000 runs and took seconds to evict where 16 MiB in 1 MiB arrays
+// took milliseconds. Worse, the kernel's read-around on a fault (up to
+// read_ahead_kb, megabytes on some disks) filled the page cache around a
+// touched 4 KiB array in large folios (up to 2 MiB) spanning many neighbours;
+// the page cache drops a folio only whole, so evicting one small array freed
+// nothing, resident bytes stayed over the budget and every evict() "paged
+// out" the same pages again. So:
+//   - Allocations of at most kSlab / 8 bytes are blocks of slabs: 2 MiB mappings
+//     of a second spill file, paged in units of min(page_bytes, 64 KiB), so a
+//     run of small arrays moves with one set of calls and costs what its bytes
+//     cost. 64 KiB: a prefetch of one 4 KiB array brings at most 15 neighbours
+//     along and budgets down to 64 KiB hold, while a unit is still one useful
+//     disk write. Blocks keep OS-page alignment (pager.h promises it), so an
+//     array of a few bytes still takes 4 KiB of the slab.
+//   - Slab mappings are MADV_RANDOM (no read-around: a fault reads its own OS
+//     page, in a folio of one page), in their own file, so the read-around of
+//     large allocations cannot reach them either.
+//   - Large allocations keep read-around (a sequential touch of a spilled
+//     array without a prefetch is 25x faster with it) where its folios cannot
+//     straddle two paging units: Linux with 4 KiB pages (largest page-cache
+//     folio 2 MiB, naturally aligned) and page_bytes a multiple of 2 MiB, with
+//     each allocation's file region aligned to 2 MiB. Otherwise they are
+//     MADV_RANDOM too.
+constexpr int64_t kSlab = int64_t(2) << 20;
+constexpr int64_t kSlabUnit = int64_t(64) << 10;
+constexpr int64_t kFolioMax = int64_t(2) << 20;
+
 // The pages, their LRU and the counters are a PageLru; this class moves the
-// bytes (the kernel does, on faults and write-back: madvise, msync) and shows
-// the LRU where they are (mincore), and manages the spill file.
+// bytes (the kernel does, on faults and write-back: madvise, sync_file_range)
+// and shows the LRU where they are (mincore), packs small allocations into
+// slabs (a SlabHeap) and manages the spill files.
 class HostPager final : public PagerBackend {
 public:
     HostPager(int64_t budget, const char *spill_dir, int64_t page_bytes)
         : os_page_(os_page_size()),
+          unit_(std::min(page_bytes, (kSlabUnit + os_page_ - 1) / os_page_ * os_page_)),
+          slabs_((kSlab + unit_ - 1) / unit_ * unit_),
+          small_max_(slabs_.slab_bytes() / 8),
+#ifdef __linux__
+          readaround_(os_page_ == 4096 && page_bytes % kFolioMax == 0),
+#else
+          readaround_(true),
+#endif
           lru_(budget, page_bytes, [this](char *p, int64_t len, bool in) { move(p, len, in); },
                [this](char *p, int64_t len) { return resident_pages(p, len) * os_page_; }) {
         if (spill_dir != nullptr && spill_dir[0] != '\0') {
             dir_ = spill_dir;
-            fd_ = create_spill_file(dir_);
-            tmpfs_ = dir_is_tmpfs(fd_);
+            big_.fd = create_spill_file(dir_);
+            tmpfs_ = dir_is_tmpfs(big_.fd);
         } else {
             open_default_dir();
         }
@@ -133,7 +221,8 @@ public:
 
     ~HostPager() override {
         for (auto &kv : regions_) ::munmap(reinterpret_cast<void *>(kv.first), size_t(kv.second.mapped));
-        if (fd_ >= 0) ::close(fd_);
+        if (big_.fd >= 0) ::close(big_.fd);
+        if (small_.fd >= 0) ::close(small_.fd);
     }
 
     nf4_pager_backend kind() const override { return NF4_PAGER_HOST; }
@@ -141,63 +230,79 @@ public:
     bool spill_is_tmpfs() const override { return tmpfs_; }
 
     void *alloc(int64_t nbytes) override {
-        require(nbytes <= INT64_MAX - os_page_, "nbytes too large: " + std::to_string(nbytes));
+        require(nbytes <= INT64_MAX - 2 * kFolioMax, "nbytes too large: " + std::to_string(nbytes));
         const int64_t len = (nbytes + os_page_ - 1) / os_page_ * os_page_;
         std::lock_guard<std::mutex> lock(mu_);
-        const int64_t off = take_region(len);
-        if (int err = reserve(fd_, off, len)) {
-            give_back_region(off, len);
+        if (len <= small_max_) return alloc_small(len);
+        const int64_t align = readaround_ ? kFolioMax : os_page_;
+        const int64_t reserved = (len + align - 1) / align * align;
+        const int64_t off = big_.take(reserved, align);
+        if (int err = reserve(big_.fd, off, len)) {
+            big_.give_back(off, reserved);
             fail_os(NF4_ERROR_OUT_OF_MEMORY, err,
                     "cannot reserve " + std::to_string(len) + " bytes in the spill file in '" + dir_ + "'");
         }
-        void *p = ::mmap(nullptr, size_t(len), PROT_READ | PROT_WRITE, MAP_SHARED, fd_, off_t(off));
+        void *p = ::mmap(nullptr, size_t(len), PROT_READ | PROT_WRITE, MAP_SHARED, big_.fd, off_t(off));
         if (p == MAP_FAILED) {
             const int err = errno;
-            give_back_region(off, len);
+            big_.give_back(off, reserved);
             fail_os(NF4_ERROR_OUT_OF_MEMORY, err, "cannot map " + std::to_string(len) + " bytes of the spill file");
         }
+        if (!readaround_) ::madvise(p, size_t(len), MADV_RANDOM);
         lru_.add(static_cast<char *>(p), len);
-        regions_[reinterpret_cast<uintptr_t>(p)] = Region{len, off};
+        regions_[reinterpret_cast<uintptr_t>(p)] = Region{len, off, reserved, &big_};
         return p;
     }
 
     void free(void *ptr) override {
         std::lock_guard<std::mutex> lock(mu_);
+        if (char *slab = slabs_.slab_of(ptr)) {
+            const SlabHeap::Block b = slabs_.block_at(ptr);
+            require(b.base != nullptr && b.base == ptr, "pointer was not allocated by this pager");
+            free_small(slab, b);
+            return;
+        }
         lru_.remove(ptr);  // throws for a foreign pointer
         auto it = regions_.find(reinterpret_cast<uintptr_t>(ptr));
         const Region r = it->second;
         regions_.erase(it);
         char *base = static_cast<char *>(ptr);
-        const bool punched = punch_hole(r.file_off, r.mapped);
-        if (!punched) {
-            // No hole punching (macOS, some file systems): zero the region so the
-            // next allocation that reuses it reads zeros, then drop it from RAM.
-            std::memset(base, 0, size_t(r.mapped));
-            ::msync(base, size_t(r.mapped), MS_SYNC);
-        }
+        zero_file_range(base, r.file_off, r.mapped, big_);
         ::munmap(base, size_t(r.mapped));
-        drop_cache(r.file_off, r.mapped);
-        give_back_region(r.file_off, r.mapped);
+        drop_cache(big_, r.file_off, r.reserved);
+        big_.give_back(r.file_off, r.reserved);
     }
 
     void prefetch(const void *ptr, int64_t nbytes) override {
         std::lock_guard<std::mutex> lock(mu_);
+        check_small_range(ptr, nbytes);
         lru_.prefetch(ptr, nbytes);
     }
 
     void evict(const void *ptr, int64_t nbytes) override {
         std::lock_guard<std::mutex> lock(mu_);
+        check_small_range(ptr, nbytes);
         lru_.evict(ptr, nbytes);
     }
 
     void evict_all() override {
         std::lock_guard<std::mutex> lock(mu_);
+        flush_stale();  // freed blocks leave RAM without being written back
         lru_.evict_all();
     }
 
     nf4_pager_stats stats() override {
         std::lock_guard<std::mutex> lock(mu_);
-        return lru_.stats(lru_.refresh());  // what is really in RAM, exactly
+        int64_t resident = lru_.refresh();  // what is really in RAM, exactly
+        // ... of live allocations: not the free parts of slabs (a prefetch reads
+        // a slab a unit at a time, free extents included, as zeros)
+        slabs_.for_each_free([&](char *p, int64_t len) { resident -= resident_pages(p, len) * os_page_; });
+        nf4_pager_stats s = lru_.stats(resident);
+        const int64_t slab_bytes = slabs_.num_slabs() * slabs_.slab_bytes();
+        s.allocated_bytes = lru_.allocated_bytes() - slab_bytes + slabs_.live_bytes();
+        s.num_allocations = lru_.num_allocations() - slabs_.num_slabs() + slabs_.live_blocks();
+        s.spilled_bytes = s.allocated_bytes - resident;
+        return s;
     }
 
 private:
@@ -216,9 +321,9 @@ private:
                 continue;
             }
             const bool tmpfs = dir_is_tmpfs(fd);
-            if (fd_ < 0 || (tmpfs_ && !tmpfs)) {  // keep the first usable, prefer one on disk
-                if (fd_ >= 0) ::close(fd_);
-                fd_ = fd;
+            if (big_.fd < 0 || (tmpfs_ && !tmpfs)) {  // keep the first usable, prefer one on disk
+                if (big_.fd >= 0) ::close(big_.fd);
+                big_.fd = fd;
                 dir_ = dir;
                 tmpfs_ = tmpfs;
             } else {
@@ -226,69 +331,169 @@ private:
             }
             if (!tmpfs_) break;
         }
-        if (fd_ < 0) fail(NF4_ERROR_INVALID_ARGUMENT, "no usable spill directory (" + tried + "); pass spill_dir");
+        if (big_.fd < 0) fail(NF4_ERROR_INVALID_ARGUMENT, "no usable spill directory (" + tried + "); pass spill_dir");
     }
 
-    // First fit in the free list, else the end of the file.
-    int64_t take_region(int64_t len) {
-        for (auto it = free_.begin(); it != free_.end(); ++it) {
-            if (it->second < len) continue;
-            const int64_t off = it->first, rest = it->second - len;
-            free_.erase(it);
-            if (rest > 0) free_.emplace(off + len, rest);
-            return off;
+    // A block of a slab (a new slab where none has room), its disk reserved.
+    void *alloc_small(int64_t len) {
+        char *p = slabs_.take(len);
+        if (p == nullptr) {
+            add_slab();
+            p = slabs_.take(len);
         }
-        const int64_t off = file_end_;
-        file_end_ += len;
-        return off;
+        const int64_t off = file_offset(p);
+        clear_stale(p, len);
+        if (int err = reserve(small_.fd, off, len)) {
+            if (slabs_.give(p)) release_slab(slabs_.slab_of(p));
+            fail_os(NF4_ERROR_OUT_OF_MEMORY, err,
+                    "cannot reserve " + std::to_string(len) + " bytes in the spill file in '" + dir_ + "'");
+        }
+        return p;
     }
 
-    // Back to the free list, merged with its neighbours; a free tail shrinks the file.
-    void give_back_region(int64_t off, int64_t len) {
-        auto next = free_.lower_bound(off);
-        if (next != free_.end() && off + len == next->first) {
+    void add_slab() {
+        if (small_.fd < 0) small_.fd = create_spill_file(dir_);  // the first small allocation
+        const int64_t size = slabs_.slab_bytes();
+        const int64_t off = small_.take(size, os_page_);
+        // The file covers the whole slab, so that every page of it can be read
+        // (as zeros where no block is): a prefetch reads whole units.
+        if (off + size == small_.end && ::ftruncate(small_.fd, off_t(small_.end)) != 0) {
+            const int err = errno;
+            small_.give_back(off, size);
+            fail_os(NF4_ERROR_OUT_OF_MEMORY, err, "cannot grow the spill file in '" + dir_ + "'");
+        }
+        void *p = ::mmap(nullptr, size_t(size), PROT_READ | PROT_WRITE, MAP_SHARED, small_.fd, off_t(off));
+        if (p == MAP_FAILED) {
+            const int err = errno;
+            small_.give_back(off, size);
+            fail_os(NF4_ERROR_OUT_OF_MEMORY, err, "cannot map " + std::to_string(size) + " bytes of the spill file");
+        }
+        ::madvise(p, size_t(size), MADV_RANDOM);
+        lru_.add(static_cast<char *>(p), size, unit_);
+        regions_[reinterpret_cast<uintptr_t>(p)] = Region{size, off, size, &small_};
+        slabs_.add_slab(static_cast<char *>(p));
+    }
+
+    // A freed block keeps its bytes until its range is allocated again, its
+    // slab goes back, or evict_all: zeroing it (a hole punched) is a file-system
+    // transaction, 0.1 to 4 ms each on ext4 here, so freeing 4,000 small arrays
+    // one punch each took seconds; deferred, they merge into a few punches.
+    void free_small(char *slab, const SlabHeap::Block &b) {
+        add_stale(slab, b.base, b.len);
+        if (slabs_.give(b.base)) release_slab(slab);
+    }
+
+    // An empty slab goes back: its pages leave the LRU, its file region is
+    // zeroed (one punch for the slab) and freed.
+    void release_slab(char *slab) {
+        lru_.remove(slab);
+        slabs_.remove_slab(slab);
+        auto it = regions_.find(reinterpret_cast<uintptr_t>(slab));
+        const Region r = it->second;
+        regions_.erase(it);
+        const auto b = reinterpret_cast<uintptr_t>(slab);
+        stale_.erase(stale_.lower_bound(b), stale_.lower_bound(b + uintptr_t(r.mapped)));
+        zero_file_range(slab, r.file_off, r.mapped, small_);
+        ::munmap(slab, size_t(r.mapped));
+        drop_cache(small_, r.file_off, r.reserved);
+        small_.give_back(r.file_off, r.reserved);
+    }
+
+    // [p, p + len) of `slab` holds the bytes of a freed block (merged with
+    // stale neighbours of the same slab: two slabs' addresses may touch).
+    void add_stale(char *slab, char *p, int64_t len) {
+        auto a = reinterpret_cast<uintptr_t>(p);
+        const auto lo = reinterpret_cast<uintptr_t>(slab), hi = lo + uintptr_t(slabs_.slab_bytes());
+        auto next = stale_.lower_bound(a);
+        if (next != stale_.end() && next->first == a + uintptr_t(len) && next->first < hi) {
             len += next->second;
-            next = free_.erase(next);
+            next = stale_.erase(next);
         }
-        if (next != free_.begin()) {
+        if (next != stale_.begin()) {
             auto prev = std::prev(next);
-            if (prev->first + prev->second == off) {
-                off = prev->first;
+            if (prev->first >= lo && prev->first + uintptr_t(prev->second) == a) {
+                a = prev->first;
                 len += prev->second;
-                free_.erase(prev);
+                stale_.erase(prev);
             }
         }
-        if (off + len == file_end_) {
-            file_end_ = off;
-            (void)!::ftruncate(fd_, off_t(file_end_));
-        } else {
-            free_.emplace(off, len);
+        stale_.emplace(a, len);
+    }
+
+    // Zeroes the block [p, p + len) about to be handed out where any of it is stale.
+    void clear_stale(char *p, int64_t len) {
+        const auto a = reinterpret_cast<uintptr_t>(p), e = a + uintptr_t(len);
+        auto it = stale_.upper_bound(a);
+        if (it != stale_.begin() && std::prev(it)->first + uintptr_t(std::prev(it)->second) > a) --it;
+        if (it == stale_.end() || it->first >= e) return;
+        zero_file_range(p, file_offset(p), len, small_);
+        while (it != stale_.end() && it->first < e) {  // keep the parts outside the block
+            const uintptr_t s0 = it->first, s1 = s0 + uintptr_t(it->second);
+            it = stale_.erase(it);
+            if (s0 < a) stale_.emplace(s0, int64_t(a - s0));
+            if (s1 > e) it = stale_.emplace(e, int64_t(s1 - e)).first;
         }
     }
 
-    bool punch_hole(int64_t off, int64_t len) {
+    void flush_stale() {
+        for (const auto &kv : stale_) {
+            char *p = reinterpret_cast<char *>(kv.first);
+            zero_file_range(p, file_offset(p), kv.second, small_);
+        }
+        stale_.clear();
+    }
+
+    // A range in a slab must lie in one live block (PageLru sees only the slab,
+    // and checks large allocations itself).
+    void check_small_range(const void *ptr, int64_t nbytes) const {
+        if (slabs_.slab_of(ptr) == nullptr) return;
+        const SlabHeap::Block b = slabs_.block_at(ptr);
+        if (b.base == nullptr) fail(NF4_ERROR_INVALID_ARGUMENT, "pointer does not lie in memory allocated by this pager");
+        require(nbytes <= b.base + b.len - static_cast<const char *>(ptr),
+                "range of " + std::to_string(nbytes) + " bytes runs past the end of its pager allocation");
+    }
+
+    // Freed memory reads as zeros when reused: the file range becomes a hole
+    // (its disk blocks and cached pages go), or, without hole punching (macOS,
+    // some file systems), is zeroed and written back.
+    void zero_file_range(char *p, int64_t off, int64_t len, SpillFile &f) {
+        if (punch_hole(f, off, len)) return;
+        std::memset(p, 0, size_t(len));
+        ::msync(p, size_t(len), MS_SYNC);
+        ::madvise(p, size_t(len), MADV_DONTNEED);
+        drop_cache(f, off, len);
+    }
+
+    bool punch_hole(SpillFile &f, int64_t off, int64_t len) {
 #if defined(__linux__) && defined(FALLOC_FL_PUNCH_HOLE)
-        return ::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off_t(off), off_t(len)) == 0;
+        return ::fallocate(f.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off_t(off), off_t(len)) == 0;
 #else
+        (void)f;
         (void)off;
         (void)len;
         return false;
 #endif
     }
 
-    void drop_cache(int64_t off, int64_t len) {
+    void drop_cache(SpillFile &f, int64_t off, int64_t len) {
 #ifdef __linux__
-        ::posix_fadvise(fd_, off_t(off), off_t(len), POSIX_FADV_DONTNEED);
+        ::posix_fadvise(f.fd, off_t(off), off_t(len), POSIX_FADV_DONTNEED);
 #else
+        (void)f;
         (void)off;
         (void)len;
 #endif
     }
 
-    // Where p lies in the spill file (p inside an allocation).
+    // The region (large allocation or slab) that holds p.
+    const std::pair<const uintptr_t, Region> &region_of(const char *p) const {
+        return *std::prev(regions_.upper_bound(reinterpret_cast<uintptr_t>(p)));
+    }
+
+    // Where p lies in its spill file.
     int64_t file_offset(const char *p) const {
-        const auto it = std::prev(regions_.upper_bound(reinterpret_cast<uintptr_t>(p)));
-        return it->second.file_off + (reinterpret_cast<uintptr_t>(p) - it->first);
+        const auto &r = region_of(p);
+        return r.second.file_off + int64_t(reinterpret_cast<uintptr_t>(p) - r.first);
     }
 
     // Number of OS pages of [p, p + len) in RAM (page cache included).
@@ -314,7 +519,7 @@ private:
 #ifdef __linux__
         // Reads exactly this range into the page cache, so the faults below hit
         // it and do not read around it (other pages, past the budget).
-        ::posix_fadvise(fd_, off_t(file_offset(p)), off_t(len), POSIX_FADV_WILLNEED);
+        ::posix_fadvise(region_of(p).second.file->fd, off_t(file_offset(p)), off_t(len), POSIX_FADV_WILLNEED);
 #ifndef MADV_POPULATE_READ
 #define MADV_POPULATE_READ 22  // Linux 5.14
 #endif
@@ -329,26 +534,46 @@ private:
     // Writes the pages back and returns their RAM. On a write-back failure
     // they stay resident (the LRU keeps them).
     void write_back(char *p, int64_t len) {
+        const auto &reg = region_of(p);
+        const Region &r = reg.second;
+        const int64_t off = r.file_off + int64_t(reinterpret_cast<uintptr_t>(p) - reg.first);
+#ifdef __linux__
+        // Unmap first (the page-table dirty bits go to the page cache), then
+        // write the range and wait for it: sync_file_range, not msync, whose
+        // fsync also commits the file system's journal and flushes the disk's
+        // cache, milliseconds per call. The spill file needs no durability: it
+        // has no name and dies with the process.
+        ::madvise(p, size_t(len), MADV_DONTNEED);
+        if (::sync_file_range(r.file->fd, off_t(off), off_t(len),
+                              SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER) != 0)
+            fail_os(NF4_ERROR_OUT_OF_MEMORY, errno,
+                    "cannot write pager memory back to the spill file in '" + dir_ + "'");
+#else
         if (::msync(p, size_t(len), MS_SYNC) != 0)
             fail_os(NF4_ERROR_OUT_OF_MEMORY, errno,
                     "cannot write pager memory back to the spill file in '" + dir_ + "'");
-#ifdef __APPLE__
         ::msync(p, size_t(len), MS_INVALIDATE);
-#endif
         ::madvise(p, size_t(len), MADV_DONTNEED);
-        drop_cache(file_offset(p), len);
+#endif
+        // The last page of a large allocation may share a folio with the
+        // alignment gap after it (read-around fills it): drop the region's tail too.
+        const bool to_end = p + len == reinterpret_cast<char *>(reg.first) + r.mapped;
+        drop_cache(*r.file, off, to_end ? r.file_off + r.reserved - off : len);
     }
 
     const int64_t os_page_;
+    const int64_t unit_;  // paging unit of slabs
     std::string dir_;
-    int fd_ = -1;
     bool tmpfs_ = false;
 
     std::mutex mu_;
-    PageLru lru_;                               // guarded by mu_
-    std::map<uintptr_t, Region> regions_;       // base address -> its region of the file
-    std::map<int64_t, int64_t> free_;           // offset -> length of free file regions
-    int64_t file_end_ = 0;
+    SlabHeap slabs_;         // guarded by mu_, as everything below
+    const int64_t small_max_;  // allocations up to this many bytes are slab blocks
+    const bool readaround_;    // large allocations keep the kernel's read-around
+    PageLru lru_;
+    SpillFile big_, small_;                 // large allocations; slabs (opened with the first)
+    std::map<uintptr_t, Region> regions_;  // base address -> its region of a spill file
+    std::map<uintptr_t, int64_t> stale_;   // freed slab blocks not zeroed yet: address -> length
 #ifdef __APPLE__
     std::vector<char> vec_;
 #else

@@ -1,7 +1,9 @@
 // Residency bookkeeping of both pager backends, apart from how bytes move:
 // which pages of which allocations are in the fast tier, least recently used
 // first, and which contiguous runs of pages must move when a range is
-// prefetched under a budget or evicted. The mover is a callback, so the policy
+// prefetched under a budget or evicted. Pages are `page_bytes` long unless an
+// allocation is added with its own unit (the host backend's slabs of small
+// allocations, SlabHeap below, are paged in smaller units). The mover is a callback, so the policy
 // compiles and is tested on the host (tests/test_pager_lru.cpp): cuda/pager.cu
 // gives it cudaMemPrefetchAsync, pager_host.cpp madvise/msync on its spill file.
 //
@@ -24,6 +26,7 @@
 #include <list>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -43,12 +46,14 @@ public:
     PageLru(int64_t budget, int64_t page_bytes, Move move, Probe probe = nullptr)
         : budget_(budget), page_bytes_(page_bytes), move_(std::move(move)), probe_(std::move(probe)) {}
 
-    // A new allocation [base, base + len), all in the slow tier.
-    void add(char *base, int64_t len) {
+    // A new allocation [base, base + len), all in the slow tier, paged in
+    // units of `unit` bytes (0: page_bytes).
+    void add(char *base, int64_t len, int64_t unit = 0) {
         auto a = std::make_unique<Allocation>();
         a->base = base;
         a->len = len;
-        a->chunks.resize(size_t((len + page_bytes_ - 1) / page_bytes_));
+        a->unit = unit > 0 ? unit : page_bytes_;
+        a->chunks.resize(size_t((len + a->unit - 1) / a->unit));
         allocated_ += len;
         allocs_.emplace(reinterpret_cast<uintptr_t>(base), std::move(a));
     }
@@ -76,7 +81,7 @@ public:
         // the allocated bytes, not on every prefetch.
         if (probe_ && budget_ >= 0 && prefetched_since_refresh_ >= allocated_) refresh();
         const int64_t start = static_cast<const char *>(ptr) - a.base;
-        const int64_t c0 = start / page_bytes_, c1 = (start + nbytes - 1) / page_bytes_;
+        const int64_t c0 = start / a.unit, c1 = (start + nbytes - 1) / a.unit;
         std::vector<char> was(size_t(c1 - c0 + 1), 0), missing(size_t(c1 - c0 + 1), 0);
         int64_t need = 0;
         for (int64_t i = c0; i <= c1; ++i) {
@@ -86,10 +91,10 @@ public:
                 lru_remove(c);
             }
             const int64_t len = chunk_len(a, i);
-            missing[size_t(i - c0)] = probe_ ? probe_(a.base + i * page_bytes_, len) < len : !was[size_t(i - c0)];
+            missing[size_t(i - c0)] = probe_ ? probe_(a.base + i * a.unit, len) < len : !was[size_t(i - c0)];
             need += len;
         }
-        prefetched_since_refresh_ += (c1 - c0 + 1) * page_bytes_;
+        prefetched_since_refresh_ += (c1 - c0 + 1) * a.unit;
         try {
             if (budget_ >= 0)
                 while (resident_ + need > budget_ && !lru_.empty()) {
@@ -123,7 +128,7 @@ public:
         Allocation &a = find(ptr, nbytes);
         if (nbytes == 0) return;
         const int64_t start = static_cast<const char *>(ptr) - a.base;
-        evict_range(a, start / page_bytes_, (start + nbytes - 1) / page_bytes_ + 1);
+        evict_range(a, start / a.unit, (start + nbytes - 1) / a.unit + 1);
     }
 
     void evict_all() {
@@ -140,7 +145,7 @@ public:
             Allocation &a = *kv.second;
             for (int64_t i = 0; i < int64_t(a.chunks.size()); ++i) {
                 Chunk &c = a.chunks[size_t(i)];
-                const int64_t bytes = probe_(a.base + i * page_bytes_, chunk_len(a, i));
+                const int64_t bytes = probe_(a.base + i * a.unit, chunk_len(a, i));
                 fast += bytes;
                 if (bytes > 0 && !c.resident) {
                     c.resident = true;
@@ -197,6 +202,7 @@ private:
     struct Allocation {
         char *base = nullptr;
         int64_t len = 0;
+        int64_t unit = 0;  // paging unit: page_bytes_, or the allocation's own
         std::vector<Chunk> chunks;
     };
 
@@ -215,11 +221,11 @@ private:
         fail(NF4_ERROR_INVALID_ARGUMENT, "pointer does not lie in memory allocated by this pager");
     }
 
-    int64_t chunk_len(const Allocation &a, int64_t i) const { return std::min(page_bytes_, a.len - i * page_bytes_); }
+    static int64_t chunk_len(const Allocation &a, int64_t i) { return std::min(a.unit, a.len - i * a.unit); }
 
     void move(const Allocation &a, int64_t i0, int64_t i1, bool to_fast) {
-        const int64_t off = i0 * page_bytes_;
-        const int64_t end = std::min(a.len, i1 * page_bytes_);
+        const int64_t off = i0 * a.unit;
+        const int64_t end = std::min(a.len, i1 * a.unit);
         if (end > off) move_(a.base + off, end - off, to_fast);
     }
 
@@ -238,7 +244,7 @@ private:
         int64_t run = -1;
         for (int64_t i = i0; i <= i1; ++i) {
             const bool there = i < i1 && (a.chunks[size_t(i)].resident ||
-                                          probe_(a.base + i * page_bytes_, chunk_len(a, i)) > 0);
+                                          probe_(a.base + i * a.unit, chunk_len(a, i)) > 0);
             if (there && run < 0) run = i;
             if (!there && run >= 0) {
                 move(a, run, i, false);
@@ -273,6 +279,147 @@ private:
     int64_t resident_ = 0;  // bytes of the pages in lru_
     int64_t allocated_ = 0, page_ins_ = 0, page_outs_ = 0;
     int64_t prefetched_since_refresh_ = 0;  // with a probe
+};
+
+// Small allocations packed into shared slabs: the host backend's sub-page
+// allocator (pager_host.cpp says why small arrays must share pages). A slab is
+// one region of `slab_bytes` that the caller maps and registers; blocks are
+// carved from the slabs best fit (the smallest free extent that holds them,
+// the lowest address among equals), so that a run of same-sized blocks fills
+// one slab before the next; a freed block merges with its free neighbours in
+// its own slab, never across slabs (two mappings may happen to touch), and a
+// slab with no block left is reported so the caller can release it. Every
+// operation is O(log n) in the number of blocks and free extents. No I/O here:
+// the tests drive it alone (tests/test_pager_lru.cpp).
+// Not thread-safe: the backend's mutex guards it.
+class SlabHeap {
+public:
+    struct Block {
+        char *base;
+        int64_t len;
+    };
+
+    explicit SlabHeap(int64_t slab_bytes) : slab_bytes_(slab_bytes) {}
+
+    int64_t slab_bytes() const { return slab_bytes_; }
+
+    // A block of len bytes (1 <= len <= slab_bytes) in a slab that has room,
+    // or nullptr if none has (the caller then adds a slab).
+    char *take(int64_t len) {
+        auto it = by_size_.lower_bound({len, 0});
+        if (it == by_size_.end()) return nullptr;
+        const int64_t flen = it->first;
+        const uintptr_t addr = it->second;
+        by_size_.erase(it);
+        auto sit = std::prev(slabs_.upper_bound(addr));
+        Slab &slab = sit->second;
+        const int64_t off = int64_t(addr - sit->first);
+        slab.free.erase(off);
+        if (flen > len) {
+            slab.free.emplace(off + len, flen - len);
+            by_size_.insert({flen - len, addr + uintptr_t(len)});
+        }
+        slab.live += len;
+        live_.emplace(addr, len);
+        live_bytes_ += len;
+        return reinterpret_cast<char *>(addr);
+    }
+
+    // A new, empty slab [base, base + slab_bytes).
+    void add_slab(char *base) {
+        const auto b = reinterpret_cast<uintptr_t>(base);
+        Slab slab;
+        slab.free.emplace(0, slab_bytes_);
+        slabs_.emplace(b, std::move(slab));
+        by_size_.insert({slab_bytes_, b});
+    }
+
+    // Returns the block that starts at p; throws if none does. True if its
+    // slab holds no block now.
+    bool give(const void *p) {
+        const auto addr = reinterpret_cast<uintptr_t>(p);
+        auto lit = live_.find(addr);
+        require(lit != live_.end(), "pointer was not allocated by this pager");
+        int64_t len = lit->second;
+        live_.erase(lit);
+        live_bytes_ -= len;
+        auto sit = std::prev(slabs_.upper_bound(addr));
+        Slab &slab = sit->second;
+        slab.live -= len;
+        int64_t off = int64_t(addr - sit->first);
+        auto next = slab.free.lower_bound(off);
+        if (next != slab.free.end() && off + len == next->first) {
+            by_size_.erase({next->second, sit->first + uintptr_t(next->first)});
+            len += next->second;
+            next = slab.free.erase(next);
+        }
+        if (next != slab.free.begin()) {
+            auto prev = std::prev(next);
+            if (prev->first + prev->second == off) {
+                by_size_.erase({prev->second, sit->first + uintptr_t(prev->first)});
+                off = prev->first;
+                len += prev->second;
+                slab.free.erase(prev);
+            }
+        }
+        slab.free.emplace(off, len);
+        by_size_.insert({len, sit->first + uintptr_t(off)});
+        return slab.live == 0;
+    }
+
+    // Forgets an empty slab (give() returned true for its last block).
+    void remove_slab(const void *base) {
+        auto sit = slabs_.find(reinterpret_cast<uintptr_t>(base));
+        require(sit != slabs_.end() && sit->second.live == 0, "slab is not empty");
+        by_size_.erase({slab_bytes_, sit->first});
+        slabs_.erase(sit);
+    }
+
+    // The live block that contains p, or {nullptr, 0}.
+    Block block_at(const void *p) const {
+        const auto addr = reinterpret_cast<uintptr_t>(p);
+        auto it = live_.upper_bound(addr);
+        if (it == live_.begin()) return {nullptr, 0};
+        --it;
+        if (addr >= it->first + uintptr_t(it->second)) return {nullptr, 0};
+        return {reinterpret_cast<char *>(it->first), it->second};
+    }
+
+    // The start of the slab that contains p, or nullptr.
+    char *slab_of(const void *p) const {
+        const auto addr = reinterpret_cast<uintptr_t>(p);
+        auto it = slabs_.upper_bound(addr);
+        if (it == slabs_.begin()) return nullptr;
+        --it;
+        return addr < it->first + uintptr_t(slab_bytes_) ? reinterpret_cast<char *>(it->first) : nullptr;
+    }
+
+    // f(p, len) for every free extent of every slab.
+    template <class F>
+    void for_each_free(F &&f) const {
+        for (const auto &kv : slabs_)
+            for (const auto &e : kv.second.free) f(reinterpret_cast<char *>(kv.first + uintptr_t(e.first)), e.second);
+    }
+
+    int64_t live_bytes() const { return live_bytes_; }
+    int64_t live_blocks() const { return int64_t(live_.size()); }
+    int64_t num_slabs() const { return int64_t(slabs_.size()); }
+    std::vector<char *> slabs() const {
+        std::vector<char *> v;
+        for (const auto &kv : slabs_) v.push_back(reinterpret_cast<char *>(kv.first));
+        return v;
+    }
+
+private:
+    struct Slab {
+        std::map<int64_t, int64_t> free;  // offset in the slab -> length of a free extent
+        int64_t live = 0;                 // bytes of its blocks
+    };
+    const int64_t slab_bytes_;
+    std::map<uintptr_t, Slab> slabs_;                   // by start address
+    std::set<std::pair<int64_t, uintptr_t>> by_size_;  // every free extent: (length, address)
+    std::map<uintptr_t, int64_t> live_;                 // block address -> length
+    int64_t live_bytes_ = 0;
 };
 
 }  // namespace nf4core

@@ -183,7 +183,9 @@ public:
         std::unique_lock<std::mutex> busy(run_mutex_, std::try_to_lock);
         if (!busy.owns_lock()) return false;  // another caller owns the pool
         if (ntasks >= (int64_t(1) << 31)) return false;  // the counter's low 32 bits
-        const int helpers = int(std::min<int64_t>(threads(), ntasks)) - 1;
+        // the calling thread's count: its override where it has one (read here,
+        // on that thread; helpers never consult their own)
+        const int helpers = int(std::min<int64_t>(num_threads(), ntasks)) - 1;
         if (const OpenMP *omp = openmp_for_jobs()) {
             run_openmp(*omp, ntasks, task, helpers + 1);
             return true;
@@ -318,9 +320,21 @@ private:
 
 thread_local bool Pool::in_worker_ = false;
 
+// The calling thread's override (0: none). A plain thread_local int: reading it
+// costs nothing, and two threads that set it never see each other's value, so
+// overlapping `with pq.num_threads(n)` blocks in two Python threads cannot
+// leave the process with the wrong count (the process's count is untouched).
+thread_local int thread_threads = 0;
+
 }  // namespace
 
-int num_threads() { return Pool::instance().threads(); }
+int num_threads() { return thread_threads > 0 ? thread_threads : Pool::instance().threads(); }
+
+int process_num_threads() { return Pool::instance().threads(); }
+
+void set_thread_num_threads(int n) { thread_threads = n; }
+
+int thread_num_threads() { return thread_threads; }
 
 void set_num_threads(int n) { Pool::instance().set_threads(n == 0 ? default_threads() : n); }
 

@@ -1,5 +1,6 @@
 // Parallel loops. nf4core does not link OpenMP, and the thread count is ours to
-// set (nf4_set_num_threads, NF4CORE_NUM_THREADS). Where the process already
+// set (nf4_set_num_threads, NF4CORE_NUM_THREADS; a thread may override it for
+// its own calls, nf4_set_thread_num_threads). Where the process already
 // runs an OpenMP runtime (torch's libgomp), a job is one parallel region on its
 // threads, so that nf4core's helpers are torch's and the two never fight for
 // the cores (parallel.cpp says why); otherwise, and with NF4CORE_THREADING=pool,
@@ -23,10 +24,19 @@
 namespace nf4core {
 
 // The settings behind runtime.h (runtime.cpp checks the arguments).
+// The threads a job started from the calling thread uses: that thread's
+// override (set_thread_num_threads) where it has one, else the process's count.
 int num_threads();
+// The process's count, which threads without an override use.
+int process_num_threads();
 // n >= 1 threads, or 0 for the default (NF4CORE_NUM_THREADS, else the CPUs
 // this process may run on); waits for a running job to finish.
 void set_num_threads(int n);
+// The calling thread's override: n >= 1 threads for the jobs it starts, or 0
+// for none (the process's count). A thread_local: other threads, and the jobs
+// they start, never see it.
+void set_thread_num_threads(int n);
+int thread_num_threads();
 // Whether an OpenMP runtime is loaded into the process (looked up now).
 bool openmp_loaded();
 // true: helpers always come from nf4core's pool ("pool"); false: from the
@@ -47,7 +57,8 @@ private:
     void (*call_)(void *, int64_t);
 };
 
-// Runs task(i) for i in [0, ntasks) on up to num_threads() threads. Returns
+// Runs task(i) for i in [0, ntasks) on up to num_threads() threads (the
+// calling thread's count, override included). Returns
 // false without running anything if the pool is busy (another caller, or a
 // nested call from a worker): the caller then runs the tasks itself.
 bool pool_run(int64_t ntasks, TaskRef task);

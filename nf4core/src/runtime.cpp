@@ -21,7 +21,17 @@ nf4_status nf4_set_num_threads(int32_t n) {
     });
 }
 
-int32_t nf4_get_num_threads(void) { return num_threads(); }
+int32_t nf4_get_num_threads(void) { return process_num_threads(); }
+
+nf4_status nf4_set_thread_num_threads(int32_t n) {
+    return guarded([&] {
+        require(n >= 0 && n <= 1024,
+                "thread count must be between 1 and 1024 (0: no override), got " + std::to_string(n));
+        set_thread_num_threads(n);
+    });
+}
+
+int32_t nf4_get_thread_num_threads(void) { return thread_num_threads(); }
 
 nf4_status nf4_set_threading(const char *name) {
     return guarded([&] {

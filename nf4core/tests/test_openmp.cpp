@@ -5,10 +5,12 @@
 // the main thread and from inside a parallel region.
 #include <omp.h>
 
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #if defined(__linux__)
@@ -152,6 +154,54 @@ TEST_CASE(pool_threading_uses_its_own_threads) {
     CHECK(std::string(nf4_get_threading()) == "openmp");
     CHECK(p.run() == want);
     if (before > 0) CHECK(process_threads() == before + 2);  // the pool's helpers idle, OpenMP's team serves
+}
+
+TEST_CASE(a_threads_override_sizes_its_openmp_team) {
+    // nf4_set_thread_num_threads on the OpenMP team: a thread whose own OpenMP
+    // team size is 1 (omp_set_num_threads is per thread too) and whose override
+    // is 4 runs its jobs on a team of 4, which libgomp starts for that thread
+    // (three new threads); a thread without an override keeps the process's
+    // count, 1 here, and starts none. Same bytes either way.
+    CHECK(nf4_set_threading("openmp") == NF4_OK);
+    Problem p;
+    nf4_set_num_threads(1);
+    const std::vector<uint8_t> want = p.run();
+    int gained_plain = -1, gained_override = -1, override_seen = -1;
+    bool same_plain = false, same_override = false;
+    const int start = process_threads();
+    // a joined thread (and the OpenMP team it started) can linger in
+    // /proc/self/task for a moment after the join: wait for the count to settle
+    auto settle = [&](int n) {
+        for (int i = 0; i < 200 && process_threads() != n; ++i)
+            std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        return process_threads();
+    };
+    std::thread plain([&] {
+        omp_set_num_threads(1);
+        Problem mine;
+        const int before = settle(start + 1);
+        same_plain = mine.run() == want;
+        gained_plain = process_threads() - before;
+    });
+    plain.join();
+    std::thread scoped([&] {
+        omp_set_num_threads(1);
+        nf4_set_thread_num_threads(4);
+        override_seen = nf4_get_thread_num_threads();
+        Problem mine;
+        const int before = settle(start + 1);
+        same_override = mine.run() == want;
+        gained_override = process_threads() - before;  // libgomp keeps the team while the thread lives
+    });
+    scoped.join();
+    CHECK(override_seen == 4 && nf4_get_thread_num_threads() == 0 && nf4_get_num_threads() == 1);
+    CHECK(same_plain && same_override);
+    if (process_threads() > 0) {
+        CHECK_MSG(gained_plain == 0, "no override: %d threads started", gained_plain);
+        CHECK_MSG(gained_override == 3, "override 4: %d threads started", gained_override);
+    }
+    nf4_set_num_threads(0);
+    CHECK(nf4_set_threading("auto") == NF4_OK);
 }
 
 int main() { return check::run_all(); }

@@ -15,12 +15,18 @@
  *     allocations stay intact.
  *   - Residency is tracked in pages of `page_bytes` (default 2 MiB; the last
  *     page of an allocation may be shorter), least recently used first.
+ *     Small allocations (up to 256 KiB) share pages: they are packed into
+ *     2 MiB slabs tracked in units of min(page_bytes, 64 KiB), so that many
+ *     small arrays cost what their bytes cost, not what their number does;
+ *     prefetch and evict act on the units that cover a range, neighbours
+ *     included (docs/pager.md, "Small arrays").
  *     nf4_pager_prefetch makes a range resident and most recently used, then
  *     evicts least recently used pages of other ranges until the resident
  *     bytes fit the budget (a single range larger than the budget stays
  *     resident: the caller asked for it).
  *   - Eviction writes dirty pages back to the spill file and returns the RAM to
- *     the OS (msync, then madvise/posix_fadvise DONTNEED). Where the spill
+ *     the OS (madvise DONTNEED, sync_file_range, posix_fadvise DONTNEED; msync
+ *     on macOS); evicting what is not in RAM moves and counts nothing. Where the spill
  *     directory is a tmpfs, the "file" is RAM itself and eviction cannot free
  *     memory: nf4_pager_spill_is_tmpfs() says so. The default spill directory
  *     avoids tmpfs when it can: $TMPDIR, then /var/tmp, then /tmp, the first
@@ -93,8 +99,8 @@ typedef struct nf4_pager_stats {
     int64_t allocated_bytes; /* sum of live allocations, rounded up to OS pages */
     int64_t resident_bytes;  /* bytes of live allocations in the fast tier now (mincore) */
     int64_t spilled_bytes;   /* allocated_bytes - resident_bytes */
-    int64_t page_ins;        /* pages brought back by nf4_pager_prefetch */
-    int64_t page_outs;       /* resident pages written back and released */
+    int64_t page_ins;        /* pages (paging units) brought back by nf4_pager_prefetch */
+    int64_t page_outs;       /* resident pages (paging units) written back and released */
     int64_t num_allocations; /* live allocations */
 } nf4_pager_stats;
 
@@ -121,7 +127,9 @@ NF4_API nf4_status nf4_pager_create_cuda(int64_t budget_bytes, int32_t device, i
 NF4_API void nf4_pager_destroy(nf4_pager *pager);
 
 /* nbytes >= 1. The memory is zero-filled, aligned to the OS page size and
- * counts as spilled until it is touched or prefetched. */
+ * counts as spilled until it is touched or prefetched. An allocation of up to
+ * 256 KiB is a block of a shared slab (see above): the OS pages after it may
+ * belong to another allocation. */
 NF4_API nf4_status nf4_pager_alloc(nf4_pager *pager, int64_t nbytes, void **out);
 
 /* ptr must be a pointer returned by nf4_pager_alloc on this pager. */

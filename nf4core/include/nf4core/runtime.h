@@ -7,6 +7,16 @@
  * below about 64 Ki elements per thread stay on the calling thread. Results are
  * identical for every thread count and either kind of helper thread.
  *
+ * Per-thread override (nf4_set_thread_num_threads): a thread may set its own
+ * count, which then applies to every call made *from that thread* and to
+ * nothing else: other threads keep the process's count (nf4_set_num_threads)
+ * or their own override, and the process's count is not changed. Scoped
+ * settings ("use 2 threads in this block") belong here, not in
+ * nf4_set_num_threads: two threads that each set the process's count and put
+ * the old one back can interleave and leave the process with the wrong one.
+ * Jobs started from the thread honour it on either kind of helper thread
+ * (an OpenMP team of at least that many threads, or that many of the pool's).
+ *
  * Which threads help (nf4_set_threading, or NF4CORE_THREADING=pool): by default
  * ("auto"), where an OpenMP runtime is already loaded into the process (torch's
  * CPU build loads libgomp), the tasks run as a parallel region on its threads,
@@ -42,9 +52,20 @@
 extern "C" {
 #endif
 
-/* n >= 1 threads, or 0 for the default. */
+/* The process's thread count: n >= 1 threads, or 0 for the default. Calls
+ * from threads without an override (below) use it. */
 NF4_API nf4_status nf4_set_num_threads(int32_t n);
+/* The process's thread count (not the calling thread's override). */
 NF4_API int32_t nf4_get_num_threads(void);
+
+/* The calling thread's override: n >= 1 threads for the calls this thread
+ * makes from now on, or 0 to drop the override (the process's count applies
+ * again); 1 to 1024. It affects only calls made from the calling thread. To
+ * scope it, save nf4_get_thread_num_threads() first and set it back after. */
+NF4_API nf4_status nf4_set_thread_num_threads(int32_t n);
+/* The calling thread's override, 0 if it has none. The count the calling
+ * thread's next call uses is this, or nf4_get_num_threads() where it is 0. */
+NF4_API int32_t nf4_get_thread_num_threads(void);
 
 /* "auto" (the default: the loaded OpenMP runtime's team where there is one,
  * else the pool), "pool", or "openmp" (as "auto", but fails where no OpenMP
