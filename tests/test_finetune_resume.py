@@ -130,6 +130,45 @@ def test_auto_dtype_on_this_machine_and_in_the_run_settings():
         finetune.FinetuneConfig(dtype="fp16").validate()
 
 
+# ----------------------------------------------------------------------------- less padding
+def test_length_groups_give_the_batch_loss_and_gradients():
+    """A micro-batch cut into two groups of similar length (less padding) gives the loss and the
+    adapter gradients of the whole padded batch (torch computes both; float32, rounding only)."""
+    from pyqlora.lora import LoraConfig, prepare_model
+
+    torch.manual_seed(1)
+    model = transformers.LlamaForCausalLM(tiny_llama_config(transformers, vocab_size=112))
+    prepare_model(model, LoraConfig(r=4, lora_alpha=8))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)  # B = 0 would make most gradients vanish
+    tok = _char_tokenizer()
+    recs = [{"prompt": "1+1=" * k, "response": "2" * (3 * k)} for k in (1, 7, 2, 9)]
+    examples, _ = finetune.encode_records(tok, recs, seq_len=64)
+    groups = finetune.length_groups(examples)
+    assert [len(g) for g in groups] == [2, 2] and sorted(map(len, groups[0])) <= sorted(map(len, groups[1]))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(parts):
+        total = 0.0
+        for part in parts:
+            s, _ = finetune.batch_loss(model, *finetune.collate(part, tok.pad_token_id))
+            s.backward()
+            total += float(s.detach())
+        grads = [p.grad.clone() for p in trainable]
+        for p in trainable:
+            p.grad = None
+        return total, grads
+
+    whole, g_whole = loss_and_grads([examples])
+    split, g_split = loss_and_grads(groups)
+    assert split == pytest.approx(whole, rel=1e-5)
+    for a, b in zip(g_split, g_whole):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    same = [(list(range(10)), list(range(10)))] * 4  # equal lengths: nothing to save, one group
+    assert finetune.length_groups(same) == [same] and finetune.length_groups(same[:1]) == [same[:1]]
+
+
 # ----------------------------------------------------------------------------- resume
 def test_resume_gives_the_uninterrupted_adapter_bit_for_bit(tiny, tmp_path, capsys):
     """A run of 7 steps saving every 3 keeps checkpoint-6 (the latest); resuming it (settings from the
@@ -189,6 +228,8 @@ def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_matches(tiny, tmp_path, c
     k = int(ckpts[0].split("-")[1])
     assert f"interrupted after step {k}; saved {out / ckpts[0]}" in stderr and "--resume" in stderr
     assert not (out / "report.json").exists()  # no final outputs from an interrupted run
+    assert call(*args(tiny, out, "--steps", "2")) == 2  # a new run there is refused, and told how to go on
+    assert f"continue it with pyqlora finetune --resume {out / ckpts[0]}" in capsys.readouterr().err
 
     assert call("finetune", "--resume", out / ckpts[0], "--steps", k + 2) == 0
     whole = tmp_path / "whole"
@@ -223,32 +264,44 @@ def test_a_non_empty_output_is_refused_unless_overwrite(tiny, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- streams, --version, --help
 @pytest.mark.slow
-def test_json_alone_on_stdout_progress_on_stderr(tiny, tmp_path):
-    proc = command(*args(tiny, tmp_path / "out", "--steps", "2", "--json"))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout)  # nothing else on stdout
-    assert report["config"]["steps"] == 2 and len(report["train"]["losses"]) == 2
-    assert report["compute_dtype"]["requested"] == "auto" and report["compute_dtype"]["reason"].startswith("auto: ")
-    assert report == json.loads((tmp_path / "out" / "report.json").read_text())
-    assert "pyqlora finetune: compute dtype" in proc.stderr and "held-out loss" in proc.stderr
-
-
-@pytest.mark.slow
-def test_missing_matplotlib_warns_once_and_skips_the_plot(tiny, tmp_path):
-    """matplotlib made unimportable (as if it were not installed): the run ends well, without the PNG,
-    with one warning; the summary is on stdout, the progress and the warning on stderr."""
+def test_streams_and_a_missing_matplotlib(tiny, tmp_path):
+    """A subprocess with matplotlib made unimportable (as if it were not installed), with --json: the run
+    ends well (exit 0), without the PNG, with one warning; stdout holds the report's JSON and nothing else,
+    stderr the progress, the warning and the summary. (Without --json the summary is on stdout:
+    tests/test_finetune.py::test_real_model_finetune_command.)"""
     runner = ("import sys; sys.modules['matplotlib'] = None; from pyqlora.app.cli import main; "
               "sys.argv[0] = 'pyqlora'; sys.exit(main())")
     out = tmp_path / "out"
-    proc = command(*args(tiny, out, "--steps", "2"), runner=runner)
+    proc = command(*args(tiny, out, "--steps", "2", "--json"), runner=runner)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)  # nothing else on stdout
+    assert report == json.loads((out / "report.json").read_text())
+    assert report["config"]["steps"] == 2 and len(report["train"]["losses"]) == 2
+    assert report["compute_dtype"]["requested"] == "auto" and report["compute_dtype"]["reason"].startswith("auto: ")
+    assert report["outputs"] == ["adapter_config.json", "adapter_model.safetensors", "report.json"]
+    assert "loss_curve.png" not in os.listdir(out) and (out / "adapter_model.safetensors").exists()
     assert proc.stderr.count("pyqlora: warning: matplotlib cannot be imported") == 1
     assert "skipped the plot loss_curve.png" in proc.stderr
-    assert "loss_curve.png" not in os.listdir(out) and (out / "adapter_model.safetensors").exists()
-    assert json.loads((out / "report.json").read_text())["outputs"] == [
-        "adapter_config.json", "adapter_model.safetensors", "report.json"]
-    assert "held-out loss" in proc.stdout and "wrote" in proc.stdout and "loss_curve.png" not in proc.stdout
-    assert "pyqlora finetune:" not in proc.stdout and "pyqlora finetune: compute dtype" in proc.stderr
+    assert "pyqlora finetune: compute dtype" in proc.stderr and "held-out loss" in proc.stderr
+
+
+def test_json_of_the_other_commands(tiny, tmp_path, capsys):
+    """--json: the JSON alone on stdout (demo and config as subprocesses, quantize and eval in this process)."""
+    proc = command("demo", "--rows", "64", "--cols", "128", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)["results"]
+    assert [(r["codebook"], r["double_quant"]) for r in rows] == [("nf4", True), ("nf4", False), ("fp4", False),
+                                                                  ("int4", False)]
+    proc = command("config", "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["pyqlora"] == pq.__version__
+    capsys.readouterr()
+    assert call("quantize", tiny / "model", tmp_path / "q4", "--json") == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["quantized_tensors"] == 14 and stats["out"] == str(tmp_path / "q4")
+    assert call("eval", "--model", tmp_path / "q4", "--text", tiny / "text.txt", "--window", "32", "--windows", "2",
+                "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tokens"] == 64 and len(result["window_losses"]) == 2 and result["dtype"] == "fp32"
 
 
 def test_version():

@@ -36,7 +36,7 @@ from .examples import IGNORE, collate, encode_records, split_chunks, split_recor
 from .loss import batch_loss, heldout_loss
 from .resume import load_checkpoint, resume_config, save_checkpoint
 from .run import run
-from .training import BatchOrder, Interrupted, TrainLog, train
+from .training import BatchOrder, Interrupted, TrainLog, length_groups, train
 
 __all__ = [
     "BASES",
@@ -53,6 +53,7 @@ __all__ = [
     "encode_records",
     "heldout_loss",
     "load_checkpoint",
+    "length_groups",
     "lora_a_weights",
     "make_optimizer",
     "nf4_dq_bytes",

