@@ -369,3 +369,15 @@ def test_dropped_records_are_said_and_too_few_fail(tiny, tmp_path, capsys):
     assert rc == 2 and "drops 6 of 8 records (75.0 %" in err
     assert err.strip().splitlines()[-1].startswith("pyqlora: error: --seq-len 48 leaves 1 training examples, "
                                                    "fewer than one batch (--batch-size 2)")
+
+
+def test_text_data_holds_out_a_tenth_of_its_chunks_by_default(tiny, tmp_path):
+    """--heldout's default: 20 records of prompt/response pairs, the last 10 % of the chunks of a text."""
+    n_tokens = len(_char_tokenizer()((tiny / "text.txt").read_text(), add_special_tokens=False).input_ids) + 1
+    chunks = -(-(n_tokens - 1) // 48)  # chunks of --seq-len 48 (the last one may be shorter)
+    argv = args(tiny, tmp_path / "out", "--steps", "1", "--data", tiny / "text.txt", "--eval-text", "none",
+                "--sample-tokens", "0")
+    i = argv.index("--heldout")
+    assert call(*argv[:i], *argv[i + 2:]) == 0  # --heldout's default
+    data = json.loads((tmp_path / "out" / "report.json").read_text())["data"]
+    assert data["heldout_examples"] == round(0.1 * chunks) and data["train_examples"] == chunks - round(0.1 * chunks)

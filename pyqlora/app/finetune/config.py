@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-__all__ = ["BASES", "DTYPES", "OPTIMIZERS", "FinetuneConfig", "SetupError", "resolve_dtype"]
+__all__ = ["BASES", "DTYPES", "OPTIMIZERS", "FinetuneConfig", "SetupError", "heldout_for", "resolve_dtype"]
 
 OPTIMIZERS = ("paged_adamw", "paged_adamw8bit", "adamw")
 BASES = ("4bit", "bf16")
@@ -41,7 +41,8 @@ class FinetuneConfig:
     batch_size: int = 4
     grad_accum: int = 1
     seed: int = 0
-    heldout: int | float = 20      # records held out (int) or a fraction of them (float)
+    heldout: int | float | None = None  # held out: a count (int) or a fraction (float); None: 20 records,
+                                        # or 10 % of the chunks of a text (see heldout_for)
     warmup: int = 3
     gradient_checkpointing: bool = False
     max_grad_norm: float = 0.3
@@ -68,6 +69,10 @@ class FinetuneConfig:
         for name, ok in checks:
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')} has an invalid value: {getattr(self, name)!r}")
+        if self.heldout is not None and not (
+                (isinstance(self.heldout, int) and self.heldout >= 1)
+                or (isinstance(self.heldout, float) and 0 < self.heldout < 1)):
+            raise ValueError(f"--heldout must be a count >= 1 or a fraction in (0, 1), got {self.heldout!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.base not in BASES:
@@ -117,3 +122,11 @@ def resolve_dtype(cfg):
 
     name, reason = pq.default_compute_dtype()
     return ("bf16" if name == "bfloat16" else "fp32"), f"auto: {reason}"
+
+
+def heldout_for(cfg, text):
+    """What ``--heldout`` holds out: the given count or fraction; by default 20 records of
+    prompt/response pairs, or the last 10 % of the chunks of a text (`text` true)."""
+    if cfg.heldout is not None:
+        return cfg.heldout
+    return 0.1 if text else 20

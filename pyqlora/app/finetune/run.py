@@ -23,7 +23,7 @@ from ..report import plot_losses, print_report, versions
 from . import resume as qresume
 from .accounting import make_optimizer, nf4_dq_model_bytes, optimizer_state_bytes
 from .adapters import prepare, save_adapter
-from .config import SetupError, resolve_dtype
+from .config import SetupError, heldout_for, resolve_dtype
 from .examples import IGNORE, encode_records, generation_sample, split_chunks, split_records
 from .loss import heldout_loss
 from .training import BatchOrder, train
@@ -74,7 +74,7 @@ def _percent(k, n):
     return f"{100 * k / n:.1f} %" if n else "0 %"
 
 
-def _check_examples(cfg, train_records, held_records, train_stats, held_stats, train_ex, held_ex, warn):
+def _check_examples(cfg, heldout, train_records, held_records, train_stats, held_stats, train_ex, held_ex, warn):
     """Say loudly what --seq-len drops or cuts; ValueError when too little is left to train or evaluate."""
     n = len(train_records) + len(held_records)
     skipped = train_stats["skipped"] + held_stats["skipped"]
@@ -90,10 +90,10 @@ def _check_examples(cfg, train_records, held_records, train_stats, held_stats, t
              f"{len(held_ex)} held-out examples remain")
     if held_records and len(held_ex) < len(held_records):
         raise ValueError(f"--seq-len {cfg.seq_len} leaves {len(held_ex)} of the {len(held_records)} held-out "
-                         f"records (--heldout {cfg.heldout}); raise --seq-len or hold out fewer")
-    if isinstance(cfg.heldout, int) and not held_records and len(held_ex) < cfg.heldout:
+                         f"records (--heldout {heldout}); raise --seq-len or hold out fewer")
+    if isinstance(heldout, int) and not held_records and len(held_ex) < heldout:
         raise ValueError(f"the text gives {len(held_ex)} held-out chunks of --seq-len {cfg.seq_len} tokens, fewer "
-                         f"than --heldout {cfg.heldout}; hold out fewer (or a fraction such as 0.1)")
+                         f"than --heldout {heldout}; hold out fewer (or a fraction such as 0.1)")
     if len(train_ex) < cfg.batch_size:
         raise ValueError(f"--seq-len {cfg.seq_len} leaves {len(train_ex)} training examples, fewer than one batch "
                          f"(--batch-size {cfg.batch_size}); raise --seq-len, or give more data")
@@ -158,10 +158,11 @@ def _run(cfg, out, log, ctx, qdist):
         else:
             (model, tok, minfo), weights = load_model(cfg.model, dtype=torch.float32), None
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    train_records, held_records = split_records(records, cfg.heldout)
+    heldout = heldout_for(cfg, text=all("text" in r for r in records))
+    train_records, held_records = split_records(records, heldout)
     if held_records is None:
         examples, enc_stats = encode_records(tok, train_records, cfg.seq_len)
-        train_ex, held_ex = split_chunks(examples, cfg.heldout if cfg.data else 0.1)
+        train_ex, held_ex = split_chunks(examples, heldout)
         held_records, train_stats, held_stats = [], enc_stats, dict.fromkeys(enc_stats, 0)
     else:
         train_ex, train_stats = encode_records(tok, train_records, cfg.seq_len)
@@ -169,7 +170,7 @@ def _run(cfg, out, log, ctx, qdist):
         enc_stats = {k: train_stats[k] + held_stats[k] for k in train_stats}
     say(f"pyqlora finetune: {minfo['source']} (loaded in {clock.phases['load']['wall']:.1f} s); data: {data_name}: "
         f"{len(train_ex)} training and {len(held_ex)} held-out examples")
-    _check_examples(cfg, train_records, held_records, train_stats, held_stats, train_ex, held_ex, say)
+    _check_examples(cfg, heldout, train_records, held_records, train_stats, held_stats, train_ex, held_ex, say)
 
     before = checkpoint["before"] if checkpoint else {"perplexity": {}}
     ppl = {k: {"perplexity": v} for k, v in before["perplexity"].items()}
