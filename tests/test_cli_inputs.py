@@ -385,7 +385,8 @@ def test_quantize_leaves_the_output_as_it_was_when_it_fails(dense, tmp_path, cap
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     (out / "notes.txt").write_text("mine")
     bad = variant(dense, tmp_path, "nan", tensors=lambda sd: sd["model.layers.0.mlp.up_proj.weight"].fill_(np.inf))
-    assert_bad_input(*call(capsys, "quantize", bad, out), "inf")
+    assert_bad_input(*call(capsys, "quantize", bad, out), "OUT", "is not empty", "--overwrite")  # issue 19
+    assert_bad_input(*call(capsys, "quantize", bad, out, "--overwrite"), "inf")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == {**before, "notes.txt": b"mine"}
 
     def disk_full(folder, tensors, cfg, side_files_from=None):  # the first file written, then the disk is full

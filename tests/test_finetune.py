@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+import pyqlora as pq
 from pyqlora.app import data
 
 # ----------------------------------------------------------------------------- data (no torch)
@@ -352,6 +353,7 @@ def test_real_model_finetune_command(tmp_path, one_thread):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held-out loss" in proc.stdout and "peak resident memory" in proc.stdout
+    assert "pyqlora finetune: compute dtype" in proc.stderr and "pyqlora finetune" not in proc.stdout
     report = json.loads((out / "report.json").read_text())
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["adapted_layers"] == 210 and report["config"]["optimizer"] == "paged_adamw"
@@ -364,16 +366,22 @@ def test_real_model_finetune_command(tmp_path, one_thread):
     from pyqlora.app.checkpoint import load_model
     from pyqlora.lora import load_adapter
 
+    # --dtype auto: the machine's choice, recorded (bf16 here only where the CPU computes it natively)
+    assert report["config"]["dtype"] == {"bfloat16": "bf16", "float32": "fp32"}[pq.default_compute_dtype()[0]]
+    assert report["compute_dtype"]["requested"] == "auto"
+    bf16 = report["config"]["dtype"] == "bf16"
+
     model, tok, _ = load_model(None)
-    model.to(torch.bfloat16)
+    if bf16:
+        model.to(torch.bfloat16)
     cfg = finetune.FinetuneConfig(**{k: v for k, v in report["config"].items()})
     model, _ = finetune.prepare(model, cfg)
     held = data.split_heldout(data.humaneval_pairs(), heldout=6)[1]
     held_ex, _ = finetune.encode_records(tok, held, cfg.seq_len)
-    fresh = finetune.heldout_loss(model, held_ex, cfg.batch_size, tok.pad_token_id, autocast=True)
+    fresh = finetune.heldout_loss(model, held_ex, cfg.batch_size, tok.pad_token_id, autocast=bf16)
     assert fresh == pytest.approx(report["heldout_loss"]["before"], rel=1e-3)
     load_adapter(model, str(out))
-    after = finetune.heldout_loss(model, held_ex, cfg.batch_size, tok.pad_token_id, autocast=True)
+    after = finetune.heldout_loss(model, held_ex, cfg.batch_size, tok.pad_token_id, autocast=bf16)
     assert after == pytest.approx(report["heldout_loss"]["after"], rel=1e-3)
     assert abs(after - fresh) > 1e-3  # the adapter changed the model
 

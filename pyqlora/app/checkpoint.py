@@ -34,6 +34,7 @@ import sys
 
 from . import models
 from .data import cache_dir, error_text, read_text
+from .outputs import publish
 from .weights import check_layer_count, check_weight_shapes, config_errors, read_safetensors, safetensors_index
 
 __all__ = ["bnb_quantization_config", "check_model_argument", "gguf_to_folder", "linear_module_names", "load_model",
@@ -206,36 +207,6 @@ def _linear_names(model):
 
     head = model.get_output_embeddings()
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head and n]
-
-
-def _publish(out, write):
-    """Call ``write(folder)`` on a new temporary folder beside `out`, then move what it wrote into `out`.
-
-    Nothing in `out` changes unless `write` returns: an error (or an interruption) leaves no
-    half-written file there. `out` is created if missing (renamed from the temporary folder);
-    files already in it that `write` does not write stay.
-    """
-    out = os.path.abspath(out)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise NotADirectoryError(f"{out} is a file; the output must be a folder")
-    parent = os.path.dirname(out)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.mkdir(tmp)
-    except OSError as exc:
-        raise type(exc)(f"cannot write beside {out}: {exc.strerror or exc}") from exc
-    try:
-        write(tmp)
-        if not os.path.exists(out):
-            os.replace(tmp, out)
-        else:
-            for name in sorted(os.listdir(tmp)):
-                os.replace(os.path.join(tmp, name), os.path.join(out, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def load_model(spec=None, dtype=None, tokenizer=True):
@@ -437,7 +408,7 @@ def save_4bit_base(model, out, source_folder=None):
     else:
         cfg = model.config.to_dict()
     cfg["quantization_config"] = bnb_quantization_config(codebooks.pop(), dq.pop())
-    _publish(out, lambda tmp: _write_checkpoint(tmp, tensors, cfg, source_folder))
+    publish(out, lambda tmp: _write_checkpoint(tmp, tensors, cfg, source_folder))
     return out
 
 
@@ -527,6 +498,6 @@ def quantize_checkpoint(src, out, codebook="nf4", blocksize=64, double_quant=Tru
     cfg["quantization_config"] = bnb_quantization_config(codebook, double_quant,
                                                          str(dtypes.pop()).replace("torch.", "")
                                                          if len(dtypes) == 1 else "float32")
-    _publish(out, lambda tmp: _write_checkpoint(tmp, tensors, cfg, folder))
+    publish(out, lambda tmp: _write_checkpoint(tmp, tensors, cfg, folder))
     stats["source"] = source
     return stats

