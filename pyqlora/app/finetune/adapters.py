@@ -35,12 +35,29 @@ def prepare(model, cfg, weights=None):
 
     `weights`: a lazy mapping for a model built under ``empty_weights`` (4bit only; see prepare_model).
     """
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    from pyqlora.nn import Linear4bit
+
     head = model.get_output_embeddings()
-    sizes = [m.weight.numel() for _, m in linears if m is not head]
-    n_total = sum(p.numel() for p in model.parameters())
-    info = {"linear_params": sum(sizes), "other_params": n_total - sum(sizes), "linear_sizes": sizes}
-    del linears, head  # hold no layer: each dense weight must die as soon as prepare_model quantizes it
+    sizes, four_bit, storage, dense, fmt = [], 0, 0, 0, None
+    for m in model.modules():
+        if isinstance(m, Linear4bit):  # a 4-bit checkpoint (pyqlora quantize, transformers + bitsandbytes)
+            fmt = fmt or (m.codebook, m.blocksize, m.double_quant)
+            sizes.append(m.in_features * m.out_features)
+            four_bit += 1
+            storage += sum(p.numel() for p in m.quant_parameters())
+        elif isinstance(m, torch.nn.Linear) and m is not head:
+            sizes.append(m.weight.numel())
+            dense += m.weight.numel()
+    others = sum(p.numel() for p in model.parameters()) - storage - dense  # 4-bit storage is no parameter count
+    info = {"linear_params": sum(sizes), "other_params": others, "linear_sizes": sizes, "base_4bit_layers": four_bit,
+            "base_4bit_format": fmt}
+    del head  # hold no layer: each dense weight must die as soon as prepare_model quantizes it
+    if four_bit and cfg.base != "4bit":
+        raise SetupError(f"the model's {four_bit} linear layers are 4-bit already (a quantized checkpoint): "
+                         "--base bf16 needs a dense checkpoint")
+    if four_bit and cfg.init_lora == "loftq":
+        raise SetupError("--init-lora loftq fits the adapters to the dense weights, which a 4-bit checkpoint "
+                         "does not have: use a dense checkpoint or --init-lora default")
     if cfg.base == "4bit":
         from pyqlora.lora import LoraConfig, prepare_model
 

@@ -194,8 +194,11 @@ def _run(cfg, out, log, ctx, qdist):
     trainable = [p for p in model.parameters() if p.requires_grad]
     adapter_params = sum(p.numel() for p in trainable)
     adapter_bytes = sum(p.numel() * p.element_size() for p in trainable)
+    codebook, blocksize, dq = pinfo["base_4bit_format"] or (cfg.codebook, cfg.blocksize, cfg.double_quant)
     base_name = ("dense bfloat16 (16-bit LoRA, PEFT)" if cfg.base == "bf16" else
-                 f"{cfg.codebook.upper()}{' + DQ' if cfg.double_quant else ''}, blocksize {cfg.blocksize}")
+                 f"{codebook.upper()}{' + DQ' if dq else ''}, blocksize {blocksize}")
+    if pinfo["base_4bit_layers"]:
+        base_name += f" ({pinfo['base_4bit_layers']} layers 4-bit already in the checkpoint, not quantized again)"
     say(f"base: {base_name}; LoRA r={cfg.r}, alpha={cfg.lora_alpha} on {pinfo['adapted_layers']} linear layers "
         f"({adapter_params:,} trainable parameters); prepared in {clock.phases['prepare']['wall']:.1f} s")
 

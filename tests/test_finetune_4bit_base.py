@@ -1,0 +1,41 @@
+"""`pyqlora finetune --model DIR` where DIR is a 4-bit checkpoint (issue 19, item 8): written by
+`pyqlora quantize` (bitsandbytes' format), loaded straight into pyqlora's Linear4bit layers and adapted
+without a second quantization. The oracle: the same run on the dense folder it was quantized from, whose
+base pyqlora quantizes to the same bytes (same codebook, blocksize, DQ), must write the same adapter."""
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from test_finetune_resume import adapter_bytes, args, call, tiny  # noqa: E402,F401  (tiny is a fixture)
+
+
+def test_finetune_on_a_4bit_checkpoint_equals_the_run_on_its_dense_source(tiny, tmp_path, capsys):
+    assert call("quantize", tiny / "model", tmp_path / "q4") == 0
+    cfg = json.loads((tmp_path / "q4" / "config.json").read_text())
+    assert cfg["quantization_config"]["load_in_4bit"]
+    capsys.readouterr()
+    base = ["--steps", "2", "--dtype", "fp32"]
+    assert call(*args(tiny, tmp_path / "from-dense", *base)) == 0
+    argv = args(tiny, tmp_path / "from-4bit", *base)
+    argv[argv.index("--model") + 1] = tmp_path / "q4"
+    assert call(*argv) == 0
+    err = capsys.readouterr().err
+    assert "4-bit already in the checkpoint" in err
+    report = json.loads((tmp_path / "from-4bit" / "report.json").read_text())
+    dense_report = json.loads((tmp_path / "from-dense" / "report.json").read_text())
+    assert report["memory"]["linear_params"] == dense_report["memory"]["linear_params"] > 0
+    assert report["memory"]["other_params"] == dense_report["memory"]["other_params"]
+    assert adapter_bytes(tmp_path / "from-4bit") == adapter_bytes(tmp_path / "from-dense")
+
+
+def test_a_4bit_checkpoint_refuses_what_needs_dense_weights(tiny, tmp_path, capsys):
+    assert call("quantize", tiny / "model", tmp_path / "q4") == 0
+    for extra, what in ((["--base", "bf16"], "needs a dense checkpoint"), (["--init-lora", "loftq"], "loftq")):
+        argv = args(tiny, tmp_path / ("out" + extra[1]), "--steps", "1", *extra)
+        argv[argv.index("--model") + 1] = tmp_path / "q4"
+        capsys.readouterr()
+        assert call(*argv) == 2
+        assert what in capsys.readouterr().err
