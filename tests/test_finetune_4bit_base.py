@@ -9,7 +9,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from test_finetune_resume import adapter_bytes, args, call, tiny  # noqa: E402,F401  (tiny is a fixture)
+import test_finetune_resume as resume  # noqa: E402
+from test_finetune_resume import adapter_bytes, args, call  # noqa: E402
+
+tiny = resume.tiny  # the tiny Llama folder fixture of the resume tests
 
 
 def test_finetune_on_a_4bit_checkpoint_equals_the_run_on_its_dense_source(tiny, tmp_path, capsys):
