@@ -515,6 +515,15 @@ static void test_runtime(void) {
     EXPECT(nf4_set_num_threads(INT32_MIN), INVALID);
     EXPECT(nf4_set_num_threads(INT32_MAX), INVALID);
     TRUE(nf4_get_num_threads() == threads);
+    TRUE(nf4_get_thread_num_threads() == 0);
+    EXPECT(nf4_set_thread_num_threads(-1), INVALID);
+    EXPECT(nf4_set_thread_num_threads(1025), INVALID);
+    EXPECT(nf4_set_thread_num_threads(INT32_MIN), INVALID);
+    EXPECT(nf4_set_thread_num_threads(INT32_MAX), INVALID);
+    TRUE(nf4_get_thread_num_threads() == 0);
+    TRUE(nf4_set_thread_num_threads(1024) == NF4_OK && nf4_get_thread_num_threads() == 1024);
+    TRUE(nf4_set_thread_num_threads(0) == NF4_OK && nf4_get_thread_num_threads() == 0);
+    TRUE(nf4_get_num_threads() == threads);
     EXPECT(nf4_set_threading(NULL), INVALID);
     EXPECT(nf4_set_threading(""), INVALID);
     EXPECT(nf4_set_threading("bogus"), INVALID);
