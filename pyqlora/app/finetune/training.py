@@ -106,9 +106,11 @@ def length_groups(examples, saving=0.15):
     cut in half) when that computes at least `saving` fewer padded positions.
 
     The loss of a micro-batch is a sum over its label tokens, so the groups give the same loss and
-    gradient (up to float rounding) for less work: on the default run's batches the padding is a
-    third of the real tokens, and two groups saved 8-18 % of a float32 step (one thread, AVX2;
-    each group decodes the 4-bit weights once more, which is what a finer split would cost).
+    gradient (up to float rounding) for less work. On the default run the padding is a third of
+    the real tokens; 16 of its 30 batches are split, which computes 12 % fewer positions and took
+    5 % less training CPU time (float32, AVX2 profile, one thread), with the same losses bit for
+    bit as without the split there. Each group decodes the 4-bit weights once more, which is what
+    a finer split would cost.
     """
     if len(examples) < 2:
         return [examples]
