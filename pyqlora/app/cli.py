@@ -2,7 +2,8 @@
 
 Subcommands: ``finetune`` (the main job: QLoRA on a real model, end to end),
 ``quantize`` (a dense checkpoint to a 4-bit bitsandbytes/transformers one),
-``eval`` (perplexity with any 4-bit codebook), ``bench`` (the benchmark
+``eval`` (perplexity with any 4-bit codebook), ``generate`` (text from a
+4-bit base and an adapter, :mod:`pyqlora.app.generate`), ``bench`` (the benchmark
 scripts), ``demo`` and ``config``. Torch is imported only by the subcommands
 that need it.
 """
