@@ -11,9 +11,13 @@ format), ``report.json`` and ``loss_curve.png``.
 
 Hyperparameters follow the QLoRA paper where it has them for small models
 (constant learning rate after a short warm-up, gradient norm clipped at 0.3,
-AdamW with beta2 = 0.999 and no weight decay, bfloat16 compute); the learning
-rate and the number of steps are sized so that the default run finishes in a few
-minutes on 2 CPU cores.
+AdamW with beta2 = 0.999 and no weight decay, bfloat16 compute where the CPU computes
+bfloat16 natively and float32 elsewhere: ``--dtype auto``, :func:`resolve_dtype`); the
+learning rate and the number of steps are sized so that the default run finishes in a
+few minutes on 2 CPU cores (``docs/finetune.md``: where the time goes).
+
+``--save-every`` writes checkpoints and ``--resume`` continues one bit for bit
+(:mod:`.resume`); Ctrl-C during training saves one (:class:`Interrupted`).
 
 ``--base bf16`` trains the same adapters on the dense bfloat16 base instead
 (16-bit LoRA, with PEFT's LoRA layers), the paper's baseline. Adapters start
