@@ -1,4 +1,5 @@
 """Build and run-time configuration report."""
+import os
 import platform
 import sys
 
@@ -8,6 +9,18 @@ __all__ = ["cpu_features", "default_compute_dtype", "show_config"]
 # x86 AVX512-BF16 or AMX-BF16, aarch64 FEAT_BF16. Elsewhere bfloat16 arithmetic is emulated
 # (about 19x the float32 cost in torch on an AVX2-only CPU), so float32 is the faster choice.
 _NATIVE_BF16 = {"avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16", "bf16": "aarch64 BF16"}
+# oneDNN (torch's CPU GEMM for bfloat16) can be capped below the CPU with ONEDNN_MAX_CPU_ISA (older
+# name DNNL_MAX_CPU_ISA); these caps still allow its native bfloat16 kernels (x86 only).
+_ONEDNN_BF16_CAPS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10", "ALL", "DEFAULT")
+
+
+def _onednn_cap():
+    """The x86 ISA cap the user set for oneDNN, or None."""
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            return name, value
+    return None
 
 
 def cpu_features():
@@ -55,6 +68,12 @@ def default_compute_dtype(features=None, cuda_bf16=None):
         Whether the computation runs on a CUDA device that supports bfloat16; ``None``/``False``
         decide by the CPU.
 
+    Notes
+    -----
+    Describing this machine (``features=None``), a cap on torch's oneDNN set with
+    ``ONEDNN_MAX_CPU_ISA`` (e.g. ``AVX2``) below ``AVX512_CORE_BF16`` also means float32: torch would
+    emulate bfloat16 there although the CPU has it.
+
     Examples
     --------
     >>> import pyqlora as pq
@@ -69,6 +88,10 @@ def default_compute_dtype(features=None, cuda_bf16=None):
         return "bfloat16", "the CUDA device computes bfloat16 natively"
     feats = cpu_features() if features is None else {str(f).lower() for f in features}
     found = [name for flag, name in _NATIVE_BF16.items() if flag in feats]
+    cap = _onednn_cap() if features is None else None  # this machine's run: honour the user's cap
+    if found and cap and found != ["aarch64 BF16"] and not cap[1].upper().startswith(_ONEDNN_BF16_CAPS):
+        return "float32", (f"{cap[0]}={cap[1]} keeps torch's bfloat16 products off {', '.join(found)}, "
+                           "so bfloat16 would be emulated")
     if found:
         return "bfloat16", f"the CPU computes bfloat16 natively ({', '.join(found)})"
     return "float32", "bfloat16 is emulated on this CPU (no AVX512-BF16, AMX-BF16 or aarch64 BF16)"

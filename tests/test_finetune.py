@@ -74,6 +74,14 @@ def test_heldout_split_is_fixed_disjoint_and_sized():
     assert data.split_heldout(recs, heldout=7) == (train, held)   # same split every time
     assert len(data.split_heldout(recs, heldout=0.1)[1]) == 5
     assert len(data.split_heldout(recs, heldout=500)[0]) == 1      # at least one left to train on
+    # eligible: the first eligible records of the same shuffle; unchanged where the held-out ones were eligible
+    held_idx = [int(r["text"]) for r in held]
+    assert data.split_heldout(recs, heldout=7, eligible=set(range(50)) - {held_idx[0] + 100}) == (train, held)
+    barred = {held_idx[0], held_idx[3]}
+    train2, held2 = data.split_heldout(recs, heldout=7, eligible=set(range(50)) - barred)
+    idx2 = {int(r["text"]) for r in held2}
+    assert len(held2) == 7 and not idx2 & barred and set(held_idx) - barred <= idx2
+    assert {int(r["text"]) for r in train2} == set(range(50)) - idx2  # barred records go to training
 
 
 def test_strip_gutenberg():
@@ -376,8 +384,7 @@ def test_real_model_finetune_command(tmp_path, one_thread):
         model.to(torch.bfloat16)
     cfg = finetune.FinetuneConfig(**{k: v for k, v in report["config"].items()})
     model, _ = finetune.prepare(model, cfg)
-    held = data.split_heldout(data.humaneval_pairs(), heldout=1)[1]
-    held_ex, _ = finetune.encode_records(tok, held, cfg.seq_len)
+    held_ex = finetune.encode_and_split(tok, data.humaneval_pairs(), cfg.seq_len, heldout=1)[3]
     fresh = finetune.heldout_loss(model, held_ex, cfg.batch_size, tok.pad_token_id, autocast=bf16)
     assert fresh == pytest.approx(report["heldout_loss"]["before"], rel=1e-3)
     load_adapter(model, str(out))

@@ -121,7 +121,25 @@ def test_auto_dtype_rule_with_faked_features(flags, expected):
     assert pq.default_compute_dtype(features=[f.upper() for f in flags])[0] == expected
 
 
-def test_auto_dtype_on_this_machine_and_in_the_run_settings():
+@pytest.mark.parametrize("cap, expected", [
+    ("AVX2", "float32"), ("avx512_core", "float32"), ("AVX512_CORE_VNNI", "float32"),
+    ("AVX512_CORE_BF16", "bfloat16"), ("avx512_core_amx", "bfloat16"), ("ALL", "bfloat16"), ("", "bfloat16"),
+])
+def test_auto_dtype_honours_a_onednn_cap(monkeypatch, cap, expected):
+    import pyqlora._config as config
+
+    monkeypatch.setattr(config, "cpu_features", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    name, reason = pq.default_compute_dtype()
+    assert name == expected
+    assert ("ONEDNN_MAX_CPU_ISA" in reason) == (expected == "float32")
+    assert pq.default_compute_dtype(features={"avx512_bf16"})[0] == "bfloat16"  # given flags: no cap applies
+
+
+def test_auto_dtype_on_this_machine_and_in_the_run_settings(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     flags = cpuinfo_flags()
     native = bool(flags & {"avx512_bf16", "amx_bf16"}) or (os.uname().machine == "aarch64" and "bf16" in flags)
     assert pq.default_compute_dtype()[0] == ("bfloat16" if native else "float32")
@@ -338,7 +356,8 @@ def test_help_lists_every_default():
 # ----------------------------------------------------------------------------- data that --seq-len drops
 def test_dropped_records_are_said_and_too_few_fail(tiny, tmp_path, capsys):
     """A record whose prompt alone fills --seq-len is dropped: said on stderr with the count and the
-    fraction; fewer held-out records than --heldout, or fewer training examples than a batch, fail (exit 2)."""
+    fraction; the held-out records are drawn from those that fit; too few records to hold out --heldout and
+    train, or fewer training examples than a batch, fail (exit 2)."""
     from pyqlora.app.data import split_heldout
 
     def write(n, heldout, long_at):
@@ -361,11 +380,16 @@ def test_dropped_records_are_said_and_too_few_fail(tiny, tmp_path, capsys):
     assert "pyqlora: warning: --seq-len 48 drops 10 of 40 records (25.0 %" in err
     assert "28 training and 2 held-out examples remain" in err
 
-    path, _, _ = write(40, 2, held[:1])  # a held-out record too long
+    path, _, _ = write(40, 2, held[:1])  # a record the fixed split would hold out is too long: another one is held out
     rc, err = run(path, 2)
-    assert rc == 2 and "drops 1 of 40 records (2.5 %" in err
-    assert err.strip().splitlines()[-1] == ("pyqlora: error: --seq-len 48 leaves 1 of the 2 held-out records "
-                                            "(--heldout 2); raise --seq-len or hold out fewer")
+    assert rc == 0, err
+    assert "drops 1 of 40 records (2.5 %" in err and "37 training and 2 held-out examples remain" in err
+
+    path, _, _ = write(6, 1, range(3))  # 3 of 6 records fit: hold out 3 of them and nothing is left to train on
+    rc, err = run(path, 3)
+    assert rc == 2
+    assert err.strip().splitlines()[-1] == ("pyqlora: error: --seq-len 48 keeps 3 of 6 records, too few to hold out "
+                                            "3 (--heldout 3) and train on the rest; raise --seq-len or hold out fewer")
 
     _, train, held = write(8, 1, ())
     path, _, _ = write(8, 1, train[1:])  # one training example left, the batch is 2

@@ -402,7 +402,8 @@ def build_parser():
                     help="recompute activations in backward: less memory, more time")
     ft.add_argument("--seed", type=int, default=0, help="seed of the adapters' init and the batch order")
     ft.add_argument("--heldout", type=_count_or_fraction, help="held-out records: a count, or a fraction such "
-                    "as 0.1 (default: 20 records; for text data, the last 10 %% of its chunks)")
+                    "as 0.1, drawn from the records that fit in --seq-len (default: 20 records; for text data, the "
+                    "last 10 %% of its chunks)")
     ft.add_argument("--warmup", type=int, default=3, help="linear warm-up steps, then constant")
     ft.add_argument("--eval-text", help="text file for the perplexity before/after (default: Botchan; 'none' "
                     "skips it)")

@@ -94,7 +94,7 @@ def humaneval_pairs():
     return records
 
 
-def split_heldout(records, heldout=20, seed=0):
+def split_heldout(records, heldout=20, seed=0, eligible=None):
     """(train, heldout): a fixed pseudo-random split, independent of the training seed.
 
     Parameters
@@ -106,6 +106,11 @@ def split_heldout(records, heldout=20, seed=0):
     seed : int
         Seed of the split's shuffle (kept fixed so that runs with different
         training seeds are evaluated on the same held-out records).
+    eligible : collection of int, optional
+        Indices of the records that may be held out (e.g. those that fit in the
+        sequence length): the held-out records are the first of the shuffle that
+        are eligible, so the split is the same as without `eligible` wherever those
+        were eligible anyway. The others all go to training.
     """
     n = len(records)
     if n < 2:
@@ -114,9 +119,11 @@ def split_heldout(records, heldout=20, seed=0):
     k = min(max(k, 1), n - 1)
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    held = sorted(order[:k])
-    held_set = set(held)
-    return [records[i] for i in range(n) if i not in held_set], [records[i] for i in held]
+    if eligible is not None:
+        eligible = set(eligible)
+        order = [i for i in order if i in eligible]
+    held_set = set(order[:k])
+    return [records[i] for i in range(n) if i not in held_set], [records[i] for i in sorted(held_set)]
 
 
 # ----------------------------------------------------------------------------- user files

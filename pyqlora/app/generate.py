@@ -38,7 +38,8 @@ def add_parser(subparsers, **kwargs):
     `kwargs` go to ``add_parser`` (the CLI passes its help formatter).
     """
     p = subparsers.add_parser(
-        "generate", **kwargs, help="generate text with a 4-bit base (and a LoRA adapter), KV cache and fused 4-bit GEMV",
+        "generate", **kwargs,
+        help="generate text with a 4-bit base (and a LoRA adapter), KV cache and fused 4-bit GEMV",
         description="Generate text from a model whose linear layers are pyqlora 4-bit layers (NF4 + DQ by "
                     "default), optionally with a LoRA adapter. Text on stdout, tokens/s of prefill and decode on "
                     "stderr.")

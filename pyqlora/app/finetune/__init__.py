@@ -36,7 +36,7 @@ and resuming from one) and :mod:`.run` (the whole job).
 from .accounting import make_optimizer, nf4_dq_bytes, nf4_dq_model_bytes, optimizer_state_bytes
 from .adapters import lora_a_weights, prepare, save_adapter, seed_adapters
 from .config import BASES, DTYPES, OPTIMIZERS, FinetuneConfig, SetupError, resolve_dtype
-from .examples import IGNORE, collate, encode_records, split_chunks, split_records
+from .examples import IGNORE, collate, encode_and_split, encode_records, split_chunks, split_records
 from .loss import batch_loss, heldout_loss
 from .resume import load_checkpoint, resume_config, save_checkpoint
 from .run import run
@@ -54,6 +54,7 @@ __all__ = [
     "TrainLog",
     "batch_loss",
     "collate",
+    "encode_and_split",
     "encode_records",
     "heldout_loss",
     "load_checkpoint",

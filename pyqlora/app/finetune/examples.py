@@ -3,8 +3,8 @@ import torch
 
 from ..data import split_heldout
 
-__all__ = ["IGNORE", "collate", "encode_records", "response_suffix", "generation_sample", "split_chunks",
-           "split_records"]
+__all__ = ["IGNORE", "collate", "encode_and_split", "encode_records", "response_suffix", "generation_sample",
+           "split_chunks", "split_records"]
 
 IGNORE = -100  # the label of a position that is not scored (torch's cross_entropy ignore_index)
 
@@ -75,10 +75,44 @@ def collate(batch, pad_id):
 
 
 def split_records(records, heldout):
-    """(train, heldout) records: a fixed shuffle for pairs, the tail of the text for text."""
+    """(train, heldout) records: a fixed shuffle for pairs, the tail of the text for text.
+
+    Of the pairs, the held-out ones are drawn from all records; :func:`encode_and_split` draws them
+    from the records that fit in ``seq_len`` (what ``pyqlora finetune`` does)."""
     if all("text" in r for r in records):
         return records, None  # text is split after chunking (see split_chunks)
     return split_heldout(records, heldout=heldout, seed=0)
+
+
+def encode_and_split(tokenizer, records, seq_len, heldout):
+    """Encode prompt/response records, then hold out `heldout` of those that fit in `seq_len`.
+
+    A record whose prompt alone fills ``seq_len`` cannot be trained on or evaluated, so the held-out
+    records are the first records of :func:`~pyqlora.app.data.split_heldout`'s fixed shuffle that fit:
+    ``--heldout 20`` always evaluates 20 examples whatever ``--seq-len`` drops, and they are the same
+    records as at a longer ``--seq-len`` where those fit. A fraction counts the records that fit.
+
+    Returns
+    -------
+    train_records, held_records : lists of the records that fit
+    train_examples, held_examples : lists of (input_ids, labels)
+    stats : dict with ``truncated`` and ``skipped`` counts over all records
+    """
+    stats, encoded = {"truncated": 0, "skipped": 0}, []
+    for r in records:
+        ex, st = encode_records(tokenizer, [r], seq_len)
+        for key in stats:
+            stats[key] += st[key]
+        encoded.append(ex[0] if ex else None)
+    fit = [i for i, ex in enumerate(encoded) if ex is not None]
+    k = max(round(heldout * len(fit)) if isinstance(heldout, float) else int(heldout), 1)
+    if len(fit) <= k:
+        raise ValueError(f"--seq-len {seq_len} keeps {len(fit)} of {len(records)} records, too few to hold out "
+                         f"{k} (--heldout {heldout}) and train on the rest; raise --seq-len or hold out fewer")
+    train, held = split_heldout(list(range(len(records))), heldout=k, seed=0, eligible=fit)
+    train = [i for i in train if encoded[i] is not None]
+    return ([records[i] for i in train], [records[i] for i in held], [encoded[i] for i in train],
+            [encoded[i] for i in held], stats)
 
 
 def split_chunks(examples, heldout):

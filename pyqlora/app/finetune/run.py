@@ -24,7 +24,7 @@ from . import resume as qresume
 from .accounting import make_optimizer, nf4_dq_model_bytes, optimizer_state_bytes
 from .adapters import prepare, save_adapter
 from .config import SetupError, heldout_for, resolve_dtype
-from .examples import IGNORE, encode_records, generation_sample, split_chunks, split_records
+from .examples import IGNORE, encode_and_split, encode_records, generation_sample, split_chunks
 from .loss import heldout_loss
 from .training import BatchOrder, train
 
@@ -74,24 +74,19 @@ def _percent(k, n):
     return f"{100 * k / n:.1f} %" if n else "0 %"
 
 
-def _check_examples(cfg, heldout, train_records, held_records, train_stats, held_stats, train_ex, held_ex, warn):
+def _check_examples(cfg, heldout, n_records, stats, train_ex, held_ex, warn, text):
     """Say loudly what --seq-len drops or cuts; ValueError when too little is left to train or evaluate."""
-    n = len(train_records) + len(held_records)
-    skipped = train_stats["skipped"] + held_stats["skipped"]
-    cut = train_stats["truncated"] + held_stats["truncated"]
+    skipped, cut = stats["skipped"], stats["truncated"]
     if skipped or cut:
         parts = []
         if skipped:
-            parts.append(f"drops {skipped} of {n} records ({_percent(skipped, n)}: the prompt alone fills "
-                         f"{cfg.seq_len} tokens)")
+            parts.append(f"drops {skipped} of {n_records} records ({_percent(skipped, n_records)}: the prompt alone "
+                         f"fills {cfg.seq_len} tokens)")
         if cut:
-            parts.append(f"cuts the response of {cut} ({_percent(cut, n)})")
+            parts.append(f"cuts the response of {cut} ({_percent(cut, n_records)})")
         warn(f"pyqlora: warning: --seq-len {cfg.seq_len} {' and '.join(parts)}: {len(train_ex)} training and "
              f"{len(held_ex)} held-out examples remain")
-    if held_records and len(held_ex) < len(held_records):
-        raise ValueError(f"--seq-len {cfg.seq_len} leaves {len(held_ex)} of the {len(held_records)} held-out "
-                         f"records (--heldout {heldout}); raise --seq-len or hold out fewer")
-    if isinstance(heldout, int) and not held_records and len(held_ex) < heldout:
+    if text and isinstance(heldout, int) and len(held_ex) < heldout:
         raise ValueError(f"the text gives {len(held_ex)} held-out chunks of --seq-len {cfg.seq_len} tokens, fewer "
                          f"than --heldout {heldout}; hold out fewer (or a fraction such as 0.1)")
     if len(train_ex) < cfg.batch_size:
@@ -158,19 +153,17 @@ def _run(cfg, out, log, ctx, qdist):
         else:
             (model, tok, minfo), weights = load_model(cfg.model, dtype=torch.float32), None
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    heldout = heldout_for(cfg, text=all("text" in r for r in records))
-    train_records, held_records = split_records(records, heldout)
-    if held_records is None:
-        examples, enc_stats = encode_records(tok, train_records, cfg.seq_len)
+    text = all("text" in r for r in records)
+    heldout = heldout_for(cfg, text=text)
+    if text:
+        examples, enc_stats = encode_records(tok, records, cfg.seq_len)
         train_ex, held_ex = split_chunks(examples, heldout)
-        held_records, train_stats, held_stats = [], enc_stats, dict.fromkeys(enc_stats, 0)
-    else:
-        train_ex, train_stats = encode_records(tok, train_records, cfg.seq_len)
-        held_ex, held_stats = encode_records(tok, held_records, cfg.seq_len)
-        enc_stats = {k: train_stats[k] + held_stats[k] for k in train_stats}
+        held_records = []
+    else:  # the held-out records are drawn from those that fit in --seq-len
+        _, held_records, train_ex, held_ex, enc_stats = encode_and_split(tok, records, cfg.seq_len, heldout)
     say(f"pyqlora finetune: {minfo['source']} (loaded in {clock.phases['load']['wall']:.1f} s); data: {data_name}: "
         f"{len(train_ex)} training and {len(held_ex)} held-out examples")
-    _check_examples(cfg, heldout, train_records, held_records, train_stats, held_stats, train_ex, held_ex, say)
+    _check_examples(cfg, heldout, len(records), enc_stats, train_ex, held_ex, say, text)
 
     before = checkpoint["before"] if checkpoint else {"perplexity": {}}
     ppl = {k: {"perplexity": v} for k, v in before["perplexity"].items()}
@@ -314,7 +307,7 @@ def _run(cfg, out, log, ctx, qdist):
         "model": minfo,
         "data": {"name": data_name, "train_examples": len(train_ex), "heldout_examples": len(held_ex),
                  "heldout_label_tokens": sum(sum(1 for x in lab[1:] if x != IGNORE) for _, lab in held_ex),
-                 "records": len(train_records) + len(held_records), **enc_stats},
+                 "records": len(records), **enc_stats},
         "base": base_name,
         "adapted_layers": pinfo["adapted_layers"],
         "heldout_loss": {"before": held_before, "after": held_after},
