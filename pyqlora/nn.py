@@ -33,6 +33,17 @@ from ._quantize import quantize
 __all__ = ["Linear4bit", "LoraLinear4bit", "dequantize_weight"]
 
 
+def _product(x, q, bias):
+    """x W^T + b, W the QuantizedArray `q`: fused (few rows), tiled (many) or a temporary dense W."""
+    path = choose_path(x, q)
+    if path != "dense":
+        x = x.detach().contiguous()
+        y = fused_product(x, q, transpose=True) if path == "fused" else tiled_product_torch(x, q, True)
+        return y if bias is None else y + bias.to(x.dtype)
+    w = dequantize_weight(q, x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
 class _Linear4bitFunction(torch.autograd.Function):
     """y = x W^T + b with W 4-bit. Saves no tensor: backward reads the 4-bit weight
     again (fused product for a few rows or on AMX, else tiles decoded for torch's matmul;
@@ -44,16 +55,9 @@ class _Linear4bitFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, layer, bias):
-        q = layer.quantized
         ctx.layer = layer
         ctx.bias_requires_grad = bias is not None and bias.requires_grad
-        path = choose_path(x, q)
-        if path != "dense":
-            x = x.detach().contiguous()
-            y = fused_product(x, q, transpose=True) if path == "fused" else tiled_product_torch(x, q, True)
-            return y if bias is None else y + bias.to(x.dtype)
-        w = dequantize_weight(q, x.dtype)
-        return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+        return _product(x, layer.quantized, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -191,7 +195,8 @@ class Linear4bit(nn.Module):
         Raises RuntimeError while FSDP2 holds the parameters sharded (outside
         forward/backward); gather them first (``model.unshard()``).
         """
-        tensors = (self.weight, self.weight_absmax, self.weight_nested_absmax)
+        params = self._parameters  # not self.weight: Module.__getattr__ costs a microsecond per name
+        tensors = (params["weight"], params["weight_absmax"], params.get("weight_nested_absmax"))
         key = tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in tensors)
         cache = self._q_cache
         if cache is not None and cache[0] == key:
@@ -257,7 +262,10 @@ class Linear4bit(nn.Module):
             raise TypeError(f"Linear4bit runs on CPU tensors only for now; got one on {x.device}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}")
-        return _Linear4bitFunction.apply(x, self, self.bias)
+        bias = self.bias
+        if not torch.is_grad_enabled() or not (x.requires_grad or (bias is not None and bias.requires_grad)):
+            return _product(x, self.quantized, bias)  # nothing to differentiate: skip autograd's bookkeeping
+        return _Linear4bitFunction.apply(x, self, bias)
 
     def extra_repr(self):
         dq = ", double_quant" if self.double_quant else ""

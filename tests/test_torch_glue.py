@@ -103,6 +103,12 @@ def test_fused_and_dense_routes_agree(rows, dtype):
     g = torch.randn_like(y)
     y.backward(g)
     torch.testing.assert_close(x.grad.double(), g.double() @ w, rtol=tol, atol=tol)
+    # nothing to differentiate (no_grad, or an input and bias without grad): the same bytes without autograd
+    with torch.no_grad():
+        y0 = base(x)
+    y1 = base(x.detach())
+    assert y0.grad_fn is None and not y1.requires_grad  # the bias is frozen in make_lora
+    assert torch.equal(y0, y.detach()) and torch.equal(y1, y.detach())
 
 
 def test_lora_outputs_and_gradients_match_dense_lora():
