@@ -51,6 +51,7 @@ from .lora import (
     ADAPTER_WEIGHTS,
     PEFT_PREFIX,
     LoraConfig,
+    check_adapter,
     load_adapter,
     lora_layers,
     save_adapter,
@@ -522,9 +523,15 @@ def load_adapter_distributed(model, directory, optimizer=None, adapter_name="def
             set_optimizer_state_dict,
         )
 
+        # load_adapter's checks (config fields; every tensor a finite lora_A/lora_B of the right shape and r;
+        # every layer gets both), against the sharded parameters' global shapes; nothing changes here
+        plan = check_adapter(inner, directory, adapter_name)
+        layers = dict(lora_layers(inner))
+        lacking = [name for name, layer in layers.items() if adapter_name not in layer.lora_A]
+        if lacking:  # a sharded model cannot grow new parameters
+            raise ValueError(f"modules {lacking[:3]} have no adapter {adapter_name!r}; under FSDP the adapter must "
+                             "exist before wrap_model (prepare_model with the adapter's r)")
         w_path = os.path.join(directory, ADAPTER_WEIGHTS)
-        if not os.path.exists(w_path):
-            raise FileNotFoundError(f"adapter file not found: {w_path}")
         tensors = load_file(w_path)
         keys = _lora_keys(inner, adapter_name)
         absent = [peft for peft in keys.values() if peft not in tensors]
@@ -532,6 +539,8 @@ def load_adapter_distributed(model, directory, optimizer=None, adapter_name="def
             raise ValueError(f"{w_path}: no weights for {absent[:3]}")
         full = {fqn: tensors[peft] for fqn, peft in keys.items()}
         set_model_state_dict(inner, full, options=StateDictOptions(full_state_dict=True, strict=False))
+        for name, (_, _, _, alpha, scaling) in plan.items():  # the file's lora_alpha (r was checked equal)
+            layers[name].lora_alpha[adapter_name], layers[name].scaling[adapter_name] = alpha, scaling
         if optimizer is not None:
             saved = torch.load(opt_path, map_location="cpu", weights_only=False)
             if saved.get("sharded"):

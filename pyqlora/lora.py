@@ -40,8 +40,8 @@ from ._glue.tensors import as_numpy
 from ._quantize import dequantize, quantize
 from .nn import Linear4bit, LoraLinear4bit, dequantize_weight
 
-__all__ = ["LoraConfig", "PrepareReport", "empty_weights", "load_adapter", "lora_layers", "merge_adapters",
-           "prepare_model", "save_adapter"]
+__all__ = ["LoraConfig", "PrepareReport", "check_adapter", "empty_weights", "load_adapter", "lora_layers",
+           "merge_adapters", "prepare_model", "save_adapter"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -853,6 +853,34 @@ def load_adapter(model, directory, adapter_name="default"):
     Everything is checked before anything is changed: when this raises (ValueError
     for bad files, FileNotFoundError for missing ones), the model is as it was.
     """
+    layers = dict(lora_layers(model))
+    cfg, plan = _checked_adapter(layers, directory, adapter_name)
+    _apply_adapter(layers, plan, cfg, adapter_name)
+    return model
+
+
+def check_adapter(model, directory, adapter_name="default"):
+    """Read the PEFT LoRA adapter in `directory` and check it against `model` as :func:`load_adapter`
+    does, changing nothing.
+
+    Returns
+    -------
+    dict
+        ``{module name: (lora_A, lora_B, r, lora_alpha, scaling)}`` for every LoRA layer of the
+        model: the tensors converted to the dtype and device they would be copied to, and the
+        layer's r, alpha and scaling from the adapter's config.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        As :func:`load_adapter`.
+    """
+    cfg, plan = _checked_adapter(dict(lora_layers(model)), directory, adapter_name)
+    return {name: (a, b, r, alpha, alpha / (math.sqrt(r) if cfg.use_rslora else r))
+            for name, (a, b, r, alpha) in plan.items()}
+
+
+def _checked_adapter(layers, directory, adapter_name):
     _check_adapter_name(adapter_name)
     cfg_path, w_path = os.path.join(directory, ADAPTER_CONFIG), os.path.join(directory, ADAPTER_WEIGHTS)
     for path in (cfg_path, w_path):
@@ -861,12 +889,9 @@ def load_adapter(model, directory, adapter_name="default"):
                                     (" (not a regular file)" if os.path.exists(path) else ""))
     cfg = _read_adapter_config(cfg_path)
     tensors = _read_adapter_tensors(w_path)
-    layers = dict(lora_layers(model))
     if not layers:
         raise ValueError("the model has no LoRA layers: call prepare_model first")
-    plan = _plan_adapter(layers, tensors, cfg, w_path, adapter_name)
-    _apply_adapter(layers, plan, cfg, adapter_name)
-    return model
+    return cfg, _plan_adapter(layers, tensors, cfg, w_path, adapter_name)
 
 
 def merge_adapters(model, dtype=torch.float32, requantize=False):

@@ -6,7 +6,9 @@ each rank saves what it saw and the tests below compare it with a
 single-process run of the same model on the same global batch (the oracle).
 """
 import dataclasses
+import json
 import os
+import shutil
 import socket
 
 import pytest
@@ -243,6 +245,7 @@ def _checkpoint_round_trip(m, opt, first, outdir, mine, make_opt, rank, fsdp, ou
     out["ckpt_uninterrupted"] = first + _train(m, mine, _mlp_loss, opt, steps=2, reduce=True)
     out["ckpt_uninterrupted_params"] = _full_trainable(m)
     out["ckpt_resume"] = _resume(ckpt, mine, make_opt, fsdp)
+    out["ckpt_edited"] = _load_edited(ckpt, os.path.join(outdir, f"ckpt-edited{rank}"), fsdp)
     if rank == 0:  # the files are a plain PEFT adapter: they load in one process
         single = _mlp()
         load_adapter(single, ckpt)
@@ -254,6 +257,29 @@ def _checkpoint_round_trip(m, opt, first, outdir, mine, make_opt, rank, fsdp, ou
         opt1.load_state_dict(torch.load(os.path.join(ckpt, qdist.OPTIMIZER_FILE), weights_only=False)["optimizer"])
         out["ckpt_single_losses"] = _train(single, _mlp_data(), _mlp_loss, opt1, steps=2)
         out["ckpt_single_inexact"] = getattr(opt1, "inexact_blocks_loaded", 0)
+
+
+def _load_edited(ckpt, copy, fsdp):
+    """The adapter with another lora_alpha (its scaling must follow), and with another r (refused, as
+    load_adapter refuses it, before anything changes)."""
+    got = {}
+    for field, change in (("lora_alpha", 3.0), ("r", 1)):
+        path = f"{copy}-{field}"
+        shutil.copytree(ckpt, path)
+        with open(os.path.join(path, "adapter_config.json")) as f:
+            cfg = json.load(f)
+        cfg[field] += change
+        with open(os.path.join(path, "adapter_config.json"), "w") as f:
+            json.dump(cfg, f)
+        m = _mlp()
+        qdist.wrap_model(m, fsdp)
+        try:
+            qdist.load_adapter_distributed(m, path)
+            got[field] = {"alpha": cfg["lora_alpha"], "r": cfg["r"],
+                          "scaling": sorted({layer.scaling["default"] for _, layer in lora_layers(m)})}
+        except ValueError as exc:
+            got[field] = str(exc)
+    return got
 
 
 def _resume(ckpt, mine, make_opt, fsdp):
@@ -392,6 +418,10 @@ def test_fsdp_checkpoint_resume_is_bit_identical(run):
             assert all(torch.equal(got["params"][n], want[n]) for n in want), how
             assert got["inexact_blocks"] == 0
     assert ranks[0]["ckpt_adapter_file_matches"]
+    for r in ranks:  # an edited adapter under FSDP: checked as load_adapter checks it
+        edited = r["ckpt_edited"]
+        assert edited["lora_alpha"]["scaling"] == [edited["lora_alpha"]["alpha"] / edited["lora_alpha"]["r"]]
+        assert "expected" in edited["r"] and "adapter_config.json gives r" in edited["r"], edited["r"]
 
 
 @pytest.mark.slow

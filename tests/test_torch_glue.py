@@ -7,12 +7,20 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+from support import tiny_llama_config  # noqa: E402
 from torch import nn  # noqa: E402
 
 import pyqlora as pq  # noqa: E402
-from pyqlora.lora import LoraConfig, load_adapter, lora_layers, merge_adapters, prepare_model, save_adapter  # noqa: E402
+from pyqlora.lora import (  # noqa: E402
+    LoraConfig,
+    check_adapter,
+    load_adapter,
+    lora_layers,
+    merge_adapters,
+    prepare_model,
+    save_adapter,
+)
 from pyqlora.nn import Linear4bit, LoraLinear4bit, dequantize_weight  # noqa: E402
-from support import tiny_llama_config  # noqa: E402
 
 
 def make_lora(in_f=40, out_f=24, r=4, alpha=8, bias=True, dtype=torch.float32, seed=0):
@@ -369,6 +377,14 @@ def test_adapter_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_adapter(model, tmp_path)
     save_adapter(model, tmp_path)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    plan = check_adapter(model, tmp_path)  # what load_adapter would copy, nothing changed
+    assert sorted(plan) == sorted(n for n, _ in lora_layers(model))
+    for name, layer in lora_layers(model):
+        a, b, r, alpha, scaling = plan[name]
+        assert torch.equal(a, layer.lora_A["default"].weight) and torch.equal(b, layer.lora_B["default"].weight)
+        assert (r, alpha, scaling) == (4, layer.lora_alpha["default"], layer.scaling["default"])
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     other = Tiny()
     prepare_model(other, LoraConfig(r=4, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="block.v_proj"):
