@@ -36,7 +36,9 @@ import torch
 from torch import nn
 
 from ._glue.modules import set_submodule
+from ._glue.paging import BasePaging, place_in_pager
 from ._glue.tensors import as_numpy
+from ._pager import Pager
 from ._quantize import dequantize, quantize
 from .nn import Linear4bit, LoraLinear4bit, dequantize_weight
 
@@ -215,6 +217,7 @@ class PrepareReport:
     dense_weight_bytes: int   # the replaced weights dense (in the dtype they had before quantization)
     quantized_weight_bytes: int  # the same weights in 4 bits (codes + scales)
     already_4bit: List[str] = dataclasses.field(default_factory=list)  # targets that were Linear4bit already
+    paging: object = None  # pyqlora._glue.paging.BasePaging with prepare_model(pager=...)
 
     def __str__(self):
         quantized = len(self.replaced) - len(self.already_4bit)
@@ -374,7 +377,7 @@ def _loftq(linear, config, scaling):
     return a, b
 
 
-def prepare_model(model, config=None, weights=None):
+def prepare_model(model, config=None, weights=None, pager=None, lookahead=2):
     """Quantize the target linear layers of `model` in place and add LoRA adapters.
 
     Layers are quantized one at a time and their dense weights released at once,
@@ -401,6 +404,16 @@ def prepare_model(model, config=None, weights=None):
         target layer is quantized as soon as its weight is read, so peak memory
         stays near the 4-bit model plus one dense layer. Tied parameters are
         re-tied with ``model.tie_weights()``.
+    pager : pyqlora.Pager, optional
+        Place the 4-bit bytes (codes, scales, nested scales) of every target layer in this
+        pager, layer by layer as they are quantized, so that its ``budget_bytes`` bounds the
+        resident base (the rest is in its spill file). Hooks then prefetch each layer's bytes
+        before it runs and the next `lookahead` layers' in a background thread (the order is
+        learnt from the first forward; reversed in backward); ``PrepareReport.paging``
+        (a :class:`pyqlora._glue.paging.BasePaging`) reports the disk wait and the pager's
+        counters. Results are bit-identical to the resident base.
+    lookahead : int
+        Layers prefetched ahead with `pager` (0: each layer only when it runs).
 
     Returns
     -------
@@ -409,6 +422,10 @@ def prepare_model(model, config=None, weights=None):
     config = config or LoraConfig()
     if not isinstance(config, LoraConfig):
         config = LoraConfig.from_peft(config)
+    if pager is not None and not isinstance(pager, Pager):
+        raise TypeError(f"pager must be a pyqlora.Pager, got {type(pager).__name__}")
+    if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
+        raise ValueError(f"lookahead must be a non-negative int, got {lookahead!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     chosen = _select(model, config.target_modules, config.exclude_modules)
@@ -449,6 +466,8 @@ def prepare_model(model, config=None, weights=None):
                 raise type(exc)(f"cannot quantize module {name!r}: {exc}") from None
             dense_bytes += linear.weight.numel() * linear.weight.element_size()
         quant_bytes += base.quantized.nbytes
+        if pager is not None:
+            place_in_pager(base, pager)  # now, so that loading too stays within the budget
         lora = LoraLinear4bit(base, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
                               use_rslora=config.use_rslora, adapter_name=config.adapter_name)
         if loftq is not None:
@@ -484,7 +503,8 @@ def prepare_model(model, config=None, weights=None):
     storage = {id(p) for _, m in lora_layers(model) for p in m.base_layer.quant_parameters()}
     total = (sum(p.numel() for p in model.parameters() if id(p) not in storage)
              + sum(m.base_layer.quantized.size for _, m in lora_layers(model)))
-    return PrepareReport(list(chosen), trainable, total, dense_bytes, quant_bytes, already_4bit)
+    paging = BasePaging(model, pager, lookahead=lookahead) if pager is not None else None
+    return PrepareReport(list(chosen), trainable, total, dense_bytes, quant_bytes, already_4bit, paging)
 
 
 _TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),

@@ -1,0 +1,198 @@
+"""The frozen 4-bit base in a :class:`pyqlora.Pager`: RAM bounds the working set, not the model.
+
+:func:`place_in_pager` moves one ``Linear4bit``'s bytes (codes, block scales, nested
+scales) into pager memory; :class:`BasePaging` then watches the layers run. On the first
+forward it records the order in which they run; from then on, before a layer computes,
+its own bytes are prefetched (the time spent there is the *disk wait*) and a background
+thread prefetches the bytes of the next ``lookahead`` layers in that order (in reverse
+order during backward), so the reads overlap the computation. The pager's budget evicts
+least recently used pages beyond it; for the cyclic scan of a forward pass that is the
+layers run longest ago, which are also those needed last (for the backward of a step,
+whose order is reversed, they are the next ones: measured in ``docs/scale.md``).
+
+Everything stays bit-identical to the resident base: paging moves bytes, never values.
+"""
+import threading
+import time
+
+import torch
+
+from .. import _pager
+
+__all__ = ["BasePaging", "place_in_pager"]
+
+
+def _paged_copy(pager, a):
+    """`a`'s bytes in a new pager array of the same shape and dtype (None stays None)."""
+    if a is None:
+        return None
+    out = pager.empty(a.shape, a.dtype)
+    out[...] = a
+    return out
+
+
+def place_in_pager(layer, pager):
+    """Move the 4-bit bytes of the ``Linear4bit`` `layer` into `pager` (a no-op if they are there).
+
+    The layer's parameters then view pager memory (``torch.from_numpy``, no copy); the
+    ordinary memory they held is released when nothing else refers to it. The copies are
+    prefetched once, so that the pager's budget evicts older pages as the model is loaded.
+
+    Returns
+    -------
+    int
+        Bytes placed (0 if nothing moved).
+    """
+    from .._array import QuantizedArray
+
+    q = layer.quantized
+    if _in_pager(pager, q.packed):
+        return 0
+    packed = _paged_copy(pager, q.packed)
+    absmax = _paged_copy(pager, q.absmax)
+    nested = _paged_copy(pager, q.nested_absmax)
+    layer.quantized = QuantizedArray(shape=q.shape, dtype=q.dtype, codebook=q.codebook, blocksize=q.blocksize,
+                                     packed=packed, absmax=absmax, nested_absmax=nested,
+                                     nested_offset=q.nested_offset)
+    for a in (packed, absmax, nested):
+        if a is not None and a.nbytes:
+            pager.prefetch(a)  # most recently used: the budget evicts the layers loaded before
+    return sum(a.nbytes for a in (packed, absmax, nested) if a is not None)
+
+
+def _in_pager(pager, a):
+    try:
+        pager.prefetch(a[:0] if a.ndim else a)  # zero bytes: raises ValueError outside this pager's memory
+    except ValueError:
+        return False
+    return True
+
+
+def _layer_arrays(layer):
+    t = layer._parameters
+    return [x for x in (t["weight"], t["weight_absmax"], t.get("weight_nested_absmax")) if x is not None]
+
+
+class BasePaging:
+    """Prefetch hooks on every paged ``Linear4bit`` of a model (made by ``prepare_model(pager=...)``).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    pager : pyqlora.Pager
+    lookahead : int
+        Layers prefetched ahead of the one computing (0: none, only the synchronous
+        prefetch of each layer before it runs).
+
+    Attributes
+    ----------
+    layers : list of (name, Linear4bit)
+    """
+
+    def __init__(self, model, pager, lookahead=2):
+        from ..nn import Linear4bit
+
+        if not isinstance(pager, _pager.Pager):
+            raise TypeError(f"pager must be a pyqlora.Pager, got {type(pager).__name__}")
+        if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
+            raise ValueError(f"lookahead must be a non-negative int, got {lookahead!r}")
+        self.pager, self.lookahead = pager, lookahead
+        self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear4bit)]
+        self._index = {id(m): i for i, (_, m) in enumerate(self.layers)}
+        self._order = []           # layer indices in the order the first forward ran them
+        self._position = {}        # layer index -> position in _order
+        self._recording = True
+        self.wait_seconds = 0.0    # time spent making a layer's own bytes resident before it ran
+        self.calls = 0
+        self._queue, self._cv, self._stop = [], threading.Condition(), False
+        self._thread = threading.Thread(target=self._prefetcher, name="pyqlora-base-prefetch", daemon=True)
+        self._thread.start()
+        self._handles = []
+        for _, m in self.layers:
+            self._handles.append(m.register_forward_pre_hook(self._before_forward))
+            self._handles.append(m.register_forward_hook(self._after_forward))
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _before_forward(self, module, args):
+        i = self._index[id(module)]
+        if self._recording:
+            if i in self._position:  # the order repeats: the first pass is over
+                self._recording = False
+            else:
+                self._position[i] = len(self._order)
+                self._order.append(i)
+        self._make_resident(module)
+        if not self._recording:
+            self._ahead(i, +1)
+
+    def _after_forward(self, module, args, output):
+        # Backward: a hook on the output's gradient, which arrives just before the layer's backward
+        # reads the weight. Not a module backward hook: those insert identity nodes into the graph,
+        # which changes the order in which autograd sums gradients (and so their last bits).
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            i = self._index[id(module)]
+
+            def before_backward(grad):
+                self._make_resident(module)
+                self._ahead(i, -1)
+
+            output.register_hook(before_backward)
+
+    def _make_resident(self, layer):
+        t0 = time.perf_counter()
+        for t in _layer_arrays(layer):
+            self.pager.prefetch(t)
+        self.wait_seconds += time.perf_counter() - t0
+        self.calls += 1
+
+    def _ahead(self, i, direction):
+        if not self.lookahead or i not in self._position:
+            return
+        n, p = len(self._order), self._position[i]
+        nxt = [self.layers[self._order[(p + direction * k) % n]][1] for k in range(1, self.lookahead + 1)]
+        with self._cv:
+            self._queue[:] = nxt  # only the newest request matters
+            self._cv.notify()
+
+    def _prefetcher(self):
+        while True:
+            with self._cv:
+                while not self._queue and not self._stop:
+                    self._cv.wait()
+                if self._stop:
+                    return
+                layers, self._queue[:] = list(self._queue), []
+            for layer in layers:
+                try:
+                    for t in _layer_arrays(layer):
+                        self.pager.prefetch(t)
+                except ValueError:  # the pager was closed
+                    return
+
+    # -- report ----------------------------------------------------------------------------------
+    def stats(self):
+        """The pager's counters plus ``base_bytes`` (the paged layers' bytes), ``wait_seconds``
+        and ``layer_calls`` (synchronous prefetches before a layer ran)."""
+        s = dict(self.pager.stats())
+        s["base_bytes"] = int(sum(m.quantized.nbytes for _, m in self.layers))
+        s["wait_seconds"], s["layer_calls"] = self.wait_seconds, self.calls
+        return s
+
+    def remove(self):
+        """Remove the hooks and stop the prefetch thread (the bytes stay in the pager)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join()
+
+    def __del__(self):
+        try:
+            with self._cv:
+                self._stop = True
+                self._cv.notify()
+        except Exception:  # interpreter shutdown
+            pass
+
