@@ -9,7 +9,7 @@ from ._array import QuantizedArray, block_scales
 from ._codebooks import lookup_table
 from ._runtime import sync_threads
 
-__all__ = ["decode_tile", "matmul_4bit"]
+__all__ = ["decode_tile", "fused_matrix", "matmul_4bit"]
 
 
 def matmul_4bit(x, q, transpose=True, out=None):
@@ -71,6 +71,20 @@ def matmul_4bit(x, q, transpose=True, out=None):
     if target is not out:
         out[...] = target
     return out
+
+
+def fused_matrix(q):
+    """The kernel arguments of the 2-D QuantizedArray `q`, checked once (internal).
+
+    ``fm.matmul(x_address, kernel_dtype, rows, transpose, out_address)`` then runs
+    :func:`matmul_4bit` on raw buffers without re-checking them: the caller (the
+    inference path of ``pyqlora.nn.Linear4bit``) owns their shapes and contiguity.
+    Call :func:`pyqlora._runtime.sync_threads` before it, as every kernel call does.
+    """
+    if not isinstance(q, QuantizedArray) or q.ndim != 2:
+        raise ValueError("q must be a 2-D QuantizedArray")
+    return _ext.FusedMatrix(q.packed, block_scales(q), q.blocksize, lookup_table(q.codebook, 16), q.shape[0],
+                            q.shape[1])
 
 
 def _overlaps(out, *inputs):

@@ -26,8 +26,9 @@ from torch import nn
 from ._array import QuantizedArray
 from ._formats import DQ_BLOCKSIZE, check_blocksize, check_codebook
 from ._glue.dtensor import is_dtensor
-from ._glue.products import choose_path, fused_product, tiled_product_torch
+from ._glue.products import choose_path, fused_linear, fused_product, tiled_product_torch
 from ._glue.tensors import as_numpy, byte_view, dequantize_weight, numpy_dtype, torch_dtype
+from ._matmul import fused_matrix
 from ._quantize import quantize
 
 __all__ = ["Linear4bit", "LoraLinear4bit", "dequantize_weight"]
@@ -219,7 +220,7 @@ class Linear4bit(nn.Module):
         q = QuantizedArray(shape=meta["shape"], dtype=meta["dtype"], codebook=meta["codebook"],
                            blocksize=meta["blocksize"], packed=byte_view(self.weight),
                            absmax=absmax, nested_absmax=nested, nested_offset=meta["nested_offset"])
-        self._q_cache = (key, q)
+        self._q_cache = [key, q, None]  # [2]: its fused_matrix, made on the first inference product
         return q
 
     @quantized.setter
@@ -264,7 +265,15 @@ class Linear4bit(nn.Module):
             raise ValueError(f"expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}")
         bias = self.bias
         if not torch.is_grad_enabled() or not (x.requires_grad or (bias is not None and bias.requires_grad)):
-            return _product(x, self.quantized, bias)  # nothing to differentiate: skip autograd's bookkeeping
+            # nothing to differentiate: skip autograd's bookkeeping
+            q = self.quantized
+            if q.size and choose_path(x, q) == "fused":  # decode: the kernel with arguments checked once
+                cache = self._q_cache
+                if cache[2] is None:
+                    cache[2] = fused_matrix(q)
+                y = fused_linear(x, cache[2])
+                return y if bias is None else y + bias.to(x.dtype)
+            return _product(x, q, bias)
         return _Linear4bitFunction.apply(x, self, bias)
 
     def extra_repr(self):

@@ -183,6 +183,7 @@ def test_decode_steps_use_the_fused_gemv_only(ours, monkeypatch, dtype):
         return wrapped
 
     monkeypatch.setattr(qnn, "fused_product", spy("fused", qnn.fused_product))
+    monkeypatch.setattr(qnn, "fused_linear", spy("fused", qnn.fused_linear))  # the no-autograd path
     monkeypatch.setattr(qnn, "tiled_product_torch", spy("tiled", qnn.tiled_product_torch))
     monkeypatch.setattr(qnn, "dequantize_weight", spy("dense", qnn.dequantize_weight))
     seen = {}

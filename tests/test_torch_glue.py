@@ -119,6 +119,27 @@ def test_fused_and_dense_routes_agree(rows, dtype):
     assert torch.equal(y0, y.detach()) and torch.equal(y1, y.detach())
 
 
+def test_inference_path_follows_the_weight_and_input_layout():
+    """The no-autograd fused path (arguments checked once, cached with the layer's view of its weight) equals
+    matmul_4bit on 3-D and non-contiguous inputs, and follows a new weight and in-place loaded bytes."""
+    _, layer = make_lora(in_f=64, out_f=48)
+    base = layer.base_layer
+    x = torch.randn(2, 3, 128)[:, :, ::2]  # not contiguous, 3-D, 6 rows
+    with torch.no_grad():
+        for rows in (x[:1, :1], x):
+            want = pq.matmul_4bit(rows.contiguous().numpy(), base.quantized) + base.bias.numpy()
+            assert torch.equal(base(rows), torch.from_numpy(want))
+        other = torch.nn.Linear(64, 48)
+        base.quantized = pq.quantize(other.weight.detach().numpy())  # a new weight: the cache must not serve
+        want = pq.matmul_4bit(x[:1, :1].contiguous().numpy(), base.quantized) + base.bias.numpy()
+        assert torch.equal(base(x[:1, :1]), torch.from_numpy(want))
+        state = Linear4bit.from_linear(other).state_dict()  # bytes copied in place: same addresses
+        base.load_state_dict({**state, "bias": base.bias}, strict=False)
+        got = base(x[:1, :1])
+        want = pq.matmul_4bit(x[:1, :1].contiguous().numpy(), base.quantized) + base.bias.numpy()
+        assert torch.equal(got, torch.from_numpy(want))
+
+
 def test_lora_outputs_and_gradients_match_dense_lora():
     dense, layer = make_lora()
     w = dequantize_weight(layer.base_layer.quantized)

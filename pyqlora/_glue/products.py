@@ -17,12 +17,13 @@ import threading
 
 import torch
 
+from .._dtypes import KERNEL_DTYPES, bfloat16, float32
 from .._matmul import decode_tile, matmul_4bit
-from .._runtime import get_amx
+from .._runtime import get_amx, sync_threads
 from .tensors import as_numpy
 
 __all__ = ["FUSED_MAX_ROWS", "FUSED_MAX_ROWS_FP32", "TILE_BYTES", "TILE_MAX_BYTES", "TILE_MIN_COLS_PER_THREAD",
-           "choose_path", "fused_product", "tiled_product_torch"]
+           "choose_path", "fused_linear", "fused_product", "tiled_product_torch"]
 
 # Up to this many rows the fused 4-bit product (pq.matmul_4bit), which streams the
 # packed weight once, beats decoding tiles for torch's matmul; above it, tiles of
@@ -68,6 +69,26 @@ def fused_product(x, q, transpose):
     lead = x.shape[:-1]
     out = torch.empty(*lead, q.shape[0] if transpose else q.shape[1], dtype=x.dtype)
     matmul_4bit(as_numpy(x), q, transpose=transpose, out=as_numpy(out))
+    return out
+
+
+_KERNEL_DTYPE = {torch.float32: KERNEL_DTYPES[float32], torch.bfloat16: KERNEL_DTYPES.get(bfloat16)}
+
+
+def fused_linear(x, fm):
+    """``x @ W.T`` for a CPU float32/bfloat16 tensor x through ``fm = pyqlora._matmul.fused_matrix(q)``.
+
+    The inference path of ``Linear4bit`` (no autograd): the product of :func:`fused_product`
+    without re-checking the weight's arrays at every call (a decode step makes 210 calls
+    of a few tens of microseconds each). x's last dimension must be ``fm.K``.
+    """
+    x = x.detach().contiguous()
+    # empty_like where it can (torch.empty costs a few microseconds more, a tenth of a small call)
+    out = torch.empty_like(x) if fm.K == fm.N else x.new_empty((*x.shape[:-1], fm.N))
+    rows = x.numel() // fm.K
+    if rows:
+        sync_threads()
+        fm.matmul(x.data_ptr(), _KERNEL_DTYPE[x.dtype], rows, True, out.data_ptr())
     return out
 
 
