@@ -18,6 +18,7 @@ import time
 import torch
 
 from .. import _pager
+from .._array import QuantizedArray, block_scales, cache_block_scales
 
 __all__ = ["BasePaging", "place_in_pager"]
 
@@ -43,7 +44,6 @@ def place_in_pager(layer, pager):
     int
         Bytes placed (0 if nothing moved).
     """
-    from .._array import QuantizedArray
 
     q = layer.quantized
     if _in_pager(pager, q.packed):
@@ -54,10 +54,23 @@ def place_in_pager(layer, pager):
     layer.quantized = QuantizedArray(shape=q.shape, dtype=q.dtype, codebook=q.codebook, blocksize=q.blocksize,
                                      packed=packed, absmax=absmax, nested_absmax=nested,
                                      nested_offset=q.nested_offset)
-    for a in (packed, absmax, nested):
+    scales = None
+    if q.double_quant:  # the decoded float32 scales (an eighth of the codes' bytes) are paged too
+        scales = _paged_copy(pager, block_scales(q))
+        scales.flags.writeable = False
+    layer._paged_scales = scales
+    _attach_scales(layer)
+    for a in (packed, absmax, nested, scales):
         if a is not None and a.nbytes:
             pager.prefetch(a)  # most recently used: the budget evicts the layers loaded before
-    return sum(a.nbytes for a in (packed, absmax, nested) if a is not None)
+    return sum(a.nbytes for a in (packed, absmax, nested, scales) if a is not None)
+
+
+def _attach_scales(layer):
+    """Hand the layer's paged scales to its current QuantizedArray view (it decodes them otherwise)."""
+    scales = getattr(layer, "_paged_scales", None)
+    if scales is not None:
+        cache_block_scales(layer.quantized, scales)
 
 
 def _in_pager(pager, a):
@@ -70,7 +83,9 @@ def _in_pager(pager, a):
 
 def _layer_arrays(layer):
     t = layer._parameters
-    return [x for x in (t["weight"], t["weight_absmax"], t.get("weight_nested_absmax")) if x is not None]
+    arrays = [x for x in (t["weight"], t["weight_absmax"], t.get("weight_nested_absmax")) if x is not None]
+    scales = getattr(layer, "_paged_scales", None)
+    return arrays if scales is None else arrays + [scales]
 
 
 class BasePaging:
@@ -139,6 +154,7 @@ class BasePaging:
             output.register_hook(before_backward)
 
     def _make_resident(self, layer):
+        _attach_scales(layer)
         t0 = time.perf_counter()
         for t in _layer_arrays(layer):
             self.pager.prefetch(t)
@@ -174,7 +190,7 @@ class BasePaging:
         """The pager's counters plus ``base_bytes`` (the paged layers' bytes), ``wait_seconds``
         and ``layer_calls`` (synchronous prefetches before a layer ran)."""
         s = dict(self.pager.stats())
-        s["base_bytes"] = int(sum(m.quantized.nbytes for _, m in self.layers))
+        s["base_bytes"] = int(sum(sum(t.nbytes for t in _layer_arrays(m)) for _, m in self.layers))
         s["wait_seconds"], s["layer_calls"] = self.wait_seconds, self.calls
         return s
 
