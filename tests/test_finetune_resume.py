@@ -261,6 +261,39 @@ def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_matches(tiny, tmp_path, c
             == json.loads((whole / "report.json").read_text())["train"]["losses"])
 
 
+# ----------------------------------------------------------------------------- the base paged (issue 23)
+def test_a_paged_base_trains_the_same_adapter(tiny, tmp_path, capsys):
+    """--base-budget smaller than one layer: the model is loaded streamed, the base paged to a spill file and
+    read back layer by layer, and the run ends with the resident run's adapter bytes, losses and figures."""
+    resident, paged = tmp_path / "resident", tmp_path / "paged"
+    assert call(*args(tiny, resident, "--steps", "3", "--dtype", "fp32")) == 0
+    capsys.readouterr()
+    assert call(*args(tiny, paged, "--steps", "3", "--dtype", "fp32", "--base-budget", "4K",
+                      "--spill-dir", tmp_path)) == 0
+    err = capsys.readouterr().err
+    assert "base: paged, 0.00 GiB of RAM" in err and "page-ins and" in err
+    assert adapter_bytes(paged) == adapter_bytes(resident)
+    a, b = (json.loads((d / "report.json").read_text()) for d in (resident, paged))
+    assert b["train"]["losses"] == a["train"]["losses"] and b["heldout_loss"] == a["heldout_loss"]
+    assert b["perplexity"]["after"] == a["perplexity"]["after"]
+    assert "original" in a["perplexity"] and "original" not in b["perplexity"]  # streamed: no dense model
+    p = b["memory"]["base_paging"]
+    assert "base_paging" not in a["memory"]
+    assert p["budget_bytes"] == 4 << 10 and p["base_bytes"] > 2 * p["budget_bytes"]
+    assert p["page_ins_per_step"] > 0 and 0 <= p["wait_fraction"] < 1 and p["spill_dir"] == str(tmp_path)
+
+    for bad, message in ((["--base-budget", "0"], "expected a positive size"),
+                         (["--base-budget", "lots"], "expected a size such as 8G"),
+                         (["--spill-dir", tmp_path], "--spill-dir is where --base-budget spills"),
+                         (["--base-budget", "1G", "--base", "bf16", "--dtype", "bf16"], "--base-budget pages")):
+        try:
+            status = call(*args(tiny, tmp_path / "x", *bad))
+        except SystemExit as exc:  # argparse rejects a bad value itself
+            status = exc.code
+        assert status == 2
+        assert message in capsys.readouterr().err, bad
+
+
 # ----------------------------------------------------------------------------- outputs
 def test_a_non_empty_output_is_refused_unless_overwrite(tiny, tmp_path, capsys):
     out = tmp_path / "out"

@@ -79,7 +79,7 @@ FINETUNE_OPTIONS = ("model", "data", "output", "steps", "lr", "r", "lora_alpha",
                     "blocksize", "base", "dtype", "optimizer", "seq_len", "batch_size", "grad_accum",
                     "gradient_checkpointing", "seed", "heldout", "warmup", "eval_text", "eval_windows",
                     "sample_tokens", "threads", "distributed", "fsdp_shard_embeddings", "init_lora", "loftq_iter",
-                    "save_every", "overwrite")
+                    "save_every", "overwrite", "base_budget", "spill_dir")
 
 
 def _finetune_settings(args):
@@ -265,6 +265,23 @@ def _count_or_fraction(value):
     return x
 
 
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(value):
+    """A size in bytes: 8G, 512M, 1.5G (binary units: G = GiB; an optional trailing B or iB) or plain bytes."""
+    text = value.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = text[-1:] if text[-1:] in _SIZE_UNITS and text[-1:] else ""
+    try:
+        number = float(text[:len(text) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 8G, 512M or 1073741824, got {value!r}") from None
+    size = int(number * _SIZE_UNITS[unit])
+    if not size > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {value!r}")
+    return size
+
+
 def _add_quant_options(p, codebooks):
     p.add_argument("--codebook", default="nf4", choices=codebooks, help="4-bit data type")
     p.add_argument("--blocksize", type=int, default=64, help="elements per absmax block")
@@ -400,6 +417,11 @@ def build_parser():
     ft.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
     ft.add_argument("--gradient-checkpointing", action="store_true",
                     help="recompute activations in backward: less memory, more time")
+    ft.add_argument("--base-budget", type=_size, metavar="SIZE",
+                    help="RAM for the 4-bit base (e.g. 8G): the rest pages to a spill file and is read back, "
+                         "prefetched ahead of each layer; the model is loaded streamed (default: all resident)")
+    ft.add_argument("--spill-dir", metavar="DIR", help="where --base-budget's spill file goes (default: "
+                    "$TMPDIR, /var/tmp or /tmp, preferring one that is not a tmpfs)")
     ft.add_argument("--seed", type=int, default=0, help="seed of the adapters' init and the batch order")
     ft.add_argument("--heldout", type=_count_or_fraction, help="held-out records: a count, or a fraction such "
                     "as 0.1, drawn from the records that fit in --seq-len (default: 20 records; for text data, the "

@@ -30,10 +30,11 @@ def seed_adapters(model, seed):
             w.copy_(torch.rand(w.shape, generator=gen, dtype=torch.float32) * (2 * bound) - bound)
 
 
-def prepare(model, cfg, weights=None):
+def prepare(model, cfg, weights=None, pager=None):
     """Quantize + adapt (4bit) or adapt the dense bf16 base with PEFT (bf16); returns (model, info).
 
     `weights`: a lazy mapping for a model built under ``empty_weights`` (4bit only; see prepare_model).
+    `pager`: a pq.Pager for the 4-bit base (``--base-budget``); ``info["paging"]`` then watches it.
     """
     from pyqlora.nn import Linear4bit
 
@@ -67,8 +68,9 @@ def prepare(model, cfg, weights=None):
                                                  gradient_checkpointing=cfg.gradient_checkpointing,
                                                  init_lora_weights="loftq" if cfg.init_lora == "loftq" else True,
                                                  loftq_iter=cfg.loftq_iter),
-                               weights=weights)
-        info.update(adapted_layers=len(report.replaced), quantized_linear_bytes=report.quantized_weight_bytes)
+                               weights=weights, pager=pager)
+        info.update(adapted_layers=len(report.replaced), quantized_linear_bytes=report.quantized_weight_bytes,
+                    paging=report.paging)
     else:
         try:
             import peft

@@ -58,6 +58,8 @@ class FinetuneConfig:
     save_every: int = 0               # write a checkpoint every N steps (0: only on Ctrl-C)
     resume: str | None = None         # a checkpoint folder to continue from (see resume.resume_config)
     overwrite: bool = False           # replace the files of a non-empty --output
+    base_budget: int | None = None    # bytes of RAM for the 4-bit base; the rest pages to a spill file
+    spill_dir: str | None = None      # where the base's spill file goes (default: pq.Pager's)
 
     def validate(self):
         checks = [("steps", self.steps >= 1), ("lr", self.lr > 0 and math.isfinite(self.lr)), ("r", self.r >= 1),
@@ -89,6 +91,13 @@ class FinetuneConfig:
             raise ValueError("--init-lora loftq fits the adapters to a quantization error: use --base 4bit")
         if self.loftq_iter < 1:
             raise ValueError(f"--loftq-iter has an invalid value: {self.loftq_iter!r}")
+        if self.base_budget is not None:
+            if isinstance(self.base_budget, bool) or not isinstance(self.base_budget, int) or self.base_budget <= 0:
+                raise ValueError(f"--base-budget must be a positive size, got {self.base_budget!r}")
+            if self.base != "4bit" or self.distributed != "none":
+                raise ValueError("--base-budget pages the 4-bit base: it needs --base 4bit and --distributed none")
+        if self.spill_dir is not None and self.base_budget is None:
+            raise ValueError("--spill-dir is where --base-budget spills the base: give --base-budget too")
         if self.fsdp_shard_embeddings and self.distributed != "fsdp":
             raise ValueError("--fsdp-shard-embeddings needs --distributed fsdp")
         if self.distributed != "none" and self.base != "4bit":

@@ -42,7 +42,9 @@ STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "state.pt"
 # settings a resumed run may change: they do not change what is computed (the seed, data,
 # model, hyperparameters and the evaluation must stay those of the run that wrote the checkpoint)
-FREE_SETTINGS = ("output", "steps", "threads", "progress", "save_every", "overwrite", "resume")
+# settings that change neither the numbers nor the data: memory placement, threads, where things go
+FREE_SETTINGS = ("output", "steps", "threads", "progress", "save_every", "overwrite", "resume", "base_budget",
+                 "spill_dir")
 _PATHS = ("model", "data", "eval_text", "output")
 
 

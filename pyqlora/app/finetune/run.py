@@ -147,7 +147,9 @@ def _run(cfg, out, log, ctx, qdist):
 
     # -- model
     with clock("load"):
-        streamed = load_model_streamed(cfg.model) if distributed else None
+        # streamed (no dense model in memory): with --distributed, and with --base-budget, whose point is a
+        # base larger than the memory it may use
+        streamed = load_model_streamed(cfg.model) if distributed or cfg.base_budget else None
         if streamed is not None:  # no dense model: prepare_model quantizes each layer as it is read
             model, tok, minfo, weights = streamed
         else:
@@ -177,9 +179,14 @@ def _run(cfg, out, log, ctx, qdist):
     # -- base and adapters
     if autocast:
         model.to(torch.bfloat16)
+    pager = None
+    if cfg.base_budget:
+        pager = pq.Pager(budget_bytes=cfg.base_budget, spill_dir=cfg.spill_dir)
+        say(f"base: paged, {cfg.base_budget / 2**30:.2f} GiB of RAM, the rest spilled to {pager.spill_dir}"
+            + (" (tmpfs: RAM too)" if pager.spill_is_tmpfs else ""))
     with clock("prepare"):
         try:
-            model, pinfo = prepare(model, cfg, weights=weights)
+            model, pinfo = prepare(model, cfg, weights=weights, pager=pager)
         except pq.NonFiniteError as exc:  # a NaN or Inf weight: say which model holds it
             raise pq.NonFiniteError(f"{minfo['source']}: {exc}", index=exc.index, value=exc.value) from exc
     base_bytes = tensor_bytes(model) - sum(p.numel() * p.element_size() for p in model.parameters()
@@ -246,6 +253,8 @@ def _run(cfg, out, log, ctx, qdist):
         peak_before_training = qdist.memory_status()["peak_rss"]
         peak_reset = qdist.reset_peak_memory()
     rss_before_train = memory_status()["rss"] or 0
+    paging = pinfo.get("paging")
+    paging_before = paging.stats() if paging is not None else None
 
     def save(step, log_so_far):
         folder = qresume.save_checkpoint(cfg.output, step, model, cfg, optimizer, order, log_so_far, before,
@@ -257,6 +266,20 @@ def _run(cfg, out, log, ctx, qdist):
         train_log = train(model, optimizer, trainable, train_ex, cfg, pad_id, ctx, qdist,
                           rows=slice(lo, hi) if distributed else None, autocast=autocast, order=order,
                           log=train_log, start=start, save=None if distributed else save, say=say)
+    base_paging = None
+    if paging is not None:  # what the paged base cost the training steps (the evaluations not counted)
+        now, steps_run = paging.stats(), max(1, len(train_log.step_seconds) - start)
+        base_paging = {"budget_bytes": now["budget_bytes"], "base_bytes": now["base_bytes"],
+                       "resident_bytes": now["resident_bytes"], "spilled_bytes": now["spilled_bytes"],
+                       "spill_dir": pager.spill_dir,
+                       "page_ins_per_step": (now["page_ins"] - paging_before["page_ins"]) / steps_run,
+                       "page_bytes": now["page_bytes"],
+                       "wait_seconds_per_step": (now["wait_seconds"] - paging_before["wait_seconds"]) / steps_run}
+        base_paging["wait_fraction"] = base_paging["wait_seconds_per_step"] / max(
+            1e-9, float(np.mean(train_log.step_seconds[start:] or [1e-9])))
+        say(f"paged base: {now['base_bytes'] / 2**30:.2f} GiB, {now['resident_bytes'] / 2**30:.2f} GiB resident; "
+            f"{base_paging['page_ins_per_step']:.0f} page-ins and {base_paging['wait_seconds_per_step']:.2f} s "
+            f"of disk wait per step ({100 * base_paging['wait_fraction']:.0f} % of the step)")
     losses, step_times, step_cpu, step_tokens = (train_log.losses, train_log.step_seconds, train_log.step_cpu_seconds,
                                                  train_log.step_tokens)
     rss_train, t_train = train_log.peak_rss_bytes, train_log.seconds
@@ -329,6 +352,8 @@ def _run(cfg, out, log, ctx, qdist):
         "versions": versions(),
     }
     report["distributed"] = {"kind": ctx.kind, "world_size": ctx.world_size}
+    if base_paging is not None:
+        memory["base_paging"] = base_paging
     if per_rank is not None:  # what each rank holds and its resident memory (see docs/distributed.md)
         memory["per_rank"] = per_rank
 
