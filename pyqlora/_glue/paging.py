@@ -105,14 +105,13 @@ class BasePaging:
     """
 
     def __init__(self, model, pager, lookahead=2):
-        from ..nn import Linear4bit
-
         if not isinstance(pager, _pager.Pager):
             raise TypeError(f"pager must be a pyqlora.Pager, got {type(pager).__name__}")
         if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
             raise ValueError(f"lookahead must be a non-negative int, got {lookahead!r}")
         self.pager, self.lookahead = pager, lookahead
-        self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear4bit)]
+        # the 4-bit layers, known by their storage (the glue imports no public module: docs/architecture.md)
+        self.layers = [(n, m) for n, m in model.named_modules() if callable(getattr(m, "quant_parameters", None))]
         self._index = {id(m): i for i, (_, m) in enumerate(self.layers)}
         self._order = []           # layer indices in the order the first forward ran them
         self._position = {}        # layer index -> position in _order
