@@ -153,6 +153,13 @@ def test_torch_glue_imports_neither_hf_nor_the_application():
     assert not bad, bad
 
 
+def test_shared_glue_imports_no_public_glue_module():
+    """``pyqlora/_glue/`` is what nn, lora, optim and distributed share: it imports none of them (no cycle)."""
+    public = {"pyqlora.nn", "pyqlora.lora", "pyqlora.optim", "pyqlora.distributed"}
+    bad = [imp for imp in OURS if imp.source.startswith("pyqlora._glue") and imp.target in public]
+    assert not bad, bad
+
+
 def test_hf_imports_the_glue_and_the_array_api_only():
     """pyqlora.hf sits beside the torch glue: it may import the glue, the array API and itself, never the app;
     and no other layer imports it (it registers with transformers and PEFT when, and only when, imported)."""
