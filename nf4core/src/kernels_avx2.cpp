@@ -7,6 +7,7 @@
 #include <immintrin.h>
 
 #include <cstring>
+#include <type_traits>
 
 #include "kernels_blocks.hpp"
 #include "simd_avx2.hpp"
@@ -30,8 +31,8 @@ struct Search16 {
           t4(_mm256_setr_ps(mid[0], mid[2], mid[4], mid[6], mid[8], mid[10], mid[12], mid[14])) {}
 
     __m256i operator()(__m256 s) const {
-        // a true compare is -1: p - mask adds the bit
-        __m256i p = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_castps_si256(_mm256_cmp_ps(s, m7, _CMP_GT_OQ)));
+        // a true compare is -1: its top bit is the first bit, then p - mask appends one
+        __m256i p = _mm256_srli_epi32(_mm256_castps_si256(_mm256_cmp_ps(s, m7, _CMP_GT_OQ)), 31);
         p = step(s, t2, p);
         p = step(s, t3, p);
         return step(s, t4, p);
@@ -55,17 +56,29 @@ inline __m256i search256(__m256 s, const Search16 &coarse, const float *mid) {
     return pos;
 }
 
-// 4-bit codes of 32 elements (4 vectors of one code per 32-bit lane, element
-// order) as 16 packed bytes, even element in the high nibble: two packs to
-// bytes, one multiply-add joins each pair (16 * even + odd), a last pack and
-// an unpack put the 128-bit halves back in element order.
+// 4-bit codes of 32 elements (4 vectors of one code per 32-bit lane) as 16
+// packed bytes, even element in the high nibble: two packs to bytes, one
+// multiply-add joins each pair (16 * even + odd), a last pack and an unpack put
+// the 128-bit halves back in element order. The vectors hold elements 0-7, ..,
+// 24-31 in order, or (Widened, as widen_bf16 leaves them) 0-3 8-11, 4-7 12-15,
+// 16-19 24-27, 20-23 28-31.
+template <bool Widened>
 inline __m128i pack_nibbles(__m256i a, __m256i b, __m256i c, __m256i d) {
-    // per 128-bit half h: bytes a[4h..4h+3], b[..], c[..], d[..]
     const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d));
     const __m256i pairs = _mm256_maddubs_epi16(bytes, _mm256_set1_epi16(0x0110));  // 16 * byte 2j + byte 2j+1
-    const __m256i packed = _mm256_packus_epi16(pairs, pairs);  // per half: the 8 pair bytes, twice
-    // half 0 holds pairs (0,1) (2,3) of each vector, half 1 pairs (4,5) (6,7): interleave as 16-bit words
-    return _mm_unpacklo_epi16(_mm256_castsi256_si128(packed), _mm256_extracti128_si256(packed, 1));
+    const __m256i packed = _mm256_packus_epi16(pairs, pairs);  // per 128-bit half: its 8 pair bytes, twice
+    const __m128i lo = _mm256_castsi256_si128(packed), hi = _mm256_extracti128_si256(packed, 1);
+    // in order: half 0 holds the pairs of elements 0-3 of each vector, half 1 those of 4-7 (2 bytes a
+    // vector); widened: half 0 holds elements 0-7 and 16-23, half 1 8-15 and 24-31 (4 bytes each)
+    return Widened ? _mm_unpacklo_epi32(lo, hi) : _mm_unpacklo_epi16(lo, hi);
+}
+
+// 16 bfloat16 as float32 (exact: the bits shifted up 16) in two vectors with
+// one unpack each, in the order pack_nibbles<true> takes: elements 0-3 8-11 and 4-7 12-15.
+inline void widen_bf16(const bfloat16_t *p, __m256 &a, __m256 &b) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(p));
+    a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), v));
+    b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), v));
 }
 
 // Software prefetch distance for the input of quantize: the hardware
@@ -80,11 +93,15 @@ struct Avx2 {
         const SearchTable &tab;
         Search16 search;  // BITS == 8: over the coarse midpoints
         __m256 order_lo, order_hi;
+        bool fast;  // code4's FAST
 
         explicit Quantize(const SearchTable &t)
             : tab(t), search(BITS == 4 ? t.mid : t.coarse),
               order_lo(_mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i *>(t.order)))),
-              order_hi(_mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i *>(t.order + 8)))) {}
+              order_hi(_mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i *>(t.order + 8)))),
+              fast(t.identity_order) {
+            for (int i = 0; i + 1 < t.size; ++i) fast = fast && t.mid[i] >= -1.0f && t.mid[i] < 1.0f;
+        }
 
         static int64_t vector_end(int64_t begin, int64_t end) { return begin + ((end - begin) & ~int64_t(7)); }
 
@@ -127,44 +144,55 @@ struct Avx2 {
             nonfinite = nonfinite || amax_bits > 0x7F7FFFFFu;
         }
 
-        // The 4-bit codes of 8 elements, one per 32-bit lane.
-        template <bool TAIL>
-        __m256i code4(const T *x, __m256 vscale, __m256 vrecip) const {
-            const __m256 v = avx2::load(x);
+        // The 4-bit codes of 8 values, one per 32-bit lane.
+        // FAST: the codebook is sorted (the position is the code) and its midpoints
+        // lie in [-1, 1), so that clamping to [-1, 1] changes no comparison with them.
+        template <bool TAIL, bool FAST>
+        __m256i code4(__m256 v, __m256 vscale, __m256 vrecip) const {
             __m256 s = TAIL ? _mm256_div_ps(v, vscale) : _mm256_mul_ps(v, vrecip);
-            s = _mm256_min_ps(_mm256_max_ps(s, _mm256_set1_ps(-1.0f)), _mm256_set1_ps(1.0f));
+            if (!FAST) s = _mm256_min_ps(_mm256_max_ps(s, _mm256_set1_ps(-1.0f)), _mm256_set1_ps(1.0f));
             const __m256i pos = search(s);
-            return tab.identity_order ? pos : _mm256_castps_si256(avx2::lookup16(order_lo, order_hi, pos));
+            return FAST ? pos : _mm256_castps_si256(avx2::lookup16(order_lo, order_hi, pos));
         }
 
         // 32 elements per step (full blocks are whole steps), then the 1 to 3
         // vectors left in a tail block
-        template <bool TAIL>
+        template <bool TAIL, bool FAST>
         void encode4(const T *x, int64_t i0, int64_t i1, const BlockScale &bs, uint8_t *out) const {
             const __m256 vscale = _mm256_set1_ps(bs.scale), vrecip = _mm256_set1_ps(bs.recip);
+            auto code = [&](__m256 v) { return code4<TAIL, FAST>(v, vscale, vrecip); };
             int64_t i = i0;
             for (; i + 32 <= i1; i += 32) {
-                const __m128i bytes =
-                    pack_nibbles(code4<TAIL>(x + i, vscale, vrecip), code4<TAIL>(x + i + 8, vscale, vrecip),
-                                 code4<TAIL>(x + i + 16, vscale, vrecip), code4<TAIL>(x + i + 24, vscale, vrecip));
-                _mm_storeu_si128(reinterpret_cast<__m128i *>(out + i / 2), bytes);
+                __m128i bytes;
+                if constexpr (std::is_same<T, bfloat16_t>::value) {
+                    __m256 a, b, c, d;
+                    widen_bf16(x + i, a, b);
+                    widen_bf16(x + i + 16, c, d);
+                    bytes = pack_nibbles<true>(code(a), code(b), code(c), code(d));
+                } else {
+                    bytes = pack_nibbles<false>(code(avx2::load(x + i)), code(avx2::load(x + i + 8)),
+                                                code(avx2::load(x + i + 16)), code(avx2::load(x + i + 24)));
+                }
+                _mm_storeu_si128(reinterpret_cast<__m128i *>(out + (i >> 1)), bytes);
             }
             if (i < i1) {
                 __m256i c[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
                                 _mm256_setzero_si256()};
-                for (int j = 0; i + 8 * j < i1; ++j) c[j] = code4<TAIL>(x + i + 8 * j, vscale, vrecip);
+                for (int j = 0; i + 8 * j < i1; ++j) c[j] = code(avx2::load(x + i + 8 * j));
                 alignas(16) uint8_t bytes[16];
-                _mm_store_si128(reinterpret_cast<__m128i *>(bytes), pack_nibbles(c[0], c[1], c[2], c[3]));
-                std::memcpy(out + i / 2, bytes, size_t((i1 - i) / 2));
+                _mm_store_si128(reinterpret_cast<__m128i *>(bytes), pack_nibbles<false>(c[0], c[1], c[2], c[3]));
+                std::memcpy(out + (i >> 1), bytes, size_t((i1 - i) >> 1));
             }
         }
 
         void encode(const T *x, int64_t i0, int64_t i1, const BlockScale &bs, uint8_t *out) const {
             if (BITS == 4) {
                 if (bs.tail)
-                    encode4<true>(x, i0, i1, bs, out);
+                    encode4<true, false>(x, i0, i1, bs, out);  // the last block: one instance will do
+                else if (fast)
+                    encode4<false, true>(x, i0, i1, bs, out);
                 else
-                    encode4<false>(x, i0, i1, bs, out);
+                    encode4<false, false>(x, i0, i1, bs, out);
                 return;
             }
             const __m256 vscale = _mm256_set1_ps(bs.scale), vrecip = _mm256_set1_ps(bs.recip);
