@@ -29,6 +29,11 @@ in the cores' L2) and in a two-way race (each evicts the other), three times.
 ``--cold`` times the M = 1 GEMV of the three with W evicted from every cache before each
 call (a torch sum over twice the largest cache), as in generation with a model larger
 than the caches.
+``--train-fp32`` times float32 x with M = ``--train-rows`` rows (default 64, 512, 2048) on W
+4096x4096, 11008x4096 and 4096x11008: the forward x W^T and the backward g W apart, each
+through pyqlora.nn's path for that many rows (tiled: no dense W) against torch's dense
+float32 GEMM. ``--decode-shapes`` times the M = 1 GEMV on small shapes at 1 thread and at
+--threads (best and median): where splitting the product starts to pay.
 """
 import argparse
 import os
