@@ -126,7 +126,13 @@ struct Avx2 {
                     ~uint32_t(_mm_cvtsi128_si32(_mm_minpos_epu16(_mm_xor_si128(m8, _mm_set1_epi32(-1))))) & 0xFFFFu;
                 T h;
                 h.bits = uint16_t(m);
-                vmax = _mm256_set1_epi32(int(float_bits(to_float(h)) & 0x7FFFFFFFu));
+                const uint32_t bits = float_bits(to_float(h)) & 0x7FFFFFFFu;
+                if (i >= i1) {  // a whole block (a multiple of 16): no 8-lane pass and no second reduction
+                    amax_bits = amax_bits > bits ? amax_bits : bits;
+                    nonfinite = nonfinite || amax_bits > 0x7F7FFFFFu;
+                    return;
+                }
+                vmax = _mm256_set1_epi32(int(bits));
             } else {
                 vmax = _mm256_setzero_si256();
             }
