@@ -2,6 +2,7 @@
 
     python benchmarks/bench_matmul.py [--n 4096] [--k 4096] [--threads 2] [--repeat 20] [--train] [--coexist]
                                       [--per-weight] [--bf16-rows] [--gemv-pairs] [--cold]
+                                      [--train-fp32 [--train-rows 64,512,2048]] [--decode-shapes]
 
 Generation (M = 1, 2, 4, 8 rows): y = x W^T with W NF4 + DQ (blocksize 64), and
 the backward product g W (grad_input), against torch fp32 / bf16 on the dense
@@ -28,6 +29,11 @@ in the cores' L2) and in a two-way race (each evicts the other), three times.
 ``--cold`` times the M = 1 GEMV of the three with W evicted from every cache before each
 call (a torch sum over twice the largest cache), as in generation with a model larger
 than the caches.
+``--train-fp32`` times float32 x with M = ``--train-rows`` rows (default 64, 512, 2048) on W
+4096x4096, 11008x4096 and 4096x11008: the forward x W^T and the backward g W apart, each
+through pyqlora.nn's path for that many rows (tiled: no dense W) against torch's dense
+float32 GEMM. ``--decode-shapes`` times the M = 1 GEMV on small shapes at 1 thread and at
+--threads (best and median): where splitting the product starts to pay.
 """
 import argparse
 import os
@@ -318,6 +324,62 @@ def training_shape(args, np, torch, pq, rng, m, n, k):
           f"{tw / td:5.3f}x")
 
 
+def train_fp32(args, np, torch, pq):
+    """Float32 training shapes: the forward x W^T and the backward g W, each through
+    pyqlora.nn's path for that many rows (tiles of W decoded into a reused float32
+    buffer and handed to torch's matmul: no dense copy of W) against torch's dense
+    float32 GEMM on the same shapes, interleaved, best of --train-repeat."""
+    from pyqlora._glue.products import choose_path, tiled_product_torch
+
+    rng = np.random.default_rng(2)
+    rows = [int(v) for v in args.train_rows.split(",")]
+    print(f"\nfloat32 training shapes: {args.threads} threads, best of {args.train_repeat}; ratio = pyqlora / dense "
+          f"(time); GFLOP/s of torch's dense fp32 GEMM")
+    print(f"{'W (N x K)':<12} {'M':>5} {'path':>6} {'fwd dense':>10} {'GFLOP/s':>8} {'fwd pq':>9} {'ratio':>6} "
+          f"{'bwd dense':>10} {'GFLOP/s':>8} {'bwd pq':>9} {'ratio':>6}")
+    for n, k in ((4096, 4096), (11008, 4096), (4096, 11008)):
+        w, q = weight(np, pq, rng, n, k)
+        W = torch.from_numpy(w)
+        for m in rows:
+            x = torch.randn(m, k)
+            g = torch.randn(m, n)
+            path = choose_path(x, q)
+            tf, tfq, tb, tbq = race([lambda: x @ W.T, lambda: tiled_product_torch(x, q, True),
+                                     lambda: g @ W, lambda: tiled_product_torch(g, q, False)], args.train_repeat)
+            gf = 2 * m * n * k / 1e6  # MFLOP; times in ms
+            print(f"{f'{n}x{k}':<12} {m:>5} {path:>6} {tf:8.2f}ms {gf / tf:8.1f} {tfq:7.2f}ms {tfq / tf:5.3f}x "
+                  f"{tb:8.2f}ms {gf / tb:8.1f} {tbq:7.2f}ms {tbq / tb:5.3f}x")
+
+
+def decode_shapes(args, np, torch, pq):
+    """M = 1 GEMV on small (decode) shapes at 1 thread and at --threads, with a small torch
+    op between calls as in generation: where the split into tasks starts to pay (matmul.cpp's
+    work threshold). Best and median of --repeat rounds, interleaved."""
+    rng = np.random.default_rng(3)
+    a, b = torch.randn(64, 576), torch.randn(576, 64)
+    print(f"\nM = 1 GEMV, decode shapes: 1 thread against {args.threads} (best / median of {args.repeat}; "
+          f"a torch op before each call)")
+    for n, k in ((192, 576), (256, 576), (384, 576), (576, 576), (1536, 576), (576, 1536), (2048, 2048)):
+        q = pq.quantize(rng.standard_normal((n, k)).astype(np.float32), double_quant=True)
+        x = rng.standard_normal((1, k)).astype(np.float32)
+        out = np.empty((1, n), np.float32)
+        times = {1: [], args.threads: []}
+        for _ in range(args.repeat):
+            for t in times:
+                pq.set_num_threads(t)
+                torch.mm(a, b)
+                t0 = time.perf_counter()
+                pq.matmul_4bit(x, q, out=out)
+                times[t].append(time.perf_counter() - t0)
+        one, many = (sorted(times[t]) for t in (1, args.threads))
+        med = len(one) // 2
+        print(f"  {n:>5} x {k:<5} ({n * k / 1e3:6.0f}K weights): "
+              f"1 thread {1e6 * one[0]:7.1f} / {1e6 * one[med]:7.1f} us, "
+              f"{args.threads} threads {1e6 * many[0]:7.1f} / {1e6 * many[med]:7.1f} us: "
+              f"{many[0] / one[0]:.2f} / {many[med] / one[med]:.2f}")
+    pq.set_num_threads(args.threads)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=4096, help="out_features")
@@ -332,6 +394,10 @@ def main():
     ap.add_argument("--bf16-rows", action="store_true", help="bfloat16 x, M = 1..64: AMX on and off (see above)")
     ap.add_argument("--gemv-pairs", action="store_true", help="M = 1 against torch fp32 alone and in a race")
     ap.add_argument("--cold", action="store_true", help="M = 1 with W in memory, not in a cache (see above)")
+    ap.add_argument("--train-fp32", action="store_true",
+                    help="float32 training shapes, forward and backward apart, against torch dense fp32")
+    ap.add_argument("--train-rows", default="64,512,2048", help="rows M for --train-fp32 (comma-separated)")
+    ap.add_argument("--decode-shapes", action="store_true", help="M = 1 GEMV on small shapes, 1 thread or more")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import numpy as np
@@ -355,6 +421,10 @@ def main():
         bf16_rows(args, np, torch, pq)
     if args.train:
         training(args, np, torch, pq)
+    if args.train_fp32:
+        train_fp32(args, np, torch, pq)
+    if args.decode_shapes:
+        decode_shapes(args, np, torch, pq)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 // Every instruction-set path and thread count gives the same bytes as the
 // scalar reference, for every dtype, codebook, blocksize and awkward length.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -149,6 +150,75 @@ TEST_CASE(large_outputs_stream_correctly_at_any_alignment) {
         }
     }
     nf4_set_num_threads(0);
+}
+
+// The nearest-code search at its edges: scaled values exactly on a midpoint
+// (ties go to the lower code), one float either side of it, -0.0, subnormals,
+// values that scale a hair above 1, and codebooks that are unsorted, hold equal
+// values or reach past [-1, 1] (midpoints that the clamp makes unreachable).
+TEST_CASE(midpoints_ties_and_odd_codebooks_match_reference) {
+    std::vector<std::vector<float>> books = {table("nf4"), table("fp4"), table("int4")};
+    std::mt19937_64 rng(5);
+    std::normal_distribution<float> normal(0.0f, 0.6f);
+    for (int k = 0; k < 2; ++k) {  // unsorted, with repeats, some values beyond +-1
+        std::vector<float> cb(16);
+        for (float &v : cb) v = normal(rng) * (k == 0 ? 1.0f : 2.0f);
+        cb[3] = cb[9];
+        cb[12] = cb[9];
+        books.push_back(cb);
+    }
+    for (const std::vector<float> &cb : books) {
+        // the sorted midpoints as make_search_table computes them
+        std::vector<float> sorted(cb);
+        std::sort(sorted.begin(), sorted.end());
+        std::vector<float> x;
+        for (int rep = 0; rep < 3; ++rep) {
+            // a block of 32 whose absmax is 1 (scale 1, reciprocal 1): x scales to itself
+            std::vector<float> block = {1.0f, -0.0f, 0.0f, 1e-40f, -1e-40f, -1.0f};
+            for (int i = 0; i + 1 < 16; ++i) {
+                const float mid = (sorted[size_t(i)] + sorted[size_t(i) + 1]) / 2.0f;
+                const float m = std::fmin(1.0f, std::fmax(-1.0f, mid));
+                block.push_back(m);
+                block.push_back(std::nextafter(m, 2.0f));
+                block.push_back(std::nextafter(m, -2.0f));
+            }
+            while (block.size() % 32 != 0) block.push_back(normal(rng));
+            std::shuffle(block.begin() + 1, block.end(), rng);
+            x.insert(x.end(), block.begin(), block.end());
+        }
+        // a block of 32 scaled by a reciprocal that rounds up: x * (1 / a) can exceed 1
+        for (int i = 0; i < 32; ++i) x.push_back(i % 2 ? -3.3333333f : 3.3333333f);
+        for (int64_t tail : {int64_t(0), int64_t(1), int64_t(7), int64_t(13), int64_t(29)})
+            for (int64_t bs : {int64_t(32), int64_t(64)}) {
+                std::vector<float> xs(x.begin(), x.end());
+                for (int64_t i = 0; i < tail; ++i) xs.push_back(xs[size_t(i * 5 % int64_t(x.size()))] * 0.7f);
+                const int64_t n = int64_t(xs.size());
+                for (nf4_dtype dt : {NF4_FLOAT32, NF4_FLOAT16, NF4_BFLOAT16}) {
+                    std::vector<uint8_t> raw(size_t(n * nf4_dtype_size(dt)));
+                    for (int64_t i = 0; i < n; ++i) {
+                        if (dt == NF4_FLOAT32) std::memcpy(&raw[size_t(4 * i)], &xs[size_t(i)], 4);
+                        const uint16_t h = dt == NF4_FLOAT16 ? nf4core::to_half(xs[size_t(i)]).bits
+                                                             : nf4core::to_bfloat16(xs[size_t(i)]).bits;
+                        if (dt != NF4_FLOAT32) std::memcpy(&raw[size_t(2 * i)], &h, 2);
+                    }
+                    const size_t nout = size_t(nf4_packed_size_4bit(n)), nb = size_t(nf4_num_blocks(n, bs));
+                    std::vector<uint8_t> qr(nout, 0x55);
+                    std::vector<float> amr(nb);
+                    CHECK(nf4_quantize_4bit_ref(raw.data(), dt, n, bs, cb.data(), qr.data(), amr.data()) == NF4_OK);
+                    for (const char *isa : kIsas) {
+                        if (!nf4_isa_available(isa)) continue;
+                        CHECK(nf4_set_isa(isa) == NF4_OK);
+                        std::vector<uint8_t> q(nout, 0xAA);
+                        std::vector<float> am(nb);
+                        CHECK(nf4_quantize_4bit(raw.data(), dt, n, bs, cb.data(), q.data(), am.data()) == NF4_OK);
+                        CHECK_MSG(q == qr && std::memcmp(am.data(), amr.data(), nb * 4) == 0,
+                                  "%s bs=%lld n=%lld dtype=%d: quantize differs", isa, (long long)bs, (long long)n,
+                                  int(dt));
+                    }
+                }
+            }
+    }
+    nf4_set_isa("auto");
 }
 
 TEST_CASE(non_finite_reported_at_first_index_on_every_path) {
