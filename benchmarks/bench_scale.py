@@ -1,7 +1,7 @@
-"""QLoRA at scale: a Llama of 1B, 7B or 13B parameters fine-tuned in 4 bits on this machine (issue 21).
+"""QLoRA at scale: a Llama of 1B to 65B parameters fine-tuned in 4 bits on this machine (issues 21, 23).
 
-    python benchmarks/bench_scale.py --shape 1b|7b|13b|tiny [--seq 64] [--steps 2] [--model DIR]
-        [--dtype fp32|auto] [--write-checkpoint DIR] [--json FILE]
+    python benchmarks/bench_scale.py --shape 1b|7b|13b|33b|65b|tiny [--seq 64] [--steps 2] [--model DIR]
+        [--dtype fp32|auto] [--base-budget SIZE] [--write-checkpoint DIR] [--sizes] [--json FILE]
 
 Builds a Llama of the shape on the meta device (no memory), streams its weights one tensor at a
 time into NF4 + DQ layers with ``prepare_model(weights=...)`` (seeded random bfloat16 weights, or
@@ -20,13 +20,21 @@ batch x seq random tokens. Reports, as JSON on stdout (progress on stderr):
   training, and the fraction of it the whole step reaches;
 - with ``--model``, the disk's sequential read rate (``dd iflag=direct`` of the largest shard, which
   bypasses the page cache) and the loading rate in bytes of checkpoint per second; the page cache
-  of the shards is dropped first (``posix_fadvise(DONTNEED)``) so the load reads from the disk.
+  of the shards is dropped first (``posix_fadvise(DONTNEED)``) so the load reads from the disk;
+- with ``--base-budget SIZE`` (``3G``, ``512M``, or ``0.5x``: half the base's 4-bit bytes), the
+  frozen 4-bit base lives in a ``pyqlora.Pager`` with that RAM budget over a spill file
+  (``prepare_model(pager=..., lookahead=...)``): the base's bytes resident and spilled, and per
+  step the page-ins, the disk wait (time a layer waited for its own bytes) and its fraction of
+  the step.
 
 ``--write-checkpoint DIR`` writes the shape's seeded random weights as a sharded bfloat16
 safetensors folder (``config.json``, ``model-0000k-of-0000n.safetensors``, the index), one shard in
 memory at a time, and exits: the 13B one is 24 GiB, more than this machine's RAM, and loading it
-with ``--model DIR`` proves the streaming from a file larger than memory. ``--shape tiny`` (2 layers,
-hidden 256) is the CI's smoke run (``tests/test_bench_scale.py``). Results: ``docs/scale.md``.
+with ``--model DIR`` proves the streaming from a file larger than memory. ``--sizes`` prints the
+shape's arithmetic (parameters, bf16 and NF4 + DQ bytes, the computed memory of full, 16-bit LoRA
+and QLoRA fine-tuning) without building anything: the 33b and 65b shapes are there for it and for
+machines that hold them. ``--shape tiny`` (4 layers, hidden 512) is the CI's smoke run
+(``tests/test_bench_scale.py``). Results: ``docs/scale.md``.
 """
 import argparse
 import gc
@@ -40,12 +48,71 @@ import zlib
 
 # name: (hidden, intermediate, layers, heads, kv heads, vocab); 1b is TinyLlama-1.1B's shape, 7b and 13b Llama 2's
 SHAPES = {
-    "tiny": (256, 688, 2, 4, 4, 1024),
+    "tiny": (512, 1376, 4, 8, 8, 2048),
     "1b": (2048, 5632, 22, 32, 4, 32000),
     "7b": (4096, 11008, 32, 32, 32, 32000),
     "13b": (5120, 13824, 40, 40, 40, 32000),
+    "33b": (6656, 17920, 60, 52, 52, 32000),  # LLaMA-1 33B and 65B (issue 23): the QLoRA paper's largest
+    "65b": (8192, 22016, 80, 64, 64, 32000),
 }
 SHARD_BYTES = 2 << 30  # per safetensors shard written: one shard is held in memory while it is written
+
+
+def nf4_bytes(out_features, in_features, blocksize=64, nested_blocksize=256):
+    """Bytes of one out x in weight in NF4 + DQ: packed 4-bit codes, a uint8 scale per block of
+    `blocksize` weights, a float32 scale per `nested_blocksize` blocks (the float32 offset is metadata)."""
+    n = out_features * in_features
+    blocks = -(-n // blocksize)
+    return -(-n // 2) + blocks + 4 * -(-blocks // nested_blocksize)
+
+
+def shape_sizes(shape, layers=None, r=16):
+    """The arithmetic of a shape, from its dimensions alone (no model built): parameter counts and bytes.
+
+    Returns a dict: ``params`` (all), ``linear_params`` (the decoder's linear layers, quantized),
+    ``trainable_params`` (LoRA r on each of them), ``bf16_weight_bytes`` (every parameter in bfloat16),
+    ``nf4_bytes`` (the linear layers in NF4 + DQ), ``rest_fp32_bytes`` (embeddings, head and norms in float32,
+    as this benchmark keeps them) and the weights-and-optimizer memory of three ways to fine-tune, activations
+    excluded: ``full_bf16_bytes`` (16 bytes a parameter: bfloat16 weights and gradients, float32 master
+    weights and AdamW's two moments), ``lora16_bytes`` (bfloat16 base + float32 adapters with gradients and
+    moments, 16 bytes a trainable parameter) and ``qlora_bytes`` (NF4 + DQ linears + float32 rest + adapters)."""
+    hidden, inter, n_layers, heads, kv, vocab = SHAPES[shape]
+    n_layers = layers or n_layers
+    kv_dim = kv * (hidden // heads)
+    linears = [(hidden, hidden), (kv_dim, hidden), (kv_dim, hidden), (hidden, hidden),  # q k v o: (out, in)
+               (inter, hidden), (inter, hidden), (hidden, inter)]                     # gate up down
+    linear = n_layers * sum(o * i for o, i in linears)
+    rest = 2 * vocab * hidden + (2 * n_layers + 1) * hidden
+    trainable = n_layers * sum(r * (o + i) for o, i in linears)
+    nf4 = n_layers * sum(nf4_bytes(o, i) for o, i in linears)
+    out = {"shape": shape, "layers": n_layers, "params": linear + rest, "linear_params": linear,
+           "trainable_params": trainable, "bf16_weight_bytes": 2 * (linear + rest), "nf4_bytes": nf4,
+           "rest_fp32_bytes": 4 * rest}
+    adapters = 16 * trainable
+    out["full_bf16_bytes"] = 16 * (linear + rest)
+    out["lora16_bytes"] = 2 * (linear + rest) + adapters
+    out["qlora_bytes"] = nf4 + 4 * rest + adapters
+    return out
+
+
+def parse_size(text, base_bytes=None):
+    """Bytes from ``3G``, ``512M``, ``1.5G``, ``100000`` (K/M/G/T: powers of 1024) or, with `base_bytes`,
+    ``0.5x`` (that fraction of `base_bytes`)."""
+    t = str(text).strip()
+    m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*([kKmMgGtT]i?[bB]?|[bB]|[xX])?", t)
+    if not m:
+        raise ValueError(f"size {text!r}: expected a number with an optional K, M, G or T suffix (3G, 512M) "
+                         f"or a fraction of the 4-bit base such as 0.5x")
+    value, unit = float(m.group(1)), (m.group(2) or "").lower()
+    if unit == "x":
+        if base_bytes is None:
+            raise ValueError(f"size {text!r}: a fraction (x) needs the base's size")
+        n = value * base_bytes
+    else:
+        n = value * 1024 ** "bkmgt".index(unit[0]) if unit else value
+    if n < 1:
+        raise ValueError(f"size {text!r} is less than one byte")
+    return int(n)
 
 
 def say(*a):
@@ -147,11 +214,16 @@ def _numel(shape):
 
 
 def disk_read_rate(path):
-    """Bytes per second of a sequential read of `path` bypassing the page cache (dd iflag=direct)."""
-    out = subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=16M", "iflag=direct"], capture_output=True,
-                         text=True, check=True).stderr
-    m = re.search(r"(\d+) bytes .* copied, ([\d.]+) s", out)
-    return int(m.group(1)) / float(m.group(2))
+    """(bytes per second, how) of a sequential read of `path` that bypasses the page cache: ``dd iflag=direct``,
+    or, where the file system refuses O_DIRECT (tmpfs), ``dd`` after dropping the file's cached pages."""
+    for flags, how in ((["iflag=direct"], "dd iflag=direct"), ([], "dd after posix_fadvise(DONTNEED)")):
+        drop_cache(path)
+        done = subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=16M", *flags], capture_output=True,
+                              text=True)
+        m = re.search(r"(\d+) bytes .* copied, ([\d.]+) s", done.stderr)
+        if done.returncode == 0 and m:
+            return int(m.group(1)) / max(float(m.group(2)), 1e-9), how
+    raise OSError(f"dd could not read {path}: {done.stderr.strip()}")
 
 
 def drop_cache(path):
@@ -209,8 +281,28 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--glibc-default", action="store_true",
                     help="keep glibc's adaptive mmap threshold (default: pyqlora's limit_heap_retention())")
+    ap.add_argument("--base-budget", default=None, metavar="SIZE",
+                    help="page the frozen 4-bit base from disk (prepare_model(pager=...)) with this much RAM: "
+                         "3G, 512M, or 0.5x (a fraction of the base's 4-bit bytes); default: resident")
+    ap.add_argument("--spill-dir", default=None, help="the base pager's spill directory (default: the pager's)")
+    ap.add_argument("--lookahead", type=int, default=2, help="layers prefetched ahead with --base-budget")
+    ap.add_argument("--sizes", action="store_true",
+                    help="print the shape's size arithmetic (parameters, bf16 and 4-bit bytes, memory of full / "
+                         "16-bit LoRA / QLoRA fine-tuning) and exit without building anything")
     ap.add_argument("--json", default=None, help="also write the JSON report to this file")
     args = ap.parse_args(argv)
+    if args.sizes:
+        out = shape_sizes(args.shape, args.layers, args.r)
+        print(json.dumps(out, indent=1))
+        return out
+    base_budget = None
+    if args.base_budget is not None:
+        try:
+            base_budget = parse_size(args.base_budget, shape_sizes(args.shape, args.layers, args.r)["nf4_bytes"])
+        except ValueError as exc:
+            ap.error(f"--base-budget: {exc}")
+    if args.lookahead < 0:
+        ap.error("--lookahead must be >= 0")
 
     import torch
 
@@ -224,6 +316,7 @@ def main(argv=None):
     heap_limited = False if args.glibc_default else limit_heap_retention()
     config = llama_config(args.shape, args.layers)
     model = meta_model(config)
+    rss_start = memory_status()["rss"]  # the interpreter, torch, transformers and the model on the meta device
     shapes = param_shapes(model)
     gib = 2 ** 30
     if args.write_checkpoint:
@@ -235,6 +328,8 @@ def main(argv=None):
               "intermediate": config.intermediate_size, "vocab": config.vocab_size, "batch": args.batch,
               "seq": args.seq, "tokens": args.batch * args.seq, "dtype": args.dtype, "threads": args.threads,
               "r": args.r, "steps": args.steps, "heap_limited": heap_limited, "isa": pq.get_isa(),
+              "base_budget_bytes": base_budget,
+              "rss_start": rss_start,
               "params": sum(_numel(s) for s in shapes.values()),
               "bf16_weight_bytes": 2 * sum(_numel(s) for s in shapes.values())}
     if args.model:
@@ -243,10 +338,10 @@ def main(argv=None):
         files = sorted(os.path.join(args.model, f) for f in os.listdir(args.model) if f.endswith(".safetensors"))
         if not files:
             raise SystemExit(f"bench_scale.py: error: {args.model} holds no .safetensors file")
+        biggest = max(files, key=os.path.getsize)
+        report["disk_read_bytes_per_s"], report["disk_read_method"] = disk_read_rate(biggest)
         for f in files:
             drop_cache(f)
-        biggest = max(files, key=os.path.getsize)
-        report["disk_read_bytes_per_s"] = disk_read_rate(biggest)
         report["checkpoint_bytes"] = sum(os.path.getsize(f) for f in files)
         weights = SafetensorsWeights(files)
         report["source"] = args.model
@@ -258,8 +353,13 @@ def main(argv=None):
     say(f"bench_scale: {args.shape} ({report['params'] / 1e9:.2f} B parameters, {config.num_hidden_layers} layers), "
         f"weights: {report['source']}")
     lcfg = LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear", gradient_checkpointing=True)
+    pager = None
+    if base_budget is not None:
+        pager = pq.Pager(budget_bytes=base_budget, spill_dir=args.spill_dir)
+        report["lookahead"] = args.lookahead
+        say(f"  the 4-bit base paged: budget {base_budget / 2**30:.2f} GiB, lookahead {args.lookahead}")
     t0 = time.perf_counter()
-    prep = prepare_model(model, lcfg, weights=weights)
+    prep = prepare_model(model, lcfg, weights=weights, pager=pager, lookahead=args.lookahead)
     report["load_s"] = time.perf_counter() - t0
     if args.model:
         report["load_bytes_per_s"] = report["checkpoint_bytes"] / report["load_s"]
@@ -281,8 +381,9 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=gen)
     reset_peak_memory()
-    step_s, losses = [], []
+    step_s, losses, paged = [], [], []
     for step in range(args.steps):
+        before = prep.paging.stats() if pager is not None else None
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "auto"):
             loss = model(input_ids=ids, labels=ids).loss
@@ -292,11 +393,23 @@ def main(argv=None):
         step_s.append(time.perf_counter() - t0)
         losses.append(loss.item())
         del loss
+        more = ""
+        if pager is not None:
+            after = prep.paging.stats()
+            paged.append({k: after[k] - before[k] for k in ("page_ins", "page_outs", "wait_seconds", "layer_calls")})
+            paged[-1]["wait_fraction"] = paged[-1]["wait_seconds"] / step_s[-1]
+            more = (f", base: {paged[-1]['page_ins']} page-ins, disk wait {paged[-1]['wait_seconds']:.1f} s "
+                    f"({100 * paged[-1]['wait_fraction']:.0f} %)")
         say(f"  step {step + 1}/{args.steps}: {step_s[-1]:.1f} s, loss {losses[-1]:.3f}, "
-            f"peak RSS {memory_status()['peak_rss'] / gib:.2f} GiB")
+            f"peak RSS {memory_status()['peak_rss'] / gib:.2f} GiB{more}")
     mem = memory_status()
     report["peak_rss_train"], report["rss_after_train"] = mem["peak_rss"], mem["rss"]
     report["step_s"], report["losses"] = step_s, losses
+    if pager is not None:
+        st = prep.paging.stats()
+        report["base_paging"] = {"base_bytes": st["base_bytes"], "budget_bytes": st["budget_bytes"],
+                                 "resident_bytes": st["resident_bytes"], "spilled_bytes": st["spilled_bytes"],
+                                 "page_bytes": st["page_bytes"], "per_step": paged}
     report["optimizer_state_bytes"] = int(opt.state_bytes())
     report["trainable_params"] = sum(p.numel() for p in trainable)
     best = min(step_s)
