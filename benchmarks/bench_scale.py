@@ -59,11 +59,12 @@ SHARD_BYTES = 2 << 30  # per safetensors shard written: one shard is held in mem
 
 
 def nf4_bytes(out_features, in_features, blocksize=64, nested_blocksize=256):
-    """Bytes of one out x in weight in NF4 + DQ: packed 4-bit codes, a uint8 scale per block of
-    `blocksize` weights, a float32 scale per `nested_blocksize` blocks (the float32 offset is metadata)."""
+    """Bytes of one out x in weight in NF4 + DQ as ``QuantizedArray.nbytes`` counts them: packed 4-bit codes,
+    a uint8 scale per block of `blocksize` weights, a float32 scale per `nested_blocksize` blocks and the
+    float32 offset of the nested scales."""
     n = out_features * in_features
     blocks = -(-n // blocksize)
-    return -(-n // 2) + blocks + 4 * -(-blocks // nested_blocksize)
+    return -(-n // 2) + blocks + 4 * -(-blocks // nested_blocksize) + 4
 
 
 def shape_sizes(shape, layers=None, r=16):

@@ -12,6 +12,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_scale.py")
+sys.path.insert(0, os.path.dirname(SCRIPT))
+from bench_scale import llama_config, meta_model, nf4_bytes, parse_size, shape_sizes  # noqa: E402
 MIB = 1 << 20
 FIELDS = ("load_s", "peak_rss_load", "rss_loaded", "peak_rss_train", "step_s", "losses", "gflops_step",
           "dense_gemm_gflops", "fraction_of_dense", "quantized_weight_bytes", "bf16_weight_bytes", "model_bytes",
@@ -72,10 +74,64 @@ def test_checkpoint_written_then_streamed(tmp_path):
     assert "config.json" in files and "model.safetensors.index.json" in files
     assert info["bytes"] == 2 * json.loads((ckpt / "config.json").read_text())["vocab_size"] * 512 * 2 + 2 * (
         6 * (4 * 512 * 512 + 3 * 512 * 1376) + (2 * 6 + 1) * 512)
-    report = _run(tmp_path, "--shape", "tiny", "--layers", "6", "--seq", "32", "--steps", "1", "--model", str(ckpt))
+    # streamed from the file into a base paged with 30 % of its bytes in RAM
+    report = _run(tmp_path, "--shape", "tiny", "--layers", "6", "--seq", "32", "--steps", "1", "--model", str(ckpt),
+                  "--base-budget", "0.3x", "--spill-dir", str(tmp_path))
     _check(report, 6, 32, 1)
     assert report["checkpoint_bytes"] >= info["bytes"] and report["disk_read_bytes_per_s"] > 0
     assert report["load_bytes_per_s"] > 0
-    # the same seeded weights, from memory or from the file: the same first loss
+    paging = report["base_paging"]
+    assert paging["base_bytes"] == report["quantized_weight_bytes"]
+    assert report["base_budget_bytes"] == int(0.3 * shape_sizes("tiny", 6)["nf4_bytes"]) == paging["budget_bytes"]
+    assert paging["spilled_bytes"] > 0 and paging["resident_bytes"] <= paging["budget_bytes"] + paging["page_bytes"]
+    (step,) = paging["per_step"]
+    assert step["page_ins"] > 0 and step["layer_calls"] >= 2 * 6 * 7  # forward, recomputed forward, backward
+    assert 0 <= step["wait_fraction"] <= 1
+    # the same seeded weights, from memory into a resident base or from the file into a paged one: the same loss
     again = _run(tmp_path, "--shape", "tiny", "--layers", "6", "--seq", "32", "--steps", "1")
-    assert again["losses"][0] == pytest.approx(report["losses"][0], rel=1e-5)
+    assert "base_paging" not in again
+    assert again["losses"][0] == report["losses"][0]
+
+
+def test_shape_sizes_match_the_model_and_the_papers():
+    """The size arithmetic (used for 33b/65b, which are not run here) against the parameters of the model
+    transformers builds for the shape (on the meta device) and the sizes the LLaMA papers give."""
+    import torch
+
+    from pyqlora.nn import Linear4bit
+
+    for shape in ("tiny", "1b", "7b", "13b", "33b", "65b"):
+        sizes = shape_sizes(shape)
+        model = meta_model(llama_config(shape))
+        assert sizes["params"] == sum(p.numel() for p in model.parameters()), shape
+        linear = sum(m.weight.numel() for n, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and n != "lm_head")
+        assert sizes["linear_params"] == linear, shape
+        assert sizes["bf16_weight_bytes"] == 2 * sizes["params"]
+    # LLaMA: 6.7B, 13.0B, 32.5B, 65.2B parameters; 33B's bf16 weights 60.6 GiB (issue 23)
+    for shape, billions in (("7b", 6.74), ("13b", 13.0), ("33b", 32.5), ("65b", 65.3)):
+        assert shape_sizes(shape)["params"] / 1e9 == pytest.approx(billions, abs=0.05)
+    assert shape_sizes("33b")["bf16_weight_bytes"] / 2**30 == pytest.approx(60.6, abs=0.05)
+    # NF4 + DQ bytes of one layer: what pyqlora's quantizer produces
+    lin = torch.nn.Linear(200, 96, bias=False)
+    assert Linear4bit.from_linear(lin, blocksize=64, double_quant=True).quantized.nbytes == nf4_bytes(96, 200)
+    # 4.13 bits a weight for the big shapes
+    assert 8 * shape_sizes("65b")["nf4_bytes"] / shape_sizes("65b")["linear_params"] == pytest.approx(4.127, abs=1e-3)
+
+
+@pytest.mark.parametrize("text, expected", [("3G", 3 << 30), ("512M", 512 << 20), ("1.5g", 3 << 29), ("100", 100),
+                                            ("64KiB", 64 << 10), ("0.5x", 500), ("2X", 2000)])
+def test_parse_size(text, expected):
+    assert parse_size(text, 1000) == expected
+
+
+@pytest.mark.parametrize("text", ["", "G", "-1G", "3Q", "0.1", "1e9", "0x"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ValueError, match="size"):
+        parse_size(text, 1000)
+
+
+def test_bad_base_budget_is_a_usage_error(tmp_path):
+    done = subprocess.run([sys.executable, SCRIPT, "--shape", "tiny", "--base-budget", "lots"], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2 and "--base-budget" in done.stderr and "0.5x" in done.stderr
