@@ -116,6 +116,73 @@ def parse_size(text, base_bytes=None):
     return int(n)
 
 
+def plot(png, reports):
+    """docs/scale.png: memory by model size for full bfloat16 fine-tuning, 16-bit LoRA and QLoRA.
+
+    Computed (``shape_sizes``: weights, gradients and optimizer states, activations excluded) for every
+    shape, drawn as lines with hollow markers; measured QLoRA peak RSS in training (the JSON reports of
+    this script) as filled markers, the runs with a paged base as filled squares."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gib = 2 ** 30
+    shapes = ["1b", "7b", "13b", "33b", "65b"]
+    sizes = [shape_sizes(s) for s in shapes]
+    x = [z["params"] / 1e9 for z in sizes]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    for key, label, color in (("full_bf16_bytes", "full fine-tune, bf16 + fp32 AdamW (computed)", "tab:red"),
+                              ("lora16_bytes", "16-bit LoRA r=16 (computed)", "tab:orange"),
+                              ("qlora_bytes", "QLoRA NF4+DQ r=16 (computed)", "tab:blue")):
+        ax.plot(x, [z[key] / gib for z in sizes], "--o", color=color, mfc="none", label=label)
+    for paged, marker, label in ((False, "o", "QLoRA, measured peak RSS in training"),
+                                 (True, "s", "QLoRA, base paged from disk, measured")):
+        pts = sorted((r["params"] / 1e9, r["peak_rss_train"] / gib, r["seq"]) for r in reports
+                     if ("base_paging" in r) == paged and r["shape"] in shapes)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, color="tab:blue" if not paged else "tab:green",
+                    ms=8, label=label, ls="none")
+            for px, py, seq in pts:
+                ax.annotate(f"1x{seq}", (px, py), textcoords="offset points", xytext=(6, -12), fontsize=7)
+    ax.axhline(24, color="gray", lw=1)
+    ax.text(x[0], 26.5, "this machine: 24 GiB", color="gray", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(x, [s.upper() for s in shapes])
+    ax.minorticks_off()
+    ax.set_xlabel("Llama shape (parameters)")
+    ax.set_ylabel("memory, GiB")
+    ax.set_title("Fine-tuning memory by model size (CPU, float32 compute)", fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7.5, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(png)
+    return png
+
+
+def table(reports):
+    """The Markdown table of docs/scale.md from JSON reports of this script."""
+    gib = 2 ** 30
+    rows = ["| shape | tokens | bf16 weights | 4-bit base | base in RAM | peak RSS load / train | load | s/step "
+            "| GFLOP/s | dense fp32 GEMM | fraction of dense | base page-ins/step, disk wait |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in reports:
+        paging = r.get("base_paging")
+        in_ram, pages = "all", "-"
+        if paging:
+            last = paging["per_step"][-1]
+            in_ram = f"budget {paging['budget_bytes'] / gib:.2f} GiB"
+            pages = f"{last['page_ins']}, {last['wait_seconds']:.1f} s ({100 * last['wait_fraction']:.0f} %)"
+        rows.append(
+            f"| {r['shape']} | {r['batch']}x{r['seq']} | {r['bf16_weight_bytes'] / gib:.1f} GiB "
+            f"| {r['quantized_weight_bytes'] / gib:.2f} GiB | {in_ram} "
+            f"| {r['peak_rss_load'] / gib:.2f} / {r['peak_rss_train'] / gib:.2f} GiB | {r['load_s']:.0f} s "
+            f"| {min(r['step_s']):.1f} | {r['gflops_step']:.1f} | {r['dense_gemm_gflops']:.1f} "
+            f"| {100 * r['fraction_of_dense']:.0f} % | {pages} |")
+    return "\n".join(rows)
+
+
 def say(*a):
     print(*a, file=sys.stderr, flush=True)
 
@@ -290,8 +357,26 @@ def main(argv=None):
     ap.add_argument("--sizes", action="store_true",
                     help="print the shape's size arithmetic (parameters, bf16 and 4-bit bytes, memory of full / "
                          "16-bit LoRA / QLoRA fine-tuning) and exit without building anything")
+    ap.add_argument("--plot", nargs="+", default=None, metavar=("PNG", "JSON"),
+                    help="draw memory by model size into PNG from the computed sizes and the JSON reports given "
+                         "(docs/scale.png), and exit")
+    ap.add_argument("--table", nargs="+", default=None, metavar="JSON",
+                    help="print docs/scale.md's Markdown table from these JSON reports, and exit")
     ap.add_argument("--json", default=None, help="also write the JSON report to this file")
     args = ap.parse_args(argv)
+    if args.table:
+        reports = []
+        for name in args.table:
+            with open(name) as f:
+                reports.append(json.load(f))
+        print(table(reports))
+        return reports
+    if args.plot:
+        reports = []
+        for name in args.plot[1:]:
+            with open(name) as f:
+                reports.append(json.load(f))
+        return plot(args.plot[0], reports)
     if args.sizes:
         out = shape_sizes(args.shape, args.layers, args.r)
         print(json.dumps(out, indent=1))

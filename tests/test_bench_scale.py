@@ -13,7 +13,7 @@ pytest.importorskip("safetensors")
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_scale.py")
 sys.path.insert(0, os.path.dirname(SCRIPT))
-from bench_scale import llama_config, meta_model, nf4_bytes, parse_size, shape_sizes  # noqa: E402
+from bench_scale import llama_config, meta_model, nf4_bytes, parse_size, plot, shape_sizes, table  # noqa: E402
 MIB = 1 << 20
 FIELDS = ("load_s", "peak_rss_load", "rss_loaded", "peak_rss_train", "step_s", "losses", "gflops_step",
           "dense_gemm_gflops", "fraction_of_dense", "quantized_weight_bytes", "bf16_weight_bytes", "model_bytes",
@@ -91,6 +91,14 @@ def test_checkpoint_written_then_streamed(tmp_path):
     again = _run(tmp_path, "--shape", "tiny", "--layers", "6", "--seq", "32", "--steps", "1")
     assert "base_paging" not in again
     assert again["losses"][0] == report["losses"][0]
+    # docs/scale.md's table and plot from these reports
+    rows = table([again, report]).splitlines()
+    assert len(rows) == 4 and rows[2].startswith("| tiny | 1x32 |") and "| all |" in rows[2]
+    assert "budget" in rows[3] and rows[3].endswith("%) |")
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "scale.png"
+    plot(str(png), [again, report])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_shape_sizes_match_the_model_and_the_papers():
