@@ -143,3 +143,32 @@ def test_bad_base_budget_is_a_usage_error(tmp_path):
     done = subprocess.run([sys.executable, SCRIPT, "--shape", "tiny", "--base-budget", "lots"], capture_output=True,
                           text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 2 and "--base-budget" in done.stderr and "0.5x" in done.stderr
+
+
+def test_limit_heap_retention():
+    """pyqlora._glue.memory.limit_heap_retention (what bench_scale.py calls): bad thresholds are refused; on glibc
+    blocks freed after a large one was (training's pattern) go back to the kernel, where glibc's default keeps them
+    in its heap (its mmap threshold has risen to the large block's size)."""
+    from pyqlora._glue.memory import limit_heap_retention, trim_heap
+
+    for bad in (-1, 1.5, True, "1M"):
+        with pytest.raises(ValueError, match="mmap_threshold"):
+            limit_heap_retention(bad)
+    assert trim_heap() in (True, False)
+    code = ("import sys\nimport numpy as np\nfrom pyqlora._glue.memory import limit_heap_retention, memory_status\n"
+            "ok = limit_heap_retention(1 << 20) if sys.argv[1] == 'limit' else None\n"
+            "big = np.ones(24 << 20, np.uint8)\ndel big\na, keep = [], []\n"
+            "for _ in range(64):\n"
+            "    a.append(np.ones(2 << 20, np.uint8))\n"
+            "    keep.append(np.ones(64 << 10, np.uint8))\n"  # small blocks between them pin the heap
+            "before = memory_status()['rss']\ndel a\nprint(ok, before - memory_status()['rss'])")
+    out = {}
+    for how in ("limit", "default"):
+        done = subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        out[how] = done.stdout.split()
+    if out["limit"][0] == "True":  # glibc
+        assert int(out["limit"][1]) >= 120 * MIB  # the 128 MiB freed are unmapped at once
+        assert int(out["default"][1]) < 16 * MIB  # what the limit is for: glibc's default keeps them
+    else:
+        assert out["limit"][0] == "False"
