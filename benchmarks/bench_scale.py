@@ -170,12 +170,13 @@ def table(reports):
     for r in reports:
         paging = r.get("base_paging")
         in_ram, pages = "all", "-"
+        layers = "" if r["layers"] == SHAPES[r["shape"]][2] else f", {r['layers']} layers"
         if paging:
             last = paging["per_step"][-1]
             in_ram = f"budget {paging['budget_bytes'] / gib:.2f} GiB"
             pages = f"{last['page_ins']}, {last['wait_seconds']:.1f} s ({100 * last['wait_fraction']:.0f} %)"
         rows.append(
-            f"| {r['shape']} | {r['batch']}x{r['seq']} | {r['bf16_weight_bytes'] / gib:.1f} GiB "
+            f"| {r['shape']}{layers} | {r['batch']}x{r['seq']} | {r['bf16_weight_bytes'] / gib:.1f} GiB "
             f"| {r['quantized_weight_bytes'] / gib:.2f} GiB | {in_ram} "
             f"| {r['peak_rss_load'] / gib:.2f} / {r['peak_rss_train'] / gib:.2f} GiB | {r['load_s']:.0f} s "
             f"| {min(r['step_s']):.1f} | {r['gflops_step']:.1f} | {r['dense_gemm_gflops']:.1f} "
