@@ -93,7 +93,7 @@ def test_checkpoint_written_then_streamed(tmp_path):
     assert again["losses"][0] == report["losses"][0]
     # docs/scale.md's table and plot from these reports
     rows = table([again, report]).splitlines()
-    assert len(rows) == 4 and rows[2].startswith("| tiny | 1x32 |") and "| all |" in rows[2]
+    assert len(rows) == 4 and rows[2].startswith("| tiny, 6 layers | 1x32 |") and "| all |" in rows[2]
     assert "budget" in rows[3] and rows[3].endswith("%) |")
     pytest.importorskip("matplotlib")
     png = tmp_path / "scale.png"
