@@ -139,12 +139,15 @@ def plot(png, reports):
     for paged, marker, label in ((False, "o", "QLoRA, measured peak RSS in training"),
                                  (True, "s", "QLoRA, base paged from disk, measured")):
         pts = sorted((r["params"] / 1e9, r["peak_rss_train"] / gib, r["seq"]) for r in reports
-                     if ("base_paging" in r) == paged and r["shape"] in shapes)
+                     if ("base_paging" in r) == paged and r["shape"] in shapes
+                     and r["layers"] == SHAPES[r["shape"]][2])  # whole models only
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, color="tab:blue" if not paged else "tab:green",
                     ms=8, label=label, ls="none")
-            for px, py, seq in pts:
-                ax.annotate(f"1x{seq}", (px, py), textcoords="offset points", xytext=(6, -12), fontsize=7)
+            for px in sorted({p[0] for p in pts}):
+                here = [p for p in pts if p[0] == px]
+                ax.annotate(", ".join(f"1x{p[2]}" for p in here), (px, max(p[1] for p in here)),
+                            textcoords="offset points", xytext=(-10, 8), fontsize=7)
     ax.axhline(24, color="gray", lw=1)
     ax.text(x[0], 26.5, "this machine: 24 GiB", color="gray", fontsize=8)
     ax.set_xscale("log")
