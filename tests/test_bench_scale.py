@@ -1,0 +1,174 @@
+"""benchmarks/bench_scale.py on a tiny Llama, run as a subprocess: it runs, its report has its fields, and
+its resident memory stays under bounds computed from the shapes (no timing is checked)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_scale.py")
+sys.path.insert(0, os.path.dirname(SCRIPT))
+from bench_scale import llama_config, meta_model, nf4_bytes, parse_size, plot, shape_sizes, table  # noqa: E402
+MIB = 1 << 20
+FIELDS = ("load_s", "peak_rss_load", "rss_loaded", "peak_rss_train", "step_s", "losses", "gflops_step",
+          "dense_gemm_gflops", "fraction_of_dense", "quantized_weight_bytes", "bf16_weight_bytes", "model_bytes",
+          "matmul_params", "trainable_params", "optimizer_state_bytes", "rss_start")
+
+
+def _run(tmp_path, *args):
+    out = tmp_path / f"report{len(list(tmp_path.iterdir()))}.json"
+    done = subprocess.run([sys.executable, SCRIPT, *args, "--threads", "2", "--gemm-repeat", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report == json.loads(done.stdout)
+    return report
+
+
+def _check(report, layers, seq, steps):
+    for key in FIELDS:
+        assert key in report, key
+    assert report["layers"] == layers and report["tokens"] == seq and len(report["step_s"]) == steps
+    h, i, v = report["hidden"], report["intermediate"], report["vocab"]
+    linear = layers * (4 * h * h + 3 * h * i)  # q k v o (kv heads = heads here), gate up down
+    assert report["matmul_params"] == linear + v * h
+    # NF4 + DQ: 4 bits per weight plus 8-bit scales per 64 and float32 scales per 64 * 256
+    assert report["quantized_weight_bytes"] == pytest.approx(linear * (0.5 + 1 / 64 + 4 / (64 * 256)), rel=1e-3)
+    assert all(x > 0 for x in report["step_s"]) and all(0 < x < 20 for x in report["losses"])
+    assert report["gflops_step"] > 0 and report["dense_gemm_gflops"] > 0
+    # Loading: the 4-bit layers, the float32 embeddings, head and norms, and at most one dense layer's weight
+    # being quantized (bfloat16 + its float32 random source) -- never the dense model (4 bytes a weight).
+    rest = 4 * (2 * v * h + (2 * layers + 1) * h)
+    one_layer = 6 * max(h * i, h * h)
+    dense_fp32 = 4 * linear
+    load_bound = report["quantized_weight_bytes"] + rest + one_layer + 48 * MIB
+    assert load_bound < dense_fp32 + rest  # so the bound fails if the dense model ever exists
+    assert report["peak_rss_load"] - report["rss_start"] <= load_bound
+    # Training, above the loaded model: checkpointed layer inputs, one layer recomputed, the logits and the
+    # loss's softmax and their gradients, the adapters with their gradients and AdamW moments, torch's and
+    # nf4core's tiles; all float32.
+    activations = 4 * seq * (layers * h + 16 * h + 8 * i + 6 * v)
+    adapters = 4 * 4 * report["trainable_params"]
+    train_bound = activations + adapters + 64 * MIB
+    assert report["peak_rss_train"] - report["rss_loaded"] <= train_bound
+
+
+def test_random_weights(tmp_path):
+    report = _run(tmp_path, "--shape", "tiny", "--layers", "6", "--seq", "64", "--steps", "2")
+    _check(report, 6, 64, 2)
+    assert report["heap_limited"] in (True, False)
+
+
+def test_checkpoint_written_then_streamed(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    written = subprocess.run([sys.executable, SCRIPT, "--shape", "tiny", "--layers", "6", "--write-checkpoint",
+                              str(ckpt)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert written.returncode == 0, written.stderr[-3000:]
+    info = json.loads(written.stdout)
+    files = sorted(p.name for p in ckpt.iterdir())
+    assert "config.json" in files and "model.safetensors.index.json" in files
+    assert info["bytes"] == 2 * json.loads((ckpt / "config.json").read_text())["vocab_size"] * 512 * 2 + 2 * (
+        6 * (4 * 512 * 512 + 3 * 512 * 1376) + (2 * 6 + 1) * 512)
+    # streamed from the file into a base paged with 30 % of its bytes in RAM
+    report = _run(tmp_path, "--shape", "tiny", "--layers", "6", "--seq", "32", "--steps", "1", "--model", str(ckpt),
+                  "--base-budget", "0.3x", "--spill-dir", str(tmp_path))
+    _check(report, 6, 32, 1)
+    assert report["checkpoint_bytes"] >= info["bytes"] and report["disk_read_bytes_per_s"] > 0
+    assert report["load_bytes_per_s"] > 0
+    paging = report["base_paging"]
+    assert paging["base_bytes"] == report["quantized_weight_bytes"]
+    assert report["base_budget_bytes"] == int(0.3 * shape_sizes("tiny", 6)["nf4_bytes"]) == paging["budget_bytes"]
+    assert paging["spilled_bytes"] > 0 and paging["resident_bytes"] <= paging["budget_bytes"] + paging["page_bytes"]
+    (step,) = paging["per_step"]
+    assert step["page_ins"] > 0 and step["layer_calls"] >= 2 * 6 * 7  # forward, recomputed forward, backward
+    assert 0 <= step["wait_fraction"] <= 1
+    # the same seeded weights, from memory into a resident base or from the file into a paged one: the same loss
+    again = _run(tmp_path, "--shape", "tiny", "--layers", "6", "--seq", "32", "--steps", "1")
+    assert "base_paging" not in again
+    assert again["losses"][0] == report["losses"][0]
+    # docs/scale.md's table and plot from these reports
+    rows = table([again, report]).splitlines()
+    assert len(rows) == 4 and rows[2].startswith("| tiny, 6 layers | 1x32 |") and "| all |" in rows[2]
+    assert "budget" in rows[3] and rows[3].endswith("%) |")
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "scale.png"
+    plot(str(png), [again, report])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_shape_sizes_match_the_model_and_the_papers():
+    """The size arithmetic (used for 33b/65b, which are not run here) against the parameters of the model
+    transformers builds for the shape (on the meta device) and the sizes the LLaMA papers give."""
+    import torch
+
+    from pyqlora.nn import Linear4bit
+
+    for shape in ("tiny", "1b", "7b", "13b", "33b", "65b"):
+        sizes = shape_sizes(shape)
+        model = meta_model(llama_config(shape))
+        assert sizes["params"] == sum(p.numel() for p in model.parameters()), shape
+        linear = sum(m.weight.numel() for n, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and n != "lm_head")
+        assert sizes["linear_params"] == linear, shape
+        assert sizes["bf16_weight_bytes"] == 2 * sizes["params"]
+    # LLaMA: 6.7B, 13.0B, 32.5B, 65.2B parameters; 33B's bf16 weights 60.6 GiB (issue 23)
+    for shape, billions in (("7b", 6.74), ("13b", 13.0), ("33b", 32.5), ("65b", 65.3)):
+        assert shape_sizes(shape)["params"] / 1e9 == pytest.approx(billions, abs=0.05)
+    assert shape_sizes("33b")["bf16_weight_bytes"] / 2**30 == pytest.approx(60.6, abs=0.05)
+    # NF4 + DQ bytes of one layer: what pyqlora's quantizer produces
+    lin = torch.nn.Linear(200, 96, bias=False)
+    assert Linear4bit.from_linear(lin, blocksize=64, double_quant=True).quantized.nbytes == nf4_bytes(96, 200)
+    # 4.13 bits a weight for the big shapes
+    assert 8 * shape_sizes("65b")["nf4_bytes"] / shape_sizes("65b")["linear_params"] == pytest.approx(4.127, abs=1e-3)
+
+
+@pytest.mark.parametrize("text, expected", [("3G", 3 << 30), ("512M", 512 << 20), ("1.5g", 3 << 29), ("100", 100),
+                                            ("64KiB", 64 << 10), ("0.5x", 500), ("2X", 2000)])
+def test_parse_size(text, expected):
+    assert parse_size(text, 1000) == expected
+
+
+@pytest.mark.parametrize("text", ["", "G", "-1G", "3Q", "0.1", "1e9", "0x"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ValueError, match="size"):
+        parse_size(text, 1000)
+
+
+def test_bad_base_budget_is_a_usage_error(tmp_path):
+    done = subprocess.run([sys.executable, SCRIPT, "--shape", "tiny", "--base-budget", "lots"], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2 and "--base-budget" in done.stderr and "0.5x" in done.stderr
+
+
+def test_limit_heap_retention():
+    """pyqlora._glue.memory.limit_heap_retention (what bench_scale.py calls): bad thresholds are refused; on glibc
+    blocks freed after a large one was (training's pattern) go back to the kernel, where glibc's default keeps them
+    in its heap (its mmap threshold has risen to the large block's size)."""
+    from pyqlora._glue.memory import limit_heap_retention, trim_heap
+
+    for bad in (-1, 1.5, True, "1M"):
+        with pytest.raises(ValueError, match="mmap_threshold"):
+            limit_heap_retention(bad)
+    assert trim_heap() in (True, False)
+    code = ("import sys\nimport numpy as np\nfrom pyqlora._glue.memory import limit_heap_retention, memory_status\n"
+            "ok = limit_heap_retention(1 << 20) if sys.argv[1] == 'limit' else None\n"
+            "big = np.ones(24 << 20, np.uint8)\ndel big\na, keep = [], []\n"
+            "for _ in range(64):\n"
+            "    a.append(np.ones(2 << 20, np.uint8))\n"
+            "    keep.append(np.ones(64 << 10, np.uint8))\n"  # small blocks between them pin the heap
+            "before = memory_status()['rss']\ndel a\nprint(ok, before - memory_status()['rss'])")
+    out = {}
+    for how in ("limit", "default"):
+        done = subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        out[how] = done.stdout.split()
+    if out["limit"][0] == "True":  # glibc
+        assert int(out["limit"][1]) >= 120 * MIB  # the 128 MiB freed are unmapped at once
+        assert int(out["default"][1]) < 16 * MIB  # what the limit is for: glibc's default keeps them
+    else:
+        assert out["limit"][0] == "False"
