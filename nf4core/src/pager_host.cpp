@@ -374,8 +374,14 @@ public:
         char *base = static_cast<char *>(p);
         lru_.add(base, len);
         regions_[reinterpret_cast<uintptr_t>(p)] = Region{len, start, len, nullptr, mf};
-        // pages of the file already in the page cache are in RAM: the budget
-        // sees them at once, as the first to go
+        // Under a budget, the file's pages already in the page cache (a checkpoint
+        // written or read moments ago) go at once: they sit in the writer's large
+        // folios, which cannot be dropped while any page of them is mapped, so a
+        // budget smaller than a folio could never be met; the pager reads them
+        // back itself in one-page folios it can drop. Without a budget they stay.
+        if (lru_.budget() >= 0) write_back(base, len);
+        // what is still there (mapped by someone else) is in RAM: the budget
+        // sees it at once, as the first to go
         lru_.adopt(base);
         char *inner = base + (offset - start);
         file_maps_[reinterpret_cast<uintptr_t>(inner)] = base;

@@ -11,7 +11,7 @@
 // with the check is an error, not a crash.
 //
 // How: a process-wide SIGBUS handler, installed once (on first use) with
-// sigaction, and a thread-local jump buffer set around the guarded reads. A
+// sigaction, and a jump buffer set around the guarded reads (one at a time). A
 // SIGBUS of a guarded thread at an address inside its guarded range jumps back
 // (siglongjmp) and read_pages_guarded() returns false; any other SIGBUS goes to
 // the handler that was installed before ours (Python's faulthandler, a
@@ -32,6 +32,7 @@
 #include <mutex>
 
 #if defined(__linux__) || defined(__APPLE__)
+#include <pthread.h>
 #include <signal.h>
 #define NF4_PAGER_SIGBUS_GUARD 1
 #endif
@@ -42,28 +43,27 @@ namespace nf4core {
 
 namespace sigbus_detail {
 
-// Plain data in static TLS (initial-exec: no allocation when the handler reads
-// it, whichever thread faults), so it is safe to read from a signal handler.
+// The one guarded read in progress: guarded reads are serialized process-wide
+// (they are a fallback, rare and short), so the handler reads plain globals,
+// never thread-local storage (whose lazy allocation is not signal-safe, and
+// whose static model cannot be used by a library loaded with dlopen).
 struct Guard {
-    sigjmp_buf *jump;
-    const char *lo, *hi;
+    std::atomic<bool> active{false};
+    pthread_t owner;
+    sigjmp_buf *jump = nullptr;
+    const char *lo = nullptr, *hi = nullptr;
 };
 
-#if defined(__GNUC__) && defined(__linux__)
-#define NF4_PAGER_TLS __attribute__((tls_model("initial-exec")))
-#else
-#define NF4_PAGER_TLS
-#endif
-
-inline thread_local Guard guard NF4_PAGER_TLS = {nullptr, nullptr, nullptr};
+inline Guard guard;
+inline std::mutex guard_mu;
 inline struct sigaction previous;  // what was installed before ours
 inline std::once_flag installed;
 
 inline void handler(int sig, siginfo_t *info, void *ctx) {
-    Guard &g = guard;
-    if (g.jump != nullptr && info != nullptr) {
+    if (guard.active.load(std::memory_order_acquire) && info != nullptr &&
+        pthread_equal(guard.owner, pthread_self())) {
         const char *addr = static_cast<const char *>(info->si_addr);
-        if (addr >= g.lo && addr < g.hi) siglongjmp(*g.jump, 1);
+        if (addr >= guard.lo && addr < guard.hi) siglongjmp(*guard.jump, 1);
     }
     // Not ours: what would have happened without us.
     if ((previous.sa_flags & SA_SIGINFO) && previous.sa_sigaction != nullptr) {
@@ -102,21 +102,23 @@ inline void install() {
 inline bool read_pages_guarded(const char *p, int64_t len, int64_t step) {
     using namespace sigbus_detail;
     install();
+    std::lock_guard<std::mutex> lock(guard_mu);
     sigjmp_buf jump;
-    Guard &g = guard;
-    g.lo = p;
-    g.hi = p + len;
-    if (sigsetjmp(jump, 1) != 0) {  // 1: the signal mask (SIGBUS blocked in the handler) is restored too
-        guard.jump = nullptr;
+    guard.owner = pthread_self();
+    guard.jump = &jump;
+    guard.lo = p;
+    guard.hi = p + len;
+    if (sigsetjmp(jump, 1) != 0) {  // 1: the signal mask is restored too
+        guard.active.store(false, std::memory_order_release);
         return false;
     }
-    g.jump = &jump;
+    guard.active.store(true, std::memory_order_release);
     std::atomic_signal_fence(std::memory_order_seq_cst);
     volatile char sink = 0;
     for (int64_t off = 0; off < len; off += step) sink = sink + static_cast<const volatile char *>(p)[off];
     (void)sink;
     std::atomic_signal_fence(std::memory_order_seq_cst);
-    g.jump = nullptr;
+    guard.active.store(false, std::memory_order_release);
     return true;
 }
 

@@ -194,9 +194,10 @@ TEST_CASE(mapped_and_allocated_pages_share_one_budget) {
 }
 
 TEST_CASE(a_file_in_the_page_cache_counts_and_goes_first) {
-    // A checkpoint written moments ago: its pages are in RAM, dirty. They count
-    // against the budget from the moment it is mapped, go first, and an
-    // eviction really frees them (written back, then dropped).
+    // A checkpoint written moments ago: its pages are in RAM, dirty, in the
+    // writer's large folios. A pager with a budget drops them when it maps the
+    // file (written back first), and reads them back itself; one without a
+    // budget counts them as resident from the start, and its eviction frees them.
     const std::string dir = scratch_dir();
     const std::string path = dir + "/hot.bin";
     std::vector<uint8_t> data(static_cast<size_t>(6 * MiB));
@@ -206,15 +207,28 @@ TEST_CASE(a_file_in_the_page_cache_counts_and_goes_first) {
     CHECK(fd >= 0 && write(fd, data.data(), data.size()) == ssize_t(data.size()));
     close(fd);
     nf4_pager *p = nullptr;
-    CHECK(nf4_pager_create(2 * MiB, dir.c_str(), MiB, &p) == NF4_OK);
+    CHECK(nf4_pager_create(-1, dir.c_str(), MiB, &p) == NF4_OK);  // no budget: the cached pages stay
     if (!p) return;
     const void *m = nullptr, *small = nullptr;
     CHECK(nf4_pager_map_file(p, path.c_str(), 0, 6 * MiB, &m) == NF4_OK);
+    CHECK(incore_bytes(m, 6 * MiB) == 6 * MiB && stats_of(p).resident_bytes == 6 * MiB);
+    CHECK(nf4_pager_evict_all(p) == NF4_OK);  // written back, dropped (whole folios)
+    CHECK(file_stats_of(p).resident_bytes == 0);
+    CHECK(nf4_pager_prefetch(p, m, 6 * MiB) == NF4_OK && incore_bytes(m, 6 * MiB) == 6 * MiB);
+    nf4_pager_destroy(p);
+    fd = open(path.c_str(), O_WRONLY | O_TRUNC);  // hot and dirty again
+    CHECK(fd >= 0 && write(fd, data.data(), data.size()) == ssize_t(data.size()));
+    close(fd);
+    CHECK(nf4_pager_create(2 * MiB, dir.c_str(), MiB, &p) == NF4_OK);  // a budget: dropped when mapped
+    if (!p) return;
+    CHECK(nf4_pager_map_file(p, path.c_str(), 0, 6 * MiB, &m) == NF4_OK);
     CHECK(nf4_pager_map_file(p, path.c_str(), 5, 1000, &small) == NF4_OK);
-    CHECK(incore_bytes(m, 6 * MiB) == 6 * MiB);
-    CHECK(nf4_pager_prefetch(p, small, 1000) == NF4_OK);  // the budget: 6 MiB of cached pages must go
-    CHECK_MSG(stats_of(p).resident_bytes <= 2 * MiB, "resident %lld", (long long)stats_of(p).resident_bytes);
-    CHECK(incore_bytes(static_cast<const uint8_t *>(m) + MiB, 5 * MiB) == 0);
+    CHECK_MSG(incore_bytes(m, 6 * MiB) == 0, "cached %lld", (long long)incore_bytes(m, 6 * MiB));
+    CHECK(nf4_pager_prefetch(p, small, 1000) == NF4_OK);
+    CHECK(nf4_pager_prefetch(p, m, 2 * MiB) == NF4_OK);
+    CHECK(nf4_pager_prefetch(p, static_cast<const uint8_t *>(m) + 4 * MiB, 2 * MiB) == NF4_OK);
+    CHECK_MSG(stats_of(p).resident_bytes <= 2 * MiB + 8192, "resident %lld", (long long)stats_of(p).resident_bytes);
+    CHECK(incore_bytes(m, 4 * MiB) <= 4096);  // evicted, the small range's page aside
     CHECK(std::memcmp(m, data.data(), data.size()) == 0);
     CHECK(nf4_pager_evict_all(p) == NF4_OK);
     CHECK(file_stats_of(p).resident_bytes == 0);
