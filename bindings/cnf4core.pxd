@@ -125,6 +125,17 @@ cdef extern from "nf4core/nf4core.h" nogil:
     int32_t nf4_pager_spill_is_tmpfs(const nf4_pager *pager)
     int32_t nf4_pager_last_os_error()
     int64_t nf4_pager_os_page_size()
+
+    ctypedef struct nf4_pager_file_stats:
+        int64_t num_files
+        int64_t num_mappings
+        int64_t mapped_bytes
+        int64_t resident_bytes
+        int64_t spill_bytes
+
+    nf4_status nf4_pager_map_file(nf4_pager *pager, const char *path, int64_t offset, int64_t nbytes,
+                                  const void **out)
+    nf4_status nf4_pager_file_stats_get(nf4_pager *pager, nf4_pager_file_stats *out)
 cdef extern from "nf4core/nf4core.h" nogil:
     # cuda.h (data pointers are device pointers; codebook/dyn_code host; stream = cudaStream_t)
     nf4_status nf4_cuda_available(int32_t *built, int32_t *device_count)

@@ -6,7 +6,8 @@ from cnf4core cimport (nf4_pager, nf4_pager_alloc, nf4_pager_create, nf4_pager_d
                        nf4_pager_os_page_size, nf4_pager_prefetch, nf4_pager_spill_dir, nf4_pager_spill_is_tmpfs,
                        nf4_pager_stats, nf4_pager_stats_get, nf4_status, NF4_OK, nf4_last_error, NF4_PAGER_HOST,
                        nf4_pager_create_cuda, nf4_pager_device, nf4_pager_cuda_concurrent_managed,
-                       nf4_pager_set_stream, nf4_pager_synchronize, NF4_PAGER_CUDA_NO_PREFETCH)
+                       nf4_pager_set_stream, nf4_pager_synchronize, NF4_PAGER_CUDA_NO_PREFETCH,
+                       nf4_pager_map_file, nf4_pager_file_stats, nf4_pager_file_stats_get)
 
 
 cdef int pager_check(nf4_status status) except -1:
@@ -58,6 +59,30 @@ cdef class PagerHandle:
             st = nf4_pager_alloc(self.p, nbytes, &out)
         pager_check(st)
         return <uintptr_t>out
+
+    def map_file(self, bytes path, int64_t offset, int64_t nbytes):
+        """Address of bytes [offset, offset + nbytes) of file `path`, mapped read-only (free() unmaps it)."""
+        cdef const char *cpath = path
+        cdef const void *out = NULL
+        cdef nf4_status st
+        with nogil:
+            st = nf4_pager_map_file(self.p, cpath, offset, nbytes, &out)
+        pager_check(st)
+        return <uintptr_t>out
+
+    def file_stats(self):
+        cdef nf4_pager_file_stats s
+        cdef nf4_status st
+        with nogil:
+            st = nf4_pager_file_stats_get(self.p, &s)
+        pager_check(st)
+        return {
+            "mapped_files": s.num_files,
+            "mapped_allocations": s.num_mappings,
+            "mapped_bytes": s.mapped_bytes,
+            "mapped_resident_bytes": s.resident_bytes,
+            "spill_file_bytes": s.spill_bytes,
+        }
 
     def free(self, uintptr_t ptr):
         cdef nf4_status st

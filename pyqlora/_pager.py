@@ -45,6 +45,28 @@ class _Allocation:
             self._handle.free(ptr)
 
 
+class _FileMapping:
+    """A read-only mapping of a file range in a pager; the ``base`` of the arrays on it (see _Allocation)."""
+
+    __slots__ = ("__weakref__", "_handle", "_nbytes", "_ptr", "path", "offset")
+
+    def __init__(self, handle, path, offset, nbytes):
+        self._handle = handle
+        self._ptr = 0
+        self._ptr = handle.map_file(path, offset, nbytes)
+        self._nbytes = nbytes
+        self.path, self.offset = os.fsdecode(path), offset
+
+    @property
+    def __array_interface__(self):
+        return {"data": (self._ptr, True), "shape": (self._nbytes,), "typestr": "|u1", "version": 3}
+
+    def __del__(self):
+        if self._ptr:
+            ptr, self._ptr = self._ptr, 0
+            self._handle.free(ptr)
+
+
 def _check_size(value, name, allow_none=True):
     if value is None and allow_none:
         return None
@@ -351,6 +373,91 @@ class Pager:
         """A new zero-filled C-contiguous array on pager memory (see :meth:`empty`)."""
         return self.empty(shape, dtype)  # pager memory is always zero-filled when allocated
 
+    def map_file(self, path, offset, shape, dtype=np.uint8):
+        """A read-only array viewing bytes of a file, paged from the file itself (host pager).
+
+        The bytes ``[offset, offset + nbytes)`` of `path` are mapped read-only
+        (no copy, nothing written to the spill file): :meth:`prefetch` reads
+        them into RAM, the budget evicts them like any pager memory (they are
+        clean, so eviction only drops them) and :meth:`stats` counts them
+        (``mapped_bytes``, ``mapped_resident_bytes``). Mappings of one file
+        share one descriptor. This is how a 4-bit checkpoint is paged without
+        writing its bytes a second time (``docs/pager.md``, *File-backed pages*).
+
+        The file must not change while mapped. Its size, modification time and
+        identity are recorded now and checked on every :meth:`prefetch` of the
+        array: a changed file raises ``OSError`` (errno ``ESTALE``) naming it,
+        before any of its pages is touched. Reading the array yourself after
+        the file was truncated, without a prefetch, is a ``SIGBUS`` as with
+        any memory-mapped file (``numpy.memmap`` too).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            A regular file.
+        offset : int
+            Byte offset of the first element in the file, >= 0; any alignment
+            (an offset that is not a multiple of the dtype's size gives an
+            unaligned array, which numpy handles and torch copies).
+        shape : int or tuple of int
+            At least one element.
+        dtype : data-type, default uint8
+            Fixed-size numpy dtype (``"bfloat16"`` too); the file's bytes are
+            read in native byte order.
+
+        Returns
+        -------
+        numpy.ndarray
+            C-contiguous, ``writeable=False``; its ``base`` owns the mapping,
+            unmapped when the last view is collected.
+
+        Raises
+        ------
+        ValueError
+            A closed pager, a CUDA pager, an empty shape, a negative offset, a
+            range that runs past the end of the file, a path that is not a
+            regular file.
+        OSError
+            The file cannot be opened (``FileNotFoundError``, ``PermissionError``...).
+
+        Examples
+        --------
+        >>> import os, tempfile, numpy as np, pyqlora as pq
+        >>> path = os.path.join(tempfile.mkdtemp(), "w.bin")
+        >>> np.arange(1000, dtype=np.float32).tofile(path)
+        >>> with pq.Pager(budget_bytes=1 << 20) as pager:
+        ...     w = pager.map_file(path, offset=400, shape=(10, 10), dtype=np.float32)
+        ...     pager.prefetch(w)
+        ...     print(float(w[0, 0]), w.flags.writeable, pager.stats()["spill_file_bytes"])
+        100.0 False 0
+        """
+        h = self._h()
+        if h.device >= 0:
+            raise ValueError("map_file: a CUDA pager cannot map files (managed memory is not file-backed); "
+                             "use a host pager")
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        cpath = os.fsencode(path)
+        if not cpath or b"\0" in cpath:
+            raise ValueError(f"path must be a non-empty path without NUL characters, got {path!r}")
+        offset = _check_size(offset, "offset", allow_none=False)
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, got {offset}")
+        shape = _normalize_shape(shape)
+        dt = _normalize_dtype(dtype)
+        count = 1
+        for d in shape:
+            count *= d
+        nbytes = count * dt.itemsize
+        if nbytes == 0:
+            raise ValueError(f"map_file: shape {shape} has no elements; there is nothing to map")
+        if nbytes >= 1 << 62 or offset >= 1 << 62:
+            raise ValueError(f"map_file: {nbytes} bytes at offset {offset} is more than the pager can map")
+        owner = _FileMapping(h, cpath, offset, nbytes)
+        a = np.asarray(owner).view(dt).reshape(shape)
+        a.flags.writeable = False
+        return a
+
     # -- paging ------------------------------------------------------------------------------
     def prefetch(self, a):
         """Make `a` resident and most recently used, then evict to fit the budget.
@@ -450,9 +557,17 @@ class Pager:
             ``resident_bytes`` of live arrays (host: measured with ``mincore``;
             CUDA: the bytes the pager moved to the device and not back),
             ``spilled_bytes``, ``page_ins`` and ``page_outs`` (paging units moved:
-            pages, or slab units for small arrays) and ``num_allocations``.
+            pages, or slab units for small arrays) and ``num_allocations``; these
+            include the ranges of files mapped by :meth:`map_file`, also counted
+            apart: ``mapped_files`` (descriptors), ``mapped_allocations``,
+            ``mapped_bytes`` (rounded out to OS pages), ``mapped_resident_bytes``;
+            and ``spill_file_bytes``, the disk the spill files take now (mapped
+            files never add to it).
         """
-        return self._h().stats()
+        h = self._h()
+        s = h.stats()
+        s.update(h.file_stats())
+        return s
 
     # -- lifetime ----------------------------------------------------------------------------
     def close(self):

@@ -20,7 +20,8 @@ from pyqlora import _pager
 
 MiB = 1 << 20
 STATS_KEYS = {"budget_bytes", "page_bytes", "allocated_bytes", "resident_bytes", "spilled_bytes", "page_ins",
-              "page_outs", "num_allocations"}
+              "page_outs", "num_allocations", "mapped_files", "mapped_allocations", "mapped_bytes",
+              "mapped_resident_bytes", "spill_file_bytes"}
 
 linux_only = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc/self/status (Linux)")
 

@@ -113,6 +113,27 @@ nf4_status nf4_pager_prefetch(nf4_pager *pager, const void *ptr, int64_t nbytes)
     });
 }
 
+nf4_status nf4_pager_map_file(nf4_pager *pager, const char *path, int64_t offset, int64_t nbytes,
+                              const void **out) {
+    using namespace nf4core;
+    return pager_guarded([&] {
+        require(out != nullptr, "out is NULL");
+        *out = nullptr;
+        require(path != nullptr && path[0] != '\0', "path is NULL or empty");
+        require(offset >= 0, "offset must be >= 0, got " + std::to_string(offset));
+        require(nbytes >= 1, "nbytes must be >= 1, got " + std::to_string(nbytes));
+        *out = backend_of(pager).map_file(path, offset, nbytes);
+    });
+}
+
+nf4_status nf4_pager_file_stats_get(nf4_pager *pager, nf4_pager_file_stats *out) {
+    using namespace nf4core;
+    return pager_guarded([&] {
+        require(out != nullptr, "out is NULL");
+        *out = backend_of(pager).file_stats();
+    });
+}
+
 nf4_status nf4_pager_evict(nf4_pager *pager, const void *ptr, int64_t nbytes) {
     using namespace nf4core;
     return pager_guarded([&] {

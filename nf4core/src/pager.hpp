@@ -48,6 +48,16 @@ public:
         require(stream == nullptr, "the host pager has no stream: pass NULL");
     }
     virtual void synchronize() {}
+    // Host only: a read-only mapping of [offset, offset + nbytes) of a file
+    // (nf4_pager_map_file), paged like an allocation and freed by free().
+    virtual const void *map_file(const char *path, int64_t offset, int64_t nbytes) {
+        (void)path;
+        (void)offset;
+        (void)nbytes;
+        fail(NF4_ERROR_INVALID_ARGUMENT, "nf4_pager_map_file: this pager's backend cannot map files (CUDA managed "
+                                         "memory is not file-backed); use a host pager");
+    }
+    virtual nf4_pager_file_stats file_stats() { return nf4_pager_file_stats{0, 0, 0, 0, 0}; }
 };
 
 int64_t os_page_size();

@@ -7,8 +7,12 @@
 // sync_file_range (msync off Linux) + madvise/posix_fadvise(DONTNEED) so that
 // RAM really goes back to the OS, and disk reserved up front (posix_fallocate)
 // so a full disk is an error at allocation time instead of a SIGBUS on first touch.
+// Besides its spill files, a pager maps ranges of existing files read-only
+// (nf4_pager_map_file: a 4-bit checkpoint paged from the file itself, the
+// slow tier then being that file; see MappedFile below).
 #include "pager.hpp"
 #include "pager_lru.hpp"
+#include "pager_sigbus.hpp"
 
 #if defined(__linux__) || defined(__APPLE__)
 #define NF4_PAGER_POSIX 1
@@ -154,12 +158,41 @@ struct SpillFile {
     }
 };
 
-// A mapping of a spill file: a large allocation, or a slab of small ones.
+// A file mapped read-only by nf4_pager_map_file (a checkpoint): one descriptor
+// for all its mappings, and what it was when first mapped. The pager reads it
+// through the page cache and never writes it; eviction drops its pages (they
+// are clean). It must not change while mapped: a page past a shortened end
+// raises SIGBUS when touched, and changed bytes would silently change the
+// model. So size and modification time (fstat) and identity (stat of the path:
+// the same device and inode) are checked before the pager touches its pages,
+// and a change is an error naming the file.
+struct MappedFile {
+    int fd = -1;
+    std::string path;
+    dev_t dev = 0;
+    ino_t ino = 0;
+    off_t size = 0;
+    struct timespec mtime = {0, 0};
+    int64_t maps = 0;  // live mappings
+};
+
+struct timespec mtime_of(const struct stat &st) {
+#ifdef __APPLE__
+    return st.st_mtimespec;
+#else
+    return st.st_mtim;
+#endif
+}
+
+// A mapping: of a spill file (a large allocation, or a slab of small ones), or
+// read-only of a mapped file (mf set, file null).
 struct Region {
     int64_t mapped = 0;    // bytes mapped, a multiple of the OS page size
-    int64_t file_off = 0;  // where the region starts in its spill file
+    int64_t file_off = 0;  // where the region starts in its file
     int64_t reserved = 0;  // file bytes that belong to it (>= mapped: the alignment of large allocations)
     SpillFile *file = nullptr;
+    MappedFile *mf = nullptr;
+    int fd() const { return mf != nullptr ? mf->fd : file->fd; }
 };
 
 // Why small allocations share pages. The pager moves bytes with a few system
@@ -223,6 +256,7 @@ public:
         for (auto &kv : regions_) ::munmap(reinterpret_cast<void *>(kv.first), size_t(kv.second.mapped));
         if (big_.fd >= 0) ::close(big_.fd);
         if (small_.fd >= 0) ::close(small_.fd);
+        for (auto &kv : files_) ::close(kv.second->fd);
     }
 
     nf4_pager_backend kind() const override { return NF4_PAGER_HOST; }
@@ -256,6 +290,10 @@ public:
 
     void free(void *ptr) override {
         std::lock_guard<std::mutex> lock(mu_);
+        if (auto fm = file_maps_.find(reinterpret_cast<uintptr_t>(ptr)); fm != file_maps_.end()) {
+            unmap_file(fm);
+            return;
+        }
         if (char *slab = slabs_.slab_of(ptr)) {
             const SlabHeap::Block b = slabs_.block_at(ptr);
             require(b.base != nullptr && b.base == ptr, "pointer was not allocated by this pager");
@@ -276,7 +314,96 @@ public:
     void prefetch(const void *ptr, int64_t nbytes) override {
         std::lock_guard<std::mutex> lock(mu_);
         check_small_range(ptr, nbytes);
+        // a mapped file is checked before its pages are touched (nothing else is
+        // touched: eviction of other pages only unmaps and drops them)
+        if (const Region *r = region_holding(ptr); r != nullptr && r->mf != nullptr && nbytes > 0) check_file(*r->mf);
         lru_.prefetch(ptr, nbytes);
+    }
+
+    const void *map_file(const char *path, int64_t offset, int64_t nbytes) override {
+        require(nbytes <= INT64_MAX - offset - os_page_, "offset + nbytes too large");
+        std::lock_guard<std::mutex> lock(mu_);
+        const std::string name(path);
+        int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) fail_os(NF4_ERROR_INVALID_ARGUMENT, errno, "cannot open '" + name + "' to map it");
+        struct stat st;
+        if (::fstat(fd, &st) != 0) {
+            const int err = errno;
+            ::close(fd);
+            fail_os(NF4_ERROR_INVALID_ARGUMENT, err, "cannot stat '" + name + "'");
+        }
+        if (!S_ISREG(st.st_mode)) {
+            ::close(fd);
+            fail(NF4_ERROR_INVALID_ARGUMENT, "'" + name + "' is not a regular file: only files can be mapped");
+        }
+        if (offset > int64_t(st.st_size) || nbytes > int64_t(st.st_size) - offset) {
+            ::close(fd);
+            fail(NF4_ERROR_INVALID_ARGUMENT, "bytes [" + std::to_string(offset) + ", " +
+                                                 std::to_string(offset + nbytes) + ") lie beyond the end of '" + name +
+                                                 "' (" + std::to_string(int64_t(st.st_size)) + " bytes)");
+        }
+        const auto key = std::make_pair(uint64_t(st.st_dev), uint64_t(st.st_ino));
+        auto it = files_.find(key);
+        MappedFile *mf;
+        if (it != files_.end()) {  // one descriptor per file
+            ::close(fd);
+            mf = it->second.get();
+            check_file(*mf);
+        } else {
+            auto f = std::make_unique<MappedFile>();
+            f->fd = fd;
+            f->path = name;
+            f->dev = st.st_dev;
+            f->ino = st.st_ino;
+            f->size = st.st_size;
+            f->mtime = mtime_of(st);
+            mf = f.get();
+            files_.emplace(key, std::move(f));
+        }
+        const int64_t start = offset / os_page_ * os_page_;
+        const int64_t len = (offset + nbytes - start + os_page_ - 1) / os_page_ * os_page_;
+        void *p = ::mmap(nullptr, size_t(len), PROT_READ, MAP_SHARED, mf->fd, off_t(start));
+        if (p == MAP_FAILED) {
+            const int err = errno;
+            if (mf->maps == 0) forget_file(*mf);
+            fail_os(NF4_ERROR_OUT_OF_MEMORY, err, "cannot map " + std::to_string(len) + " bytes of '" + name + "'");
+        }
+        // No read-around: a page's neighbours in the file belong to other tensors
+        // (other mappings) and are paged with them; prefetch reads exactly its range.
+        ::madvise(p, size_t(len), MADV_RANDOM);
+        char *base = static_cast<char *>(p);
+        lru_.add(base, len);
+        regions_[reinterpret_cast<uintptr_t>(p)] = Region{len, start, len, nullptr, mf};
+        // Under a budget, the file's pages already in the page cache (a checkpoint
+        // written or read moments ago) go at once: they sit in the writer's large
+        // folios, which cannot be dropped while any page of them is mapped, so a
+        // budget smaller than a folio could never be met; the pager reads them
+        // back itself in one-page folios it can drop. Without a budget they stay.
+        if (lru_.budget() >= 0) write_back(base, len);
+        // what is still there (mapped by someone else) is in RAM: the budget
+        // sees it at once, as the first to go
+        lru_.adopt(base);
+        char *inner = base + (offset - start);
+        file_maps_[reinterpret_cast<uintptr_t>(inner)] = base;
+        ++mf->maps;
+        return inner;
+    }
+
+    nf4_pager_file_stats file_stats() override {
+        std::lock_guard<std::mutex> lock(mu_);
+        nf4_pager_file_stats s{0, 0, 0, 0, 0};
+        s.num_files = int64_t(files_.size());
+        s.num_mappings = int64_t(file_maps_.size());
+        for (const auto &kv : file_maps_) {
+            const Region &r = regions_.at(reinterpret_cast<uintptr_t>(kv.second));
+            s.mapped_bytes += r.mapped;
+            s.resident_bytes += resident_pages(kv.second, r.mapped) * os_page_;
+        }
+        for (const SpillFile *f : {&big_, &small_}) {
+            struct stat st;
+            if (f->fd >= 0 && ::fstat(f->fd, &st) == 0) s.spill_bytes += int64_t(st.st_blocks) * 512;
+        }
+        return s;
     }
 
     void evict(const void *ptr, int64_t nbytes) override {
@@ -306,6 +433,51 @@ public:
     }
 
 private:
+    // The region that holds p, or nullptr.
+    const Region *region_holding(const void *ptr) const {
+        const auto a = reinterpret_cast<uintptr_t>(ptr);
+        auto it = regions_.upper_bound(a);
+        if (it == regions_.begin()) return nullptr;
+        --it;
+        return a < it->first + uintptr_t(it->second.mapped) ? &it->second : nullptr;
+    }
+
+    // Throws (ESTALE, naming the file) unless the file is still what was mapped.
+    void check_file(const MappedFile &f) const {
+        struct stat st;
+        if (::fstat(f.fd, &st) != 0) fail_os(NF4_ERROR_INVALID_ARGUMENT, errno, "cannot stat '" + f.path + "'");
+        const struct timespec m = mtime_of(st);
+        std::string what;
+        if (st.st_size != f.size)
+            what = "its size changed from " + std::to_string(int64_t(f.size)) + " to " +
+                   std::to_string(int64_t(st.st_size)) + " bytes";
+        else if (m.tv_sec != f.mtime.tv_sec || m.tv_nsec != f.mtime.tv_nsec)
+            what = "its modification time changed";
+        else if (::stat(f.path.c_str(), &st) == 0 && (st.st_dev != f.dev || st.st_ino != f.ino))
+            what = "its path names another file now";
+        // (a path that names nothing now is fine: the descriptor keeps the file and its bytes)
+        if (!what.empty())
+            throw OsError(NF4_ERROR_INVALID_ARGUMENT, ESTALE,
+                          "file '" + f.path + "' changed on disk while mapped by the pager (" + what +
+                              "): its pages cannot be read safely; free its mappings and map it again");
+    }
+
+    void forget_file(const MappedFile &f) {
+        ::close(f.fd);
+        files_.erase(std::make_pair(uint64_t(f.dev), uint64_t(f.ino)));
+    }
+
+    void unmap_file(std::map<uintptr_t, char *>::iterator fm) {
+        char *base = fm->second;
+        file_maps_.erase(fm);
+        lru_.remove(base);
+        auto it = regions_.find(reinterpret_cast<uintptr_t>(base));
+        const Region r = it->second;
+        regions_.erase(it);
+        ::munmap(base, size_t(r.mapped));
+        if (--r.mf->maps == 0) forget_file(*r.mf);
+    }
+
     void open_default_dir() {
         std::vector<std::string> candidates;
         if (const char *t = std::getenv("TMPDIR"); t != nullptr && t[0] != '\0') candidates.emplace_back(t);
@@ -519,16 +691,32 @@ private:
 #ifdef __linux__
         // Reads exactly this range into the page cache, so the faults below hit
         // it and do not read around it (other pages, past the budget).
-        ::posix_fadvise(region_of(p).second.file->fd, off_t(file_offset(p)), off_t(len), POSIX_FADV_WILLNEED);
+        const Region &r = region_of(p).second;
+        ::posix_fadvise(r.fd(), off_t(file_offset(p)), off_t(len), POSIX_FADV_WILLNEED);
 #ifndef MADV_POPULATE_READ
 #define MADV_POPULATE_READ 22  // Linux 5.14
 #endif
         // Success is not proof: emulators (qemu-user) accept and ignore madvise.
-        if (::madvise(p, size_t(len), MADV_POPULATE_READ) == 0 && resident_pages(p, len) == len / os_page_) return;
+        const int populated = ::madvise(p, size_t(len), MADV_POPULATE_READ) == 0 ? 0 : errno;
+        if (populated == 0 && resident_pages(p, len) == len / os_page_) return;
+        // EFAULT: a page past the end of its file (a mapped file shortened after its check)
+        if (populated == EFAULT && r.mf != nullptr) {
+            check_file(*r.mf);
+            throw OsError(NF4_ERROR_INVALID_ARGUMENT, EFAULT, "cannot read pages of '" + r.mf->path + "'");
+        }
 #endif
-        volatile char sink = 0;
-        for (int64_t off = 0; off < len; off += os_page_) sink = sink + p[off];
-        (void)sink;
+        // A mapped file's pages are read under a SIGBUS guard (pager_sigbus.hpp);
+        // spill files cannot shrink under us (their disk is reserved).
+        if (region_of(p).second.mf == nullptr) {
+            volatile char sink = 0;
+            for (int64_t off = 0; off < len; off += os_page_) sink = sink + p[off];
+            (void)sink;
+        } else if (!read_pages_guarded(p, len, os_page_)) {
+            const MappedFile &f = *region_of(p).second.mf;
+            check_file(f);
+            throw OsError(NF4_ERROR_INVALID_ARGUMENT, ESTALE,
+                          "file '" + f.path + "' ended before a mapped page (SIGBUS): it changed on disk");
+        }
     }
 
     // Writes the pages back and returns their RAM. On a write-back failure
@@ -537,6 +725,28 @@ private:
         const auto &reg = region_of(p);
         const Region &r = reg.second;
         const int64_t off = r.file_off + int64_t(reinterpret_cast<uintptr_t>(p) - reg.first);
+        if (r.mf != nullptr) {  // read-only: unmap and drop from the page cache, nothing of ours to write
+            ::madvise(p, size_t(len), MADV_DONTNEED);
+#ifdef __linux__
+            // A file written moments ago (a checkpoint just quantized) still has
+            // dirty pages in the page cache, which POSIX_FADV_DONTNEED skips: let
+            // them reach the disk first (a no-op for clean pages). Best effort:
+            // the data is the file's writer's, and an error leaves them cached.
+            (void)::sync_file_range(r.mf->fd, off_t(off), off_t(len),
+                                    SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
+            // The page cache drops a folio only whole, and the writer's folios
+            // (up to 2 MiB, naturally aligned) straddle our pages: drop the
+            // aligned 2 MiB around them. Pages mapped by anyone (our other
+            // resident mappings of the file included) are never dropped; those
+            // of neighbours that go are read again by their next prefetch.
+            const int64_t lo = off / kFolioMax * kFolioMax;
+            const int64_t hi = std::min<int64_t>((off + len + kFolioMax - 1) / kFolioMax * kFolioMax, r.mf->size);
+            ::posix_fadvise(r.mf->fd, off_t(lo), off_t(std::max<int64_t>(hi - lo, len)), POSIX_FADV_DONTNEED);
+#else
+            ::msync(p, size_t(len), MS_INVALIDATE);
+#endif
+            return;
+        }
 #ifdef __linux__
         // Unmap first (the page-table dirty bits go to the page cache), then
         // write the range and wait for it: sync_file_range, not msync, whose
@@ -574,6 +784,8 @@ private:
     SpillFile big_, small_;                 // large allocations; slabs (opened with the first)
     std::map<uintptr_t, Region> regions_;  // base address -> its region of a spill file
     std::map<uintptr_t, int64_t> stale_;   // freed slab blocks not zeroed yet: address -> length
+    std::map<std::pair<uint64_t, uint64_t>, std::unique_ptr<MappedFile>> files_;  // (device, inode) -> file
+    std::map<uintptr_t, char *> file_maps_;  // pointer given out by map_file -> base of its mapping
 #ifdef __APPLE__
     std::vector<char> vec_;
 #else

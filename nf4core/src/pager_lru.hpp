@@ -58,6 +58,24 @@ public:
         allocs_.emplace(reinterpret_cast<uintptr_t>(base), std::move(a));
     }
 
+    // With a probe: takes the pages of the allocation starting at base that
+    // are in the fast tier already (a mapped file's pages in the page cache)
+    // in as the least recently used, as refresh() does for every allocation.
+    void adopt(const void *base) {
+        auto it = allocs_.find(reinterpret_cast<uintptr_t>(base));
+        require(it != allocs_.end(), "pointer was not allocated by this pager");
+        if (!probe_) return;
+        Allocation &a = *it->second;
+        for (int64_t i = 0; i < int64_t(a.chunks.size()); ++i) {
+            Chunk &c = a.chunks[size_t(i)];
+            if (!c.resident && probe_(a.base + i * a.unit, chunk_len(a, i)) > 0) {
+                c.resident = true;
+                c.pos = lru_.insert(lru_.begin(), ChunkRef{&a, i});
+                resident_ += chunk_len(a, i);
+            }
+        }
+    }
+
     // Forgets the allocation starting at base (nothing moves); throws for a
     // pointer that is not one.
     void remove(const void *base) {
@@ -90,9 +108,7 @@ public:
                 was[size_t(i - c0)] = 1;
                 lru_remove(c);
             }
-            const int64_t len = chunk_len(a, i);
-            missing[size_t(i - c0)] = probe_ ? probe_(a.base + i * a.unit, len) < len : !was[size_t(i - c0)];
-            need += len;
+            need += chunk_len(a, i);
         }
         prefetched_since_refresh_ += (c1 - c0 + 1) * a.unit;
         try {
@@ -101,6 +117,12 @@ public:
                     const ChunkRef victim = lru_.front();
                     evict_range(*victim.alloc, victim.index, victim.index + 1);
                 }
+            // probed after making room: mappings of one file may share an OS
+            // page, which the eviction of a neighbour can drop
+            for (int64_t i = c0; i <= c1; ++i) {
+                const int64_t len = chunk_len(a, i);
+                missing[size_t(i - c0)] = probe_ ? probe_(a.base + i * a.unit, len) < len : !was[size_t(i - c0)];
+            }
             int64_t run = -1;
             for (int64_t i = c0; i <= c1 + 1; ++i) {
                 const bool is_missing = i <= c1 && missing[size_t(i - c0)];

@@ -570,6 +570,13 @@ static void test_pager(void) {
     EXPECT(nf4_pager_stats_get(NULL, &st), INVALID);
     EXPECT(nf4_pager_set_stream(NULL, NULL), INVALID);
     EXPECT(nf4_pager_synchronize(NULL), INVALID);
+    {
+        const void *cmem = local;
+        nf4_pager_file_stats fst;
+        EXPECT(nf4_pager_map_file(NULL, "/dev/null", 0, 1, &cmem), INVALID);
+        TRUE(cmem == NULL);
+        EXPECT(nf4_pager_file_stats_get(NULL, &fst), INVALID);
+    }
     TRUE(nf4_pager_get_backend(NULL) == NF4_PAGER_HOST);
     TRUE(nf4_pager_spill_dir(NULL) != NULL);
     TRUE(nf4_pager_spill_is_tmpfs(NULL) == 0);

@@ -34,6 +34,18 @@
  *   - Every function is thread-safe. Freeing memory that another thread still
  *     uses is, as with free(), the caller's bug.
  *
+ * File-backed pages (nf4_pager_map_file, host backend): a byte range of an
+ * existing file (a 4-bit checkpoint) mapped read-only, so that the file itself
+ * is the slow tier and nothing is copied into a spill file. Its pages count
+ * against the budget, are prefetched, evicted (clean: dropped, never written)
+ * and counted like those of allocations, and nf4_pager_free unmaps it. The
+ * file must not change while it is mapped: its size, modification time and
+ * identity are recorded when it is mapped and checked before the pager touches
+ * its pages (every nf4_pager_prefetch of the range); a changed file gives an
+ * error naming it (see nf4_pager_map_file), and the pager's own page touches
+ * are guarded against SIGBUS. A caller's own reads of the memory after the
+ * file was truncated still raise SIGBUS, as for any file mapping.
+ *
  * Errors specific to the pager: a spill directory that cannot hold the spill
  * file gives NF4_ERROR_INVALID_ARGUMENT naming the directory and the OS error;
  * a slow tier that cannot store the bytes (disk full, file-size limit, I/O
@@ -104,6 +116,15 @@ typedef struct nf4_pager_stats {
     int64_t num_allocations; /* live allocations */
 } nf4_pager_stats;
 
+/* Counters of the file-backed pages (nf4_pager_map_file) and of the spill files. */
+typedef struct nf4_pager_file_stats {
+    int64_t num_files;      /* distinct files with a live mapping (one descriptor each) */
+    int64_t num_mappings;   /* live mappings */
+    int64_t mapped_bytes;   /* bytes they map, rounded out to OS pages */
+    int64_t resident_bytes; /* of those, in RAM now (mincore) */
+    int64_t spill_bytes;    /* disk the spill files take now (their allocated blocks): mapped files never add to it */
+} nf4_pager_file_stats;
+
 /* Default paging unit: 2 MiB, a huge page on x86-64 and the granularity at
  * which bitsandbytes' paged optimizers prefetch. */
 #define NF4_PAGER_DEFAULT_PAGE_BYTES (2 * 1024 * 1024)
@@ -132,13 +153,37 @@ NF4_API void nf4_pager_destroy(nf4_pager *pager);
  * belong to another allocation. */
 NF4_API nf4_status nf4_pager_alloc(nf4_pager *pager, int64_t nbytes, void **out);
 
-/* ptr must be a pointer returned by nf4_pager_alloc on this pager. */
+/* ptr must be a pointer returned by nf4_pager_alloc or nf4_pager_map_file on this pager. */
 NF4_API nf4_status nf4_pager_free(nf4_pager *pager, void *ptr);
 
 /* [ptr, ptr + nbytes) must lie inside one allocation; nbytes 0 is a no-op.
  * Makes the pages covering it resident and most recently used, then evicts
  * least recently used pages outside it while resident bytes exceed the budget. */
 NF4_API nf4_status nf4_pager_prefetch(nf4_pager *pager, const void *ptr, int64_t nbytes);
+
+/* Host backend: maps bytes [offset, offset + nbytes) of the regular file at
+ * `path` read-only (PROT_READ, MAP_SHARED; nbytes >= 1, offset >= 0 and any
+ * alignment: the OS pages around the range are mapped and *out points at
+ * byte `offset`). The mapping is an allocation of the pager: nf4_pager_prefetch,
+ * nf4_pager_evict and nf4_pager_free take *out (or a range inside
+ * [*out, *out + nbytes)), its pages count in the budget and in the stats
+ * (allocated_bytes rounded out to OS pages, num_allocations), and eviction
+ * only drops them (madvise/posix_fadvise DONTNEED: they are clean). Mappings
+ * of one file share one descriptor. Writing to the memory is a fault (SIGSEGV).
+ *
+ * Errors: a range outside the file (offset + nbytes > its size), a path that
+ * is not a regular file, a CUDA pager: NF4_ERROR_INVALID_ARGUMENT; a file that
+ * cannot be opened: NF4_ERROR_INVALID_ARGUMENT with nf4_pager_last_os_error()
+ * its errno (ENOENT, EACCES...). A mapped file whose size or modification time
+ * changed, or whose path names another file now, makes nf4_pager_prefetch of
+ * its mappings (and nf4_pager_map_file of the same file) fail with
+ * NF4_ERROR_INVALID_ARGUMENT, last OS error ESTALE, and a message naming the
+ * file; nothing of it is touched. Evict and free still work. */
+NF4_API nf4_status nf4_pager_map_file(nf4_pager *pager, const char *path, int64_t offset, int64_t nbytes,
+                                      const void **out);
+
+/* Counters of the file-backed pages and of the spill files (CUDA backend: all 0). */
+NF4_API nf4_status nf4_pager_file_stats_get(nf4_pager *pager, nf4_pager_file_stats *out);
 
 /* Writes the pages covering [ptr, ptr + nbytes) back to the spill file and
  * returns their RAM to the OS; the data stays readable (it faults back in). */
