@@ -9,7 +9,7 @@ from . import _nf4core as _ext  # bindings/quantize.pxi (double_dequantize)
 from ._codebooks import lookup_table
 from ._formats import DQ_BLOCKSIZE, check_blocksize, check_codebook
 
-__all__ = ["QuantizedArray", "block_scales", "cache_block_scales"]
+__all__ = ["QuantizedArray", "block_scales"]
 
 
 class QuantizedArray:
@@ -207,21 +207,6 @@ def block_scales(q):
         out.flags.writeable = False
         q._scales = out
     return q._scales
-
-
-def cache_block_scales(q, scales):
-    """Give `q` its decoded float32 block scales in memory the caller chose (internal).
-
-    ``pyqlora._glue.paging`` keeps them in a pager beside the 4-bit bytes. `scales` must
-    equal what :func:`block_scales` would decode (the caller copies them from it).
-    """
-    if q._scales is scales:
-        return
-    if not q.double_quant:
-        raise ValueError("only a double-quantized array caches decoded scales")
-    if not isinstance(scales, np.ndarray) or scales.dtype != np.float32 or scales.shape != (q.absmax.size,):
-        raise ValueError(f"scales must be a float32 array of shape ({q.absmax.size},)")
-    q._scales = scales
 
 
 def _check_shape(shape):

@@ -241,6 +241,14 @@ class Linear4bit(nn.Module):
         state["_q_cache"] = None
         return state
 
+    def drop_caches(self):
+        """Forget the cached QuantizedArray view, its decoded float32 block scales and the fused kernel's
+        arguments; they are rebuilt from the parameters on the next use (microseconds, plus decoding
+        the scales of a double-quantized weight). A paged base (``prepare_model(pager=)``) calls it
+        when the next layer runs, so that the decoded scales, an eighth of the codes' bytes, are held
+        for the running layer only."""
+        self._q_cache = None
+
     def quant_parameters(self):
         """The frozen uint8 parameters holding the 4-bit weight (codes, scales, nested scales)."""
         return [t for t in (self.weight, self.weight_absmax, self.weight_nested_absmax) if t is not None]

@@ -42,3 +42,22 @@ def test_a_4bit_checkpoint_refuses_what_needs_dense_weights(tiny, tmp_path, caps
         capsys.readouterr()
         assert call(*argv) == 2
         assert what in capsys.readouterr().err
+
+
+def test_a_paged_4bit_checkpoint_trains_the_same_adapter(tiny, tmp_path, capsys):
+    """--base-budget on a 4-bit checkpoint: its codes and scales are paged from the checkpoint's own file
+    (nothing of them written to the spill file), and the run writes the resident run's adapter (issue 23)."""
+    assert call("quantize", tiny / "model", tmp_path / "q4") == 0
+    base = ["--steps", "2", "--dtype", "fp32"]
+    argv = args(tiny, tmp_path / "resident-4bit", *base)
+    argv[argv.index("--model") + 1] = tmp_path / "q4"
+    assert call(*argv) == 0
+    capsys.readouterr()
+    argv = args(tiny, tmp_path / "paged-4bit", *base, "--base-budget", "4K", "--spill-dir", tmp_path)
+    argv[argv.index("--model") + 1] = tmp_path / "q4"
+    assert call(*argv) == 0
+    assert "a 4-bit checkpoint is paged from its file" in capsys.readouterr().err
+    paged = json.loads((tmp_path / "paged-4bit" / "report.json").read_text())["memory"]["base_paging"]
+    assert paged["base_bytes"] > 2 * paged["budget_bytes"]
+    assert paged["mapped_from_checkpoint_bytes"] >= paged["base_bytes"] and paged["spill_file_bytes"] == 0
+    assert adapter_bytes(tmp_path / "paged-4bit") == adapter_bytes(tmp_path / "resident-4bit")

@@ -18,7 +18,7 @@ import time
 import torch
 
 from .. import _pager
-from .._array import QuantizedArray, block_scales, cache_block_scales
+from .._array import QuantizedArray
 
 __all__ = ["BasePaging", "place_in_pager"]
 
@@ -46,7 +46,7 @@ def place_in_pager(layer, pager):
     """
 
     q = layer.quantized
-    if _in_pager(pager, q.packed):
+    if _in_pager(pager, q.packed):  # (bytes mapped from a checkpoint file are pager memory already)
         return 0
     packed = _paged_copy(pager, q.packed)
     absmax = _paged_copy(pager, q.absmax)
@@ -54,23 +54,11 @@ def place_in_pager(layer, pager):
     layer.quantized = QuantizedArray(shape=q.shape, dtype=q.dtype, codebook=q.codebook, blocksize=q.blocksize,
                                      packed=packed, absmax=absmax, nested_absmax=nested,
                                      nested_offset=q.nested_offset)
-    scales = None
-    if q.double_quant:  # the decoded float32 scales (an eighth of the codes' bytes) are paged too
-        scales = _paged_copy(pager, block_scales(q))
-        scales.flags.writeable = False
-    layer._paged_scales = scales
-    _attach_scales(layer)
-    for a in (packed, absmax, nested, scales):
-        if a is not None and a.nbytes:
+    placed = [a for a in (packed, absmax, nested) if a is not None]
+    for a in placed:
+        if a.nbytes:
             pager.prefetch(a)  # most recently used: the budget evicts the layers loaded before
-    return sum(a.nbytes for a in (packed, absmax, nested, scales) if a is not None)
-
-
-def _attach_scales(layer):
-    """Hand the layer's paged scales to its current QuantizedArray view (it decodes them otherwise)."""
-    scales = getattr(layer, "_paged_scales", None)
-    if scales is not None:
-        cache_block_scales(layer.quantized, scales)
+    return sum(a.nbytes for a in placed)
 
 
 def _in_pager(pager, a):
@@ -83,9 +71,7 @@ def _in_pager(pager, a):
 
 def _layer_arrays(layer):
     t = layer._parameters
-    arrays = [x for x in (t["weight"], t["weight_absmax"], t.get("weight_nested_absmax")) if x is not None]
-    scales = getattr(layer, "_paged_scales", None)
-    return arrays if scales is None else arrays + [scales]
+    return [x for x in (t["weight"], t["weight_absmax"], t.get("weight_nested_absmax")) if x is not None]
 
 
 class BasePaging:
@@ -118,6 +104,7 @@ class BasePaging:
         self._recording = True
         self.wait_seconds = 0.0    # time spent making a layer's own bytes resident before it ran
         self.calls = 0
+        self._last = None          # the layer that ran last (its decoded scales are dropped when the next runs)
         self._queue, self._cv, self._stop = [], threading.Condition(), False
         self._thread = threading.Thread(target=self._prefetcher, name="pyqlora-base-prefetch", daemon=True)
         self._thread.start()
@@ -153,7 +140,12 @@ class BasePaging:
             output.register_hook(before_backward)
 
     def _make_resident(self, layer):
-        _attach_scales(layer)
+        # The decoded float32 block scales (an eighth of the codes' bytes) are ordinary memory, rebuilt
+        # from the paged 8-bit scales when a layer runs: only the layer running holds them, never the base.
+        last = self._last
+        if last is not None and last is not layer:
+            last.drop_caches()
+        self._last = layer
         t0 = time.perf_counter()
         for t in _layer_arrays(layer):
             self.pager.prefetch(t)
@@ -183,6 +175,8 @@ class BasePaging:
                         self.pager.prefetch(t)
                 except ValueError:  # the pager was closed
                     return
+                except OSError:  # a mapped checkpoint file changed: the layer's own prefetch raises it
+                    break
 
     # -- report ----------------------------------------------------------------------------------
     def stats(self):

@@ -209,7 +209,7 @@ def _linear_names(model):
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head and n]
 
 
-def load_model(spec=None, dtype=None, tokenizer=True):
+def load_model(spec=None, dtype=None, tokenizer=True, pager=None):
     """(model, tokenizer, info) for a model argument of the command line (see the module docstring).
 
     Parameters
@@ -219,6 +219,11 @@ def load_model(spec=None, dtype=None, tokenizer=True):
     dtype : torch.dtype, default float32
         dtype of the dense parameters.
     tokenizer : bool
+    pager : pyqlora.Pager, optional
+        For a 4-bit checkpoint: its layers' codes and scales become read-only views of the
+        checkpoint's file paged by this (host) pager, never read whole nor copied
+        (``_load_4bit``); ``prepare_model(..., pager=pager)`` then adds the prefetch hooks.
+        Ignored for a dense model (``pyqlora finetune --base-budget`` streams those).
 
     Returns
     -------
@@ -240,7 +245,7 @@ def load_model(spec=None, dtype=None, tokenizer=True):
     files = safetensors_files(folder)
     index = safetensors_index(files)  # every header read: a damaged file is named here
     if quant:
-        model = _load_4bit(folder, cfg, dtype, files)
+        model = _load_4bit(folder, cfg, dtype, files, pager=pager)
     else:
         # the parameters config.json implies against the checkpoint's tensors, before transformers reads a
         # byte (it would start a model with other shapes or missing layers from random values, and warn)
@@ -530,11 +535,12 @@ def _load_4bit(folder, cfg, dtype, files, pager=None):
     import torch
     import transformers
 
-    from .. import _pager
+    import pyqlora as pq
+
     from .._glue.modules import set_submodule
     from ..nn import Linear4bit
 
-    if pager is not None and not isinstance(pager, _pager.Pager):
+    if pager is not None and not isinstance(pager, pq.Pager):
         raise TypeError(f"pager must be a pyqlora.Pager or None, got {type(pager).__name__}")
     if pager is not None and pager.device != "cpu":
         raise ValueError(f"pager must be a host pager to page a checkpoint from its file, got one on {pager.device}")

@@ -14,7 +14,7 @@ import torch
 
 import pyqlora as pq
 
-from ..._glue.memory import memory_status, peak_rss_bytes, tensor_bytes
+from ..._glue.memory import limit_heap_retention, memory_status, peak_rss_bytes, tensor_bytes
 from .. import data as qdata
 from ..checkpoint import check_model_argument, load_model, load_model_streamed, save_4bit_base
 from ..evaluate import generate, perplexity
@@ -146,6 +146,12 @@ def _run(cfg, out, log, ctx, qdist):
     say(f"pyqlora finetune: compute dtype {'bfloat16' if autocast else 'float32'} ({dtype_reason})")
 
     # -- model
+    pager = None
+    if cfg.base_budget:
+        pager = pq.Pager(budget_bytes=cfg.base_budget, spill_dir=cfg.spill_dir)
+        limit_heap_retention()  # memory is the point here: glibc keeps freed activations otherwise (docs/scale.md)
+        say(f"base: paged, {cfg.base_budget / 2**30:.2f} GiB of RAM, the rest spilled to {pager.spill_dir}"
+            + (" (tmpfs: RAM too)" if pager.spill_is_tmpfs else "") + "; a 4-bit checkpoint is paged from its file")
     with clock("load"):
         # streamed (no dense model in memory): with --distributed, and with --base-budget, whose point is a
         # base larger than the memory it may use
@@ -153,7 +159,7 @@ def _run(cfg, out, log, ctx, qdist):
         if streamed is not None:  # no dense model: prepare_model quantizes each layer as it is read
             model, tok, minfo, weights = streamed
         else:
-            (model, tok, minfo), weights = load_model(cfg.model, dtype=torch.float32), None
+            (model, tok, minfo), weights = load_model(cfg.model, dtype=torch.float32, pager=pager), None
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     text = all("text" in r for r in records)
     heldout = heldout_for(cfg, text=text)
@@ -179,11 +185,6 @@ def _run(cfg, out, log, ctx, qdist):
     # -- base and adapters
     if autocast:
         model.to(torch.bfloat16)
-    pager = None
-    if cfg.base_budget:
-        pager = pq.Pager(budget_bytes=cfg.base_budget, spill_dir=cfg.spill_dir)
-        say(f"base: paged, {cfg.base_budget / 2**30:.2f} GiB of RAM, the rest spilled to {pager.spill_dir}"
-            + (" (tmpfs: RAM too)" if pager.spill_is_tmpfs else ""))
     with clock("prepare"):
         try:
             model, pinfo = prepare(model, cfg, weights=weights, pager=pager)
@@ -271,7 +272,8 @@ def _run(cfg, out, log, ctx, qdist):
         now, steps_run = paging.stats(), max(1, len(train_log.step_seconds) - start)
         base_paging = {"budget_bytes": now["budget_bytes"], "base_bytes": now["base_bytes"],
                        "resident_bytes": now["resident_bytes"], "spilled_bytes": now["spilled_bytes"],
-                       "spill_dir": pager.spill_dir,
+                       "spill_dir": pager.spill_dir, "spill_file_bytes": now.get("spill_file_bytes"),
+                       "mapped_from_checkpoint_bytes": now.get("mapped_bytes"),
                        "page_ins_per_step": (now["page_ins"] - paging_before["page_ins"]) / steps_run,
                        "page_bytes": now["page_bytes"],
                        "wait_seconds_per_step": (now["wait_seconds"] - paging_before["wait_seconds"]) / steps_run}
