@@ -183,8 +183,8 @@ def hessian_factor(hessian, cols, damp=0.01, order="natural"):
     inputs with ``H[i, i] == 0`` (never nonzero: their weights do not matter, they
     are set to zero and their diagonal to 1, as GPTQ does).
 
-    The factorization runs in NumPy's LAPACK (float64 Cholesky, triangular
-    inverse, Cholesky): O(K^3) once per distinct H, a small part of the solve's
+    The factorization runs in NumPy's LAPACK (float64: one Cholesky and one
+    inverse of the triangular factor): O(K^3) once per distinct H, a small part of the solve's
     O(rows K^2) for the layers of a model, in double precision, which the inverse
     of an ill-conditioned H needs, and without a linear-algebra library in nf4core.
     """
@@ -226,17 +226,14 @@ def hessian_factor(hessian, cols, damp=0.01, order="natural"):
         perm = np.argsort(-diag, kind="stable").astype(np.int64)
         h = h[np.ix_(perm, perm)]
     h[np.diag_indices(cols)] += damp * float(diag.mean())
+    # U = M^-1 for H = M M^T with M upper triangular: the lower Cholesky factor L of the
+    # reversed H (J H J = L L^T) gives M = J L J, so U = J L^-1 J, and U^T U = H^-1.
     try:
-        low = np.linalg.cholesky(h)
+        low = np.linalg.cholesky(h[::-1, ::-1])
     except np.linalg.LinAlgError:
         raise ValueError(f"hessian is not positive definite after dampening (damp={damp}): add more calibration "
                          "tokens or raise damp") from None
-    low_inv = np.linalg.inv(low)
-    try:
-        u = np.linalg.cholesky(low_inv.T @ low_inv).T
-    except np.linalg.LinAlgError:
-        raise ValueError(f"hessian is too ill-conditioned to invert after dampening (damp={damp}); raise damp") \
-            from None
+    u = np.linalg.inv(low)[::-1, ::-1]
     if not np.isfinite(u).all():
         raise ValueError(f"hessian is too ill-conditioned to invert after dampening (damp={damp}); raise damp")
     return np.ascontiguousarray(u), perm, dead

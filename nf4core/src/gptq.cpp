@@ -38,27 +38,31 @@ namespace nf4core {
 namespace {
 
 constexpr int64_t kBatch = NF4_GPTQ_BATCH;
+// Rows solved together (see gptq_impl).
+constexpr int64_t kChunkRows = 64;
 
 // The three loops that carry the flops, per instruction set. All compute each
 // element as a chain of single-rounding FMAs in the same order.
 struct GptqOps {
-    // w[t] = fma(-e, u[t], w[t]) for t in [0, len)
-    void (*rank1)(float *w, float e, const float *u, int64_t len);
-    // W[r][c] = fma(-E[r][k], U[k][c], W[r][c]) for k = 0..kb-1 in order, r < rows, c < ncols
+    // The batch columns, transposed (T[t][r], rows contiguous):
+    // T[t][r] = fma(-e[r], u[t], T[t][r]) for t < len, r < rows
+    void (*rank1)(float *T, int64_t rows, const float *e, const float *u, int64_t len);
+    // W[r][c] = fma(-E[k][r], U[k][c], W[r][c]) for k = 0..kb-1 in order, r < rows, c < ncols
     void (*update)(float *W, int64_t ldw, int64_t rows, const float *E, int64_t lde, int64_t kb, const float *U,
                    int64_t ldu, int64_t ncols);
 };
 
 // ---- generic (any CPU): std::fma, one element at a time ----
-void rank1_generic(float *w, float e, const float *u, int64_t len) {
-    for (int64_t t = 0; t < len; ++t) w[t] = std::fma(-e, u[t], w[t]);
+void rank1_generic(float *T, int64_t rows, const float *e, const float *u, int64_t len) {
+    for (int64_t t = 0; t < len; ++t)
+        for (int64_t r = 0; r < rows; ++r) T[t * rows + r] = std::fma(-e[r], u[t], T[t * rows + r]);
 }
 
 void update_generic(float *W, int64_t ldw, int64_t rows, const float *E, int64_t lde, int64_t kb, const float *U,
                     int64_t ldu, int64_t ncols) {
     for (int64_t r = 0; r < rows; ++r)
         for (int64_t k = 0; k < kb; ++k) {
-            const float e = E[r * lde + k];
+            const float e = E[k * lde + r];
             const float *u = U + k * ldu;
             float *w = W + r * ldw;
             for (int64_t c = 0; c < ncols; ++c) w[c] = std::fma(-e, u[c], w[c]);
@@ -67,15 +71,15 @@ void update_generic(float *W, int64_t ldw, int64_t rows, const float *E, int64_t
 
 #if defined(NF4_GPTQ_X86)
 // ---- AVX-512: 8 rows x 32 columns of accumulators, masked column tails ----
-__attribute__((target("avx512f,fma"))) void rank1_avx512(float *w, float e, const float *u, int64_t len) {
-    const __m512 ve = _mm512_set1_ps(e);
-    int64_t t = 0;
-    for (; t + 16 <= len; t += 16)
-        _mm512_storeu_ps(w + t, _mm512_fnmadd_ps(ve, _mm512_loadu_ps(u + t), _mm512_loadu_ps(w + t)));
-    if (t < len) {
-        const __mmask16 m = __mmask16((1u << (len - t)) - 1u);
-        _mm512_mask_storeu_ps(w + t, m, _mm512_fnmadd_ps(ve, _mm512_maskz_loadu_ps(m, u + t),
-                                                         _mm512_maskz_loadu_ps(m, w + t)));
+__attribute__((target("avx512f,fma"))) void rank1_avx512(float *T, int64_t rows, const float *e, const float *u,
+                                                        int64_t len) {
+    for (int64_t r = 0; r < rows; r += 16) {
+        const __mmask16 m = rows - r >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (rows - r)) - 1u);
+        const __m512 ve = _mm512_maskz_loadu_ps(m, e + r);
+        for (int64_t t = 0; t < len; ++t) {
+            float *w = T + t * rows + r;
+            _mm512_mask_storeu_ps(w, m, _mm512_fnmadd_ps(ve, _mm512_set1_ps(u[t]), _mm512_maskz_loadu_ps(m, w)));
+        }
     }
 }
 
@@ -93,7 +97,7 @@ __attribute__((target("avx512f,fma"), always_inline)) inline void tile_avx512(fl
         const __m512 u0 = _mm512_maskz_loadu_ps(m0, U + k * ldu);
         const __m512 u1 = _mm512_maskz_loadu_ps(m1, U + k * ldu + 16);
         for (int r = 0; r < MR; ++r) {
-            const __m512 e = _mm512_set1_ps(E[r * lde + k]);
+            const __m512 e = _mm512_set1_ps(E[k * lde + r]);
             a0[r] = _mm512_fnmadd_ps(e, u0, a0[r]);
             a1[r] = _mm512_fnmadd_ps(e, u1, a1[r]);
         }
@@ -114,27 +118,33 @@ __attribute__((target("avx512f,fma"))) void update_avx512(float *W, int64_t ldw,
         const __mmask16 m1 = left >= 32 ? __mmask16(0xFFFF) : left <= 16 ? __mmask16(0)
                                                                          : __mmask16((1u << (left - 16)) - 1u);
         int64_t r = 0;
-        for (; r + MR <= rows; r += MR) tile_avx512<MR>(W + r * ldw + c, ldw, E + r * lde, lde, kb, U + c, ldu, m0, m1);
+        for (; r + MR <= rows; r += MR) tile_avx512<MR>(W + r * ldw + c, ldw, E + r, lde, kb, U + c, ldu, m0, m1);
         switch (rows - r) {
-            case 7: tile_avx512<7>(W + r * ldw + c, ldw, E + r * lde, lde, kb, U + c, ldu, m0, m1); break;
-            case 6: tile_avx512<6>(W + r * ldw + c, ldw, E + r * lde, lde, kb, U + c, ldu, m0, m1); break;
-            case 5: tile_avx512<5>(W + r * ldw + c, ldw, E + r * lde, lde, kb, U + c, ldu, m0, m1); break;
-            case 4: tile_avx512<4>(W + r * ldw + c, ldw, E + r * lde, lde, kb, U + c, ldu, m0, m1); break;
-            case 3: tile_avx512<3>(W + r * ldw + c, ldw, E + r * lde, lde, kb, U + c, ldu, m0, m1); break;
-            case 2: tile_avx512<2>(W + r * ldw + c, ldw, E + r * lde, lde, kb, U + c, ldu, m0, m1); break;
-            case 1: tile_avx512<1>(W + r * ldw + c, ldw, E + r * lde, lde, kb, U + c, ldu, m0, m1); break;
+            case 7: tile_avx512<7>(W + r * ldw + c, ldw, E + r, lde, kb, U + c, ldu, m0, m1); break;
+            case 6: tile_avx512<6>(W + r * ldw + c, ldw, E + r, lde, kb, U + c, ldu, m0, m1); break;
+            case 5: tile_avx512<5>(W + r * ldw + c, ldw, E + r, lde, kb, U + c, ldu, m0, m1); break;
+            case 4: tile_avx512<4>(W + r * ldw + c, ldw, E + r, lde, kb, U + c, ldu, m0, m1); break;
+            case 3: tile_avx512<3>(W + r * ldw + c, ldw, E + r, lde, kb, U + c, ldu, m0, m1); break;
+            case 2: tile_avx512<2>(W + r * ldw + c, ldw, E + r, lde, kb, U + c, ldu, m0, m1); break;
+            case 1: tile_avx512<1>(W + r * ldw + c, ldw, E + r, lde, kb, U + c, ldu, m0, m1); break;
             default: break;
         }
     }
 }
 
 // ---- AVX2: 6 rows x 16 columns of accumulators, scalar FMAs for the column tail ----
-__attribute__((target("avx2,fma"))) void rank1_avx2(float *w, float e, const float *u, int64_t len) {
-    const __m256 ve = _mm256_set1_ps(e);
-    int64_t t = 0;
-    for (; t + 8 <= len; t += 8)
-        _mm256_storeu_ps(w + t, _mm256_fnmadd_ps(ve, _mm256_loadu_ps(u + t), _mm256_loadu_ps(w + t)));
-    for (; t < len; ++t) w[t] = __builtin_fmaf(-e, u[t], w[t]);
+__attribute__((target("avx2,fma"))) void rank1_avx2(float *T, int64_t rows, const float *e, const float *u,
+                                                    int64_t len) {
+    const int64_t vrows = rows - rows % 8;
+    for (int64_t r = 0; r < vrows; r += 8) {
+        const __m256 ve = _mm256_loadu_ps(e + r);
+        for (int64_t t = 0; t < len; ++t) {
+            float *w = T + t * rows + r;
+            _mm256_storeu_ps(w, _mm256_fnmadd_ps(ve, _mm256_set1_ps(u[t]), _mm256_loadu_ps(w)));
+        }
+    }
+    for (int64_t t = 0; t < len; ++t)
+        for (int64_t r = vrows; r < rows; ++r) T[t * rows + r] = __builtin_fmaf(-e[r], u[t], T[t * rows + r]);
 }
 
 template <int MR>
@@ -150,7 +160,7 @@ __attribute__((target("avx2,fma"), always_inline)) inline void tile_avx2(float *
         const __m256 u0 = _mm256_loadu_ps(U + k * ldu);
         const __m256 u1 = _mm256_loadu_ps(U + k * ldu + 8);
         for (int r = 0; r < MR; ++r) {
-            const __m256 e = _mm256_set1_ps(E[r * lde + k]);
+            const __m256 e = _mm256_set1_ps(E[k * lde + r]);
             a0[r] = _mm256_fnmadd_ps(e, u0, a0[r]);
             a1[r] = _mm256_fnmadd_ps(e, u1, a1[r]);
         }
@@ -168,19 +178,19 @@ __attribute__((target("avx2,fma"))) void update_avx2(float *W, int64_t ldw, int6
     const int64_t vcols = ncols - ncols % 16;
     for (int64_t c = 0; c < vcols; c += 16) {
         int64_t r = 0;
-        for (; r + MR <= rows; r += MR) tile_avx2<MR>(W + r * ldw + c, ldw, E + r * lde, lde, kb, U + c, ldu);
+        for (; r + MR <= rows; r += MR) tile_avx2<MR>(W + r * ldw + c, ldw, E + r, lde, kb, U + c, ldu);
         switch (rows - r) {
-            case 5: tile_avx2<5>(W + r * ldw + c, ldw, E + r * lde, lde, kb, U + c, ldu); break;
-            case 4: tile_avx2<4>(W + r * ldw + c, ldw, E + r * lde, lde, kb, U + c, ldu); break;
-            case 3: tile_avx2<3>(W + r * ldw + c, ldw, E + r * lde, lde, kb, U + c, ldu); break;
-            case 2: tile_avx2<2>(W + r * ldw + c, ldw, E + r * lde, lde, kb, U + c, ldu); break;
-            case 1: tile_avx2<1>(W + r * ldw + c, ldw, E + r * lde, lde, kb, U + c, ldu); break;
+            case 5: tile_avx2<5>(W + r * ldw + c, ldw, E + r, lde, kb, U + c, ldu); break;
+            case 4: tile_avx2<4>(W + r * ldw + c, ldw, E + r, lde, kb, U + c, ldu); break;
+            case 3: tile_avx2<3>(W + r * ldw + c, ldw, E + r, lde, kb, U + c, ldu); break;
+            case 2: tile_avx2<2>(W + r * ldw + c, ldw, E + r, lde, kb, U + c, ldu); break;
+            case 1: tile_avx2<1>(W + r * ldw + c, ldw, E + r, lde, kb, U + c, ldu); break;
             default: break;
         }
     }
     for (int64_t r = 0; r < rows; ++r)
         for (int64_t k = 0; k < kb; ++k) {
-            const float e = E[r * lde + k];
+            const float e = E[k * lde + r];
             for (int64_t c = vcols; c < ncols; ++c)
                 W[r * ldw + c] = __builtin_fmaf(-e, U[k * ldu + c], W[r * ldw + c]);
         }
@@ -230,12 +240,19 @@ void pack_codes(const uint8_t *codes, int64_t f0, int64_t f1, const Problem &p) 
 }
 
 // Rows [r0, r1) in float32; blocks of these rows hold no element of other rows.
+// Wp: the rows in solve order (R x K); the columns of the current batch are
+// moved into T (transposed, kBatch x R, rows contiguous) so that a step's
+// codes and updates run along contiguous memory; E (kBatch x R) keeps the
+// batch's scaled errors for the lazy update of the columns after the batch.
 void solve_rows(const float *w, const float *U, const Problem &p, const GptqOps &ops, int64_t r0, int64_t r1) {
     const int64_t K = p.cols, R = r1 - r0, bs = p.blocksize;
+    int shift = 0;
+    while ((int64_t(1) << shift) < bs) ++shift;  // blocksize is a power of two
     const int64_t f0 = r0 * K, f1 = r1 * K;
-    const int64_t blk0 = f0 / bs, nblk = ceil_div(f1, bs) - blk0;
+    const int64_t blk0 = f0 >> shift, nblk = ceil_div(f1, bs) - blk0;
     auto Wp = aligned_array<float>(R * K);
-    auto E = aligned_array<float>(R * kBatch);
+    auto T = aligned_array<float>(kBatch * R);
+    auto E = aligned_array<float>(kBatch * R);
     std::vector<uint8_t> codes(static_cast<size_t>(R * K));
     std::vector<BlockScale> scale(static_cast<size_t>(nblk));
     std::vector<uint8_t> started(static_cast<size_t>(nblk), 0);
@@ -245,42 +262,48 @@ void solve_rows(const float *w, const float *U, const Problem &p, const GptqOps 
 
     for (int64_t i1 = 0; i1 < K; i1 += kBatch) {
         const int64_t i2 = std::min(K, i1 + kBatch);
+        for (int64_t r = 0; r < R; ++r)
+            for (int64_t t = i1; t < i2; ++t) T[(t - i1) * R + r] = Wp[r * K + t];
         for (int64_t j = i1; j < i2; ++j) {
-            const int64_t c = p.order[j];
+            const int64_t jj = j - i1, c = p.order[j];
             // 1. scales of the blocks this step enters, from the values after steps < j
             for (int64_t r = 0; r < R; ++r) {
-                const int64_t b = ((r0 + r) * K + c) / bs - blk0;
-                blk_of[size_t(r)] = b;
-                if (started[size_t(b)]) continue;
+                const int64_t b = (((r0 + r) * K + c) >> shift) - blk0;
+                blk_of[static_cast<size_t>(r)] = b;
+                if (started[static_cast<size_t>(b)]) continue;
                 const int64_t e0 = (blk0 + b) * bs, e1 = std::min(e0 + bs, p.n);
                 float amax = 0.0f;
                 for (int64_t f = e0; f < e1; ++f) {
                     const int64_t rr = f / K - r0, t = p.position[f % K];
-                    float v = Wp[rr * K + t];
-                    if (t >= i2)  // the lazy updates of steps i1..j-1 are still pending for it
-                        for (int64_t k = i1; k < j; ++k) v = std::fma(-E[rr * kBatch + (k - i1)], U[k * K + t], v);
+                    float v;
+                    if (t < i2) {
+                        v = T[(t - i1) * R + rr];  // t >= j: in this batch, up to date
+                    } else {  // after the batch: the lazy updates of steps i1..j-1 are still pending
+                        v = Wp[rr * K + t];
+                        for (int64_t k = i1; k < j; ++k) v = std::fma(-E[(k - i1) * R + rr], U[k * K + t], v);
+                    }
                     const float a = std::fabs(v);
                     if (a > amax) amax = a;
                 }
-                scale[size_t(b)] = block_scale(amax, e1 - e0, bs);
-                started[size_t(b)] = 1;
+                scale[static_cast<size_t>(b)] = block_scale(amax, e1 - e0, bs);
+                started[static_cast<size_t>(b)] = 1;
             }
-            // 2. codes and 3. error feedback within the batch
-            const float ujj = U[j * K + j];
+            // 2. codes and scaled errors
+            const float inv_ujj = 1.0f / U[j * K + j];
+            const float *x = T.get() + jj * R;
+            float *err = E.get() + jj * R;
             for (int64_t r = 0; r < R; ++r) {
-                const BlockScale &s = scale[size_t(blk_of[size_t(r)])];
-                float *row = Wp.get() + r * K;
-                const float x = row[j];
-                const uint8_t code = encode_value<16>(*p.table, x, s);
-                codes[size_t(r * K + c)] = code;
-                const float err = (x - decode_value(p.codebook[code], s.stored)) / ujj;
-                E[r * kBatch + (j - i1)] = err;
-                if (j + 1 < i2) ops.rank1(row + j + 1, err, U + j * K + j + 1, i2 - j - 1);
+                const BlockScale &s = scale[static_cast<size_t>(blk_of[static_cast<size_t>(r)])];
+                const uint8_t code = encode_value<16>(*p.table, x[r], s);
+                codes[static_cast<size_t>(r * K + c)] = code;
+                err[r] = (x[r] - decode_value(p.codebook[code], s.stored)) * inv_ujj;
             }
+            // 3. error feedback within the batch
+            if (j + 1 < i2) ops.rank1(T.get() + (jj + 1) * R, R, err, U + j * K + j + 1, i2 - j - 1);
         }
-        if (i2 < K) ops.update(Wp.get() + i2, K, R, E.get(), kBatch, i2 - i1, U + i1 * K + i2, K, K - i2);
+        if (i2 < K) ops.update(Wp.get() + i2, K, R, E.get(), R, i2 - i1, U + i1 * K + i2, K, K - i2);
     }
-    for (int64_t b = 0; b < nblk; ++b) p.absmax[blk0 + b] = scale[size_t(b)].stored;
+    for (int64_t b = 0; b < nblk; ++b) p.absmax[blk0 + b] = scale[static_cast<size_t>(b)].stored;
     pack_codes(codes.data(), f0, f1, p);
 }
 
@@ -380,8 +403,12 @@ nf4_status gptq_impl(const T *w, int64_t rows, int64_t cols, const T *U, const i
             const int64_t g = std::gcd(cols, blocksize), unit = blocksize / g;
             const int64_t units = ceil_div(rows, unit);
             const GptqOps ops = active_ops();
-            parallel_for(units, std::max<int64_t>(1, 64 / unit), [&](int64_t u0, int64_t u1) {
-                solve_rows(w, U, p, ops, u0 * unit, std::min(rows, u1 * unit));
+            // Each solve_rows call takes about kChunkRows rows, so that the batch columns of its rows stay in
+            // the L2 cache while the steps of a batch sweep down them (all rows at once would go to L3).
+            const int64_t chunk = std::max<int64_t>(1, kChunkRows / unit);
+            parallel_for(units, chunk, [&](int64_t u0, int64_t u1) {
+                for (int64_t c0 = u0; c0 < u1; c0 += chunk)
+                    solve_rows(w, U, p, ops, c0 * unit, std::min(rows, std::min(u1, c0 + chunk) * unit));
             });
         }
     });

@@ -26,7 +26,8 @@
  *      ties to the lower value, the short tail block divides), its value
  *      dq = codebook[q] * absmax;
  *   3. err = (w[r][c] - dq) / U[j][j]; every not yet visited column t of the
- *      row gets w[r][order[t]] -= err * U[j][t].
+ *      row gets w[r][order[t]] -= err * U[j][t] (the float32 kernel multiplies
+ *      by the float32 reciprocal of U[j][j]).
  * With U diagonal (H a multiple of the identity) no update happens and the
  * result is byte for byte nf4_quantize_4bit's.
  *
