@@ -4,6 +4,8 @@ Oracles: round-to-nearest (the identity case), the textbook GPTQ factorization
 and a float64 NumPy transcription of the algorithm (tests/oracle.py), a float32
 emulation of the kernel's arithmetic, and bitsandbytes' own dequantization.
 """
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -274,3 +276,126 @@ def test_c_api_rejects_bad_arguments(rng):
     with pytest.raises(ValueError, match="blocksize"):
         ext.gptq_quantize(w.reshape(-1), 4, 8, u.reshape(-1), np.empty(0, np.int64), 48, nf4, packed, absmax)
 
+
+
+# ---- prepare_model(calibration=): sequential, layer by layer ----
+
+transformers = pytest.importorskip("transformers")
+from pyqlora.lora import LoraConfig, prepare_model  # noqa: E402
+from support import tiny_llama_config  # noqa: E402
+
+LLAMA = dict(hidden_size=96, intermediate_size=320, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+
+
+def _llama():
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(tiny_llama_config(transformers, **LLAMA)).eval()
+
+
+def _tokens(seed, batches, shape=(2, 48)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 64, shape, generator=g) for _ in range(batches)]
+
+
+def _hidden_states(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, output_hidden_states=True).hidden_states
+
+
+def _input_moments(model, names, batches):
+    """X^T X of the inputs of modules `names` in a forward of `model` (float32 per batch, summed in float64)."""
+    sums, hooks = {}, []
+    for name in names:
+        def hook(module, args, name=name):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            xtx = (x.T @ x).double()
+            sums[name] = xtx if name not in sums else sums[name] + xtx
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for ids in batches:
+            model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    return {n: s.numpy() for n, s in sums.items()}
+
+
+@pytest.fixture(scope="module")
+def calibrated_llama():
+    dense = _llama()
+    rtn = _llama()
+    prepare_model(rtn, LoraConfig(r=4))
+    cal = _llama()
+    report = prepare_model(cal, LoraConfig(r=4), calibration=_tokens(5, 4))
+    return dense, rtn, cal, report
+
+
+def test_calibrated_model_is_closer_to_the_dense_one(calibrated_llama):
+    """On tokens never seen in calibration, every layer's output is closer to the dense model's than RTN's."""
+    dense, rtn, cal, _ = calibrated_llama
+    for ids in _tokens(99, 2):
+        ref, h_rtn, h_cal = _hidden_states(dense, ids), _hidden_states(rtn, ids), _hidden_states(cal, ids)
+        for i in range(1, len(ref)):
+            assert float((h_cal[i] - ref[i]).norm()) < 0.9 * float((h_rtn[i] - ref[i]).norm()), i
+
+
+def test_calibration_is_sequential(calibrated_llama):
+    """Each block's layers are quantized with the X^T X of the inputs that the already-quantized blocks before it
+    produce: q_proj and v_proj (which read the block's normalized input) equal pq.quantize(W, hessian=H) with H
+    taken by independent hooks on the finished 4-bit model, byte for byte. Inside a block, all statistics come
+    from one pass of the still dense block: block 0's gate_proj matches the dense model's hooks."""
+    dense, _, cal, _ = calibrated_llama
+    names = [f"model.layers.{i}.self_attn.{m}" for i in range(3) for m in ("q_proj", "v_proj")]
+    moments = _input_moments(cal, names, _tokens(5, 4))
+    moments.update(_input_moments(dense, ["model.layers.0.mlp.gate_proj"], _tokens(5, 4)))
+    for name in names + ["model.layers.0.mlp.gate_proj"]:
+        w = dense.get_submodule(name).weight.detach().numpy()
+        expected = pq.quantize(w, hessian=moments[name])
+        assert same_bytes(cal.get_submodule(name).base_layer.quantized, expected), name
+    # the later blocks saw the quantized blocks' outputs, not the dense model's
+    h_dense = _input_moments(dense, ["model.layers.2.self_attn.q_proj"], _tokens(5, 4))
+    assert not np.array_equal(h_dense["model.layers.2.self_attn.q_proj"], moments["model.layers.2.self_attn.q_proj"])
+
+
+def test_calibrated_model_has_the_round_to_nearest_format(calibrated_llama):
+    _, rtn, cal, report = calibrated_llama
+    sd_rtn, sd_cal = rtn.state_dict(), cal.state_dict()
+    assert list(sd_rtn) == list(sd_cal)
+    for k in sd_rtn:
+        assert sd_rtn[k].dtype == sd_cal[k].dtype, k
+        if k.endswith("bitsandbytes__nf4"):  # the JSON blob: its nested offset is a number of its own
+            a, b = (json.loads(bytes(sd[k].numpy())) for sd in (sd_rtn, sd_cal))
+            assert a.keys() == b.keys() and {k: v for k, v in a.items() if k != "nested_offset"} == {
+                k: v for k, v in b.items() if k != "nested_offset"}
+        else:
+            assert sd_rtn[k].shape == sd_cal[k].shape, k
+    info = report.calibration
+    assert info["tokens"] == 4 * 2 * 48 and info["blocks"] == 3 and info["seconds"] > 0
+    assert info["peak_rss_bytes"] > 0 and info["round_to_nearest"] == []
+
+
+def test_calibration_progress_and_inputs(capsys):
+    model = _llama()
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randint(0, 64, (40,), generator=g), {"input_ids": torch.randint(0, 64, (1, 30), generator=g)}]
+    report = prepare_model(model, LoraConfig(r=4), calibration=iter(batches), progress=True)
+    assert report.calibration["tokens"] == 70
+    err = capsys.readouterr().err
+    assert "calibrating" in err and "block 3/3" in err
+
+
+@pytest.mark.parametrize("bad,match", [
+    ([], "holds no batch"),
+    ([torch.zeros(2, 8)], "integer tensor of token ids"),
+    ([{"attention_mask": torch.ones(1, 4)}], "without 'input_ids'"),
+])
+def test_calibration_bad_batches(bad, match):
+    with pytest.raises(ValueError, match=match):
+        prepare_model(_llama(), LoraConfig(r=4), calibration=bad)
+
+
+def test_calibration_refuses_loftq_and_weights():
+    with pytest.raises(ValueError, match="LoftQ"):
+        prepare_model(_llama(), LoraConfig(r=4, init_lora_weights="loftq"), calibration=_tokens(1, 1))
+    model = _llama()
+    with pytest.raises(ValueError, match="weights="):
+        prepare_model(model, LoraConfig(r=4), weights=dict(model.state_dict()), calibration=_tokens(1, 1))
