@@ -88,3 +88,34 @@ def test_quantize_calibration_errors(dense_folder, tmp_path):
     proc = run("quantize", str(dense_folder / "dense"), str(tmp_path / "c"), "--calibration", str(tmp_path / "bin.txt"))
     assert proc.returncode != 0 and "UTF-8" in proc.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_finetune_with_calibration(dense_folder, tmp_path):
+    """The calibrated base is used for training and written to OUT/base (a standard 4-bit checkpoint)."""
+    rng = np.random.default_rng(1)
+    with open(tmp_path / "data.jsonl", "w") as f:
+        for _ in range(24):
+            f.write(json.dumps({"text": " ".join(chr(33 + int(v)) for v in rng.integers(0, 90, 40))}) + "\n")
+    out = tmp_path / "run"
+    proc = run("finetune", "--model", str(dense_folder / "dense"), "--data", str(tmp_path / "data.jsonl"),
+               "--output", str(out), "--steps", "2", "--seq-len", "32", "--batch-size", "2", "--r", "4",
+               "--eval-text", "none", "--sample-tokens", "0", "--dtype", "fp32", "--warmup", "0",
+               "--calibration", str(dense_folder / "calib.txt"), "--calibration-tokens", "1024")
+    assert proc.returncode == 0, proc.stderr
+    assert "calibrated base: 1,024 tokens" in proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration"]["tokens"] == 1024 and report["calibration"]["peak_rss_bytes"] > 0
+    assert "base/" in report["outputs"]
+
+    from pyqlora.app.checkpoint import load_model
+
+    base, _, info = load_model(str(out / "base"), tokenizer=False)
+    rtn, _, _ = load_model(str(dense_folder / "dense"), tokenizer=False)
+    import pyqlora as pq
+
+    w = rtn.model.layers[0].self_attn.q_proj.weight.detach().numpy()
+    assert info["quantized"]
+    assert base.model.layers[0].self_attn.q_proj.quantized.packed.tobytes() != pq.quantize(w).packed.tobytes()
+    proc = run("finetune", "--model", str(dense_folder / "dense"), "--base", "bf16", "--calibration",
+               str(dense_folder / "calib.txt"), "--output", str(tmp_path / "x"))
+    assert proc.returncode != 0 and "--base 4bit" in proc.stderr

@@ -79,7 +79,7 @@ FINETUNE_OPTIONS = ("model", "data", "output", "steps", "lr", "r", "lora_alpha",
                     "blocksize", "base", "dtype", "optimizer", "seq_len", "batch_size", "grad_accum",
                     "gradient_checkpointing", "seed", "heldout", "warmup", "eval_text", "eval_windows",
                     "sample_tokens", "threads", "distributed", "fsdp_shard_embeddings", "init_lora", "loftq_iter",
-                    "save_every", "overwrite")
+                    "save_every", "overwrite", "calibration", "calibration_tokens")
 
 
 def _finetune_settings(args):
@@ -458,6 +458,7 @@ def build_parser():
     ft.add_argument("--fsdp-shard-embeddings", action="store_true",
                     help="with --distributed fsdp, shard the frozen embedding tables too (by default every rank "
                          "keeps them whole: a lower peak, see docs/distributed.md)")
+    _add_calibration_options(ft)
     ft.set_defaults(func=_finetune)
 
     qz = command("quantize", help="write a dense checkpoint as a 4-bit bitsandbytes/transformers one",
