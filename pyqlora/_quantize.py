@@ -88,8 +88,8 @@ def quantize(x, codebook="nf4", blocksize=64, double_quant=True, hessian=None, d
         ``(out_features, K)`` array). The codes and block scales are then chosen
         column by column with the error feedback of GPTQ / Optimal Brain
         Quantization (Frantar et al., 2022) to keep ``X (W - W_q)^T`` small
-        rather than ``W - W_q``; the result is the same format (docs/format.md,
-        "Calibrated rounding"). Only the direction of `hessian` matters, not its
+        rather than ``W - W_q``; the result is the same format, only the codes and
+        block scales differ (docs/quality.md, section 4). Only the direction of `hessian` matters, not its
         scale. Without it (the default) the result is round-to-nearest, byte
         for byte as before.
     damp : float
