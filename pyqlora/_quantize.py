@@ -252,7 +252,9 @@ def _gptq_codes(w, u, perm, name, blocksize, ref=False):
     return packed, absmax
 
 
-def _quantize_calibrated(x, name, blocksize, double_quant, hessian, damp, order):
+def _quantize_calibrated(x, name, blocksize, double_quant, hessian, damp, order, factors=None):
+    """quantize(hessian=...); `factors` (a dict, optional) keeps hessian_factor's result per hessian object, for
+    layers that share one input (q/k/v) and so one X^T X: the float64 factorization then runs once."""
     if _cuda.is_cuda_array(x):
         raise ValueError("calibrated rounding (hessian=) runs on the CPU: pass a CPU array")
     arr, orig = _as_input(x)
@@ -264,10 +266,17 @@ def _quantize_calibrated(x, name, blocksize, double_quant, hessian, damp, order)
         value = float(arr[index])
         raise NonFiniteError(f"x contains {value} at index {index}: quantization needs finite values; "
                              f"replace or mask NaN/Inf before quantizing", index=index, value=value)
-    u, perm, dead = hessian_factor(hessian, arr.shape[1], damp, order)
+    key = (id(hessian), damp, order)
+    if factors is not None and key in factors and factors[key][0] is hessian:
+        u, perm, dead = factors[key][1]
+    else:
+        u, perm, dead = hessian_factor(hessian, arr.shape[1], damp, order)
+        u = u.astype(np.float32)
+        if factors is not None:
+            factors[key] = (hessian, (u, perm, dead))
     w = np.array(arr, dtype=np.float32, order="C")
     w[:, dead] = 0
-    packed, absmax = _gptq_codes(w, u.astype(np.float32), perm, name, blocksize)
+    packed, absmax = _gptq_codes(w, u, perm, name, blocksize)
     return _finish(arr.shape, orig, name, blocksize, double_quant, packed, absmax)
 
 

@@ -466,6 +466,7 @@ class _Calibration:
         self.pos = 0        # the block whose inputs self.inputs are
         self.current = -1   # the block whose statistics are held
         self.hessians = {}
+        self.factors = {}
         self.round_to_nearest = [n for n in names if n not in self.layer_of]
 
     def _show(self, i):
@@ -495,13 +496,18 @@ class _Calibration:
         targets = {n: n[len(f"{self.prefix}.{i}."):] for n, k in self.layer_of.items() if k == i}
         sums, seen, hooks = {}, {}, []
 
+        group = {}  # name -> the first name that read the same input tensor (q/k/v, gate/up share X^T X)
+
         def make_hook(name):
             def hook(module, args):
                 x = args[0]
                 key = id(x)
                 if key not in seen:
                     x2 = x.detach().reshape(-1, x.shape[-1]).float()
-                    seen[key] = (x, (x2.T @ x2).double())
+                    seen[key] = (x, (x2.T @ x2).double(), name)
+                first = group.setdefault(name, seen[key][2])
+                if first != name:
+                    return  # summed once, under `first`
                 xtx = seen[key][1]
                 sums[name] = xtx.clone() if name not in sums else sums[name].add_(xtx)
             return hook
@@ -517,7 +523,9 @@ class _Calibration:
             for h in hooks:
                 h.remove()
             seen.clear()
-        self.hessians = {n: sums[n].numpy() for n in targets if n in sums}
+        arrays = {n: sums[n].numpy() for n in sums}
+        self.hessians = {n: arrays[group[n]] for n in targets if n in group and group[n] in arrays}
+        self.factors = {}  # one factorization per distinct X^T X (pyqlora._quantize._quantize_calibrated)
         self.current = i
 
     def quantize(self, name, linear, codebook, blocksize, double_quant):
@@ -535,15 +543,18 @@ class _Calibration:
         if h is None:  # the layer did not run in the block's forward pass
             self.round_to_nearest.append(name)
             return None
-        return quantize(as_numpy(linear.weight.detach().contiguous()), codebook=codebook, blocksize=blocksize,
-                        double_quant=double_quant, hessian=h, damp=self.damp, order=self.order)
+        from ._quantize import _quantize_calibrated, check_blocksize, check_codebook
+
+        return _quantize_calibrated(as_numpy(linear.weight.detach().contiguous()), check_codebook(codebook),
+                                    check_blocksize(blocksize), bool(double_quant), h, self.damp, self.order,
+                                    factors=self.factors)
 
     def finish(self):
         import resource
         import sys
         import time
 
-        self.hessians, self.inputs = {}, []
+        self.hessians, self.inputs, self.factors = {}, [], {}
         self._show(len(self.blocks))
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
         return {"tokens": self.tokens, "blocks": len(self.blocks), "seconds": time.perf_counter() - self.t0,
