@@ -178,3 +178,13 @@ cdef extern from "nf4core/nf4core.h" nogil:
                                         uint8_t *state1, uint8_t *state2, float *absmax1, float *absmax2,
                                         const float *qmap1, const float *qmap2, int64_t blocksize,
                                         const nf4_adam_hparams *hp, int64_t *skipped, void *stream)
+
+cdef extern from "nf4core/nf4core.h" nogil:
+    # gptq.h: calibrated 4-bit rounding (error feedback)
+    int64_t NF4_GPTQ_BATCH
+    nf4_status nf4_gptq_quantize_4bit(const float *w, int64_t rows, int64_t cols, const float *hinv_chol,
+                                      const int64_t *order, int64_t blocksize, const float *codebook,
+                                      uint8_t *packed, float *absmax)
+    nf4_status nf4_gptq_quantize_4bit_ref(const double *w, int64_t rows, int64_t cols, const double *hinv_chol,
+                                          const int64_t *order, int64_t blocksize, const float *codebook,
+                                          uint8_t *packed, float *absmax)

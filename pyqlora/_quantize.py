@@ -59,7 +59,7 @@ def _call_checked(fn, arr, what, *args):
         ) from None
 
 
-def quantize(x, codebook="nf4", blocksize=64, double_quant=True):
+def quantize(x, codebook="nf4", blocksize=64, double_quant=True, hessian=None, damp=0.01, order="natural"):
     """Quantize a float array to blockwise 4-bit codes.
 
     The array is read flat in C order and cut into blocks of `blocksize`
@@ -82,6 +82,24 @@ def quantize(x, codebook="nf4", blocksize=64, double_quant=True):
         quantization): about 4.127 instead of 4.5 bits per parameter at
         blocksize 64. The default follows the QLoRA recipe (bitsandbytes'
         functional API defaults to False, its ``Linear4bit`` to True).
+    hessian : array_like, optional
+        Calibrated rounding: the ``K x K`` second moment ``X^T X`` of the inputs
+        ``X`` (tokens x K) of a layer ``y = x W^T`` whose weight is `x` (a 2-D
+        ``(out_features, K)`` array). The codes and block scales are then chosen
+        column by column with the error feedback of GPTQ / Optimal Brain
+        Quantization (Frantar et al., 2022) to keep ``X (W - W_q)^T`` small
+        rather than ``W - W_q``; the result is the same format, only the codes and
+        block scales differ (docs/quality.md, section 4). Only the direction of `hessian` matters, not its
+        scale. Without it (the default) the result is round-to-nearest, byte
+        for byte as before.
+    damp : float
+        With `hessian`: ``damp * mean(diag(H))`` is added to the diagonal before
+        it is inverted (GPTQ's 1 %); must be >= 0.
+    order : {"natural", "act"}
+        With `hessian`: the column order of the solve. ``"act"`` visits the
+        columns of large ``diag(H)`` first (GPTQ's act-order); the stored layout
+        is the ordinary one either way, and each block's scale is fixed, from the
+        error-updated weights, when the first of its columns is visited.
 
     Returns
     -------
@@ -92,7 +110,10 @@ def quantize(x, codebook="nf4", blocksize=64, double_quant=True):
     TypeError
         For a non-float input or a non-integer blocksize.
     ValueError
-        For an empty input, a bad blocksize or an unknown codebook.
+        For an empty input, a bad blocksize or an unknown codebook; with
+        `hessian`: a weight that is not 2-D, a `hessian` of the wrong shape, not
+        finite, not symmetric, or not positive definite after dampening, a bad
+        `damp` or `order`.
     NonFiniteError
         For a NaN or Inf in the input (the message gives its index).
 
@@ -106,11 +127,24 @@ def quantize(x, codebook="nf4", blocksize=64, double_quant=True):
     >>> err = np.linalg.norm(pq.dequantize(q) - w) / np.linalg.norm(w)
     >>> bool(0.05 < err < 0.15)
     True
+
+    Calibrated rounding with the inputs' second moment (here correlated inputs):
+
+    >>> x = rng = np.random.default_rng(1)
+    >>> x = rng.standard_normal((2048, 512)).astype(np.float32) @ rng.standard_normal((512, 512)).astype(np.float32)
+    >>> qc = pq.quantize(w, hessian=x.T @ x)
+    >>> out_err = lambda q: float(np.linalg.norm(x @ (w - pq.dequantize(q)).T))
+    >>> bool(out_err(qc) < 0.8 * out_err(q))     # output error well below round-to-nearest's
+    True
+    >>> qc.nbytes == q.nbytes                    # the same format and size
+    True
     """
     name = check_codebook(codebook)
     blocksize = check_blocksize(blocksize)
     if not isinstance(double_quant, (bool, np.bool_)):
         raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
+    if hessian is not None:
+        return _quantize_calibrated(x, name, blocksize, bool(double_quant), hessian, damp, order)
     if _cuda.is_cuda_array(x):  # GPU arrays stay on the device (pyqlora/_cuda.py, not yet verified on a GPU)
         return _cuda.quantize(x, name, blocksize, bool(double_quant))
     arr, orig = _as_input(x)
@@ -122,11 +156,15 @@ def quantize(x, codebook="nf4", blocksize=64, double_quant=True):
     _call_checked(
         _ext.quantize, arr, "x", 4, _raw(arr), _dtypes.KERNEL_DTYPES[arr.dtype], n, blocksize, table, packed, absmax
     )
+    return _finish(arr.shape, orig, name, blocksize, double_quant, packed, absmax)
+
+
+def _finish(shape, orig, name, blocksize, double_quant, packed, absmax):
     nested_absmax = offset = None
     if double_quant:
         absmax, nested_absmax, offset = _double_quantize(absmax)
     return QuantizedArray(
-        shape=arr.shape,
+        shape=shape,
         dtype=orig,
         codebook=name,
         blocksize=blocksize,
@@ -135,6 +173,111 @@ def quantize(x, codebook="nf4", blocksize=64, double_quant=True):
         nested_absmax=nested_absmax,
         nested_offset=offset,
     )
+
+
+def hessian_factor(hessian, cols, damp=0.01, order="natural"):
+    """Checked, dampened `hessian` -> (U, perm, dead) for the calibrated kernel (float64).
+
+    U is the upper Cholesky factor of ``(P (H + damp mean(diag H) I) P^T)^-1``
+    (``U^T U``), ``P`` the column order `perm` (None: natural); `dead` marks the
+    inputs with ``H[i, i] == 0`` (never nonzero: their weights do not matter, they
+    are set to zero and their diagonal to 1, as GPTQ does).
+
+    The factorization runs in NumPy's LAPACK (float64: one Cholesky and one
+    inverse of the triangular factor): O(K^3) once per distinct H, a small part of the solve's
+    O(rows K^2) for the layers of a model, in double precision, which the inverse
+    of an ill-conditioned H needs, and without a linear-algebra library in nf4core.
+    """
+    if isinstance(damp, bool) or not isinstance(damp, (int, float, np.floating, np.integer)):
+        raise TypeError(f"damp must be a number, got {damp!r}")
+    damp = float(damp)
+    if not (np.isfinite(damp) and damp >= 0):
+        raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
+    if order not in ("natural", "act"):
+        raise ValueError(f"order must be 'natural' or 'act', got {order!r}")
+    h = _dtypes.as_numpy(hessian)
+    if h.dtype.kind not in "fiu" and h.dtype != _dtypes.bfloat16:
+        raise TypeError(f"hessian must be a real array (float32 or float64), got dtype {h.dtype}")
+    if h.shape != (cols, cols):
+        raise ValueError(f"hessian has shape {h.shape}; a weight with {cols} input columns needs ({cols}, {cols})")
+    h = np.array(h, dtype=np.float64, order="C")
+    bad = ~np.isfinite(h)
+    if bad.any():
+        i, j = (int(v) for v in np.argwhere(bad)[0])
+        raise ValueError(f"hessian is not finite: hessian[{i}, {j}] = {h[i, j]}")
+    scale = float(np.abs(h).max())
+    asym = float(np.abs(h - h.T).max())
+    if asym > 1e-4 * scale:
+        raise ValueError(f"hessian is not symmetric: max |H - H^T| = {asym:.3g} (max |H| = {scale:.3g}); "
+                         "pass the second moment X^T X of the layer's inputs")
+    h = (h + h.T) / 2
+    diag = np.diag(h).copy()
+    if (diag < 0).any():
+        i = int(np.flatnonzero(diag < 0)[0])
+        raise ValueError(f"hessian is not positive semi-definite: diagonal entry hessian[{i}, {i}] = {diag[i]} < 0")
+    dead = diag == 0
+    if dead.any():
+        h[dead, :] = 0
+        h[:, dead] = 0
+        h[np.flatnonzero(dead), np.flatnonzero(dead)] = 1
+        diag[dead] = 1
+    perm = None
+    if order == "act":
+        perm = np.argsort(-diag, kind="stable").astype(np.int64)
+        h = h[np.ix_(perm, perm)]
+    h[np.diag_indices(cols)] += damp * float(diag.mean())
+    # U = M^-1 for H = M M^T with M upper triangular: the lower Cholesky factor L of the
+    # reversed H (J H J = L L^T) gives M = J L J, so U = J L^-1 J, and U^T U = H^-1.
+    try:
+        low = np.linalg.cholesky(h[::-1, ::-1])
+    except np.linalg.LinAlgError:
+        raise ValueError(f"hessian is not positive definite after dampening (damp={damp}): add more calibration "
+                         "tokens or raise damp") from None
+    u = np.linalg.inv(low)[::-1, ::-1]
+    if not np.isfinite(u).all():
+        raise ValueError(f"hessian is too ill-conditioned to invert after dampening (damp={damp}); raise damp")
+    return np.ascontiguousarray(u), perm, dead
+
+
+def _gptq_codes(w, u, perm, name, blocksize, ref=False):
+    """(packed, absmax) of the calibrated kernel: float32 `w` and `u`, or float64 ones with `ref`."""
+    rows, cols = w.shape
+    n = w.size
+    packed = np.empty((n + 1) // 2, dtype=np.uint8)
+    absmax = np.empty(-(-n // blocksize), dtype=np.float32)
+    order = np.empty(0, np.int64) if perm is None else np.ascontiguousarray(perm, dtype=np.int64)
+    sync_threads()
+    _ext.gptq_quantize(w.reshape(-1), rows, cols, u.reshape(-1), order, blocksize, lookup_table(name, 16),
+                       packed, absmax, ref)
+    return packed, absmax
+
+
+def _quantize_calibrated(x, name, blocksize, double_quant, hessian, damp, order, factors=None):
+    """quantize(hessian=...); `factors` (a dict, optional) keeps hessian_factor's result per hessian object, for
+    layers that share one input (q/k/v) and so one X^T X: the float64 factorization then runs once."""
+    if _cuda.is_cuda_array(x):
+        raise ValueError("calibrated rounding (hessian=) runs on the CPU: pass a CPU array")
+    arr, orig = _as_input(x)
+    if arr.ndim != 2:
+        raise ValueError(f"hessian= needs a 2-D weight (out_features, in_features); x has shape {arr.shape}")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        value = float(arr[index])
+        raise NonFiniteError(f"x contains {value} at index {index}: quantization needs finite values; "
+                             f"replace or mask NaN/Inf before quantizing", index=index, value=value)
+    key = (id(hessian), damp, order)
+    if factors is not None and key in factors and factors[key][0] is hessian:
+        u, perm, dead = factors[key][1]
+    else:
+        u, perm, dead = hessian_factor(hessian, arr.shape[1], damp, order)
+        u = u.astype(np.float32)
+        if factors is not None:
+            factors[key] = (hessian, (u, perm, dead))
+    w = np.array(arr, dtype=np.float32, order="C")
+    w[:, dead] = 0
+    packed, absmax = _gptq_codes(w, u, perm, name, blocksize)
+    return _finish(arr.shape, orig, name, blocksize, double_quant, packed, absmax)
 
 
 def _double_quantize(absmax):

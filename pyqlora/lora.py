@@ -218,6 +218,7 @@ class PrepareReport:
     quantized_weight_bytes: int  # the same weights in 4 bits (codes + scales)
     already_4bit: List[str] = dataclasses.field(default_factory=list)  # targets that were Linear4bit already
     paging: object = None  # pyqlora._glue.paging.BasePaging with prepare_model(pager=...)
+    calibration: Optional[dict] = None  # prepare_model(calibration=...): tokens, seconds, peak RSS
 
     def __str__(self):
         quantized = len(self.replaced) - len(self.already_4bit)
@@ -377,7 +378,192 @@ def _loftq(linear, config, scaling):
     return a, b
 
 
-def prepare_model(model, config=None, weights=None, pager=None, lookahead=2):
+class _StopForward(Exception):
+    """Raised by the hook that captures the first decoder layer's inputs."""
+
+
+def _decoder_layers(model, names):
+    """(prefix, ModuleList) of the repeated blocks holding most of the target layers `names`."""
+    best, best_count = None, 0
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            count = sum(1 for n in names if n.startswith(prefix + "."))
+            if count > best_count:
+                best, best_count = (prefix, module), count
+    return best
+
+
+def _batch_inputs(batch, what):
+    """A calibration batch as model keyword arguments (input_ids [batch, tokens] ...)."""
+    if isinstance(batch, dict):
+        if "input_ids" not in batch:
+            raise ValueError(f"{what} is a dict without 'input_ids'")
+        kwargs = dict(batch)
+    else:
+        kwargs = {"input_ids": batch}
+    ids = torch.as_tensor(kwargs["input_ids"])
+    if ids.dtype not in (torch.int64, torch.int32) or ids.dim() not in (1, 2) or ids.numel() == 0:
+        raise ValueError(f"{what}: input_ids must be a non-empty 1-D or 2-D integer tensor of token ids, got "
+                         f"dtype {ids.dtype}, shape {tuple(ids.shape)}")
+    kwargs["input_ids"] = ids.long().reshape(1, -1) if ids.dim() == 1 else ids.long()
+    return kwargs
+
+
+class _Calibration:
+    """Sequential calibration for ``prepare_model(calibration=...)`` (issue 22).
+
+    The inputs of the first decoder layer are captured for every batch; then,
+    layer after layer, a forward pass of the (still dense) layer with hooks on its
+    target linears sums each one's ``X^T X`` (float32 products per batch, summed
+    in float64; layers that read the same input tensor, such as q/k/v, share one
+    product), the caller quantizes the layer's linears with them
+    (:func:`pyqlora.quantize` with ``hessian=``) and replaces them, and a second
+    pass of the now 4-bit layer gives the next layer's inputs. So each layer is
+    calibrated on what the quantized layers before it produce, and only one
+    layer's statistics are held at a time (besides the hidden states of the
+    calibration tokens). Target layers outside the repeated blocks (rare) are
+    rounded to nearest; they are listed in ``info["round_to_nearest"]``.
+    """
+
+    def __init__(self, model, names, batches, damp, order, progress):
+        import time
+
+        self.t0 = time.perf_counter()
+        self.damp, self.order, self.progress = damp, order, progress
+        found = _decoder_layers(model, names)
+        if found is None:
+            raise ValueError("calibration needs a model whose target layers sit in a list of repeated blocks "
+                             "(nn.ModuleList, such as the decoder layers of a transformers model)")
+        self.prefix, self.blocks = found
+        self.layer_of = {}
+        for n in names:
+            if n.startswith(self.prefix + "."):
+                self.layer_of[n] = int(n[len(self.prefix) + 1:].split(".")[0])
+        self.names = names
+        self.inputs = []  # per batch: [args, kwargs] of the block at self.pos
+        self.tokens = 0
+        captured = []
+
+        def grab(module, args, kwargs):
+            captured.append([list(args), dict(kwargs)])
+            raise _StopForward
+
+        hook = self.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for i, batch in enumerate(batches):
+                    kwargs = _batch_inputs(batch, f"calibration batch {i}")
+                    self.tokens += int(kwargs["input_ids"].numel())
+                    try:
+                        model(**kwargs, use_cache=False)
+                    except _StopForward:
+                        pass
+        finally:
+            hook.remove()
+        if not captured:
+            raise ValueError("calibration holds no batch")
+        self.inputs = captured
+        self.pos = 0        # the block whose inputs self.inputs are
+        self.current = -1   # the block whose statistics are held
+        self.hessians = {}
+        self.factors = {}
+        self.round_to_nearest = [n for n in names if n not in self.layer_of]
+
+    def _show(self, i):
+        if self.progress:
+            import sys
+            import time
+
+            n = len(self.blocks)
+            done = int(30 * i / n)
+            print(f"\rcalibrating [{'#' * done}{'.' * (30 - done)}] block {i}/{n} "
+                  f"{time.perf_counter() - self.t0:.0f} s", end="" if i < n else "\n", file=sys.stderr, flush=True)
+
+    def _run_block(self, k):
+        """Run block k on the stored inputs (they become block k + 1's)."""
+        block = self.blocks[k]
+        with torch.no_grad():
+            for entry in self.inputs:
+                out = block(*entry[0], **entry[1])
+                hidden = out[0] if isinstance(out, (tuple, list)) else out
+                if entry[0]:
+                    entry[0] = [hidden] + entry[0][1:]
+                else:
+                    entry[1]["hidden_states"] = hidden
+
+    def _collect(self, i):
+        block = self.blocks[i]
+        targets = {n: n[len(f"{self.prefix}.{i}."):] for n, k in self.layer_of.items() if k == i}
+        sums, seen, hooks = {}, {}, []
+
+        group = {}  # name -> the first name that read the same input tensor (q/k/v, gate/up share X^T X)
+
+        def make_hook(name):
+            def hook(module, args):
+                x = args[0]
+                key = id(x)
+                if key not in seen:
+                    x2 = x.detach().reshape(-1, x.shape[-1]).float()
+                    seen[key] = (x, (x2.T @ x2).double(), name)
+                first = group.setdefault(name, seen[key][2])
+                if first != name:
+                    return  # summed once, under `first`
+                xtx = seen[key][1]
+                sums[name] = xtx.clone() if name not in sums else sums[name].add_(xtx)
+            return hook
+
+        for name, rel in targets.items():
+            hooks.append(block.get_submodule(rel).register_forward_pre_hook(make_hook(name)))
+        try:
+            with torch.no_grad():
+                for entry in self.inputs:
+                    seen.clear()
+                    block(*entry[0], **entry[1])
+        finally:
+            for h in hooks:
+                h.remove()
+            seen.clear()
+        arrays = {n: sums[n].numpy() for n in sums}
+        self.hessians = {n: arrays[group[n]] for n in targets if n in group and group[n] in arrays}
+        self.factors = {}  # one factorization per distinct X^T X (pyqlora._quantize._quantize_calibrated)
+        self.current = i
+
+    def quantize(self, name, linear, codebook, blocksize, double_quant):
+        """The calibrated QuantizedArray of target `name`, or None (round to nearest)."""
+        i = self.layer_of.get(name)
+        if i is None:
+            return None
+        if i != self.current:
+            while self.pos < i:  # the blocks before are quantized by now
+                self._run_block(self.pos)
+                self.pos += 1
+            self._show(i)
+            self._collect(i)
+        h = self.hessians.pop(name, None)
+        if h is None:  # the layer did not run in the block's forward pass
+            self.round_to_nearest.append(name)
+            return None
+        from ._quantize import _quantize_calibrated, check_blocksize, check_codebook
+
+        return _quantize_calibrated(as_numpy(linear.weight.detach().contiguous()), check_codebook(codebook),
+                                    check_blocksize(blocksize), bool(double_quant), h, self.damp, self.order,
+                                    factors=self.factors)
+
+    def finish(self):
+        import resource
+        import sys
+        import time
+
+        self.hessians, self.inputs, self.factors = {}, [], {}
+        self._show(len(self.blocks))
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        return {"tokens": self.tokens, "blocks": len(self.blocks), "seconds": time.perf_counter() - self.t0,
+                "peak_rss_bytes": int(rss), "damp": self.damp, "order": self.order,
+                "round_to_nearest": list(self.round_to_nearest)}
+
+
+def prepare_model(model, config=None, weights=None, pager=None, lookahead=2, calibration=None,
+                  calibration_damp=0.01, calibration_order="natural", progress=False):
     """Quantize the target linear layers of `model` in place and add LoRA adapters.
 
     Layers are quantized one at a time and their dense weights released at once,
@@ -415,9 +601,24 @@ def prepare_model(model, config=None, weights=None, pager=None, lookahead=2):
     lookahead : int
         Layers prefetched ahead with `pager` (0: each layer only when it runs).
 
+    calibration : iterable, optional
+        Calibrated rounding (issue 22, ``docs/quality.md``): batches of token ids
+        (``LongTensor`` of shape (batch, tokens) or (tokens,), or dicts of model inputs
+        with ``input_ids``). The target layers are quantized block after block of the
+        model's repeated layers, each with the second moment ``X^T X`` of its inputs
+        as the already-quantized layers before it produce them
+        (:func:`pyqlora.quantize` with ``hessian=``). Same format, same size; only
+        the codes and scales differ. Not with `weights` or LoftQ.
+    calibration_damp, calibration_order
+        ``damp`` and ``order`` of :func:`pyqlora.quantize` for the calibrated layers.
+    progress : bool
+        A progress line on stderr while calibrating.
+
     Returns
     -------
     PrepareReport
+        With `calibration`, ``report.calibration`` holds the tokens, seconds and the
+        process's peak resident memory of the calibration.
     """
     config = config or LoraConfig()
     if not isinstance(config, LoraConfig):
@@ -441,6 +642,16 @@ def prepare_model(model, config=None, weights=None, pager=None, lookahead=2):
     already_4bit = [name for name, m in chosen if isinstance(m, Linear4bit)]
     if already_4bit and config.init_lora_weights == "loftq":
         raise ValueError(f"LoftQ needs the dense weights, and modules {already_4bit[:3]} are 4-bit already")
+    calib = None
+    if calibration is not None:
+        if weights is not None:
+            raise ValueError("calibration needs the model's weights in place (it runs the model): not with weights=")
+        if already_4bit:
+            raise ValueError(f"calibration needs dense target layers; modules {already_4bit[:3]} are 4-bit already")
+        if config.init_lora_weights == "loftq":
+            raise ValueError("calibration and LoftQ each choose the base's codes: use one of them")
+        calib = _Calibration(model, [name for name, _ in chosen], calibration, calibration_damp, calibration_order,
+                             progress)
     dense_bytes = quant_bytes = 0
     chosen = [name for name, _ in chosen]  # hold names only: each old layer dies when it is replaced
     for name in chosen:
@@ -460,8 +671,12 @@ def prepare_model(model, config=None, weights=None, pager=None, lookahead=2):
                 config_r = dataclasses.replace(config, r=r, lora_alpha=alpha)
                 loftq = _loftq(linear, config_r, alpha / (r ** 0.5 if config.use_rslora else r))
             try:
+                calibrated = None if calib is None else calib.quantize(
+                    name, linear, config.codebook, config.blocksize, config.double_quant)
                 base = Linear4bit.from_linear(linear, codebook=config.codebook, blocksize=config.blocksize,
                                               double_quant=config.double_quant)
+                if calibrated is not None:
+                    base.quantized = calibrated
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"cannot quantize module {name!r}: {exc}") from None
             dense_bytes += linear.weight.numel() * linear.weight.element_size()
@@ -504,7 +719,10 @@ def prepare_model(model, config=None, weights=None, pager=None, lookahead=2):
     total = (sum(p.numel() for p in model.parameters() if id(p) not in storage)
              + sum(m.base_layer.quantized.size for _, m in lora_layers(model)))
     paging = BasePaging(model, pager, lookahead=lookahead) if pager is not None else None
-    return PrepareReport(list(chosen), trainable, total, dense_bytes, quant_bytes, already_4bit, paging)
+    report = PrepareReport(list(chosen), trainable, total, dense_bytes, quant_bytes, already_4bit, paging)
+    if calib is not None:
+        report.calibration = calib.finish()
+    return report
 
 
 _TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),

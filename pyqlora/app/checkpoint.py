@@ -662,8 +662,12 @@ def _write_checkpoint(folder, tensors, cfg, side_files_from=None):
                 shutil.copy(os.path.join(side_files_from, name), os.path.join(folder, name))
 
 
-def quantize_checkpoint(src, out, codebook="nf4", blocksize=64, double_quant=True):
+def quantize_checkpoint(src, out, codebook="nf4", blocksize=64, double_quant=True, quantized=None):
     """Write the dense model `src` (folder, GGUF file, or None for the default) as a 4-bit checkpoint in `out`.
+
+    `quantized` (optional): module name -> :class:`pyqlora.QuantizedArray` already made for that
+    linear weight (calibrated rounding, ``pyqlora quantize --calibration``; same codebook and
+    blocksize), written instead of rounding the weight to nearest; its dtype is set to the tensor's.
 
     Everything is read, checked and quantized before anything is written, and the files are
     written into a temporary folder beside `out`, then moved into it: a failure leaves `out` as it
@@ -715,8 +719,17 @@ def quantize_checkpoint(src, out, codebook="nf4", blocksize=64, double_quant=Tru
         if quantize:
             dtypes.add(t.dtype)
             try:
-                q = pq.quantize(as_numpy(t.contiguous()), codebook=codebook, blocksize=blocksize,
-                                double_quant=double_quant)
+                q = None if quantized is None else quantized.get(module)
+                if q is not None:
+                    if q.shape != tuple(shape) or q.codebook != codebook or q.blocksize != blocksize:
+                        raise ValueError(f"the calibrated {key!r} is {q.codebook} {q.shape} blocksize {q.blocksize}, "
+                                         f"the checkpoint needs {codebook} {tuple(shape)} blocksize {blocksize}")
+                    q = pq.QuantizedArray(shape=q.shape, dtype=as_numpy(t[:0]).dtype, codebook=q.codebook,
+                                          blocksize=q.blocksize, packed=q.packed, absmax=q.absmax,
+                                          nested_absmax=q.nested_absmax, nested_offset=q.nested_offset)
+                else:
+                    q = pq.quantize(as_numpy(t.contiguous()), codebook=codebook, blocksize=blocksize,
+                                    double_quant=double_quant)
             except pq.NonFiniteError as exc:
                 raise pq.NonFiniteError(f"{path}{origin}: tensor {key!r} (shape {tuple(shape)}) holds {exc.value} "
                                         f"at index {exc.index}; a weight with NaN or Inf cannot be quantized",

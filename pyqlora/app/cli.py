@@ -79,7 +79,7 @@ FINETUNE_OPTIONS = ("model", "data", "output", "steps", "lr", "r", "lora_alpha",
                     "blocksize", "base", "dtype", "optimizer", "seq_len", "batch_size", "grad_accum",
                     "gradient_checkpointing", "seed", "heldout", "warmup", "eval_text", "eval_windows",
                     "sample_tokens", "threads", "distributed", "fsdp_shard_embeddings", "init_lora", "loftq_iter",
-                    "save_every", "overwrite", "base_budget", "spill_dir")
+                    "save_every", "overwrite", "base_budget", "spill_dir", "calibration", "calibration_tokens")
 
 
 def _finetune_settings(args):
@@ -129,13 +129,27 @@ def _quantize(args):
     check_output_folder(args.out, "OUT", overwrite=args.overwrite)
     t0 = time.perf_counter()
     src = None if args.src == "default" else args.src
+    arrays = calibration = None
+    if args.calibration is not None:
+        from .calibration import calibrated_arrays
+
+        arrays, calibration = calibrated_arrays(src, args.calibration, args.calibration_tokens, args.codebook,
+                                                args.blocksize, not args.no_double_quant, progress=not args.json)
     stats = quantize_checkpoint(src, args.out, codebook=args.codebook, blocksize=args.blocksize,
-                                double_quant=not args.no_double_quant)
+                                double_quant=not args.no_double_quant, quantized=arrays)
     stats.update(out=args.out, codebook=args.codebook, blocksize=args.blocksize,
                  double_quant=not args.no_double_quant, seconds=time.perf_counter() - t0)
+    if calibration is not None:
+        stats["calibration"] = calibration
     if args.json:
         _print_json(stats)
         return 0
+    if calibration is not None:
+        print(f"calibrated rounding: {calibration['tokens']:,} tokens of {calibration['file']} through "
+              f"{calibration['blocks']} blocks in {calibration['seconds']:.1f} s, peak memory "
+              f"{calibration['peak_rss_bytes'] / 2**20:.0f} MiB"
+              + (f"; rounded to nearest (outside the blocks): {', '.join(calibration['round_to_nearest'])}"
+                 if calibration["round_to_nearest"] else ""))
     print(f"quantized {stats['quantized_tensors']} linear-layer weights ({stats['quantized_params']:,} parameters) "
           f"of {stats['source']} to {args.codebook.upper()}{' + DQ' if not args.no_double_quant else ''}, "
           f"blocksize {args.blocksize}: {stats['dense_bytes'] / 2**20:.1f} MiB -> "
@@ -286,6 +300,25 @@ def _add_quant_options(p, codebooks):
     p.add_argument("--codebook", default="nf4", choices=codebooks, help="4-bit data type")
     p.add_argument("--blocksize", type=int, default=64, help="elements per absmax block")
     p.add_argument("--no-double-quant", action="store_true", help="keep the block scales in float32 (no DQ)")
+
+
+def _add_calibration_options(p):
+    p.add_argument("--calibration", metavar="FILE",
+                   help="calibrated rounding (docs/quality.md, section 4): choose the 4-bit codes that keep each "
+                        "linear layer's output on this UTF-8 text close, layer by layer (GPTQ error feedback); "
+                        "same format and size (default: round to nearest)")
+    p.add_argument("--calibration-tokens", type=_positive_int, default=65536, metavar="N",
+                   help="tokens of the --calibration text to use (from its start)")
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value}")
+    return value
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -447,6 +480,7 @@ def build_parser():
     ft.add_argument("--fsdp-shard-embeddings", action="store_true",
                     help="with --distributed fsdp, shard the frozen embedding tables too (by default every rank "
                          "keeps them whole: a lower peak, see docs/distributed.md)")
+    _add_calibration_options(ft)
     ft.set_defaults(func=_finetune)
 
     qz = command("quantize", help="write a dense checkpoint as a 4-bit bitsandbytes/transformers one",
@@ -459,6 +493,7 @@ def build_parser():
     qz.add_argument("--overwrite", action="store_true",
                     help="write into a non-empty OUT, replacing the files this command writes")
     qz.add_argument("--json", action="store_true", help="print the statistics as JSON (only JSON on stdout)")
+    _add_calibration_options(qz)
     qz.set_defaults(func=_quantize)
 
     ev = command("eval", help="perplexity of a model on a text, with its linear layers in any 4-bit format",

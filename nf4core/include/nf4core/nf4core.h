@@ -14,5 +14,6 @@
 #include "nf4core/optim.h"
 #include "nf4core/pager.h"
 #include "nf4core/cuda.h"
+#include "nf4core/gptq.h"
 
 #endif /* NF4CORE_NF4CORE_H */

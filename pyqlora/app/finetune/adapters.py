@@ -30,11 +30,12 @@ def seed_adapters(model, seed):
             w.copy_(torch.rand(w.shape, generator=gen, dtype=torch.float32) * (2 * bound) - bound)
 
 
-def prepare(model, cfg, weights=None, pager=None):
+def prepare(model, cfg, weights=None, pager=None, tokenizer=None):
     """Quantize + adapt (4bit) or adapt the dense bf16 base with PEFT (bf16); returns (model, info).
 
     `weights`: a lazy mapping for a model built under ``empty_weights`` (4bit only; see prepare_model).
     `pager`: a pq.Pager for the 4-bit base (``--base-budget``); ``info["paging"]`` then watches it.
+    With ``cfg.calibration`` the 4-bit base is calibrated on that text (`tokenizer` encodes it; issue 22).
     """
     from pyqlora.nn import Linear4bit
 
@@ -62,15 +63,22 @@ def prepare(model, cfg, weights=None, pager=None):
     if cfg.base == "4bit":
         from pyqlora.lora import LoraConfig, prepare_model
 
+        calibration = None
+        if getattr(cfg, "calibration", None):
+            from ..calibration import calibration_batches
+
+            calibration, _ = calibration_batches(tokenizer, cfg.calibration, cfg.calibration_tokens)
         report = prepare_model(model, LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                                  codebook=cfg.codebook, blocksize=cfg.blocksize,
                                                  double_quant=cfg.double_quant,
                                                  gradient_checkpointing=cfg.gradient_checkpointing,
                                                  init_lora_weights="loftq" if cfg.init_lora == "loftq" else True,
                                                  loftq_iter=cfg.loftq_iter),
-                               weights=weights, pager=pager)
+                               weights=weights, pager=pager, calibration=calibration, progress=cfg.progress)
         info.update(adapted_layers=len(report.replaced), quantized_linear_bytes=report.quantized_weight_bytes,
                     paging=report.paging)
+        if report.calibration is not None:
+            info["calibration"] = dict(report.calibration, file=cfg.calibration)
     else:
         try:
             import peft

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 __all__ = ["BASES", "DTYPES", "OPTIMIZERS", "FinetuneConfig", "SetupError", "heldout_for", "resolve_dtype"]
 
@@ -55,6 +56,8 @@ class FinetuneConfig:
     fsdp_shard_embeddings: bool = False  # FSDP: shard the frozen embedding tables too
     init_lora: str = "default"        # "default" (A random, B = 0) or "loftq" (4-bit base only)
     loftq_iter: int = 1
+    calibration: str | None = None    # a UTF-8 text: calibrated rounding of the 4-bit base (issue 22)
+    calibration_tokens: int = 65536   # its first tokens used
     save_every: int = 0               # write a checkpoint every N steps (0: only on Ctrl-C)
     resume: str | None = None         # a checkpoint folder to continue from (see resume.resume_config)
     overwrite: bool = False           # replace the files of a non-empty --output
@@ -98,6 +101,25 @@ class FinetuneConfig:
                 raise ValueError("--base-budget pages the 4-bit base: it needs --base 4bit and --distributed none")
         if self.spill_dir is not None and self.base_budget is None:
             raise ValueError("--spill-dir is where --base-budget spills the base: give --base-budget too")
+        if self.calibration is not None:
+            if self.base != "4bit":
+                raise ValueError("--calibration chooses the codes of the 4-bit base: use --base 4bit")
+            if self.init_lora == "loftq":
+                raise ValueError("--calibration and --init-lora loftq each choose the base's codes: use one of them")
+            if self.distributed != "none":
+                raise ValueError("--calibration works in one process (--distributed none) for now")
+            if self.base_budget is not None:
+                raise ValueError("--calibration runs the dense model, which --base-budget does not load "
+                                 "(it streams the weights): calibrate with pyqlora quantize --calibration, then "
+                                 "fine-tune that checkpoint with --base-budget")
+            if self.save_every or self.resume:
+                raise ValueError("--save-every and --resume do not support --calibration yet (the calibrated base "
+                                 "would have to be saved with every checkpoint)")
+            if isinstance(self.calibration_tokens, bool) or not isinstance(self.calibration_tokens, int) \
+                    or self.calibration_tokens < 1:
+                raise ValueError(f"--calibration-tokens must be a positive number, got {self.calibration_tokens!r}")
+            if not os.path.isfile(self.calibration):
+                raise FileNotFoundError(f"--calibration file not found: {self.calibration}")
         if self.fsdp_shard_embeddings and self.distributed != "fsdp":
             raise ValueError("--fsdp-shard-embeddings needs --distributed fsdp")
         if self.distributed != "none" and self.base != "4bit":

@@ -187,7 +187,7 @@ def _run(cfg, out, log, ctx, qdist):
         model.to(torch.bfloat16)
     with clock("prepare"):
         try:
-            model, pinfo = prepare(model, cfg, weights=weights, pager=pager)
+            model, pinfo = prepare(model, cfg, weights=weights, pager=pager, tokenizer=tok)
         except pq.NonFiniteError as exc:  # a NaN or Inf weight: say which model holds it
             raise pq.NonFiniteError(f"{minfo['source']}: {exc}", index=exc.index, value=exc.value) from exc
     base_bytes = tensor_bytes(model) - sum(p.numel() * p.element_size() for p in model.parameters()
@@ -202,6 +202,11 @@ def _run(cfg, out, log, ctx, qdist):
         base_name += f" ({pinfo['base_4bit_layers']} layers 4-bit already in the checkpoint, not quantized again)"
     say(f"base: {base_name}; LoRA r={cfg.r}, alpha={cfg.lora_alpha} on {pinfo['adapted_layers']} linear layers "
         f"({adapter_params:,} trainable parameters); prepared in {clock.phases['prepare']['wall']:.1f} s")
+
+    if pinfo.get("calibration"):
+        c = pinfo["calibration"]
+        say(f"calibrated base: {c['tokens']:,} tokens of {c['file']} through {c['blocks']} blocks in "
+            f"{c['seconds']:.1f} s, peak memory {c['peak_rss_bytes'] / 2**20:.0f} MiB")
 
     sample_prompt, sample_chat, sample_id = generation_sample(held_records, held_ex, tok)
 
@@ -335,6 +340,7 @@ def _run(cfg, out, log, ctx, qdist):
                  "records": len(records), **enc_stats},
         "base": base_name,
         "adapted_layers": pinfo["adapted_layers"],
+        "calibration": pinfo.get("calibration"),
         "heldout_loss": {"before": held_before, "after": held_after},
         "perplexity": {k: v["perplexity"] for k, v in ppl.items()},
         "perplexity_text": eval_name,
@@ -370,8 +376,9 @@ def _run(cfg, out, log, ctx, qdist):
         if not ctx.is_main:
             return
         files = ["adapter_config.json", "adapter_model.safetensors", "report.json"]
-        if cfg.init_lora == "loftq":
-            # the adapter belongs to LoftQ's base (W - B A quantized), not to a plain quantization of W
+        if cfg.init_lora == "loftq" or cfg.calibration:
+            # the adapter belongs to LoftQ's base (W - B A quantized) or the calibrated base, not to a plain
+            # quantization of W
             save_4bit_base(model, os.path.join(folder, "base"), minfo["folder"])
             files.append("base/")
         if plot_losses(os.path.join(folder, "loss_curve.png"), losses, held_before, held_after, title, warn=say):
