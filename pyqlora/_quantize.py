@@ -144,7 +144,7 @@ def quantize(x, codebook="nf4", blocksize=64, double_quant=True, hessian=None, d
     if not isinstance(double_quant, (bool, np.bool_)):
         raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
     if hessian is not None:
-        return _quantize_calibrated(x, name, blocksize, bool(double_quant), hessian, damp, order)
+        return quantize_calibrated(x, name, blocksize, bool(double_quant), hessian, damp, order)
     if _cuda.is_cuda_array(x):  # GPU arrays stay on the device (pyqlora/_cuda.py, not yet verified on a GPU)
         return _cuda.quantize(x, name, blocksize, bool(double_quant))
     arr, orig = _as_input(x)
@@ -252,7 +252,7 @@ def _gptq_codes(w, u, perm, name, blocksize, ref=False):
     return packed, absmax
 
 
-def _quantize_calibrated(x, name, blocksize, double_quant, hessian, damp, order, factors=None):
+def quantize_calibrated(x, name, blocksize, double_quant, hessian, damp, order, factors=None):
     """quantize(hessian=...); `factors` (a dict, optional) keeps hessian_factor's result per hessian object, for
     layers that share one input (q/k/v) and so one X^T X: the float64 factorization then runs once."""
     if _cuda.is_cuda_array(x):

@@ -525,7 +525,7 @@ class _Calibration:
             seen.clear()
         arrays = {n: sums[n].numpy() for n in sums}
         self.hessians = {n: arrays[group[n]] for n in targets if n in group and group[n] in arrays}
-        self.factors = {}  # one factorization per distinct X^T X (pyqlora._quantize._quantize_calibrated)
+        self.factors = {}  # one factorization per distinct X^T X (pyqlora._quantize.quantize_calibrated)
         self.current = i
 
     def quantize(self, name, linear, codebook, blocksize, double_quant):
@@ -543,9 +543,9 @@ class _Calibration:
         if h is None:  # the layer did not run in the block's forward pass
             self.round_to_nearest.append(name)
             return None
-        from ._quantize import _quantize_calibrated, check_blocksize, check_codebook
+        from ._quantize import quantize_calibrated, check_blocksize, check_codebook
 
-        return _quantize_calibrated(as_numpy(linear.weight.detach().contiguous()), check_codebook(codebook),
+        return quantize_calibrated(as_numpy(linear.weight.detach().contiguous()), check_codebook(codebook),
                                     check_blocksize(blocksize), bool(double_quant), h, self.damp, self.order,
                                     factors=self.factors)
 
