@@ -45,10 +45,10 @@ class _Allocation:
             self._handle.free(ptr)
 
 
-class _FileMapping:
+class _FileMapping(_Allocation):
     """A read-only mapping of a file range in a pager; the ``base`` of the arrays on it (see _Allocation)."""
 
-    __slots__ = ("__weakref__", "_handle", "_nbytes", "_ptr", "path", "offset")
+    __slots__ = ("path", "offset")
 
     def __init__(self, handle, path, offset, nbytes):
         self._handle = handle
@@ -59,12 +59,7 @@ class _FileMapping:
 
     @property
     def __array_interface__(self):
-        return {"data": (self._ptr, True), "shape": (self._nbytes,), "typestr": "|u1", "version": 3}
-
-    def __del__(self):
-        if self._ptr:
-            ptr, self._ptr = self._ptr, 0
-            self._handle.free(ptr)
+        return dict(super().__array_interface__, data=(self._ptr, True))  # read-only
 
 
 def _check_size(value, name, allow_none=True):

@@ -7,8 +7,7 @@ transformers = pytest.importorskip("transformers")
 
 import pyqlora as pq  # noqa: E402
 from pyqlora.lora import LoraConfig, lora_layers, prepare_model  # noqa: E402
-from pyqlora.optim import PagedAdamW  # noqa: E402
-from support import tiny_llama_config  # noqa: E402
+from support import tiny_llama_config, train_lora_steps  # noqa: E402
 
 # layers of 96 x 320 .. 320 x 96 (15 KiB of codes each) and a budget of 8 KiB: less than one layer
 SHAPE = dict(hidden_size=96, intermediate_size=320, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
@@ -21,21 +20,7 @@ def _model(checkpointing):
     return model, LoraConfig(r=4, lora_alpha=8, gradient_checkpointing=checkpointing)
 
 
-def _run(model, steps=2):
-    """Logits of the first forward, LoRA gradients of the first backward, LoRA weights after `steps`."""
-    torch.manual_seed(1)
-    ids = torch.randint(0, 64, (2, 24))
-    opt = PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    logits = grads = None
-    for step in range(steps):
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        if step == 0:
-            logits = out.logits.detach().clone()
-            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        opt.step()
-        opt.zero_grad()
-    return logits, grads, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+_run = train_lora_steps
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

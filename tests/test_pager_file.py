@@ -182,8 +182,7 @@ transformers = pytest.importorskip("transformers")
 
 from pyqlora.app import checkpoint as ckpt  # noqa: E402
 from pyqlora.lora import LoraConfig, lora_layers, prepare_model  # noqa: E402
-from pyqlora.optim import PagedAdamW  # noqa: E402
-from support import tiny_llama_config  # noqa: E402
+from support import tiny_llama_config, train_lora_steps  # noqa: E402
 
 # 4-bit layers of 96 x 320 .. 320 x 96 (15 KiB of codes each) and a budget of 8 KiB: less than one layer
 SHAPE = dict(hidden_size=96, intermediate_size=320, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
@@ -205,21 +204,7 @@ def _load(folder, pager=None):
     return ckpt._load_4bit(folder, cfg, torch.float32, ckpt.safetensors_files(folder), pager=pager)
 
 
-def _run(model, steps=2):
-    """Logits of the first forward, LoRA gradients of the first backward, LoRA weights after `steps`."""
-    torch.manual_seed(1)
-    ids = torch.randint(0, 64, (2, 24))
-    opt = PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    logits = grads = None
-    for step in range(steps):
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        if step == 0:
-            logits = out.logits.detach().clone()
-            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        opt.step()
-        opt.zero_grad()
-    return logits, grads, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+_run = train_lora_steps
 
 
 @linux_only
