@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -165,7 +166,9 @@ def test_limit_heap_retention():
             "before = memory_status()['rss']\ndel a\nprint(ok, before - memory_status()['rss'])")
     out = {}
     for how in ("limit", "default"):
-        done = subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True, timeout=120)
+        # outside the source tree: `-c` puts the working directory first on sys.path
+        done = subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True, timeout=120,
+                              cwd=tempfile.gettempdir())
         assert done.returncode == 0, done.stderr
         out[how] = done.stdout.split()
     if out["limit"][0] == "True":  # glibc

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import numpy as np
@@ -160,7 +161,8 @@ def test_a_truncated_file_does_not_crash_a_prefetch_loop(tmp_path):
                     raise SystemExit(0)
         print("no error")
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=tempfile.gettempdir())  # outside the source tree (`-c` puts the cwd first)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[:2] == ["OSError", str(errno.ESTALE)] and out.stdout.split()[2:] == ["1", "4"]
 
@@ -296,7 +298,8 @@ def test_a_checkpoint_truncated_during_training_is_an_oserror(tmp_path, checkpoi
             sys.exit(0)
         print("no error")
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=tempfile.gettempdir())  # outside the source tree (`-c` puts the cwd first)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["OSError", str(errno.ESTALE), "True"], out.stdout + out.stderr[-2000:]
 
