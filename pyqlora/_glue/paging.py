@@ -7,8 +7,9 @@ its own bytes are prefetched (the time spent there is the *disk wait*) and a bac
 thread prefetches the bytes of the next ``lookahead`` layers in that order (in reverse
 order during backward), so the reads overlap the computation. The pager's budget evicts
 least recently used pages beyond it; for the cyclic scan of a forward pass that is the
-layers run longest ago, which are also those needed last (for the backward of a step,
-whose order is reversed, they are the next ones: measured in ``docs/scale.md``).
+layers run longest ago (an order-aware policy, which would keep the layers the reversed
+backward needs first, is not written yet). The decoded float32 block scales of a layer are
+dropped when the next one runs (``Linear4bit.drop_caches``): only the running layer holds them.
 
 Everything stays bit-identical to the resident base: paging moves bytes, never values.
 """
