@@ -1,7 +1,8 @@
 """QLoRA at scale: a Llama of 1B to 65B parameters fine-tuned in 4 bits on this machine (issues 21, 23).
 
     python benchmarks/bench_scale.py --shape 1b|7b|13b|33b|65b|tiny [--seq 64] [--steps 2] [--model DIR]
-        [--dtype fp32|auto] [--base-budget SIZE] [--write-checkpoint DIR] [--sizes] [--json FILE]
+        [--dtype fp32|auto] [--base-budget SIZE] [--checkpoint DIR] [--write-checkpoint DIR] [--sizes]
+        [--json FILE]
 
 Builds a Llama of the shape on the meta device (no memory), streams its weights one tensor at a
 time into NF4 + DQ layers with ``prepare_model(weights=...)`` (seeded random bfloat16 weights, or
@@ -26,6 +27,13 @@ batch x seq random tokens. Reports, as JSON on stdout (progress on stderr):
   (``prepare_model(pager=..., lookahead=...)``): the base's bytes resident and spilled, and per
   step the page-ins, the disk wait (time a layer waited for its own bytes) and its fraction of
   the step.
+
+``--checkpoint DIR`` trains from a bitsandbytes NF4 + DQ checkpoint in DIR, written there first from
+the seeded random weights if DIR holds none (one shard in memory at a time; quantized as
+``prepare_model`` would, so both ways train the same model) and reused by later runs. It is loaded
+with ``pyqlora.app.checkpoint.load_model``: with ``--base-budget`` its 4-bit bytes are paged from the
+checkpoint's own files (read-only mappings, no spill file), so a 65B base of 33 GiB trains in 24
+GiB of RAM; the disk's read rate is measured on its largest shard as for ``--model``.
 
 ``--write-checkpoint DIR`` writes the shape's seeded random weights as a sharded bfloat16
 safetensors folder (``config.json``, ``model-0000k-of-0000n.safetensors``, the index), one shard in
@@ -278,6 +286,78 @@ def write_checkpoint(args, config, shapes):
             "write_s": time.perf_counter() - t0}
 
 
+def _is_base_linear(name):
+    """Whether `name` is a decoder layer's linear weight: what ``target_modules="all-linear"`` quantizes."""
+    return name.startswith("model.layers.") and name.endswith("_proj.weight")
+
+
+def checkpoint_config(folder):
+    """config.json of a 4-bit checkpoint folder, or None when there is none."""
+    name = os.path.join(folder, "config.json")
+    if not os.path.exists(name):
+        return None
+    with open(name) as f:
+        return json.load(f)
+
+
+def write_4bit_checkpoint(folder, config, shapes, seed, blocksize=64):
+    """The seeded random weights as a sharded bitsandbytes NF4 + DQ checkpoint (transformers' keys and
+    quant-state entries; norms, embeddings and the head in bfloat16), written into a temporary folder that
+    is renamed to `folder` at the end. One shard (up to SHARD_BYTES) is held in memory at a time."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    import pyqlora as pq
+    from pyqlora._glue.memory import trim_heap
+    from pyqlora._glue.tensors import as_numpy
+    from pyqlora.app.checkpoint import bnb_quantization_config
+
+    weights = RandomWeights(shapes, seed)
+    tmp = folder.rstrip("/") + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    names = list(shapes)
+    nbytes = {n: nf4_bytes(*shapes[n], blocksize) if _is_base_linear(n) else 2 * _numel(shapes[n]) for n in names}
+    groups, size = [[]], 0
+    for name in names:
+        if groups[-1] and size + nbytes[name] > SHARD_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes[name]
+    index, total, t0 = {}, 0, time.perf_counter()
+    for i, group in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        shard = {}
+        for name in group:
+            w = weights[name]
+            if _is_base_linear(name):
+                q = pq.quantize(as_numpy(w), codebook="nf4", blocksize=blocksize, double_quant=True)
+                del w
+                for key, value in q.to_bnb_dict(name).items():
+                    shard[key] = torch.from_numpy(value)
+                    index[key] = fname
+            else:
+                shard[name] = w
+                index[name] = fname
+        save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+        total += os.path.getsize(os.path.join(tmp, fname))
+        del shard
+        trim_heap()
+        say(f"  wrote {fname} ({total / 2**30:.1f} GiB so far, {time.perf_counter() - t0:.0f} s)")
+    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": index}, f, indent=1)
+    cfg = config.to_dict()
+    cfg["quantization_config"] = bnb_quantization_config("nf4", True)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+    os.sync()
+    os.rename(tmp, folder)
+    return {"checkpoint": folder, "bytes": total, "shards": len(groups), "write_s": time.perf_counter() - t0}
+
+
 def _numel(shape):
     n = 1
     for s in shape:
@@ -345,6 +425,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--model", default=None, help="a sharded safetensors folder (default: seeded random weights)")
     ap.add_argument("--dtype", choices=("fp32", "auto"), default="fp32")
+    ap.add_argument("--checkpoint", default=None, metavar="DIR",
+                    help="train from the NF4 + DQ checkpoint in DIR (written there first from the seeded random "
+                         "weights if DIR holds none); with --base-budget it is paged from its own files")
     ap.add_argument("--write-checkpoint", default=None, metavar="DIR")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--r", type=int, default=16)
@@ -393,6 +476,8 @@ def main(argv=None):
             ap.error(f"--base-budget: {exc}")
     if args.lookahead < 0:
         ap.error("--lookahead must be >= 0")
+    if args.checkpoint and args.model:
+        ap.error("--checkpoint and --model exclude each other")
 
     import torch
 
@@ -422,17 +507,37 @@ def main(argv=None):
               "rss_start": rss_start,
               "params": sum(_numel(s) for s in shapes.values()),
               "bf16_weight_bytes": 2 * sum(_numel(s) for s in shapes.values())}
-    if args.model:
-        from pyqlora.app.weights import SafetensorsWeights
+    if args.checkpoint:
+        found = checkpoint_config(args.checkpoint)
+        if found is None:
+            say(f"bench_scale: writing the NF4 + DQ checkpoint of {args.shape} (seed {args.seed}) to {args.checkpoint}")
+            report["checkpoint_written"] = write_4bit_checkpoint(args.checkpoint, config, shapes, args.seed)
+        else:
+            want = {k: v for k, v in config.to_dict().items() if k in ("hidden_size", "intermediate_size",
+                                                                         "num_hidden_layers", "vocab_size")}
+            if any(found.get(k) != v for k, v in want.items()) or "quantization_config" not in found:
+                raise SystemExit(f"bench_scale.py: error: {args.checkpoint} holds another model than "
+                                 f"--shape {args.shape} (config.json: {found.get('hidden_size')} hidden, "
+                                 f"{found.get('num_hidden_layers')} layers); give an empty or new folder")
+        from pyqlora.app.checkpoint import safetensors_files
 
+        files = safetensors_files(args.checkpoint)
+    elif args.model:
         files = sorted(os.path.join(args.model, f) for f in os.listdir(args.model) if f.endswith(".safetensors"))
+    if args.model or args.checkpoint:
         if not files:
-            raise SystemExit(f"bench_scale.py: error: {args.model} holds no .safetensors file")
+            raise SystemExit(f"bench_scale.py: error: {args.model or args.checkpoint} holds no .safetensors file")
         biggest = max(files, key=os.path.getsize)
         report["disk_read_bytes_per_s"], report["disk_read_method"] = disk_read_rate(biggest)
         for f in files:
             drop_cache(f)
         report["checkpoint_bytes"] = sum(os.path.getsize(f) for f in files)
+    if args.checkpoint:
+        weights = None
+        report["source"] = f"NF4 + DQ checkpoint {args.checkpoint} (seed {args.seed})"
+    elif args.model:
+        from pyqlora.app.weights import SafetensorsWeights
+
         weights = SafetensorsWeights(files)
         report["source"] = args.model
     else:
@@ -449,9 +554,14 @@ def main(argv=None):
         report["lookahead"] = args.lookahead
         say(f"  the 4-bit base paged: budget {base_budget / 2**30:.2f} GiB, lookahead {args.lookahead}")
     t0 = time.perf_counter()
+    if args.checkpoint:
+        from pyqlora.app.checkpoint import load_model
+
+        del model
+        model, _, _ = load_model(args.checkpoint, dtype=torch.float32, tokenizer=False, pager=pager)
     prep = prepare_model(model, lcfg, weights=weights, pager=pager, lookahead=args.lookahead)
     report["load_s"] = time.perf_counter() - t0
-    if args.model:
+    if args.model or args.checkpoint:
         report["load_bytes_per_s"] = report["checkpoint_bytes"] / report["load_s"]
         report["load_fraction_of_disk"] = report["load_bytes_per_s"] / report["disk_read_bytes_per_s"]
     del weights
@@ -499,6 +609,8 @@ def main(argv=None):
         st = prep.paging.stats()
         report["base_paging"] = {"base_bytes": st["base_bytes"], "budget_bytes": st["budget_bytes"],
                                  "resident_bytes": st["resident_bytes"], "spilled_bytes": st["spilled_bytes"],
+                                 "spill_file_bytes": st.get("spill_file_bytes"),
+                                 "mapped_from_checkpoint_bytes": st.get("mapped_bytes"),
                                  "page_bytes": st["page_bytes"], "per_step": paged}
     report["optimizer_state_bytes"] = int(opt.state_bytes())
     report["trainable_params"] = sum(p.numel() for p in trainable)
