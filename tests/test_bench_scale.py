@@ -103,6 +103,38 @@ def test_checkpoint_written_then_streamed(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_4bit_checkpoint_written_once_then_paged_from_its_files(tmp_path):
+    ckpt = tmp_path / "nf4"
+    args = ("--shape", "tiny", "--layers", "6", "--seq", "32", "--steps", "1")
+    first = _run(tmp_path, *args, "--checkpoint", str(ckpt), "--base-budget", "0.3x", "--spill-dir", str(tmp_path))
+    _check(first, 6, 32, 1)
+    written = first["checkpoint_written"]
+    assert written["bytes"] == first["checkpoint_bytes"] > 0 and not (tmp_path / "nf4.partial").exists()
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg["quantization_config"]["bnb_4bit_quant_type"] == "nf4" and cfg["num_hidden_layers"] == 6
+    # bitsandbytes' keys, readable by pyqlora's checkpoint reader as any transformers checkpoint
+    from safetensors import safe_open
+
+    with safe_open(str(next(ckpt.glob("*.safetensors"))), "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.0.mlp.down_proj.weight.quant_state.bitsandbytes__nf4" in keys
+    assert "model.layers.0.mlp.down_proj.weight.nested_absmax" in keys and "lm_head.weight" in keys
+    paging = first["base_paging"]
+    # paged from the checkpoint's own file: nothing copied into a spill file
+    assert paging["spill_file_bytes"] == 0 and paging["mapped_from_checkpoint_bytes"] >= paging["base_bytes"]
+    assert paging["spilled_bytes"] > 0 and paging["per_step"][0]["page_ins"] > 0
+    # reused, resident; and the same seeded weights streamed from memory: the same model, the same loss
+    again = _run(tmp_path, *args, "--checkpoint", str(ckpt))
+    assert "checkpoint_written" not in again and "base_paging" not in again
+    streamed = _run(tmp_path, *args)
+    assert first["losses"] == again["losses"] == streamed["losses"]
+    assert first["quantized_weight_bytes"] == streamed["quantized_weight_bytes"]
+    # a folder holding another shape is refused, not trained
+    other = subprocess.run([sys.executable, SCRIPT, "--shape", "tiny", "--layers", "5", "--checkpoint", str(ckpt)],
+                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert other.returncode != 0 and "holds another model" in other.stderr
+
+
 def test_shape_sizes_match_the_model_and_the_papers():
     """The size arithmetic (used for 33b/65b, which are not run here) against the parameters of the model
     transformers builds for the shape (on the meta device) and the sizes the LLaMA papers give."""
