@@ -260,14 +260,7 @@ def write_checkpoint(args, config, shapes):
 
     weights = RandomWeights(shapes, args.seed)
     os.makedirs(args.write_checkpoint, exist_ok=True)
-    groups, size = [[]], 0
-    for name, shape in shapes.items():
-        nbytes = 2 * _numel(shape)
-        if groups[-1] and size + nbytes > SHARD_BYTES:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += nbytes
+    groups = _shard_groups({name: 2 * _numel(shape) for name, shape in shapes.items()})
     index, total, t0 = {}, 0, time.perf_counter()
     for i, names in enumerate(groups):
         fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
@@ -318,15 +311,8 @@ def write_4bit_checkpoint(folder, config, shapes, seed, blocksize=64):
     tmp = folder.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    names = list(shapes)
-    nbytes = {n: nf4_bytes(*shapes[n], blocksize) if _is_base_linear(n) else 2 * _numel(shapes[n]) for n in names}
-    groups, size = [[]], 0
-    for name in names:
-        if groups[-1] and size + nbytes[name] > SHARD_BYTES:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += nbytes[name]
+    groups = _shard_groups({n: nf4_bytes(*shape, blocksize) if _is_base_linear(n) else 2 * _numel(shape)
+                            for n, shape in shapes.items()})
     index, total, t0 = {}, 0, time.perf_counter()
     for i, group in enumerate(groups):
         fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
@@ -356,6 +342,18 @@ def write_4bit_checkpoint(folder, config, shapes, seed, blocksize=64):
     os.sync()
     os.rename(tmp, folder)
     return {"checkpoint": folder, "bytes": total, "shards": len(groups), "write_s": time.perf_counter() - t0}
+
+
+def _shard_groups(nbytes):
+    """Tensor names (in order) grouped into shards of at most SHARD_BYTES (a bigger tensor gets its own)."""
+    groups, size = [[]], 0
+    for name, n in nbytes.items():
+        if groups[-1] and size + n > SHARD_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += n
+    return groups
 
 
 def _numel(shape):
