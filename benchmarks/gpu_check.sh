@@ -5,7 +5,7 @@
 #      (test_cuda: every CUDA kernel byte-identical to the CPU path;
 #      test_cuda_adam: the 8-bit Adam kernel == the CPU's bytes; test_cuda_pager:
 #      the pager's CUDA backend under a device budget);
-#   2. installs pyqlora into a scratch venv and runs tests/test_cuda.py
+#   2. installs pyqlora with pip --target beside the system torch and runs tests/test_cuda.py
 #      (marker gpu: pq.quantize/dequantize of CUDA tensors == CPU bytes);
 #   3. measures NF4+DQ dequantize -> bf16 in GB/s against the device's peak
 #      (nominal, and a measured device-to-device copy), and the GEMV
@@ -65,13 +65,17 @@ else
 fi
 note "C++ done"
 
-# 2. the Python package in a scratch venv (sees the system's torch), GPU tests
-VENV="$OUT/venv"
-if [ ! -x "$VENV/bin/python" ]; then "$PY" -m venv --system-site-packages "$VENV"; fi
-if timeout 300 "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps \
+# 2. the Python package beside the system's torch, GPU tests
+# Installed with --target into $OUT/site, not into a new venv: a venv made from
+# inside another venv (the usual home of a CUDA torch) would see the base
+# interpreter's site-packages, not the one that holds torch.
+SITE="$OUT/site"
+rm -rf "$SITE"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+if timeout 300 "$PY" -m pip install -q --no-build-isolation --no-deps --target "$SITE" \
         "-Csetup-args=-Dnf4core:nvcc_arch=$ARCH" "$REPO" >"$OUT/pip.log" 2>&1; then
     # run from $OUT so that the source tree's pyqlora/ does not shadow the installed one
-    if (cd "$OUT" && PYQLORA_EXPECT_CUDA=1 timeout 240 "$VENV/bin/python" -m pytest "$REPO/tests/test_cuda.py" \
+    if (cd "$OUT" && PYQLORA_EXPECT_CUDA=1 timeout 240 "$PY" -m pytest "$REPO/tests/test_cuda.py" \
             -q -rs -p no:cacheprovider --rootdir "$REPO" >"$OUT/pytest.log" 2>&1); then
         record "pytest tests/test_cuda.py (incl. gpu)" "PASS: $(tail -n1 "$OUT/pytest.log")"
     else
@@ -84,7 +88,7 @@ note "pytest done"
 
 # 3. measurements
 cd "$OUT" || exit 2
-timeout 180 "$VENV/bin/python" - "$OUT/gpu_check.json" >"$OUT/bench.txt" 2>"$OUT/bench.err" <<'PYEOF'
+timeout 180 "$PY" - "$OUT/gpu_check.json" >"$OUT/bench.txt" 2>"$OUT/bench.err" <<'PYEOF'
 import json
 import sys
 
@@ -297,7 +301,7 @@ if [ $BENCH_RC -ne 0 ]; then
 fi
 
 # 4. the summary table
-"$VENV/bin/python" - "$OUT/gpu_check.json" "$(( $(date +%s) - T0 ))" "${SUMMARY[@]}" <<'PYEOF'
+"$PY" - "$OUT/gpu_check.json" "$(( $(date +%s) - T0 ))" "${SUMMARY[@]}" <<'PYEOF'
 import json
 import os
 import sys
