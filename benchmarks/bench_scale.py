@@ -1,8 +1,8 @@
 """QLoRA at scale: a Llama of 1B to 65B parameters fine-tuned in 4 bits on this machine (issues 21, 23).
 
     python benchmarks/bench_scale.py --shape 1b|7b|13b|33b|65b|tiny [--seq 64] [--steps 2] [--model DIR]
-        [--dtype fp32|auto] [--base-budget SIZE] [--checkpoint DIR] [--write-checkpoint DIR] [--sizes]
-        [--json FILE]
+        [--dtype fp32|auto] [--embeddings-dtype bf16|fp32] [--base-budget SIZE] [--checkpoint DIR]
+        [--write-checkpoint DIR] [--sizes] [--json FILE]
 
 Builds a Llama of the shape on the meta device (no memory), streams its weights one tensor at a
 time into NF4 + DQ layers with ``prepare_model(weights=...)`` (seeded random bfloat16 weights, or
@@ -423,6 +423,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--model", default=None, help="a sharded safetensors folder (default: seeded random weights)")
     ap.add_argument("--dtype", choices=("fp32", "auto"), default="fp32")
+    ap.add_argument("--embeddings-dtype", choices=("bf16", "fp32"), default="bf16",
+                    help="storage of the frozen embedding and head (LoraConfig.embeddings_dtype): bf16 holds the "
+                         "bf16 checkpoint's values exactly in half the memory of fp32; compute stays --dtype")
     ap.add_argument("--checkpoint", default=None, metavar="DIR",
                     help="train from the NF4 + DQ checkpoint in DIR (written there first from the seeded random "
                          "weights if DIR holds none); with --base-budget it is paged from its own files")
@@ -499,7 +502,8 @@ def main(argv=None):
 
     report = {"shape": args.shape, "layers": config.num_hidden_layers, "hidden": config.hidden_size,
               "intermediate": config.intermediate_size, "vocab": config.vocab_size, "batch": args.batch,
-              "seq": args.seq, "tokens": args.batch * args.seq, "dtype": args.dtype, "threads": args.threads,
+              "seq": args.seq, "tokens": args.batch * args.seq, "dtype": args.dtype,
+              "embeddings_dtype": args.embeddings_dtype, "threads": args.threads,
               "r": args.r, "steps": args.steps, "heap_limited": heap_limited, "isa": pq.get_isa(),
               "base_budget_bytes": base_budget,
               "rss_start": rss_start,
@@ -545,7 +549,8 @@ def main(argv=None):
     # -- load: every target layer quantized as its weight arrives
     say(f"bench_scale: {args.shape} ({report['params'] / 1e9:.2f} B parameters, {config.num_hidden_layers} layers), "
         f"weights: {report['source']}")
-    lcfg = LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear", gradient_checkpointing=True)
+    lcfg = LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear", gradient_checkpointing=True,
+                      embeddings_dtype="bfloat16" if args.embeddings_dtype == "bf16" else None)
     pager = None
     if base_budget is not None:
         pager = pq.Pager(budget_bytes=base_budget, spill_dir=args.spill_dir)

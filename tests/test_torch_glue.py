@@ -468,6 +468,53 @@ def test_bf16_model_keeps_only_norms_in_fp32_and_trains():
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_embeddings_dtype_stores_embedding_and_head_in_bf16_and_computes_in_fp32(monkeypatch, tied, checkpointing):
+    """LoraConfig(embeddings_dtype="bfloat16") on a float32 model whose weights are bfloat16 values (a bf16
+    checkpoint trained in float32). Oracle: the same model prepared with float32 embedding and head: equal
+    logits, loss and LoRA gradients to float32 rounding, with the head cast in several slices."""
+    import copy
+
+    import pyqlora.lora as lora_mod
+
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setattr(lora_mod, "_HEAD_SLICE_ELEMENTS", 32 * 20)  # 20 rows of 32: 4 slices of the 64-word head
+    cfg = tiny_llama_config(transformers, max_position_embeddings=64, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).to(torch.float32)
+    ref = copy.deepcopy(model)
+    torch.manual_seed(1)
+    prepare_model(ref, LoraConfig(r=4, lora_alpha=8, gradient_checkpointing=checkpointing))
+    torch.manual_seed(1)
+    prepare_model(model, LoraConfig(r=4, lora_alpha=8, gradient_checkpointing=checkpointing,
+                                    embeddings_dtype="bfloat16"))
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert emb.dtype == head.dtype == torch.bfloat16 and (emb is head) == tied
+    assert torch.equal(emb.float(), ref.get_input_embeddings().weight)  # exact: the values were bf16
+    assert sum(p.nbytes for p in {id(emb): emb, id(head): head}.values()) * 2 == sum(
+        p.nbytes for p in {id(p): p for p in (ref.get_input_embeddings().weight,
+                                              ref.get_output_embeddings().weight)}.values())
+    model.train(), ref.train()
+    ids = torch.randint(0, 64, (2, 11))
+    out, out_ref = model(input_ids=ids, labels=ids), ref(input_ids=ids, labels=ids)
+    assert out.logits.dtype == torch.float32
+    torch.testing.assert_close(out.logits, out_ref.logits, rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    out_ref.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    grads_ref = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    assert grads.keys() == grads_ref.keys() and grads
+    for n in grads:
+        torch.testing.assert_close(grads[n], grads_ref[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert emb.grad is None and head.grad is None
+    # applying it twice changes nothing; bad values are refused
+    lora_mod._store_embeddings_in(model, "bfloat16")
+    torch.testing.assert_close(model(input_ids=ids).logits, out.logits.detach(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="embeddings_dtype must be"):
+        LoraConfig(embeddings_dtype="int8")
+
+
 # -------------------------------------------------- the real model
 TEXT = ("The old lighthouse keeper climbed the spiral stairs every evening, carrying a small lamp and a notebook. "
         "He wrote down the color of the sky, the direction of the wind and the number of ships that passed. "
