@@ -562,6 +562,7 @@ def main(argv=None):
 
         del model
         model, _, _ = load_model(args.checkpoint, dtype=torch.float32, tokenizer=False, pager=pager)
+    torch.manual_seed(args.seed)  # the adapters' initialisation (A is random): runs repeat bit for bit
     prep = prepare_model(model, lcfg, weights=weights, pager=pager, lookahead=args.lookahead)
     report["load_s"] = time.perf_counter() - t0
     if args.model or args.checkpoint:

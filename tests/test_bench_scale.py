@@ -23,7 +23,8 @@ FIELDS = ("load_s", "peak_rss_load", "rss_loaded", "peak_rss_train", "step_s", "
 
 def _run(tmp_path, *args):
     out = tmp_path / f"report{len(list(tmp_path.iterdir()))}.json"
-    done = subprocess.run([sys.executable, SCRIPT, *args, "--threads", "2", "--gemm-repeat", "1", "--json", str(out)],
+    threads = () if "--threads" in args else ("--threads", "2")
+    done = subprocess.run([sys.executable, SCRIPT, *args, *threads, "--gemm-repeat", "1", "--json", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -105,9 +106,10 @@ def test_checkpoint_written_then_streamed(tmp_path):
 
 def test_4bit_checkpoint_written_once_then_paged_from_its_files(tmp_path):
     ckpt = tmp_path / "nf4"
-    args = ("--shape", "tiny", "--layers", "6", "--seq", "32", "--steps", "1")
+    # two steps: the second one's loss depends on the first update and on the seeded adapters
+    args = ("--shape", "tiny", "--layers", "6", "--seq", "32", "--steps", "2")
     first = _run(tmp_path, *args, "--checkpoint", str(ckpt), "--base-budget", "0.3x", "--spill-dir", str(tmp_path))
-    _check(first, 6, 32, 1)
+    _check(first, 6, 32, 2)
     written = first["checkpoint_written"]
     assert written["bytes"] == first["checkpoint_bytes"] > 0 and not (tmp_path / "nf4.partial").exists()
     cfg = json.loads((ckpt / "config.json").read_text())
@@ -123,10 +125,12 @@ def test_4bit_checkpoint_written_once_then_paged_from_its_files(tmp_path):
     # paged from the checkpoint's own file: nothing copied into a spill file
     assert paging["spill_file_bytes"] == 0 and paging["mapped_from_checkpoint_bytes"] >= paging["base_bytes"]
     assert paging["spilled_bytes"] > 0 and paging["per_step"][0]["page_ins"] > 0
-    # reused, resident; and the same seeded weights streamed from memory: the same model, the same loss
+    # reused, resident; and the same seeded weights streamed from memory: the same model, the same losses,
+    # bit for bit, also with one thread instead of two
     again = _run(tmp_path, *args, "--checkpoint", str(ckpt))
     assert "checkpoint_written" not in again and "base_paging" not in again
-    streamed = _run(tmp_path, *args)
+    streamed = _run(tmp_path, *args, "--threads", "1")
+    assert len(first["losses"]) == 2 and first["losses"][0] != first["losses"][1]
     assert first["losses"] == again["losses"] == streamed["losses"]
     assert first["quantized_weight_bytes"] == streamed["quantized_weight_bytes"]
     # a folder holding another shape is refused, not trained
