@@ -4,6 +4,7 @@
     python benchmarks/bench_pager.py [--state-mib 256] [--tensors 32] [--steps 5] [--spill-dir DIR]
     python benchmarks/bench_pager.py --small-vs-large [--total-mib 16] [--small-kib 4] [--large-kib 1024]
                                      [--budget-mib 1]
+    python benchmarks/bench_pager.py --file-scan FILE [FILE ...] [--tensor-mib 64] [--budget-mib 1024]
 
 The "state" is two float32 arrays per tensor (first and second moment, like
 AdamW), ``--state-mib`` in all, split over ``--tensors`` tensors. One step
@@ -27,10 +28,20 @@ second ``evict()`` and of the sweep, the page-outs of the second ``evict()``
 every byte survived, and the ratio small / large of each time (1.0: the cost
 follows the bytes, not the number of arrays).
 
+With ``--file-scan``: the files are mapped read-only with ``Pager.map_file`` in
+pieces of ``--tensor-mib`` (a checkpoint's tensors), and every piece is
+prefetched once, in order, under ``--budget-mib``, as a paged 4-bit base is
+read in one pass over its layers. Reported: the pager's read rate against the
+disk's, the files read once with ``O_DIRECT`` (or after dropping them from the
+page cache where ``O_DIRECT`` is refused) in the same run; the files are
+dropped from the page cache before each pass (``POSIX_FADV_DONTNEED``, which
+needs no privileges for clean pages).
+
 Numbers depend on the disk under the spill directory and the page cache; they
 are measurements of this machine in this run, not claims.
 """
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -130,6 +141,75 @@ def small_vs_large(args):
     return rows
 
 
+def _drop_cache(paths):
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _read_all(path, buf, direct):
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    total = 0
+    try:
+        while True:
+            n = os.readv(fd, [buf])
+            if n <= 0:
+                return total
+            total += n
+    finally:
+        os.close(fd)
+
+
+def _read_rate(paths, chunk=8 << 20):
+    """Bytes per second of one sequential read of `paths`, bypassing the page cache where possible."""
+    import mmap
+
+    buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT wants
+    direct = hasattr(os, "O_DIRECT")
+    if direct:
+        try:  # some file systems refuse O_DIRECT, at open or at the first read
+            fd = os.open(paths[0], os.O_RDONLY | os.O_DIRECT)
+            try:
+                os.preadv(fd, [memoryview(buf)[:4096]], 0)
+            finally:
+                os.close(fd)
+        except OSError:
+            direct = False
+    t0 = time.perf_counter()
+    total = sum(_read_all(path, buf, direct) for path in paths)
+    return total / (time.perf_counter() - t0), "O_DIRECT" if direct else "after POSIX_FADV_DONTNEED"
+
+
+def file_scan(args):
+    paths = args.file_scan
+    piece = args.tensor_mib << 20
+    _drop_cache(paths)
+    disk, method = _read_rate(paths)
+    _drop_cache(paths)
+    with pq.Pager(budget_bytes=args.budget_mib << 20, spill_dir=args.spill_dir) as p:
+        arrays = []
+        for path in paths:
+            size = os.path.getsize(path)
+            arrays += [p.map_file(path, off, min(piece, size - off)) for off in range(0, size, piece)]
+        total = sum(a.nbytes for a in arrays)
+        t0 = time.perf_counter()
+        for a in arrays:
+            p.prefetch(a)
+        secs = time.perf_counter() - t0
+        st = p.stats()
+    rate = total / secs
+    print(f"{len(paths)} file(s), {total / 1e9:.2f} GB in {len(arrays)} mapped pieces of {args.tensor_mib} MiB, "
+          f"budget {args.budget_mib} MiB")
+    print(f"disk, one sequential read ({method}): {disk / 1e6:8.1f} MB/s")
+    print(f"pager, map_file + prefetch of every piece: {rate / 1e6:8.1f} MB/s = {rate / disk:.2f}x the disk "
+          f"({st['page_ins']} page-ins of {st['page_bytes'] >> 20} MiB, {secs:.1f} s)")
+    return {"disk_Bps": disk, "disk_method": method, "pager_Bps": rate, "bytes": total, "seconds": secs}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--state-mib", type=int, default=256)
@@ -141,8 +221,17 @@ def main():
     ap.add_argument("--total-mib", type=int, default=16)
     ap.add_argument("--small-kib", type=int, default=4)
     ap.add_argument("--large-kib", type=int, default=1024)
-    ap.add_argument("--budget-mib", type=int, default=1)
+    ap.add_argument("--budget-mib", type=int, default=None,
+                    help="the pager's budget (default 1 with --small-vs-large, 1024 with --file-scan)")
+    ap.add_argument("--file-scan", nargs="+", default=None, metavar="FILE",
+                    help="map FILEs read-only in pieces and prefetch each once, against the disk's read rate")
+    ap.add_argument("--tensor-mib", type=int, default=64, help="size of the mapped pieces with --file-scan")
     args = ap.parse_args()
+    if args.file_scan:
+        args.budget_mib = 1024 if args.budget_mib is None else args.budget_mib
+        file_scan(args)
+        return
+    args.budget_mib = 1 if args.budget_mib is None else args.budget_mib
     if args.small_vs_large:
         small_vs_large(args)
         return

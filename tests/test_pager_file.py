@@ -333,3 +333,15 @@ def test_a_checkpoint_truncated_during_training_is_an_oserror(tmp_path, checkpoi
 def test_bad_pager_for_a_checkpoint(checkpoint):
     with pytest.raises(TypeError, match="pager must be a pyqlora.Pager"):
         _load(checkpoint, pager="8G")
+
+
+@linux_only
+def test_bench_pager_file_scan_runs(tmp_path):
+    """benchmarks/bench_pager.py --file-scan: a smoke run (its rates are for docs/pager.md, not checked)."""
+    path, _ = _file(tmp_path, n=6 * MiB)
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_pager.py")
+    done = subprocess.run([sys.executable, script, "--file-scan", path, "--tensor-mib", "1", "--budget-mib", "2"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "6 mapped pieces of 1 MiB" in done.stdout and "disk, one sequential read" in done.stdout
+    assert "x the disk" in done.stdout
