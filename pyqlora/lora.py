@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ._glue.modules import set_submodule
-from ._glue.paging import BasePaging, place_in_pager
+from ._glue.paging import BasePaging, RunningLayerScales, place_in_pager
 from ._glue.tensors import as_numpy
 from ._pager import Pager
 from ._quantize import dequantize, quantize
@@ -808,6 +808,9 @@ def prepare_model(model, config=None, weights=None, pager=None, lookahead=2, cal
     total = (sum(p.numel() for p in model.parameters() if id(p) not in storage)
              + sum(m.base_layer.quantized.size for _, m in lora_layers(model)))
     paging = BasePaging(model, pager, lookahead=lookahead) if pager is not None else None
+    if pager is None and not hasattr(model, "_pyqlora_running_scales"):
+        # in training only the running layer holds decoded block scales (a paged base does this itself)
+        model._pyqlora_running_scales = RunningLayerScales(model)
     report = PrepareReport(list(chosen), trainable, total, dense_bytes, quant_bytes, already_4bit, paging)
     if calib is not None:
         report.calibration = calib.finish()

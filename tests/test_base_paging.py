@@ -57,6 +57,34 @@ def test_paged_base_is_bit_identical_to_the_resident_base(tmp_path, checkpointin
     report.paging.remove()
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_resident_base_in_training_keeps_decoded_scales_for_the_running_layer_only(checkpointing):
+    """prepare_model without a pager: in training, the decoded float32 block scales (an eighth of the codes'
+    bytes) of a layer are dropped when the next one runs; in eval every layer keeps them (generation).
+    Oracle: the same model with those hooks removed gives the same logits, gradients and updates."""
+    model, cfg = _model(checkpointing)
+    prepare_model(model, cfg)
+    layers = [m.base_layer for _, m in lora_layers(model)]
+    model.train()
+    got = _run(model)
+    assert sum(q._q_cache is not None for q in layers) <= 1
+
+    plain, cfg = _model(checkpointing)
+    prepare_model(plain, cfg)
+    plain._pyqlora_running_scales.remove()
+    plain.train()
+    want = _run(plain)
+    assert all(q._q_cache is not None for _, m in lora_layers(plain) for q in [m.base_layer])  # kept: the oracle
+    assert torch.equal(got[0], want[0])
+    assert got[1].keys() == want[1].keys() and all(torch.equal(got[1][n], want[1][n]) for n in want[1])
+    assert all(torch.equal(got[2][n], want[2][n]) for n in want[2])
+
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.arange(1, 9).view(1, 8))
+    assert all(q._q_cache is not None for q in layers)  # generation keeps every layer's scales
+
+
 def test_loading_into_the_pager_stays_within_budget(tmp_path):
     """The bytes go into the pager as each layer is quantized: the base never sits in RAM whole."""
     model, cfg = _model(False)

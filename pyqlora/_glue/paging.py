@@ -21,7 +21,49 @@ import torch
 from .. import _pager
 from .._array import QuantizedArray
 
-__all__ = ["BasePaging", "place_in_pager"]
+__all__ = ["BasePaging", "RunningLayerScales", "place_in_pager"]
+
+
+class RunningLayerScales:
+    """Decoded block scales for the running 4-bit layer only, while training a resident base.
+
+    A ``Linear4bit`` keeps the float32 block scales it decodes from its double-quantized
+    8-bit scales (an eighth of its codes' bytes: 1.9 GiB for a 33B base) for as long as it
+    lives, which suits generation (every layer runs once per token). In training each layer
+    runs three times per step (forward, recomputed forward, backward) and decoding costs a
+    millisecond or two per layer, so hooks drop the previous layer's decoded scales when the
+    next one runs, in forward and in backward, as :class:`BasePaging` does for a paged base.
+    In eval mode the hooks do nothing. Values are unchanged: the scales are decoded again,
+    bit for bit, when a layer next runs.
+    """
+
+    def __init__(self, model):
+        self._last = None
+        self._handles = []
+        for _, m in model.named_modules():
+            if callable(getattr(m, "quant_parameters", None)):  # a Linear4bit (the glue imports no public module)
+                self._handles.append(m.register_forward_pre_hook(self._before_forward))
+                self._handles.append(m.register_forward_hook(self._after_forward))
+
+    def _running(self, layer):
+        last = self._last
+        if last is not None and last is not layer:
+            last.drop_caches()
+        self._last = layer
+
+    def _before_forward(self, module, args):
+        if module.training:
+            self._running(module)
+
+    def _after_forward(self, module, args, output):
+        if module.training and isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(lambda grad: self._running(module))
+
+    def remove(self):
+        """Remove the hooks (the layers keep their decoded scales again)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
 
 def _paged_copy(pager, a):
