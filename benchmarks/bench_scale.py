@@ -129,7 +129,8 @@ def plot(png, reports):
 
     Computed (``shape_sizes``: weights, gradients and optimizer states, activations excluded) for every
     shape, drawn as lines with hollow markers; measured QLoRA peak RSS in training (the JSON reports of
-    this script) as filled markers, the runs with a paged base as filled squares."""
+    this script) as filled markers, the runs with a paged base as filled squares. A second panel shows the
+    measured seconds per step (the best step of each report) for the same runs, per 1000 tokens."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,7 +140,7 @@ def plot(png, reports):
     shapes = ["1b", "7b", "13b", "33b", "65b"]
     sizes = [shape_sizes(s) for s in shapes]
     x = [z["params"] / 1e9 for z in sizes]
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=110, gridspec_kw={"width_ratios": [3, 2]})
     for key, label, color in (("full_bf16_bytes", "full fine-tune, bf16 + fp32 AdamW (computed)", "tab:red"),
                               ("lora16_bytes", "16-bit LoRA r=16 (computed)", "tab:orange"),
                               ("qlora_bytes", "QLoRA NF4+DQ r=16 (computed)", "tab:blue")):
@@ -167,6 +168,25 @@ def plot(png, reports):
     ax.set_title("Fine-tuning memory by model size (CPU, float32 compute)", fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=7.5, loc="upper left")
+    for paged, marker, label in ((False, "o", "QLoRA, base resident"), (True, "s", "QLoRA, base paged from disk")):
+        pts = sorted((r["params"] / 1e9, min(r["step_s"]) * 1000 / r["tokens"], r["seq"]) for r in reports
+                     if ("base_paging" in r) == paged and r["shape"] in shapes and r.get("step_s")
+                     and r["layers"] == SHAPES[r["shape"]][2])
+        if pts:
+            ax_t.plot([p[0] for p in pts], [p[1] for p in pts], marker, color="tab:blue" if not paged else "tab:green",
+                      ms=8, label=label, ls="none")
+            for p in pts:
+                ax_t.annotate(f"1x{p[2]}", (p[0], p[1]), textcoords="offset points", xytext=(6, -3), fontsize=7)
+    ax_t.set_xscale("log")
+    ax_t.set_yscale("log")
+    ax_t.set_xticks(x, [s.upper() for s in shapes])
+    ax_t.minorticks_off()
+    ax_t.set_xlabel("Llama shape (parameters)")
+    ax_t.set_ylabel("seconds per step per 1000 tokens (measured)")
+    ax_t.set_title("QLoRA step time (2 CPU cores, float32 compute)", fontsize=10)
+    ax_t.grid(True, which="major", alpha=0.3)
+    if ax_t.get_legend_handles_labels()[0]:
+        ax_t.legend(fontsize=7.5, loc="upper left")
     fig.tight_layout()
     fig.savefig(png)
     return png
