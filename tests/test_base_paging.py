@@ -58,10 +58,18 @@ def test_paged_base_is_bit_identical_to_the_resident_base(tmp_path, checkpointin
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_a_resident_base_in_training_keeps_decoded_scales_for_the_running_layer_only(checkpointing):
+def test_a_resident_base_in_training_keeps_decoded_scales_for_the_running_layer_only(checkpointing, monkeypatch):
     """prepare_model without a pager: in training, the decoded float32 block scales (an eighth of the codes'
     bytes) of a layer are dropped when the next one runs; in eval every layer keeps them (generation).
     Oracle: the same model with those hooks removed gives the same logits, gradients and updates."""
+    from pyqlora._glue.paging import RunningLayerScales
+
+    small, cfg = _model(checkpointing)
+    prepare_model(small, cfg)
+    small.train()
+    _run(small)  # layers under RunningLayerScales.min_weights keep their scales
+    assert all(m.base_layer._q_cache is not None for _, m in lora_layers(small))
+    monkeypatch.setattr(RunningLayerScales, "min_weights", 0)  # the tiny layers stand for large ones
     model, cfg = _model(checkpointing)
     prepare_model(model, cfg)
     layers = [m.base_layer for _, m in lora_layers(model)]

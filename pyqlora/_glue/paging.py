@@ -34,14 +34,19 @@ class RunningLayerScales:
     millisecond or two per layer, so hooks drop the previous layer's decoded scales when the
     next one runs, in forward and in backward, as :class:`BasePaging` does for a paged base.
     In eval mode the hooks do nothing. Values are unchanged: the scales are decoded again,
-    bit for bit, when a layer next runs.
+    bit for bit, when a layer next runs. Layers under ``min_weights`` weights keep theirs: their
+    scales are small (SmolLM2-135M's all together: 8 MiB) and a small model's step is the one
+    that would notice the decoding.
     """
+
+    min_weights = 1 << 22  # 4 Mi weights: 256 KiB of decoded scales
 
     def __init__(self, model):
         self._last = None
         self._handles = []
         for _, m in model.named_modules():
-            if callable(getattr(m, "quant_parameters", None)):  # a Linear4bit (the glue imports no public module)
+            if (callable(getattr(m, "quant_parameters", None))  # a Linear4bit (the glue imports no public module)
+                    and m.in_features * m.out_features >= self.min_weights):
                 self._handles.append(m.register_forward_pre_hook(self._before_forward))
                 self._handles.append(m.register_forward_hook(self._after_forward))
 
