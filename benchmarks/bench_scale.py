@@ -159,15 +159,19 @@ def plot(png, reports):
                             textcoords="offset points", xytext=(-10, 8), fontsize=7)
     ax.axhline(24, color="gray", lw=1)
     ax.text(x[0], 26.5, "this machine: 24 GiB", color="gray", fontsize=8)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xticks(x, [s.upper() for s in shapes])
-    ax.minorticks_off()
-    ax.set_xlabel("Llama shape (parameters)")
-    ax.set_ylabel("memory, GiB")
-    ax.set_title("Fine-tuning memory by model size (CPU, float32 compute)", fontsize=10)
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=7.5, loc="upper left")
+    def log_axes(a, ylabel, title):
+        a.set_xscale("log")
+        a.set_yscale("log")
+        a.set_xticks(x, [s.upper() for s in shapes])
+        a.minorticks_off()
+        a.set_xlabel("Llama shape (parameters)")
+        a.set_ylabel(ylabel)
+        a.set_title(title, fontsize=10)
+        a.grid(True, which="major", alpha=0.3)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=7.5, loc="upper left")
+
+    log_axes(ax, "memory, GiB", "Fine-tuning memory by model size (CPU, float32 compute)")
     for paged, marker, label in ((False, "o", "QLoRA, base resident"), (True, "s", "QLoRA, base paged from disk")):
         pts = sorted((r["params"] / 1e9, min(r["step_s"]) * 1000 / r["tokens"], r["seq"]) for r in reports
                      if ("base_paging" in r) == paged and r["shape"] in shapes and r.get("step_s")
@@ -177,16 +181,7 @@ def plot(png, reports):
                       ms=8, label=label, ls="none")
             for p in pts:
                 ax_t.annotate(f"1x{p[2]}", (p[0], p[1]), textcoords="offset points", xytext=(6, -3), fontsize=7)
-    ax_t.set_xscale("log")
-    ax_t.set_yscale("log")
-    ax_t.set_xticks(x, [s.upper() for s in shapes])
-    ax_t.minorticks_off()
-    ax_t.set_xlabel("Llama shape (parameters)")
-    ax_t.set_ylabel("seconds per step per 1000 tokens (measured)")
-    ax_t.set_title("QLoRA step time (2 CPU cores, float32 compute)", fontsize=10)
-    ax_t.grid(True, which="major", alpha=0.3)
-    if ax_t.get_legend_handles_labels()[0]:
-        ax_t.legend(fontsize=7.5, loc="upper left")
+    log_axes(ax_t, "seconds per step per 1000 tokens (measured)", "QLoRA step time (2 CPU cores, float32 compute)")
     fig.tight_layout()
     fig.savefig(png)
     return png
