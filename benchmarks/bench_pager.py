@@ -32,10 +32,10 @@ With ``--file-scan``: the files are mapped read-only with ``Pager.map_file`` in
 pieces of ``--tensor-mib`` (a checkpoint's tensors), and every piece is
 prefetched once, in order, under ``--budget-mib``, as a paged 4-bit base is
 read in one pass over its layers. Reported: the pager's read rate against the
-disk's, the files read once with ``O_DIRECT`` (or after dropping them from the
-page cache where ``O_DIRECT`` is refused) in the same run; the files are
-dropped from the page cache before each pass (``POSIX_FADV_DONTNEED``, which
-needs no privileges for clean pages).
+disk's, the files read once with ``dd iflag=direct`` (or after dropping them
+from the page cache where ``O_DIRECT`` is refused) in the same run; the files
+are dropped from the page cache before the pager's pass (``POSIX_FADV_DONTNEED``,
+which needs no privileges for clean pages).
 
 Numbers depend on the disk under the spill directory and the page cache; they
 are measurements of this machine in this run, not claims.
@@ -49,6 +49,9 @@ import time
 import numpy as np
 
 import pyqlora as pq
+
+# _bench is the folder beside this file (sys.path[0] when it runs as a script)
+from _bench.machine import disk_read_rate, drop_cache
 
 
 def make_state(n_tensors, per_tensor, alloc):
@@ -141,55 +144,14 @@ def small_vs_large(args):
     return rows
 
 
-def _drop_cache(paths):
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def _read_all(path, buf, direct):
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
-    total = 0
-    try:
-        while True:
-            n = os.readv(fd, [buf])
-            if n <= 0:
-                return total
-            total += n
-    finally:
-        os.close(fd)
-
-
-def _read_rate(paths, chunk=8 << 20):
-    """Bytes per second of one sequential read of `paths`, bypassing the page cache where possible."""
-    import mmap
-
-    buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT wants
-    direct = hasattr(os, "O_DIRECT")
-    if direct:
-        try:  # some file systems refuse O_DIRECT, at open or at the first read
-            fd = os.open(paths[0], os.O_RDONLY | os.O_DIRECT)
-            try:
-                os.preadv(fd, [memoryview(buf)[:4096]], 0)
-            finally:
-                os.close(fd)
-        except OSError:
-            direct = False
-    t0 = time.perf_counter()
-    total = sum(_read_all(path, buf, direct) for path in paths)
-    return total / (time.perf_counter() - t0), "O_DIRECT" if direct else "after POSIX_FADV_DONTNEED"
-
-
 def file_scan(args):
     paths = args.file_scan
     piece = args.tensor_mib << 20
-    _drop_cache(paths)
-    disk, method = _read_rate(paths)
-    _drop_cache(paths)
+    rates = [disk_read_rate(path) for path in paths]  # each file once, bypassing the page cache
+    seconds = sum(os.path.getsize(path) / rate for path, (rate, _) in zip(paths, rates))
+    disk, method = sum(os.path.getsize(path) for path in paths) / seconds, rates[0][1]
+    for path in paths:
+        drop_cache(path)
     with pq.Pager(budget_bytes=args.budget_mib << 20, spill_dir=args.spill_dir) as p:
         arrays = []
         for path in paths:

@@ -49,10 +49,12 @@ import gc
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 import zlib
+
+# _bench is the folder beside this file (sys.path[0] when it runs as a script)
+from _bench.machine import disk_read_rate, drop_cache
 
 # name: (hidden, intermediate, layers, heads, kv heads, vocab); 1b is TinyLlama-1.1B's shape, 7b and 13b Llama 2's
 SHAPES = {
@@ -376,28 +378,6 @@ def _numel(shape):
     for s in shape:
         n *= s
     return n
-
-
-def disk_read_rate(path):
-    """(bytes per second, how) of a sequential read of `path` that bypasses the page cache: ``dd iflag=direct``,
-    or, where the file system refuses O_DIRECT (tmpfs), ``dd`` after dropping the file's cached pages."""
-    for flags, how in ((["iflag=direct"], "dd iflag=direct"), ([], "dd after posix_fadvise(DONTNEED)")):
-        drop_cache(path)
-        done = subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=16M", *flags], capture_output=True,
-                              text=True)
-        m = re.search(r"(\d+) bytes .* copied, ([\d.]+) s", done.stderr)
-        if done.returncode == 0 and m:
-            return int(m.group(1)) / max(float(m.group(2)), 1e-9), how
-    raise OSError(f"dd could not read {path}: {done.stderr.strip()}")
-
-
-def drop_cache(path):
-    """Drop the page cache of one file (its clean pages), so the next read comes from the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def dense_gemm_rate(torch, config, tokens, repeat):

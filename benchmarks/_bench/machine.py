@@ -4,6 +4,7 @@ one, are not comparable)."""
 import importlib.metadata
 import os
 import platform
+import re
 import subprocess
 import sys
 
@@ -53,3 +54,25 @@ def pyqlora_config():
 
     with open(os.devnull, "w") as devnull:
         return pq.show_config(file=devnull)
+
+
+def disk_read_rate(path):
+    """(bytes per second, how) of a sequential read of `path` that bypasses the page cache: ``dd iflag=direct``,
+    or, where the file system refuses O_DIRECT (tmpfs), ``dd`` after dropping the file's cached pages."""
+    for flags, how in ((["iflag=direct"], "dd iflag=direct"), ([], "dd after posix_fadvise(DONTNEED)")):
+        drop_cache(path)
+        done = subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=16M", *flags], capture_output=True,
+                              text=True)
+        m = re.search(r"(\d+) bytes .* copied, ([\d.]+) s", done.stderr)
+        if done.returncode == 0 and m:
+            return int(m.group(1)) / max(float(m.group(2)), 1e-9), how
+    raise OSError(f"dd could not read {path}: {done.stderr.strip()}")
+
+
+def drop_cache(path):
+    """Drop the page cache of one file (its clean pages), so the next read comes from the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
