@@ -88,7 +88,7 @@ def main():
     row = {"kind": args.kind, "world_size": ctx.world_size, "hidden": args.hidden, "layers": args.layers,
            "vocab": args.vocab, "param_buffer_bytes": held,
            "optimizer_state_bytes": qdist.optimizer_state_bytes(opt), "rss_now": memory_status()["rss"],
-           "rss_peak": max_memory_status()["rss"],
+           "rss_peak": peak_rss_bytes(),
            "vmhwm_before_training": peak_before, "vmhwm_training": mem["peak_rss"] if reset else None,
            "rss_anon": mem["rss_anon"],
            "step_s": sum(times[1:]) / max(1, len(times) - 1), "last_loss": loss}
