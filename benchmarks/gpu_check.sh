@@ -88,9 +88,11 @@ note "pytest done"
 
 # 3. measurements
 cd "$OUT" || exit 2
-timeout 180 "$PY" - "$OUT/gpu_check.json" >"$OUT/bench.txt" 2>"$OUT/bench.err" <<'PYEOF'
+timeout 240 "$PY" - "$OUT/gpu_check.json" >"$OUT/bench.txt" 2>"$OUT/bench.err" <<'PYEOF'
 import json
+import os
 import sys
+import time
 
 import torch
 
@@ -110,14 +112,17 @@ nominal = next((v for k, v in NOMINAL.items() if k in name), None)
 
 
 def timed(fn, reps=50, warmup=5, inner=1):
-    """Median seconds per call; `inner` back-to-back calls per timing, so that
-    microsecond kernels are timed on the GPU's queue, not the host's launch rate."""
+    """Median seconds per call of the GPU work; `inner` back-to-back calls per
+    timing. Before each timing the GPU is held busy (torch.cuda._sleep, ~150 us
+    per call) while the host queues the calls, so that microsecond kernels are
+    timed on the GPU's queue, not at the host's launch rate."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(300_000 * inner)
         a.record()
         for _ in range(inner):
             fn()
@@ -142,8 +147,11 @@ n = 2**28
 w = torch.randn(n, device=dev, dtype=torch.bfloat16)
 q = pq.quantize(w, blocksize=64, double_quant=True)
 out = torch.empty(n, dtype=torch.bfloat16, device=dev)
-t = timed(lambda: pq.dequantize(q, out=out.view(q.shape)), reps=30)
 moved = n // 2 + (n // 64) + (n // 64 // 256) * 4 + 2 * n  # codes + DQ codes + nested + bf16 out
+os.environ["NF4CORE_CUDA_KERNELS"] = "v1"  # the first kernel, for the same-run comparison
+res["dequant_v1_GBps"] = moved / timed(lambda: pq.dequantize(q, out=out.view(q.shape)), reps=30) / 1e9
+del os.environ["NF4CORE_CUDA_KERNELS"]
+t = timed(lambda: pq.dequantize(q, out=out.view(q.shape)), reps=30)
 res["dequant_s"] = t
 res["dequant_GBps"] = moved / t / 1e9
 res["dequant_frac_copy"] = res["dequant_GBps"] / res["copy_GBps"]
@@ -189,6 +197,67 @@ for dt_name, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
     res[f"gemv_{dt_name}_speedup"] = t_dense / t_nf4
     res[f"gemv_{dt_name}_relerr"] = err
     res[f"gemv_{dt_name}_weight_GBps"] = (N * K // 2 + N * K // 64) / t_nf4 / 1e9
+# the same-run comparison of the GEMV kernels, bf16, 1x8192.(8192x8192)^T: the
+# first kernel (v1) and gemv_rows_kernel with each forced row count
+x = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
+y = torch.empty(1, N, device=dev, dtype=torch.bfloat16)
+kdt = _cuda._kernel_dtype(torch.bfloat16)
+for name, env in (("v1", {"NF4CORE_CUDA_KERNELS": "v1"}), ("R1", {"NF4CORE_CUDA_GEMV_ROWS": "1"}),
+                  ("R2", {"NF4CORE_CUDA_GEMV_ROWS": "2"}), ("R4", {"NF4CORE_CUDA_GEMV_ROWS": "4"}),
+                  ("R8", {"NF4CORE_CUDA_GEMV_ROWS": "8"})):
+    os.environ.update(env)
+    res[f"gemv_variant_{name}_us"] = timed(
+        lambda: ext.cuda_gemv_dq(x.data_ptr(), kdt, 1, N, K, qw.packed.data_ptr(), qw.absmax.data_ptr(),
+                                 qw.nested_absmax.data_ptr(), qw.nested_offset, 64, nf4, dyn, y.data_ptr(), stream),
+        reps=20, inner=100) * 1e6
+    for k in env:
+        del os.environ[k]
+
+# the default kernel on the shapes of a 7B/8B decoder (bf16, NF4 + DQ, M = 1 and 4)
+shapes = []
+for (n_, k_) in ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (11008, 4096), (4096, 11008)):
+    Wk = torch.randn(n_, k_, device=dev, dtype=torch.bfloat16)
+    qk = pq.quantize(Wk, blocksize=64, double_quant=True)
+    for m_ in (1, 4):
+        xk = torch.randn(m_, k_, device=dev, dtype=torch.bfloat16)
+        yk = torch.empty(m_, n_, device=dev, dtype=torch.bfloat16)
+        td = timed(lambda: torch.nn.functional.linear(xk, Wk), reps=20, inner=100)
+        tq = timed(lambda: ext.cuda_gemv_dq(xk.data_ptr(), kdt, m_, n_, k_, qk.packed.data_ptr(), qk.absmax.data_ptr(),
+                                            qk.nested_absmax.data_ptr(), qk.nested_offset, 64, nf4, dyn,
+                                            yk.data_ptr(), stream), reps=20, inner=100)
+        shapes.append({"M": m_, "N": n_, "K": k_, "dense_us": td * 1e6, "nf4_us": tq * 1e6, "speedup": td / tq,
+                       "weight_GBps": (n_ * k_ // 2 + n_ * k_ // 64) / tq / 1e9})
+    del Wk, qk
+res["gemv_shapes"] = shapes
+
+# where the host time of _cuda.gemv goes (us per call, host clock, 200 calls
+# each, queued behind a GPU sleep so that a full launch queue never blocks them)
+def host_us(fn, n=200):
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(100_000_000)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    secs = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return secs / n * 1e6
+
+x = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
+res["host_us"] = {
+    "_cuda.gemv": host_us(lambda: _cuda.gemv(x, qw)),
+    "binding": host_us(lambda: ext.cuda_gemv_dq(x.data_ptr(), kdt, 1, N, K, qw.packed.data_ptr(), qw.absmax.data_ptr(),
+                                                qw.nested_absmax.data_ptr(), qw.nested_offset, 64, nf4, dyn,
+                                                y.data_ptr(), stream)),
+    "torch.empty": host_us(lambda: torch.empty((1, N), dtype=x.dtype, device=x.device)),
+    "_as_tensor": host_us(lambda: _cuda._as_tensor(x)),
+    "torch.cuda.device ctx": host_us(lambda: torch.cuda.device(x.device).__enter__()),
+    "current_stream": host_us(lambda: torch.cuda.current_stream(x.device).cuda_stream),
+    "lookup_table x2": host_us(lambda: (pq._codebooks.lookup_table("nf4", 16),
+                                        pq._codebooks.lookup_table("dynamic", 256))),
+}
+torch.cuda.synchronize()
+
 try:
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
@@ -333,6 +402,14 @@ if res:
               f"{f('gemv_' + dt + '_dense_us')} us: {f('gemv_' + dt + '_speedup', '{:.2f}')}x (target >= 3x), "
               f"rel.err {f('gemv_' + dt + '_relerr', '{:.1e}')}")
     print(f"{'  same through pq (_cuda.gemv), bf16':<44} {f('gemv_bf16_pq_call_us')} us per call (host overhead incl.)")
+    print(f"{'  kernels, same shape, bf16 (us)':<44} " + ", ".join(
+        f"{k[len('gemv_variant_'):-3]} {res[k]:.1f}" for k in res if k.startswith("gemv_variant_")))
+    print(f"{'  first dequantize kernel (v1), same tensor':<44} {f('dequant_v1_GBps')} GB/s")
+    for r in res.get("gemv_shapes", []):
+        print(f"{'  GEMV %dx%d.(%dx%d)^T bf16' % (r['M'], r['K'], r['N'], r['K']):<44} {r['nf4_us']:.1f} us vs dense "
+              f"{r['dense_us']:.1f} us: {r['speedup']:.2f}x, weights at {r['weight_GBps']:.0f} GB/s")
+    if "host_us" in res:
+        print(f"{'  host us per call':<44} " + ", ".join(f"{k} {v:.1f}" for k, v in res["host_us"].items()))
     print(f"{'  bitsandbytes matmul_4bit (bf16)':<44} {f('gemv_bnb_us')} us")
     if "pager_error" in res:
         print(f"{'CUDA pager, 3x512 MiB through a 1 GiB budget':<44} ERROR {res['pager_error']}")

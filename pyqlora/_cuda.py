@@ -17,6 +17,8 @@ the result of quantizing one is a :class:`CudaQuantizedArray`, whose arrays
 stay on the device and whose :meth:`~CudaQuantizedArray.cpu` gives the
 ordinary :class:`pyqlora.QuantizedArray` with the same bytes.
 """
+import contextlib
+
 import numpy as np
 
 from . import _dtypes
@@ -83,6 +85,14 @@ def _stream(torch, device):
     return torch.cuda.current_stream(device).cuda_stream
 
 
+def _on_device(torch, device):
+    """``torch.cuda.device(device)``, or nothing when it is already current: the
+    context manager costs microseconds a batch-1 GEMV cannot spare."""
+    if device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
 class CudaQuantizedArray:
     """A blockwise 4-bit array whose codes and scales live on a CUDA device.
 
@@ -141,7 +151,7 @@ def quantize(x, codebook="nf4", blocksize=64, double_quant=True):
     n = x.numel()
     nblocks = -(-n // blocksize)
     dev = x.device
-    with torch.cuda.device(dev):
+    with _on_device(torch, dev):
         packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=dev)
         absmax = torch.empty(nblocks, dtype=torch.float32, device=dev)
         s = _stream(torch, dev)
@@ -175,7 +185,7 @@ def dequantize(q, dtype=None, out=None):
     elif (tuple(out.shape) != q.shape or out.dtype != dtype or out.device != dev or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous {dtype} tensor of shape {q.shape} on {dev}")
     table = lookup_table(q.codebook, 16)
-    with torch.cuda.device(dev):
+    with _on_device(torch, dev):
         s = _stream(torch, dev)
         if q.double_quant:
             _ext.cuda_dequantize_4bit_dq(q.packed.data_ptr(), q.absmax.data_ptr(), q.nested_absmax.data_ptr(),
@@ -199,7 +209,7 @@ def gemv(x, q):
     M = x.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     table = lookup_table(q.codebook, 16)
-    with torch.cuda.device(x.device):
+    with _on_device(torch, x.device):
         s = _stream(torch, x.device)
         if q.double_quant:
             _ext.cuda_gemv_dq(x.data_ptr(), _kernel_dtype(x.dtype), M, N, K, q.packed.data_ptr(), q.absmax.data_ptr(),

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -33,6 +34,21 @@ struct Dev {
         cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost);
         return h;
     }
+};
+
+// Sets (or, for "", unsets) an environment variable for one scope: the
+// launchers read NF4CORE_CUDA_GEMV_ROWS / NF4CORE_CUDA_KERNELS on every call.
+struct Env {
+    const char *name;
+    Env(const char *n, const char *value) : name(n) {
+        if (value[0] != '\0')
+            setenv(n, value, 1);
+        else
+            unsetenv(n);
+    }
+    ~Env() { unsetenv(name); }
+    Env(const Env &) = delete;
+    Env &operator=(const Env &) = delete;
 };
 
 std::vector<float> table(const char *name) {
@@ -93,8 +109,12 @@ TEST_CASE(quantize_dequantize_4bit_byte_identical) {
                         std::vector<uint8_t> yc(bytes);
                         nf4_dequantize_4bit(pc.data(), ac.data(), n, bs, cb.data(), yc.data(), od);
                         Dev<uint8_t> dy(bytes);
-                        CHECK(nf4_cuda_dequantize_4bit(dp.p, da.p, n, bs, cb.data(), dy.p, od, nullptr) == NF4_OK);
-                        CHECK(dy.get(bytes) == yc);
+                        for (const char *kernels : {"", "v1"}) {  // the tiled kernel and the first one
+                            Env env("NF4CORE_CUDA_KERNELS", kernels);
+                            CHECK(nf4_cuda_dequantize_4bit(dp.p, da.p, n, bs, cb.data(), dy.p, od, nullptr) == NF4_OK);
+                            CHECK_MSG(dy.get(bytes) == yc, "%s bs=%lld n=%lld out dtype %d kernels '%s'", name,
+                                      (long long)bs, (long long)n, int(od), kernels);
+                        }
                     }
                 }
             }
@@ -119,11 +139,19 @@ TEST_CASE(eight_bit_and_double_quantization_byte_identical) {
             CHECK(nf4_cuda_quantize_8bit(dx.p, NF4_BFLOAT16, n, bs, dyn.data(), dc.p, da.p, nullptr) == NF4_OK);
             CHECK(dc.get(static_cast<size_t>(n)) == cc);
             CHECK(da.get(static_cast<size_t>(nb)) == ac);
-            std::vector<float> yc(static_cast<size_t>(n));
-            nf4_dequantize_8bit(cc.data(), ac.data(), n, bs, dyn.data(), yc.data(), NF4_FLOAT32);
-            CHECK(nf4_cuda_dequantize_8bit(dc.p, da.p, n, bs, dyn.data(), dy.p, NF4_FLOAT32, nullptr) == NF4_OK);
-            const std::vector<float> yg = dy.get(static_cast<size_t>(n));
-            CHECK(std::memcmp(yg.data(), yc.data(), static_cast<size_t>(n) * 4) == 0);
+            for (nf4_dtype od : {NF4_FLOAT32, NF4_BFLOAT16}) {
+                for (const char *kernels : {"", "v1"}) {  // the tiled kernel and the first one
+                    Env env("NF4CORE_CUDA_KERNELS", kernels);
+                    const size_t bytes = static_cast<size_t>(n * nf4_dtype_size(od));
+                    std::vector<uint8_t> yc(bytes);
+                    nf4_dequantize_8bit(cc.data(), ac.data(), n, bs, dyn.data(), yc.data(), od);
+                    CHECK(nf4_cuda_dequantize_8bit(dc.p, da.p, n, bs, dyn.data(), dy.p, od, nullptr) == NF4_OK);
+                    std::vector<uint8_t> yg(bytes);
+                    cudaMemcpy(yg.data(), dy.p, bytes, cudaMemcpyDeviceToHost);
+                    CHECK_MSG(yg == yc, "8-bit bs=%lld n=%lld out dtype %d kernels '%s'", (long long)bs, (long long)n,
+                              int(od), kernels);
+                }
+            }
         }
     }
     // double quantization of many block scales (several nested groups, a tail)
@@ -193,7 +221,8 @@ TEST_CASE(gemv_matches_cpu_reference) {
     std::vector<float> dyn(256);
     nf4_codebook_dynamic(1, dyn.data());
     struct Shape { int64_t M, N, K, bs; };
-    for (const Shape s : {Shape{1, 64, 128, 64}, Shape{3, 33, 4096, 64}, Shape{8, 17, 200, 32}, Shape{5, 130, 1024, 256}}) {
+    for (const Shape s : {Shape{1, 64, 128, 64}, Shape{3, 33, 4096, 64}, Shape{8, 17, 200, 32}, Shape{5, 130, 1024, 256},
+                          Shape{2, 9, 96, 32}, Shape{1, 1027, 8192, 64}, Shape{4, 1030, 2048, 128}}) {
         std::vector<float> w(static_cast<size_t>(s.N * s.K)), x(static_cast<size_t>(s.M * s.K));
         for (float &v : w) v = normal(rng);
         for (float &v : x) v = normal(rng);
@@ -225,12 +254,19 @@ TEST_CASE(gemv_matches_cpu_reference) {
                 }
             return bad;
         };
-        CHECK(nf4_cuda_gemv_4bit(dx.p, NF4_FLOAT32, s.M, s.N, s.K, dp.p, ds.p, s.bs, cb.data(), dy.p, nullptr) == NF4_OK);
-        CHECK_MSG(close(dy.get(want.size()), want) == 0, "gemv M=%lld N=%lld K=%lld", (long long)s.M,
-                  (long long)s.N, (long long)s.K);
-        CHECK(nf4_cuda_gemv_4bit_dq(dx.p, NF4_FLOAT32, s.M, s.N, s.K, dp.p, dq.p, dn.p, off, s.bs, cb.data(),
-                                    dyn.data(), dy.p, nullptr) == NF4_OK);
-        CHECK(close(dy.get(want.size()), want_dq) == 0);
+        // every kernel variant: the default choice, each forced row count, the first kernel
+        for (const char *variant : {"", "1", "2", "4", "8", "v1"}) {
+            Env rows("NF4CORE_CUDA_GEMV_ROWS", variant[0] == 'v' ? "" : variant);
+            Env kernels("NF4CORE_CUDA_KERNELS", variant[0] == 'v' ? variant : "");
+            CHECK(nf4_cuda_gemv_4bit(dx.p, NF4_FLOAT32, s.M, s.N, s.K, dp.p, ds.p, s.bs, cb.data(), dy.p, nullptr) ==
+                  NF4_OK);
+            CHECK_MSG(close(dy.get(want.size()), want) == 0, "gemv M=%lld N=%lld K=%lld variant '%s'", (long long)s.M,
+                      (long long)s.N, (long long)s.K, variant);
+            CHECK(nf4_cuda_gemv_4bit_dq(dx.p, NF4_FLOAT32, s.M, s.N, s.K, dp.p, dq.p, dn.p, off, s.bs, cb.data(),
+                                        dyn.data(), dy.p, nullptr) == NF4_OK);
+            CHECK_MSG(close(dy.get(want.size()), want_dq) == 0, "gemv dq M=%lld N=%lld K=%lld variant '%s'",
+                      (long long)s.M, (long long)s.N, (long long)s.K, variant);
+        }
     }
 }
 

@@ -69,6 +69,17 @@ inline unsigned grid_for(int64_t items, int64_t per_block) {
     return unsigned(g);
 }
 
+// A grid that fills the current device once with blocks of `threads`
+// (2048 resident threads per SM on every GPU from Volta on), for kernels that
+// stride over their work.
+inline unsigned resident_grid(int threads) {
+    int dev = 0, sms = 0;
+    check(cudaGetDevice(&dev), "cudaGetDevice");
+    check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+    const int64_t g = int64_t(sms) * (2048 / threads);
+    return unsigned(g < 1 ? 1 : g > kMaxGrid ? kMaxGrid : g);
+}
+
 // Calls f(T{}) with T the element type of `dtype` (float, half_t, bfloat16_t).
 template <class F>
 void dispatch_dtype(nf4_dtype dtype, F &&f) {
@@ -101,8 +112,9 @@ struct Scales {
 
 #if defined(__CUDACC__)
 __device__ __forceinline__ float block_scale_at(const Scales &s, const float *dyn_smem, int64_t b) {
-    if (s.absmax != nullptr) return s.absmax[b];
-    return dq_scale(dyn_smem[s.qabsmax[b]], s.nested[b / NF4_DQ_BLOCKSIZE], s.offset);
+    // __ldg: the scales are read-only for every kernel that reads them here
+    if (s.absmax != nullptr) return __ldg(s.absmax + b);
+    return dq_scale(dyn_smem[__ldg(s.qabsmax + b)], __ldg(s.nested + b / NF4_DQ_BLOCKSIZE), s.offset);
 }
 
 // Copies a table passed as a kernel argument into shared memory, the thread

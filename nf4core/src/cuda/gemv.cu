@@ -2,23 +2,31 @@
 // (token-by-token generation), W given by its packed NF4/FP4 codes and block
 // scales (float32, or double-quantized and decoded on the fly).
 //
-// Each warp owns kRows rows of W and reads them once, 16 bytes (32 weights,
-// one scale) per lane per step; the slice of x is loaded once per step and
-// used for every row of the warp; the codebook sits in shared memory. Within
-// a 32-weight chunk the products codebook[code] * x are summed first and the
-// block scale applied once (the CPU AVX-512 kernel does the same), then the
-// lanes' partial sums are combined by a warp reduction. The summation order
-// differs from nf4_matmul_4bit_ref, so results agree with the CPU to float32
-// rounding, not bit for bit.
-//
-// Correct on an H200 but not tuned: kRows and the launch shape are first
-// guesses. There (2026-12-04) 1x8192 . (8192x8192)^T NF4 + DQ in bf16 took
-// 41 us against 35 us for torch's dense bf16 product: instruction-bound, see
-// docs/performance.md "CUDA" for what to try next.
+// Two kernels:
+//  - gemv_rows_kernel (K % 32 == 0, 16-byte aligned packed and x: every
+//    layer of a transformer): one thread block of up to 128 threads owns R
+//    rows of W and its threads stride along K over 32-weight chunks (16 bytes
+//    of codes, one block scale), two chunks per step with all their loads
+//    issued first; each load of x serves the R rows. Within a chunk the
+//    products codebook[code] * x are summed first and the scale applied once
+//    (as the CPU AVX-512 kernel does); the threads' partial sums are combined
+//    by warp shuffles, then across warps in shared memory, in a fixed order.
+//    R (1, 2, 4, 8) is chosen from M and N; NF4CORE_CUDA_GEMV_ROWS forces it
+//    (for benchmarks and tests).
+//  - gemv_kernel: any K and alignment, one weight per lane step (the first
+//    kernel; NF4CORE_CUDA_KERNELS=v1 selects it for every shape, so that a
+//    benchmark can compare the two in one run).
+// The summation order differs from nf4_matmul_4bit_ref, so results agree with
+// the CPU to float32 rounding, not bit for bit. The codebook sits in shared
+// memory: 16 floats in 16 different banks, so the lanes' lookups never
+// conflict.
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "../error.hpp"
 #include "../numeric.hpp"
@@ -146,6 +154,143 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
+constexpr int kRowsThreads = 128;  // threads of gemv_rows_kernel (at most)
+
+template <int R>
+__device__ __forceinline__ void load_rows(const uint8_t *__restrict__ packed, const Scales &sc, const float *dyn,
+                                          int64_t n0, int64_t N, int64_t K, int64_t c, int64_t blocksize,
+                                          bool valid, uint4 (&w)[R], float (&s)[R]) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        if (valid && n0 + r < N) {
+            const int64_t e0 = (n0 + r) * K + 32 * c;
+            w[r] = __ldg(reinterpret_cast<const uint4 *>(packed + (e0 >> 1)));
+            s[r] = block_scale_at(sc, dyn, e0 / blocksize);
+        } else {
+            w[r] = make_uint4(0u, 0u, 0u, 0u);
+            s[r] = 0.0f;
+        }
+    }
+}
+
+// acc[r][m] += scale_r * sum_e codebook[code_r,e] * x[m, 32c + e] over one
+// chunk; each weight is looked up once for all MT rows of x.
+template <typename T, int R, int MT>
+__device__ __forceinline__ void chunk_dot(const T *__restrict__ x, int M, int64_t K, int64_t c, const float *cb,
+                                          const uint4 (&w)[R], const float (&s)[R], float (&acc)[R][MT]) {
+    float part[R][MT];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int m = 0; m < MT; ++m) part[r][m] = 0.0f;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        float xv[MT][8];
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+            if (m < M) {
+                load8<T>(x + int64_t(m) * K + 32 * c + 8 * q, xv[m]);
+            } else {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) xv[m][e] = 0.0f;
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const uint32_t word = q == 0 ? w[r].x : q == 1 ? w[r].y : q == 2 ? w[r].z : w[r].w;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                // byte e/2 of the word; the even element in its high nibble
+                const float wv = cb[(word >> (8 * (e >> 1) + ((e & 1) ? 0 : 4))) & 0x0Fu];
+#pragma unroll
+                for (int m = 0; m < MT; ++m) part[r][m] = fmaf(wv, xv[m][e], part[r][m]);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int m = 0; m < MT; ++m) acc[r][m] = fmaf(part[r][m], s[r], acc[r][m]);
+}
+
+// MT: rows of x the kernel is compiled for (M <= MT; the rows past M are zeros
+// and not written).
+template <typename T, int R, int MT>
+__global__ void __launch_bounds__(kRowsThreads)
+    gemv_rows_kernel(const T *__restrict__ x, int M, int64_t N, int64_t K, const uint8_t *__restrict__ packed,
+                     const Scales sc, int64_t blocksize, const __grid_constant__ Table16 cb_arg,
+                     const __grid_constant__ Table256 dyn_arg, T *__restrict__ y) {
+    __shared__ float cb[16];
+    __shared__ float dyn[256];
+    __shared__ float red[kRowsThreads / 32][R * MT];
+    for (int i = threadIdx.x; i < 16; i += blockDim.x) cb[i] = cb_arg.v[i];
+    if (sc.absmax == nullptr)
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) dyn[i] = dyn_arg.v[i];
+    __syncthreads();
+    const int lane = int(threadIdx.x & 31u), warp = int(threadIdx.x >> 5), nwarps = int(blockDim.x >> 5);
+    const int64_t chunks = K >> 5, nt = blockDim.x;
+    for (int64_t n0 = int64_t(blockIdx.x) * R; n0 < N; n0 += int64_t(gridDim.x) * R) {
+        float acc[R][MT];
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int m = 0; m < MT; ++m) acc[r][m] = 0.0f;
+        for (int64_t c = threadIdx.x; c < chunks; c += 2 * nt) {
+            uint4 w0[R], w1[R];
+            float s0[R], s1[R];
+            const bool second = c + nt < chunks;
+            load_rows<R>(packed, sc, dyn, n0, N, K, c, blocksize, true, w0, s0);
+            load_rows<R>(packed, sc, dyn, n0, N, K, c + nt, blocksize, second, w1, s1);
+            chunk_dot<T, R, MT>(x, M, K, c, cb, w0, s0, acc);
+            if (second) chunk_dot<T, R, MT>(x, M, K, c + nt, cb, w1, s1, acc);
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int m = 0; m < MT; ++m) {
+                const float v = warp_sum(acc[r][m]);
+                if (lane == 0) red[warp][r * MT + m] = v;
+            }
+        __syncthreads();
+        for (int i = int(threadIdx.x); i < R * MT; i += int(blockDim.x)) {
+            const int r = i / MT, m = i % MT;
+            if (m < M && n0 + r < N) {
+                float v = red[0][i];
+                for (int j = 1; j < nwarps; ++j) v += red[j][i];
+                y[int64_t(m) * N + n0 + r] = from_float<T>(v);
+            }
+        }
+        __syncthreads();  // red is reused by the next group of rows
+    }
+}
+
+template <typename T, int R, int MT>
+void launch_rows(unsigned grid, unsigned threads, cudaStream_t s, const T *x, int M, int64_t N, int64_t K,
+                 const uint8_t *packed, const Scales &sc, int64_t blocksize, const Table16 &cb, const Table256 &dyn,
+                 T *y) {
+    gemv_rows_kernel<T, R, MT><<<grid, threads, 0, s>>>(x, M, N, K, packed, sc, blocksize, cb, dyn, y);
+}
+
+// Rows of W per thread block: enough that each load of x serves several rows,
+// few enough that the accumulators (R x MT <= 8) stay in registers and that a
+// layer's rows still fill the GPU. NF4CORE_CUDA_GEMV_ROWS=1|2|4|8 overrides
+// (clamped to R x MT <= 8).
+int rows_per_block(int MT, int64_t N) {
+    int r = 4 / MT > 1 ? 4 / MT : 1;
+    while (r > 1 && N / r < 1024) r /= 2;  // keep >= 1024 blocks when N allows
+    if (const char *e = std::getenv("NF4CORE_CUDA_GEMV_ROWS")) {
+        const int f = std::atoi(e);
+        if (f == 1 || f == 2 || f == 4 || f == 8) r = f;
+    }
+    while (r * MT > 8) r /= 2;
+    return r;
+}
+
+bool first_kernels_forced() {
+    const char *e = std::getenv("NF4CORE_CUDA_KERNELS");
+    return e != nullptr && std::strcmp(e, "v1") == 0;
+}
+
 bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 nf4_status gemv(const void *x, nf4_dtype dtype, int64_t M, int64_t N, int64_t K, const uint8_t *packed,
@@ -182,15 +327,41 @@ nf4_status gemv(const void *x, nf4_dtype dtype, int64_t M, int64_t N, int64_t K,
         require_device();
         const cudaStream_t s = as_stream(stream);
         const bool vec = K % 32 == 0 && aligned16(packed) && aligned16(x);
-        const unsigned grid = grid_for(N, int64_t(kThreads / 32) * kRows);
+        const bool rows = vec && !first_kernels_forced();
+        const int MT = M == 1 ? 1 : M == 2 ? 2 : M <= 4 ? 4 : 8;
+        const int R = rows ? rows_per_block(MT, N) : 0;
+        // one warp per 2 x 32 chunks of a row, at most kRowsThreads threads
+        const int64_t warps = ceil_div(K >> 5, 64);
+        const unsigned threads = unsigned(32 * (warps < kRowsThreads / 32 ? warps : kRowsThreads / 32));
+        const unsigned grid = rows ? grid_for(N, R) : grid_for(N, int64_t(kThreads / 32) * kRows);
         dispatch_dtype(dtype, [&](auto tag) {
             using T = decltype(tag);
             const T *xt = static_cast<const T *>(x);
             T *yt = static_cast<T *>(y);
-            if (vec)
-                gemv_kernel<T, true><<<grid, kThreads, 0, s>>>(xt, int(M), N, K, packed, sc, blocksize, cb, dyn, yt);
-            else
-                gemv_kernel<T, false><<<grid, kThreads, 0, s>>>(xt, int(M), N, K, packed, sc, blocksize, cb, dyn, yt);
+            const int m = int(M);
+            if (rows) {
+                const auto go = [&](auto r_tag, auto mt_tag) {
+                    launch_rows<T, decltype(r_tag)::value, decltype(mt_tag)::value>(grid, threads, s, xt, m, N, K,
+                                                                                     packed, sc, blocksize, cb, dyn, yt);
+                };
+                using I1 = std::integral_constant<int, 1>;
+                using I2 = std::integral_constant<int, 2>;
+                using I4 = std::integral_constant<int, 4>;
+                using I8 = std::integral_constant<int, 8>;
+                if (MT == 1) {
+                    if (R == 1) go(I1{}, I1{}); else if (R == 2) go(I2{}, I1{}); else if (R == 4) go(I4{}, I1{}); else go(I8{}, I1{});
+                } else if (MT == 2) {
+                    if (R == 1) go(I1{}, I2{}); else if (R == 2) go(I2{}, I2{}); else go(I4{}, I2{});
+                } else if (MT == 4) {
+                    if (R == 1) go(I1{}, I4{}); else go(I2{}, I4{});
+                } else {
+                    go(I1{}, I8{});
+                }
+            } else if (vec) {
+                gemv_kernel<T, true><<<grid, kThreads, 0, s>>>(xt, m, N, K, packed, sc, blocksize, cb, dyn, yt);
+            } else {
+                gemv_kernel<T, false><<<grid, kThreads, 0, s>>>(xt, m, N, K, packed, sc, blocksize, cb, dyn, yt);
+            }
         });
         check_launch("gemv kernel launch");
     });

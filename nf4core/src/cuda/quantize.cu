@@ -7,9 +7,13 @@
 // Indices are int64_t and grids stride, so 2^31 elements and more work.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "../error.hpp"
 #include "../kernels.hpp"
@@ -85,10 +89,10 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
-// Element vectors for the dequantize stores (16 elements per thread).
-template <typename T>
-struct alignas(16) Vec16 {
-    T v[16];
+// Element vectors for the dequantize stores.
+template <typename T, int E>
+struct alignas(16) Vec {
+    T v[E];
 };
 
 // Each thread decodes chunks of 16 elements (blocksizes are multiples of 32,
@@ -127,10 +131,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
                 for (int e = 0; e < E; ++e) codes[e] = uint8_t((words[e >> 2] >> (8 * (e & 3))) & 0xFFu);
             }
-            Vec16<T> r;
+            Vec<T, 16> r;
 #pragma unroll
             for (int e = 0; e < E; ++e) r.v[e] = from_float<T>(decode_value(cb[codes[e]], scale));
-            *reinterpret_cast<Vec16<T> *>(out + i0) = r;
+            *reinterpret_cast<Vec<T, 16> *>(out + i0) = r;
         } else {
             const int64_t i1 = i0 + E < n ? i0 + E : n;
             for (int64_t i = i0; i < i1; ++i) {
@@ -138,6 +142,74 @@ __global__ void __launch_bounds__(kThreads)
                 out[i] = from_float<T>(decode_value(cb[code], scale));
             }
         }
+    }
+}
+
+// The tuned dequantize (the launcher's choice when codes and output are
+// aligned): each warp decodes tiles of 4 x 32 pieces of P elements, P * sizeof(T)
+// = 16 bytes, lane l taking piece l of each quarter. So every store
+// instruction of the warp writes 512 contiguous bytes and every code load
+// reads contiguous bytes; a piece lies in one quantization block (P <= 8 <=
+// 32 <= blocksize), so its scale is decoded once; the four pieces' loads are
+// issued before any is decoded. Same arithmetic as dequantize_kernel, so the
+// same bytes.
+template <int BITS, typename T>
+__global__ void __launch_bounds__(kThreads)
+    dequantize_tiles_kernel(const uint8_t *__restrict__ in, const Scales sc, int64_t n, int64_t blocksize,
+                            const __grid_constant__ Table256 cb_arg, const __grid_constant__ Table256 dyn_arg,
+                            T *__restrict__ out) {
+    constexpr int kCodes = 1 << BITS;
+    constexpr int P = 16 / int(sizeof(T));          // elements per piece: 4 (float32) or 8
+    constexpr int kPieceBytes = P * BITS / 8;       // code bytes per piece: 2, 4 or 8
+    constexpr int64_t kTile = 4 * 32 * P;           // elements per warp tile
+    using CodeWord = typename std::conditional<kPieceBytes == 2, uint16_t,
+                     typename std::conditional<kPieceBytes == 4, uint32_t, uint64_t>::type>::type;
+    __shared__ float cb[kCodes];
+    __shared__ float dyn[256];
+    copy_words(cb, cb_arg.v, kCodes * 4);
+    if (sc.absmax == nullptr) copy_words(dyn, dyn_arg.v, 256 * 4);
+    __syncthreads();
+    const int lane = int(threadIdx.x & 31u);
+    const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+    const int64_t tiles = n / kTile;  // whole tiles; the rest element by element below
+    for (int64_t t = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; t < tiles; t += warps) {
+        const int64_t base = t * kTile + int64_t(lane) * P;
+        CodeWord words[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const int64_t i0 = base + int64_t(k) * 32 * P;
+            words[k] = __ldg(reinterpret_cast<const CodeWord *>(in + i0 * BITS / 8));
+        }
+        // all four scales before the first store: the compiler may not move a
+        // scale's loads above a store to `out`, so interleaving them would
+        // make each piece wait a memory round trip
+        float scales[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) scales[k] = block_scale_at(sc, dyn, (base + int64_t(k) * 32 * P) / blocksize);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const int64_t i0 = base + int64_t(k) * 32 * P;
+            const float scale = scales[k];
+            const uint64_t wk = uint64_t(words[k]);
+            Vec<T, P> r;
+#pragma unroll
+            for (int e = 0; e < P; ++e) {
+                unsigned code;
+                if (BITS == 4) {  // byte e/2; the even element in its high nibble
+                    code = unsigned(wk >> (8 * (e >> 1) + ((e & 1) ? 0 : 4))) & 0x0Fu;
+                } else {
+                    code = unsigned(wk >> (8 * e)) & 0xFFu;
+                }
+                r.v[e] = from_float<T>(decode_value(cb[code], scale));
+            }
+            *reinterpret_cast<Vec<T, P> *>(out + i0) = r;
+        }
+    }
+    // the tail (< one tile), one element per thread of the whole grid
+    const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+    for (int64_t i = tiles * kTile + int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const unsigned code = BITS == 8 ? unsigned(in[i]) : nibble_at(in, i);
+        out[i] = from_float<T>(decode_value(cb[code], block_scale_at(sc, dyn, i / blocksize)));
     }
 }
 
@@ -287,11 +359,18 @@ nf4_status dequantize(const uint8_t *in, const Scales &sc, int64_t n, int64_t bl
         require_device();
         const cudaStream_t s = as_stream(stream);
         const bool vec = aligned(in, BITS == 4 ? 8 : 16) && aligned(out, 16);
-        const unsigned grid = grid_for((n + 15) / 16, kThreads);
+        const char *forced = std::getenv("NF4CORE_CUDA_KERNELS");  // "v1": the first kernel, for benchmarks
+        const bool tiles = vec && !(forced != nullptr && std::strcmp(forced, "v1") == 0);
+        // tiles: as many blocks as fit on the GPU at once, fewer for small n
+        const int64_t tile = 4 * 32 * (16 / nf4_dtype_size(dtype));
+        const unsigned grid = tiles ? std::min(resident_grid(kThreads), grid_for(ceil_div(n, tile), kThreads / 32))
+                                    : grid_for((n + 15) / 16, kThreads);
         dispatch_dtype(dtype, [&](auto tag) {
             using T = decltype(tag);
             T *o = static_cast<T *>(out);
-            if (vec)
+            if (tiles)
+                dequantize_tiles_kernel<BITS, T><<<grid, kThreads, 0, s>>>(in, sc, n, blocksize, cb, dyn, o);
+            else if (vec)
                 dequantize_kernel<BITS, T, true><<<grid, kThreads, 0, s>>>(in, sc, n, blocksize, cb, dyn, o);
             else
                 dequantize_kernel<BITS, T, false><<<grid, kThreads, 0, s>>>(in, sc, n, blocksize, cb, dyn, o);
