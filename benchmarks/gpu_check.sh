@@ -256,6 +256,26 @@ res["host_us"] = {
     "lookup_table x2": host_us(lambda: (pq._codebooks.lookup_table("nf4", 16),
                                         pq._codebooks.lookup_table("dynamic", 256))),
 }
+# the C function itself through ctypes (no Cython, no numpy memoryviews), and
+# its checks alone (M = 0 fails after the argument checks, before any CUDA call)
+try:
+    import ctypes
+
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(os.path.abspath(out_json)), "build-nf4core", "libnf4core.so"))
+    f_dq = lib.nf4_cuda_gemv_4bit_dq
+    f_dq.restype = ctypes.c_int
+    f_dq.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_void_p,
+                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    cb_p, dyn_p = nf4.ctypes.data, dyn.ctypes.data
+    args = (x.data_ptr(), kdt, 1, N, K, qw.packed.data_ptr(), qw.absmax.data_ptr(), qw.nested_absmax.data_ptr(),
+            qw.nested_offset, 64, cb_p, dyn_p, y.data_ptr(), stream)
+    assert f_dq(*args) == 0
+    res["host_us"]["C call (ctypes)"] = host_us(lambda: f_dq(*args))
+    bad = (x.data_ptr(), kdt, 0) + args[3:]
+    res["host_us"]["C checks only (ctypes)"] = host_us(lambda: f_dq(*bad))
+except Exception as exc:  # noqa: BLE001
+    res["host_us"]["ctypes"] = f"{type(exc).__name__}: {exc}"[:120]
 torch.cuda.synchronize()
 
 try:
@@ -409,7 +429,8 @@ if res:
         print(f"{'  GEMV %dx%d.(%dx%d)^T bf16' % (r['M'], r['K'], r['N'], r['K']):<44} {r['nf4_us']:.1f} us vs dense "
               f"{r['dense_us']:.1f} us: {r['speedup']:.2f}x, weights at {r['weight_GBps']:.0f} GB/s")
     if "host_us" in res:
-        print(f"{'  host us per call':<44} " + ", ".join(f"{k} {v:.1f}" for k, v in res["host_us"].items()))
+        print(f"{'  host us per call':<44} " + ", ".join(
+            f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in res["host_us"].items()))
     print(f"{'  bitsandbytes matmul_4bit (bf16)':<44} {f('gemv_bnb_us')} us")
     if "pager_error" in res:
         print(f"{'CUDA pager, 3x512 MiB through a 1 GiB budget':<44} ERROR {res['pager_error']}")

@@ -34,8 +34,43 @@ from ._quantize import quantize
 __all__ = ["Linear4bit", "LoraLinear4bit", "dequantize_weight"]
 
 
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _same_device(x, q):
+    """A clear error where the input and the 4-bit weight live on different devices."""
+    qdev = q.device if not isinstance(q, QuantizedArray) else torch.device("cpu")
+    if x.device != qdev:
+        raise ValueError(f"the input is on {x.device} but the 4-bit weight is on {qdev}; move the layer to the "
+                         f"input's device first (layer.to({str(x.device)!r}))")
+
+
+def _cuda_dense(q, dtype):
+    """The dequantized weight of a CudaQuantizedArray on its device, in `dtype`."""
+    from . import _cuda
+
+    if dtype in _CUDA_DTYPES:
+        return _cuda.dequantize(q, dtype=dtype)
+    return _cuda.dequantize(q, dtype=torch.float32).to(dtype)  # float64: the kernels compute in float32
+
+
+def _cuda_product(x, q, bias):
+    """x W^T + b on a CUDA device: the 4-bit GEMV for up to 8 rows (token-by-token
+    generation), else W dequantized once into x's dtype for torch's matmul."""
+    from . import _cuda
+
+    rows = x.numel() // max(x.shape[-1], 1)
+    if 1 <= rows <= 8 and x.dtype in _CUDA_DTYPES:
+        y = _cuda.gemv(x.detach().reshape(rows, x.shape[-1]), q).reshape(*x.shape[:-1], q.shape[0])
+        return y if bias is None else y + bias.to(x.dtype)
+    return torch.nn.functional.linear(x.detach(), _cuda_dense(q, x.dtype), None if bias is None else bias.to(x.dtype))
+
+
 def _product(x, q, bias):
     """x W^T + b, W the QuantizedArray `q`: fused (few rows), tiled (many) or a temporary dense W."""
+    _same_device(x, q)
+    if not isinstance(q, QuantizedArray):
+        return _cuda_product(x, q, bias)
     path = choose_path(x, q)
     if path != "dense":
         x = x.detach().contiguous()
@@ -65,8 +100,10 @@ class _Linear4bitFunction(torch.autograd.Function):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:  # grad_input = grad_output . W
             q = ctx.layer.quantized
-            path = choose_path(grad_out, q)
-            if path == "fused":
+            path = choose_path(grad_out, q) if isinstance(q, QuantizedArray) else "cuda"
+            if path == "cuda":
+                grad_x = grad_out @ _cuda_dense(q, grad_out.dtype)
+            elif path == "fused":
                 grad_x = fused_product(grad_out, q, transpose=False)
             elif path == "tiled":
                 grad_x = tiled_product_torch(grad_out.contiguous(), q, False)
@@ -173,8 +210,8 @@ class Linear4bit(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected torch.nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
-        if w.device.type != "cpu":
-            raise TypeError(f"the weight is on {w.device}; only CPU tensors are supported yet")
+        if w.device.type not in ("cpu", "cuda"):
+            raise TypeError(f"the weight is on {w.device}; CPU and CUDA tensors are supported")
         if w.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise TypeError(f"cannot quantize a {w.dtype} weight")
         layer = cls.__new__(cls)
@@ -183,8 +220,16 @@ class Linear4bit(nn.Module):
         layer.codebook, layer.blocksize, layer.double_quant = codebook, blocksize, double_quant
         layer.compute_dtype = compute_dtype
         layer._q_cache = None
-        layer.quantized = quantize(as_numpy(w.contiguous()), codebook=codebook, blocksize=blocksize,
-                                   double_quant=double_quant)
+        if w.device.type == "cuda":
+            # quantized by the CUDA kernels (the CPU's bytes), stored on the weight's device
+            q = quantize(w if w.dtype != torch.float64 else w.float(), codebook=codebook, blocksize=blocksize,
+                         double_quant=double_quant)
+            layer.quantized = q.cpu()
+            layer._q_meta["dtype"] = numpy_dtype(w.dtype)
+            layer._move_storage(w.device)
+        else:
+            layer.quantized = quantize(as_numpy(w.contiguous()), codebook=codebook, blocksize=blocksize,
+                                       double_quant=double_quant)
         layer.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return layer
 
@@ -208,9 +253,17 @@ class Linear4bit(nn.Module):
         if self.weight.device.type == "meta":
             raise RuntimeError("this Linear4bit was built on the meta device and holds no weight yet: assign "
                                "`quantized` or load a state dict")
-        if any(t.device.type != "cpu" for t in tensors if t is not None):
-            raise TypeError(f"the 4-bit weight is on {self.weight.device}; only CPU storage is supported yet")
+        devices = {t.device for t in tensors if t is not None}
+        if len(devices) > 1:
+            raise RuntimeError(f"the 4-bit weight's parameters are on different devices ({sorted(map(str, devices))}); "
+                               "move the layer with .to(device)")
         meta = self._q_meta
+        if self.weight.device.type == "cuda":
+            q = self._cuda_view(tensors, meta)
+            self._q_cache = [key, q, None]
+            return q
+        if self.weight.device.type != "cpu":
+            raise TypeError(f"the 4-bit weight is on {self.weight.device}; CPU and CUDA storage are supported")
         absmax = byte_view(self.weight_absmax)
         nested = None
         if meta["double_quant"]:
@@ -222,6 +275,20 @@ class Linear4bit(nn.Module):
                            absmax=absmax, nested_absmax=nested, nested_offset=meta["nested_offset"])
         self._q_cache = [key, q, None]  # [2]: its fused_matrix, made on the first inference product
         return q
+
+    @staticmethod
+    def _cuda_view(tensors, meta):
+        """The parameters on a CUDA device as a CudaQuantizedArray (views, no copy)."""
+        from ._cuda import CudaQuantizedArray
+
+        packed, absmax, nested = (None if t is None else t.detach().reshape(-1) for t in tensors)
+        if meta["double_quant"]:
+            nested = nested.view(torch.float32)
+        else:
+            absmax = absmax.view(torch.float32)
+        return CudaQuantizedArray(shape=meta["shape"], dtype=torch_dtype(meta["dtype"]), codebook=meta["codebook"],
+                                  blocksize=meta["blocksize"], packed=packed, absmax=absmax, nested_absmax=nested,
+                                  nested_offset=meta["nested_offset"])
 
     @quantized.setter
     def quantized(self, q):
@@ -259,22 +326,27 @@ class Linear4bit(nn.Module):
         return torch_dtype(self._q_meta["dtype"])
 
     def dequantized_weight(self, dtype=None):
-        return dequantize_weight(self.quantized, dtype or self.weight_dtype)
+        q = self.quantized
+        if not isinstance(q, QuantizedArray):
+            return _cuda_dense(q, dtype or self.weight_dtype)
+        return dequantize_weight(q, dtype or self.weight_dtype)
 
     def forward(self, x):
         dtype = self.compute_dtype
-        if dtype is None and torch.is_autocast_enabled("cpu"):
-            dtype = torch.get_autocast_dtype("cpu")
+        if dtype is None and x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
         if dtype is not None and x.dtype != dtype:
             x = x.to(dtype)
-        if x.device.type != "cpu":
-            raise TypeError(f"Linear4bit runs on CPU tensors only for now; got one on {x.device}")
+        if x.device.type not in ("cpu", "cuda"):
+            raise TypeError(f"Linear4bit runs on CPU and CUDA tensors; got one on {x.device}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}")
         bias = self.bias
         if not torch.is_grad_enabled() or not (x.requires_grad or (bias is not None and bias.requires_grad)):
             # nothing to differentiate: skip autograd's bookkeeping
             q = self.quantized
+            if x.device.type != "cpu" or not isinstance(q, QuantizedArray):
+                return _product(x, q, bias)
             if q.size and choose_path(x, q) == "fused":  # decode: the kernel with arguments checked once
                 cache = self._q_cache
                 if cache[2] is None:
@@ -306,7 +378,10 @@ class Linear4bit(nn.Module):
                 if t is not None:
                     destination[prefix + name] = t if keep_vars else t.detach()
             return
-        for k, v in self.quantized.to_bnb_dict(prefix + "weight").items():
+        q = self.quantized
+        if not isinstance(q, QuantizedArray):  # on a CUDA device: the state dict is written from a host copy
+            q = q.cpu()
+        for k, v in q.to_bnb_dict(prefix + "weight").items():
             destination[k] = torch.from_numpy(v)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -333,8 +408,11 @@ class Linear4bit(nn.Module):
                     error_msgs.append(f"{wkey}: shape {q.shape} does not match ({self.out_features}, "
                                       f"{self.in_features})")
                 else:
+                    device = self.weight.device
                     self.quantized = q
                     self.codebook, self.blocksize, self.double_quant = q.codebook, q.blocksize, q.double_quant
+                    if device.type == "cuda":  # a layer on a GPU stays there
+                        self._move_storage(device)
         bkey = prefix + "bias"
         if self.bias is not None:
             if bkey in state_dict and tuple(state_dict[bkey].shape) != tuple(self.bias.shape):
@@ -350,6 +428,14 @@ class Linear4bit(nn.Module):
         for k in state_dict:
             if k.startswith(prefix) and k not in ours and k != bkey and "." not in k[len(prefix):]:
                 unexpected_keys.append(k)
+
+    def _move_storage(self, device):
+        """The 4-bit parameters (codes, scales, nested scales) copied to `device`."""
+        for name in _STORAGE:
+            t = self._parameters.get(name)
+            if t is not None:
+                self._parameters[name] = nn.Parameter(t.detach().to(device), requires_grad=False)
+        self._q_cache = None
 
     def _load_storage(self, entries, prefix, missing_keys, error_msgs):
         """Copy the byte layout written while sharded (weight, weight_absmax, ...) into the parameters."""

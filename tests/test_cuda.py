@@ -296,3 +296,94 @@ def test_cuda_pager_accepts_cuda_tensors_and_checks_ranges(torch_cuda):
     stream.synchronize()
     pager.set_stream(None)
 
+
+
+# ---------------------------------------------------------------- Linear4bit and LoRA on a CUDA device
+
+
+def _linear(torch, n_out, n_in, seed):
+    gen = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(n_in, n_out)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n_out, n_in, generator=gen) * 0.05)
+        lin.bias.copy_(torch.randn(n_out, generator=gen))
+    return lin
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_linear4bit_on_cuda_equals_the_cpu_layer(torch_cuda, dtype):
+    import copy
+
+    from pyqlora.nn import Linear4bit
+
+    torch = torch_cuda
+    td = _torch_dtype(torch, dtype)
+    lin = _linear(torch, 192, 512, seed=7)
+    cpu = Linear4bit.from_linear(lin)
+    moved = Linear4bit.from_linear(lin).to("cuda")  # quantized on the CPU, then moved
+    direct = Linear4bit.from_linear(copy.deepcopy(lin).cuda())  # quantized by the CUDA kernels
+    assert direct.weight.device.type == "cuda"
+    want_sd = cpu.state_dict()
+    for layer in (moved, direct):
+        sd = layer.state_dict()  # written from a host copy, in bitsandbytes' keys
+        assert sorted(sd) == sorted(want_sd)
+        for k, v in want_sd.items():
+            assert sd[k].cpu().numpy().tobytes() == v.numpy().tobytes(), k
+    w = cpu.dequantized_weight(td)
+    gen = torch.Generator().manual_seed(1)
+    for shape in [(1, 512), (3, 2, 512), (8, 512), (40, 512)]:  # the GEMV (<= 8 rows) and the dense path
+        x = torch.randn(*shape, generator=gen).to(td)
+        want = torch.nn.functional.linear(x.double(), w.double(), lin.bias.double())
+        mag = x.double().abs() @ w.double().abs().T + lin.bias.double().abs()
+        tol = (1e-5 if dtype == "float32" else 1e-2) * mag + 1e-5
+        for layer in (moved, direct):
+            assert torch.equal(layer.dequantized_weight(td).cpu(), w)
+            with torch.no_grad():
+                y = layer(x.cuda())
+            assert y.device.type == "cuda" and y.dtype == td and y.shape == (*shape[:-1], 192)
+            assert bool(((y.cpu().double() - want).abs() <= tol).all()), shape
+        # backward through the frozen 4-bit weight: grad_x = grad_y . W
+        xg = x.cuda().requires_grad_()
+        y = moved(xg)
+        y.float().square().sum().backward()
+        gy = 2 * y.detach().cpu().double()
+        want_g = gy @ w.double()
+        tol_g = (1e-5 if dtype == "float32" else 1e-2) * (gy.abs() @ w.double().abs()) + 1e-5
+        assert xg.grad.dtype == td
+        assert bool(((xg.grad.cpu().double() - want_g).abs() <= tol_g).all()), shape
+    # a clear error, not a crash, when input and weight are on different devices
+    with pytest.raises(ValueError, match="move the layer"):
+        moved(torch.randn(1, 512))
+    with pytest.raises(ValueError, match="move the layer"):
+        cpu(torch.randn(1, 512, device="cuda"))
+    # a state dict loaded into a layer on the GPU stays on the GPU
+    other = Linear4bit.from_linear(_linear(torch, 192, 512, seed=8)).to("cuda")
+    other.load_state_dict(want_sd)
+    assert other.weight.device.type == "cuda"
+    assert torch.equal(other.dequantized_weight(td).cpu(), w)
+
+
+@pytest.mark.gpu
+def test_qlora_step_on_cuda_equals_the_cpu_step(torch_cuda):
+    import copy
+
+    from pyqlora.lora import LoraConfig, lora_layers, prepare_model
+
+    torch = torch_cuda
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_linear(torch, 384, 256, 1), torch.nn.ReLU(), _linear(torch, 128, 384, 2))
+    prepare_model(model, LoraConfig(r=4, lora_alpha=8))
+    for _, layer in lora_layers(model):  # B = 0 at creation would leave A's gradient zero
+        for b in layer.lora_B.values():
+            torch.nn.init.normal_(b.weight, std=0.05)
+    on_gpu = copy.deepcopy(model).cuda()
+    x = torch.randn(6, 256)
+    for m, xx in ((model, x), (on_gpu, x.cuda())):
+        m(xx).square().mean().backward()
+    grads = [(n, p.grad) for n, p in model.named_parameters() if p.requires_grad]
+    gpu_grads = dict((n, p.grad) for n, p in on_gpu.named_parameters() if p.requires_grad)
+    assert len(grads) == 4  # A and B of the two layers; nothing of the frozen base
+    for n, g in grads:
+        assert g is not None and gpu_grads[n] is not None, n
+        torch.testing.assert_close(gpu_grads[n].cpu(), g, rtol=1e-4, atol=1e-6)

@@ -214,6 +214,50 @@ TEST_CASE(non_finite_input_names_the_lowest_index) {
     CHECK_MSG(std::strstr(nf4_last_error(), "(nan) at flat index 1234") != nullptr, "message: %s", nf4_last_error());
 }
 
+TEST_CASE(dequantize_non_finite_scales_byte_identical) {
+    // scales of inf and NaN (a corrupt or hand-made tensor): infinities keep
+    // their bytes and NaNs stay NaN through the tiled kernel's fast conversion.
+    // (A NaN's own bits are the hardware's: 0 * inf is 0xFFC00000 on x86 and
+    // 0x7FFFFFFF on NVIDIA GPUs, so NaNs are compared as NaNs.)
+    std::mt19937_64 rng(5);
+    const std::vector<float> cb = table("nf4");
+    const int64_t bs = 64, n = bs * 64;
+    std::vector<uint8_t> packed(static_cast<size_t>(n / 2));
+    for (uint8_t &b : packed) b = uint8_t(rng());
+    std::vector<float> scales(static_cast<size_t>(n / bs), 1.5f);
+    scales[3] = INFINITY, scales[7] = -INFINITY, scales[11] = NAN, scales[20] = 3.0e38f;
+    Dev<uint8_t> dp(packed.size());
+    Dev<float> ds(scales.size());
+    dp.put(packed), ds.put(scales);
+    for (nf4_dtype od : {NF4_FLOAT32, NF4_FLOAT16, NF4_BFLOAT16}) {
+        const size_t bytes = static_cast<size_t>(n * nf4_dtype_size(od));
+        std::vector<uint8_t> want(bytes), got(bytes);
+        CHECK(nf4_dequantize_4bit(packed.data(), scales.data(), n, bs, cb.data(), want.data(), od) == NF4_OK);
+        Dev<uint8_t> dy(bytes);
+        CHECK(nf4_cuda_dequantize_4bit(dp.p, ds.p, n, bs, cb.data(), dy.p, od, nullptr) == NF4_OK);
+        cudaMemcpy(got.data(), dy.p, bytes, cudaMemcpyDeviceToHost);
+        const size_t es = static_cast<size_t>(nf4_dtype_size(od));
+        const auto is_nan = [&](const uint8_t *p) {
+            if (od == NF4_FLOAT32) {
+                float f;
+                std::memcpy(&f, p, 4);
+                return std::isnan(f);
+            }
+            uint16_t h;
+            std::memcpy(&h, p, 2);
+            return (h & 0x7FFFu) > (od == NF4_FLOAT16 ? 0x7C00u : 0x7F80u);
+        };
+        int64_t bad = 0, nans = 0;
+        for (size_t i = 0; i < bytes; i += es) {
+            const bool nw = is_nan(&want[i]), ng = is_nan(&got[i]);
+            nans += nw;
+            bad += nw ? !ng : std::memcmp(&want[i], &got[i], es) != 0;
+        }
+        CHECK_MSG(bad == 0 && nans > 0, "out dtype %d: %lld elements differ (%lld NaNs expected)", int(od),
+                  (long long)bad, (long long)nans);
+    }
+}
+
 TEST_CASE(gemv_matches_cpu_reference) {
     std::mt19937_64 rng(4);
     std::normal_distribution<float> normal(0.0f, 1.0f);

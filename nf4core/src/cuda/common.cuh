@@ -69,6 +69,15 @@ inline unsigned grid_for(int64_t items, int64_t per_block) {
     return unsigned(g);
 }
 
+// log2 of a power of two (the block sizes): kernels shift instead of
+// dividing, since a 64-bit division is a long instruction sequence on the GPU.
+inline int log2_exact(int64_t v) {
+    int k = 0;
+    while ((int64_t(1) << k) < v) ++k;
+    require((int64_t(1) << k) == v, "blocksize must be a power of two, got " + std::to_string(v));
+    return k;
+}
+
 // A grid that fills the current device once with blocks of `threads`
 // (2048 resident threads per SM on every GPU from Volta on), for kernels that
 // stride over their work.

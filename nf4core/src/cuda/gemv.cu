@@ -20,6 +20,7 @@
 // the CPU to float32 rounding, not bit for bit. The codebook sits in shared
 // memory: 16 floats in 16 different banks, so the lanes' lookups never
 // conflict.
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -53,6 +54,19 @@ __device__ __forceinline__ void load8(const T *p, float (&v)[8]) {
         hi.bits = uint16_t(w[j] >> 16);
         v[2 * j] = to_float(lo);
         v[2 * j + 1] = to_float(hi);
+    }
+}
+
+// float16: the hardware's conversion, exact for every value (two per instruction)
+template <>
+__device__ __forceinline__ void load8<half_t>(const half_t *p, float (&v)[8]) {
+    const uint4 a = __ldg(reinterpret_cast<const uint4 *>(p));
+    const uint32_t w[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const float2 f = __half22float2(*reinterpret_cast<const __half2 *>(&w[j]));  // .x: the low half
+        v[2 * j] = f.x;
+        v[2 * j + 1] = f.y;
     }
 }
 
@@ -158,14 +172,14 @@ constexpr int kRowsThreads = 128;  // threads of gemv_rows_kernel (at most)
 
 template <int R>
 __device__ __forceinline__ void load_rows(const uint8_t *__restrict__ packed, const Scales &sc, const float *dyn,
-                                          int64_t n0, int64_t N, int64_t K, int64_t c, int64_t blocksize,
+                                          int64_t n0, int64_t N, int64_t K, int64_t c, int bshift,
                                           bool valid, uint4 (&w)[R], float (&s)[R]) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
         if (valid && n0 + r < N) {
             const int64_t e0 = (n0 + r) * K + 32 * c;
             w[r] = __ldg(reinterpret_cast<const uint4 *>(packed + (e0 >> 1)));
-            s[r] = block_scale_at(sc, dyn, e0 / blocksize);
+            s[r] = block_scale_at(sc, dyn, e0 >> bshift);
         } else {
             w[r] = make_uint4(0u, 0u, 0u, 0u);
             s[r] = 0.0f;
@@ -176,7 +190,7 @@ __device__ __forceinline__ void load_rows(const uint8_t *__restrict__ packed, co
 // acc[r][m] += scale_r * sum_e codebook[code_r,e] * x[m, 32c + e] over one
 // chunk; each weight is looked up once for all MT rows of x.
 template <typename T, int R, int MT>
-__device__ __forceinline__ void chunk_dot(const T *__restrict__ x, int M, int64_t K, int64_t c, const float *cb,
+__device__ __forceinline__ void chunk_dot(const T *__restrict__ x, int M, int64_t K, int64_t c, uint32_t cb_base,
                                           const uint4 (&w)[R], const float (&s)[R], float (&acc)[R][MT]) {
     float part[R][MT];
 #pragma unroll
@@ -198,10 +212,16 @@ __device__ __forceinline__ void chunk_dot(const T *__restrict__ x, int M, int64_
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             const uint32_t word = q == 0 ? w[r].x : q == 1 ? w[r].y : q == 2 ? w[r].z : w[r].w;
+            // byte offsets (code * 4) into cb, one per byte: of the even
+            // elements (high nibbles) and of the odd ones (low nibbles)
+            const uint32_t even4 = (word >> 2) & 0x3C3C3C3Cu, odd4 = (word << 2) & 0x3C3C3C3Cu;
 #pragma unroll
             for (int e = 0; e < 8; ++e) {
-                // byte e/2 of the word; the even element in its high nibble
-                const float wv = cb[(word >> (8 * (e >> 1) + ((e & 1) ? 0 : 4))) & 0x0Fu];
+                // the shared-memory address of cb[code] in one byte permute:
+                // byte 0 the offset, bytes 1-3 those of cb's address (256-aligned)
+                const uint32_t addr = __byte_perm((e & 1) ? odd4 : even4, cb_base, 0x7650u | unsigned(e >> 1));
+                float wv;
+                asm("ld.shared.f32 %0, [%1];" : "=f"(wv) : "r"(addr));
 #pragma unroll
                 for (int m = 0; m < MT; ++m) part[r][m] = fmaf(wv, xv[m][e], part[r][m]);
             }
@@ -218,9 +238,9 @@ __device__ __forceinline__ void chunk_dot(const T *__restrict__ x, int M, int64_
 template <typename T, int R, int MT>
 __global__ void __launch_bounds__(kRowsThreads)
     gemv_rows_kernel(const T *__restrict__ x, int M, int64_t N, int64_t K, const uint8_t *__restrict__ packed,
-                     const Scales sc, int64_t blocksize, const __grid_constant__ Table16 cb_arg,
+                     const Scales sc, int bshift, const __grid_constant__ Table16 cb_arg,
                      const __grid_constant__ Table256 dyn_arg, T *__restrict__ y) {
-    __shared__ float cb[16];
+    __shared__ __align__(256) float cb[16];
     __shared__ float dyn[256];
     __shared__ float red[kRowsThreads / 32][R * MT];
     for (int i = threadIdx.x; i < 16; i += blockDim.x) cb[i] = cb_arg.v[i];
@@ -229,6 +249,7 @@ __global__ void __launch_bounds__(kRowsThreads)
     __syncthreads();
     const int lane = int(threadIdx.x & 31u), warp = int(threadIdx.x >> 5), nwarps = int(blockDim.x >> 5);
     const int64_t chunks = K >> 5, nt = blockDim.x;
+    const uint32_t cb_base = uint32_t(__cvta_generic_to_shared(cb));
     for (int64_t n0 = int64_t(blockIdx.x) * R; n0 < N; n0 += int64_t(gridDim.x) * R) {
         float acc[R][MT];
 #pragma unroll
@@ -239,10 +260,10 @@ __global__ void __launch_bounds__(kRowsThreads)
             uint4 w0[R], w1[R];
             float s0[R], s1[R];
             const bool second = c + nt < chunks;
-            load_rows<R>(packed, sc, dyn, n0, N, K, c, blocksize, true, w0, s0);
-            load_rows<R>(packed, sc, dyn, n0, N, K, c + nt, blocksize, second, w1, s1);
-            chunk_dot<T, R, MT>(x, M, K, c, cb, w0, s0, acc);
-            if (second) chunk_dot<T, R, MT>(x, M, K, c + nt, cb, w1, s1, acc);
+            load_rows<R>(packed, sc, dyn, n0, N, K, c, bshift, true, w0, s0);
+            load_rows<R>(packed, sc, dyn, n0, N, K, c + nt, bshift, second, w1, s1);
+            chunk_dot<T, R, MT>(x, M, K, c, cb_base, w0, s0, acc);
+            if (second) chunk_dot<T, R, MT>(x, M, K, c + nt, cb_base, w1, s1, acc);
         }
 #pragma unroll
         for (int r = 0; r < R; ++r)
@@ -268,7 +289,7 @@ template <typename T, int R, int MT>
 void launch_rows(unsigned grid, unsigned threads, cudaStream_t s, const T *x, int M, int64_t N, int64_t K,
                  const uint8_t *packed, const Scales &sc, int64_t blocksize, const Table16 &cb, const Table256 &dyn,
                  T *y) {
-    gemv_rows_kernel<T, R, MT><<<grid, threads, 0, s>>>(x, M, N, K, packed, sc, blocksize, cb, dyn, y);
+    gemv_rows_kernel<T, R, MT><<<grid, threads, 0, s>>>(x, M, N, K, packed, sc, log2_exact(blocksize), cb, dyn, y);
 }
 
 // Rows of W per thread block: enough that each load of x serves several rows,
@@ -276,7 +297,7 @@ void launch_rows(unsigned grid, unsigned threads, cudaStream_t s, const T *x, in
 // layer's rows still fill the GPU. NF4CORE_CUDA_GEMV_ROWS=1|2|4|8 overrides
 // (clamped to R x MT <= 8).
 int rows_per_block(int MT, int64_t N) {
-    int r = 4 / MT > 1 ? 4 / MT : 1;
+    int r = MT <= 2 ? 4 : 8 / MT;
     while (r > 1 && N / r < 1024) r /= 2;  // keep >= 1024 blocks when N allows
     if (const char *e = std::getenv("NF4CORE_CUDA_GEMV_ROWS")) {
         const int f = std::atoi(e);

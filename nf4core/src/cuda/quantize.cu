@@ -5,6 +5,8 @@
 // (block_scale, encode_value, nearest_code, decode_value, dq_scale), so the
 // bytes equal the CPU path's for the same input; only the work split differs.
 // Indices are int64_t and grids stride, so 2^31 elements and more work.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -145,6 +147,51 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
+// 16 bytes of output from 4 (float32) or 8 (16-bit) float values. With a
+// finite scale every value is finite or an infinity (codebook entries are
+// checked finite), and there the hardware's round-to-nearest-even conversion
+// (two values per instruction) gives the bytes of from_float; otherwise a NaN
+// may occur and the shared scalar rule (numeric.hpp) decides its bits.
+__device__ __forceinline__ uint4 pack16(const float (&v)[4], bool) {
+    return make_uint4(float_bits(v[0]), float_bits(v[1]), float_bits(v[2]), float_bits(v[3]));
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair16(float a, float b, bool fast);
+
+template <>
+__device__ __forceinline__ uint32_t pack_pair16<bfloat16_t>(float a, float b, bool fast) {
+    if (fast) {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);  // a in the low half
+        return *reinterpret_cast<const uint32_t *>(&h);
+    }
+    return uint32_t(to_bfloat16(a).bits) | (uint32_t(to_bfloat16(b).bits) << 16);
+}
+
+template <>
+__device__ __forceinline__ uint32_t pack_pair16<half_t>(float a, float b, bool fast) {
+    if (fast) {
+        const __half2 h = __floats2half2_rn(a, b);
+        return *reinterpret_cast<const uint32_t *>(&h);
+    }
+    return uint32_t(to_half(a).bits) | (uint32_t(to_half(b).bits) << 16);
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 pack16(const float (&v)[8], bool fast) {
+    return make_uint4(pack_pair16<T>(v[0], v[1], fast), pack_pair16<T>(v[2], v[3], fast),
+                      pack_pair16<T>(v[4], v[5], fast), pack_pair16<T>(v[6], v[7], fast));
+}
+
+template <typename T, int P>
+__device__ __forceinline__ uint4 pack16_as(const float (&v)[P], bool fast) {
+    if constexpr (P == 4) {
+        return pack16(v, fast);
+    } else {
+        return pack16<T>(v, fast);
+    }
+}
+
 // The tuned dequantize (the launcher's choice when codes and output are
 // aligned): each warp decodes tiles of 4 x 32 pieces of P elements, P * sizeof(T)
 // = 16 bytes, lane l taking piece l of each quarter. So every store
@@ -155,7 +202,7 @@ __global__ void __launch_bounds__(kThreads)
 // same bytes.
 template <int BITS, typename T>
 __global__ void __launch_bounds__(kThreads)
-    dequantize_tiles_kernel(const uint8_t *__restrict__ in, const Scales sc, int64_t n, int64_t blocksize,
+    dequantize_tiles_kernel(const uint8_t *__restrict__ in, const Scales sc, int64_t n, int bshift,
                             const __grid_constant__ Table256 cb_arg, const __grid_constant__ Table256 dyn_arg,
                             T *__restrict__ out) {
     constexpr int kCodes = 1 << BITS;
@@ -185,13 +232,13 @@ __global__ void __launch_bounds__(kThreads)
         // make each piece wait a memory round trip
         float scales[4];
 #pragma unroll
-        for (int k = 0; k < 4; ++k) scales[k] = block_scale_at(sc, dyn, (base + int64_t(k) * 32 * P) / blocksize);
+        for (int k = 0; k < 4; ++k) scales[k] = block_scale_at(sc, dyn, (base + int64_t(k) * 32 * P) >> bshift);
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
             const int64_t i0 = base + int64_t(k) * 32 * P;
             const float scale = scales[k];
             const uint64_t wk = uint64_t(words[k]);
-            Vec<T, P> r;
+            float v[P];
 #pragma unroll
             for (int e = 0; e < P; ++e) {
                 unsigned code;
@@ -200,16 +247,16 @@ __global__ void __launch_bounds__(kThreads)
                 } else {
                     code = unsigned(wk >> (8 * e)) & 0xFFu;
                 }
-                r.v[e] = from_float<T>(decode_value(cb[code], scale));
+                v[e] = decode_value(cb[code], scale);
             }
-            *reinterpret_cast<Vec<T, P> *>(out + i0) = r;
+            *reinterpret_cast<uint4 *>(out + i0) = pack16_as<T>(v, is_finite(scale));
         }
     }
     // the tail (< one tile), one element per thread of the whole grid
     const int64_t stride = int64_t(gridDim.x) * blockDim.x;
     for (int64_t i = tiles * kTile + int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
         const unsigned code = BITS == 8 ? unsigned(in[i]) : nibble_at(in, i);
-        out[i] = from_float<T>(decode_value(cb[code], block_scale_at(sc, dyn, i / blocksize)));
+        out[i] = from_float<T>(decode_value(cb[code], block_scale_at(sc, dyn, i >> bshift)));
     }
 }
 
@@ -369,7 +416,7 @@ nf4_status dequantize(const uint8_t *in, const Scales &sc, int64_t n, int64_t bl
             using T = decltype(tag);
             T *o = static_cast<T *>(out);
             if (tiles)
-                dequantize_tiles_kernel<BITS, T><<<grid, kThreads, 0, s>>>(in, sc, n, blocksize, cb, dyn, o);
+                dequantize_tiles_kernel<BITS, T><<<grid, kThreads, 0, s>>>(in, sc, n, log2_exact(blocksize), cb, dyn, o);
             else if (vec)
                 dequantize_kernel<BITS, T, true><<<grid, kThreads, 0, s>>>(in, sc, n, blocksize, cb, dyn, o);
             else
