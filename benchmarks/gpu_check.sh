@@ -65,6 +65,17 @@ else
 fi
 note "C++ done"
 
+# 1b. host time of the launch path (cudaGetDevice, launches with small and large
+# parameters, the GEMV and the fused DQ dequantize on a tiny problem)
+if [ -f "$BUILD/libnf4core.so" ] &&
+   nvcc -std=c++17 -O2 "-arch=sm_${CC_ARCH}" "$REPO/benchmarks/cuda_launch_cost.cu" -I "$REPO/nf4core/include" \
+        -L "$BUILD" -lnf4core -Xlinker "-rpath=$BUILD" -o "$OUT/cuda_launch_cost" >"$OUT/launch-cost.log" 2>&1 &&
+   timeout 60 "$OUT/cuda_launch_cost" >>"$OUT/launch-cost.log" 2>&1; then
+    record "host us per call" "$(grep -v '^status' "$OUT/launch-cost.log" | tr '\n' ';' | sed 's/;$//')"
+else
+    record "host us per call" "FAIL (see $OUT/launch-cost.log)"
+fi
+
 # 2. the Python package beside the system's torch, GPU tests
 # Installed with --target into $OUT/site, not into a new venv: a venv made from
 # inside another venv (the usual home of a CUDA torch) would see the base

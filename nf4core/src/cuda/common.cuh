@@ -89,6 +89,14 @@ inline unsigned resident_grid(int threads) {
     return unsigned(g < 1 ? 1 : g > kMaxGrid ? kMaxGrid : g);
 }
 
+// A device copy of a host lookup table (the DQ dynamic map), made on first use
+// per device and content and kept for the process (device.cu), so that a
+// launch passes a pointer instead of a kilobyte of kernel parameters. The
+// first call with a new table allocates and copies synchronously (not allowed
+// inside CUDA graph capture; later calls are).
+constexpr size_t kMaxDeviceTables = 256;
+const float *device_table(const float *host, int n);
+
 // Calls f(T{}) with T the element type of `dtype` (float, half_t, bfloat16_t).
 template <class F>
 void dispatch_dtype(nf4_dtype dtype, F &&f) {

@@ -239,13 +239,13 @@ template <typename T, int R, int MT>
 __global__ void __launch_bounds__(kRowsThreads)
     gemv_rows_kernel(const T *__restrict__ x, int M, int64_t N, int64_t K, const uint8_t *__restrict__ packed,
                      const Scales sc, int bshift, const __grid_constant__ Table16 cb_arg,
-                     const __grid_constant__ Table256 dyn_arg, T *__restrict__ y) {
+                     const float *__restrict__ dyn_dev, T *__restrict__ y) {
     __shared__ __align__(256) float cb[16];
     __shared__ float dyn[256];
     __shared__ float red[kRowsThreads / 32][R * MT];
     for (int i = threadIdx.x; i < 16; i += blockDim.x) cb[i] = cb_arg.v[i];
     if (sc.absmax == nullptr)
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) dyn[i] = dyn_arg.v[i];
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) dyn[i] = __ldg(dyn_dev + i);
     __syncthreads();
     const int lane = int(threadIdx.x & 31u), warp = int(threadIdx.x >> 5), nwarps = int(blockDim.x >> 5);
     const int64_t chunks = K >> 5, nt = blockDim.x;
@@ -287,7 +287,7 @@ __global__ void __launch_bounds__(kRowsThreads)
 
 template <typename T, int R, int MT>
 void launch_rows(unsigned grid, unsigned threads, cudaStream_t s, const T *x, int M, int64_t N, int64_t K,
-                 const uint8_t *packed, const Scales &sc, int64_t blocksize, const Table16 &cb, const Table256 &dyn,
+                 const uint8_t *packed, const Scales &sc, int64_t blocksize, const Table16 &cb, const float *dyn,
                  T *y) {
     gemv_rows_kernel<T, R, MT><<<grid, threads, 0, s>>>(x, M, N, K, packed, sc, log2_exact(blocksize), cb, dyn, y);
 }
@@ -361,9 +361,11 @@ nf4_status gemv(const void *x, nf4_dtype dtype, int64_t M, int64_t N, int64_t K,
             T *yt = static_cast<T *>(y);
             const int m = int(M);
             if (rows) {
+                const float *dyn_dev = sc.absmax == nullptr ? device_table(dyn.v, 256) : nullptr;
                 const auto go = [&](auto r_tag, auto mt_tag) {
                     launch_rows<T, decltype(r_tag)::value, decltype(mt_tag)::value>(grid, threads, s, xt, m, N, K,
-                                                                                     packed, sc, blocksize, cb, dyn, yt);
+                                                                                     packed, sc, blocksize, cb, dyn_dev,
+                                                                                     yt);
                 };
                 using I1 = std::integral_constant<int, 1>;
                 using I2 = std::integral_constant<int, 2>;
