@@ -70,6 +70,16 @@ def test_cuda_calls_fail_cleanly_without_a_device():
     if BUILT:  # argument errors come first, naming the argument
         with pytest.raises(ValueError, match="blocksize"):
             ext.cuda_dequantize(4, a, b, 64, 48, table, c, 0, 0)
+        bad = table.copy()
+        bad[3] = np.nan
+        dyn = pq._codebooks.lookup_table("dynamic", 256)
+        d, e = 4 << 16, 5 << 16
+        with pytest.raises(ValueError, match="codebook entry 3 is not finite"):
+            ext.cuda_gemv_dq(a, 0, 1, 64, 128, b, c, d, 0.0, 64, bad, dyn, e, 0)
+        bad_dyn = dyn.copy()
+        bad_dyn[200] = np.inf
+        with pytest.raises(ValueError, match="dyn_code entry 200 is not finite"):
+            ext.cuda_gemv_dq(a, 0, 1, 64, 128, b, c, d, 0.0, 64, table, bad_dyn, e, 0)
 
 
 def test_is_cuda_array_recognises_the_interface():

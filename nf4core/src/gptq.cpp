@@ -376,9 +376,10 @@ nf4_status gptq_impl(const T *w, int64_t rows, int64_t cols, const T *U, const i
         std::vector<int64_t> ord(static_cast<size_t>(cols)), pos(static_cast<size_t>(cols), -1);
         for (int64_t j = 0; j < cols; ++j) {
             const int64_t c = order ? order[j] : j;
-            require(c >= 0 && c < cols && pos[size_t(c)] < 0,
-                    "order is not a permutation of 0.." + std::to_string(cols - 1) + ": entry " + std::to_string(j) +
-                        " is " + std::to_string(c) + (c >= 0 && c < cols ? ", seen before" : ", out of range"));
+            if (!(c >= 0 && c < cols && pos[size_t(c)] < 0))  // messages are built only on failure in these loops
+                fail(NF4_ERROR_INVALID_ARGUMENT, "order is not a permutation of 0.." + std::to_string(cols - 1) +
+                                                     ": entry " + std::to_string(j) + " is " + std::to_string(c) +
+                                                     (c >= 0 && c < cols ? ", seen before" : ", out of range"));
             ord[size_t(j)] = c;
             pos[size_t(c)] = j;
         }
@@ -387,9 +388,10 @@ nf4_status gptq_impl(const T *w, int64_t rows, int64_t cols, const T *U, const i
         for (int64_t j = 0; j < cols; ++j) {
             if (!std::isfinite(double(U[j * cols + j])))
                 fail(NF4_ERROR_NON_FINITE, "hinv_chol[" + std::to_string(j) + "][" + std::to_string(j) + "] is not finite");
-            require(U[j * cols + j] > 0, "hinv_chol[" + std::to_string(j) + "][" + std::to_string(j) +
-                                             "] is not positive (" + std::to_string(double(U[j * cols + j])) +
-                                             "): not the Cholesky factor of a positive definite matrix");
+            if (!(U[j * cols + j] > 0))
+                fail(NF4_ERROR_INVALID_ARGUMENT, "hinv_chol[" + std::to_string(j) + "][" + std::to_string(j) +
+                                                     "] is not positive (" + std::to_string(double(U[j * cols + j])) +
+                                                     "): not the Cholesky factor of a positive definite matrix");
             for (int64_t t = j; t < cols; ++t)
                 if (!std::isfinite(double(U[j * cols + t])))
                     fail(NF4_ERROR_NON_FINITE, "hinv_chol[" + std::to_string(j) + "][" + std::to_string(t) +

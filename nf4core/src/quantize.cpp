@@ -43,7 +43,8 @@ SearchTable make_search_table(const float *codebook, int size) {
     SearchTable t;
     int idx[256];
     for (int i = 0; i < size; ++i) {
-        require(is_finite(codebook[i]), "codebook entry " + std::to_string(i) + " is not finite");
+        if (!is_finite(codebook[i]))  // the message only on failure: this runs on every call
+            fail(NF4_ERROR_INVALID_ARGUMENT, "codebook entry " + std::to_string(i) + " is not finite");
         idx[i] = i;
     }
     std::stable_sort(idx, idx + size, [&](int a, int b) { return codebook[a] < codebook[b]; });

@@ -51,8 +51,9 @@ inline void check_dtype(const nf4_dtype &dtype) { (void)checked_dtype(dtype, tru
 
 inline void check_table(const float *table, int size, const char *what) {
     require(table != nullptr, std::string(what) + " pointer is NULL");
-    for (int i = 0; i < size; ++i)
-        require(is_finite(table[i]), std::string(what) + " entry " + std::to_string(i) + " is not finite");
+    for (int i = 0; i < size; ++i)  // the message only on failure: building it 256 times cost 25 us a call
+        if (!is_finite(table[i]))
+            fail(NF4_ERROR_INVALID_ARGUMENT, std::string(what) + " entry " + std::to_string(i) + " is not finite");
 }
 
 // No element index (the flags of the kernels that report one start here).
