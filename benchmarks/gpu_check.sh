@@ -18,7 +18,7 @@
 #
 # Usage: bash benchmarks/gpu_check.sh        (OUT=/tmp/gpu_check, PYTHON=python3)
 # Needs: python3 with numpy, ml_dtypes, torch (CUDA), pytest, meson, meson-python,
-# Cython, ninja; nvcc on PATH. Written without GPU access: not yet run on hardware.
+# Cython, ninja; nvcc on PATH. Run on an H200 (2026-12-04): docs/performance.md "CUDA".
 set -uo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

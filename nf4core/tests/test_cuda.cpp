@@ -3,8 +3,8 @@
 // three dtypes, odd lengths and tails; 8-bit blockwise; double quantization
 // (offset bits, codes, nested scales); the fused DQ dequantize; the GEMV
 // against the CPU reference (float32 rounding). Skipped (exit 77) without a
-// CUDA device. Written without GPU access: compiled here, run by
-// benchmarks/gpu_check.sh on a GPU machine.
+// CUDA device. Compiled everywhere CUDA is built; run by
+// benchmarks/gpu_check.sh on a GPU machine (passed on an H200, 2026-12-04).
 #include <cuda_runtime.h>
 
 #include <cmath>
