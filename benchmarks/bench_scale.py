@@ -202,7 +202,8 @@ def table(reports):
         if paging:
             last = paging["per_step"][-1]
             in_ram = f"budget {paging['budget_bytes'] / gib:.2f} GiB"
-            pages = f"{last['page_ins']}, {last['wait_seconds']:.1f} s ({100 * last['wait_fraction']:.0f} %)"
+            read = f" = {last['page_in_bytes'] / gib:.2f} GiB" if "page_in_bytes" in last else ""
+            pages = f"{last['page_ins']}{read}, {last['wait_seconds']:.1f} s ({100 * last['wait_fraction']:.0f} %)"
         rows.append(
             f"| {r['shape']}{layers} | {r['batch']}x{r['seq']} | {r['bf16_weight_bytes'] / gib:.1f} GiB "
             f"| {r['quantized_weight_bytes'] / gib:.2f} GiB | {in_ram} "
@@ -595,10 +596,11 @@ def main(argv=None):
         more = ""
         if pager is not None:
             after = prep.paging.stats()
-            paged.append({k: after[k] - before[k] for k in ("page_ins", "page_outs", "wait_seconds", "layer_calls")})
+            paged.append({k: after[k] - before[k] for k in ("page_ins", "page_outs", "page_in_bytes",
+                                                               "page_out_bytes", "wait_seconds", "layer_calls")})
             paged[-1]["wait_fraction"] = paged[-1]["wait_seconds"] / step_s[-1]
-            more = (f", base: {paged[-1]['page_ins']} page-ins, disk wait {paged[-1]['wait_seconds']:.1f} s "
-                    f"({100 * paged[-1]['wait_fraction']:.0f} %)")
+            more = (f", base: {paged[-1]['page_ins']} page-ins ({paged[-1]['page_in_bytes'] / gib:.2f} GiB), "
+                    f"disk wait {paged[-1]['wait_seconds']:.1f} s ({100 * paged[-1]['wait_fraction']:.0f} %)")
         say(f"  step {step + 1}/{args.steps}: {step_s[-1]:.1f} s, loss {losses[-1]:.3f}, "
             f"peak RSS {memory_status()['peak_rss'] / gib:.2f} GiB{more}")
     mem = memory_status()

@@ -111,6 +111,8 @@ cdef extern from "nf4core/nf4core.h" nogil:
         int64_t page_ins
         int64_t page_outs
         int64_t num_allocations
+        int64_t page_in_bytes
+        int64_t page_out_bytes
 
     nf4_status nf4_pager_create(int64_t budget_bytes, const char *spill_dir, int64_t page_bytes, nf4_pager **out)
     void nf4_pager_destroy(nf4_pager *pager)

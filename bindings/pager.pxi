@@ -123,6 +123,8 @@ cdef class PagerHandle:
             "page_ins": s.page_ins,
             "page_outs": s.page_outs,
             "num_allocations": s.num_allocations,
+            "page_in_bytes": s.page_in_bytes,
+            "page_out_bytes": s.page_out_bytes,
         }
 
     @property

@@ -552,7 +552,8 @@ class Pager:
             ``resident_bytes`` of live arrays (host: measured with ``mincore``;
             CUDA: the bytes the pager moved to the device and not back),
             ``spilled_bytes``, ``page_ins`` and ``page_outs`` (paging units moved:
-            pages, or slab units for small arrays) and ``num_allocations``; these
+            pages, or slab units for small arrays), ``page_in_bytes`` and
+            ``page_out_bytes`` (the bytes of those units) and ``num_allocations``; these
             include the ranges of files mapped by :meth:`map_file`, also counted
             apart: ``mapped_files`` (descriptors), ``mapped_allocations``,
             ``mapped_bytes`` (rounded out to OS pages), ``mapped_resident_bytes``;

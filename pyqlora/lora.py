@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ._glue.modules import set_submodule
-from ._glue.paging import BasePaging, RunningLayerScales, place_in_pager
+from ._glue.paging import BasePaging, PagedArena, RunningLayerScales, place_in_pager
 from ._glue.tensors import as_numpy
 from ._pager import Pager
 from ._quantize import dequantize, quantize
@@ -712,6 +712,7 @@ def prepare_model(model, config=None, weights=None, pager=None, lookahead=2, cal
         config = LoraConfig.from_peft(config)
     if pager is not None and not isinstance(pager, Pager):
         raise TypeError(f"pager must be a pyqlora.Pager, got {type(pager).__name__}")
+    arena = PagedArena(pager) if pager is not None and pager.device == "cpu" else None
     if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
         raise ValueError(f"lookahead must be a non-negative int, got {lookahead!r}")
     if not isinstance(model, nn.Module):
@@ -769,7 +770,7 @@ def prepare_model(model, config=None, weights=None, pager=None, lookahead=2, cal
             dense_bytes += linear.weight.numel() * linear.weight.element_size()
         quant_bytes += base.quantized.nbytes
         if pager is not None:
-            place_in_pager(base, pager)  # now, so that loading too stays within the budget
+            place_in_pager(base, pager, arena)  # now, so that loading too stays within the budget
         lora = LoraLinear4bit(base, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
                               use_rslora=config.use_rslora, adapter_name=config.adapter_name)
         if loftq is not None:

@@ -20,6 +20,7 @@ from pyqlora import _pager
 
 MiB = 1 << 20
 STATS_KEYS = {"budget_bytes", "page_bytes", "allocated_bytes", "resident_bytes", "spilled_bytes", "page_ins",
+              "page_in_bytes", "page_out_bytes",
               "page_outs", "num_allocations", "mapped_files", "mapped_allocations", "mapped_bytes",
               "mapped_resident_bytes", "spill_file_bytes"}
 

@@ -130,6 +130,7 @@ public:
                 if (!is_missing && run >= 0) {
                     move(a, run, i, true);
                     page_ins_ += i - run;
+                    for (int64_t j = run; j < i; ++j) page_in_bytes_ += chunk_len(a, j);
                     run = -1;
                 }
             }
@@ -193,6 +194,8 @@ public:
         s.page_ins = page_ins_;
         s.page_outs = page_outs_;
         s.num_allocations = int64_t(allocs_.size());
+        s.page_in_bytes = page_in_bytes_;
+        s.page_out_bytes = page_out_bytes_;
         return s;
     }
 
@@ -259,6 +262,7 @@ private:
                 if (!c.resident) continue;
                 lru_remove(c);
                 ++page_outs_;
+                page_out_bytes_ += chunk_len(a, i);
             }
             return;
         }
@@ -274,6 +278,7 @@ private:
                     Chunk &c = a.chunks[size_t(j)];
                     if (c.resident) lru_remove(c);
                     ++page_outs_;
+                    page_out_bytes_ += chunk_len(a, j);
                 }
                 run = -1;
             }
@@ -299,7 +304,7 @@ private:
     std::map<uintptr_t, std::unique_ptr<Allocation>> allocs_;
     Lru lru_;
     int64_t resident_ = 0;  // bytes of the pages in lru_
-    int64_t allocated_ = 0, page_ins_ = 0, page_outs_ = 0;
+    int64_t allocated_ = 0, page_ins_ = 0, page_outs_ = 0, page_in_bytes_ = 0, page_out_bytes_ = 0;
     int64_t prefetched_since_refresh_ = 0;  // with a probe
 };
 

@@ -142,6 +142,7 @@ TEST_CASE(stats_count_pages_in_and_out) {
     CHECK(stats_of(p).page_ins == 1);
     CHECK(nf4_pager_prefetch(p, b + MiB - 1, 2) == NF4_OK);  // straddles pages 0 and 1
     CHECK(stats_of(p).page_ins == 2);
+    CHECK(stats_of(p).page_in_bytes == 2 * MiB);
     std::memset(b, 7, size_t(4 * MiB));  // touched without prefetch: resident, honestly reported
     CHECK(stats_of(p).resident_bytes == 4 * MiB);
     CHECK(nf4_pager_evict(p, b, 2 * MiB) == NF4_OK);
@@ -151,9 +152,25 @@ TEST_CASE(stats_count_pages_in_and_out) {
     CHECK(nf4_pager_evict_all(p) == NF4_OK);
     s = stats_of(p);
     CHECK(s.page_outs == 4 && s.resident_bytes == 0);
+    CHECK(s.page_out_bytes == 4 * MiB);
     CHECK(nf4_pager_evict_all(p) == NF4_OK);  // nothing resident: nothing counted
     CHECK(stats_of(p).page_outs == 4);
     CHECK(std::all_of(b, b + 4 * MiB, [](uint8_t v) { return v == 7; }));
+    // an allocation's last page is short: its bytes, not page_bytes, are counted
+    void *ptr2 = nullptr;
+    const int64_t os_page = nf4_pager_os_page_size(), odd = MiB + 3 * os_page;
+    CHECK(nf4_pager_alloc(p, odd, &ptr2) == NF4_OK);
+    std::memset(ptr2, 1, size_t(odd));
+    CHECK(nf4_pager_evict(p, ptr2, odd) == NF4_OK);
+    s = stats_of(p);
+    CHECK_MSG(s.page_outs == 6 && s.page_out_bytes == 4 * MiB + odd, "page_outs %lld, %lld bytes",
+              (long long)s.page_outs, (long long)s.page_out_bytes);
+    const int64_t in0 = s.page_in_bytes;
+    CHECK(nf4_pager_prefetch(p, ptr2, odd) == NF4_OK);
+    s = stats_of(p);
+    CHECK_MSG(s.page_in_bytes - in0 == odd, "page-in bytes %lld, expected %lld", (long long)(s.page_in_bytes - in0),
+              (long long)odd);
+    CHECK(nf4_pager_free(p, ptr2) == NF4_OK);
     nf4_pager_destroy(p);
 }
 

@@ -114,6 +114,12 @@ typedef struct nf4_pager_stats {
     int64_t page_ins;        /* pages (paging units) brought back by nf4_pager_prefetch */
     int64_t page_outs;       /* resident pages (paging units) written back and released */
     int64_t num_allocations; /* live allocations */
+    /* Bytes of those page-ins and page-outs: units differ in size (small
+     * arrays share slabs paged in 64 KiB units, an allocation's last page is
+     * short), so page_ins x page_bytes is not the bytes read. Added in 0.1 after
+     * the fields above (callers must be compiled with this header). */
+    int64_t page_in_bytes;
+    int64_t page_out_bytes;
 } nf4_pager_stats;
 
 /* Counters of the file-backed pages (nf4_pager_map_file) and of the spill files. */
