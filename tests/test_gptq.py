@@ -77,7 +77,10 @@ def test_identity_hessian_other_dtypes(rng, dtype):
 
 # ---- correlated inputs: the output error is below round-to-nearest's ----
 
-@given(seed=st.integers(0, 2**32 - 1), rows=st.sampled_from([1, 8, 37, 64]),
+# At least 8 rows: GPTQ chooses each row's codes greedily, so a single row can end worse than
+# round-to-nearest (hypothesis found 1 x 64 inputs, blocksize 32: 0.70 against 0.60); over
+# several rows the gain holds.
+@given(seed=st.integers(0, 2**32 - 1), rows=st.sampled_from([8, 37, 64]),
        k=st.sampled_from([64, 96, 128, 256]), blocksize=st.sampled_from([32, 64, 128]),
        codebook=st.sampled_from(["nf4", "fp4", "int4"]), order=st.sampled_from(["natural", "act"]))
 def test_correlated_hessian_lowers_the_output_error(seed, rows, k, blocksize, codebook, order):
@@ -87,7 +90,7 @@ def test_correlated_hessian_lowers_the_output_error(seed, rows, k, blocksize, co
     q = pq.quantize(w, codebook=codebook, blocksize=blocksize, hessian=x.T @ x, order=order)
     rtn = pq.quantize(w, codebook=codebook, blocksize=blocksize)
     assert q.nbytes == rtn.nbytes and q.shape == rtn.shape
-    # a single row of 64 inputs leaves little room; a whole layer must gain clearly
+    # a few rows of 64 inputs leave little room; a whole layer must gain clearly
     factor = 1.0 if rows * k < 1024 else 0.9
     assert output_error(x, w, q) < factor * output_error(x, w, rtn)
 
@@ -325,8 +328,25 @@ def calibrated_llama():
     rtn = _llama()
     prepare_model(rtn, LoraConfig(r=4))
     cal = _llama()
-    report = prepare_model(cal, LoraConfig(r=4), calibration=_tokens(5, 4))
+    # GPTQ's settings, not prepare_model's defaults (act order, damp 0.1, chosen on SmolLM2-135M): on this
+    # random 96-wide model act order helps no layer (worst hidden state 1.02x round-to-nearest's error
+    # at damp 0.01, 0.98x at 0.1; natural order 0.90x), so the mechanism is tested where it shows
+    report = prepare_model(cal, LoraConfig(r=4), calibration=_tokens(5, 4), calibration_damp=0.01,
+                           calibration_order="natural")
     return dense, rtn, cal, report
+
+
+def test_calibration_defaults_are_act_order_and_damp_0_1():
+    default, explicit = _llama(), _llama()
+    prepare_model(default, LoraConfig(r=4), calibration=_tokens(5, 2))
+    prepare_model(explicit, LoraConfig(r=4), calibration=_tokens(5, 2), calibration_damp=0.1, calibration_order="act")
+    other = _llama()
+    prepare_model(other, LoraConfig(r=4), calibration=_tokens(5, 2), calibration_damp=0.01,
+                  calibration_order="natural")
+    name = "model.layers.1.mlp.down_proj"
+    q = default.get_submodule(name).base_layer.quantized
+    assert same_bytes(q, explicit.get_submodule(name).base_layer.quantized)
+    assert not same_bytes(q, other.get_submodule(name).base_layer.quantized)
 
 
 def test_calibrated_model_is_closer_to_the_dense_one(calibrated_llama):
@@ -349,7 +369,7 @@ def test_calibration_is_sequential(calibrated_llama):
     moments.update(_input_moments(dense, ["model.layers.0.mlp.gate_proj"], _tokens(5, 4)))
     for name in names + ["model.layers.0.mlp.gate_proj"]:
         w = dense.get_submodule(name).weight.detach().numpy()
-        expected = pq.quantize(w, hessian=moments[name])
+        expected = pq.quantize(w, hessian=moments[name])  # the fixture's settings: GPTQ's, pq.quantize's defaults
         assert same_bytes(cal.get_submodule(name).base_layer.quantized, expected), name
     # the later blocks saw the quantized blocks' outputs, not the dense model's
     h_dense = _input_moments(dense, ["model.layers.2.self_attn.q_proj"], _tokens(5, 4))

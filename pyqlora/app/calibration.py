@@ -35,8 +35,8 @@ def calibration_batches(tokenizer, path, tokens, option="--calibration"):
     return list(rows.split(BATCH)), usable
 
 
-def calibrate(model, tokenizer, path, tokens, codebook, blocksize, double_quant, progress=True, damp=0.01,
-              order="natural"):
+def calibrate(model, tokenizer, path, tokens, codebook, blocksize, double_quant, progress=True, damp=0.1,
+              order="act"):
     """Quantize `model`'s linear layers (not the head) with calibration, in place; returns (report, info).
 
     info: tokens used, seconds, peak resident memory (bytes) of the calibration, and the layers that were
