@@ -39,8 +39,13 @@ _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _same_device(x, q):
     """A clear error where the input and the 4-bit weight live on different devices."""
-    qdev = q.device if not isinstance(q, QuantizedArray) else torch.device("cpu")
-    if x.device != qdev:
+    if isinstance(q, QuantizedArray):
+        if x.device.type == "cpu":
+            return
+        qdev = "cpu"
+    else:
+        qdev = q.device
+    if x.device != torch.device(qdev):
         raise ValueError(f"the input is on {x.device} but the 4-bit weight is on {qdev}; move the layer to the "
                          f"input's device first (layer.to({str(x.device)!r}))")
 
