@@ -715,7 +715,7 @@ def prepare_model(model, config=None, weights=None, pager=None, lookahead=2, cal
         config = LoraConfig.from_peft(config)
     if pager is not None and not isinstance(pager, Pager):
         raise TypeError(f"pager must be a pyqlora.Pager, got {type(pager).__name__}")
-    arena = PagedArena(pager) if pager is not None and pager.device == "cpu" else None
+    arena = PagedArena.for_pager(pager) if pager is not None else None
     if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
         raise ValueError(f"lookahead must be a non-negative int, got {lookahead!r}")
     if not isinstance(model, nn.Module):

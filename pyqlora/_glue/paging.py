@@ -101,6 +101,19 @@ class PagedArena:
     """
 
     ALIGN = 64
+    MIN_PAGES = 16
+
+    @classmethod
+    def for_pager(cls, pager):
+        """An arena for `pager`, or None where separate allocations page better: a CUDA pager, or a
+        budget of fewer than MIN_PAGES pages. Laid end to end, several small layers share one page,
+        which a budget below a page can never evict; separate small arrays go to slabs paged in
+        64 KiB units."""
+        s = pager.stats()
+        budget = s["budget_bytes"]
+        if pager.device != "cpu" or (budget >= 0 and budget < cls.MIN_PAGES * s["page_bytes"]):
+            return None
+        return cls(pager)
 
     def __init__(self, pager, chunk_bytes=256 << 20):
         self.pager, self.chunk_bytes = pager, int(chunk_bytes)
