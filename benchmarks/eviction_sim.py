@@ -188,11 +188,6 @@ def per_step(read, step_len):
     return [sum(read[i:i + step_len]) for i in range(0, len(read), step_len)]
 
 
-def loaded_order(layout):
-    """The layers in loading order (what a load leaves most recent: the last ones)."""
-    return list(layout)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="65b")
@@ -228,10 +223,9 @@ def main(argv=None):
             arrays = layer_arrays(args.shape, args.layers)
             for scheme in ("separate", "contiguous"):
                 layout = page_layout(arrays, scheme, page=args.page_bytes)
-                steps = per_step(simulate_pages(order * args.steps, layout,
-                                                budget) if start == "empty" else
-                                 simulate_pages(loaded_order(layout) + order * args.steps, layout, budget)
-                                 [len(layout):], len(order))
+                warm = loaded if start == "after load" else []  # loading touches every layer once, in order
+                read = simulate_pages(warm + order * args.steps, layout, budget)[len(warm):]
+                steps = per_step(read, len(order))
                 print(f"{'':<36} {start:<12} {'pages, ' + scheme:<8} {steps[0] / MiB:>10.0f} "
                       f"{steps[-1] / MiB:>16.0f} {steps[-1] / total:>14.2f}")
 

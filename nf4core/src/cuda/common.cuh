@@ -9,6 +9,8 @@
 
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "../error.hpp"
@@ -97,6 +99,13 @@ inline unsigned resident_grid(int threads) {
 // inside CUDA graph capture; later calls are).
 constexpr size_t kMaxDeviceTables = 256;
 const float *device_table(const float *host, int n);
+
+// NF4CORE_CUDA_KERNELS=v1: the launchers pick the first (untuned) GEMV and
+// dequantize kernels, so that a benchmark can compare them in one run.
+inline bool first_kernels_forced() {
+    const char *e = std::getenv("NF4CORE_CUDA_KERNELS");
+    return e != nullptr && std::strcmp(e, "v1") == 0;
+}
 
 // Calls f(T{}) with T the element type of `dtype` (float, half_t, bfloat16_t).
 template <class F>

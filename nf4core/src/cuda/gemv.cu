@@ -25,7 +25,6 @@
 
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <string>
 #include <type_traits>
 
@@ -305,11 +304,6 @@ int rows_per_block(int MT, int64_t N) {
     }
     while (r * MT > 8) r /= 2;
     return r;
-}
-
-bool first_kernels_forced() {
-    const char *e = std::getenv("NF4CORE_CUDA_KERNELS");
-    return e != nullptr && std::strcmp(e, "v1") == 0;
 }
 
 bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }

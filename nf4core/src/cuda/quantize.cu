@@ -12,8 +12,6 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <string>
 #include <type_traits>
 
@@ -406,8 +404,7 @@ nf4_status dequantize(const uint8_t *in, const Scales &sc, int64_t n, int64_t bl
         require_device();
         const cudaStream_t s = as_stream(stream);
         const bool vec = aligned(in, BITS == 4 ? 8 : 16) && aligned(out, 16);
-        const char *forced = std::getenv("NF4CORE_CUDA_KERNELS");  // "v1": the first kernel, for benchmarks
-        const bool tiles = vec && !(forced != nullptr && std::strcmp(forced, "v1") == 0);
+        const bool tiles = vec && !first_kernels_forced();
         // tiles: as many blocks as fit on the GPU at once, fewer for small n
         const int64_t tile = 4 * 32 * (16 / nf4_dtype_size(dtype));
         const unsigned grid = tiles ? std::min(resident_grid(kThreads), grid_for(ceil_div(n, tile), kThreads / 32))
