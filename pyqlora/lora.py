@@ -39,6 +39,7 @@ from ._glue.modules import set_submodule
 from ._glue.paging import BasePaging, PagedArena, RunningLayerScales, place_in_pager
 from ._glue.tensors import as_numpy
 from ._pager import Pager
+from ._array import QuantizedArray
 from ._quantize import dequantize, quantize
 from .nn import Linear4bit, LoraLinear4bit, dequantize_weight
 
@@ -496,14 +497,88 @@ def _batch_inputs(batch, what):
     return kwargs
 
 
+# X^T X of inputs this wide or wider is computed by panels of rows of its upper triangle (below: one product)
+_MOMENT_PANEL_MIN = 256
+
+
+def _input_moment(x2):
+    """X^T X (float32) of the rows x2 (tokens x K): for K >= _MOMENT_PANEL_MIN only its upper triangle (and the
+    diagonal panels) is computed, by row panels ``X[:, a:b]^T X[:, a:]``, the rest left zero; read it with
+    :func:`_symmetric_from_upper`. Some 0.55-0.6 of the full product's multiply-adds: 1.2x faster for K = 576,
+    1.5x for K = 1536 at 2048 rows on a 2-core AMD EPYC Zen 4 (torch's BLAS), each element the same dot product."""
+    k = x2.shape[1]
+    if k < _MOMENT_PANEL_MIN:
+        return x2.T @ x2
+    width = 128 if k < 1024 else 192
+    out = torch.zeros(k, k, dtype=x2.dtype)
+    for a in range(0, k, width):
+        b = min(k, a + width)
+        out[a:b, a:] = x2[:, a:b].T @ x2[:, a:]
+    return out
+
+
+def _symmetric_from_upper(s):
+    """The symmetric matrix whose upper triangle is that of `s` (s itself below _MOMENT_PANEL_MIN)."""
+    if s.shape[0] < _MOMENT_PANEL_MIN:
+        return s
+    upper = torch.triu(s)
+    return upper + torch.triu(s, 1).T
+
+
+class _dequantized_forwards:
+    """Within this context, every ``Linear4bit`` of `module` (and every ``LoraLinear4bit`` whose adapters are all
+    zero, as they start) computes ``x W^T + b`` with its weight dequantized once, in the input's dtype (the
+    layer's ``compute_dtype`` if set), instead of decoding tiles at every call: the same values, 13 % less
+    time for a SmolLM2-135M block on 2048 rows in float32 (2-core AMD EPYC Zen 4). For many passes over one
+    block's layers without gradients (calibration); the weights are held only inside the context."""
+
+    def __init__(self, module):
+        self.patched = []
+        for m in module.modules():
+            if isinstance(m, LoraLinear4bit):
+                if all(not b.weight.any() for b in m.lora_B.values()):
+                    self._patch(m, m.base_layer)
+            elif isinstance(m, Linear4bit) and not any(m is base for _, base in self.patched):
+                self._patch(m, m)  # alone, or under adapters that are not zero
+
+    def _patch(self, module, base):
+        if not isinstance(base.quantized, QuantizedArray):  # a CUDA weight: its own products
+            return
+        weights = {}
+
+        def forward(x):
+            dtype = base.compute_dtype  # as Linear4bit.forward chooses it
+            if dtype is None and torch.is_autocast_enabled(x.device.type):
+                dtype = torch.get_autocast_dtype(x.device.type)
+            dtype = dtype or x.dtype
+            w = weights.get(dtype)
+            if w is None:
+                w = weights[dtype] = dequantize_weight(base.quantized, dtype)
+            y = x.to(dtype) @ w.T
+            return y if base.bias is None else y + base.bias.to(dtype)
+
+        self.patched.append((module, base))
+        module.forward = forward
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for module, _ in self.patched:
+            del module.forward  # the class's forward again
+        self.patched = []
+        return False
+
+
 class _Calibration:
     """Sequential calibration for ``prepare_model(calibration=...)`` (issue 22).
 
     The inputs of the first decoder layer are captured for every batch; then,
     layer after layer, a forward pass of the (still dense) layer with hooks on its
-    target linears sums each one's ``X^T X`` (float32 products per batch, summed
-    in float64; layers that read the same input tensor, such as q/k/v, share one
-    product), the caller quantizes the layer's linears with them
+    target linears sums each one's ``X^T X`` (float32 products per batch, of the
+    upper triangle only for wide inputs (:func:`_input_moment`), summed in float64;
+    layers that read the same input tensor, such as q/k/v, share one product; the
+    pass stops once every target has read its input), the caller quantizes the layer's linears with them
     (:func:`pyqlora.quantize` with ``hessian=``) and replaces them, and a second
     pass of the now 4-bit layer gives the next layer's inputs. So each layer is
     calibrated on what the quantized layers before it produce, and only one
@@ -567,9 +642,12 @@ class _Calibration:
                   f"{time.perf_counter() - self.t0:.0f} s", end="" if i < n else "\n", file=sys.stderr, flush=True)
 
     def _run_block(self, k):
-        """Run block k on the stored inputs (they become block k + 1's)."""
+        """Run block k on the stored inputs (they become block k + 1's).
+
+        Its 4-bit layers compute with their dequantized weights for the pass (:func:`_dequantized_forwards`):
+        the same weight values, with torch's GEMM on the whole weight rather than decoded tiles."""
         block = self.blocks[k]
-        with torch.no_grad():
+        with torch.no_grad(), _dequantized_forwards(block):
             for entry in self.inputs:
                 out = block(*entry[0], **entry[1])
                 hidden = out[0] if isinstance(out, (tuple, list)) else out
@@ -581,35 +659,51 @@ class _Calibration:
     def _collect(self, i):
         block = self.blocks[i]
         targets = {n: n[len(f"{self.prefix}.{i}."):] for n, k in self.layer_of.items() if k == i}
-        sums, seen, hooks = {}, {}, []
-
+        sums, seen, hooks, calls = {}, {}, [], {}
         group = {}  # name -> the first name that read the same input tensor (q/k/v, gate/up share X^T X)
+        # After the first batch, where every target ran once, a forward stops as soon as every target has
+        # read its input: the rest of the block (in a transformer, down_proj's product and the residual) is not
+        # needed. A block whose targets run more than once or not at all (weight sharing, routed experts) is
+        # always run in full.
+        stop_early = [False]
 
         def make_hook(name):
             def hook(module, args):
+                calls[name] = calls.get(name, 0) + 1
                 x = args[0]
                 key = id(x)
                 if key not in seen:
-                    x2 = x.detach().reshape(-1, x.shape[-1]).float()
-                    seen[key] = (x, (x2.T @ x2).double(), name)
+                    seen[key] = (x, _input_moment(x.detach().reshape(-1, x.shape[-1]).float()), name)
                 first = group.setdefault(name, seen[key][2])
-                if first != name:
-                    return  # summed once, under `first`
-                xtx = seen[key][1]
-                sums[name] = xtx.clone() if name not in sums else sums[name].add_(xtx)
+                if first == name:  # else summed once, under `first`
+                    xtx = seen[key][1]
+                    if name in sums:
+                        sums[name].add_(xtx)
+                    else:
+                        sums[name] = xtx.double()
+                if stop_early[0] and len(calls) == len(targets):
+                    raise _StopForward
             return hook
 
         for name, rel in targets.items():
             hooks.append(block.get_submodule(rel).register_forward_pre_hook(make_hook(name)))
         try:
             with torch.no_grad():
-                for entry in self.inputs:
+                for b, entry in enumerate(self.inputs):
                     seen.clear()
-                    block(*entry[0], **entry[1])
+                    calls.clear()
+                    try:
+                        block(*entry[0], **entry[1])
+                    except _StopForward:
+                        pass
+                    if b == 0:
+                        stop_early[0] = len(calls) == len(targets) and all(c == 1 for c in calls.values())
         finally:
             for h in hooks:
                 h.remove()
             seen.clear()
+        for n in sums:
+            sums[n] = _symmetric_from_upper(sums[n])
         arrays = {n: sums[n].numpy() for n in sums}
         self.hessians = {n: arrays[group[n]] for n in targets if n in group and group[n] in arrays}
         self.factors = {}  # one factorization per distinct X^T X (pyqlora._quantize.quantize_calibrated)

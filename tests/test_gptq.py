@@ -122,6 +122,29 @@ def test_factor_matches_the_textbook_factorization(rng):
         np.testing.assert_allclose(u, u_ref, rtol=1e-9, atol=1e-12 * np.abs(u_ref).max())
 
 
+@pytest.mark.parametrize("k", [1, 2, 128, 129, 300, 577])
+def test_triangular_inverse_by_halves(rng, k):
+    """hessian_factor inverts the Cholesky factor by halves above 128 columns: equal to LAPACK's general inverse
+    to float64 rounding and exactly zero above the diagonal, on the factor of a correlated second moment."""
+    x = correlated_inputs(rng, 2 * k + 8, k)
+    h = (x.T @ x).astype(np.float64) + 1e-6 * np.eye(k) * float(np.abs(x).max()) ** 2
+    low = np.linalg.cholesky(h)
+    inv = _quantize._lower_triangular_inverse(low)
+    expected = np.linalg.inv(low)
+    assert not np.triu(inv, 1).any()
+    np.testing.assert_allclose(inv, np.tril(expected), rtol=1e-7, atol=1e-10 * np.abs(expected).max())
+    np.testing.assert_allclose(inv @ low, np.eye(k), atol=1e-9)
+
+
+def test_factor_matches_the_textbook_factorization_above_the_base_case(rng):
+    x = correlated_inputs(rng, 900, 300)
+    h = (x.T @ x).astype(np.float64)
+    u, perm, _ = _quantize.hessian_factor(h, 300, damp=0.01, order="act")
+    u_ref, perm_ref, _ = gptq_factor(h, 0.01, "act")
+    assert np.array_equal(perm, perm_ref)
+    np.testing.assert_allclose(u, u_ref, rtol=1e-9, atol=1e-12 * np.abs(u_ref).max())
+
+
 def codes_of(packed, n):
     return unpack_nibbles(packed, n)
 
@@ -149,7 +172,7 @@ def test_ref_kernel_equals_the_float64_transcription(rng, codebook, order, shape
 @pytest.mark.parametrize("isa", pq.available_isas())
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("shape,blocksize", [((8, 64), 32), ((12, 40), 64), ((20, 300), 64), ((64, 200), 128),
-                                             ((130, 160), 32)])
+                                             ((130, 160), 32), ((70, 384), 64)])
 def test_float32_kernel_equals_its_emulation(rng, isa, threads, shape, blocksize):
     """The optimized kernel (every ISA path, threads, lazy batches of 128 columns) == a float32 NumPy
     emulation of the unbatched algorithm, byte for byte."""

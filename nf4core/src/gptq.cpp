@@ -50,6 +50,9 @@ struct GptqOps {
     // W[r][c] = fma(-E[k][r], U[k][c], W[r][c]) for k = 0..kb-1 in order, r < rows, c < ncols
     void (*update)(float *W, int64_t ldw, int64_t rows, const float *E, int64_t lde, int64_t kb, const float *U,
                    int64_t ldu, int64_t ncols);
+    // One column's pending lazy updates, for all rows at once (a block scale needs the value before the GEMM):
+    // v[r] = fma(-E[k][r], u[k * ldu], v[r]) for k = 0..kb-1 in order, r < rows
+    void (*chain)(float *v, int64_t rows, const float *E, int64_t lde, const float *u, int64_t ldu, int64_t kb);
 };
 
 // ---- generic (any CPU): std::fma, one element at a time ----
@@ -67,6 +70,11 @@ void update_generic(float *W, int64_t ldw, int64_t rows, const float *E, int64_t
             float *w = W + r * ldw;
             for (int64_t c = 0; c < ncols; ++c) w[c] = std::fma(-e, u[c], w[c]);
         }
+}
+
+void chain_generic(float *v, int64_t rows, const float *E, int64_t lde, const float *u, int64_t ldu, int64_t kb) {
+    for (int64_t k = 0; k < kb; ++k)
+        for (int64_t r = 0; r < rows; ++r) v[r] = std::fma(-E[k * lde + r], u[k * ldu], v[r]);
 }
 
 #if defined(NF4_GPTQ_X86)
@@ -129,6 +137,26 @@ __attribute__((target("avx512f,fma"))) void update_avx512(float *W, int64_t ldw,
             case 1: tile_avx512<1>(W + r * ldw + c, ldw, E + r, lde, kb, U + c, ldu, m0, m1); break;
             default: break;
         }
+    }
+}
+
+// 64 rows at a time in four accumulators (independent chains), masked row tails
+__attribute__((target("avx512f,fma"))) void chain_avx512(float *v, int64_t rows, const float *E, int64_t lde,
+                                                        const float *u, int64_t ldu, int64_t kb) {
+    for (int64_t r = 0; r < rows; r += 64) {
+        __mmask16 m[4];
+        __m512 a[4];
+        for (int q = 0; q < 4; ++q) {
+            const int64_t left = rows - r - 16 * q;
+            m[q] = left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1u);
+            a[q] = _mm512_maskz_loadu_ps(m[q], v + r + 16 * q);
+        }
+        for (int64_t k = 0; k < kb; ++k) {
+            const __m512 b = _mm512_set1_ps(u[k * ldu]);
+            for (int q = 0; q < 4; ++q)
+                a[q] = _mm512_fnmadd_ps(_mm512_maskz_loadu_ps(m[q], E + k * lde + r + 16 * q), b, a[q]);
+        }
+        for (int q = 0; q < 4; ++q) _mm512_mask_storeu_ps(v + r + 16 * q, m[q], a[q]);
     }
 }
 
@@ -195,15 +223,39 @@ __attribute__((target("avx2,fma"))) void update_avx2(float *W, int64_t ldw, int6
                 W[r * ldw + c] = __builtin_fmaf(-e, U[k * ldu + c], W[r * ldw + c]);
         }
 }
+
+// 32 rows at a time in four accumulators, scalar FMAs for the row tail
+__attribute__((target("avx2,fma"))) void chain_avx2(float *v, int64_t rows, const float *E, int64_t lde,
+                                                    const float *u, int64_t ldu, int64_t kb) {
+    const int64_t vrows = rows - rows % 8;
+    int64_t r = 0;
+    for (; r + 32 <= vrows; r += 32) {
+        __m256 a[4];
+        for (int q = 0; q < 4; ++q) a[q] = _mm256_loadu_ps(v + r + 8 * q);
+        for (int64_t k = 0; k < kb; ++k) {
+            const __m256 b = _mm256_set1_ps(u[k * ldu]);
+            for (int q = 0; q < 4; ++q) a[q] = _mm256_fnmadd_ps(_mm256_loadu_ps(E + k * lde + r + 8 * q), b, a[q]);
+        }
+        for (int q = 0; q < 4; ++q) _mm256_storeu_ps(v + r + 8 * q, a[q]);
+    }
+    for (; r < vrows; r += 8) {
+        __m256 a = _mm256_loadu_ps(v + r);
+        for (int64_t k = 0; k < kb; ++k)
+            a = _mm256_fnmadd_ps(_mm256_loadu_ps(E + k * lde + r), _mm256_set1_ps(u[k * ldu]), a);
+        _mm256_storeu_ps(v + r, a);
+    }
+    for (int64_t k = 0; k < kb; ++k)
+        for (int64_t rr = vrows; rr < rows; ++rr) v[rr] = __builtin_fmaf(-E[k * lde + rr], u[k * ldu], v[rr]);
+}
 #endif
 
 GptqOps active_ops() {
 #if defined(NF4_GPTQ_X86)
     const char *isa = active_kernels().name;
-    if (std::strcmp(isa, "avx512") == 0) return {rank1_avx512, update_avx512};
-    if (std::strcmp(isa, "avx2") == 0) return {rank1_avx2, update_avx2};
+    if (std::strcmp(isa, "avx512") == 0) return {rank1_avx512, update_avx512, chain_avx512};
+    if (std::strcmp(isa, "avx2") == 0) return {rank1_avx2, update_avx2, chain_avx2};
 #endif
-    return {rank1_generic, update_generic};
+    return {rank1_generic, update_generic, chain_generic};
 }
 
 template <typename T>
@@ -257,6 +309,12 @@ void solve_rows(const float *w, const float *U, const Problem &p, const GptqOps 
     std::vector<BlockScale> scale(static_cast<size_t>(nblk));
     std::vector<uint8_t> started(static_cast<size_t>(nblk), 0);
     std::vector<int64_t> blk_of(static_cast<size_t>(R));
+    // K a multiple of the blocksize: every block lies in one row, and a column group's blocks start together,
+    // so their scales are computed for all rows at once, the pending updates by ops.chain along the rows
+    const bool aligned = K % bs == 0;
+    const int64_t bpr = K >> shift;  // blocks per row, when aligned
+    auto gmax = aligned_array<float>(R);
+    auto col = aligned_array<float>(R);
     for (int64_t r = 0; r < R; ++r)
         for (int64_t t = 0; t < K; ++t) Wp[r * K + t] = w[(r0 + r) * K + p.order[t]];
 
@@ -267,26 +325,51 @@ void solve_rows(const float *w, const float *U, const Problem &p, const GptqOps 
         for (int64_t j = i1; j < i2; ++j) {
             const int64_t jj = j - i1, c = p.order[j];
             // 1. scales of the blocks this step enters, from the values after steps < j
-            for (int64_t r = 0; r < R; ++r) {
-                const int64_t b = (((r0 + r) * K + c) >> shift) - blk0;
-                blk_of[static_cast<size_t>(r)] = b;
-                if (started[static_cast<size_t>(b)]) continue;
-                const int64_t e0 = (blk0 + b) * bs, e1 = std::min(e0 + bs, p.n);
-                float amax = 0.0f;
-                for (int64_t f = e0; f < e1; ++f) {
-                    const int64_t rr = f / K - r0, t = p.position[f % K];
-                    float v;
-                    if (t < i2) {
-                        v = T[(t - i1) * R + rr];  // t >= j: in this batch, up to date
-                    } else {  // after the batch: the lazy updates of steps i1..j-1 are still pending
-                        v = Wp[rr * K + t];
-                        for (int64_t k = i1; k < j; ++k) v = std::fma(-E[(k - i1) * R + rr], U[k * K + t], v);
+            if (aligned) {
+                // blocks are bs consecutive columns of one row: column group g starts in every row at once
+                const int64_t g = c >> shift;
+                for (int64_t r = 0; r < R; ++r) blk_of[static_cast<size_t>(r)] = r * bpr + g;
+                if (!started[static_cast<size_t>(g)]) {
+                    std::fill(gmax.get(), gmax.get() + R, 0.0f);
+                    for (int64_t e = 0; e < bs; ++e) {
+                        const int64_t t = p.position[g * bs + e];  // >= j: the group's first step is j
+                        const float *v;
+                        if (t < i2) {
+                            v = T.get() + (t - i1) * R;  // in this batch: up to date
+                        } else {  // after the batch: apply the pending lazy updates of steps i1..j-1
+                            for (int64_t r = 0; r < R; ++r) col[r] = Wp[r * K + t];
+                            ops.chain(col.get(), R, E.get(), R, U + i1 * K + t, K, j - i1);
+                            v = col.get();
+                        }
+                        for (int64_t r = 0; r < R; ++r) gmax[r] = std::max(gmax[r], std::fabs(v[r]));
                     }
-                    const float a = std::fabs(v);
-                    if (a > amax) amax = a;
+                    for (int64_t r = 0; r < R; ++r) {
+                        scale[static_cast<size_t>(r * bpr + g)] = block_scale(gmax[r], bs, bs);
+                        started[static_cast<size_t>(r * bpr + g)] = 1;
+                    }
                 }
-                scale[static_cast<size_t>(b)] = block_scale(amax, e1 - e0, bs);
-                started[static_cast<size_t>(b)] = 1;
+            } else {
+                for (int64_t r = 0; r < R; ++r) {
+                    const int64_t b = (((r0 + r) * K + c) >> shift) - blk0;
+                    blk_of[static_cast<size_t>(r)] = b;
+                    if (started[static_cast<size_t>(b)]) continue;
+                    const int64_t e0 = (blk0 + b) * bs, e1 = std::min(e0 + bs, p.n);
+                    float amax = 0.0f;
+                    for (int64_t f = e0; f < e1; ++f) {
+                        const int64_t rr = f / K - r0, t = p.position[f % K];
+                        float v;
+                        if (t < i2) {
+                            v = T[(t - i1) * R + rr];  // t >= j: in this batch, up to date
+                        } else {  // after the batch: the lazy updates of steps i1..j-1 are still pending
+                            v = Wp[rr * K + t];
+                            for (int64_t k = i1; k < j; ++k) v = std::fma(-E[(k - i1) * R + rr], U[k * K + t], v);
+                        }
+                        const float a = std::fabs(v);
+                        if (a > amax) amax = a;
+                    }
+                    scale[static_cast<size_t>(b)] = block_scale(amax, e1 - e0, bs);
+                    started[static_cast<size_t>(b)] = 1;
+                }
             }
             // 2. codes and scaled errors
             const float inv_ujj = 1.0f / U[j * K + j];
