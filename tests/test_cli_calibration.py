@@ -119,3 +119,50 @@ def test_finetune_with_calibration(dense_folder, tmp_path):
     proc = run("finetune", "--model", str(dense_folder / "dense"), "--base", "bf16", "--calibration",
                str(dense_folder / "calib.txt"), "--output", str(tmp_path / "x"))
     assert proc.returncode != 0 and "--base 4bit" in proc.stderr
+
+
+def _run_in(cwd, *args):
+    return subprocess.run([sys.executable, "-m", "pyqlora", *args], capture_output=True, text=True, timeout=300,
+                          cwd=cwd)
+
+
+def test_finetune_calibrates_on_its_training_examples(dense_folder, tmp_path):
+    """--calibration train: the base is calibrated on the training examples' tokens, packed end to end (never the
+    held-out ones): the same codes as prepare_model's calibration on those tokens; a file named train in the
+    working folder makes the option ambiguous, and pyqlora quantize has no training examples."""
+    rng = np.random.default_rng(2)
+    with open(tmp_path / "data.jsonl", "w") as f:
+        for _ in range(24):
+            f.write(json.dumps({"text": " ".join(chr(33 + int(v)) for v in rng.integers(0, 90, 40))}) + "\n")
+    args = ["--model", str(dense_folder / "dense"), "--data", str(tmp_path / "data.jsonl"), "--steps", "1",
+            "--seq-len", "32", "--batch-size", "2", "--r", "4", "--eval-text", "none", "--sample-tokens", "0",
+            "--dtype", "fp32", "--warmup", "0", "--heldout", "4", "--calibration", "train"]
+    out = tmp_path / "run"
+    proc = _run_in(tmp_path, "finetune", *args, "--output", str(out), "--calibration-tokens", "700")
+    assert proc.returncode == 0, proc.stderr
+    assert "calibrated base: 512 tokens of the training examples" in proc.stderr  # whole 512-token rows
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration"]["tokens"] == 512 and report["calibration"]["file"] == "train"
+
+    from pyqlora.app.calibration import training_batches
+    from pyqlora.app.checkpoint import load_model
+    from pyqlora.app.finetune.examples import encode_records, split_chunks
+    from pyqlora.lora import LoraConfig, prepare_model
+
+    model, tok, _ = load_model(str(dense_folder / "dense"))
+    records = [json.loads(line) for line in (tmp_path / "data.jsonl").read_text().splitlines()]
+    train, held = split_chunks(encode_records(tok, records, 32)[0], 4)
+    assert len(held) == 4 and sum(len(ids) for ids, _ in train) > 700
+    batches, used = training_batches(train, 700)
+    assert used == 512 and torch.cat(batches).reshape(-1).tolist() == [t for ids, _ in train for t in ids][:512]
+    prepare_model(model, LoraConfig(r=4), calibration=batches)
+    base, _, _ = load_model(str(out / "base"), tokenizer=False)
+    for name in ("model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        assert (base.get_submodule(name).quantized.packed.tobytes()
+                == model.get_submodule(name).base_layer.quantized.packed.tobytes()), name
+
+    (tmp_path / "train").write_text("a file named train")
+    proc = _run_in(tmp_path, "finetune", *args, "--output", str(tmp_path / "x"))
+    assert proc.returncode != 0 and "write ./train for the file" in proc.stderr
+    proc = _run_in(dense_folder, "quantize", str(dense_folder / "dense"), str(tmp_path / "y"), "--calibration", "train")
+    assert proc.returncode != 0 and "option of pyqlora finetune" in proc.stderr

@@ -4,6 +4,8 @@ The file is UTF-8 text; its first ``--calibration-tokens`` tokens, in sequences 
 512 (batches of 4), are what :func:`pyqlora.lora.prepare_model` runs the model on
 to collect each linear layer's ``X^T X``, block after block. The result is the
 same format as round to nearest: only the 4-bit codes and block scales differ.
+``pyqlora finetune --calibration train`` packs the tokens of its training examples
+the same way (:func:`packed_batches`).
 """
 import os
 import sys
@@ -12,12 +14,36 @@ from .data import read_text
 
 SEQ_LEN = 512
 BATCH = 4
+TRAIN = "train"  # pyqlora finetune --calibration train: the training examples
+
+
+def packed_batches(ids):
+    """Batches (LongTensor, BATCH x SEQ_LEN, the last one maybe shorter) of the token ids `ids` (a list), cut into
+    sequences of SEQ_LEN (or one shorter sequence of them all); returns (batches, tokens used)."""
+    import torch
+
+    seq = min(SEQ_LEN, len(ids))
+    usable = len(ids) // seq * seq
+    rows = torch.tensor(ids[:usable], dtype=torch.long).reshape(-1, seq)
+    return list(rows.split(BATCH)), usable
+
+
+def training_batches(examples, tokens):
+    """Calibration batches of the first `tokens` tokens of training `examples` ((input_ids, labels) pairs), their
+    input ids packed end to end, in the order given."""
+    ids = []
+    for input_ids, _ in examples:
+        ids.extend(int(t) for t in input_ids)
+        if len(ids) >= tokens:
+            break
+    ids = ids[:tokens]
+    if len(ids) < 2:
+        raise ValueError(f"--calibration {TRAIN}: the training examples hold {len(ids)} tokens")
+    return packed_batches(ids)
 
 
 def calibration_batches(tokenizer, path, tokens, option="--calibration"):
     """Batches (LongTensor, BATCH x SEQ_LEN, the last one maybe shorter) of the first `tokens` tokens of `path`."""
-    import torch
-
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
         raise ValueError(f"{option}-tokens must be a positive number of tokens, got {tokens!r}")
     path = os.fspath(path)
@@ -29,10 +55,7 @@ def calibration_batches(tokenizer, path, tokens, option="--calibration"):
     ids = tokenizer(text, add_special_tokens=False).input_ids[:tokens]
     if len(ids) < 2:
         raise ValueError(f"{option} {path} holds {len(ids)} tokens; calibration needs text (thousands of tokens)")
-    seq = min(SEQ_LEN, len(ids))
-    usable = len(ids) // seq * seq
-    rows = torch.tensor(ids[:usable], dtype=torch.long).reshape(-1, seq)
-    return list(rows.split(BATCH)), usable
+    return packed_batches(ids)
 
 
 def calibrate(model, tokenizer, path, tokens, codebook, blocksize, double_quant, progress=True, damp=0.1,

@@ -131,7 +131,11 @@ def _quantize(args):
     src = None if args.src == "default" else args.src
     arrays = calibration = None
     if args.calibration is not None:
-        from .calibration import calibrated_arrays
+        from .calibration import TRAIN, calibrated_arrays
+
+        if args.calibration == TRAIN and not os.path.exists(TRAIN):
+            raise ValueError("--calibration train (the training examples) is an option of pyqlora finetune: "
+                             "pyqlora quantize takes a UTF-8 text file")
 
         arrays, calibration = calibrated_arrays(src, args.calibration, args.calibration_tokens, args.codebook,
                                                 args.blocksize, not args.no_double_quant, progress=not args.json)
@@ -302,11 +306,13 @@ def _add_quant_options(p, codebooks):
     p.add_argument("--no-double-quant", action="store_true", help="keep the block scales in float32 (no DQ)")
 
 
-def _add_calibration_options(p):
-    p.add_argument("--calibration", metavar="FILE",
+def _add_calibration_options(p, train=False):
+    p.add_argument("--calibration", metavar="train|FILE" if train else "FILE",
                    help="calibrated rounding (docs/quality.md, section 4): choose the 4-bit codes that keep each "
                         "linear layer's output on this UTF-8 text close, layer by layer (GPTQ error feedback); "
-                        "same format and size (default: round to nearest)")
+                        "same format and size (default: round to nearest)" +
+                        ("; 'train': on the fine-tune's own training examples (never the held-out ones)"
+                         if train else ""))
     p.add_argument("--calibration-tokens", type=_positive_int, default=65536, metavar="N",
                    help="tokens of the --calibration text to use (from its start)")
 
@@ -480,7 +486,7 @@ def build_parser():
     ft.add_argument("--fsdp-shard-embeddings", action="store_true",
                     help="with --distributed fsdp, shard the frozen embedding tables too (by default every rank "
                          "keeps them whole: a lower peak, see docs/distributed.md)")
-    _add_calibration_options(ft)
+    _add_calibration_options(ft, train=True)
     ft.set_defaults(func=_finetune)
 
     qz = command("quantize", help="write a dense checkpoint as a 4-bit bitsandbytes/transformers one",

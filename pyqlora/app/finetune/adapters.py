@@ -30,12 +30,13 @@ def seed_adapters(model, seed):
             w.copy_(torch.rand(w.shape, generator=gen, dtype=torch.float32) * (2 * bound) - bound)
 
 
-def prepare(model, cfg, weights=None, pager=None, tokenizer=None):
+def prepare(model, cfg, weights=None, pager=None, tokenizer=None, train_examples=None):
     """Quantize + adapt (4bit) or adapt the dense bf16 base with PEFT (bf16); returns (model, info).
 
     `weights`: a lazy mapping for a model built under ``empty_weights`` (4bit only; see prepare_model).
     `pager`: a pq.Pager for the 4-bit base (``--base-budget``); ``info["paging"]`` then watches it.
-    With ``cfg.calibration`` the 4-bit base is calibrated on that text (`tokenizer` encodes it; issue 22).
+    With ``cfg.calibration`` the 4-bit base is calibrated on that text (`tokenizer` encodes it; issue 22),
+    or, for ``"train"``, on `train_examples` ((input_ids, labels) pairs).
     """
     from pyqlora.nn import Linear4bit
 
@@ -64,7 +65,11 @@ def prepare(model, cfg, weights=None, pager=None, tokenizer=None):
         from pyqlora.lora import LoraConfig, prepare_model
 
         calibration = None
-        if getattr(cfg, "calibration", None):
+        if getattr(cfg, "calibration", None) == "train":
+            from ..calibration import training_batches
+
+            calibration, _ = training_batches(train_examples or [], cfg.calibration_tokens)
+        elif getattr(cfg, "calibration", None):
             from ..calibration import calibration_batches
 
             calibration, _ = calibration_batches(tokenizer, cfg.calibration, cfg.calibration_tokens)

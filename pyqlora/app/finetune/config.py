@@ -56,7 +56,7 @@ class FinetuneConfig:
     fsdp_shard_embeddings: bool = False  # FSDP: shard the frozen embedding tables too
     init_lora: str = "default"        # "default" (A random, B = 0) or "loftq" (4-bit base only)
     loftq_iter: int = 1
-    calibration: str | None = None    # a UTF-8 text: calibrated rounding of the 4-bit base (issue 22)
+    calibration: str | None = None    # a UTF-8 text, or "train": calibrated rounding of the 4-bit base (issue 22)
     calibration_tokens: int = 65536   # its first tokens used
     save_every: int = 0               # write a checkpoint every N steps (0: only on Ctrl-C)
     resume: str | None = None         # a checkpoint folder to continue from (see resume.resume_config)
@@ -118,7 +118,11 @@ class FinetuneConfig:
             if isinstance(self.calibration_tokens, bool) or not isinstance(self.calibration_tokens, int) \
                     or self.calibration_tokens < 1:
                 raise ValueError(f"--calibration-tokens must be a positive number, got {self.calibration_tokens!r}")
-            if not os.path.isfile(self.calibration):
+            if self.calibration == "train":
+                if os.path.exists("train"):
+                    raise ValueError("--calibration train means the training examples, and a file named train is "
+                                     "in this folder: write ./train for the file")
+            elif not os.path.isfile(self.calibration):
                 raise FileNotFoundError(f"--calibration file not found: {self.calibration}")
         if self.fsdp_shard_embeddings and self.distributed != "fsdp":
             raise ValueError("--fsdp-shard-embeddings needs --distributed fsdp")

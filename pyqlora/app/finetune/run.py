@@ -187,7 +187,8 @@ def _run(cfg, out, log, ctx, qdist):
         model.to(torch.bfloat16)
     with clock("prepare"):
         try:
-            model, pinfo = prepare(model, cfg, weights=weights, pager=pager, tokenizer=tok)
+            model, pinfo = prepare(model, cfg, weights=weights, pager=pager, tokenizer=tok,
+                                   train_examples=train_ex)
         except pq.NonFiniteError as exc:  # a NaN or Inf weight: say which model holds it
             raise pq.NonFiniteError(f"{minfo['source']}: {exc}", index=exc.index, value=exc.value) from exc
     base_bytes = tensor_bytes(model) - sum(p.numel() * p.element_size() for p in model.parameters()
@@ -205,7 +206,8 @@ def _run(cfg, out, log, ctx, qdist):
 
     if pinfo.get("calibration"):
         c = pinfo["calibration"]
-        say(f"calibrated base: {c['tokens']:,} tokens of {c['file']} through {c['blocks']} blocks in "
+        source = "the training examples" if c["file"] == "train" else c["file"]
+        say(f"calibrated base: {c['tokens']:,} tokens of {source} through {c['blocks']} blocks in "
             f"{c['seconds']:.1f} s, peak memory {c['peak_rss_bytes'] / 2**20:.0f} MiB")
 
     sample_prompt, sample_chat, sample_id = generation_sample(held_records, held_ex, tok)
