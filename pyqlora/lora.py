@@ -43,7 +43,7 @@ from ._array import QuantizedArray
 from ._quantize import dequantize, quantize
 from .nn import Linear4bit, LoraLinear4bit, dequantize_weight
 
-__all__ = ["LoraConfig", "PrepareReport", "check_adapter", "empty_weights", "load_adapter", "lora_layers",
+__all__ = ["LoraConfig", "PrepareReport", "check_adapter", "empty_weights", "load_4bit", "load_adapter", "lora_layers",
            "merge_adapters", "prepare_model", "save_adapter"]
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -915,6 +915,191 @@ def prepare_model(model, config=None, weights=None, pager=None, lookahead=2, cal
     return report
 
 
+def load_4bit(folder, dtype=None, pager=None):
+    """A transformers model from a 4-bit checkpoint folder in bitsandbytes' layout, its linear layers ``Linear4bit``.
+
+    The folder is what ``pyqlora quantize``, :meth:`save_pretrained` of a transformers +
+    bitsandbytes model, or ``pyqlora finetune`` (``OUT/base``) write: ``config.json`` with a
+    bitsandbytes ``quantization_config`` (4-bit) and ``*.safetensors`` (sharded through
+    ``model.safetensors.index.json`` or not). Neither bitsandbytes nor a GPU is needed.
+
+    Parameters
+    ----------
+    folder : str or os.PathLike
+    dtype : torch.dtype, default float32
+        dtype of the dense parameters (embeddings, norms, the output head) and of the
+        4-bit layers' computation.
+    pager : pyqlora.Pager, optional
+        A host pager: the 4-bit layers' packed codes, absmax and nested absmax are not read.
+        Each is a read-only ``pager.map_file`` view of its bytes in the safetensors file (at
+        the offsets its header gives), paged from the file itself under the pager's
+        ``budget_bytes``, never copied into a spill file. Then call
+        ``prepare_model(model, config, pager=pager)``, which prefetches each layer's bytes before
+        it runs (``docs/pager.md``; ``pyqlora finetune --base-budget`` does both). An entry the
+        kernels cannot use as stored (another dtype, an unaligned offset) is copied into pager
+        memory instead, with a RuntimeWarning. The other tensors are read into ordinary memory.
+
+    Returns
+    -------
+    transformers.PreTrainedModel, in eval mode
+
+    Raises
+    ------
+    ValueError
+        A folder without a 4-bit bitsandbytes ``quantization_config``, or whose files do not
+        fit its configuration (the message names the file). FileNotFoundError: no weights.
+
+    Examples
+    --------
+    >>> import pyqlora as pq
+    >>> from pyqlora.lora import LoraConfig, load_4bit, prepare_model
+    >>> pager = pq.Pager(budget_bytes=8 << 30, spill_dir="/var/tmp")       # doctest: +SKIP
+    >>> model = load_4bit("llama-65b-nf4", pager=pager)                     # doctest: +SKIP
+    >>> report = prepare_model(model, LoraConfig(r=16), pager=pager)        # doctest: +SKIP
+    """
+    import transformers
+
+    from ._glue import checkpoint as _ckpt
+    from ._glue.files import config_errors, error_text, read_config, read_safetensors
+
+    folder = os.fspath(folder)
+    dtype = dtype or torch.float32
+    if pager is not None and not isinstance(pager, Pager):
+        raise TypeError(f"pager must be a pyqlora.Pager or None, got {type(pager).__name__}")
+    if pager is not None and pager.device != "cpu":
+        raise ValueError(f"pager must be a host pager to page a checkpoint from its file, got one on {pager.device}")
+
+    config_name = os.path.join(folder, "config.json")
+    cfg = read_config(folder)
+    quant = cfg.get("quantization_config")
+    if not quant:
+        raise ValueError(f"{config_name} has no quantization_config: {folder} holds a dense model (quantize it "
+                         "with prepare_model, or write a 4-bit checkpoint with pyqlora quantize)")
+    if quant.get("quant_method") != "bitsandbytes" or not quant.get("load_in_4bit", quant.get("_load_in_4bit")):
+        raise ValueError(f"only bitsandbytes 4-bit checkpoints are supported, got quantization_config {quant}")
+    plain = {k: v for k, v in cfg.items() if k != "quantization_config"}
+    try:
+        config = transformers.AutoConfig.for_model(**plain)
+    except config_errors() as exc:
+        raise ValueError(f"{config_name}: not a configuration transformers can read ({error_text(exc)})") from exc
+    files = _ckpt.safetensors_files(folder)
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no .safetensors weights")
+    state, layout = {}, {}
+    if pager is None:
+        for f in files:
+            state.update(read_safetensors(f))
+    else:
+        state, layout = _ckpt.read_for_pager(files)
+    model = _ckpt.meta_model(config, config_name, [*state, *layout])
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and any(
+                f"{name}.weight.quant_state.bitsandbytes__{cb}" in state for cb in ("nf4", "fp4")):
+            set_submodule(model, name, Linear4bit(module.in_features, module.out_features,
+                                                   bias=module.bias is not None, dtype=dtype))
+    model.to_empty(device="cpu")
+    model.to(dtype)
+    # buffers computed in __init__ and not stored (rotary frequencies): build those modules again on the CPU
+    for name, module in list(model.named_modules()):
+        if name and module._non_persistent_buffers_set and not list(module.parameters(recurse=False)):
+            set_submodule(model, name, type(module)(config=module.config))
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except (RuntimeError, ValueError, TypeError, KeyError) as exc:  # shapes or 4-bit entries that do not fit
+        raise ValueError(f"{folder}: the weights do not fit the model {config_name} describes: "
+                         f"{error_text(exc, 600, kind=False)}") from exc
+    missing = [k for k in result.missing_keys if not (config.tie_word_embeddings and k.startswith("lm_head."))
+               and k not in layout]  # the mapped 4-bit entries: placed below
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{folder}: weights do not match the model {config_name} describes: missing {missing[:3]}, "
+                         f"unexpected {result.unexpected_keys[:3]}")
+    if pager is not None:
+        _place_from_file(model, layout, state, pager)
+    model.tie_weights()
+    model.eval()
+    return model
+
+
+def _place_from_file(model, layout, state, pager):
+    """Give every Linear4bit of `model` its bytes as read-only `pager.map_file` views of the checkpoint.
+
+    The entries are used as they are in the file; one that cannot be (a dtype or an alignment the
+    kernels cannot use as it is) is read and copied into pager memory (``pager.empty``), and a
+    RuntimeWarning names those. Returns ``{"mapped_bytes", "copied_bytes", "copied": [keys]}``.
+    """
+    import warnings
+
+    import numpy as np
+
+    from ._glue import checkpoint as _ckpt
+    from ._glue.files import safetensors_tensor
+
+    report = {"mapped_bytes": 0, "copied_bytes": 0, "copied": []}
+    views = []
+
+    def in_pager(a):
+        try:
+            pager.prefetch(a[:0])  # zero bytes: ValueError unless `a` lies in this pager's memory
+        except ValueError:
+            return False
+        return True
+
+    def paged(a, key):
+        """`a` itself if it lies in pager memory (mapped), else a copy in pager memory."""
+        if a is None or in_pager(a):
+            return a
+        out = pager.empty(a.shape, a.dtype)
+        out[...] = a
+        report["copied_bytes"] += a.nbytes
+        report["copied"].append(key)
+        return out
+
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, Linear4bit)]:
+        w = f"{name}.weight"
+        if w not in layout:
+            continue
+        entries = {k: v for k, v in state.items() if k.startswith(w + ".")}
+        for k in (w, w + ".absmax", w + ".nested_absmax"):
+            if k not in layout:
+                continue
+            path, dtype, shape, off, nbytes = layout[k]
+            dt = _ckpt.mappable(dtype, off, nbytes, shape)
+            if dt is None:
+                entries[k] = safetensors_tensor(path, k)  # converted below, into pager memory
+            else:
+                entries[k] = pager.map_file(path, off, shape, dt)
+                views.append(entries[k])
+                report["mapped_bytes"] += nbytes
+        codes = entries[w]
+        if isinstance(codes, np.ndarray):
+            # from_bnb_dict checks every entry against the quant state and copies the codes: give it
+            # zeros of the codes' size and dtype (nothing read from disk), then use the mapped codes
+            entries[w] = np.zeros(codes.shape, codes.dtype)
+        try:
+            q = QuantizedArray.from_bnb_dict(entries, prefix=w)
+        except ValueError as exc:
+            raise ValueError(f"{layout[w][0]}: the 4-bit entries of {name!r} do not fit together: {exc}") from None
+        if q.shape != (layer.out_features, layer.in_features):
+            raise ValueError(f"{layout[w][0]}: {w} has shape {q.shape}, the model wants "
+                             f"({layer.out_features}, {layer.in_features})")
+        packed = codes.reshape(-1).view(np.uint8)[:q.packed.nbytes] if isinstance(codes, np.ndarray) else q.packed
+        q = QuantizedArray(shape=q.shape, dtype=q.dtype, codebook=q.codebook, blocksize=q.blocksize,
+                           packed=paged(packed, w), absmax=paged(q.absmax, w + ".absmax"),
+                           nested_absmax=paged(q.nested_absmax, w + ".nested_absmax"),
+                           nested_offset=q.nested_offset)
+        with warnings.catch_warnings():  # torch.from_numpy of read-only memory: the base is frozen, never written
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            layer.quantized = q
+    if pager.budget_bytes is not None:
+        for a in views:  # the pages checking them read (nested absmax): out of RAM again, nothing is written
+            pager.evict(a)
+    if report["copied"]:
+        shown = ", ".join(report["copied"][:3]) + (", ..." if len(report["copied"]) > 3 else "")
+        warnings.warn(f"{len(report['copied'])} 4-bit entries could not be paged from the checkpoint as they are "
+                      f"(a dtype or alignment that needs a conversion: {shown}); they were copied into pager "
+                      f"memory ({report['copied_bytes']} bytes, written to its spill file)", RuntimeWarning,
+                      stacklevel=3)
+    return report
 _TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
                ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"))
 

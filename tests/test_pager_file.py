@@ -208,8 +208,9 @@ def test_map_file_example_runs():
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from pyqlora._glue import checkpoint as _glue_checkpoint  # noqa: E402
 from pyqlora.app import checkpoint as ckpt  # noqa: E402
-from pyqlora.lora import LoraConfig, lora_layers, prepare_model  # noqa: E402
+from pyqlora.lora import LoraConfig, load_4bit, lora_layers, prepare_model  # noqa: E402
 from support import tiny_llama_config, train_lora_steps  # noqa: E402
 
 # 4-bit layers of 96 x 320 .. 320 x 96 (15 KiB of codes each) and a budget of 8 KiB: less than one layer
@@ -228,8 +229,7 @@ def checkpoint(tmp_path_factory):
 
 
 def _load(folder, pager=None):
-    cfg = ckpt.read_config(folder)
-    return ckpt._load_4bit(folder, cfg, torch.float32, ckpt.safetensors_files(folder), pager=pager)
+    return load_4bit(folder, pager=pager)
 
 
 _run = train_lora_steps
@@ -284,10 +284,10 @@ def test_a_checkpoint_paged_from_its_file_is_bit_identical(tmp_path, checkpoint,
 @linux_only
 def test_entries_that_need_a_conversion_are_copied_into_the_pager(tmp_path, checkpoint, monkeypatch):
     want = _load(checkpoint)
-    real = ckpt._mappable
+    real = _glue_checkpoint.mappable
     # pretend every absmax is stored in a form the kernels cannot use as it is
-    monkeypatch.setattr(ckpt, "_mappable", lambda dtype, off, n, shape: None if dtype == "U8" and n < 4096 and
-                        shape and len(shape) == 1 else real(dtype, off, n, shape))
+    monkeypatch.setattr(_glue_checkpoint, "mappable", lambda dtype, off, n, shape: None if dtype == "U8" and
+                        n < 4096 and shape and len(shape) == 1 else real(dtype, off, n, shape))
     pager = pq.Pager(budget_bytes=BUDGET, spill_dir=tmp_path, page_bytes=4096)
     with pytest.warns(RuntimeWarning, match="copied into pager memory"):
         got = _load(checkpoint, pager=pager)
@@ -306,12 +306,10 @@ def test_a_checkpoint_truncated_during_training_is_an_oserror(tmp_path, checkpoi
     code = textwrap.dedent(f"""
         import os, sys, torch
         import pyqlora as pq
-        from pyqlora.app import checkpoint as ckpt
-        from pyqlora.lora import LoraConfig, prepare_model
+        from pyqlora.lora import LoraConfig, load_4bit, prepare_model
         folder = {str(folder)!r}
         pager = pq.Pager(budget_bytes={BUDGET}, spill_dir={str(tmp_path)!r}, page_bytes=4096)
-        model = ckpt._load_4bit(folder, ckpt.read_config(folder), torch.float32, ckpt.safetensors_files(folder),
-                                pager=pager)
+        model = load_4bit(folder, pager=pager)
         report = prepare_model(model, LoraConfig(r=4), pager=pager, lookahead=0)
         ids = torch.randint(0, 64, (1, 16))
         model(input_ids=ids, labels=ids).loss.backward()
@@ -333,6 +331,31 @@ def test_a_checkpoint_truncated_during_training_is_an_oserror(tmp_path, checkpoi
 def test_bad_pager_for_a_checkpoint(checkpoint):
     with pytest.raises(TypeError, match="pager must be a pyqlora.Pager"):
         _load(checkpoint, pager="8G")
+
+
+def test_load_4bit_is_the_application_loader_and_names_bad_folders(tmp_path, checkpoint):
+    """pyqlora.lora.load_4bit gives the model `pyqlora generate|eval|finetune` load (the same Linear4bit bytes and
+    logits), and a folder it cannot use is a clear error."""
+    model = load_4bit(checkpoint)
+    app_model, _, info = ckpt.load_model(checkpoint, tokenizer=False)
+    assert info["quantized"] and not model.training
+    layers = [n for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"]
+    assert len(layers) == 7 * SHAPE["num_hidden_layers"]
+    for name in layers:
+        a, b = model.get_submodule(name).quantized, app_model.get_submodule(name).quantized
+        assert a.packed.tobytes() == b.packed.tobytes() and a.absmax.tobytes() == b.absmax.tobytes()
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, app_model(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="no quantization_config: .* holds a dense model"):
+        load_4bit(os.path.join(os.path.dirname(checkpoint), "dense"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy(os.path.join(checkpoint, "config.json"), empty / "config.json")
+    with pytest.raises(FileNotFoundError, match="holds no .safetensors weights"):
+        load_4bit(empty)
+    with pytest.raises(FileNotFoundError):
+        load_4bit(tmp_path / "missing")
 
 
 @linux_only

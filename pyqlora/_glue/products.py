@@ -121,9 +121,9 @@ def tiled_product_torch(x, q, transpose=True):
     Only a tile of W is dense at any time, in a reused buffer: about
     :data:`TILE_BYTES`, or :data:`TILE_MIN_COLS_PER_THREAD` output columns per torch
     thread when the inner dimension is so large that fewer would fit (narrower tiles
-    halve torch's GEMM speed), never more than :data:`TILE_MAX_BYTES`. ``x @ W.T`` decodes row tiles ``W[n0:n1, :]`` and writes
-    ``y[:, n0:n1]``; ``x @ W`` decodes column tiles ``W[:, k0:k1]`` and writes
-    ``y[:, k0:k1]``, so every output element is one matmul over the whole inner
+    halve torch's GEMM speed), never more than :data:`TILE_MAX_BYTES`. ``x @ W.T``
+    decodes row tiles ``W[n0:n1, :]`` and writes ``y[:, n0:n1]``; ``x @ W`` decodes
+    column tiles ``W[:, k0:k1]`` and writes ``y[:, k0:k1]``, so every output element is one matmul over the whole inner
     dimension (no accumulation across tiles in x's precision). x is a CPU
     float32 or bfloat16 tensor; the tile has its dtype, as with
     dequantize-then-matmul. Used by ``pyqlora.nn`` for many rows (training),

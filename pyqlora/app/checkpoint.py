@@ -32,10 +32,12 @@ import os
 import shutil
 import sys
 
+from .._glue.checkpoint import meta_model, safetensors_files
+from .._glue.files import read_config
 from . import models
-from .data import cache_dir, error_text, read_text
+from .data import cache_dir, error_text
 from .outputs import publish
-from .weights import check_layer_count, check_weight_shapes, config_errors, read_safetensors, safetensors_index
+from .weights import check_weight_shapes, config_errors, safetensors_index
 
 __all__ = ["bnb_quantization_config", "check_model_argument", "gguf_to_folder", "linear_module_names", "load_model",
            "load_model_streamed", "meta_model", "quantize_checkpoint", "read_config", "read_transformers_config",
@@ -116,28 +118,6 @@ def check_model_argument(spec):
     resolve_model(spec, convert=False)
 
 
-def _read_json(path, what):
-    text = read_text(path, what)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
-    except (ValueError, RecursionError) as exc:  # a 5000-digit integer, nesting too deep
-        raise ValueError(f"{path} is not usable JSON ({exc})") from None
-
-
-def read_config(folder):
-    """The parsed config.json of a Hugging Face folder: ValueError if it is not a JSON object (UTF-8)."""
-    path = os.path.join(folder, "config.json")
-    cfg = _read_json(path, "config.json")
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")  # noqa: TRY004 (bad file content)
-    if not isinstance(cfg.get("quantization_config") or {}, dict):
-        raise ValueError(f"{path}: quantization_config must be a JSON object, got "  # noqa: TRY004 (bad file content)
-                         f"{type(cfg['quantization_config']).__name__}")
-    return cfg
-
-
 def read_transformers_config(folder):
     """transformers' configuration of a Hugging Face folder; ValueError naming config.json if it cannot read it."""
     import transformers
@@ -147,45 +127,6 @@ def read_transformers_config(folder):
     except (OSError, *config_errors()) as exc:
         raise ValueError(f"{os.path.join(folder, 'config.json')}: not a configuration transformers can read "
                          f"({error_text(exc)})") from exc
-
-
-def meta_model(config, config_name="config.json", tensor_names=None):
-    """The transformers causal LM `config` describes, built on the meta device (no memory, no weights read).
-
-    A configuration whose values cannot build a model (a hidden size that is not a multiple of the
-    heads, a negative size, a string for a number, ...) raises ValueError naming `config_name`; so
-    does one whose layer count is not the layers `tensor_names` (a checkpoint's) hold.
-    """
-    import torch
-    import transformers
-
-    if tensor_names is not None:
-        check_layer_count(getattr(config, "num_hidden_layers", None), tensor_names, config_name)
-    try:
-        with torch.device("meta"):
-            return transformers.AutoModelForCausalLM.from_config(config)
-    except (*config_errors(), RuntimeError) as exc:
-        raise ValueError(f"{config_name}: cannot build the model it describes ({error_text(exc)})") from exc
-
-
-def safetensors_files(folder):
-    """The weight files of a Hugging Face folder (through its index when sharded), adapters left out.
-
-    A damaged index raises ValueError and a shard it names that is missing FileNotFoundError, naming the index.
-    """
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.exists(index):
-        data = _read_json(index, "model.safetensors.index.json")
-        weight_map = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise ValueError(f"{index}: expected a JSON object with a \"weight_map\" of tensor name -> file name")
-        files = sorted({os.path.join(folder, v) for v in weight_map.values()})
-        missing = [f for f in files if not os.path.isfile(f)]
-        if missing:
-            raise FileNotFoundError(f"{index} names {os.path.basename(missing[0])}, which is not in {folder}")
-        return files
-    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-    return [f for f in files if not os.path.basename(f).startswith("adapter_")]
 
 
 def weight_file(folder, key):
@@ -222,7 +163,7 @@ def load_model(spec=None, dtype=None, tokenizer=True, pager=None):
     pager : pyqlora.Pager, optional
         For a 4-bit checkpoint: its layers' codes and scales become read-only views of the
         checkpoint's file paged by this (host) pager, never read whole nor copied
-        (``_load_4bit``); ``prepare_model(..., pager=pager)`` then adds the prefetch hooks.
+        (:func:`pyqlora.lora.load_4bit`); ``prepare_model(..., pager=pager)`` then adds the prefetch hooks.
         Ignored for a dense model (``pyqlora finetune --base-budget`` streams those).
 
     Returns
@@ -245,7 +186,9 @@ def load_model(spec=None, dtype=None, tokenizer=True, pager=None):
     files = safetensors_files(folder)
     index = safetensors_index(files)  # every header read: a damaged file is named here
     if quant:
-        model = _load_4bit(folder, cfg, dtype, files, pager=pager)
+        from ..lora import load_4bit
+
+        model = load_4bit(folder, dtype=dtype, pager=pager)
     else:
         # the parameters config.json implies against the checkpoint's tensors, before transformers reads a
         # byte (it would start a model with other shapes or missing layers from random values, and warn)
@@ -309,283 +252,6 @@ def load_model_streamed(spec):
     tok = load_tokenizer(folder)
     weights = SafetensorsWeights(files)
     return model, tok, {"source": source, "folder": folder, "quantized": False, "streamed": True}, weights
-
-
-# safetensors dtypes whose bytes a pager maps as they are (little-endian, as the format stores them)
-_SAFETENSORS_NUMPY = {"U8": "u1", "I8": "i1", "U16": "<u2", "I16": "<i2", "F16": "<f2", "U32": "<u4", "I32": "<i4",
-                      "F32": "<f4", "U64": "<u8", "I64": "<i8", "F64": "<f8", "BF16": "<u2"}
-
-
-def _safetensors_layout(path):
-    """``{name: (dtype, shape, offset, nbytes)}`` of a safetensors file, offsets absolute in the file.
-
-    Read from the header alone (8 bytes of header length, then JSON): no tensor data is read.
-    ValueError names the file for a header that is not safetensors or whose ranges leave the file.
-    """
-    import struct
-
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        if n < 2 or 8 + n > size:
-            raise ValueError(f"{path}: not a safetensors file (header length {n}, file of {size} bytes)")
-        try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: not a safetensors file (its header is not JSON: {exc})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: not a safetensors file (its header is not a JSON object)")
-    out = {}
-    for name, e in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, end = (int(x) for x in e["data_offsets"])
-            dtype, shape = e["dtype"], tuple(int(d) for d in e["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {e!r}") from None
-        if not 0 <= begin <= end or 8 + n + end > size:
-            raise ValueError(f"{path}: tensor {name!r} lies outside the file (bytes {begin}..{end} of data)")
-        out[name] = (dtype, shape, 8 + n + begin, end - begin)
-    return out
-
-
-def _mappable(dtype, offset, nbytes, shape):
-    """The numpy dtype a pager maps a safetensors tensor with as it is, or None (it needs a copy)."""
-    import numpy as np
-
-    code = _SAFETENSORS_NUMPY.get(dtype)
-    if code is None or sys.byteorder != "little" or nbytes == 0:
-        return None
-    dt = np.dtype(code)
-    count = 1
-    for d in shape:
-        count *= d
-    if count * dt.itemsize != nbytes or offset % dt.itemsize:  # unaligned: torch and the kernels want aligned data
-        return None
-    return dt
-
-
-def _quant_storage_keys(names):
-    """The 4-bit layers' big entries (packed codes, absmax, nested absmax) among checkpoint tensor `names`."""
-    keys = set()
-    for k in names:
-        for cb in ("nf4", "fp4"):
-            suffix = f".quant_state.bitsandbytes__{cb}"
-            if k.endswith(suffix):
-                w = k[:-len(suffix)]
-                keys.update(x for x in (w, w + ".absmax", w + ".nested_absmax") if x in names)
-    return keys
-
-
-_PREAD_MAX = 1 << 20  # tensors up to this size are read with pread (see _read_small)
-
-
-def _read_small(path, entries):
-    """``{key: tensor}`` of the small tensors `entries` (``{key: (dtype, shape, offset, nbytes)}``) of one file.
-
-    Read with ``pread`` on a descriptor whose read-ahead is off (``POSIX_FADV_RANDOM``), into
-    memory of their own: safetensors maps the whole file and its tensors view that mapping, so
-    reading a quant map beside a layer's codes faults the codes into the page cache too (the
-    kernel reads around a fault) and keeps them mapped while the tensor lives, out of the pager's
-    reach. A dtype torch does not know is left to safetensors.
-    """
-    import torch
-
-    from .weights import safetensors_tensor
-
-    dtypes = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "F16": torch.float16,
-              "BF16": torch.bfloat16, "I32": torch.int32, "F32": torch.float32, "F64": torch.float64,
-              "I64": torch.int64}
-    out = {}
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        for key, (dtype, shape, off, nbytes) in entries.items():
-            dt = dtypes.get(dtype)
-            if dt is None or sys.byteorder != "little":
-                out[key] = safetensors_tensor(path, key)
-                continue
-            buf = bytearray(nbytes)
-            got = os.preadv(fd, [buf], off) if nbytes else 0
-            if got != nbytes:
-                raise ValueError(f"{path}: tensor {key!r} is cut short ({got} of {nbytes} bytes)")
-            t = torch.frombuffer(buf, dtype=dt) if nbytes else torch.empty(0, dtype=dt)
-            out[key] = t.reshape(shape)
-    finally:
-        os.close(fd)
-    return out
-
-
-def _read_for_pager(files):
-    """(state, layout): the checkpoint's tensors but the 4-bit layers' big entries, read into memory, and
-    ``{key: (path, dtype, shape, offset, nbytes)}`` of those entries, which a pager maps instead."""
-    from .weights import safetensors_tensor
-
-    layout, state = {}, {}
-    for f in files:
-        entries = _safetensors_layout(f)
-        for k, (dtype, shape, off, nbytes) in entries.items():
-            layout[k] = (f, dtype, shape, off, nbytes)
-        big = _quant_storage_keys(entries)
-        small = {k: e for k, e in entries.items() if k not in big and e[3] <= _PREAD_MAX}
-        state.update(_read_small(f, small))
-        # large ones (embeddings, the output head): safetensors' reads, as without a pager
-        state.update({k: safetensors_tensor(f, k) for k, e in entries.items() if k not in big and k not in small})
-    big = _quant_storage_keys(layout)
-    return state, {k: layout[k] for k in big}
-
-
-def _place_from_file(model, layout, state, pager):
-    """Give every Linear4bit of `model` its bytes as read-only `pager.map_file` views of the checkpoint.
-
-    The entries are used as they are in the file; one that cannot be (a dtype or an alignment the
-    kernels cannot use as it is) is read and copied into pager memory (``pager.empty``), and a
-    RuntimeWarning names those. Returns ``{"mapped_bytes", "copied_bytes", "copied": [keys]}``.
-    """
-    import warnings
-
-    import numpy as np
-
-    from .. import QuantizedArray
-    from ..nn import Linear4bit
-    from .weights import safetensors_tensor
-
-    report = {"mapped_bytes": 0, "copied_bytes": 0, "copied": []}
-    views = []
-
-    def in_pager(a):
-        try:
-            pager.prefetch(a[:0])  # zero bytes: ValueError unless `a` lies in this pager's memory
-        except ValueError:
-            return False
-        return True
-
-    def paged(a, key):
-        """`a` itself if it lies in pager memory (mapped), else a copy in pager memory."""
-        if a is None or in_pager(a):
-            return a
-        out = pager.empty(a.shape, a.dtype)
-        out[...] = a
-        report["copied_bytes"] += a.nbytes
-        report["copied"].append(key)
-        return out
-
-    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, Linear4bit)]:
-        w = f"{name}.weight"
-        if w not in layout:
-            continue
-        entries = {k: v for k, v in state.items() if k.startswith(w + ".")}
-        for k in (w, w + ".absmax", w + ".nested_absmax"):
-            if k not in layout:
-                continue
-            path, dtype, shape, off, nbytes = layout[k]
-            dt = _mappable(dtype, off, nbytes, shape)
-            if dt is None:
-                entries[k] = safetensors_tensor(path, k)  # converted below, into pager memory
-            else:
-                entries[k] = pager.map_file(path, off, shape, dt)
-                views.append(entries[k])
-                report["mapped_bytes"] += nbytes
-        codes = entries[w]
-        if isinstance(codes, np.ndarray):
-            # from_bnb_dict checks every entry against the quant state and copies the codes: give it
-            # zeros of the codes' size and dtype (nothing read from disk), then use the mapped codes
-            entries[w] = np.zeros(codes.shape, codes.dtype)
-        try:
-            q = QuantizedArray.from_bnb_dict(entries, prefix=w)
-        except ValueError as exc:
-            raise ValueError(f"{layout[w][0]}: the 4-bit entries of {name!r} do not fit together: {exc}") from None
-        if q.shape != (layer.out_features, layer.in_features):
-            raise ValueError(f"{layout[w][0]}: {w} has shape {q.shape}, the model wants "
-                             f"({layer.out_features}, {layer.in_features})")
-        packed = codes.reshape(-1).view(np.uint8)[:q.packed.nbytes] if isinstance(codes, np.ndarray) else q.packed
-        q = QuantizedArray(shape=q.shape, dtype=q.dtype, codebook=q.codebook, blocksize=q.blocksize,
-                           packed=paged(packed, w), absmax=paged(q.absmax, w + ".absmax"),
-                           nested_absmax=paged(q.nested_absmax, w + ".nested_absmax"),
-                           nested_offset=q.nested_offset)
-        with warnings.catch_warnings():  # torch.from_numpy of read-only memory: the base is frozen, never written
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            layer.quantized = q
-    if pager.budget_bytes is not None:
-        for a in views:  # the pages checking them read (nested absmax): out of RAM again, nothing is written
-            pager.evict(a)
-    if report["copied"]:
-        shown = ", ".join(report["copied"][:3]) + (", ..." if len(report["copied"]) > 3 else "")
-        warnings.warn(f"{len(report['copied'])} 4-bit entries could not be paged from the checkpoint as they are "
-                      f"(a dtype or alignment that needs a conversion: {shown}); they were copied into pager "
-                      f"memory ({report['copied_bytes']} bytes, written to its spill file)", RuntimeWarning,
-                      stacklevel=3)
-    return report
-
-
-def _load_4bit(folder, cfg, dtype, files, pager=None):
-    """A transformers model whose 4-bit linear layers (bitsandbytes keys) become Linear4bit.
-
-    With `pager` (a host :class:`pyqlora.Pager`), the 4-bit layers' packed codes, absmax and
-    nested absmax are not read: each is a read-only ``pager.map_file`` view of its bytes in the
-    safetensors file (offsets from the file's header), paged from the file itself under the
-    pager's budget (:class:`pyqlora._glue.paging.BasePaging` prefetches them layer by layer).
-    An entry the kernels cannot use as it is stored (another dtype, an unaligned offset) is
-    copied into pager memory instead, with a RuntimeWarning. The other tensors (embeddings,
-    norms, the output head) are read into ordinary memory as without a pager.
-    """
-    import torch
-    import transformers
-
-    import pyqlora as pq
-
-    from .._glue.modules import set_submodule
-    from ..nn import Linear4bit
-
-    if pager is not None and not isinstance(pager, pq.Pager):
-        raise TypeError(f"pager must be a pyqlora.Pager or None, got {type(pager).__name__}")
-    if pager is not None and pager.device != "cpu":
-        raise ValueError(f"pager must be a host pager to page a checkpoint from its file, got one on {pager.device}")
-
-    config_name = os.path.join(folder, "config.json")
-    quant = cfg["quantization_config"]
-    if quant.get("quant_method") != "bitsandbytes" or not quant.get("load_in_4bit", quant.get("_load_in_4bit")):
-        raise ValueError(f"only bitsandbytes 4-bit checkpoints are supported, got quantization_config {quant}")
-    plain = {k: v for k, v in cfg.items() if k != "quantization_config"}
-    try:
-        config = transformers.AutoConfig.for_model(**plain)
-    except config_errors() as exc:
-        raise ValueError(f"{config_name}: not a configuration transformers can read ({error_text(exc)})") from exc
-    state, layout = {}, {}
-    if pager is None:
-        for f in files:
-            state.update(read_safetensors(f))
-    else:
-        state, layout = _read_for_pager(files)
-    model = meta_model(config, config_name, [*state, *layout])
-    for name, module in list(model.named_modules()):
-        if isinstance(module, torch.nn.Linear) and any(
-                f"{name}.weight.quant_state.bitsandbytes__{cb}" in state for cb in ("nf4", "fp4")):
-            set_submodule(model, name, Linear4bit(module.in_features, module.out_features,
-                                                   bias=module.bias is not None, dtype=dtype))
-    model.to_empty(device="cpu")
-    model.to(dtype)
-    # buffers computed in __init__ and not stored (rotary frequencies): build those modules again on the CPU
-    for name, module in list(model.named_modules()):
-        if name and module._non_persistent_buffers_set and not list(module.parameters(recurse=False)):
-            set_submodule(model, name, type(module)(config=module.config))
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except (RuntimeError, ValueError, TypeError, KeyError) as exc:  # shapes or 4-bit entries that do not fit
-        raise ValueError(f"{folder}: the weights do not fit the model {config_name} describes: "
-                         f"{error_text(exc, 600, kind=False)}") from exc
-    missing = [k for k in result.missing_keys if not (config.tie_word_embeddings and k.startswith("lm_head."))
-               and k not in layout]  # the mapped 4-bit entries: placed below
-    if missing or result.unexpected_keys:
-        raise ValueError(f"{folder}: weights do not match the model {config_name} describes: missing {missing[:3]}, "
-                         f"unexpected {result.unexpected_keys[:3]}")
-    if pager is not None:
-        _place_from_file(model, layout, state, pager)
-    model.tie_weights()
-    return model
 
 
 def bnb_quantization_config(codebook="nf4", double_quant=True, compute_dtype="float32"):

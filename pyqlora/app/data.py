@@ -18,7 +18,6 @@ Records are dicts: ``{"prompt": str, "response": str}`` for instruction pairs
 (the loss is taken on the response only), or ``{"text": str}`` for plain text.
 Torch is not imported here.
 """
-import codecs
 import gzip
 import hashlib
 import importlib.resources
@@ -31,7 +30,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import zlib
+
+from .._glue.files import decode_utf8, error_text, os_error, read_bytes, read_text
 
 __all__ = [
     "HUMANEVAL_INSTRUCTION",
@@ -127,77 +127,6 @@ def split_heldout(records, heldout=20, seed=0, eligible=None):
 
 
 # ----------------------------------------------------------------------------- user files
-def os_error(exc, message):
-    """`exc`'s OSError subclass (PermissionError, IsADirectoryError, ...) with `message`, for re-raising."""
-    try:
-        return type(exc)(message)
-    except TypeError:  # a subclass with another signature
-        return OSError(message)
-
-
-def error_text(exc, limit=300, kind=True):
-    """A library's exception as one line for an error message: ``Type: first line; second line ...``, cut at
-    `limit` characters (``--debug`` shows the whole exception)."""
-    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    if len(text) > limit:
-        text = text[:limit - 3].rstrip() + "..."
-    return f"{type(exc).__name__}: {text}" if kind else text
-
-
-def read_bytes(path, what="file", gzipped=False):
-    """The bytes of a user's file (decompressed when `gzipped`); errors are OSError or ValueError naming the file.
-
-    `what` names the file in a missing-file message (``--data`` -> "--data file not found: PATH").
-    """
-    path = os.fspath(path)
-    try:
-        if gzipped:
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"{what} file not found: {path}") from exc
-    except IsADirectoryError as exc:
-        raise IsADirectoryError(f"{path} is a folder; {what} takes a file") from exc
-    except gzip.BadGzipFile as exc:  # an OSError: the bytes are not gzip, or fail its CRC/length check
-        raise ValueError(f"{path}: not valid gzip data ({error_text(exc, kind=False)}); a file named .gz must be "
-                         "gzip-compressed (name it without .gz if it is not)") from exc
-    except (EOFError, zlib.error) as exc:
-        raise ValueError(f"{path}: the gzip data is truncated or corrupt ({error_text(exc, kind=False)})") from exc
-    except OSError as exc:
-        raise os_error(exc, f"{path}: cannot read the file: {exc.strerror or exc}") from exc
-
-
-def decode_utf8(raw, path, hint="", gzipped=False, drop_bom=False):
-    r"""`raw` decoded as UTF-8; ValueError naming the file, the line and the byte offset of the first byte that
-    is not UTF-8. Line numbers count ``\n``, ``\r\n`` and ``\r`` endings, as Python's text files do.
-
-    A leading byte-order mark is kept, as ``open(path, encoding="utf-8")`` keeps it (perplexity windows are
-    placed by characters), unless `drop_bom`.
-    """
-    skip = len(codecs.BOM_UTF8) if drop_bom and raw[:3] == codecs.BOM_UTF8 else 0
-    try:
-        return str(memoryview(raw)[skip:], "utf-8")
-    except UnicodeDecodeError as exc:
-        pos = skip + exc.start
-        head = raw[:pos]
-        line = head.count(b"\n") + head.count(b"\r") - head.count(b"\r\n") + 1
-        where = "of the decompressed data" if gzipped else "of the file"
-        extra = ""
-        if raw[:2] == b"\x1f\x8b" and not gzipped:
-            extra = "; the file is gzip-compressed (decompress it, or name a JSON Lines file .jsonl.gz)"
-        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[pos]:02x} at byte offset {pos} {where})"
-                         f"{extra}{'; ' + hint if hint else ''}") from exc
-
-
-def read_text(path, what="file", hint=""):
-    """The UTF-8 text of a user's file (universal newlines, as ``open(path, encoding="utf-8").read()``)."""
-    path = os.fspath(path)
-    text = decode_utf8(read_bytes(path, what), path, hint)
-    return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
 def _check_string(value, field, where):
     if not isinstance(value, str):
         kind = type(value).__name__

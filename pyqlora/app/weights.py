@@ -11,92 +11,11 @@ read into OSError, with the file's name in the message.
 """
 import re
 
-from .data import error_text, os_error
+from .._glue.files import (check_layer_count, config_errors, read_safetensors, safetensors_index,
+                           safetensors_tensor)
 
 __all__ = ["LazyWeights", "SafetensorsWeights", "check_layer_count", "check_weight_shapes", "config_errors",
            "read_safetensors", "safetensors_index", "safetensors_tensor"]
-
-
-def config_errors():
-    """The exceptions transformers raises for configuration values it refuses, or a model they cannot build.
-
-    For ``except`` clauses around building a configuration or a model from a user's file
-    (configurations validate their fields with huggingface_hub's strict dataclasses).
-    """
-    errors = (ValueError, TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError, OverflowError)
-    try:
-        from huggingface_hub.errors import StrictDataclassError
-    except ImportError:  # an older huggingface_hub: transformers raises ValueError
-        return errors
-    return (*errors, StrictDataclassError)
-
-
-def check_layer_count(count, names, config_name, key="num_hidden_layers", where="the weights",
-                      pattern=r"(?:^|\.)layers\.(\d+)\."):
-    """Raise ValueError unless `count` layers (the configuration's `key`) are the layers the tensor `names` hold.
-
-    Checked before a model is built from the configuration: a damaged or wrong layer count (a
-    billion layers) would otherwise take forever to build, even on the meta device. Names without
-    a layer index (another architecture's) are not checked.
-    """
-    found = {int(m.group(1)) for n in names if (m := re.search(pattern, n))}
-    if not found or isinstance(count, bool) or not isinstance(count, int):
-        return
-    if count != max(found) + 1:
-        raise ValueError(f"{config_name}: {key}={count}, but {where} hold {max(found) + 1} layers (0 to "
-                         f"{max(found)}); the configuration and the weights disagree")
-
-
-def _reading(path, call):
-    """call(), with safetensors' errors raised as ValueError / OSError naming `path`."""
-    from safetensors import SafetensorError
-
-    try:
-        return call()
-    except SafetensorError as exc:
-        raise ValueError(f"{path}: not a valid safetensors file ({error_text(exc, kind=False)})") from exc
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"weights file not found: {path}") from exc
-    except OSError as exc:
-        raise os_error(exc, f"{path}: cannot read the file: {exc.strerror or exc}") from exc
-
-
-def _open(path):
-    from safetensors import safe_open
-
-    return _reading(path, lambda: safe_open(path, framework="pt"))
-
-
-def safetensors_index(files):
-    """``{name: (shape, dtype, file)}`` of the tensors in safetensors `files`, from their headers (no data read).
-
-    ValueError names the file for a file that is not safetensors (empty, truncated, a bad header) and for a
-    tensor name held by two files.
-    """
-    index = {}
-    for path in files:
-        with _open(path) as f:
-            for key in _reading(path, f.keys):
-                if key in index:
-                    raise ValueError(f"{path}: tensor {key!r} is also in {index[key][2]}")
-                meta = _reading(path, lambda k=key: f.get_slice(k))
-                index[key] = (tuple(_reading(path, meta.get_shape)), _reading(path, meta.get_dtype), path)
-    return index
-
-
-def safetensors_tensor(path, key):
-    """One tensor of a safetensors file (errors name the file and the tensor)."""
-    with _open(path) as f:
-        try:
-            return _reading(path, lambda: f.get_tensor(key))
-        except (TypeError, RuntimeError) as exc:  # a dtype torch has no type for
-            raise ValueError(f"{path}: cannot read tensor {key!r} ({error_text(exc)})") from exc
-
-
-def read_safetensors(path):
-    """All tensors of a safetensors file as a dict (errors name the file)."""
-    with _open(path) as f:
-        return {key: safetensors_tensor(path, key) for key in _reading(path, f.keys)}
 
 
 def _shape_hint(config, implied, actual):
