@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Union
 import torch
 from torch import nn
 
-from ._glue.modules import set_submodule
+from ._glue.modules import enable_activation_checkpointing, set_submodule
 from ._glue.paging import BasePaging, PagedArena, RunningLayerScales, place_in_pager
 from ._glue.tensors import as_numpy
 from ._pager import Pager
@@ -751,7 +751,7 @@ def prepare_model(model, config=None, weights=None, pager=None, lookahead=2, cal
     so peak memory stays near the dense model plus one layer. Every other
     parameter is frozen; the adapters are trainable (float32). With
     ``config.gradient_checkpointing`` a Hugging Face model gets
-    ``gradient_checkpointing_enable()`` and input gradients enabled, and its
+    activation checkpointing and input gradients enabled, and its
     ``save_pretrained`` (what ``Trainer.save_model`` calls) writes the adapter in PEFT's
     format, as PEFT's models do (transformers' own would write the 4-bit base under keys
     it cannot read back). Target layers that are ``Linear4bit`` already are adapted as
@@ -893,8 +893,7 @@ def prepare_model(model, config=None, weights=None, pager=None, lookahead=2, cal
                 module.register_forward_hook(_output_in_input_dtype)
     if config.embeddings_dtype is not None:
         _store_embeddings_in(model, config.embeddings_dtype)
-    if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.gradient_checkpointing and enable_activation_checkpointing(model):
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     model._pyqlora_config = config

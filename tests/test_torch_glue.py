@@ -2,6 +2,7 @@
 prepare_model, PEFT adapter files (proven with the real peft package), merging."""
 import copy
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -327,7 +328,11 @@ def test_prepare_hugging_face_llama():
     cfg = tiny_llama_config(transformers, max_position_embeddings=64)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg)
-    report = prepare_model(model, LoraConfig(r=4, lora_alpha=8, gradient_checkpointing=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # transformers 5 deprecates gradient_checkpointing_enable
+        report = prepare_model(model, LoraConfig(r=4, lora_alpha=8, gradient_checkpointing=True))
+    new = hasattr(type(model), "is_activation_checkpointing")
+    assert model.is_activation_checkpointing if new else model.is_gradient_checkpointing
     assert len(report.replaced) == 2 * 7 and not any("lm_head" in n for n in report.replaced)
     model.train()
     ids = torch.randint(0, 64, (2, 9))

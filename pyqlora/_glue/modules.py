@@ -1,7 +1,7 @@
 """Small operations on ``torch.nn.Module`` trees that the glue and the application share."""
 from torch import nn
 
-__all__ = ["output_head", "set_submodule"]
+__all__ = ["enable_activation_checkpointing", "output_head", "set_submodule"]
 
 
 def set_submodule(model, name, module):
@@ -16,3 +16,19 @@ def output_head(model):
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     return head if isinstance(head, nn.Linear) else None
+
+
+def enable_activation_checkpointing(model):
+    """A Hugging Face model's activation (gradient) checkpointing, non-reentrant; False if it has none.
+
+    Under the name transformers 5 gives it (``activation_checkpointing_enable``: its old
+    ``gradient_checkpointing_enable`` warns of its removal in v6), else the old one.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        return False
+    return True

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from ..._glue.modules import enable_activation_checkpointing
 from .config import SetupError
 
 __all__ = ["lora_a_weights", "prepare", "save_adapter", "seed_adapters"]
@@ -92,7 +93,7 @@ def prepare(model, cfg, weights=None, pager=None, tokenizer=None, train_examples
         pcfg = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                target_modules="all-linear")
         if cfg.gradient_checkpointing:  # as prepare_model does for the 4-bit base
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
             model.enable_input_require_grads()
         model = peft.get_peft_model(model, pcfg)  # adapters in float32 (autocast_adapter_dtype)
         info.update(adapted_layers=len(lora_a_weights(model)), quantized_linear_bytes=None)
