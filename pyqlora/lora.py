@@ -35,11 +35,11 @@ from typing import Dict, List, Optional, Union
 import torch
 from torch import nn
 
+from ._array import QuantizedArray
 from ._glue.modules import enable_activation_checkpointing, set_submodule
 from ._glue.paging import BasePaging, PagedArena, RunningLayerScales, place_in_pager
 from ._glue.tensors import as_numpy
 from ._pager import Pager
-from ._array import QuantizedArray
 from ._quantize import dequantize, quantize
 from .nn import Linear4bit, LoraLinear4bit, dequantize_weight
 
@@ -578,8 +578,8 @@ class _Calibration:
     target linears sums each one's ``X^T X`` (float32 products per batch, of the
     upper triangle only for wide inputs (:func:`_input_moment`), summed in float64;
     layers that read the same input tensor, such as q/k/v, share one product; the
-    pass stops once every target has read its input), the caller quantizes the layer's linears with them
-    (:func:`pyqlora.quantize` with ``hessian=``) and replaces them, and a second
+    pass stops once every target has read its input), the caller quantizes the
+    layer's linears with them (:func:`pyqlora.quantize` with ``hessian=``) and replaces them, and a second
     pass of the now 4-bit layer gives the next layer's inputs. So each layer is
     calibrated on what the quantized layers before it produce, and only one
     layer's statistics are held at a time (besides the hidden states of the
@@ -1099,6 +1099,8 @@ def _place_from_file(model, layout, state, pager):
                       f"memory ({report['copied_bytes']} bytes, written to its spill file)", RuntimeWarning,
                       stacklevel=3)
     return report
+
+
 _TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
                ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"))
 

@@ -442,3 +442,29 @@ def test_calibration_refuses_loftq_and_weights():
     model = _llama()
     with pytest.raises(ValueError, match="weights="):
         prepare_model(model, LoraConfig(r=4), weights=dict(model.state_dict()), calibration=_tokens(1, 1))
+
+
+def test_dequantized_forwards_give_the_layers_outputs_bit_for_bit():
+    """The calibration's second pass computes each 4-bit layer with its weight dequantized once: the same outputs
+    as Linear4bit's own product (tiles of the same weight values), bit for bit, with adapters still zero or not,
+    and every layer's own forward back afterwards."""
+    from pyqlora.lora import _dequantized_forwards
+    from pyqlora.nn import Linear4bit, LoraLinear4bit
+
+    model = _llama()
+    prepare_model(model, LoraConfig(r=4))
+    block = model.model.layers[1]
+    with torch.no_grad():
+        block.mlp.up_proj.lora_B["default"].weight.normal_()  # one adapter that is no longer zero
+    x = torch.randn(2, 48, LLAMA["hidden_size"], generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(48).expand(2, -1)
+    emb = model.model.rotary_emb(x, pos)
+    with torch.no_grad():
+        want = block(x, position_embeddings=emb)
+        with _dequantized_forwards(block) as ctx:
+            assert len(ctx.patched) == 7  # six zero adapters whole, and the base under the seventh
+            assert any(m is block.mlp.up_proj.base_layer for m, _ in ctx.patched)
+            got = block(x, position_embeddings=emb)
+    want, got = (o[0] if isinstance(o, tuple) else o for o in (want, got))
+    assert torch.equal(want, got)
+    assert all("forward" not in vars(m) for m in block.modules() if isinstance(m, (LoraLinear4bit, Linear4bit)))
