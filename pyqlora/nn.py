@@ -105,7 +105,7 @@ class _Linear4bitFunction(torch.autograd.Function):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:  # grad_input = grad_output . W
             q = ctx.layer.quantized
-            path = choose_path(grad_out, q) if isinstance(q, QuantizedArray) else "cuda"
+            path = choose_path(grad_out, q, transpose=False) if isinstance(q, QuantizedArray) else "cuda"
             if path == "cuda":
                 grad_x = grad_out @ _cuda_dense(q, grad_out.dtype)
             elif path == "fused":

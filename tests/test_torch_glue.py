@@ -93,7 +93,7 @@ def test_every_4bit_codebook_without_a_dense_weight(codebook, dtype):
 
 # the fused 4-bit product (pq.matmul_4bit) for few rows, and for every row count of
 # bfloat16 where it runs on AMX tiles; else tiles decoded for torch's matmul
-@pytest.mark.parametrize("rows", [1, 2, 3, 35])
+@pytest.mark.parametrize("rows", [1, 2, 3, 35, 150])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_and_dense_routes_agree(rows, dtype):
     from pyqlora._glue import products
@@ -103,7 +103,7 @@ def test_fused_and_dense_routes_agree(rows, dtype):
     w = dequantize_weight(base.quantized, torch.float64)
     x = torch.randn(rows, 64, dtype=dtype, requires_grad=True)
     amx = dtype == torch.bfloat16 and pq.get_amx()
-    assert (products.choose_path(x, base.quantized) == "fused") == (rows <= products.FUSED_MAX_ROWS or amx)
+    assert (products.choose_path(x, base.quantized) == "fused") == (rows <= products.fused_max_rows(dtype) or amx)
     y = base(x)
     assert y.dtype == dtype
     ref = x.detach().double() @ w.T + dense.bias.detach().double()
@@ -118,6 +118,33 @@ def test_fused_and_dense_routes_agree(rows, dtype):
     y1 = base(x.detach())
     assert y0.grad_fn is None and not y1.requires_grad  # the bias is frozen in make_lora
     assert torch.equal(y0, y.detach()) and torch.equal(y1, y.detach())
+
+
+@pytest.mark.parametrize("isa", pq.available_isas())
+def test_float32_route_depends_on_the_kernel_path_and_the_direction(isa):
+    """float32 x: the fused kernel up to fused_max_rows rows of the forward (x W^T) and of the backward (g W), each
+    its own limit on each kernel path; the input gradient goes the backward's way and is right either way."""
+    from pyqlora._glue import products
+
+    dense, layer = make_lora(in_f=64, out_f=48)
+    base = layer.base_layer
+    w = dequantize_weight(base.quantized, torch.float64)
+    old = pq.get_isa()
+    try:
+        pq.set_isa(isa)
+        forward, backward = products.fused_max_rows(torch.float32), products.fused_max_rows(torch.float32, False)
+        assert 1 <= backward <= forward
+        for rows in sorted({backward, backward + 1, forward, forward + 1}):
+            x = torch.randn(rows, 64, requires_grad=True)
+            assert products.choose_path(x, base.quantized) == ("fused" if rows <= forward else "tiled")
+            assert products.choose_path(x, base.quantized, transpose=False) == ("fused" if rows <= backward
+                                                                                else "tiled")
+            y = base(x)
+            g = torch.randn_like(y)
+            y.backward(g)
+            torch.testing.assert_close(x.grad.double(), g.double() @ w, rtol=1e-5, atol=1e-5)
+    finally:
+        pq.set_isa(old)
 
 
 def test_inference_path_follows_the_weight_and_input_layout():

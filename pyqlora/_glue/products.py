@@ -4,8 +4,9 @@
 forward pass (``x W^T``) and in the backward pass (``grad W``). Three paths:
 
 - ``"fused"``: nf4core's fused kernel (:func:`pyqlora.matmul_4bit`), which
-  streams the packed weight once: best for a few rows, and for every row count
-  of bfloat16 where AMX is in use (it multiplies on AMX tiles);
+  streams the packed weight once: best for a few rows (float32: up to 128 on the
+  AVX-512 path, :func:`fused_max_rows`), and for every row count of bfloat16
+  where AMX is in use (it multiplies on AMX tiles);
 - ``"tiled"``: tiles of W decoded into a reused buffer and handed to torch's
   matmul (:func:`tiled_product_torch`), so no dense copy of W ever exists: best
   for many rows, where torch's GEMM (oneDNN, AVX-512 BF16/AMX) is faster;
@@ -19,11 +20,12 @@ import torch
 
 from .._dtypes import KERNEL_DTYPES, bfloat16, float32
 from .._matmul import decode_tile, matmul_4bit
-from .._runtime import get_amx, sync_threads
+from .._runtime import get_amx, get_isa, sync_threads
 from .tensors import as_numpy
 
-__all__ = ["FUSED_MAX_ROWS", "FUSED_MAX_ROWS_FP32", "TILE_BYTES", "TILE_MAX_BYTES", "TILE_MIN_COLS_PER_THREAD",
-           "choose_path", "fused_linear", "fused_product", "tiled_product_torch"]
+__all__ = ["FUSED_MAX_ROWS", "FUSED_MAX_ROWS_FP32", "FUSED_MAX_ROWS_FP32_OTHER", "TILE_BYTES", "TILE_MAX_BYTES",
+           "TILE_MIN_COLS_PER_THREAD", "choose_path", "fused_linear", "fused_max_rows", "fused_product",
+           "tiled_product_torch"]
 
 # Up to this many rows the fused 4-bit product (pq.matmul_4bit), which streams the
 # packed weight once, beats decoding tiles for torch's matmul; above it, tiles of
@@ -36,7 +38,15 @@ __all__ = ["FUSED_MAX_ROWS", "FUSED_MAX_ROWS_FP32", "TILE_BYTES", "TILE_MAX_BYTE
 # 5 rows and more on AMX tiles, decoding panels of the weight as it goes: faster than
 # handing decoded tiles to torch (docs/performance.md), so it is used for every row count.
 FUSED_MAX_ROWS = 4
-FUSED_MAX_ROWS_FP32 = 8
+# float32 x: up to these rows (forward x W^T, backward g W) the fused kernel beats tiles handed to
+# torch's float32 GEMM, by the kernel path in use (pq.get_isa()). Measured on a 2-core AMD EPYC Zen 4
+# at 2 threads, W 4096 x 4096, 11008 x 4096 and 4096 x 11008, M = 8..256 (docs/performance.md, "The
+# fused kernel for float32 rows"): on the AVX-512 path it took 0.2-0.9x the dense GEMM's time up to
+# 128 rows both ways, where the tiles took 0.84-2.4x; on the AVX2 path (forced, torch's too) it won
+# up to 32 rows forward (0.27-0.97x) but lost to the tiles above 8 rows backward. Other paths keep
+# the 8 rows measured for issue 7.
+FUSED_MAX_ROWS_FP32 = {"avx512": (128, 128), "avx2": (32, 8)}
+FUSED_MAX_ROWS_FP32_OTHER = (8, 8)
 
 # Bytes of the dense tile that tiled products decode at a time (per thread that calls them),
 # and the least tile width along the output per torch thread: measured on a 2-core AMX machine
@@ -52,15 +62,23 @@ _workspace = threading.local()
 _FUSED_CODEBOOKS = ("nf4", "fp4", "int4", "nf2", "nf3")
 
 
-def choose_path(t, q):
-    """'fused' (few rows), 'tiled' (many rows) or 'dense' (other dtypes: whole temporary weight)."""
+def fused_max_rows(dtype, transpose=True):
+    """Rows of x up to which `choose_path` takes the fused kernel for ``x @ W.T`` (`transpose`) or ``x @ W``."""
+    if dtype == torch.float32:
+        forward, backward = FUSED_MAX_ROWS_FP32.get(get_isa(), FUSED_MAX_ROWS_FP32_OTHER)
+        return forward if transpose else backward
+    return FUSED_MAX_ROWS
+
+
+def choose_path(t, q, transpose=True):
+    """'fused' (few rows), 'tiled' (many rows) or 'dense' (other dtypes: whole temporary weight) for
+    ``t @ W.T`` (`transpose`, the forward) or ``t @ W`` (the backward's input gradient)."""
     if t.dtype not in (torch.float32, torch.bfloat16) or q.codebook not in _FUSED_CODEBOOKS:
         return "dense"
     if t.dtype == torch.bfloat16 and q.shape[1] % 32 == 0 and get_amx():
         return "fused"
     rows = t.numel() // max(1, t.shape[-1])
-    limit = FUSED_MAX_ROWS_FP32 if t.dtype == torch.float32 else FUSED_MAX_ROWS
-    return "fused" if rows <= limit else "tiled"
+    return "fused" if rows <= fused_max_rows(t.dtype, transpose) else "tiled"
 
 
 def fused_product(x, q, transpose):
