@@ -2,7 +2,7 @@
 
     python benchmarks/bench_matmul.py [--n 4096] [--k 4096] [--threads 2] [--repeat 20] [--train] [--coexist]
                                       [--per-weight] [--bf16-rows] [--gemv-pairs] [--cold]
-                                      [--train-fp32 [--train-rows 64,512,2048]] [--decode-shapes]
+                                      [--train-fp32 [--train-rows 64,512,2048]] [--decode-shapes] [--fused-rows]
 
 Generation (M = 1, 2, 4, 8 rows): y = x W^T with W NF4 + DQ (blocksize 64), and
 the backward product g W (grad_input), against torch fp32 / bf16 on the dense
@@ -33,7 +33,9 @@ than the caches.
 4096x4096, 11008x4096 and 4096x11008: the forward x W^T and the backward g W apart, each
 through pyqlora.nn's path for that many rows (tiled: no dense W) against torch's dense
 float32 GEMM. ``--decode-shapes`` times the M = 1 GEMV on small shapes at 1 thread and at
---threads (best and median): where splitting the product starts to pay.
+--threads (best and median): where splitting the product starts to pay. ``--fused-rows``
+times float32 x of 8..256 rows through the fused kernel and through the tiles, each
+direction against torch's dense GEMM: where the fused kernel's row limits come from.
 """
 import argparse
 import os
@@ -326,10 +328,11 @@ def training_shape(args, np, torch, pq, rng, m, n, k):
 
 def train_fp32(args, np, torch, pq):
     """Float32 training shapes: the forward x W^T and the backward g W, each through
-    pyqlora.nn's path for that many rows (tiles of W decoded into a reused float32
-    buffer and handed to torch's matmul: no dense copy of W) against torch's dense
+    pyqlora.nn's path for that many rows (the fused kernel for few rows, else tiles of W
+    decoded into a reused float32 buffer and handed to torch's matmul: no dense copy of
+    W; printed as the path, f/t where the directions differ) against torch's dense
     float32 GEMM on the same shapes, interleaved, best of --train-repeat."""
-    from pyqlora._glue.products import choose_path, tiled_product_torch
+    from pyqlora._glue.products import choose_path, fused_product, tiled_product_torch
 
     rng = np.random.default_rng(2)
     rows = [int(v) for v in args.train_rows.split(",")]
@@ -343,12 +346,37 @@ def train_fp32(args, np, torch, pq):
         for m in rows:
             x = torch.randn(m, k)
             g = torch.randn(m, n)
-            path = choose_path(x, q)
-            tf, tfq, tb, tbq = race([lambda: x @ W.T, lambda: tiled_product_torch(x, q, True),
-                                     lambda: g @ W, lambda: tiled_product_torch(g, q, False)], args.train_repeat)
+            fwd, bwd = choose_path(x, q), choose_path(g, q, transpose=False)
+            path = fwd if fwd == bwd else f"{fwd[0]}/{bwd[0]}"
+            product = {"fused": fused_product, "tiled": tiled_product_torch}
+            tf, tfq, tb, tbq = race([lambda: x @ W.T, lambda: product[fwd](x, q, True),
+                                     lambda: g @ W, lambda: product[bwd](g, q, False)], args.train_repeat)
             gf = 2 * m * n * k / 1e6  # MFLOP; times in ms
             print(f"{f'{n}x{k}':<12} {m:>5} {path:>6} {tf:8.2f}ms {gf / tf:8.1f} {tfq:7.2f}ms {tfq / tf:5.3f}x "
                   f"{tb:8.2f}ms {gf / tb:8.1f} {tbq:7.2f}ms {tbq / tb:5.3f}x")
+
+
+def fused_rows(args, np, torch, pq):
+    """float32 x of M = 8..256 rows: the fused kernel and the tiles against torch's dense float32 GEMM, forward
+    (x W^T) and backward (g W) apart, interleaved, best of --train-repeat: where pyqlora._glue.products'
+    fused_max_rows limits come from (ratios of time; the limits in use are printed)."""
+    from pyqlora._glue.products import fused_max_rows, fused_product, tiled_product_torch
+
+    rng = np.random.default_rng(4)
+    print(f"\nfloat32 rows, {args.threads} threads, kernel path {pq.get_isa()}, best of {args.train_repeat}: time / "
+          f"dense; the fused kernel is used up to {fused_max_rows(torch.float32)} rows forward, "
+          f"{fused_max_rows(torch.float32, False)} backward")
+    for n, k in ((4096, 4096), (11008, 4096), (4096, 11008)):
+        w, q = weight(np, pq, rng, n, k)
+        W = torch.from_numpy(w)
+        for m in (8, 16, 32, 64, 128, 256):
+            x, g = torch.randn(m, k), torch.randn(m, n)
+            r = race([lambda: x @ W.T, lambda: tiled_product_torch(x, q, True), lambda: fused_product(x, q, True),
+                      lambda: g @ W, lambda: tiled_product_torch(g, q, False), lambda: fused_product(g, q, False)],
+                     args.train_repeat)
+            print(f"  {n:>5} x {k:<5} M = {m:>3}: forward tiles {r[1] / r[0]:.2f} fused {r[2] / r[0]:.2f} | "
+                  f"backward tiles {r[4] / r[3]:.2f} fused {r[5] / r[3]:.2f}  (dense {r[0]:.1f} / {r[3]:.1f} ms)",
+                  flush=True)
 
 
 def decode_shapes(args, np, torch, pq):
@@ -398,6 +426,7 @@ def main():
                     help="float32 training shapes, forward and backward apart, against torch dense fp32")
     ap.add_argument("--train-rows", default="64,512,2048", help="rows M for --train-fp32 (comma-separated)")
     ap.add_argument("--decode-shapes", action="store_true", help="M = 1 GEMV on small shapes, 1 thread or more")
+    ap.add_argument("--fused-rows", action="store_true", help="float32 M = 8..256: fused kernel, tiles, dense")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import numpy as np
@@ -423,6 +452,8 @@ def main():
         training(args, np, torch, pq)
     if args.train_fp32:
         train_fp32(args, np, torch, pq)
+    if args.fused_rows:
+        fused_rows(args, np, torch, pq)
     if args.decode_shapes:
         decode_shapes(args, np, torch, pq)
 
