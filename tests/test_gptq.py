@@ -329,7 +329,11 @@ def _hidden_states(model, ids):
 
 
 def _input_moments(model, names, batches):
-    """X^T X of the inputs of modules `names` in a forward of `model` (float32 per batch, summed in float64)."""
+    """X^T X of the inputs of modules `names` in a forward of `model` (float32 per batch, summed in float64); a
+    prepared model's 4-bit layers compute with their dequantized weights, as the calibration's second pass does
+    (Linear4bit's own route, the fused kernel for few rows, rounds differently)."""
+    from pyqlora.lora import _dequantized_forwards
+
     sums, hooks = {}, []
     for name in names:
         def hook(module, args, name=name):
@@ -337,7 +341,7 @@ def _input_moments(model, names, batches):
             xtx = (x.T @ x).double()
             sums[name] = xtx if name not in sums else sums[name] + xtx
         hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    with torch.no_grad():
+    with torch.no_grad(), _dequantized_forwards(model):
         for ids in batches:
             model(input_ids=ids)
     for h in hooks:
@@ -444,10 +448,11 @@ def test_calibration_refuses_loftq_and_weights():
         prepare_model(model, LoraConfig(r=4), weights=dict(model.state_dict()), calibration=_tokens(1, 1))
 
 
-def test_dequantized_forwards_give_the_layers_outputs_bit_for_bit():
-    """The calibration's second pass computes each 4-bit layer with its weight dequantized once: the same outputs
-    as Linear4bit's own product (tiles of the same weight values), bit for bit, with adapters still zero or not,
-    and every layer's own forward back afterwards."""
+def test_dequantized_forwards_compute_with_the_dequantized_weights():
+    """The calibration's second pass computes each 4-bit layer as x @ dequantize(W).T (+ b) with torch's GEMM,
+    bit for bit (the oracle: pq.dequantize and a plain matmul), whether its adapters are still zero (the whole
+    LoraLinear4bit) or not (only its base); the block's output equals Linear4bit's own products (fused kernel or
+    decoded tiles, whichever it takes for these rows) to float32 rounding; every layer's forward is back after."""
     from pyqlora.lora import _dequantized_forwards
     from pyqlora.nn import Linear4bit, LoraLinear4bit
 
@@ -459,12 +464,15 @@ def test_dequantized_forwards_give_the_layers_outputs_bit_for_bit():
     x = torch.randn(2, 48, LLAMA["hidden_size"], generator=torch.Generator().manual_seed(1))
     pos = torch.arange(48).expand(2, -1)
     emb = model.model.rotary_emb(x, pos)
+    q_proj = block.self_attn.q_proj
+    w = torch.from_numpy(pq.dequantize(q_proj.base_layer.quantized))
     with torch.no_grad():
         want = block(x, position_embeddings=emb)
         with _dequantized_forwards(block) as ctx:
             assert len(ctx.patched) == 7  # six zero adapters whole, and the base under the seventh
             assert any(m is block.mlp.up_proj.base_layer for m, _ in ctx.patched)
+            assert torch.equal(q_proj(x), x @ w.T)
             got = block(x, position_embeddings=emb)
     want, got = (o[0] if isinstance(o, tuple) else o for o in (want, got))
-    assert torch.equal(want, got)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert all("forward" not in vars(m) for m in block.modules() if isinstance(m, (LoraLinear4bit, Linear4bit)))
