@@ -40,11 +40,11 @@ __all__ = ["FUSED_MAX_ROWS", "FUSED_MAX_ROWS_FP32", "FUSED_MAX_ROWS_FP32_OTHER",
 FUSED_MAX_ROWS = 4
 # float32 x: up to these rows (forward x W^T, backward g W) the fused kernel beats tiles handed to
 # torch's float32 GEMM, by the kernel path in use (pq.get_isa()). Measured on a 2-core AMD EPYC Zen 4
-# at 2 threads, W 4096 x 4096, 11008 x 4096 and 4096 x 11008, M = 8..256 (docs/performance.md, "The
-# fused kernel for float32 rows"): on the AVX-512 path it took 0.2-0.9x the dense GEMM's time up to
-# 128 rows both ways, where the tiles took 0.84-2.4x; on the AVX2 path (forced, torch's too) it won
-# up to 32 rows forward (0.27-0.97x) but lost to the tiles above 8 rows backward. Other paths keep
-# the 8 rows measured for issue 7.
+# at 2 threads, W 4096 x 4096, 11008 x 4096 and 4096 x 11008, M = 8..256 (docs/performance.md, "Item 2
+# on a quiet machine, and the fused kernel for float32 rows"; bench_matmul.py --fused-rows): on the
+# AVX-512 path it took 0.2-0.9x the dense GEMM's time up to 128 rows both ways, where the tiles took
+# 0.84-2.4x; on the AVX2 path (forced, torch's too) it won up to 32 rows forward (0.27-0.97x) but lost
+# to the tiles above 8 rows backward. Other paths keep the 8 rows measured for issue 7.
 FUSED_MAX_ROWS_FP32 = {"avx512": (128, 128), "avx2": (32, 8)}
 FUSED_MAX_ROWS_FP32_OTHER = (8, 8)
 
@@ -141,9 +141,9 @@ def tiled_product_torch(x, q, transpose=True):
     thread when the inner dimension is so large that fewer would fit (narrower tiles
     halve torch's GEMM speed), never more than :data:`TILE_MAX_BYTES`. ``x @ W.T``
     decodes row tiles ``W[n0:n1, :]`` and writes ``y[:, n0:n1]``; ``x @ W`` decodes
-    column tiles ``W[:, k0:k1]`` and writes ``y[:, k0:k1]``, so every output element is one matmul over the whole inner
-    dimension (no accumulation across tiles in x's precision). x is a CPU
-    float32 or bfloat16 tensor; the tile has its dtype, as with
+    column tiles ``W[:, k0:k1]`` and writes ``y[:, k0:k1]``, so every output element
+    is one matmul over the whole inner dimension (no accumulation across tiles in x's
+    precision). x is a CPU float32 or bfloat16 tensor; the tile has its dtype, as with
     dequantize-then-matmul. Used by ``pyqlora.nn`` for many rows (training),
     where torch's GEMM (AMX/AVX-512 BF16 through oneDNN) beats the fused kernel.
     """
