@@ -174,18 +174,18 @@ def test_ref_kernel_equals_the_float64_transcription(rng, codebook, order, shape
 @pytest.mark.parametrize("shape,blocksize", [((8, 64), 32), ((12, 40), 64), ((20, 300), 64), ((64, 200), 128),
                                              ((130, 160), 32), ((70, 384), 64)])
 def test_float32_kernel_equals_its_emulation(rng, isa, threads, shape, blocksize):
-    """The optimized kernel (every ISA path, threads, lazy batches of 128 columns) == a float32 NumPy
-    emulation of the unbatched algorithm, byte for byte."""
+    """The optimized kernel (every ISA path, threads, lazy batches of 128 columns; NF4 and FP4, whose table
+    holds two zeros) == a float32 NumPy emulation of the unbatched algorithm, byte for byte."""
     pq.set_isa(isa)
     pq.set_num_threads(threads)
     rows, k = shape
     w = rng.standard_normal(shape).astype(np.float32)
     x = correlated_inputs(rng, 3 * k, k)
-    for order in ("natural", "act"):
+    for order, codebook in (("natural", "nf4"), ("act", "nf4"), ("act", "fp4")):
         u, perm, _ = gptq_factor(x.T.astype(np.float64) @ x, 0.01, order)
         u32 = np.ascontiguousarray(u, dtype=np.float32)
-        packed, absmax = _quantize._gptq_codes(w, u32, perm, "nf4", blocksize)
-        codes, absmax_ref = gptq_reference32(w, u32, perm, blocksize, pq.codebook("nf4"))
+        packed, absmax = _quantize._gptq_codes(w, u32, perm, codebook, blocksize)
+        codes, absmax_ref = gptq_reference32(w, u32, perm, blocksize, pq.codebook(codebook))
         assert np.array_equal(codes_of(packed, w.size), codes)
         assert absmax.tobytes() == absmax_ref.tobytes()
         assert packed.tobytes() == pack_nibbles(codes, 0).tobytes()

@@ -53,6 +53,12 @@ struct GptqOps {
     // One column's pending lazy updates, for all rows at once (a block scale needs the value before the GEMM):
     // v[r] = fma(-E[k][r], u[k * ldu], v[r]) for k = 0..kb-1 in order, r < rows
     void (*chain)(float *v, int64_t rows, const float *E, int64_t lde, const float *u, int64_t ldu, int64_t kb);
+    // One step's codes and scaled errors for rows r < rows of a column whose (full) blocks have the float32
+    // reciprocal recip[r] and the stored absmax stored[r], as encode_value / decode_value compute them:
+    // code[r] = order[#{i : mid[i] < clamp(x[r] * recip[r], -1, 1)}],
+    // err[r] = (x[r] - codebook[code[r]] * stored[r]) * inv, each operation rounded once
+    void (*encode)(const float *x, int64_t rows, const float *recip, const float *stored, const SearchTable &t,
+                   const float *codebook, float inv, uint8_t *code, float *err);
 };
 
 // ---- generic (any CPU): std::fma, one element at a time ----
@@ -75,6 +81,15 @@ void update_generic(float *W, int64_t ldw, int64_t rows, const float *E, int64_t
 void chain_generic(float *v, int64_t rows, const float *E, int64_t lde, const float *u, int64_t ldu, int64_t kb) {
     for (int64_t k = 0; k < kb; ++k)
         for (int64_t r = 0; r < rows; ++r) v[r] = std::fma(-E[k * lde + r], u[k * ldu], v[r]);
+}
+
+void encode_generic(const float *x, int64_t rows, const float *recip, const float *stored, const SearchTable &t,
+                    const float *codebook, float inv, uint8_t *code, float *err) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const uint8_t c = nearest_code<16>(t, scale_value(x[r], 1.0f, recip[r], false));
+        code[r] = c;
+        err[r] = (x[r] - decode_value(codebook[c], stored[r])) * inv;
+    }
 }
 
 #if defined(NF4_GPTQ_X86)
@@ -157,6 +172,32 @@ __attribute__((target("avx512f,fma"))) void chain_avx512(float *v, int64_t rows,
                 a[q] = _mm512_fnmadd_ps(_mm512_maskz_loadu_ps(m[q], E + k * lde + r + 16 * q), b, a[q]);
         }
         for (int q = 0; q < 4; ++q) _mm512_mask_storeu_ps(v + r + 16 * q, m[q], a[q]);
+    }
+}
+
+// 16 rows at a time: 15 compares count the midpoints below each scaled value, two permutes look up the code
+// and its value; masked row tails
+__attribute__((target("avx512f"))) void encode_avx512(const float *x, int64_t rows, const float *recip,
+                                                      const float *stored, const SearchTable &t,
+                                                      const float *codebook, float inv, uint8_t *code, float *err) {
+    __m512 mid[15];
+    for (int i = 0; i < 15; ++i) mid[i] = _mm512_set1_ps(t.mid[i]);
+    const __m512i order = _mm512_loadu_si512(t.order);
+    const __m512 values = _mm512_loadu_ps(codebook);
+    const __m512 lo = _mm512_set1_ps(-1.0f), hi = _mm512_set1_ps(1.0f), vinv = _mm512_set1_ps(inv);
+    const __m512i one = _mm512_set1_epi32(1);
+    for (int64_t r = 0; r < rows; r += 16) {
+        const __mmask16 m = rows - r >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (rows - r)) - 1u);
+        const __m512 xv = _mm512_maskz_loadu_ps(m, x + r);
+        __m512 sv = _mm512_mul_ps(xv, _mm512_maskz_loadu_ps(m, recip + r));
+        sv = _mm512_min_ps(_mm512_max_ps(sv, lo), hi);  // finite: the scalar clamp
+        __m512i pos = _mm512_setzero_si512();
+        for (int i = 0; i < 15; ++i)
+            pos = _mm512_mask_add_epi32(pos, _mm512_cmp_ps_mask(sv, mid[i], _CMP_GT_OQ), pos, one);
+        const __m512i c = _mm512_permutexvar_epi32(pos, order);
+        const __m512 v = _mm512_mul_ps(_mm512_permutexvar_ps(c, values), _mm512_maskz_loadu_ps(m, stored + r));
+        _mm512_mask_storeu_ps(err + r, m, _mm512_mul_ps(_mm512_sub_ps(xv, v), vinv));
+        _mm512_mask_cvtepi32_storeu_epi8(code + r, m, c);
     }
 }
 
@@ -247,15 +288,50 @@ __attribute__((target("avx2,fma"))) void chain_avx2(float *v, int64_t rows, cons
     for (int64_t k = 0; k < kb; ++k)
         for (int64_t rr = vrows; rr < rows; ++rr) v[rr] = __builtin_fmaf(-E[k * lde + rr], u[k * ldu], v[rr]);
 }
+
+// 8 rows at a time; the 16-entry lookups are two 8-entry permutes and a blend; scalar row tail
+__attribute__((target("avx2,fma"))) void encode_avx2(const float *x, int64_t rows, const float *recip,
+                                                     const float *stored, const SearchTable &t,
+                                                     const float *codebook, float inv, uint8_t *code, float *err) {
+    __m256 mid[15];
+    for (int i = 0; i < 15; ++i) mid[i] = _mm256_set1_ps(t.mid[i]);
+    const __m256i order_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(t.order));
+    const __m256i order_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(t.order + 8));
+    const __m256 values_lo = _mm256_loadu_ps(codebook), values_hi = _mm256_loadu_ps(codebook + 8);
+    const __m256 lo = _mm256_set1_ps(-1.0f), hi = _mm256_set1_ps(1.0f), vinv = _mm256_set1_ps(inv);
+    const __m256i seven = _mm256_set1_epi32(7);
+    const int64_t vrows = rows - rows % 8;
+    alignas(32) int32_t c32[8];
+    for (int64_t r = 0; r < vrows; r += 8) {
+        const __m256 xv = _mm256_loadu_ps(x + r);
+        __m256 sv = _mm256_mul_ps(xv, _mm256_loadu_ps(recip + r));
+        sv = _mm256_min_ps(_mm256_max_ps(sv, lo), hi);  // finite: the scalar clamp
+        __m256i pos = _mm256_setzero_si256();
+        for (int i = 0; i < 15; ++i)  // a true compare is all ones: -1
+            pos = _mm256_sub_epi32(pos, _mm256_castps_si256(_mm256_cmp_ps(sv, mid[i], _CMP_GT_OQ)));
+        const __m256i c = _mm256_blendv_epi8(_mm256_permutevar8x32_epi32(order_lo, pos),
+                                             _mm256_permutevar8x32_epi32(order_hi, pos),
+                                             _mm256_cmpgt_epi32(pos, seven));
+        const __m256 val = _mm256_blendv_ps(_mm256_permutevar8x32_ps(values_lo, c),
+                                            _mm256_permutevar8x32_ps(values_hi, c),
+                                            _mm256_castsi256_ps(_mm256_cmpgt_epi32(c, seven)));
+        const __m256 v = _mm256_mul_ps(val, _mm256_loadu_ps(stored + r));
+        _mm256_storeu_ps(err + r, _mm256_mul_ps(_mm256_sub_ps(xv, v), vinv));
+        _mm256_store_si256(reinterpret_cast<__m256i *>(c32), c);
+        for (int q = 0; q < 8; ++q) code[r + q] = uint8_t(c32[q]);
+    }
+    encode_generic(x + vrows, rows - vrows, recip + vrows, stored + vrows, t, codebook, inv, code + vrows,
+                   err + vrows);
+}
 #endif
 
 GptqOps active_ops() {
 #if defined(NF4_GPTQ_X86)
     const char *isa = active_kernels().name;
-    if (std::strcmp(isa, "avx512") == 0) return {rank1_avx512, update_avx512, chain_avx512};
-    if (std::strcmp(isa, "avx2") == 0) return {rank1_avx2, update_avx2, chain_avx2};
+    if (std::strcmp(isa, "avx512") == 0) return {rank1_avx512, update_avx512, chain_avx512, encode_avx512};
+    if (std::strcmp(isa, "avx2") == 0) return {rank1_avx2, update_avx2, chain_avx2, encode_avx2};
 #endif
-    return {rank1_generic, update_generic, chain_generic};
+    return {rank1_generic, update_generic, chain_generic, encode_generic};
 }
 
 template <typename T>
@@ -315,6 +391,10 @@ void solve_rows(const float *w, const float *U, const Problem &p, const GptqOps 
     const int64_t bpr = K >> shift;  // blocks per row, when aligned
     auto gmax = aligned_array<float>(R);
     auto col = aligned_array<float>(R);
+    // aligned: each column group's reciprocal and stored scale per row, contiguous along the rows (ops.encode)
+    auto grecip = aligned_array<float>(aligned ? bpr * R : 1);
+    auto gstored = aligned_array<float>(aligned ? bpr * R : 1);
+    auto ctmp = aligned_array<uint8_t>(R);
     for (int64_t r = 0; r < R; ++r)
         for (int64_t t = 0; t < K; ++t) Wp[r * K + t] = w[(r0 + r) * K + p.order[t]];
 
@@ -327,8 +407,7 @@ void solve_rows(const float *w, const float *U, const Problem &p, const GptqOps 
             // 1. scales of the blocks this step enters, from the values after steps < j
             if (aligned) {
                 // blocks are bs consecutive columns of one row: column group g starts in every row at once
-                const int64_t g = c >> shift;
-                for (int64_t r = 0; r < R; ++r) blk_of[static_cast<size_t>(r)] = r * bpr + g;
+                const int64_t g = c >> shift;  // (ops.encode reads the group's scales: no blk_of here)
                 if (!started[static_cast<size_t>(g)]) {
                     std::fill(gmax.get(), gmax.get() + R, 0.0f);
                     for (int64_t e = 0; e < bs; ++e) {
@@ -344,8 +423,11 @@ void solve_rows(const float *w, const float *U, const Problem &p, const GptqOps 
                         for (int64_t r = 0; r < R; ++r) gmax[r] = std::max(gmax[r], std::fabs(v[r]));
                     }
                     for (int64_t r = 0; r < R; ++r) {
-                        scale[static_cast<size_t>(r * bpr + g)] = block_scale(gmax[r], bs, bs);
+                        const BlockScale bsr = block_scale(gmax[r], bs, bs);
+                        scale[static_cast<size_t>(r * bpr + g)] = bsr;
                         started[static_cast<size_t>(r * bpr + g)] = 1;
+                        grecip[g * R + r] = bsr.recip;
+                        gstored[g * R + r] = bsr.stored;
                     }
                 }
             } else {
@@ -375,11 +457,18 @@ void solve_rows(const float *w, const float *U, const Problem &p, const GptqOps 
             const float inv_ujj = 1.0f / U[j * K + j];
             const float *x = T.get() + jj * R;
             float *err = E.get() + jj * R;
-            for (int64_t r = 0; r < R; ++r) {
-                const BlockScale &s = scale[static_cast<size_t>(blk_of[static_cast<size_t>(r)])];
-                const uint8_t code = encode_value<16>(*p.table, x[r], s);
-                codes[static_cast<size_t>(r * K + c)] = code;
-                err[r] = (x[r] - decode_value(p.codebook[code], s.stored)) * inv_ujj;
+            if (aligned) {
+                const int64_t g = c >> shift;
+                ops.encode(x, R, grecip.get() + g * R, gstored.get() + g * R, *p.table, p.codebook, inv_ujj,
+                           ctmp.get(), err);
+                for (int64_t r = 0; r < R; ++r) codes[static_cast<size_t>(r * K + c)] = ctmp[r];
+            } else {
+                for (int64_t r = 0; r < R; ++r) {
+                    const BlockScale &s = scale[static_cast<size_t>(blk_of[static_cast<size_t>(r)])];
+                    const uint8_t code = encode_value<16>(*p.table, x[r], s);
+                    codes[static_cast<size_t>(r * K + c)] = code;
+                    err[r] = (x[r] - decode_value(p.codebook[code], s.stored)) * inv_ujj;
+                }
             }
             // 3. error feedback within the batch
             if (j + 1 < i2) ops.rank1(T.get() + (jj + 1) * R, R, err, U + j * K + j + 1, i2 - j - 1);
