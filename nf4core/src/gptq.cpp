@@ -189,13 +189,16 @@ __attribute__((target("avx512f"))) void encode_avx512(const float *x, int64_t ro
     for (int64_t r = 0; r < rows; r += 16) {
         const __mmask16 m = rows - r >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (rows - r)) - 1u);
         const __m512 xv = _mm512_maskz_loadu_ps(m, x + r);
+        // the maskz forms throughout: GCC 12's unmasked max/min/permutexvar pass an undefined vector through
+        // (-Wmaybe-uninitialized, which this file, unlike the kernels_<isa>.cpp files, keeps on)
         __m512 sv = _mm512_mul_ps(xv, _mm512_maskz_loadu_ps(m, recip + r));
-        sv = _mm512_min_ps(_mm512_max_ps(sv, lo), hi);  // finite: the scalar clamp
+        sv = _mm512_maskz_min_ps(m, _mm512_maskz_max_ps(m, sv, lo), hi);  // finite: the scalar clamp
         __m512i pos = _mm512_setzero_si512();
         for (int i = 0; i < 15; ++i)
             pos = _mm512_mask_add_epi32(pos, _mm512_cmp_ps_mask(sv, mid[i], _CMP_GT_OQ), pos, one);
-        const __m512i c = _mm512_permutexvar_epi32(pos, order);
-        const __m512 v = _mm512_mul_ps(_mm512_permutexvar_ps(c, values), _mm512_maskz_loadu_ps(m, stored + r));
+        const __m512i c = _mm512_maskz_permutexvar_epi32(m, pos, order);
+        const __m512 v = _mm512_mul_ps(_mm512_maskz_permutexvar_ps(m, c, values),
+                                       _mm512_maskz_loadu_ps(m, stored + r));
         _mm512_mask_storeu_ps(err + r, m, _mm512_mul_ps(_mm512_sub_ps(xv, v), vinv));
         _mm512_mask_cvtepi32_storeu_epi8(code + r, m, c);
     }
