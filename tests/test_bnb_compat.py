@@ -232,9 +232,10 @@ def test_double_quantization_matches(rng, quant_type, blocksize, dtype):
     q = pq.quantize(x, codebook=quant_type, blocksize=blocksize, double_quant=True)
     plain = pq.quantize(x, codebook=quant_type, blocksize=blocksize, double_quant=False)
     assert bits(q.packed) == bits(packed.numpy().reshape(-1))
-    # offset = mean(absmax): ours is the correctly rounded mean, torch's float32
-    # cascade sum may differ in the last bit
-    assert abs(q.nested_offset - state.offset.item()) <= 2 * np.spacing(np.float32(q.nested_offset))
+    # offset = mean(absmax): ours is the correctly rounded mean; torch's float32 cascade sum of the
+    # n block scales may be off by about log2(n) roundings (3 ulps seen for n = 375)
+    n = q.absmax.size
+    assert abs(q.nested_offset - state.offset.item()) <= np.ceil(np.log2(n)) * np.spacing(np.float32(q.nested_offset))
     # exact: the reference backend applied to (absmax - our offset)
     centered = torch.from_numpy(plain.absmax - np.float32(q.nested_offset))
     ref_codes, ref_nested = reference_quantize_blockwise(centered, F.create_dynamic_map(signed=True), 256)
