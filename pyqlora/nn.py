@@ -336,11 +336,16 @@ class Linear4bit(nn.Module):
             return _cuda_dense(q, dtype or self.weight_dtype)
         return dequantize_weight(q, dtype or self.weight_dtype)
 
-    def forward(self, x):
+    def input_dtype(self, x):
+        """The dtype this layer computes input `x` in: ``compute_dtype`` if set, else autocast's, else x's."""
         dtype = self.compute_dtype
         if dtype is None and x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
-        if dtype is not None and x.dtype != dtype:
+        return dtype or x.dtype
+
+    def forward(self, x):
+        dtype = self.input_dtype(x)
+        if x.dtype != dtype:
             x = x.to(dtype)
         if x.device.type not in ("cpu", "cuda"):
             raise TypeError(f"Linear4bit runs on CPU and CUDA tensors; got one on {x.device}")
