@@ -229,6 +229,31 @@ def test_isa_partial_blocks_fall_back_to_reference(rng, isa):
                                               _raw_product(x, q, transpose, True))
 
 
+PANEL_SHAPES = [  # (N, K, blocksize): several 128-column panels, N % 16 != 0, K with a short last inner chunk
+    (300, 384, 64), (130, 512, 128), (64, 4096, 4096), (17, 288, 32)]
+
+
+@pytest.mark.parametrize("isa", [i for i in ("avx512", "avx2") if i in pq.available_isas()])
+@pytest.mark.parametrize("n, k, blocksize", PANEL_SHAPES)
+def test_isa_panel_products_match_float64(rng, isa, n, k, blocksize):
+    # float32 x of many rows: the panel kernels (nf4core/src/matmul_panel.hpp), on both sides of each
+    # path's crossover from the row kernels (AVX2 16 / 8 rows, AVX-512 64 / 48), against the float64
+    # oracle; each output is summed in one task in a fixed order, so the thread count changes no bit
+    q = pq.quantize(rng.standard_normal((n, k)).astype(np.float32), blocksize=blocksize,
+                    codebook=rng.choice(["nf4", "fp4"]), double_quant=bool(rng.integers(2)))
+    with _forced_isa(isa):
+        for m in (7, 8, 16, 47, 48, 63, 64, 97, 200):
+            for transpose in (True, False):
+                inner = k if transpose else n
+                x = rng.standard_normal((m, inner)).astype(np.float32)
+                with pq.num_threads(1):
+                    y = pq.matmul_4bit(x, q, transpose=transpose)
+                assert rel_err(y, reference(x, q, transpose)) < 2e-6 * np.sqrt(inner), (m, transpose)
+                for threads in (2, 3):
+                    with pq.num_threads(threads):
+                        np.testing.assert_array_equal(pq.matmul_4bit(x, q, transpose=transpose), y)
+
+
 @pytest.mark.parametrize("isa", ALL_ISAS)
 @pytest.mark.parametrize("dtype", [np.float32, _dtypes.bfloat16])
 def test_isa_decode_tile_bit_identical(rng, isa, dtype):

@@ -83,6 +83,15 @@ nf4_status matmul_impl(const void *x, nf4_dtype dtype, int64_t M, int64_t N, int
             return;
         }
         if (dt == NF4_BFLOAT16 && M >= kAmxMinRows && amx_in_use() && amx_matmul_bf16(args)) return;
+        if (dt == NF4_FLOAT32 && fast && whole_blocks && fast->panel_f32 &&
+            M >= panel_min_rows(*fast, args.transpose)) {
+            // tasks of whole panels (matmul_panel.hpp: 128 output columns)
+            const int64_t panels = (cols + 127) / 128;
+            parallel_for(panels, 1, [&](int64_t p0, int64_t p1) {
+                fast->panel_f32(args, p0 * 128, std::min(cols, p1 * 128));
+            });
+            return;
+        }
         // columns in multiples of 16 per task; about 64 Ki weights per task at least.
         // For x W a task reads a piece of every row of W, and each pass over a few
         // rows of W has a fixed cost (the x values broadcast, scaled codebooks):
@@ -137,6 +146,15 @@ nf4_status decode_tile_impl(const uint8_t *packed, const float *scales, int64_t 
 }
 
 }  // namespace
+
+int64_t panel_min_rows(const MatmulKernels &k, bool transpose) {
+    static const int64_t forced = [] {
+        const char *env = std::getenv("NF4CORE_PANEL_ROWS");
+        return env && *env ? std::max<int64_t>(0, std::atoll(env)) : int64_t(0);
+    }();
+    if (forced > 0) return forced;
+    return transpose ? k.panel_rows_transposed : k.panel_rows_plain;
+}
 
 bool amx_in_use() {
     return amx_allowed.load(std::memory_order_relaxed) && amx_available() &&

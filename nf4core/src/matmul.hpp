@@ -45,6 +45,11 @@ struct MatmulKernels {
     // the matmul kernels need K % 16 == 0 and K % blocksize == 0 (rows made of whole blocks)
     TileKernel tile_f32;   // any tile
     TileKernel tile_bf16;
+    // float32 x with many rows: panels of W decoded once for every row of x, then a
+    // register-blocked FMA micro-kernel (matmul_panel.hpp; x86 only, nullptr elsewhere),
+    // used from these rows of x on (y = x W^T, y = x W; fewer go to f32)
+    MatmulKernel panel_f32;
+    int64_t panel_rows_transposed, panel_rows_plain;
 };
 
 // Defined only where the path is compiled in, as the quantization kernels
@@ -66,6 +71,10 @@ void allow_amx(bool allowed);
 // Rows of x from which the AMX product is used (fewer go to the vector kernels;
 // measured crossover 4-8 rows, benchmarks/bench_matmul.py).
 constexpr int64_t kAmxMinRows = 5;
+// Rows of float32 x from which the panel product is used where the path has one:
+// the kernels' own crossover (MatmulKernels), or NF4CORE_PANEL_ROWS for both
+// directions when set (for measuring; 0 or unset: the kernels').
+int64_t panel_min_rows(const MatmulKernels &k, bool transpose);
 
 // The kernels of the active ISA (dispatch.cpp), nullptr for scalar.
 const MatmulKernels *active_matmul_kernels();

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "matmul_panel.hpp"
 #include "matmul_rows.hpp"
 #include "simd_avx2.hpp"
 
@@ -136,6 +137,10 @@ struct Avx2 : XAsIs {
 
 }  // namespace
 
-const MatmulKernels *avx2_matmul_kernels() { return matmul_kernels<Avx2>(); }
+// From 16 rows forward and 8 backward the panels beat these row kernels (AMD EPYC
+// Zen 4, 2 threads, W 4096 x 4096, 11008 x 4096, 4096 x 11008: the row kernels
+// win forward up to 8-12 rows, tie at 16; backward their sums in memory lose
+// from 8 rows on; docs/performance.md, "Panels").
+const MatmulKernels *avx2_matmul_kernels() { return matmul_kernels_with_panels<Avx2>(16, 8); }
 
 }  // namespace nf4core

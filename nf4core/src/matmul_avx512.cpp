@@ -15,6 +15,7 @@
 #include <cstring>
 #include <vector>
 
+#include "matmul_panel.hpp"
 #include "matmul_rows.hpp"
 #include "simd_avx512.hpp"
 
@@ -151,6 +152,10 @@ struct Avx512 {
 
 }  // namespace
 
-const MatmulKernels *avx512_matmul_kernels() { return matmul_kernels<Avx512>(); }
+// The AVX-512 row kernels hold up longer: the panels (8-lane FMAs, as on AVX2)
+// win from 64 rows forward and 48 backward (AMD EPYC Zen 4, whose 512-bit FMAs
+// run at the 256-bit rate; same shapes as matmul_avx2.cpp). A CPU with two
+// full-width FMA units would want 16-lane panels: not written.
+const MatmulKernels *avx512_matmul_kernels() { return matmul_kernels_with_panels<Avx512>(64, 48); }
 
 }  // namespace nf4core

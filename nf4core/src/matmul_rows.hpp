@@ -299,7 +299,7 @@ void decode_tile(const TileArgs &t, int64_t r0, int64_t r1) {
 template <class K>
 const MatmulKernels *matmul_kernels() {
     static const MatmulKernels k{matmul<K, float>, matmul<K, bfloat16_t>, decode_tile<K, float>,
-                                 decode_tile<K, bfloat16_t>};
+                                 decode_tile<K, bfloat16_t>, nullptr, 0, 0};
     return &k;
 }
 

@@ -3,17 +3,22 @@
 ``pyqlora.nn.Linear4bit`` multiplies by its frozen 4-bit weight W in the
 forward pass (``x W^T``) and in the backward pass (``grad W``). Three paths:
 
-- ``"fused"``: nf4core's fused kernel (:func:`pyqlora.matmul_4bit`), which
-  streams the packed weight once: best for a few rows (float32: up to 128 on the
-  AVX-512 path, :func:`fused_max_rows`), and for every row count of bfloat16
-  where AMX is in use (it multiplies on AMX tiles);
+- ``"fused"``: nf4core's product (:func:`pyqlora.matmul_4bit`), which never holds
+  more than a small panel of W dense: best for a few rows of bfloat16, for every
+  row count of float32 on the x86 paths (panels of W decoded once for all rows and
+  a register-blocked FMA kernel: faster than torch's dense float32 GEMM on the CPU
+  measured;
+  :func:`fused_max_rows`), and for every row count of bfloat16 where AMX is in use
+  (it multiplies on AMX tiles);
 - ``"tiled"``: tiles of W decoded into a reused buffer and handed to torch's
   matmul (:func:`tiled_product_torch`), so no dense copy of W ever exists: best
-  for many rows, where torch's GEMM (oneDNN, AVX-512 BF16/AMX) is faster;
+  for many rows of bfloat16 without AMX (torch's bfloat16 GEMM, oneDNN AVX512-BF16),
+  and of float32 on the other paths;
 - ``"dense"``: other dtypes and codebooks: the whole weight dequantized once.
 
 The thresholds come from ``benchmarks/bench_matmul.py`` (``docs/performance.md``).
 """
+import sys
 import threading
 
 import torch
@@ -23,7 +28,7 @@ from .._matmul import decode_tile, matmul_4bit
 from .._runtime import get_amx, get_isa, sync_threads
 from .tensors import as_numpy
 
-__all__ = ["FUSED_MAX_ROWS", "FUSED_MAX_ROWS_FP32", "FUSED_MAX_ROWS_FP32_OTHER", "TILE_BYTES", "TILE_MAX_BYTES",
+__all__ = ["FUSED_ALL_ROWS_FP32", "FUSED_MAX_ROWS", "FUSED_MAX_ROWS_FP32_OTHER", "TILE_BYTES", "TILE_MAX_BYTES",
            "TILE_MIN_COLS_PER_THREAD", "choose_path", "fused_linear", "fused_max_rows", "fused_product",
            "tiled_product_torch"]
 
@@ -38,14 +43,15 @@ __all__ = ["FUSED_MAX_ROWS", "FUSED_MAX_ROWS_FP32", "FUSED_MAX_ROWS_FP32_OTHER",
 # 5 rows and more on AMX tiles, decoding panels of the weight as it goes: faster than
 # handing decoded tiles to torch (docs/performance.md), so it is used for every row count.
 FUSED_MAX_ROWS = 4
-# float32 x: up to these rows (forward x W^T, backward g W) the fused kernel beats tiles handed to
-# torch's float32 GEMM, by the kernel path in use (pq.get_isa()). Measured on a 2-core AMD EPYC Zen 4
-# at 2 threads, W 4096 x 4096, 11008 x 4096 and 4096 x 11008, M = 8..256 (docs/performance.md, "Item 2
-# on a quiet machine, and the fused kernel for float32 rows"; bench_matmul.py --fused-rows): on the
-# AVX-512 path it took 0.2-0.9x the dense GEMM's time up to 128 rows both ways, where the tiles took
-# 0.84-2.4x; on the AVX2 path (forced, torch's too) it won up to 32 rows forward (0.27-0.97x) but lost
-# to the tiles above 8 rows backward. Other paths keep the 8 rows measured for issue 7.
-FUSED_MAX_ROWS_FP32 = {"avx512": (128, 128), "avx2": (32, 8)}
+# float32 x on the x86 kernel paths: nf4core's product at every row count. For a few rows it
+# streams the packed weight once (the row kernels), for more it decodes panels of W once for all
+# rows into L1/L2 and runs a register-blocked FMA micro-kernel (nf4core/src/matmul_panel.hpp; the
+# crossover is nf4core's). Measured on a 2-core AMD EPYC Zen 4 at 2 threads, W 4096 x 4096,
+# 11008 x 4096 and 4096 x 11008, M = 4..2048, against torch's dense float32 GEMM (docs/performance.md,
+# "Panels"): 0.4-0.9x its time at 16-512 rows, 0.9-1.0x at 2048, both directions, AVX2 and AVX-512
+# paths; the tiles handed to torch took 0.85-2.4x. Other paths (NEON, scalar) keep the fused kernel
+# up to FUSED_MAX_ROWS_FP32_OTHER rows (forward, backward; measured for issue 7), then tiles.
+FUSED_ALL_ROWS_FP32 = ("avx512", "avx2")
 FUSED_MAX_ROWS_FP32_OTHER = (8, 8)
 
 # Bytes of the dense tile that tiled products decode at a time (per thread that calls them),
@@ -63,9 +69,12 @@ _FUSED_CODEBOOKS = ("nf4", "fp4", "int4", "nf2", "nf3")
 
 
 def fused_max_rows(dtype, transpose=True):
-    """Rows of x up to which `choose_path` takes the fused kernel for ``x @ W.T`` (`transpose`) or ``x @ W``."""
+    """Rows of x up to which `choose_path` takes the fused kernel for ``x @ W.T`` (`transpose`) or ``x @ W``;
+    ``sys.maxsize`` where it takes it for every row count (float32 on the x86 paths)."""
     if dtype == torch.float32:
-        forward, backward = FUSED_MAX_ROWS_FP32.get(get_isa(), FUSED_MAX_ROWS_FP32_OTHER)
+        if get_isa() in FUSED_ALL_ROWS_FP32:
+            return sys.maxsize
+        forward, backward = FUSED_MAX_ROWS_FP32_OTHER
         return forward if transpose else backward
     return FUSED_MAX_ROWS
 

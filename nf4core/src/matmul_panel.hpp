@@ -1,0 +1,216 @@
+// Float32 products with many rows of x (x86, AVX2 + FMA): panels of W decoded
+// into float32 strips 16 output columns wide, then a register-blocked FMA
+// micro-kernel (6 rows of x by 16 columns, 12 accumulators) over each strip.
+//
+// The row kernels of matmul_rows.hpp decode every weight again for each group
+// of up to 8 rows of x, and y = x W keeps its sums in memory (a load and a store
+// per FMA): right for a few rows, slow for a training batch (AVX2 backward at
+// 64 rows: 1.8-3.0x torch's dense float32 GEMM, docs/performance.md). Here a
+// panel is decoded once for all M rows, as the tiled path of pyqlora.nn does
+// for torch's GEMM, but small enough for L1/L2 and without a second library:
+//   y = x W   (transpose false): strip s of a panel is W[n0:n1, c + 16s : c + 16s + 16]
+//             as decode_tile writes it ([n][16], row n of the strip contiguous);
+//   y = x W^T (transpose true):  strip s is W[c + 16s : c + 16s + 16, k0:k1]^T
+//             ([k][16]), decoded by decode_tile and transposed 8 x 8 at a time.
+// Both then run C[6 x 16] += A[6 x inner] B[inner x 16], with A the rows of x
+// read in place (one broadcast per element) and C the rows of y. The weights are
+// decode_tile's, bit-identical to pq.dequantize; only the order of the float32
+// sums differs from the reference: each output is summed over the inner chunks
+// of kPanelInner in order, each chunk's sum kept in a register.
+//
+// Included only by the x86 ISA translation units (AVX2 flags or more).
+#ifndef NF4CORE_SRC_MATMUL_PANEL_HPP
+#define NF4CORE_SRC_MATMUL_PANEL_HPP
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "matmul_rows.hpp"
+
+namespace nf4core {
+namespace {
+
+constexpr int kPanelRows = 6;           // rows of x per micro-kernel call
+constexpr int64_t kPanelStrip = 16;     // output columns per strip
+constexpr int64_t kPanelCols = 128;     // output columns per panel (8 strips)
+constexpr int64_t kPanelInner = 256;    // inner elements per panel: a strip is 16 KiB, L1-resident
+constexpr int64_t kPanelRowBlock = 96;  // rows of x per pass over the strips: 96 KiB of x, L2-resident
+
+// A float buffer of at least n elements owned by the calling thread, reused.
+inline float *panel_scratch(std::vector<float> &buf, size_t n) {
+    if (buf.size() < n) buf.resize(n);
+    return buf.data();
+}
+
+// C[r, 0:cols] = (accumulate ? C[r, 0:cols] : 0) + sum_i A[r * lda + i] B[i * 16 + 0:16], r < R.
+// The loops over r are unrolled by pragma: where one was not (the stores at the
+// end), GCC kept a copy of the accumulators on the stack and stored them at every
+// step of the inner loop (half the speed, measured).
+template <int R>
+inline void panel_micro(const float *A, int64_t lda, const float *B, int64_t inner, float *C, int64_t ldc,
+                        bool accumulate, int64_t cols) {
+    __m256 c0[R], c1[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < inner; ++i) {
+        const __m256 b0 = _mm256_loadu_ps(B + i * kPanelStrip), b1 = _mm256_loadu_ps(B + i * kPanelStrip + 8);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+            const __m256 a = _mm256_broadcast_ss(A + r * lda + i);
+            c0[r] = _mm256_fmadd_ps(a, b0, c0[r]);
+            c1[r] = _mm256_fmadd_ps(a, b1, c1[r]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+        float *dst = C + r * ldc;
+        if (cols == kPanelStrip) {
+            if (accumulate) {
+                c0[r] = _mm256_add_ps(_mm256_loadu_ps(dst), c0[r]);
+                c1[r] = _mm256_add_ps(_mm256_loadu_ps(dst + 8), c1[r]);
+            }
+            _mm256_storeu_ps(dst, c0[r]);
+            _mm256_storeu_ps(dst + 8, c1[r]);
+        } else {  // the last strip of y = x W^T when N % 16 != 0
+            alignas(32) float t[kPanelStrip];
+            _mm256_store_ps(t, c0[r]);
+            _mm256_store_ps(t + 8, c1[r]);
+            for (int64_t j = 0; j < cols; ++j) dst[j] = accumulate ? dst[j] + t[j] : t[j];
+        }
+    }
+}
+
+// Every row of x through one strip: groups of kPanelRows rows, then the rest.
+inline void panel_rows(int64_t M, const float *A, int64_t lda, const float *B, int64_t inner, float *C, int64_t ldc,
+                       bool accumulate, int64_t cols) {
+    int64_t m = 0;
+    for (; m + kPanelRows <= M; m += kPanelRows)
+        panel_micro<kPanelRows>(A + m * lda, lda, B, inner, C + m * ldc, ldc, accumulate, cols);
+    const float *a = A + m * lda;
+    float *c = C + m * ldc;
+    switch (M - m) {
+        case 5: panel_micro<5>(a, lda, B, inner, c, ldc, accumulate, cols); break;
+        case 4: panel_micro<4>(a, lda, B, inner, c, ldc, accumulate, cols); break;
+        case 3: panel_micro<3>(a, lda, B, inner, c, ldc, accumulate, cols); break;
+        case 2: panel_micro<2>(a, lda, B, inner, c, ldc, accumulate, cols); break;
+        case 1: panel_micro<1>(a, lda, B, inner, c, ldc, accumulate, cols); break;
+        default: break;
+    }
+}
+
+// rows[i] (8 rows of 8 floats, stride ld) transposed into out[j * 16] (8 rows, stride 16).
+inline void transpose8x8(const float *in, int64_t ld, float *out) {
+    const __m256 r0 = _mm256_loadu_ps(in), r1 = _mm256_loadu_ps(in + ld), r2 = _mm256_loadu_ps(in + 2 * ld),
+                 r3 = _mm256_loadu_ps(in + 3 * ld), r4 = _mm256_loadu_ps(in + 4 * ld),
+                 r5 = _mm256_loadu_ps(in + 5 * ld), r6 = _mm256_loadu_ps(in + 6 * ld),
+                 r7 = _mm256_loadu_ps(in + 7 * ld);
+    const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3),
+                 t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+                 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    const __m256 s0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)),
+                 s1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2)),
+                 s2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)),
+                 s3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2)),
+                 s4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0)),
+                 s5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2)),
+                 s6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0)),
+                 s7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+    _mm256_storeu_ps(out + 0 * kPanelStrip, _mm256_permute2f128_ps(s0, s4, 0x20));
+    _mm256_storeu_ps(out + 1 * kPanelStrip, _mm256_permute2f128_ps(s1, s5, 0x20));
+    _mm256_storeu_ps(out + 2 * kPanelStrip, _mm256_permute2f128_ps(s2, s6, 0x20));
+    _mm256_storeu_ps(out + 3 * kPanelStrip, _mm256_permute2f128_ps(s3, s7, 0x20));
+    _mm256_storeu_ps(out + 4 * kPanelStrip, _mm256_permute2f128_ps(s0, s4, 0x31));
+    _mm256_storeu_ps(out + 5 * kPanelStrip, _mm256_permute2f128_ps(s1, s5, 0x31));
+    _mm256_storeu_ps(out + 6 * kPanelStrip, _mm256_permute2f128_ps(s2, s6, 0x31));
+    _mm256_storeu_ps(out + 7 * kPanelStrip, _mm256_permute2f128_ps(s3, s7, 0x31));
+}
+
+// y[:, c0:c1] of y = x W (M x N times N x K); c0, c1 multiples of 16 (K % 16 == 0).
+template <class K>
+void panel_plain(const MatmulArgs &a, int64_t c0, int64_t c1) {
+    thread_local std::vector<float> buf;
+    float *panel = panel_scratch(buf, size_t(kPanelCols / kPanelStrip * kPanelInner * kPanelStrip));
+    const float *x = static_cast<const float *>(a.x);
+    float *y = static_cast<float *>(a.y);
+    for (int64_t p0 = c0; p0 < c1; p0 += kPanelCols) {
+        const int64_t strips = (std::min(c1, p0 + kPanelCols) - p0) / kPanelStrip;
+        for (int64_t n0 = 0; n0 < a.N; n0 += kPanelInner) {
+            const int64_t n1 = std::min(a.N, n0 + kPanelInner);
+            for (int64_t s = 0; s < strips; ++s) {
+                const int64_t k0 = p0 + s * kPanelStrip;
+                const TileArgs t{a.K, a.packed, a.scales, a.blocksize, a.codebook, n0, n1, k0, k0 + kPanelStrip,
+                                 panel + s * kPanelInner * kPanelStrip};
+                decode_tile<K, float>(t, n0, n1);
+            }
+            for (int64_t m0 = 0; m0 < a.M; m0 += kPanelRowBlock)
+                for (int64_t s = 0; s < strips; ++s)
+                    panel_rows(std::min(kPanelRowBlock, a.M - m0), x + m0 * a.N + n0, a.N,
+                               panel + s * kPanelInner * kPanelStrip, n1 - n0, y + m0 * a.K + p0 + s * kPanelStrip,
+                               a.K, n0 > 0, kPanelStrip);
+        }
+    }
+}
+
+// y[:, c0:c1] of y = x W^T (M x K times K x N); c0 a multiple of 16, K % 16 == 0.
+template <class K>
+void panel_transposed(const MatmulArgs &a, int64_t c0, int64_t c1) {
+    thread_local std::vector<float> buf, rows_buf;
+    float *panel = panel_scratch(buf, size_t(kPanelCols / kPanelStrip * kPanelInner * kPanelStrip));
+    float *rows = panel_scratch(rows_buf, size_t(kPanelStrip * kPanelInner));  // W[16 rows, inner chunk]
+    const float *x = static_cast<const float *>(a.x);
+    float *y = static_cast<float *>(a.y);
+    for (int64_t p0 = c0; p0 < c1; p0 += kPanelCols) {
+        const int64_t p1 = std::min(c1, p0 + kPanelCols);
+        const int64_t strips = (p1 - p0 + kPanelStrip - 1) / kPanelStrip;
+        for (int64_t k0 = 0; k0 < a.K; k0 += kPanelInner) {
+            const int64_t k1 = std::min(a.K, k0 + kPanelInner), inner = k1 - k0;  // multiple of 16
+            for (int64_t s = 0; s < strips; ++s) {
+                const int64_t r0 = p0 + s * kPanelStrip, r1 = std::min(p1, r0 + kPanelStrip);
+                const TileArgs t{a.K, a.packed, a.scales, a.blocksize, a.codebook, r0, r1, k0, k1, rows};
+                decode_tile<K, float>(t, r0, r1);
+                if (r1 - r0 < kPanelStrip)  // rows past N: zeros, their sums are not stored
+                    std::fill(rows + (r1 - r0) * inner, rows + kPanelStrip * inner, 0.0f);
+                float *strip = panel + s * kPanelInner * kPanelStrip;
+                for (int64_t i = 0; i < inner; i += 8) {
+                    transpose8x8(rows + i, inner, strip + i * kPanelStrip);
+                    transpose8x8(rows + 8 * inner + i, inner, strip + i * kPanelStrip + 8);
+                }
+            }
+            for (int64_t m0 = 0; m0 < a.M; m0 += kPanelRowBlock)
+                for (int64_t s = 0; s < strips; ++s) {
+                    const int64_t r0 = p0 + s * kPanelStrip, cols = std::min(p1, r0 + kPanelStrip) - r0;
+                    panel_rows(std::min(kPanelRowBlock, a.M - m0), x + m0 * a.K + k0, a.K,
+                               panel + s * kPanelInner * kPanelStrip, inner, y + m0 * a.N + r0, a.N, k0 > 0, cols);
+                }
+        }
+    }
+}
+
+template <class K>
+void panel_matmul(const MatmulArgs &a, int64_t c0, int64_t c1) {
+    if (a.transpose)
+        panel_transposed<K>(a, c0, c1);
+    else
+        panel_plain<K>(a, c0, c1);
+}
+
+// matmul_kernels<K>() with the panel product for float32 from these rows of x on.
+template <class K>
+const MatmulKernels *matmul_kernels_with_panels(int64_t rows_transposed, int64_t rows_plain) {
+    static const MatmulKernels k = [&] {
+        MatmulKernels with = *matmul_kernels<K>();
+        with.panel_f32 = panel_matmul<K>;
+        with.panel_rows_transposed = rows_transposed;
+        with.panel_rows_plain = rows_plain;
+        return with;
+    }();
+    return &k;
+}
+
+}  // namespace
+}  // namespace nf4core
+
+#endif  // NF4CORE_SRC_MATMUL_PANEL_HPP
