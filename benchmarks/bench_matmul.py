@@ -39,6 +39,7 @@ direction against torch's dense GEMM: where the fused kernel's row limits come f
 """
 import argparse
 import os
+import sys
 import time
 
 
@@ -357,15 +358,19 @@ def train_fp32(args, np, torch, pq):
 
 
 def fused_rows(args, np, torch, pq):
-    """float32 x of M = 8..256 rows: the fused kernel and the tiles against torch's dense float32 GEMM, forward
-    (x W^T) and backward (g W) apart, interleaved, best of --train-repeat: where pyqlora._glue.products'
-    fused_max_rows limits come from (ratios of time; the limits in use are printed)."""
+    """float32 x of M = 8..256 rows: nf4core's product ("fused": its row kernels, or its panels from the path's
+    crossover; NF4CORE_PANEL_ROWS=N moves that crossover to N rows for both directions) and the tiles against
+    torch's dense float32 GEMM, forward (x W^T) and backward (g W) apart, interleaved, best of --train-repeat:
+    where pyqlora._glue.products' fused_max_rows limits come from (ratios of time; the limits in use are
+    printed)."""
     from pyqlora._glue.products import fused_max_rows, fused_product, tiled_product_torch
 
     rng = np.random.default_rng(4)
+    limits = [fused_max_rows(torch.float32, t) for t in (True, False)]
+    used = ("at every row count" if min(limits) == sys.maxsize
+            else f"up to {limits[0]} rows forward, {limits[1]} backward")
     print(f"\nfloat32 rows, {args.threads} threads, kernel path {pq.get_isa()}, best of {args.train_repeat}: time / "
-          f"dense; the fused kernel is used up to {fused_max_rows(torch.float32)} rows forward, "
-          f"{fused_max_rows(torch.float32, False)} backward")
+          f"dense; pyqlora.nn takes the fused product {used}")
     for n, k in ((4096, 4096), (11008, 4096), (4096, 11008)):
         w, q = weight(np, pq, rng, n, k)
         W = torch.from_numpy(w)
