@@ -1,7 +1,7 @@
 // The matmul and tile-decode kernels of every ISA path in this build (AVX2,
 // AVX-512, NEON: the cross build runs this under qemu-aarch64) against the
 // scalar reference: products against a float64 dequantize-then-multiply for
-// M = 1..8 (the streaming kernels) and more, both orientations, float32 and
+// M = 1..8 (the streaming kernels) and more (the panels), both orientations, float32 and
 // bfloat16, K that is and is not a multiple of the blocksize (the fallback);
 // tiles bit-identical to the reference dequantize, non-finite scales included.
 // bfloat16 x with 5+ rows runs on AMX where it is in use; its oracle multiplies
@@ -58,12 +58,15 @@ TEST_CASE(every_isa_matmul_matches_double_reference) {
     nf4_codebook_fp4(fp4);
     struct Shape { int64_t N, K, bs; };
     // odd N (tails of the P-row groups of W); K a multiple of 16 and of the
-    // blocksize (fast kernels) or not (the reference runs)
-    const Shape shapes[] = {{37, 256, 64}, {5, 96, 32}, {19, 4096, 4096}, {11, 384, 128}, {9, 200, 64}, {7, 48, 32}};
+    // blocksize (fast kernels) or not (the reference runs); 300 x 288: several
+    // panels of 128 columns, a short last strip and a short last inner chunk
+    const Shape shapes[] = {{37, 256, 64}, {5, 96, 32},  {19, 4096, 4096}, {11, 384, 128},
+                            {9, 200, 64},  {7, 48, 32}, {300, 288, 32}};
     int tested = 0;
     for (const Shape s : shapes) {
         const Quantized q = make(rng, s.N, s.K, s.bs, (s.N & 2) ? fp4 : nf4);
-        for (int64_t M : {1, 2, 3, 4, 5, 6, 7, 8, 11}) {
+        // 16, 50, 70: float32 x on the panel kernels (x86: AVX2 from 16 / 8 rows, AVX-512 from 64 / 48)
+        for (int64_t M : {1, 2, 3, 4, 5, 6, 7, 8, 11, 16, 50, 70}) {
             for (int transpose : {1, 0}) {
                 const int64_t inner = transpose ? s.K : s.N, outer = transpose ? s.N : s.K;
                 std::vector<float> x(size_t(M * inner));
