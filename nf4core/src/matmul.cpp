@@ -11,6 +11,7 @@
 #include "matmul.hpp"
 #include "nf4core/matmul.h"
 #include "nf4core/quantize.h"
+#include "parallel.hpp"
 #include "sizes.hpp"
 
 namespace nf4core {
@@ -85,10 +86,26 @@ nf4_status matmul_impl(const void *x, nf4_dtype dtype, int64_t M, int64_t N, int
         if (dt == NF4_BFLOAT16 && M >= kAmxMinRows && amx_in_use() && amx_matmul_bf16(args)) return;
         if (dt == NF4_FLOAT32 && fast && whole_blocks && fast->panel_f32 &&
             M >= panel_min_rows(*fast, args.transpose)) {
-            // tasks of whole panels (matmul_panel.hpp: 128 output columns)
+            // Tasks of whole panels (matmul_panel.hpp: 128 output columns). A narrow
+            // product (a model's small projections: N = 192 is two panels, one of
+            // them half) would leave threads idle, so its rows are split too, in
+            // blocks of at least 96 rows (each block decodes its panels again).
             const int64_t panels = (cols + 127) / 128;
-            parallel_for(panels, 1, [&](int64_t p0, int64_t p1) {
-                fast->panel_f32(args, p0 * 128, std::min(cols, p1 * 128));
+            const int64_t want = 4 * int64_t(num_threads());
+            const int64_t row_blocks =
+                panels >= want ? 1 : std::max<int64_t>(1, std::min((want + panels - 1) / panels, M / 96));
+            const int64_t rows_per = (M + row_blocks - 1) / row_blocks;
+            const int64_t x_row = args.transpose ? K : N;
+            parallel_for(panels * row_blocks, 1, [&](int64_t t0, int64_t t1) {
+                for (int64_t t = t0; t < t1; ++t) {
+                    const int64_t p = t % panels, m0 = (t / panels) * rows_per, m1 = std::min(M, m0 + rows_per);
+                    if (m0 >= m1) continue;
+                    MatmulArgs part = args;
+                    part.x = static_cast<const float *>(args.x) + m0 * x_row;
+                    part.y = static_cast<float *>(args.y) + m0 * cols;
+                    part.M = m1 - m0;
+                    fast->panel_f32(part, p * 128, std::min(cols, (p + 1) * 128));
+                }
             });
             return;
         }
