@@ -4,12 +4,11 @@
 forward pass (``x W^T``) and in the backward pass (``grad W``). Three paths:
 
 - ``"fused"``: nf4core's product (:func:`pyqlora.matmul_4bit`), which never holds
-  more than a small panel of W dense: best for a few rows of bfloat16, for every
-  row count of float32 on the x86 paths (panels of W decoded once for all rows and
-  a register-blocked FMA kernel: faster than torch's dense float32 GEMM on the CPU
-  measured;
-  :func:`fused_max_rows`), and for every row count of bfloat16 where AMX is in use
-  (it multiplies on AMX tiles);
+  more than a small panel of W dense: for a few rows of bfloat16, for every row
+  count of float32 on the x86 paths (:func:`fused_max_rows`; panels of W decoded
+  once for all rows and a register-blocked FMA kernel, faster than torch's dense
+  float32 GEMM on the CPU measured), and for every row count of bfloat16 where AMX
+  is in use (it multiplies on AMX tiles);
 - ``"tiled"``: tiles of W decoded into a reused buffer and handed to torch's
   matmul (:func:`tiled_product_torch`), so no dense copy of W ever exists: best
   for many rows of bfloat16 without AMX (torch's bfloat16 GEMM, oneDNN AVX512-BF16),
@@ -48,8 +47,8 @@ FUSED_MAX_ROWS = 4
 # rows into L1/L2 and runs a register-blocked FMA micro-kernel (nf4core/src/matmul_panel.hpp; the
 # crossover is nf4core's). Measured on a 2-core AMD EPYC Zen 4 at 2 threads, W 4096 x 4096,
 # 11008 x 4096 and 4096 x 11008, M = 4..2048, against torch's dense float32 GEMM (docs/performance.md,
-# "Panels"): 0.4-0.9x its time at 16-512 rows, 0.9-1.0x at 2048, both directions, AVX2 and AVX-512
-# paths; the tiles handed to torch took 0.85-2.4x. Other paths (NEON, scalar) keep the fused kernel
+# "Panels"): 0.4-0.95x its time at 16-512 rows, 0.9-1.04x at 2048, both directions, AVX2 and AVX-512
+# paths; the tiles handed to torch took 0.84-2.5x. Other paths (NEON, scalar) keep the fused kernel
 # up to FUSED_MAX_ROWS_FP32_OTHER rows (forward, backward; measured for issue 7), then tiles.
 FUSED_ALL_ROWS_FP32 = ("avx512", "avx2")
 FUSED_MAX_ROWS_FP32_OTHER = (8, 8)
