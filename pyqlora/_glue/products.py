@@ -47,7 +47,7 @@ FUSED_MAX_ROWS = 4
 # rows into L1/L2 and runs a register-blocked FMA micro-kernel (nf4core/src/matmul_panel.hpp; the
 # crossover is nf4core's). Measured on a 2-core AMD EPYC Zen 4 at 2 threads, W 4096 x 4096,
 # 11008 x 4096 and 4096 x 11008, M = 4..2048, against torch's dense float32 GEMM (docs/performance.md,
-# "Panels"): 0.4-0.95x its time at 16-512 rows, 0.9-1.04x at 2048, both directions, AVX2 and AVX-512
+# "Panels"): 0.3-0.95x its time at 16-512 rows, 0.9-1.04x at 2048, both directions, AVX2 and AVX-512
 # paths; the tiles handed to torch took 0.84-2.5x. Other paths (NEON, scalar) keep the fused kernel
 # up to FUSED_MAX_ROWS_FP32_OTHER rows (forward, backward; measured for issue 7), then tiles.
 FUSED_ALL_ROWS_FP32 = ("avx512", "avx2")
