@@ -516,12 +516,26 @@ class LoraLinear4bit(nn.Module):
         self.active_adapters = names
 
     def forward(self, x):
+        lead = x.shape[:-1]
+        if x.dim() > 2:  # rows flattened: the base's 2-D output can take the adapters' sum in place
+            x = x.reshape(-1, x.shape[-1])
         result = self.base_layer(x)
+        # The base's output is a fresh tensor that its backward does not read, so each
+        # adapter's s (h A^T) B^T is added into it by one addmm_: no product, scaled copy
+        # and sum as three more output-sized tensors in forward, nor a scaled gradient in
+        # backward (docs/scale.md, "Fewer fresh pages"). Autocast and other dtypes take
+        # PEFT's expression.
+        in_place = (type(result) is torch.Tensor and result.dim() == 2 and result.is_contiguous()
+                    and not torch.is_autocast_enabled(result.device.type))
         for name in self.active_adapters:
             a, b = self.lora_A[name], self.lora_B[name]
             h = self.lora_dropout[name](x.to(a.weight.dtype))
-            result = result + (b(a(h)) * self.scaling[name]).to(result.dtype)
-        return result
+            t = a(h)
+            if in_place and b.bias is None and t.dtype == b.weight.dtype == result.dtype:
+                result = result.addmm_(t, b.weight.t(), alpha=self.scaling[name])
+            else:
+                result = result + (b(t) * self.scaling[name]).to(result.dtype)
+        return result.reshape(*lead, result.shape[-1]) if len(lead) > 1 else result
 
     def delta_weight(self, name="default"):
         """B A * scaling, the adapter's contribution to the weight (out, in)."""

@@ -195,6 +195,36 @@ def test_lora_outputs_and_gradients_match_dense_lora():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(40,), (6, 40), (2, 5, 40), (2, 1, 3, 40)])
+def test_lora_sum_in_place_matches_peft_expression_for_every_input_rank(shape):
+    """The adapters' sum is built in the base product's output (addmm_); two adapters, inputs of rank 1 to 4,
+    a base without bias: outputs and every gradient as PEFT's ``base(x) + B(A(x)) * s`` per adapter."""
+    dense, layer = make_lora(bias=False)
+    layer.add_adapter("second", r=2, lora_alpha=3)
+    with torch.no_grad():
+        layer.lora_B["second"].weight.normal_(0, 0.1)
+    w = dequantize_weight(layer.base_layer.quantized)
+    x = torch.randn(*shape, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (*shape[:-1], 24)
+    x2 = x.detach().clone().requires_grad_(True)
+    params = {n: (layer.lora_A[n].weight.detach().clone().requires_grad_(True),
+                  layer.lora_B[n].weight.detach().clone().requires_grad_(True)) for n in ("default", "second")}
+    y2 = x2 @ w.T
+    for n, (a, b) in params.items():
+        y2 = y2 + (x2 @ a.T @ b.T) * layer.scaling[n]
+    torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
+    for n, (a, b) in params.items():
+        torch.testing.assert_close(layer.lora_A[n].weight.grad, a.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layer.lora_B[n].weight.grad, b.grad, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # inference: the same sum
+        torch.testing.assert_close(layer(x), y2, rtol=1e-5, atol=1e-5)
+
+
 def test_gradcheck_in_float64():
     _, layer = make_lora(in_f=33, out_f=9, r=3, dtype=torch.float64)
     x = torch.randn(4, 33, dtype=torch.float64, requires_grad=True)
