@@ -431,8 +431,12 @@ def main(argv=None):
     ap.add_argument("--budget-mib", type=int, default=1024, help="PagedAdamW's RAM budget")
     ap.add_argument("--gemm-repeat", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--glibc-default", action="store_true",
-                    help="keep glibc's adaptive mmap threshold (default: pyqlora's limit_heap_retention())")
+    ap.add_argument("--heap", choices=("bound", "mapped", "glibc"), default="bound",
+                    help="glibc's heap: 'bound' keeps it for reuse and trims it when more than --heap-retain-mib of "
+                         "it is free and resident (bound_heap(), the default); 'mapped' gives every block of 1 MiB or "
+                         "more its own mapping (limit_heap_retention()); 'glibc' leaves glibc's defaults")
+    ap.add_argument("--heap-retain-mib", type=int, default=1024, help="--heap bound's bound (MiB)")
+    ap.add_argument("--glibc-default", action="store_true", help="the same as --heap glibc")
     ap.add_argument("--base-budget", default=None, metavar="SIZE",
                     help="page the frozen 4-bit base from disk (prepare_model(pager=...)) with this much RAM: "
                          "3G, 512M, or 0.5x (a fraction of the base's 4-bit bytes); default: resident")
@@ -473,19 +477,26 @@ def main(argv=None):
             ap.error(f"--base-budget: {exc}")
     if args.lookahead < 0:
         ap.error("--lookahead must be >= 0")
+    if args.heap_retain_mib < 0:
+        ap.error("--heap-retain-mib must be >= 0")
     if args.checkpoint and args.model:
         ap.error("--checkpoint and --model exclude each other")
 
     import torch
 
     import pyqlora as pq
-    from pyqlora._glue.memory import limit_heap_retention, memory_status, reset_peak_memory, tensor_bytes, trim_heap
+    from pyqlora._glue.memory import (bound_heap, heap_bound_stats, limit_heap_retention, memory_status,
+                                      reset_peak_memory, tensor_bytes, trim_heap)
     from pyqlora.lora import LoraConfig, lora_layers, prepare_model
     from pyqlora.optim import PagedAdamW
 
     torch.set_num_threads(args.threads)
     pq.set_num_threads(args.threads)
-    heap_limited = False if args.glibc_default else limit_heap_retention()
+    heap = "glibc" if args.glibc_default else args.heap
+    if heap == "bound":
+        heap_limited = bound_heap(args.heap_retain_mib << 20)
+    else:
+        heap_limited = heap == "mapped" and limit_heap_retention()
     config = llama_config(args.shape, args.layers)
     model = meta_model(config)
     rss_start = memory_status()["rss"]  # the interpreter, torch, transformers and the model on the meta device
@@ -500,7 +511,7 @@ def main(argv=None):
               "intermediate": config.intermediate_size, "vocab": config.vocab_size, "batch": args.batch,
               "seq": args.seq, "tokens": args.batch * args.seq, "dtype": args.dtype,
               "embeddings_dtype": args.embeddings_dtype, "threads": args.threads,
-              "r": args.r, "steps": args.steps, "heap_limited": heap_limited, "isa": pq.get_isa(),
+              "r": args.r, "steps": args.steps, "heap": heap, "heap_limited": heap_limited, "isa": pq.get_isa(),
               "base_budget_bytes": base_budget,
               "rss_start": rss_start,
               "params": sum(_numel(s) for s in shapes.values()),
@@ -614,6 +625,7 @@ def main(argv=None):
                                  "mapped_from_checkpoint_bytes": st.get("mapped_bytes"),
                                  "page_bytes": st["page_bytes"], "per_step": paged}
     report["optimizer_state_bytes"] = int(opt.state_bytes())
+    report["heap_trims"] = heap_bound_stats()  # --heap bound: the trims over load and training
     report["trainable_params"] = sum(p.numel() for p in trainable)
     best = min(step_s)
     linear = sum(m.base_layer.quantized.size for _, m in lora_layers(model))

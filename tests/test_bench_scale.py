@@ -183,6 +183,56 @@ def test_bad_base_budget_is_a_usage_error(tmp_path):
     assert done.returncode == 2 and "--base-budget" in done.stderr and "0.5x" in done.stderr
 
 
+def test_bound_heap_returns_the_free_heap_and_no_other_memory():
+    """pyqlora._glue.memory.bound_heap (what bench_scale.py and finetune --base-budget call): bad arguments are
+    refused; on glibc, blocks freed inside the heap (pinned by small blocks after them, so that the heap's top
+    cannot shrink) go back to the kernel once more than the bound of them is resident, where glibc's default keeps
+    them; memory outside malloc (an anonymous mapping) costs at most one trim, not one per poll."""
+    from pyqlora._glue.memory import bound_heap, heap_bound_stats
+
+    for bad in (-1, 1.5, True, "1G"):
+        with pytest.raises(ValueError, match="retain_bytes"):
+            bound_heap(bad)
+    for bad in (0, -1, 11, True):
+        with pytest.raises(ValueError, match="interval"):
+            bound_heap(1 << 20, interval=bad)
+    assert heap_bound_stats() is None  # no thread in this process
+    code = ("import ctypes, mmap, sys, time\n"
+            "from pyqlora._glue.memory import bound_heap, heap_bound_stats, _anon_rss\n"
+            "libc = ctypes.CDLL('libc.so.6')\n"
+            "libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]\n"
+            "libc.free.argtypes = [ctypes.c_void_p]\n"
+            "big, keep = [], []\n"
+            "for _ in range(2048):\n"  # 96 KiB: under glibc's smallest mmap threshold, so from the heap
+            "    p = libc.malloc(96 << 10); ctypes.memset(p, 1, 96 << 10); big.append(p)\n"
+            "    keep.append(libc.malloc(64))\n"
+            "ok = bound_heap(32 << 20, interval=0.005) if sys.argv[1] == 'bound' else None\n"
+            "time.sleep(0.1)\n"
+            "before = _anon_rss()\n"
+            "for p in big: libc.free(p)\n"
+            "end = time.time() + (10 if ok else 1)\n"
+            "while time.time() < end and _anon_rss() > before - (150 << 20): time.sleep(0.01)\n"
+            "dropped = before - _anon_rss()\n"
+            "m = mmap.mmap(-1, 256 << 20)\n"
+            "for i in range(0, 256 << 20, 4096): m[i] = 1\n"
+            "time.sleep(0.1)\n"
+            "trims = heap_bound_stats()['trims'] if ok else 0\n"
+            "time.sleep(0.5)\n"
+            "print(ok, dropped, (heap_bound_stats()['trims'] if ok else 0) - trims)")
+    out = {}
+    for how in ("bound", "default"):
+        done = subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True, timeout=120,
+                              cwd=tempfile.gettempdir())
+        assert done.returncode == 0, done.stderr
+        out[how] = done.stdout.split()
+    if out["bound"][0] == "True":  # glibc 2.33 or later
+        assert int(out["bound"][1]) >= 150 * MIB  # of the 192 MiB freed
+        assert int(out["bound"][2]) <= 1  # the mapping raised the floor; no trim per poll
+        assert int(out["default"][1]) < 16 * MIB  # what the bound is for: glibc's default keeps them
+    else:
+        assert out["bound"][0] == "False"
+
+
 def test_limit_heap_retention():
     """pyqlora._glue.memory.limit_heap_retention (what bench_scale.py calls): bad thresholds are refused; on glibc
     blocks freed after a large one was (training's pattern) go back to the kernel, where glibc's default keeps them

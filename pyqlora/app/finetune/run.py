@@ -14,7 +14,7 @@ import torch
 
 import pyqlora as pq
 
-from ..._glue.memory import limit_heap_retention, memory_status, peak_rss_bytes, tensor_bytes
+from ..._glue.memory import bound_heap, memory_status, peak_rss_bytes, tensor_bytes
 from .. import data as qdata
 from ..checkpoint import check_model_argument, load_model, load_model_streamed, save_4bit_base
 from ..evaluate import generate, perplexity
@@ -149,7 +149,7 @@ def _run(cfg, out, log, ctx, qdist):
     pager = None
     if cfg.base_budget:
         pager = pq.Pager(budget_bytes=cfg.base_budget, spill_dir=cfg.spill_dir)
-        limit_heap_retention()  # memory is the point here: glibc keeps freed activations otherwise (docs/scale.md)
+        bound_heap()  # memory is the point here: glibc's heap of freed activations, bounded (docs/scale.md)
         say(f"base: paged, {cfg.base_budget / 2**30:.2f} GiB of RAM, the rest spilled to {pager.spill_dir}"
             + (" (tmpfs: RAM too)" if pager.spill_is_tmpfs else "") + "; a 4-bit checkpoint is paged from its file")
     with clock("load"):
