@@ -183,6 +183,18 @@ def test_bad_base_budget_is_a_usage_error(tmp_path):
     assert done.returncode == 2 and "--base-budget" in done.stderr and "0.5x" in done.stderr
 
 
+def _printed_by_mode(code, modes):
+    """{mode: the words `python -c code mode` printed}, each in a fresh interpreter (glibc's heap state is
+    process-wide), run outside the source tree (`-c` puts the working directory first on sys.path)."""
+    out = {}
+    for how in modes:
+        done = subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True, timeout=120,
+                              cwd=tempfile.gettempdir())
+        assert done.returncode == 0, done.stderr
+        out[how] = done.stdout.split()
+    return out
+
+
 def test_bound_heap_returns_the_free_heap_and_no_other_memory():
     """pyqlora._glue.memory.bound_heap (what bench_scale.py and finetune --base-budget call): bad arguments are
     refused; on glibc, blocks freed inside the heap (pinned by small blocks after them, so that the heap's top
@@ -219,12 +231,7 @@ def test_bound_heap_returns_the_free_heap_and_no_other_memory():
             "trims = heap_bound_stats()['trims'] if ok else 0\n"
             "time.sleep(0.5)\n"
             "print(ok, dropped, (heap_bound_stats()['trims'] if ok else 0) - trims)")
-    out = {}
-    for how in ("bound", "default"):
-        done = subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True, timeout=120,
-                              cwd=tempfile.gettempdir())
-        assert done.returncode == 0, done.stderr
-        out[how] = done.stdout.split()
+    out = _printed_by_mode(code, ("bound", "default"))
     if out["bound"][0] == "True":  # glibc 2.33 or later
         assert int(out["bound"][1]) >= 150 * MIB  # of the 192 MiB freed
         assert int(out["bound"][2]) <= 1  # the mapping raised the floor; no trim per poll
@@ -250,13 +257,7 @@ def test_limit_heap_retention():
             "    a.append(np.ones(2 << 20, np.uint8))\n"
             "    keep.append(np.ones(64 << 10, np.uint8))\n"  # small blocks between them pin the heap
             "before = memory_status()['rss']\ndel a\nprint(ok, before - memory_status()['rss'])")
-    out = {}
-    for how in ("limit", "default"):
-        # outside the source tree: `-c` puts the working directory first on sys.path
-        done = subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True, timeout=120,
-                              cwd=tempfile.gettempdir())
-        assert done.returncode == 0, done.stderr
-        out[how] = done.stdout.split()
+    out = _printed_by_mode(code, ("limit", "default"))
     if out["limit"][0] == "True":  # glibc
         assert int(out["limit"][1]) >= 120 * MIB  # the 128 MiB freed are unmapped at once
         assert int(out["default"][1]) < 16 * MIB  # what the limit is for: glibc's default keeps them
