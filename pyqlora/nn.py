@@ -523,10 +523,10 @@ class LoraLinear4bit(nn.Module):
         # The base's output is a fresh tensor that its backward does not read, so each
         # adapter's s (h A^T) B^T is added into it by one addmm_: no product, scaled copy
         # and sum as three more output-sized tensors in forward, nor a scaled gradient in
-        # backward (docs/scale.md, "Fewer fresh pages"). Autocast and other dtypes take
-        # PEFT's expression.
+        # backward (docs/scale.md, "The heap at 1 x 512"). Autocast, other dtypes, and a
+        # base with forward hooks (which may keep its output) take PEFT's expression.
         in_place = (type(result) is torch.Tensor and result.dim() == 2 and result.is_contiguous()
-                    and not torch.is_autocast_enabled(result.device.type))
+                    and not torch.is_autocast_enabled(result.device.type) and not self.base_layer._forward_hooks)
         for name in self.active_adapters:
             a, b = self.lora_A[name], self.lora_B[name]
             h = self.lora_dropout[name](x.to(a.weight.dtype))

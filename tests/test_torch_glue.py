@@ -225,6 +225,32 @@ def test_lora_sum_in_place_matches_peft_expression_for_every_input_rank(shape):
         torch.testing.assert_close(layer(x), y2, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["fused", "tiled", "dense"])
+def test_lora_sum_in_place_on_every_cpu_product_path(monkeypatch, path):
+    """Whatever product the base takes (the tiled one returns a view of its output, which autograd forbids
+    modifying in place), the adapters' sum is PEFT's, with and without autograd."""
+    import pyqlora.nn as qnn
+
+    monkeypatch.setattr(qnn, "choose_path", lambda *a, **k: path)
+    dense, layer = make_lora()
+    w = dequantize_weight(layer.base_layer.quantized)
+    a, b = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+    s = layer.scaling["default"]
+    x = torch.randn(3, 5, 40, requires_grad=True)
+    y = layer(x)
+    want = x.detach() @ w.T + dense.bias.detach() + (x.detach() @ a.T @ b.T) * s
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, g @ w + (g @ b) @ a * s, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+    kept = []  # a hook that keeps the base's output sees the base's output, not the sum built later
+    layer.base_layer.register_forward_hook(lambda mod, args, out: kept.append(out))
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kept[0], x.detach().reshape(-1, 40) @ w.T + dense.bias.detach(), rtol=1e-5, atol=1e-5)
+
+
 def test_gradcheck_in_float64():
     _, layer = make_lora(in_f=33, out_f=9, r=3, dtype=torch.float64)
     x = torch.randn(4, 33, dtype=torch.float64, requires_grad=True)
