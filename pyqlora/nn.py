@@ -524,8 +524,10 @@ class LoraLinear4bit(nn.Module):
         # adapter's s (h A^T) B^T is added into it by one addmm_: no product, scaled copy
         # and sum as three more output-sized tensors in forward, nor a scaled gradient in
         # backward (docs/scale.md, "The heap at 1 x 512"). Autocast, other dtypes, and a
-        # base with forward hooks (which may keep its output) take PEFT's expression.
+        # base with forward hooks (which may keep its output) take PEFT's expression, and so
+        # does a view (autograd forbids modifying a custom Function's view output in place).
         in_place = (type(result) is torch.Tensor and result.dim() == 2 and result.is_contiguous()
+                    and result._base is None
                     and not torch.is_autocast_enabled(result.device.type) and not self.base_layer._forward_hooks)
         for name in self.active_adapters:
             a, b = self.lora_A[name], self.lora_B[name]

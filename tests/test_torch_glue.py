@@ -225,20 +225,23 @@ def test_lora_sum_in_place_matches_peft_expression_for_every_input_rank(shape):
         torch.testing.assert_close(layer(x), y2, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("path", ["fused", "tiled", "dense"])
-def test_lora_sum_in_place_on_every_cpu_product_path(monkeypatch, path):
-    """Whatever product the base takes (the tiled one returns a view of its output, which autograd forbids
-    modifying in place), the adapters' sum is PEFT's, with and without autograd."""
+def test_lora_sum_in_place_on_every_cpu_product_path(monkeypatch, path, bias):
+    """Whatever product the base takes (autograd forbids modifying a custom Function's output in place where
+    it is a view, as the tiled product's output was for 3-D inputs), the adapters' sum is PEFT's, with and
+    without autograd, with and without the base's bias."""
     import pyqlora.nn as qnn
 
     monkeypatch.setattr(qnn, "choose_path", lambda *a, **k: path)
-    dense, layer = make_lora()
+    dense, layer = make_lora(bias=bias)
     w = dequantize_weight(layer.base_layer.quantized)
     a, b = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
     s = layer.scaling["default"]
     x = torch.randn(3, 5, 40, requires_grad=True)
     y = layer(x)
-    want = x.detach() @ w.T + dense.bias.detach() + (x.detach() @ a.T @ b.T) * s
+    c = dense.bias.detach() if bias else 0
+    want = x.detach() @ w.T + c + (x.detach() @ a.T @ b.T) * s
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(y)
     y.backward(g)
@@ -248,7 +251,7 @@ def test_lora_sum_in_place_on_every_cpu_product_path(monkeypatch, path):
     kept = []  # a hook that keeps the base's output sees the base's output, not the sum built later
     layer.base_layer.register_forward_hook(lambda mod, args, out: kept.append(out))
     torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(kept[0], x.detach().reshape(-1, 40) @ w.T + dense.bias.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kept[0], x.detach().reshape(-1, 40) @ w.T + c, rtol=1e-5, atol=1e-5)
 
 
 def test_gradcheck_in_float64():

@@ -171,4 +171,4 @@ def tiled_product_torch(x, q, transpose=True):
             tile = buf[:(c1 - c0) * inner].view(inner, c1 - c0)
             decode_tile(q, slice(0, n_out), slice(c0, c1), as_numpy(tile))
             torch.mm(x2, tile, out=y[:, c0:c1])
-    return y.view(*x.shape[:-1], outer)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], outer)  # not a view where none is needed
