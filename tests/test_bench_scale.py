@@ -138,10 +138,12 @@ def test_4bit_checkpoint_written_once_then_paged_from_its_files(tmp_path):
     assert paging["spill_file_bytes"] == 0 and paging["mapped_from_checkpoint_bytes"] >= paging["base_bytes"]
     assert paging["spilled_bytes"] > 0 and paging["per_step"][0]["page_ins"] > 0
     # reused, resident; and the same seeded weights streamed from memory: the same model, the same losses,
-    # bit for bit, also with one thread instead of two
+    # bit for bit. All three at the same thread count: nf4core's products give the same bits at any count
+    # (tests/test_matmul.py), torch's own are not bound to (on an Intel Xeon with AVX-512, torch's float32 ops moved
+    # the second loss by 5e-7 between 1 and 2 torch threads)
     again = _run(tmp_path, *args, "--checkpoint", str(ckpt))
     assert "checkpoint_written" not in again and "base_paging" not in again
-    streamed = _run(tmp_path, *args, "--threads", "1")
+    streamed = _run(tmp_path, *args)
     assert len(first["losses"]) == 2 and first["losses"][0] != first["losses"][1]
     assert first["losses"] == again["losses"] == streamed["losses"]
     assert first["quantized_weight_bytes"] == streamed["quantized_weight_bytes"]
