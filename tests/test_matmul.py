@@ -230,14 +230,15 @@ def test_isa_partial_blocks_fall_back_to_reference(rng, isa):
 
 
 PANEL_SHAPES = [  # (N, K, blocksize): several 128-column panels, N % 16 != 0, K with a short last inner chunk
-    (300, 384, 64), (130, 512, 128), (64, 4096, 4096), (17, 288, 32)]
+    # (of 256 elements; the chunk is 256-1024 by the L2 size: 1100 rows make a short last chunk of x W at 1024)
+    (300, 384, 64), (130, 512, 128), (64, 4096, 4096), (17, 288, 32), (1100, 192, 64)]
 
 
 @pytest.mark.parametrize("isa", [i for i in ("avx512", "avx2") if i in pq.available_isas()])
 @pytest.mark.parametrize("n, k, blocksize", PANEL_SHAPES)
 def test_isa_panel_products_match_float64(rng, isa, n, k, blocksize):
     # float32 x of many rows: the panel kernels (nf4core/src/matmul_panel.hpp), on both sides of each
-    # path's crossover from the row kernels (AVX2 16 / 8 rows, AVX-512 64 / 48), against the float64
+    # path's crossover from the row kernels (AVX2 16 / 8 rows, AVX-512 32 / 32, on AMD 64 / 48), against the float64
     # oracle; each output is summed in one task in a fixed order, so the thread count changes no bit
     q = pq.quantize(rng.standard_normal((n, k)).astype(np.float32), blocksize=blocksize,
                     codebook=rng.choice(["nf4", "fp4"]), double_quant=bool(rng.integers(2)))
@@ -252,6 +253,49 @@ def test_isa_panel_products_match_float64(rng, isa, n, k, blocksize):
                 for threads in (2, 3):
                     with pq.num_threads(threads):
                         np.testing.assert_array_equal(pq.matmul_4bit(x, q, transpose=transpose), y)
+
+
+@pytest.mark.skipif("avx512" not in pq.available_isas(), reason="the CPU has no AVX-512")
+def test_avx512_panels_8_and_16_lanes_give_the_same_bits(tmp_path):
+    # The AVX-512 path runs its panels with 16-lane FMAs (4 strips x 6 rows of x per call);
+    # NF4CORE_PANEL_LANES=8 selects the 8-lane kernel of the AVX2 path. Each output is summed over
+    # the inner index in the same order with the same FMAs in both, so every bit must agree: on every
+    # PANEL_SHAPE (the last strip of a panel partial, 1-3 strips left after groups of 4), rows that
+    # leave 1-5 after groups of 6, both directions, 1 and 2 threads; with this CPU's inner chunk and
+    # with chunks of 256 (NF4CORE_PANEL_INNER: many chunks, short last ones). The chunk changes the
+    # order of the sums, so the two chunks give results that agree to rounding only.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np, pyqlora as pq\n"
+        "pq.set_isa('avx512')\n"
+        "rng = np.random.default_rng(11)\n"
+        "out = []\n"
+        f"for n, k, bs in {PANEL_SHAPES!r}:\n"
+        "    q = pq.quantize(rng.standard_normal((n, k)).astype(np.float32), blocksize=bs, double_quant=True)\n"
+        "    for m in (1, 5, 6, 11, 64, 97, 200):\n"
+        "        for t in (True, False):\n"
+        "            x = rng.standard_normal((m, k if t else n)).astype(np.float32)\n"
+        "            for threads in (1, 2):\n"
+        "                with pq.num_threads(threads):\n"
+        "                    out.append(pq.matmul_4bit(x, q, transpose=t))\n"
+        "np.save(sys.argv[1], np.concatenate([o.ravel() for o in out]))\n"
+    )
+    results = {}
+    for inner in ("", "256"):
+        for lanes in ("8", "16"):
+            path = tmp_path / f"lanes{lanes}_{inner}.npy"
+            # NF4CORE_PANEL_ROWS=1: the panels at every row count (the crossover from the row kernels is 32-64)
+            env = {**os.environ, "NF4CORE_PANEL_LANES": lanes, "NF4CORE_PANEL_ROWS": "1",
+                   "NF4CORE_PANEL_INNER": inner}
+            proc = subprocess.run([sys.executable, "-c", code, str(path)], env=env, cwd=tmp_path,
+                                  capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr
+            results[lanes, inner] = np.load(path)
+        assert results["8", inner].size > 100_000 and np.isfinite(results["8", inner]).all()
+        np.testing.assert_array_equal(results["8", inner].view(np.uint32), results["16", inner].view(np.uint32))
+    np.testing.assert_allclose(results["16", "256"], results["16", ""], rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("isa", ALL_ISAS)

@@ -152,10 +152,21 @@ struct Avx512 {
 
 }  // namespace
 
-// The AVX-512 row kernels hold up longer: the panels (8-lane FMAs, as on AVX2)
-// win from 64 rows forward and 48 backward (AMD EPYC Zen 4, whose 512-bit FMAs
-// run at the 256-bit rate; same shapes as matmul_avx2.cpp). A CPU with two
-// full-width FMA units would want 16-lane panels: not written.
-const MatmulKernels *avx512_matmul_kernels() { return matmul_kernels_with_panels<Avx512>(64, 48); }
+// Where the panels (16-lane FMAs, matmul_panel.hpp) take over from the row
+// kernels, time / torch's dense float32 GEMM, 2 threads, W 4096 x 4096,
+// 11008 x 4096 and 4096 x 11008 (docs/performance.md):
+// - Intel Xeon (two full-width FMA units): at 32 rows the two are level both
+//   ways, at 64 the panels are 0.85-0.90 forward against 1.08-1.15 and
+//   1.10-1.18 backward against 1.49-1.71: from 32 rows.
+// - AMD EPYC Zen 4, whose 512-bit FMAs run at the 256-bit rate, measured with
+//   8-lane panels: the row kernels hold up to 64 rows forward, 48 backward.
+//   Zen 5 (full width) is not measured and keeps Zen 4's crossover.
+const MatmulKernels *avx512_matmul_kernels() {
+    static const bool amd = [] {
+        __builtin_cpu_init();
+        return __builtin_cpu_is("amd") != 0;
+    }();
+    return matmul_kernels_with_panels<Avx512>(amd ? 64 : 32, amd ? 48 : 32);
+}
 
 }  // namespace nf4core

@@ -1,13 +1,15 @@
 // Float32 products with many rows of x (x86, AVX2 + FMA): panels of W decoded
 // into float32 strips 16 output columns wide, then a register-blocked FMA
-// micro-kernel (6 rows of x by 16 columns, 12 accumulators) over each strip.
+// micro-kernel (6 rows of x by 16 columns, 12 accumulators) over each strip;
+// compiled for AVX-512, 16-lane FMAs over 4 strips at once (6 rows of x by 64
+// columns, 24 accumulators), which a CPU with two full-width FMA units needs.
 //
 // The row kernels of matmul_rows.hpp decode every weight again for each group
 // of up to 8 rows of x, and y = x W keeps its sums in memory (a load and a store
 // per FMA): right for a few rows, slow for a training batch (AVX2 backward at
 // 64 rows: 1.8-3.0x torch's dense float32 GEMM, docs/performance.md). Here a
 // panel is decoded once for all M rows, as the tiled path of pyqlora.nn does
-// for torch's GEMM, but small enough for L1/L2 and without a second library:
+// for torch's GEMM, but small enough for L2 and without a second library:
 //   y = x W   (transpose false): strip s of a panel is W[n0:n1, c + 16s : c + 16s + 16]
 //             as decode_tile writes it ([n][16], row n of the strip contiguous);
 //   y = x W^T (transpose true):  strip s is W[c + 16s : c + 16s + 16, k0:k1]^T
@@ -16,7 +18,7 @@
 // read in place (one broadcast per element) and C the rows of y. The weights are
 // decode_tile's, bit-identical to pq.dequantize; only the order of the float32
 // sums differs from the reference: each output is summed over the inner chunks
-// of kPanelInner in order, each chunk's sum kept in a register.
+// of panel_inner() elements in order, each chunk's sum kept in a register.
 //
 // Included only by the x86 ISA translation units (AVX2 flags or more).
 #ifndef NF4CORE_SRC_MATMUL_PANEL_HPP
@@ -25,7 +27,15 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <vector>
+#if defined(__has_include)
+#if __has_include(<unistd.h>)
+#include <unistd.h>
+#endif
+#endif
 
 #include "matmul_rows.hpp"
 
@@ -35,13 +45,41 @@ namespace {
 constexpr int kPanelRows = 6;           // rows of x per micro-kernel call
 constexpr int64_t kPanelStrip = 16;     // output columns per strip
 constexpr int64_t kPanelCols = 128;     // output columns per panel (8 strips)
-constexpr int64_t kPanelInner = 256;    // inner elements per panel: a strip is 16 KiB, L1-resident
-constexpr int64_t kPanelRowBlock = 96;  // rows of x per pass over the strips: 96 KiB of x, L2-resident
+constexpr int64_t kPanelRowBlock = 96;  // rows of x per pass over the strips: L2-resident
 
-// A float buffer of at least n elements owned by the calling thread, reused.
+// Inner elements per panel: 256, 512 or 1024, the most that keeps a decoded panel
+// (128 columns of float32) within a quarter of the L2 cache, whose size sysconf
+// gives (1 MiB where it does not say); NF4CORE_PANEL_INNER=N (a multiple of 16)
+// overrides, for measuring. 2 threads, W 4096 x 4096 and 11008 x 4096, time /
+// torch's dense float32 GEMM at 2048 rows (Intel Xeon, 2 MiB L2, AVX-512 path):
+// 256 -> 1.12-1.24, 512 -> 1.06-1.15, 1024 -> 1.00-1.10, 4096 -> 1.11-1.20
+// (docs/performance.md). AMD Zen 4 (1 MiB L2) met its targets at 256.
+// The sums are kept per chunk of this many inner elements: the chunk length
+// changes the order of float32 sums, so results may differ in the last bits
+// between CPUs with different L2 sizes (never between runs or thread counts).
+inline int64_t panel_inner() {
+    static const int64_t inner = [] {
+        if (const char *env = std::getenv("NF4CORE_PANEL_INNER"); env && *env) {
+            const int64_t n = std::atoll(env) / 16 * 16;
+            if (n >= 16) return std::min<int64_t>(n, 1 << 16);
+        }
+        int64_t l2 = 1 << 20;
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+        if (const long v = sysconf(_SC_LEVEL2_CACHE_SIZE); v > 0) l2 = v;
+#endif
+        int64_t n = 256;
+        while (n < 1024 && kPanelCols * 2 * n * int64_t(sizeof(float)) <= l2 / 4) n *= 2;
+        return n;
+    }();
+    return inner;
+}
+
+// A float buffer of at least n elements owned by the calling thread, reused, at a
+// 64-byte boundary (a strip row is one cache line: 16-lane loads never split one).
 inline float *panel_scratch(std::vector<float> &buf, size_t n) {
-    if (buf.size() < n) buf.resize(n);
-    return buf.data();
+    if (buf.size() < n + 16) buf.resize(n + 16);
+    const uintptr_t p = reinterpret_cast<uintptr_t>(buf.data());
+    return buf.data() + ((64 - p % 64) % 64) / sizeof(float);
 }
 
 // C[r, 0:cols] = (accumulate ? C[r, 0:cols] : 0) + sum_i A[r * lda + i] B[i * 16 + 0:16], r < R.
@@ -100,6 +138,104 @@ inline void panel_rows(int64_t M, const float *A, int64_t lda, const float *B, i
     }
 }
 
+#if defined(__AVX512F__)
+// The same product with 16-lane FMAs, S adjacent strips at once (C[R x 16S]):
+// one 512-bit vector per strip row, R x S accumulators (R = 6, S = 4: 24 of the
+// 32 registers), one broadcast of x per S FMAs. Each output is summed over i in
+// the same order as panel_micro, with the same FMAs, so both give the same bits.
+// last: the columns of strip S-1 that exist (the last strip of y = x W^T when
+// N % 16 != 0), as a store mask.
+constexpr int kWideRows = 6;
+constexpr int kWideStrips = 4;
+
+template <int R, int S>
+inline void panel_micro16(const float *A, int64_t lda, const float *B, int64_t inner, float *C, int64_t ldc,
+                          bool accumulate, __mmask16 last) {
+    const int64_t strip_floats = panel_inner() * kPanelStrip;  // strips lie this far apart in the panel
+    __m512 c[R][S];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int s = 0; s < S; ++s) c[r][s] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < inner; ++i) {
+        __m512 b[S];
+#pragma GCC unroll 4
+        for (int s = 0; s < S; ++s) b[s] = _mm512_load_ps(B + s * strip_floats + i * kPanelStrip);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+            const __m512 a = _mm512_set1_ps(A[r * lda + i]);
+#pragma GCC unroll 4
+            for (int s = 0; s < S; ++s) c[r][s] = _mm512_fmadd_ps(a, b[s], c[r][s]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int s = 0; s < S; ++s) {
+            float *dst = C + r * ldc + s * kPanelStrip;
+            const __mmask16 m = s == S - 1 ? last : __mmask16(0xFFFF);
+            __m512 v = c[r][s];
+            if (accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst), v);
+            _mm512_mask_storeu_ps(dst, m, v);
+        }
+}
+
+// Every row of x through S strips: groups of kWideRows rows, then the rest.
+template <int S>
+inline void panel_rows16(int64_t M, const float *A, int64_t lda, const float *B, int64_t inner, float *C,
+                         int64_t ldc, bool accumulate, __mmask16 last) {
+    static_assert(kWideRows == 6, "the switch below covers 1 .. kWideRows - 1 rows");
+    int64_t m = 0;
+    for (; m + kWideRows <= M; m += kWideRows)
+        panel_micro16<kWideRows, S>(A + m * lda, lda, B, inner, C + m * ldc, ldc, accumulate, last);
+    const float *a = A + m * lda;
+    float *c = C + m * ldc;
+    switch (M - m) {
+        case 5: panel_micro16<5, S>(a, lda, B, inner, c, ldc, accumulate, last); break;
+        case 4: panel_micro16<4, S>(a, lda, B, inner, c, ldc, accumulate, last); break;
+        case 3: panel_micro16<3, S>(a, lda, B, inner, c, ldc, accumulate, last); break;
+        case 2: panel_micro16<2, S>(a, lda, B, inner, c, ldc, accumulate, last); break;
+        case 1: panel_micro16<1, S>(a, lda, B, inner, c, ldc, accumulate, last); break;
+        default: break;
+    }
+}
+
+// 16-lane panels unless NF4CORE_PANEL_LANES=8 (the 8-lane kernel, for measuring:
+// both give the same bits).
+inline bool wide_panels() {
+    static const bool wide = [] {
+        const char *env = std::getenv("NF4CORE_PANEL_LANES");
+        return !(env && std::string(env) == "8");
+    }();
+    return wide;
+}
+#endif
+
+// Rows [0, M) of x through every strip of a panel (strips of 16 columns, the last
+// one last_cols wide), C the rows of y at the panel's first column.
+inline void panel_strips(int64_t M, const float *A, int64_t lda, const float *panel, int64_t strips, int64_t inner,
+                         float *C, int64_t ldc, bool accumulate, int64_t last_cols) {
+    const int64_t strip_floats = panel_inner() * kPanelStrip;
+#if defined(__AVX512F__)
+    if (wide_panels()) {
+        const __mmask16 last = __mmask16((1u << last_cols) - 1);
+        int64_t s = 0;
+        for (; s + kWideStrips <= strips; s += kWideStrips)
+            panel_rows16<kWideStrips>(M, A, lda, panel + s * strip_floats, inner, C + s * kPanelStrip, ldc,
+                                      accumulate, s + kWideStrips == strips ? last : __mmask16(0xFFFF));
+        for (; s + 2 <= strips; s += 2)
+            panel_rows16<2>(M, A, lda, panel + s * strip_floats, inner, C + s * kPanelStrip, ldc, accumulate,
+                            s + 2 == strips ? last : __mmask16(0xFFFF));
+        if (s < strips)
+            panel_rows16<1>(M, A, lda, panel + s * strip_floats, inner, C + s * kPanelStrip, ldc, accumulate, last);
+        return;
+    }
+#endif
+    for (int64_t s = 0; s < strips; ++s)
+        panel_rows(M, A, lda, panel + s * strip_floats, inner, C + s * kPanelStrip, ldc, accumulate,
+                   s + 1 == strips ? last_cols : kPanelStrip);
+}
+
 // rows[i] (8 rows of 8 floats, stride ld) transposed into out[j * 16] (8 rows, stride 16).
 inline void transpose8x8(const float *in, int64_t ld, float *out) {
     const __m256 r0 = _mm256_loadu_ps(in), r1 = _mm256_loadu_ps(in + ld), r2 = _mm256_loadu_ps(in + 2 * ld),
@@ -131,24 +267,23 @@ inline void transpose8x8(const float *in, int64_t ld, float *out) {
 template <class K>
 void panel_plain(const MatmulArgs &a, int64_t c0, int64_t c1) {
     thread_local std::vector<float> buf;
-    float *panel = panel_scratch(buf, size_t(kPanelCols / kPanelStrip * kPanelInner * kPanelStrip));
+    const int64_t chunk = panel_inner();
+    float *panel = panel_scratch(buf, size_t(kPanelCols * chunk));
     const float *x = static_cast<const float *>(a.x);
     float *y = static_cast<float *>(a.y);
     for (int64_t p0 = c0; p0 < c1; p0 += kPanelCols) {
         const int64_t strips = (std::min(c1, p0 + kPanelCols) - p0) / kPanelStrip;
-        for (int64_t n0 = 0; n0 < a.N; n0 += kPanelInner) {
-            const int64_t n1 = std::min(a.N, n0 + kPanelInner);
+        for (int64_t n0 = 0; n0 < a.N; n0 += chunk) {
+            const int64_t n1 = std::min(a.N, n0 + chunk);
             for (int64_t s = 0; s < strips; ++s) {
                 const int64_t k0 = p0 + s * kPanelStrip;
                 const TileArgs t{a.K, a.packed, a.scales, a.blocksize, a.codebook, n0, n1, k0, k0 + kPanelStrip,
-                                 panel + s * kPanelInner * kPanelStrip};
+                                 panel + s * chunk * kPanelStrip};
                 decode_tile<K, float>(t, n0, n1);
             }
             for (int64_t m0 = 0; m0 < a.M; m0 += kPanelRowBlock)
-                for (int64_t s = 0; s < strips; ++s)
-                    panel_rows(std::min(kPanelRowBlock, a.M - m0), x + m0 * a.N + n0, a.N,
-                               panel + s * kPanelInner * kPanelStrip, n1 - n0, y + m0 * a.K + p0 + s * kPanelStrip,
-                               a.K, n0 > 0, kPanelStrip);
+                panel_strips(std::min(kPanelRowBlock, a.M - m0), x + m0 * a.N + n0, a.N, panel, strips, n1 - n0,
+                             y + m0 * a.K + p0, a.K, n0 > 0, kPanelStrip);
         }
     }
 }
@@ -157,33 +292,32 @@ void panel_plain(const MatmulArgs &a, int64_t c0, int64_t c1) {
 template <class K>
 void panel_transposed(const MatmulArgs &a, int64_t c0, int64_t c1) {
     thread_local std::vector<float> buf, rows_buf;
-    float *panel = panel_scratch(buf, size_t(kPanelCols / kPanelStrip * kPanelInner * kPanelStrip));
-    float *rows = panel_scratch(rows_buf, size_t(kPanelStrip * kPanelInner));  // W[16 rows, inner chunk]
+    const int64_t chunk = panel_inner();
+    float *panel = panel_scratch(buf, size_t(kPanelCols * chunk));
+    float *rows = panel_scratch(rows_buf, size_t(kPanelStrip * chunk));  // W[16 rows, inner chunk]
     const float *x = static_cast<const float *>(a.x);
     float *y = static_cast<float *>(a.y);
     for (int64_t p0 = c0; p0 < c1; p0 += kPanelCols) {
         const int64_t p1 = std::min(c1, p0 + kPanelCols);
         const int64_t strips = (p1 - p0 + kPanelStrip - 1) / kPanelStrip;
-        for (int64_t k0 = 0; k0 < a.K; k0 += kPanelInner) {
-            const int64_t k1 = std::min(a.K, k0 + kPanelInner), inner = k1 - k0;  // multiple of 16
+        for (int64_t k0 = 0; k0 < a.K; k0 += chunk) {
+            const int64_t k1 = std::min(a.K, k0 + chunk), inner = k1 - k0;  // multiple of 16
             for (int64_t s = 0; s < strips; ++s) {
                 const int64_t r0 = p0 + s * kPanelStrip, r1 = std::min(p1, r0 + kPanelStrip);
                 const TileArgs t{a.K, a.packed, a.scales, a.blocksize, a.codebook, r0, r1, k0, k1, rows};
                 decode_tile<K, float>(t, r0, r1);
                 if (r1 - r0 < kPanelStrip)  // rows past N: zeros, their sums are not stored
                     std::fill(rows + (r1 - r0) * inner, rows + kPanelStrip * inner, 0.0f);
-                float *strip = panel + s * kPanelInner * kPanelStrip;
+                float *strip = panel + s * chunk * kPanelStrip;
                 for (int64_t i = 0; i < inner; i += 8) {
                     transpose8x8(rows + i, inner, strip + i * kPanelStrip);
                     transpose8x8(rows + 8 * inner + i, inner, strip + i * kPanelStrip + 8);
                 }
             }
+            const int64_t last_cols = p1 - (p0 + (strips - 1) * kPanelStrip);
             for (int64_t m0 = 0; m0 < a.M; m0 += kPanelRowBlock)
-                for (int64_t s = 0; s < strips; ++s) {
-                    const int64_t r0 = p0 + s * kPanelStrip, cols = std::min(p1, r0 + kPanelStrip) - r0;
-                    panel_rows(std::min(kPanelRowBlock, a.M - m0), x + m0 * a.K + k0, a.K,
-                               panel + s * kPanelInner * kPanelStrip, inner, y + m0 * a.N + r0, a.N, k0 > 0, cols);
-                }
+                panel_strips(std::min(kPanelRowBlock, a.M - m0), x + m0 * a.K + k0, a.K, panel, strips, inner,
+                             y + m0 * a.N + p0, a.N, k0 > 0, last_cols);
         }
     }
 }

@@ -65,7 +65,7 @@ TEST_CASE(every_isa_matmul_matches_double_reference) {
     int tested = 0;
     for (const Shape s : shapes) {
         const Quantized q = make(rng, s.N, s.K, s.bs, (s.N & 2) ? fp4 : nf4);
-        // 16, 50, 70: float32 x on the panel kernels (x86: AVX2 from 16 / 8 rows, AVX-512 from 64 / 48)
+        // 16, 50, 70: float32 x on the panel kernels (x86: AVX2 from 16 / 8 rows, AVX-512 from 32 / 32, on AMD 64 / 48)
         for (int64_t M : {1, 2, 3, 4, 5, 6, 7, 8, 11, 16, 50, 70}) {
             for (int transpose : {1, 0}) {
                 const int64_t inner = transpose ? s.K : s.N, outer = transpose ? s.N : s.K;
