@@ -11,7 +11,8 @@
 // panel is decoded once for all M rows, as the tiled path of pyqlora.nn does
 // for torch's GEMM, but small enough for L2 and without a second library:
 //   y = x W   (transpose false): strip s of a panel is W[n0:n1, c + 16s : c + 16s + 16]
-//             as decode_tile writes it ([n][16], row n of the strip contiguous);
+//             as decode_tile writes it ([n][16], row n of the strip contiguous;
+//             on the AVX-512 path the panel's rows, [n][128], see kRowPanels);
 //   y = x W^T (transpose true):  strip s is W[c + 16s : c + 16s + 16, k0:k1]^T
 //             ([k][16]), decoded by decode_tile and transposed 8 x 8 at a time.
 // Both then run C[6 x 16] += A[6 x inner] B[inner x 16], with A the rows of x
@@ -46,6 +47,19 @@ constexpr int kPanelRows = 6;           // rows of x per micro-kernel call
 constexpr int64_t kPanelStrip = 16;     // output columns per strip
 constexpr int64_t kPanelCols = 128;     // output columns per panel (8 strips)
 constexpr int64_t kPanelRowBlock = 96;  // rows of x per pass over the strips: L2-resident
+// How y = x W lays out its decoded panel. Strips one after the other ([strip][n][16]:
+// decode_tile once per strip, 8 bytes from each row of W) or rows of the whole
+// panel ([n][128]: one decode_tile per panel, a row's 64 bytes at once). With
+// 16-lane panels the rows are faster at 64 rows of x (time / dense 1.09-1.19 ->
+// 0.83-0.97, Intel Xeon) and level from 512; the 8-lane kernel measured level
+// either way (forced AVX2 on that Xeon), so the AVX2 path keeps the strips it was
+// tuned with on AMD Zen 4. y = x W^T keeps strips on both: its rows layout was
+// 5 % slower at 64 rows.
+#if defined(__AVX512F__)
+constexpr bool kRowPanels = true;
+#else
+constexpr bool kRowPanels = false;
+#endif
 
 // Inner elements per panel: 256, 512 or 1024, the most that keeps a decoded panel
 // (128 columns of float32) within a quarter of the L2 cache, whose size sysconf
@@ -87,13 +101,13 @@ inline float *panel_scratch(std::vector<float> &buf, size_t n) {
 // end), GCC kept a copy of the accumulators on the stack and stored them at every
 // step of the inner loop (half the speed, measured).
 template <int R>
-inline void panel_micro(const float *A, int64_t lda, const float *B, int64_t inner, float *C, int64_t ldc,
-                        bool accumulate, int64_t cols) {
+inline void panel_micro(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t inner, float *C,
+                        int64_t ldc, bool accumulate, int64_t cols) {
     __m256 c0[R], c1[R];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
     for (int64_t i = 0; i < inner; ++i) {
-        const __m256 b0 = _mm256_loadu_ps(B + i * kPanelStrip), b1 = _mm256_loadu_ps(B + i * kPanelStrip + 8);
+        const __m256 b0 = _mm256_loadu_ps(B + i * ldb), b1 = _mm256_loadu_ps(B + i * ldb + 8);
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
             const __m256 a = _mm256_broadcast_ss(A + r * lda + i);
@@ -121,19 +135,19 @@ inline void panel_micro(const float *A, int64_t lda, const float *B, int64_t inn
 }
 
 // Every row of x through one strip: groups of kPanelRows rows, then the rest.
-inline void panel_rows(int64_t M, const float *A, int64_t lda, const float *B, int64_t inner, float *C, int64_t ldc,
-                       bool accumulate, int64_t cols) {
+inline void panel_rows(int64_t M, const float *A, int64_t lda, const float *B, int64_t ldb, int64_t inner, float *C,
+                       int64_t ldc, bool accumulate, int64_t cols) {
     int64_t m = 0;
     for (; m + kPanelRows <= M; m += kPanelRows)
-        panel_micro<kPanelRows>(A + m * lda, lda, B, inner, C + m * ldc, ldc, accumulate, cols);
+        panel_micro<kPanelRows>(A + m * lda, lda, B, ldb, inner, C + m * ldc, ldc, accumulate, cols);
     const float *a = A + m * lda;
     float *c = C + m * ldc;
     switch (M - m) {
-        case 5: panel_micro<5>(a, lda, B, inner, c, ldc, accumulate, cols); break;
-        case 4: panel_micro<4>(a, lda, B, inner, c, ldc, accumulate, cols); break;
-        case 3: panel_micro<3>(a, lda, B, inner, c, ldc, accumulate, cols); break;
-        case 2: panel_micro<2>(a, lda, B, inner, c, ldc, accumulate, cols); break;
-        case 1: panel_micro<1>(a, lda, B, inner, c, ldc, accumulate, cols); break;
+        case 5: panel_micro<5>(a, lda, B, ldb, inner, c, ldc, accumulate, cols); break;
+        case 4: panel_micro<4>(a, lda, B, ldb, inner, c, ldc, accumulate, cols); break;
+        case 3: panel_micro<3>(a, lda, B, ldb, inner, c, ldc, accumulate, cols); break;
+        case 2: panel_micro<2>(a, lda, B, ldb, inner, c, ldc, accumulate, cols); break;
+        case 1: panel_micro<1>(a, lda, B, ldb, inner, c, ldc, accumulate, cols); break;
         default: break;
     }
 }
@@ -149,9 +163,8 @@ constexpr int kWideRows = 6;
 constexpr int kWideStrips = 4;
 
 template <int R, int S>
-inline void panel_micro16(const float *A, int64_t lda, const float *B, int64_t inner, float *C, int64_t ldc,
-                          bool accumulate, __mmask16 last) {
-    const int64_t strip_floats = panel_inner() * kPanelStrip;  // strips lie this far apart in the panel
+inline void panel_micro16(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t sstride, int64_t inner,
+                          float *C, int64_t ldc, bool accumulate, __mmask16 last) {
     __m512 c[R][S];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
@@ -160,7 +173,7 @@ inline void panel_micro16(const float *A, int64_t lda, const float *B, int64_t i
     for (int64_t i = 0; i < inner; ++i) {
         __m512 b[S];
 #pragma GCC unroll 4
-        for (int s = 0; s < S; ++s) b[s] = _mm512_load_ps(B + s * strip_floats + i * kPanelStrip);
+        for (int s = 0; s < S; ++s) b[s] = _mm512_load_ps(B + s * sstride + i * ldb);
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
             const __m512 a = _mm512_set1_ps(A[r * lda + i]);
@@ -182,20 +195,20 @@ inline void panel_micro16(const float *A, int64_t lda, const float *B, int64_t i
 
 // Every row of x through S strips: groups of kWideRows rows, then the rest.
 template <int S>
-inline void panel_rows16(int64_t M, const float *A, int64_t lda, const float *B, int64_t inner, float *C,
-                         int64_t ldc, bool accumulate, __mmask16 last) {
+inline void panel_rows16(int64_t M, const float *A, int64_t lda, const float *B, int64_t ldb, int64_t sstride,
+                         int64_t inner, float *C, int64_t ldc, bool accumulate, __mmask16 last) {
     static_assert(kWideRows == 6, "the switch below covers 1 .. kWideRows - 1 rows");
     int64_t m = 0;
     for (; m + kWideRows <= M; m += kWideRows)
-        panel_micro16<kWideRows, S>(A + m * lda, lda, B, inner, C + m * ldc, ldc, accumulate, last);
+        panel_micro16<kWideRows, S>(A + m * lda, lda, B, ldb, sstride, inner, C + m * ldc, ldc, accumulate, last);
     const float *a = A + m * lda;
     float *c = C + m * ldc;
     switch (M - m) {
-        case 5: panel_micro16<5, S>(a, lda, B, inner, c, ldc, accumulate, last); break;
-        case 4: panel_micro16<4, S>(a, lda, B, inner, c, ldc, accumulate, last); break;
-        case 3: panel_micro16<3, S>(a, lda, B, inner, c, ldc, accumulate, last); break;
-        case 2: panel_micro16<2, S>(a, lda, B, inner, c, ldc, accumulate, last); break;
-        case 1: panel_micro16<1, S>(a, lda, B, inner, c, ldc, accumulate, last); break;
+        case 5: panel_micro16<5, S>(a, lda, B, ldb, sstride, inner, c, ldc, accumulate, last); break;
+        case 4: panel_micro16<4, S>(a, lda, B, ldb, sstride, inner, c, ldc, accumulate, last); break;
+        case 3: panel_micro16<3, S>(a, lda, B, ldb, sstride, inner, c, ldc, accumulate, last); break;
+        case 2: panel_micro16<2, S>(a, lda, B, ldb, sstride, inner, c, ldc, accumulate, last); break;
+        case 1: panel_micro16<1, S>(a, lda, B, ldb, sstride, inner, c, ldc, accumulate, last); break;
         default: break;
     }
 }
@@ -213,31 +226,31 @@ inline bool wide_panels() {
 
 // Rows [0, M) of x through every strip of a panel (strips of 16 columns, the last
 // one last_cols wide), C the rows of y at the panel's first column.
-inline void panel_strips(int64_t M, const float *A, int64_t lda, const float *panel, int64_t strips, int64_t inner,
-                         float *C, int64_t ldc, bool accumulate, int64_t last_cols) {
-    const int64_t strip_floats = panel_inner() * kPanelStrip;
+inline void panel_strips(int64_t M, const float *A, int64_t lda, const float *panel, int64_t ldb, int64_t sstride,
+                         int64_t strips, int64_t inner, float *C, int64_t ldc, bool accumulate, int64_t last_cols) {
 #if defined(__AVX512F__)
     if (wide_panels()) {
         const __mmask16 last = __mmask16((1u << last_cols) - 1);
         int64_t s = 0;
         for (; s + kWideStrips <= strips; s += kWideStrips)
-            panel_rows16<kWideStrips>(M, A, lda, panel + s * strip_floats, inner, C + s * kPanelStrip, ldc,
+            panel_rows16<kWideStrips>(M, A, lda, panel + s * sstride, ldb, sstride, inner, C + s * kPanelStrip, ldc,
                                       accumulate, s + kWideStrips == strips ? last : __mmask16(0xFFFF));
         for (; s + 2 <= strips; s += 2)
-            panel_rows16<2>(M, A, lda, panel + s * strip_floats, inner, C + s * kPanelStrip, ldc, accumulate,
+            panel_rows16<2>(M, A, lda, panel + s * sstride, ldb, sstride, inner, C + s * kPanelStrip, ldc, accumulate,
                             s + 2 == strips ? last : __mmask16(0xFFFF));
         if (s < strips)
-            panel_rows16<1>(M, A, lda, panel + s * strip_floats, inner, C + s * kPanelStrip, ldc, accumulate, last);
+            panel_rows16<1>(M, A, lda, panel + s * sstride, ldb, sstride, inner, C + s * kPanelStrip, ldc, accumulate,
+                            last);
         return;
     }
 #endif
     for (int64_t s = 0; s < strips; ++s)
-        panel_rows(M, A, lda, panel + s * strip_floats, inner, C + s * kPanelStrip, ldc, accumulate,
+        panel_rows(M, A, lda, panel + s * sstride, ldb, inner, C + s * kPanelStrip, ldc, accumulate,
                    s + 1 == strips ? last_cols : kPanelStrip);
 }
 
 // rows[i] (8 rows of 8 floats, stride ld) transposed into out[j * 16] (8 rows, stride 16).
-inline void transpose8x8(const float *in, int64_t ld, float *out) {
+inline void transpose8x8(const float *in, int64_t ld, float *out, int64_t ldo) {
     const __m256 r0 = _mm256_loadu_ps(in), r1 = _mm256_loadu_ps(in + ld), r2 = _mm256_loadu_ps(in + 2 * ld),
                  r3 = _mm256_loadu_ps(in + 3 * ld), r4 = _mm256_loadu_ps(in + 4 * ld),
                  r5 = _mm256_loadu_ps(in + 5 * ld), r6 = _mm256_loadu_ps(in + 6 * ld),
@@ -253,14 +266,14 @@ inline void transpose8x8(const float *in, int64_t ld, float *out) {
                  s5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2)),
                  s6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0)),
                  s7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
-    _mm256_storeu_ps(out + 0 * kPanelStrip, _mm256_permute2f128_ps(s0, s4, 0x20));
-    _mm256_storeu_ps(out + 1 * kPanelStrip, _mm256_permute2f128_ps(s1, s5, 0x20));
-    _mm256_storeu_ps(out + 2 * kPanelStrip, _mm256_permute2f128_ps(s2, s6, 0x20));
-    _mm256_storeu_ps(out + 3 * kPanelStrip, _mm256_permute2f128_ps(s3, s7, 0x20));
-    _mm256_storeu_ps(out + 4 * kPanelStrip, _mm256_permute2f128_ps(s0, s4, 0x31));
-    _mm256_storeu_ps(out + 5 * kPanelStrip, _mm256_permute2f128_ps(s1, s5, 0x31));
-    _mm256_storeu_ps(out + 6 * kPanelStrip, _mm256_permute2f128_ps(s2, s6, 0x31));
-    _mm256_storeu_ps(out + 7 * kPanelStrip, _mm256_permute2f128_ps(s3, s7, 0x31));
+    _mm256_storeu_ps(out + 0 * ldo, _mm256_permute2f128_ps(s0, s4, 0x20));
+    _mm256_storeu_ps(out + 1 * ldo, _mm256_permute2f128_ps(s1, s5, 0x20));
+    _mm256_storeu_ps(out + 2 * ldo, _mm256_permute2f128_ps(s2, s6, 0x20));
+    _mm256_storeu_ps(out + 3 * ldo, _mm256_permute2f128_ps(s3, s7, 0x20));
+    _mm256_storeu_ps(out + 4 * ldo, _mm256_permute2f128_ps(s0, s4, 0x31));
+    _mm256_storeu_ps(out + 5 * ldo, _mm256_permute2f128_ps(s1, s5, 0x31));
+    _mm256_storeu_ps(out + 6 * ldo, _mm256_permute2f128_ps(s2, s6, 0x31));
+    _mm256_storeu_ps(out + 7 * ldo, _mm256_permute2f128_ps(s3, s7, 0x31));
 }
 
 // y[:, c0:c1] of y = x W (M x N times N x K); c0, c1 multiples of 16 (K % 16 == 0).
@@ -275,15 +288,23 @@ void panel_plain(const MatmulArgs &a, int64_t c0, int64_t c1) {
         const int64_t strips = (std::min(c1, p0 + kPanelCols) - p0) / kPanelStrip;
         for (int64_t n0 = 0; n0 < a.N; n0 += chunk) {
             const int64_t n1 = std::min(a.N, n0 + chunk);
-            for (int64_t s = 0; s < strips; ++s) {
-                const int64_t k0 = p0 + s * kPanelStrip;
-                const TileArgs t{a.K, a.packed, a.scales, a.blocksize, a.codebook, n0, n1, k0, k0 + kPanelStrip,
-                                 panel + s * chunk * kPanelStrip};
+            if constexpr (kRowPanels) {  // rows of the panel, strips side by side
+                const int64_t k1 = p0 + strips * kPanelStrip;
+                const TileArgs t{a.K, a.packed, a.scales, a.blocksize, a.codebook, n0, n1, p0, k1, panel};
                 decode_tile<K, float>(t, n0, n1);
+            } else {
+                for (int64_t s = 0; s < strips; ++s) {
+                    const int64_t k0 = p0 + s * kPanelStrip;
+                    const TileArgs t{a.K, a.packed, a.scales, a.blocksize, a.codebook, n0, n1, k0, k0 + kPanelStrip,
+                                     panel + s * chunk * kPanelStrip};
+                    decode_tile<K, float>(t, n0, n1);
+                }
             }
+            const int64_t ldb = kRowPanels ? strips * kPanelStrip : kPanelStrip;
+            const int64_t sstride = kRowPanels ? kPanelStrip : chunk * kPanelStrip;
             for (int64_t m0 = 0; m0 < a.M; m0 += kPanelRowBlock)
-                panel_strips(std::min(kPanelRowBlock, a.M - m0), x + m0 * a.N + n0, a.N, panel, strips, n1 - n0,
-                             y + m0 * a.K + p0, a.K, n0 > 0, kPanelStrip);
+                panel_strips(std::min(kPanelRowBlock, a.M - m0), x + m0 * a.N + n0, a.N, panel, ldb, sstride, strips,
+                             n1 - n0, y + m0 * a.K + p0, a.K, n0 > 0, kPanelStrip);
         }
     }
 }
@@ -302,22 +323,24 @@ void panel_transposed(const MatmulArgs &a, int64_t c0, int64_t c1) {
         const int64_t strips = (p1 - p0 + kPanelStrip - 1) / kPanelStrip;
         for (int64_t k0 = 0; k0 < a.K; k0 += chunk) {
             const int64_t k1 = std::min(a.K, k0 + chunk), inner = k1 - k0;  // multiple of 16
+            const int64_t ldb = kPanelStrip;
+            const int64_t sstride = chunk * kPanelStrip;
             for (int64_t s = 0; s < strips; ++s) {
                 const int64_t r0 = p0 + s * kPanelStrip, r1 = std::min(p1, r0 + kPanelStrip);
                 const TileArgs t{a.K, a.packed, a.scales, a.blocksize, a.codebook, r0, r1, k0, k1, rows};
                 decode_tile<K, float>(t, r0, r1);
                 if (r1 - r0 < kPanelStrip)  // rows past N: zeros, their sums are not stored
                     std::fill(rows + (r1 - r0) * inner, rows + kPanelStrip * inner, 0.0f);
-                float *strip = panel + s * chunk * kPanelStrip;
+                float *strip = panel + s * sstride;
                 for (int64_t i = 0; i < inner; i += 8) {
-                    transpose8x8(rows + i, inner, strip + i * kPanelStrip);
-                    transpose8x8(rows + 8 * inner + i, inner, strip + i * kPanelStrip + 8);
+                    transpose8x8(rows + i, inner, strip + i * ldb, ldb);
+                    transpose8x8(rows + 8 * inner + i, inner, strip + i * ldb + 8, ldb);
                 }
             }
             const int64_t last_cols = p1 - (p0 + (strips - 1) * kPanelStrip);
             for (int64_t m0 = 0; m0 < a.M; m0 += kPanelRowBlock)
-                panel_strips(std::min(kPanelRowBlock, a.M - m0), x + m0 * a.K + k0, a.K, panel, strips, inner,
-                             y + m0 * a.N + p0, a.N, k0 > 0, last_cols);
+                panel_strips(std::min(kPanelRowBlock, a.M - m0), x + m0 * a.K + k0, a.K, panel, ldb, sstride, strips,
+                             inner, y + m0 * a.N + p0, a.N, k0 > 0, last_cols);
         }
     }
 }
