@@ -66,7 +66,7 @@ constexpr bool kRowPanels = false;
 // gives (1 MiB where it does not say); NF4CORE_PANEL_INNER=N (a multiple of 16)
 // overrides, for measuring. 2 threads, W 4096 x 4096 and 11008 x 4096, time /
 // torch's dense float32 GEMM at 2048 rows (Intel Xeon, 2 MiB L2, AVX-512 path):
-// 256 -> 1.12-1.24, 512 -> 1.06-1.15, 1024 -> 1.00-1.10, 4096 -> 1.11-1.20
+// 256 -> 1.12-1.23, 512 -> 1.05-1.15, 1024 -> 1.00-1.10, 4096 -> 1.11-1.20
 // (docs/performance.md). AMD Zen 4 (1 MiB L2) met its targets at 256.
 // The sums are kept per chunk of this many inner elements: the chunk length
 // changes the order of float32 sums, so results may differ in the last bits

@@ -36,7 +36,12 @@
  * is the best one the CPU supports, detected at run time; the environment
  * variable NF4CORE_ISA or nf4_set_isa() forces one. Every path gives
  * byte-identical results for quantization; products with a 4-bit matrix
- * (matmul.h) sum in a different order on each path.
+ * (matmul.h) sum in a different order on each path. On x86, float32 x with many
+ * rows (32 or more; 64 forward and 48 backward on AMD CPUs) runs on panels of W
+ * decoded once for all rows, whose sums are kept per chunk of 256-1024 inner
+ * elements chosen by the L2 cache size (NF4CORE_PANEL_INNER overrides): two CPUs
+ * with different L2 sizes may differ in the last bits there. One machine gives
+ * the same bits on every run and at every thread count.
  *
  * AMX: on CPUs with AMX-BF16 (Intel Sapphire Rapids and later, Linux), with the
  * "avx512" path active, nf4_matmul_4bit multiplies bfloat16 x with 5 or more
