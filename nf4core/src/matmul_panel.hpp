@@ -249,7 +249,7 @@ inline void panel_strips(int64_t M, const float *A, int64_t lda, const float *pa
                    s + 1 == strips ? last_cols : kPanelStrip);
 }
 
-// rows[i] (8 rows of 8 floats, stride ld) transposed into out[j * 16] (8 rows, stride 16).
+// rows[i] (8 rows of 8 floats, stride ld) transposed into out[j * ldo] (8 rows, stride ldo).
 inline void transpose8x8(const float *in, int64_t ld, float *out, int64_t ldo) {
     const __m256 r0 = _mm256_loadu_ps(in), r1 = _mm256_loadu_ps(in + ld), r2 = _mm256_loadu_ps(in + 2 * ld),
                  r3 = _mm256_loadu_ps(in + 3 * ld), r4 = _mm256_loadu_ps(in + 4 * ld),
