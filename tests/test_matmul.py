@@ -398,7 +398,8 @@ def test_thread_pool_without_spinning(tmp_path):
         "    assert all(pq.matmul_4bit(x, q).tobytes() == want for _ in range(200))\n"
         "print('ok')\n")
     env = dict(os.environ, NF4CORE_SPIN_US="0")
-    done = subprocess.run([sys.executable, str(script)], check=False, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(script)], check=False, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
