@@ -411,6 +411,19 @@ def test_thread_pool_without_spinning(tmp_path):
 needs_amx = pytest.mark.skipif(not pq.amx_available(), reason="no AMX-BF16 on this CPU/OS/build")
 
 
+@pytest.fixture
+def amx_on():
+    """AMX in use for the test whatever NF4CORE_ISA / NF4CORE_AMX chose (a forced AVX2 run of the suite on
+    an AMX machine), and the ISA and the AMX switch as they were afterwards."""
+    isa = pq.get_isa()
+    pq.set_isa("avx512")
+    allowed = pq.get_amx()  # available, and the avx512 path active: the switch's own state
+    pq.set_amx(True)
+    yield
+    pq.set_amx(allowed)
+    pq.set_isa(isa)
+
+
 def reference_bf16_weight(x, q, transpose):
     w = pq.dequantize(q, dtype=_dtypes.bfloat16).astype(np.float64)
     return x.astype(np.float64) @ (w.T if transpose else w)
@@ -448,6 +461,7 @@ AMX_SHAPES = [  # (M, N, K, blocksize): tails of every tile, panel and chunk; K 
 
 
 @needs_amx
+@pytest.mark.usefixtures("amx_on")
 @pytest.mark.parametrize("m, n, k, blocksize", AMX_SHAPES)
 @pytest.mark.parametrize("transpose", [True, False])
 def test_amx_matches_float64(rng, m, n, k, blocksize, transpose):
@@ -468,6 +482,7 @@ def test_amx_matches_float64(rng, m, n, k, blocksize, transpose):
 
 
 @needs_amx
+@pytest.mark.usefixtures("amx_on")
 def test_amx_and_vector_kernel_agree_and_switch(rng):
     q = pq.quantize(rng.standard_normal((70, 512)).astype(np.float32), blocksize=64)
     x = rng.standard_normal((40, 512)).astype(_dtypes.bfloat16)
@@ -488,6 +503,7 @@ def test_amx_and_vector_kernel_agree_and_switch(rng):
 
 
 @needs_amx
+@pytest.mark.usefixtures("amx_on")
 def test_amx_non_finite_inputs(rng):
     q = pq.quantize(rng.standard_normal((40, 64)).astype(np.float32))
     x = rng.standard_normal((8, 64)).astype(np.float32)
