@@ -524,11 +524,12 @@ class LoraLinear4bit(nn.Module):
         # adapter's s (h A^T) B^T is added into it by one addmm_: no product, scaled copy
         # and sum as three more output-sized tensors in forward, nor a scaled gradient in
         # backward (docs/scale.md, "The heap at 1 x 512"). Autocast, other dtypes, and a
-        # base with forward hooks (which may keep its output) take PEFT's expression, and so
-        # does a view (autograd forbids modifying a custom Function's view output in place).
+        # base with forward hooks (which may keep its output; pyqlora's own paging hooks, marked
+        # output_untouched, do not) take PEFT's expression, and so does a view (autograd forbids
+        # modifying a custom Function's view output in place).
         in_place = (type(result) is torch.Tensor and result.dim() == 2 and result.is_contiguous()
-                    and result._base is None
-                    and not torch.is_autocast_enabled(result.device.type) and not self.base_layer._forward_hooks)
+                    and result._base is None and not torch.is_autocast_enabled(result.device.type)
+                    and all(getattr(h, "output_untouched", False) for h in self.base_layer._forward_hooks.values()))
         for name in self.active_adapters:
             a, b = self.lora_A[name], self.lora_B[name]
             h = self.lora_dropout[name](x.to(a.weight.dtype))

@@ -142,3 +142,38 @@ def test_layers_are_laid_end_to_end_in_the_pager(tmp_path):
     read = after["page_in_bytes"] - before["page_in_bytes"]
     # forward, recomputed forward and backward each read at most the base plus one page per layer boundary
     assert 0 < read <= 3 * (after["base_bytes"] + len(layers) * page)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_adapters_are_summed_in_place_under_pyqlora_own_hooks(tmp_path, paged, monkeypatch):
+    """prepare_model hooks every base layer (RunningLayerScales, or BasePaging for a paged base). Those hooks
+    neither keep nor change the base's output, so LoraLinear4bit still sums the adapters into it in place
+    (addmm_, docs/scale.md): their presence once sent every layer down PEFT's expression, unnoticed, as both
+    give the same values. A hook of the user's on a base layer still does."""
+    from pyqlora._glue.paging import RunningLayerScales
+
+    monkeypatch.setattr(RunningLayerScales, "min_weights", 0)  # hooks on these small layers too
+    model, cfg = _model(checkpointing=False)
+    pager = pq.Pager(budget_bytes=BUDGET, spill_dir=tmp_path, page_bytes=4096) if paged else None
+    report = prepare_model(model, cfg, pager=pager)
+    layers = [m for _, m in lora_layers(model)]
+    assert all(m.base_layer._forward_hooks for m in layers)  # pyqlora's own
+    seen = []
+
+    def last_op(mod, args, out):  # the node before the reshape back to (batch, seq, features)
+        fn = out.grad_fn
+        seen.append(type(fn.next_functions[0][0] if type(fn).__name__ == "ViewBackward0" else fn).__name__)
+
+    for m in layers:
+        m.register_forward_hook(last_op)
+    model.train()
+    ids = torch.randint(0, 64, (1, 7))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert len(seen) == len(layers) and set(seen) == {"AddmmBackward0"}
+    assert all(m.lora_A["default"].weight.grad is not None for m in layers)
+    seen.clear()
+    layers[0].base_layer.register_forward_hook(lambda mod, args, out: None)  # the user's: may keep the output
+    model(input_ids=ids, labels=ids)
+    assert seen[0] == "AddBackward0" and set(seen[1:]) == {"AddmmBackward0"}
+    if report.paging is not None:
+        report.paging.remove()

@@ -65,6 +65,10 @@ class RunningLayerScales:
         if module.training and isinstance(output, torch.Tensor) and output.requires_grad:
             output.register_hook(lambda grad: self._running(module))
 
+    # neither keeps nor changes the output (the gradient hook fires for the base's own output even when
+    # LoraLinear4bit then sums the adapters into it in place), so that sum stays in place: pyqlora.nn
+    _after_forward.output_untouched = True
+
     def remove(self):
         """Remove the hooks (the layers keep their decoded scales again)."""
         for h in self._handles:
@@ -243,6 +247,8 @@ class BasePaging:
                 self._ahead(i, -1)
 
             output.register_hook(before_backward)
+
+    _after_forward.output_untouched = True  # as RunningLayerScales._after_forward
 
     def _make_resident(self, layer):
         # The decoded float32 block scales (an eighth of the codes' bytes) are ordinary memory, rebuilt
