@@ -17,8 +17,10 @@ batch x seq random tokens. Reports, as JSON on stdout (progress on stderr):
   forward, the recomputed forward and the input gradient; the frozen base has no weight gradient;
   matmul parameters are the linear layers' and the output head's, embeddings excluded);
 - torch's dense float32 GEMM GFLOP/s on the same products (every linear shape of one decoder layer
-  plus the head, forward ``x W^T`` and backward ``g W``, tokens rows), measured in the same run after
-  training, and the fraction of it the whole step reaches;
+  plus the head, forward ``x W^T`` and backward ``g W``, tokens rows), measured in the same run before
+  and after training, and the fraction of the faster of the two that the whole step reaches (a shared
+  machine's speed drifts: on one Intel Xeon guest the same measurement gave 289-352 GFLOP/s in runs
+  minutes apart, so one measurement on a slow phase flattered the fraction);
 - with ``--model``, the disk's sequential read rate (``dd iflag=direct`` of the largest shard, which
   bypasses the page cache) and the loading rate in bytes of checkpoint per second; the page cache
   of the shards is dropped first (``posix_fadvise(DONTNEED)``) so the load reads from the disk;
@@ -591,6 +593,9 @@ def main(argv=None):
     model.train()
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=gen)
+    # torch's dense rate before training too (after the load's peak is recorded; its buffers are freed)
+    dense_before = dense_gemm_rate(torch, config, report["tokens"], args.gemm_repeat)
+    trim_heap()
     reset_peak_memory()
     step_s, losses, paged = [], [], []
     for step in range(args.steps):
@@ -636,10 +641,13 @@ def main(argv=None):
     trim_heap()
 
     # -- torch's dense float32 GEMM on the same products, same run
-    report["dense_gemm_gflops"] = dense_gemm_rate(torch, config, report["tokens"], args.gemm_repeat)
+    dense_after = dense_gemm_rate(torch, config, report["tokens"], args.gemm_repeat)
+    report["dense_gemm_gflops_before"], report["dense_gemm_gflops_after"] = dense_before, dense_after
+    report["dense_gemm_gflops"] = max(dense_before, dense_after)
     report["fraction_of_dense"] = report["gflops_step"] / report["dense_gemm_gflops"]
     say(f"best step {best:.1f} s = {report['gflops_step']:.1f} GFLOP/s; dense fp32 GEMM "
-        f"{report['dense_gemm_gflops']:.1f} GFLOP/s: {100 * report['fraction_of_dense']:.0f} %; peak RSS load "
+        f"{report['dense_gemm_gflops']:.1f} GFLOP/s (before {dense_before:.1f}, after {dense_after:.1f}): "
+        f"{100 * report['fraction_of_dense']:.0f} %; peak RSS load "
         f"{report['peak_rss_load'] / gib:.2f} GiB, train {report['peak_rss_train'] / gib:.2f} GiB")
     text = json.dumps(report, indent=1)
     print(text)

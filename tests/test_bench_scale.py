@@ -17,7 +17,8 @@ sys.path.insert(0, os.path.dirname(SCRIPT))
 from bench_scale import llama_config, meta_model, nf4_bytes, parse_size, plot, shape_sizes, table  # noqa: E402
 MIB = 1 << 20
 FIELDS = ("load_s", "peak_rss_load", "rss_loaded", "peak_rss_train", "step_s", "losses", "gflops_step",
-          "dense_gemm_gflops", "fraction_of_dense", "quantized_weight_bytes", "bf16_weight_bytes", "model_bytes",
+          "dense_gemm_gflops", "dense_gemm_gflops_before", "dense_gemm_gflops_after", "fraction_of_dense",
+          "quantized_weight_bytes", "bf16_weight_bytes", "model_bytes",
           "matmul_params", "trainable_params", "optimizer_state_bytes", "rss_start")
 
 
@@ -46,6 +47,9 @@ def _check(report, layers, seq, steps):
     assert report["quantized_weight_bytes"] == pytest.approx(linear * (0.5 + 1 / 64 + 4 / (64 * 256)), rel=1e-3)
     assert all(x > 0 for x in report["step_s"]) and all(0 < x < 20 for x in report["losses"])
     assert report["gflops_step"] > 0 and report["dense_gemm_gflops"] > 0
+    # the fraction is taken of the faster of the two dense measurements (the conservative one)
+    assert report["dense_gemm_gflops"] == max(report["dense_gemm_gflops_before"], report["dense_gemm_gflops_after"])
+    assert report["fraction_of_dense"] == pytest.approx(report["gflops_step"] / report["dense_gemm_gflops"])
     # Loading: the 4-bit layers, the float32 embeddings, head and norms, and at most one dense layer's weight
     # being quantized (bfloat16 + its float32 random source) -- never the dense model (4 bytes a weight).
     rest = 4 * (2 * v * h + (2 * layers + 1) * h)
