@@ -155,6 +155,36 @@ def test_float32_route_depends_on_the_kernel_path_and_the_direction(isa):
         pq.set_isa(old)
 
 
+@pytest.mark.parametrize("in_f", [72, 100, 96])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weights_whose_rows_split_blocks_take_the_tiled_path(in_f, dtype):
+    """in_features not a multiple of the blocksize (64) or of 16: quantization blocks straddle rows of W and
+    nf4core's vector product kernels do not take it (nf4_matmul_4bit runs its scalar reference, 100-230x slower
+    than the tiled path at 64-512 rows), so every row count takes the tiled path but bfloat16 on AMX from
+    AMX_MIN_ROWS rows where in_features is a multiple of 32 (96); the results are the dense ones either way."""
+    from pyqlora._glue import products
+
+    dense, layer = make_lora(in_f=in_f, out_f=40)
+    base = layer.base_layer
+    assert not products.whole_block_rows(base.quantized)
+    w = dequantize_weight(base.quantized, torch.float64)
+    for rows in (1, products.AMX_MIN_ROWS - 1, products.AMX_MIN_ROWS, 64):
+        x = torch.randn(rows, in_f, dtype=dtype, requires_grad=True)
+        amx = dtype == torch.bfloat16 and pq.get_amx() and in_f % 32 == 0 and rows >= products.AMX_MIN_ROWS
+        for transpose in (True, False):
+            t = x if transpose else torch.randn(rows, 40, dtype=dtype)
+            assert products.choose_path(t, base.quantized, transpose) == ("fused" if amx else "tiled")
+        y = base(x)
+        ref = x.detach().double() @ w.T + dense.bias.detach().double()
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
+        g = torch.randn_like(y)
+        y.backward(g)
+        torch.testing.assert_close(x.grad.double(), g.double() @ w, rtol=tol, atol=tol)
+    whole = Linear4bit.from_linear(nn.Linear(128, 40)).quantized  # whole blocks: the fused kernel for one row
+    assert products.whole_block_rows(whole) and products.choose_path(torch.randn(1, 128), whole) == "fused"
+
+
 def test_inference_path_follows_the_weight_and_input_layout():
     """The no-autograd fused path (arguments checked once, cached with the layer's view of its weight) equals
     matmul_4bit on 3-D and non-contiguous inputs, and follows a new weight and in-place loaded bytes."""

@@ -27,9 +27,9 @@ from .._matmul import decode_tile, matmul_4bit
 from .._runtime import get_amx, get_isa, sync_threads
 from .tensors import as_numpy
 
-__all__ = ["FUSED_ALL_ROWS_FP32", "FUSED_MAX_ROWS", "FUSED_MAX_ROWS_FP32_OTHER", "TILE_BYTES", "TILE_MAX_BYTES",
-           "TILE_MIN_COLS_PER_THREAD", "choose_path", "fused_linear", "fused_max_rows", "fused_product",
-           "tiled_product_torch"]
+__all__ = ["AMX_MIN_ROWS", "FUSED_ALL_ROWS_FP32", "FUSED_MAX_ROWS", "FUSED_MAX_ROWS_FP32_OTHER", "TILE_BYTES",
+           "TILE_MAX_BYTES", "TILE_MIN_COLS_PER_THREAD", "choose_path", "fused_linear", "fused_max_rows",
+           "fused_product", "tiled_product_torch", "whole_block_rows"]
 
 # Up to this many rows the fused 4-bit product (pq.matmul_4bit), which streams the
 # packed weight once, beats decoding tiles for torch's matmul; above it, tiles of
@@ -78,15 +78,33 @@ def fused_max_rows(dtype, transpose=True):
     return FUSED_MAX_ROWS
 
 
+# nf4core's vector product kernels need every row of W to hold whole blocks (in_features a multiple
+# of 16 and of the blocksize); for other shapes nf4_matmul_4bit runs its scalar reference, 100-230x
+# slower than decoding tiles for torch (W 512 x 1376, 64-512 rows, float32; 6-40x at one row), so
+# such weights take the tiled path. Its AMX bfloat16 kernel takes in_features a multiple of 32 from
+# AMX_MIN_ROWS rows (nf4core/src/matmul.hpp, kAmxMinRows).
+AMX_MIN_ROWS = 5
+
+
+def whole_block_rows(q):
+    """Whether every row of the 4-bit weight `q` holds whole quantization blocks, as nf4core's vector
+    product kernels need (else its product is the scalar reference)."""
+    k = q.shape[-1]
+    return k % 16 == 0 and k % q.blocksize == 0
+
+
 def choose_path(t, q, transpose=True):
     """'fused' (few rows), 'tiled' (many rows) or 'dense' (other dtypes: whole temporary weight) for
-    ``t @ W.T`` (`transpose`, the forward) or ``t @ W`` (the backward's input gradient)."""
+    ``t @ W.T`` (`transpose`, the forward) or ``t @ W`` (the backward's input gradient). Weights whose
+    rows do not hold whole blocks (:func:`whole_block_rows`) take 'tiled' wherever nf4core's product
+    would run its scalar reference."""
     if t.dtype not in (torch.float32, torch.bfloat16) or q.codebook not in _FUSED_CODEBOOKS:
         return "dense"
-    if t.dtype == torch.bfloat16 and q.shape[1] % 32 == 0 and get_amx():
-        return "fused"
     rows = t.numel() // max(1, t.shape[-1])
-    return "fused" if rows <= fused_max_rows(t.dtype, transpose) else "tiled"
+    whole = whole_block_rows(q)
+    if t.dtype == torch.bfloat16 and q.shape[1] % 32 == 0 and get_amx() and (whole or rows >= AMX_MIN_ROWS):
+        return "fused"
+    return "fused" if whole and rows <= fused_max_rows(t.dtype, transpose) else "tiled"
 
 
 def fused_product(x, q, transpose):
