@@ -2,7 +2,7 @@
 
     python benchmarks/bench_scale.py --shape 1b|7b|13b|33b|65b|tiny [--seq 64] [--steps 2] [--model DIR]
         [--dtype fp32|auto] [--embeddings-dtype bf16|fp32] [--base-budget SIZE] [--checkpoint DIR]
-        [--write-checkpoint DIR] [--sizes] [--json FILE]
+        [--write-checkpoint DIR] [--sizes] [--profile] [--json FILE]
 
 Builds a Llama of the shape on the meta device (no memory), streams its weights one tensor at a
 time into NF4 + DQ layers with ``prepare_model(weights=...)`` (seeded random bfloat16 weights, or
@@ -21,6 +21,10 @@ batch x seq random tokens. Reports, as JSON on stdout (progress on stderr):
   and after training, and the fraction of the faster of the two that the whole step reaches (a shared
   machine's speed drifts: on one Intel Xeon guest the same measurement gave 289-352 GFLOP/s in runs
   minutes apart, so one measurement on a slow phase flattered the fraction);
+- with ``--profile``, where the last step's time goes (torch.profiler, self CPU seconds): the 4-bit
+  products, the head, attention, the optimizer, the adapters' small products, elementwise and other
+  work, and what the profiler saw no op in; and the 4-bit products' forward and backward calls. The
+  profiler slows that step a little, and the best step is taken over all of them;
 - with ``--model``, the disk's sequential read rate (``dd iflag=direct`` of the largest shard, which
   bypasses the page cache) and the loading rate in bytes of checkpoint per second; the page cache
   of the shards is dropped first (``posix_fadvise(DONTNEED)``) so the load reads from the disk;
@@ -383,6 +387,39 @@ def _numel(shape):
     return n
 
 
+# Where a profiled step's time goes (--profile): an event belongs to the first category whose name part
+# appears in its own name or an enclosing event's (the 4-bit products run inside their autograd functions,
+# the head's slices inside _HeadInComputeDtype); what is left is the adapters' small products (a matrix
+# with r rows or columns) or elementwise and other work.
+PROFILE_PARTS = (("4-bit products", ("_Linear4bitFunction",)), ("head", ("_HeadInComputeDtype",)),
+                 ("attention", ("scaled_dot_product",)), ("optimizer", ("Optimizer.step",)))
+PRODUCT_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm")
+
+
+def step_profile(prof, r, step_s):
+    """Self CPU seconds of a torch.profiler step by part (PROFILE_PARTS, "adapters", "elementwise and
+    other", and the step's wall time the profiler saw no op in as "unattributed"), and the calls of the
+    4-bit products' forward and backward."""
+    seconds = {name: 0.0 for name, _ in PROFILE_PARTS}
+    seconds.update({"adapters": 0.0, "elementwise and other": 0.0})
+    calls = {"nf4_forward": 0, "nf4_backward": 0}
+    for e in prof.events():
+        if e.name == "_Linear4bitFunction":
+            calls["nf4_forward"] += 1
+        elif e.name == "_Linear4bitFunctionBackward":
+            calls["nf4_backward"] += 1
+        part, node = None, e
+        while node is not None and part is None:
+            part = next((name for name, keys in PROFILE_PARTS if any(k in node.name for k in keys)), None)
+            node = node.cpu_parent
+        if part is None:
+            adapter = e.name in PRODUCT_OPS and any(r in shape for shape in (e.input_shapes or ()) if shape)
+            part = "adapters" if adapter else "elementwise and other"
+        seconds[part] += e.self_cpu_time_total / 1e6
+    seconds["unattributed"] = max(0.0, step_s - sum(seconds.values()))
+    return {"seconds": seconds, "calls": calls, "step_s": step_s}
+
+
 def dense_gemm_rate(torch, config, tokens, repeat):
     """torch's dense float32 GEMM on the step's products, GFLOP/s: every decoder layer's linears and the
     head, forward x W^T and backward g W, each with `tokens` rows (one layer timed, counted for all);
@@ -452,6 +489,9 @@ def main(argv=None):
                          "(docs/scale.png), and exit")
     ap.add_argument("--table", nargs="+", default=None, metavar="JSON",
                     help="print docs/scale.md's Markdown table from these JSON reports, and exit")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile the last step with torch.profiler and report its time by part (4-bit products, "
+                         "head, attention, optimizer, adapters, elementwise and other)")
     ap.add_argument("--json", default=None, help="also write the JSON report to this file")
     args = ap.parse_args(argv)
     if args.table:
@@ -600,6 +640,12 @@ def main(argv=None):
     step_s, losses, paged = [], [], []
     for step in range(args.steps):
         before = prep.paging.stats() if pager is not None else None
+        prof = None
+        if args.profile and step == args.steps - 1:
+            from torch.profiler import ProfilerActivity, profile
+
+            prof = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
+            prof.__enter__()
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "auto"):
             loss = model(input_ids=ids, labels=ids).loss
@@ -607,6 +653,13 @@ def main(argv=None):
         opt.step()
         opt.zero_grad(set_to_none=True)
         step_s.append(time.perf_counter() - t0)
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            report["step_profile"] = step_profile(prof, args.r, step_s[-1])
+            del prof
+            say("  profiled step, self CPU seconds by part: " + ", ".join(
+                f"{name} {sec:.2f} ({100 * sec / step_s[-1]:.0f} %)"
+                for name, sec in report["step_profile"]["seconds"].items()))
         losses.append(loss.item())
         del loss
         more = ""

@@ -82,6 +82,22 @@ def test_random_weights(tmp_path):
     assert bound["losses"] == report["losses"]
 
 
+def test_profile_splits_the_last_step_and_counts_the_recomputed_forward(tmp_path):
+    """--profile: the last step's time by part, and the 4-bit products' calls, which gradient checkpointing
+    fixes: each of the 7 linears of a layer runs forward twice (forward, recomputed forward) and backward once.
+    Profiling changes no number of the training."""
+    plain = _run(tmp_path, "--shape", "tiny", "--layers", "2", "--seq", "32", "--steps", "2")
+    report = _run(tmp_path, "--shape", "tiny", "--layers", "2", "--seq", "32", "--steps", "2", "--profile")
+    prof = report["step_profile"]
+    assert prof["calls"] == {"nf4_forward": 2 * 7 * 2, "nf4_backward": 7 * 2}
+    assert set(prof["seconds"]) == {"4-bit products", "head", "attention", "optimizer", "adapters",
+                                    "elementwise and other", "unattributed"}
+    assert all(v >= 0 for v in prof["seconds"].values()) and prof["seconds"]["4-bit products"] > 0
+    assert prof["step_s"] == report["step_s"][-1]
+    assert report["losses"] == plain["losses"]
+    assert "step_profile" not in plain
+
+
 def test_checkpoint_written_then_streamed(tmp_path):
     ckpt = tmp_path / "ckpt"
     written = subprocess.run([sys.executable, SCRIPT, "--shape", "tiny", "--layers", "6", "--write-checkpoint",
