@@ -92,6 +92,17 @@ def test_every_4bit_codebook_without_a_dense_weight(codebook, dtype):
                                    atol=tol)
 
 
+def _forward_backward_match_dense(base, dense, w, x, tol):
+    """base(x) and its input gradient against the float64 dense product with w (dense's bias); returns base(x)."""
+    y = base(x)
+    ref = x.detach().double() @ w.T + dense.bias.detach().double()
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.testing.assert_close(x.grad.double(), g.double() @ w, rtol=tol, atol=tol)
+    return y
+
+
 # the fused 4-bit product (pq.matmul_4bit) for few rows, and for every row count of
 # bfloat16 where it runs on AMX tiles; else tiles decoded for torch's matmul
 @pytest.mark.parametrize("rows", [1, 2, 3, 35, 150])
@@ -105,14 +116,8 @@ def test_fused_and_dense_routes_agree(rows, dtype):
     x = torch.randn(rows, 64, dtype=dtype, requires_grad=True)
     amx = dtype == torch.bfloat16 and pq.get_amx()
     assert (products.choose_path(x, base.quantized) == "fused") == (rows <= products.fused_max_rows(dtype) or amx)
-    y = base(x)
+    y = _forward_backward_match_dense(base, dense, w, x, 1e-5 if dtype == torch.float32 else 2e-2)
     assert y.dtype == dtype
-    ref = x.detach().double() @ w.T + dense.bias.detach().double()
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
-    g = torch.randn_like(y)
-    y.backward(g)
-    torch.testing.assert_close(x.grad.double(), g.double() @ w, rtol=tol, atol=tol)
     # nothing to differentiate (no_grad, or an input and bias without grad): the same bytes without autograd
     with torch.no_grad():
         y0 = base(x)
@@ -174,13 +179,7 @@ def test_weights_whose_rows_split_blocks_take_the_tiled_path(in_f, dtype):
         for transpose in (True, False):
             t = x if transpose else torch.randn(rows, 40, dtype=dtype)
             assert products.choose_path(t, base.quantized, transpose) == ("fused" if amx else "tiled")
-        y = base(x)
-        ref = x.detach().double() @ w.T + dense.bias.detach().double()
-        tol = 1e-5 if dtype == torch.float32 else 3e-2
-        torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
-        g = torch.randn_like(y)
-        y.backward(g)
-        torch.testing.assert_close(x.grad.double(), g.double() @ w, rtol=tol, atol=tol)
+        _forward_backward_match_dense(base, dense, w, x, 1e-5 if dtype == torch.float32 else 3e-2)
     whole = Linear4bit.from_linear(nn.Linear(128, 40)).quantized  # whole blocks: the fused kernel for one row
     assert products.whole_block_rows(whole) and products.choose_path(torch.randn(1, 128), whole) == "fused"
 
