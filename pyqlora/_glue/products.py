@@ -79,10 +79,11 @@ def fused_max_rows(dtype, transpose=True):
 
 
 # nf4core's vector product kernels need every row of W to hold whole blocks (in_features a multiple
-# of 16 and of the blocksize); for other shapes nf4_matmul_4bit runs its scalar reference, 100-230x
-# slower than decoding tiles for torch (W 512 x 1376, 64-512 rows, float32; 6-40x at one row), so
-# such weights take the tiled path. Its AMX bfloat16 kernel takes in_features a multiple of 32 from
-# AMX_MIN_ROWS rows (nf4core/src/matmul.hpp, kAmxMinRows).
+# of 16 and of the blocksize); for other shapes nf4_matmul_4bit runs its scalar reference, 120-230x
+# the time of decoding tiles for torch at 64-512 rows and 5-13x at one row (W 512 x 1376 and others;
+# docs/performance.md, "Weights whose rows split quantization blocks"), so such weights take the
+# tiled path. Its AMX bfloat16 kernel takes in_features a multiple of 32 from AMX_MIN_ROWS rows
+# (nf4core/src/matmul.hpp, kAmxMinRows).
 AMX_MIN_ROWS = 5
 
 

@@ -28,10 +28,11 @@
  *
  * The vector kernels need every row of W to hold whole blocks: K a multiple
  * of 16 and of blocksize. Other shapes (blocks that straddle rows, K = 1376
- * with blocksize 64, say) run the scalar reference, 100-230x slower than a
- * dense float32 GEMM at 64-512 rows (6-40x at one row) but for bfloat16 x on
- * AMX as above; for them decode tiles (nf4_matmul_4bit_decode_tile, which takes
- * any shape at vector speed) and hand them to a GEMM, as pyqlora does.
+ * with blocksize 64, say) run the scalar reference, but for bfloat16 x on AMX
+ * as above: 120-230x the time of decoding tiles for a dense GEMM at 64-512
+ * rows, 5-13x at one row. For them decode tiles (nf4_matmul_4bit_decode_tile,
+ * which takes any shape at vector speed) and hand them to a GEMM, as pyqlora
+ * does.
  *
  * Sizes: packed holds ceil(N * K / 2) bytes, scales ceil(N * K / blocksize)
  * floats, codebook 16 floats; x and y as above. Products M x K, M x N, N x K
