@@ -80,6 +80,21 @@ def test_double_quant_error_bounded(absmax):
     assert q.nested_offset == pytest.approx(float(np.mean(absmax.astype(np.float64))), rel=1e-6, abs=1e-30)
 
 
+@pytest.mark.parametrize("nblocks", [1, 255, 256 * 256, 256 * 256 + 1, 3 * 256 * 256 + 1000])
+def test_double_quant_in_chunks_equals_one_pass(nblocks):
+    """nf4_double_quantize quantizes the centred scales a chunk of 256 x 256 at a time through a small
+    buffer: the bytes must be those of the correctly rounded mean and one 8-bit pass over all of them
+    (pq.quantize_blockwise, blocksize 256, the dynamic map), across chunk edges and ragged ends."""
+    from pyqlora._quantize import _double_quantize
+
+    absmax = np.abs(np.random.default_rng(nblocks).standard_normal(nblocks)).astype(np.float32) * 3
+    qabsmax, nested, offset = _double_quantize(absmax)
+    mean = np.float32(np.sum(absmax, dtype=np.float64) / nblocks)  # correctly rounded (a float64 sum of these)
+    assert np.float32(offset) == mean
+    codes, scales = pq.quantize_blockwise(absmax - mean, blocksize=256, codebook="dynamic")
+    assert np.array_equal(qabsmax, codes) and np.array_equal(nested, scales)
+
+
 @given(x=arrays)
 def test_8bit_codes_are_nearest(x):
     codes, absmax = pq.quantize_blockwise(x, blocksize=64)

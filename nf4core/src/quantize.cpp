@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -150,6 +151,10 @@ const KernelSet &scalar_kernels() {
     return k;
 }
 
+// Scales per chunk of nf4_double_quantize's centred copy: a whole number of
+// 256-scale blocks, 256 KiB, so it stays in L2.
+constexpr int64_t kDoubleQuantChunk = 256 * NF4_DQ_BLOCKSIZE;
+
 }  // namespace nf4core
 
 using namespace nf4core;
@@ -209,7 +214,7 @@ nf4_status nf4_dequantize_8bit_ref(const uint8_t *codes, const float *absmax, in
 
 nf4_status nf4_double_quantize(const float *absmax, int64_t nblocks, const float *dyn_code, uint8_t *qabsmax,
                                float *nested_absmax, float *offset) {
-    std::vector<float> centered;
+    float mean = 0.0f;
     nf4_status st = guarded([&] {
         require(nblocks >= 1, "number of block scales must be at least 1, got " + std::to_string(nblocks));
         require(absmax != nullptr && qabsmax != nullptr && nested_absmax != nullptr && offset != nullptr,
@@ -235,14 +240,28 @@ nf4_status nf4_double_quantize(const float *absmax, int64_t nblocks, const float
                 if (!is_finite(absmax[i]) || absmax[i] < 0.0f) fail_bad_scale(i, absmax[i]);
         }
         const double sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-        const float mean = float(sum / double(nblocks));
-        centered.resize(size_t(nblocks));
-        for (int64_t i = 0; i < nblocks; ++i) centered[size_t(i)] = absmax[i] - mean;
+        mean = float(sum / double(nblocks));
         *offset = mean;
     });
     if (st != NF4_OK) return st;
-    return nf4_quantize_8bit(centered.data(), NF4_FLOAT32, nblocks, NF4_DQ_BLOCKSIZE, dyn_code, qabsmax,
-                             nested_absmax);
+    // The centred scales, quantized a chunk at a time through one small buffer
+    // (blocks are independent, so the bytes are those of one call over all of
+    // them). A centred copy of all the scales (4 MiB for a 16384 x 4096 weight)
+    // cost its first-touch page faults on every call: pq.quantize of that weight,
+    // Intel Xeon, 2 threads, 26.7-27.6 -> 24.0-24.5 ms (the double quantization
+    // right after the 4-bit kernel 4.5-5.0 -> 3.0-3.3 ms).
+    const int64_t chunk = std::min<int64_t>(nblocks, kDoubleQuantChunk);
+    std::unique_ptr<float[]> centered;
+    st = guarded([&] { centered.reset(new float[size_t(chunk)]); });
+    if (st != NF4_OK) return st;
+    for (int64_t c0 = 0; c0 < nblocks; c0 += chunk) {
+        const int64_t len = std::min(chunk, nblocks - c0);
+        for (int64_t i = 0; i < len; ++i) centered[size_t(i)] = absmax[c0 + i] - mean;
+        st = nf4_quantize_8bit(centered.get(), NF4_FLOAT32, len, NF4_DQ_BLOCKSIZE, dyn_code, qabsmax + c0,
+                               nested_absmax + c0 / NF4_DQ_BLOCKSIZE);
+        if (st != NF4_OK) return st;
+    }
+    return NF4_OK;
 }
 
 nf4_status nf4_double_dequantize(const uint8_t *qabsmax, const float *nested_absmax, float offset, int64_t nblocks,
