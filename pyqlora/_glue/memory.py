@@ -190,7 +190,7 @@ def bound_heap(retain_bytes=1 << 30, interval=0.01):
     large block afresh, which costs a page fault per 4 KiB of every activation
     (84-88 % of dense there, against 99 % with glibc's heap). This keeps the heap and
     watches it instead (94-102 % in 5.8 GiB on that Zen 4, with the adapters summed in
-    place; 79 % on an Intel Xeon, whose dense GEMM is 1.7x faster): a daemon
+    place; 81-87 % on an Intel Xeon, whose dense GEMM is 1.7x faster): a daemon
     thread reads, every `interval` seconds, the resident anonymous memory that malloc
     does not count as in use, and calls ``malloc_trim(0)`` (which also returns free
     pages inside the heap) when it grew more than `retain_bytes` above its level
